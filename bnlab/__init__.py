@@ -1,0 +1,1 @@
+"""bnlab: Batch Normalization layers and experiments for JAX/Flax."""
