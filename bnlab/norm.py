@@ -1,0 +1,236 @@
+"""Functional Batch Normalization: pure functions over arrays.
+
+`batch_norm` normalizes with batch statistics (train) or running statistics
+(inference) and returns the output with the new running statistics. The
+variance is numerically robust by default: a one-pass *shifted* formula,
+Var[x] = E[(x - k)^2] - E[x - k]^2 with k a per-feature sample of the batch,
+which costs the same single fused reduction as the fast E[x^2] - E[x]^2 but
+keeps full precision when |mean| >> std.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Axes = int | Sequence[int]
+
+VARIANCE_METHODS = ("shifted", "two_pass", "fast")
+
+
+class Moments(NamedTuple):
+  """Batch moments; the mean is `shift + centered_mean`, kept apart for precision."""
+
+  shift: jax.Array
+  centered_mean: jax.Array
+  var: jax.Array
+  count: jax.Array
+
+  @property
+  def mean(self) -> jax.Array:
+    return self.shift + self.centered_mean
+
+
+class BatchNormOutput(NamedTuple):
+  """Normalized output and the running statistics to store."""
+
+  y: jax.Array
+  mean: jax.Array
+  var: jax.Array
+
+
+def canonicalize_axes(ndim: int, axes: Axes) -> tuple[int, ...]:
+  """Sorted, non-negative, unique axes; raises on out-of-range axes."""
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for an input of rank {ndim}")
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"feature axes {axes} repeat an axis")
+  return tuple(sorted(out))
+
+
+def _psum(values, axis_name, axis_index_groups):
+  if axis_name is None:
+    return values
+  return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
+
+
+def batch_moments(
+    x: jax.Array,
+    reduction_axes: Axes,
+    *,
+    mask: jax.Array | None = None,
+    variance: str = "shifted",
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = jnp.float32,
+) -> Moments:
+  """Mean and (biased) variance of `x` over `reduction_axes`.
+
+  Args:
+    x: input array.
+    reduction_axes: axes to reduce; the others are feature axes.
+    mask: optional boolean array broadcastable to `x`; False entries are left
+      out of the statistics.
+    variance: "shifted" (robust one pass, default), "two_pass" (exact
+      E[(x - E[x])^2], two reductions) or "fast" (E[x^2] - E[x]^2, loses all
+      precision when |mean| >> std).
+    axis_name, axis_index_groups: named mapped axis (pmap / shard_map) over
+      which the statistics are global: sums and counts are psum-ed, so unequal
+      masks per device are weighted exactly.
+    dtype: dtype of the reductions; at least float32 by default. None keeps
+      the input's dtype.
+
+  Returns:
+    `Moments` with per-feature arrays (feature axes in order) and the count
+    of reduced elements.
+  """
+  if variance not in VARIANCE_METHODS:
+    raise ValueError(f"variance={variance!r}; expected one of {VARIANCE_METHODS}")
+  axes = canonicalize_axes(x.ndim, reduction_axes)
+  dtype = x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype)
+  x = jnp.asarray(x, dtype)
+  if mask is not None:
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+    count = jnp.sum(mask, axes, dtype=dtype)
+    if variance == "shifted":
+      variance = "two_pass"  # a sampled shift could be a masked-out value
+  else:
+    n = 1
+    for a in axes:
+      n *= x.shape[a]
+    feature_shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    count = jnp.full(feature_shape, n, dtype)
+
+  def total(v):
+    return jnp.sum(v, axes, where=mask)
+
+  if variance == "shifted":
+    # k: the first example's slice averaged over the other reduced axes; a
+    # constant for autodiff (the variance does not depend on it).
+    first = lax.slice_in_dim(x, 0, 1, axis=axes[0])
+    shift = lax.stop_gradient(jnp.mean(first, axes))
+    if axis_name is not None:
+      shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
+    d = x - jnp.expand_dims(shift, axes)
+    s1, s2, count = _psum(
+        jnp.stack([total(d), total(d * d), count]), axis_name, axis_index_groups
+    )
+    safe = jnp.maximum(count, 1)
+    centered = s1 / safe
+    var = jnp.maximum(s2 / safe - centered * centered, 0.0)
+    return Moments(shift, centered, var, count)
+  if variance == "fast":
+    s1, s2, count = _psum(
+        jnp.stack([total(x), total(x * x), count]), axis_name, axis_index_groups
+    )
+    safe = jnp.maximum(count, 1)
+    mean = s1 / safe
+    var = jnp.maximum(s2 / safe - mean * mean, 0.0)
+    return Moments(jnp.zeros_like(mean), mean, var, count)
+  s1, count = _psum(jnp.stack([total(x), count]), axis_name, axis_index_groups)
+  safe = jnp.maximum(count, 1)
+  mean = s1 / safe
+  d = x - jnp.expand_dims(mean, axes)
+  s2 = _psum(total(d * d), axis_name, axis_index_groups)
+  return Moments(jnp.zeros_like(mean), mean, s2 / safe, count)
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    train: bool,
+    axis: Axes = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    mask: jax.Array | None = None,
+    variance: str = "shifted",
+    unbiased_running_var: bool = False,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    stats_dtype: Any = jnp.float32,
+) -> BatchNormOutput:
+  """Batch Normalization (Ioffe & Szegedy 2015, Algorithm 1).
+
+  y = (x - mu) / sqrt(sigma^2 + epsilon) * scale + bias, with (mu, sigma^2)
+  the batch moments over every axis but `axis` when `train`, else the running
+  `mean` and `var`.
+
+  Args:
+    x: input, e.g. (N, F) dense or (N, H, W, C) conv activations.
+    scale, bias: per-feature arrays of the feature shape, or None.
+    mean, var: running statistics of the feature shape.
+    train: use (and fold into the running statistics) the batch moments.
+    axis: feature axis or axes; statistics are per feature, reduced over the
+      rest (so NHWC with axis=-1 gives the paper's per-feature-map rule).
+    momentum: running = momentum * running + (1 - momentum) * batch (Flax's
+      convention).
+    epsilon: added to the variance.
+    mask: boolean, broadcastable to `x`; False entries do not count in the
+      batch statistics (they are still normalized). An all-False mask leaves
+      the running statistics unchanged.
+    variance: "shifted" (default, robust one pass), "two_pass" or "fast".
+    unbiased_running_var: fold m/(m-1) * batch variance into the running
+      variance (the paper's Algorithm 2); the batch itself is normalized with
+      the biased variance either way.
+    axis_name, axis_index_groups: compute global statistics across a named
+      mapped axis.
+    dtype: output dtype; default: the result type of `x`, `scale`, `bias`.
+    stats_dtype: minimum precision of the statistics (None: that of `x`).
+
+  Returns:
+    `BatchNormOutput(y, mean, var)`: the output and the new running
+    statistics (unchanged when not `train`).
+  """
+  feature_axes = canonicalize_axes(x.ndim, axis)
+  reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  for name, v in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
+    if v is not None and tuple(v.shape) != feature_shape:
+      raise ValueError(
+          f"{name} has shape {tuple(v.shape)}, expected the feature shape "
+          f"{feature_shape} of input {tuple(x.shape)} with axis={axis}"
+      )
+  out_dtype = dtype or jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
+  compute_dtype = x.dtype if stats_dtype is None else jnp.promote_types(x.dtype, stats_dtype)
+
+  def expand(v):
+    return jnp.expand_dims(v, reduction_axes)
+
+  if train:
+    m = batch_moments(
+        x, reduction_axes, mask=mask, variance=variance, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, dtype=stats_dtype,
+    )
+    centered = (jnp.asarray(x, compute_dtype) - expand(m.shift)) - expand(m.centered_mean)
+    batch_var = m.var
+    running_var_update = batch_var
+    if unbiased_running_var:
+      running_var_update = batch_var * m.count / jnp.maximum(m.count - 1, 1)
+    seen = m.count > 0
+    new_mean = jnp.where(seen, momentum * mean + (1 - momentum) * m.mean, mean)
+    new_var = jnp.where(seen, momentum * var + (1 - momentum) * running_var_update, var)
+    new_mean = lax.stop_gradient(new_mean.astype(mean.dtype))
+    new_var = lax.stop_gradient(new_var.astype(var.dtype))
+  else:
+    centered = jnp.asarray(x, compute_dtype) - expand(mean.astype(compute_dtype))
+    batch_var = var.astype(compute_dtype)
+    new_mean, new_var = mean, var
+  mul = lax.rsqrt(batch_var + epsilon)
+  if scale is not None:
+    mul = mul * scale
+  y = centered * expand(mul)
+  if bias is not None:
+    y = y + expand(bias)
+  return BatchNormOutput(jnp.asarray(y, out_dtype), new_mean, new_var)
