@@ -1,0 +1,157 @@
+"""Run configuration: the defaults every config file starts from, and validation.
+
+A run config is an `ml_collections.ConfigDict` with sections `data`, `model`,
+`optimizer` and `train`. Config files in `configs/` call `base_config()` and
+change what their experiment needs; `validate` checks a resolved config and
+raises `ConfigError` naming the key before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from bnlab import data as data_lib
+from bnlab import models
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
+LOOPS = ("auto", "scan", "loop")
+CONV_IMPLEMENTATIONS = ("auto", "xla", "im2col", "taps")
+VARIANCES = ("shifted", "two_pass", "fast")
+
+
+class ConfigError(ValueError):
+  """A config key has a bad value; the message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every run: the seed CNN with BN, SGD, batch 32."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"  # one of bnlab.data.SOURCES
+  c.data.dir = ""  # directory of IDX files (source=idx) or TFDS data_dir
+  c.data.cache_dir = ""  # "" -> $BNLAB_CACHE_DIR or ~/.cache/bnlab
+  c.data.num_train = 0  # 0 -> all; else the first N training examples
+  c.data.num_test = 0  # 0 -> all 10,000 test examples
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "seed_cnn"
+  c.model.norm = "batch"  # none | batch | flax_batch
+  c.model.bn_position = "after"
+  c.model.activation = "relu"
+  c.model.widths = ()  # () -> the model's own widths
+  c.model.kernel_init = "glorot_uniform"
+  c.model.init_std = 0.01  # for kernel_init="normal"
+  c.model.conv_implementation = "auto"
+  c.model.bn = ml_collections.ConfigDict()
+  c.model.bn.momentum = 0.99
+  c.model.bn.epsilon = 1e-5
+  c.model.bn.variance = "shifted"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.momentum = 0.9  # for name=momentum
+  c.optimizer.nesterov = False
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.decay_factor = 0.1  # schedule=step: multiply by this ...
+  c.optimizer.decay_every_steps = 0  # ... every this many steps
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32
+  c.train.num_epochs = 2
+  c.train.num_steps = 0  # > 0 overrides num_epochs
+  c.train.loop = "auto"  # auto | scan | loop (see bnlab.train.resolve_loop)
+  c.train.steps_per_call = 0  # scan: max steps per compiled call; 0 -> epoch
+  c.train.unroll = 1  # scan unroll factor
+  c.train.log_every_steps = 0  # 0 -> every eval
+  c.train.eval_every_steps = 0  # > 0 overrides eval_every_epochs
+  c.train.eval_every_epochs = 1
+  c.train.eval_batch_size = 1000
+  c.train.checkpoint_every_steps = 0  # 0 -> at every eval
+  c.train.keep_checkpoints = 2
+  c.train.final_train_eval = True  # evaluate the whole train set at the end
+  return c
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+  if not ok:
+    raise ConfigError(
+        f"config.{key}={value!r} is invalid: expected {expected}. "
+        f"Set it with --config.{key}=...")
+
+
+def _one_of(cfg, key: str, choices) -> None:
+  value = cfg
+  for part in key.split("."):
+    value = value[part]
+  _check(value in choices, key, value, f"one of {tuple(choices)}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first invalid value, naming its key."""
+  expected = base_config()
+  _check_keys(c, expected, "")
+  _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
+  _one_of(c, "data.source", data_lib.SOURCES)
+  _check(c.data.source != "idx" or bool(c.data.dir), "data.dir", c.data.dir,
+         "a directory of MNIST IDX files when data.source=idx")
+  for key in ("data.num_train", "data.num_test"):
+    v = c.data[key.split(".")[1]]
+    _check(isinstance(v, int) and v >= 0, key, v, "an integer >= 0 (0 = all)")
+  _one_of(c, "model.name", models.MODELS)
+  _one_of(c, "model.norm", models.NORMS)
+  _one_of(c, "model.bn_position", models.BN_POSITIONS)
+  _one_of(c, "model.activation", tuple(models.ACTIVATIONS))
+  _one_of(c, "model.kernel_init", models.KERNEL_INITS)
+  _one_of(c, "model.conv_implementation", CONV_IMPLEMENTATIONS)
+  _one_of(c, "model.bn.variance", VARIANCES)
+  widths = tuple(c.model.widths)
+  _check(all(isinstance(w, int) and w > 0 for w in widths), "model.widths", widths,
+         "a tuple of positive integers, e.g. '(100,100,100)'")
+  needed = {"seed_cnn": 3, "seed1_cnn": 2}.get(c.model.name)
+  _check(not widths or needed is None or len(widths) == needed, "model.widths", widths,
+         f"{needed} entries for {c.model.name}")
+  _check(c.model.init_std > 0, "model.init_std", c.model.init_std, "a number > 0")
+  _check(0 <= c.model.bn.momentum < 1, "model.bn.momentum", c.model.bn.momentum,
+         "a number in [0, 1)")
+  _check(c.model.bn.epsilon > 0, "model.bn.epsilon", c.model.bn.epsilon, "a number > 0")
+  _one_of(c, "optimizer.name", OPTIMIZERS)
+  _one_of(c, "optimizer.schedule", SCHEDULES)
+  lr = c.optimizer.learning_rate
+  _check(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "a number > 0")
+  _check(0 <= c.optimizer.momentum < 1, "optimizer.momentum", c.optimizer.momentum,
+         "a number in [0, 1)")
+  _check(c.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", c.optimizer.warmup_steps,
+         "an integer >= 0")
+  _check(c.optimizer.schedule != "step" or c.optimizer.decay_every_steps > 0,
+         "optimizer.decay_every_steps", c.optimizer.decay_every_steps,
+         "an integer > 0 when optimizer.schedule=step")
+  t = c.train
+  _check(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
+         "an integer > 0")
+  _check(t.num_epochs >= 0 and t.num_steps >= 0 and (t.num_epochs or t.num_steps),
+         "train.num_epochs", t.num_epochs, "num_epochs > 0 or num_steps > 0")
+  _one_of(c, "train.loop", LOOPS)
+  for key in ("steps_per_call", "log_every_steps", "eval_every_steps", "eval_every_epochs",
+              "checkpoint_every_steps"):
+    _check(isinstance(t[key], int) and t[key] >= 0, f"train.{key}", t[key], "an integer >= 0")
+  _check(t.unroll >= 1, "train.unroll", t.unroll, "an integer >= 1")
+  _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "an integer > 0")
+  _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints,
+         "an integer >= 1")
+  _check(t.eval_every_steps > 0 or t.eval_every_epochs > 0, "train.eval_every_epochs",
+         t.eval_every_epochs, "> 0 (or set train.eval_every_steps)")
+
+
+def _check_keys(c, expected, prefix: str) -> None:
+  for key in c.keys():
+    if key not in expected:
+      raise ConfigError(
+          f"config.{prefix}{key} is not a known key; known keys here: "
+          f"{sorted(expected.keys())}")
+    if isinstance(expected[key], ml_collections.ConfigDict):
+      _check_keys(c[key], expected[key], f"{prefix}{key}.")

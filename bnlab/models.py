@@ -1,0 +1,186 @@
+"""The seed and paper networks, built from a config.
+
+Every model takes `norm` ("none", "batch", or "flax_batch" for Flax's own
+layer, used as a reference) and `bn_position`: "before" the activation (the
+paper's rule: the preceding layer loses its bias, which BN's shift replaces)
+or "after" it. Each activation's input is sown into the `intermediates`
+collection as `preact_<i>` so analyses can record its distribution.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnlab.conv import Conv, max_pool
+from bnlab.norm_linen import BatchNorm
+
+MODELS = ("paper_mlp", "seed_cnn", "seed1_mlp", "seed1_cnn")
+NORMS = ("none", "batch", "flax_batch")
+BN_POSITIONS = ("before", "after")
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+    "elu": nn.elu,
+    "gelu": nn.gelu,
+    "identity": lambda x: x,
+}
+KERNEL_INITS = ("lecun_normal", "glorot_uniform", "he_normal", "normal")
+# Hidden widths (dense) or channels (conv) of each model when `widths` is empty.
+DEFAULT_WIDTHS = {
+    "paper_mlp": (100, 100, 100),
+    "seed_cnn": (32, 64, 64),
+    "seed1_mlp": (16, 32),
+    "seed1_cnn": (32, 32),
+}
+
+
+def kernel_initializer(name: str, std: float = 0.01) -> Callable:
+  """A Flax initializer by name ("normal" draws N(0, std^2))."""
+  if name == "lecun_normal":
+    return nn.initializers.lecun_normal()
+  if name == "glorot_uniform":
+    return nn.initializers.glorot_uniform()
+  if name == "he_normal":
+    return nn.initializers.he_normal()
+  if name == "normal":
+    return nn.initializers.normal(std)
+  raise ValueError(f"model.kernel_init={name!r}; expected one of {KERNEL_INITS}")
+
+
+class Block(nn.Module):
+  """layer -> [BN] -> activation -> [BN], with BN placed by `bn_position`."""
+
+  layer: Callable[[bool], nn.Module]  # use_bias -> the linear/conv layer
+  activation: Callable
+  norm: Callable[[], nn.Module] | None
+  bn_position: str
+  index: int
+  flatten_before_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    before = self.norm is not None and self.bn_position == "before"
+    h = self.layer(not before)(x)
+    if self.flatten_before_norm:
+      h = h.reshape(h.shape[0], -1)
+    if before:
+      h = self.norm()(h, use_running_average=not train)
+    self.sow("intermediates", f"preact_{self.index}", h)
+    h = self.activation(h)
+    if self.norm is not None and not before:
+      h = self.norm()(h, use_running_average=not train)
+    return h
+
+
+class Classifier(nn.Module):
+  """MNIST classifier: conv blocks (with optional pooling), dense blocks, logits.
+
+  `conv` lists (channels, pool_after, has_bn) per 3x3 conv block; `dense`
+  lists (width, has_bn) per hidden dense block; `flatten_norm` puts the last
+  conv block's BN on its flattened features (the seed CNN's per-unit
+  BatchNormalization after Flatten) instead of per channel.
+  """
+
+  conv: Sequence[tuple[int, bool, bool]]
+  dense: Sequence[tuple[int, bool]]
+  activation: str = "relu"
+  norm: str = "batch"
+  bn_position: str = "before"
+  flatten_norm: bool = False
+  kernel_init: str = "lecun_normal"
+  init_std: float = 0.01
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-5
+  bn_variance: str = "shifted"
+  conv_implementation: str = "auto"
+  num_classes: int = 10
+
+  def make_norm(self) -> Callable[[], nn.Module] | None:
+    if self.norm == "none":
+      return None
+    if self.norm == "batch":
+      return functools.partial(
+          BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+          variance=self.bn_variance)
+    if self.norm == "flax_batch":
+      return functools.partial(
+          nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon)
+    raise ValueError(f"model.norm={self.norm!r}; expected one of {NORMS}")
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = images.astype(jnp.float32) * (1.0 / 255.0)
+    act = ACTIVATIONS[self.activation]
+    init = kernel_initializer(self.kernel_init, self.init_std)
+    norm = self.make_norm()
+    index = 0
+    if self.conv:
+      x = x.reshape(x.shape[0], 28, 28, 1)
+      for i, (channels, pool, has_bn) in enumerate(self.conv):
+        last = i == len(self.conv) - 1
+        flat = last and self.flatten_norm
+        x = Block(
+            lambda b, c=channels: Conv(
+                c, (3, 3), use_bias=b, kernel_init=init,
+                implementation=self.conv_implementation),
+            act, norm if has_bn else None, self.bn_position, index,
+            flatten_before_norm=flat, name=f"conv_block_{i}")(x, train)
+        index += 1
+        if pool:
+          x = max_pool(x, 2)
+    x = x.reshape(x.shape[0], -1)
+    for i, (width, has_bn) in enumerate(self.dense):
+      x = Block(
+          lambda b, w=width: nn.Dense(w, use_bias=b, kernel_init=init),
+          act, norm if has_bn else None, self.bn_position, index,
+          name=f"dense_block_{i}")(x, train)
+      index += 1
+    return nn.Dense(self.num_classes, kernel_init=init, name="logits")(x)
+
+
+def build_model(cfg) -> Classifier:
+  """The model described by `cfg` (the `model` section of a run config)."""
+  if cfg.name not in MODELS:
+    raise ValueError(f"model.name={cfg.name!r}; expected one of {MODELS}")
+  if cfg.activation not in ACTIVATIONS:
+    raise ValueError(f"model.activation={cfg.activation!r}; expected one of {tuple(ACTIVATIONS)}")
+  if cfg.bn_position not in BN_POSITIONS:
+    raise ValueError(f"model.bn_position={cfg.bn_position!r}; expected one of {BN_POSITIONS}")
+  widths = tuple(cfg.widths) or DEFAULT_WIDTHS[cfg.name]
+  common = dict(
+      activation=cfg.activation, norm=cfg.norm, bn_position=cfg.bn_position,
+      kernel_init=cfg.kernel_init, init_std=cfg.init_std,
+      bn_momentum=cfg.bn.momentum, bn_epsilon=cfg.bn.epsilon,
+      bn_variance=cfg.bn.variance, conv_implementation=cfg.conv_implementation)
+  if cfg.name in ("paper_mlp", "seed1_mlp"):
+    return Classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
+  if cfg.name == "seed_cnn":
+    # Conv32 relu, MaxPool 2, Conv64 relu, Flatten, BN, Dense64 relu, Dense10.
+    c1, c2, d = _expect_widths(cfg, widths, 3)
+    return Classifier(conv=((c1, True, False), (c2, False, True)),
+                      dense=((d, False),), flatten_norm=True, **common)
+  c1, c2 = _expect_widths(cfg, widths, 2)  # seed1_cnn: Conv32, Conv32, Dense10
+  return Classifier(conv=((c1, False, True), (c2, False, True)), dense=(), **common)
+
+
+def _expect_widths(cfg, widths, n):
+  if len(widths) != n:
+    raise ValueError(f"model.widths={widths} for {cfg.name} needs {n} entries")
+  return widths
+
+
+def pre_activations(model: nn.Module, variables, images) -> dict[str, jax.Array]:
+  """Each activation's input (`preact_<i>`) in inference mode, by name."""
+  _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+  inter = state["intermediates"]
+  out = {}
+  for block in inter.values():
+    for name, values in block.items():
+      out[name] = values[0]
+  return out

@@ -1,0 +1,429 @@
+"""Training engine: device-resident MNIST, jitted steps, evaluation, checkpoints.
+
+`train_and_evaluate(config, workdir)` runs one experiment. The whole training
+set lives on the device and is shuffled there each epoch; batches are gathered
+inside the compiled step. Steps run either as a `lax.scan` over many steps in
+one compiled call or as a Python loop of jitted single steps (`resolve_loop`
+picks per model and platform). Training metrics accumulate on the device and
+reach the host only at log/eval boundaries.
+
+Chunk boundaries are a fixed function of the absolute step (epoch ends,
+log/eval/checkpoint steps, `steps_per_call` multiples), so a resumed run
+executes exactly the same compiled programs on the same data as an
+uninterrupted one and ends bit-identical on the same platform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from bnlab import config as config_lib
+from bnlab import conv as conv_lib
+from bnlab import data as data_lib
+from bnlab import models
+from bnlab import workdir as workdir_lib
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training (and is checkpointed)."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data; shuffling key = fold_in(rng, epoch)
+  apply_fn: Callable = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def metric_sums_zero() -> dict[str, jax.Array]:
+  """Device-side accumulators of training metrics over a log interval."""
+  return {
+      "loss": jnp.zeros((), jnp.float32),
+      "correct": jnp.zeros((), jnp.float32),
+      "count": jnp.zeros((), jnp.float32),
+      # First step whose loss was not finite; -1 while none was.
+      "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+  }
+
+
+def learning_rate_schedule(opt, total_steps: int):
+  """The learning rate of the `optimizer` config section: a float or a schedule."""
+  lr = float(opt.learning_rate)
+  if opt.schedule == "constant":
+    main = lr
+  elif opt.schedule == "step":
+    main = optax.exponential_decay(lr, opt.decay_every_steps, opt.decay_factor,
+                                   staircase=True)
+  else:  # cosine, warmup_cosine: decay to 0 over the run
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1),
+        end_value=0.0) if opt.warmup_steps else optax.cosine_decay_schedule(
+            lr, max(total_steps, 1))
+  if not opt.warmup_steps:
+    return main
+  main = optax.constant_schedule(main) if isinstance(main, float) else main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, opt.warmup_steps), main], [opt.warmup_steps])
+
+
+def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
+  """An optax optimizer whose learning rate lives in its state (vmappable)."""
+
+  def build(learning_rate):
+    if opt.name == "sgd":
+      return optax.sgd(learning_rate)
+    if opt.name == "momentum":
+      return optax.sgd(learning_rate, momentum=opt.momentum, nesterov=opt.nesterov)
+    return optax.adam(learning_rate)
+
+  return optax.inject_hyperparams(build)(
+      learning_rate=learning_rate_schedule(opt, total_steps))
+
+
+def resolve_loop(loop: str, model_cfg, backend: str | None = None) -> str:
+  """The loop form for a model on a backend ("scan" or "loop").
+
+  Measured on a 2-core CPU (see results/README): a scanned epoch beats a loop
+  of jitted steps for the MLPs (no convolutions) and for the CNNs with
+  im2col convolutions; XLA's own convolutions run ~5x slower inside a scan on
+  CPU (their backward passes fall to a generic emitter in loop bodies), so a
+  CPU model with `conv_implementation=xla` uses the loop.
+  """
+  if loop != "auto":
+    return loop
+  backend = backend or jax.default_backend()
+  has_conv = model_cfg.name in ("seed_cnn", "seed1_cnn")
+  impl = conv_lib.resolve_conv_implementation(model_cfg.conv_implementation)
+  if backend == "cpu" and has_conv and impl == "xla":
+    return "loop"
+  return "scan"
+
+
+def create_train_state(model, tx, rng: jax.Array, batch_size: int) -> TrainState:
+  """Initial state: parameters from `rng`, empty optimizer state, step 0."""
+  init_rng, data_rng = jax.random.split(rng)
+  dummy = jnp.zeros((batch_size, 28, 28), jnp.uint8)
+  variables = model.init(init_rng, dummy, train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(data_rng),
+      apply_fn=model.apply,
+      tx=tx,
+  )
+
+
+def train_step(state: TrainState, sums, images, labels) -> tuple[TrainState, dict]:
+  """One SGD step on a batch (uint8 images), with BN in train mode."""
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, updates.get("batch_stats", {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss)
+  first_bad = jnp.where(
+      (sums["first_nonfinite_step"] < 0) & ~finite, state.step, sums["first_nonfinite_step"])
+  sums = {
+      "loss": sums["loss"] + loss,
+      "correct": sums["correct"] + jnp.sum(jnp.argmax(logits, -1) == labels),
+      "count": sums["count"] + 1.0,
+      "first_nonfinite_step": first_bad,
+  }
+  state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return state, sums
+
+
+def epoch_permutation(state: TrainState, epoch, num_examples: int) -> jax.Array:
+  """The device-side shuffle of the training set for `epoch`."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), epoch)
+  return jax.random.permutation(key, num_examples)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "batch_size", "unroll"))
+def run_steps(state, sums, images, labels, perm, *, length: int, batch_size: int,
+              unroll: int = 1):
+  """`length` consecutive train steps of one epoch as one `lax.scan`.
+
+  The batch of step s is `perm[(s mod steps_per_epoch) * batch_size:][:batch_size]`,
+  gathered from the device-resident `images`/`labels`.
+  """
+  steps_per_epoch = perm.shape[0] // batch_size
+
+  def body(carry, _):
+    st, sm = carry
+    start = (st.step % steps_per_epoch) * batch_size
+    idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+    return train_step(st, sm, images[idx], labels[idx]), None
+
+  (state, sums), _ = jax.lax.scan(body, (state, sums), None, length=length, unroll=unroll)
+  return state, sums
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def run_one_step(state, sums, images, labels, perm, *, batch_size: int):
+  """A single train step, gathering its batch on the device."""
+  steps_per_epoch = perm.shape[0] // batch_size
+  start = (state.step % steps_per_epoch) * batch_size
+  idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+  return train_step(state, sums, images[idx], labels[idx])
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
+def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
+  """Mean loss and accuracy over every example, BN with running averages.
+
+  Runs in batches of `batch_size`; the last batch is padded and its padding
+  masked out, so no example is dropped.
+  """
+  n = images.shape[0]
+  num_batches = -(-n // batch_size)
+  pad = num_batches * batch_size - n
+  images = jnp.pad(images, ((0, pad), (0, 0), (0, 0)))
+  labels = jnp.pad(labels, (0, pad))
+  valid = jnp.arange(num_batches * batch_size) < n
+
+  def body(carry, i):
+    x = jax.lax.dynamic_slice_in_dim(images, i * batch_size, batch_size)
+    y = jax.lax.dynamic_slice_in_dim(labels, i * batch_size, batch_size)
+    w = jax.lax.dynamic_slice_in_dim(valid, i * batch_size, batch_size)
+    logits = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = jnp.argmax(logits, -1) == y
+    return (carry[0] + jnp.sum(jnp.where(w, loss, 0.0)),
+            carry[1] + jnp.sum(w & correct)), None
+
+  (loss, correct), _ = jax.lax.scan(
+      body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(num_batches))
+  return {"loss": loss / n, "accuracy": correct / n}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Where a run's steps are grouped into compiled calls and what happens after."""
+
+  total_steps: int
+  steps_per_epoch: int
+  steps_per_call: int
+  eval_every: int
+  log_every: int
+  checkpoint_every: int
+
+  def next_boundary(self, step: int) -> int:
+    """The first step after `step` at which a call ends."""
+    candidates = [self.total_steps]
+    for every in (self.steps_per_epoch, self.eval_every, self.log_every,
+                  self.checkpoint_every):
+      candidates.append((step // every + 1) * every)
+    epoch_start = step // self.steps_per_epoch * self.steps_per_epoch
+    k = self.steps_per_call
+    candidates.append(epoch_start + ((step - epoch_start) // k + 1) * k)
+    return min(candidates)
+
+  def is_eval(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.total_steps
+
+  def is_log(self, step: int) -> bool:
+    return step % self.log_every == 0 or self.is_eval(step)
+
+  def is_checkpoint(self, step: int) -> bool:
+    return step % self.checkpoint_every == 0 or step == self.total_steps
+
+
+def make_schedule_plan(cfg, num_train: int) -> Schedule:
+  """The step schedule for the `train` config section over `num_train` examples."""
+  t = cfg.train
+  spe = num_train // t.batch_size
+  total = t.num_steps or t.num_epochs * spe
+  eval_every = t.eval_every_steps or t.eval_every_epochs * spe
+  log_every = t.log_every_steps or eval_every
+  ckpt_every = t.checkpoint_every_steps or eval_every
+  per_call = t.steps_per_call or spe
+  return Schedule(total, spe, per_call, eval_every, log_every, ckpt_every)
+
+
+def load_data(cfg) -> data_lib.Dataset:
+  """MNIST from `cfg.data`, cut to `num_train`/`num_test` when set."""
+  d = cfg.data
+  ds = data_lib.load_mnist(
+      d.source, data_dir=d.dir or None, cache_dir=d.cache_dir or None)
+  if d.num_train or d.num_test:
+    n_train = d.num_train or len(ds.train_labels)
+    n_test = d.num_test or len(ds.test_labels)
+    for key, n, have in (("data.num_train", n_train, len(ds.train_labels)),
+                         ("data.num_test", n_test, len(ds.test_labels))):
+      if n > have:
+        raise config_lib.ConfigError(
+            f"config.{key}={n} but the {ds.source} data has only {have} examples")
+    ds = dataclasses.replace(
+        ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
+        test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
+  if cfg.train.batch_size > len(ds.train_labels):
+    raise config_lib.ConfigError(
+        f"config.train.batch_size={cfg.train.batch_size} is larger than the "
+        f"{len(ds.train_labels)} training examples; lower it or raise data.num_train")
+  return ds
+
+
+def versions() -> dict[str, str]:
+  """Versions of the libraries that determine a run's numbers."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the experiment `cfg` in `workdir`; returns its summary.
+
+  Leaves in `workdir`: config.json, metrics.jsonl, TensorBoard events under
+  tensorboard/, orbax checkpoints under checkpoints/, and summary.json. A run
+  whose summary.json exists is complete: its summary is returned as is.
+  """
+  config_lib.validate(cfg)
+  wd = workdir_lib.WorkDir(workdir, cfg)
+  try:
+    done = wd.read_summary()
+    if done is not None:
+      logging.info("Run in %s is complete; nothing to do.", workdir)
+      return done
+    return _run(cfg, wd)
+  finally:
+    wd.close()
+
+
+def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
+  ds = load_data(cfg)
+  plan = make_schedule_plan(cfg, len(ds.train_labels))
+  loop = resolve_loop(cfg.train.loop, cfg.model)
+  model = models.build_model(cfg.model)
+  tx = make_optimizer(cfg.optimizer, plan.total_steps)
+  state = create_train_state(model, tx, jax.random.key(cfg.seed), cfg.train.batch_size)
+  sums = metric_sums_zero()
+
+  restored = wd.restore_latest({"state": state, "sums": sums})
+  if restored is not None:
+    state, sums = restored["state"], restored["sums"]
+    logging.info("Resumed from step %d in %s", int(state.step), wd.path)
+  step = first_step = int(state.step)
+  wd.truncate_metrics_after(step)
+
+  train_images = jax.device_put(ds.train_images)
+  train_labels = jax.device_put(ds.train_labels.astype(np.int32))
+  test_images = jax.device_put(ds.test_images)
+  test_labels = jax.device_put(ds.test_labels.astype(np.int32))
+  num_train = len(ds.train_labels)
+  bs = cfg.train.batch_size
+  eval_bs = min(cfg.train.eval_batch_size, len(ds.test_labels))
+  info = {"loop": loop, "backend": jax.default_backend(),
+          "conv_implementation": conv_lib.resolve_conv_implementation(
+              cfg.model.conv_implementation),
+          "data_source": ds.source, "data_verified": ds.verified,
+          "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch}
+  logging.info("Run: %s", json.dumps(info))
+
+  perm_epoch, perm = None, None
+  run_start = interval_start = time.perf_counter()
+  interval_steps, diverged_at = 0, None
+  while step < plan.total_steps:
+    epoch = step // plan.steps_per_epoch
+    if epoch != perm_epoch:
+      perm, perm_epoch = epoch_permutation(state, epoch, num_train), epoch
+    end = plan.next_boundary(step)
+    if loop == "scan":
+      state, sums = run_steps(state, sums, train_images, train_labels, perm,
+                              length=end - step, batch_size=bs, unroll=cfg.train.unroll)
+    else:
+      for _ in range(end - step):
+        state, sums = run_one_step(state, sums, train_images, train_labels, perm,
+                                   batch_size=bs)
+    interval_steps += end - step
+    step = end
+    if plan.is_log(step):
+      host = jax.device_get(sums)
+      seconds = time.perf_counter() - interval_start
+      count = max(float(host["count"]), 1.0)
+      record = {"step": step, "epoch": step / plan.steps_per_epoch,
+                "train_loss": float(host["loss"]) / count,
+                "train_accuracy": float(host["correct"]) / (count * bs),
+                "examples_per_sec": interval_steps * bs / max(seconds, 1e-9)}
+      if host["first_nonfinite_step"] >= 0:
+        diverged_at = int(host["first_nonfinite_step"])
+        record["diverged_at_step"] = diverged_at
+      elif plan.is_eval(step):
+        ev = jax.device_get(evaluate(model.apply, state.params, state.batch_stats,
+                                     test_images, test_labels, batch_size=eval_bs))
+        record.update(test_loss=float(ev["loss"]), test_accuracy=float(ev["accuracy"]))
+      record["wall_time"] = time.perf_counter() - run_start
+      wd.write_metrics(record)
+      _log_progress(record, plan, time.perf_counter() - run_start, step - first_step, step)
+      sums = metric_sums_zero()
+      interval_start, interval_steps = time.perf_counter(), 0
+      if diverged_at is not None:
+        logging.warning("Loss became non-finite at step %d: run stopped (diverged).",
+                        diverged_at)
+        break
+    if plan.is_checkpoint(step):
+      wd.save(step, {"state": state, "sums": sums})
+  wd.wait()
+
+  summary = {"diverged": diverged_at is not None, "diverged_at_step": diverged_at,
+             "final_step": step, **info, "versions": versions()}
+  last = wd.last_metrics() or {}
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+    if key in last:
+      summary[key] = last[key]
+  if diverged_at is None and cfg.train.final_train_eval:
+    ev = jax.device_get(evaluate(model.apply, state.params, state.batch_stats,
+                                 train_images, train_labels,
+                                 batch_size=min(cfg.train.eval_batch_size, num_train)))
+    summary.update(full_train_loss=float(ev["loss"]),
+                   full_train_accuracy=float(ev["accuracy"]))
+  summary["wall_time"] = time.perf_counter() - run_start
+  wd.write_summary(summary)
+  return summary
+
+
+def _log_progress(record, plan: Schedule, seconds: float, steps_done: int,
+                  step: int) -> None:
+  eta = seconds / max(steps_done, 1) * (plan.total_steps - step)
+  parts = [f"step {step}/{plan.total_steps} ({100 * step / plan.total_steps:.0f}%)",
+           f"epoch {record['epoch']:.2f}"]
+  if "train_loss" in record:
+    parts.append(f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}")
+  if "test_accuracy" in record:
+    parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}")
+  if "examples_per_sec" in record:
+    parts.append(f"{record['examples_per_sec']:,.0f} ex/s")
+  parts.append(f"ETA {_format_eta(eta)}")
+  logging.info(" | ".join(parts))
