@@ -1,0 +1,102 @@
+"""The seed and paper networks: structure, BN placement, parameter counts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnlab import config as config_lib
+from bnlab import models
+
+
+def model_cfg(**kw):
+  c = config_lib.base_config().model
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def param_shapes(cfg):
+  model = models.build_model(cfg)
+  v = model.init(jax.random.key(0), jnp.zeros((2, 28, 28), jnp.uint8))
+  return model, v, jax.tree.map(jnp.shape, v)
+
+
+def test_paper_mlp_structure_bn_before_without_bias():
+  _, _, shapes = param_shapes(model_cfg(name="paper_mlp", norm="batch", bn_position="before",
+                                        activation="sigmoid"))
+  p = shapes["params"]
+  assert p["dense_block_0"]["Dense_0"] == {"kernel": (784, 100)}  # no bias before BN
+  assert p["dense_block_1"]["Dense_0"] == {"kernel": (100, 100)}
+  assert p["dense_block_2"]["BatchNorm_0"] == {"scale": (100,), "bias": (100,)}
+  assert p["logits"] == {"kernel": (100, 10), "bias": (10,)}
+  assert set(shapes["batch_stats"]) == {"dense_block_0", "dense_block_1", "dense_block_2"}
+
+
+def test_paper_mlp_without_bn_has_biases_and_no_batch_stats():
+  _, v, shapes = param_shapes(model_cfg(name="paper_mlp", norm="none", activation="sigmoid"))
+  assert shapes["params"]["dense_block_0"]["Dense_0"] == {"kernel": (784, 100), "bias": (100,)}
+  assert "batch_stats" not in v
+  n = sum(np.prod(s) for s in jax.tree.leaves(shapes["params"]))
+  assert n == 784 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
+
+
+def test_seed_cnn_matches_the_keras_model():
+  # Conv32(3x3) relu, MaxPool2, Conv64(3x3) relu, Flatten, BN, Dense64 relu, Dense10
+  _, _, shapes = param_shapes(model_cfg(name="seed_cnn", norm="batch", bn_position="after"))
+  p = shapes["params"]
+  assert p["conv_block_0"]["Conv_0"] == {"kernel": (3, 3, 1, 32), "bias": (32,)}
+  assert p["conv_block_1"]["Conv_0"] == {"kernel": (3, 3, 32, 64), "bias": (64,)}
+  # 28 -> 26 -> pool 13 -> 11: BN over the 11*11*64 flattened units, as Keras does.
+  assert p["conv_block_1"]["BatchNorm_0"] == {"scale": (7744,), "bias": (7744,)}
+  assert "BatchNorm_0" not in p["conv_block_0"]
+  assert p["dense_block_0"]["Dense_0"] == {"kernel": (7744, 64), "bias": (64,)}
+  assert "BatchNorm_0" not in p["dense_block_0"]
+  assert p["logits"]["kernel"] == (64, 10)
+
+
+def test_seed1_models():
+  _, _, shapes = param_shapes(model_cfg(name="seed1_mlp", bn_position="before"))
+  p = shapes["params"]
+  assert p["dense_block_0"]["Dense_0"] == {"kernel": (784, 16)}
+  assert p["dense_block_1"]["BatchNorm_0"]["scale"] == (32,)
+  _, _, shapes = param_shapes(model_cfg(name="seed1_cnn", bn_position="before"))
+  p = shapes["params"]
+  assert p["conv_block_0"]["Conv_0"] == {"kernel": (3, 3, 1, 32)}
+  assert p["conv_block_1"]["BatchNorm_0"]["scale"] == (32,)  # per feature map
+  assert p["logits"]["kernel"] == (24 * 24 * 32, 10)
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_bn_placement_order(position):
+  """'before': the sown activation input is normalized; 'after': it is not."""
+  model = models.build_model(model_cfg(name="paper_mlp", norm="batch", bn_position=position,
+                                       activation="sigmoid"))
+  x = jax.random.randint(jax.random.key(1), (256, 28, 28), 0, 256).astype(jnp.uint8)
+  v = model.init(jax.random.key(0), x)
+  _, state = model.apply(v, x, train=True, mutable=["batch_stats", "intermediates"])
+  pre = state["intermediates"]["dense_block_1"]["preact_1"][0]
+  mean, std = jnp.mean(pre, 0), jnp.std(pre, 0)
+  normalized = bool(jnp.allclose(mean, 0, atol=1e-4) and jnp.allclose(std, 1, atol=1e-2))
+  assert normalized == (position == "before")
+
+
+def test_flax_batchnorm_variant_has_identical_variables():
+  a = param_shapes(model_cfg(name="seed1_mlp", norm="batch"))[2]
+  b = param_shapes(model_cfg(name="seed1_mlp", norm="flax_batch"))[2]
+  assert a == b
+
+
+def test_pre_activations_returns_every_layer():
+  model = models.build_model(model_cfg(name="paper_mlp", activation="sigmoid"))
+  x = jnp.zeros((4, 28, 28), jnp.uint8)
+  v = model.init(jax.random.key(0), x)
+  pre = models.pre_activations(model, v, x)
+  assert sorted(pre) == ["preact_0", "preact_1", "preact_2"]
+  assert pre["preact_2"].shape == (4, 100)
+
+
+def test_unknown_model_is_rejected():
+  with pytest.raises(ValueError, match="model.name"):
+    models.build_model(model_cfg(name="resnet"))

@@ -1,0 +1,169 @@
+"""The training engine end to end on a tiny IDX dataset the tests write."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnlab import config as config_lib
+from bnlab import train
+import tiny_mnist
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("idx"))
+  tiny_mnist.write_mnist_dir(d, num_train=320, num_test=100)
+  return d
+
+
+def tiny_config(idx_dir, **overrides):
+  c = config_lib.base_config()
+  c.data.source = "idx"
+  c.data.dir = idx_dir
+  c.model.name = "seed1_mlp"
+  c.model.norm = "batch"
+  c.model.bn_position = "before"
+  c.optimizer.learning_rate = 0.1
+  c.train.batch_size = 32
+  c.train.num_epochs = 3
+  c.train.eval_every_epochs = 1
+  c.train.log_every_steps = 5
+  c.train.keep_checkpoints = 50
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(workdir):
+  """The train state of the newest checkpoint, as numpy arrays."""
+  from bnlab import workdir as workdir_lib
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mngr.latest_step()
+  restored = mngr.restore(step)
+  return step, jax.tree.map(np.asarray, restored["state"])
+
+
+def test_run_writes_everything_and_learns(idx_dir, tmp_path):
+  wd = str(tmp_path / "run")
+  summary = train.train_and_evaluate(tiny_config(idx_dir), wd)
+  assert set(os.listdir(wd)) >= {"config.json", "metrics.jsonl", "summary.json",
+                                 "checkpoints", "tensorboard"}
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tensorboard")))
+  records = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+  steps = [r["step"] for r in records]
+  assert steps == sorted(set(steps)) and steps[-1] == 30  # 3 epochs x 10 steps
+  evals = [r for r in records if "test_accuracy" in r]
+  assert [r["step"] for r in evals] == [10, 20, 30]
+  for r in records:
+    assert {"step", "epoch", "train_loss", "train_accuracy", "examples_per_sec",
+            "wall_time"} <= set(r)
+  assert summary["diverged"] is False
+  assert summary["test_accuracy"] > 0.5  # chance is 0.1
+  assert summary["full_train_accuracy"] > 0.5
+  assert json.load(open(os.path.join(wd, "config.json")))["model"]["name"] == "seed1_mlp"
+  assert summary["versions"]["jax"] == jax.__version__
+
+
+def test_rerun_of_a_finished_run_does_nothing(idx_dir, tmp_path):
+  wd = str(tmp_path / "run")
+  first = train.train_and_evaluate(tiny_config(idx_dir, **{"train.num_epochs": 1}), wd)
+  again = train.train_and_evaluate(tiny_config(idx_dir, **{"train.num_epochs": 1}), wd)
+  assert first == again
+
+
+@pytest.mark.parametrize("loop", ["scan", "loop"])
+def test_resume_is_bit_identical(idx_dir, tmp_path, loop):
+  cfg = tiny_config(idx_dir, **{"train.loop": loop, "train.checkpoint_every_steps": 5})
+  full = str(tmp_path / "full")
+  train.train_and_evaluate(cfg, full)
+  # An interrupted run: the same run with its last checkpoints and summary gone.
+  part = str(tmp_path / "part")
+  shutil.copytree(full, part)
+  os.remove(os.path.join(part, "summary.json"))
+  for step in (15, 20, 25, 30):
+    shutil.rmtree(os.path.join(part, "checkpoints", str(step)))
+  with open(os.path.join(part, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 25, "torn')  # metrics written past the checkpoint, half a line
+  train.train_and_evaluate(cfg, part)
+  step_a, a = final_params(full)
+  step_b, b = final_params(part)
+  assert step_a == step_b == 30
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  ra = read_jsonl(os.path.join(full, "metrics.jsonl"))
+  rb = read_jsonl(os.path.join(part, "metrics.jsonl"))
+  assert [r["step"] for r in ra] == [r["step"] for r in rb]
+  for x, y in zip(ra, rb):
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+      assert x.get(key) == y.get(key)
+
+
+def test_scan_and_loop_forms_agree(idx_dir, tmp_path):
+  out = {}
+  for loop in ("scan", "loop"):
+    wd = str(tmp_path / loop)
+    out[loop] = train.train_and_evaluate(tiny_config(idx_dir, **{"train.loop": loop}), wd)
+  assert out["scan"]["test_accuracy"] == pytest.approx(out["loop"]["test_accuracy"], abs=0.03)
+  assert out["scan"]["train_loss"] == pytest.approx(out["loop"]["train_loss"], rel=1e-3)
+
+
+def test_divergence_is_recorded_not_raised(idx_dir, tmp_path):
+  cfg = tiny_config(idx_dir, **{"model.norm": "none", "optimizer.learning_rate": 1e9,
+                                "model.activation": "relu"})
+  wd = str(tmp_path / "div")
+  summary = train.train_and_evaluate(cfg, wd)
+  assert summary["diverged"] is True
+  assert 0 <= summary["diverged_at_step"] < 30
+  assert summary["final_step"] < 30 or summary["diverged_at_step"] < 30
+  records = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+  assert records[-1]["diverged_at_step"] == summary["diverged_at_step"]
+
+
+def test_eval_covers_every_test_example(idx_dir):
+  """An eval batch that does not divide the test set still counts every example."""
+  from bnlab import models
+  cfg = tiny_config(idx_dir)
+  model = models.build_model(cfg.model)
+  images = jax.random.randint(jax.random.key(0), (103, 28, 28), 0, 255).astype(jnp.uint8)
+  labels = jnp.arange(103) % 10
+  v = model.init(jax.random.key(1), images)
+  full = train.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=103)
+  split = train.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=10)
+  np.testing.assert_allclose(full["loss"], split["loss"], rtol=1e-5)
+  assert full["accuracy"] == split["accuracy"]
+
+
+def test_schedule_boundaries_are_a_function_of_the_step():
+  plan = train.Schedule(total_steps=95, steps_per_epoch=30, steps_per_call=7,
+                        eval_every=20, log_every=10, checkpoint_every=25)
+  step, ends = 0, []
+  while step < plan.total_steps:
+    step = plan.next_boundary(step)
+    ends.append(step)
+  assert ends == [7, 10, 14, 20, 21, 25, 28, 30, 37, 40, 44, 50, 51, 58, 60, 67, 70, 74, 75, 80,
+                  81, 88, 90, 95]
+  # Resuming at any boundary gives the same continuation.
+  for i, s in enumerate(ends[:-1]):
+    assert plan.next_boundary(s) == ends[i + 1]
+
+
+def test_resolve_loop():
+  c = config_lib.base_config().model
+  c.name = "seed_cnn"
+  c.conv_implementation = "xla"
+  assert train.resolve_loop("auto", c, "cpu") == "loop"
+  assert train.resolve_loop("auto", c, "gpu") == "scan"
+  c.conv_implementation = "im2col"
+  assert train.resolve_loop("auto", c, "cpu") == "scan"
+  assert train.resolve_loop("loop", c, "cpu") == "loop"
