@@ -1,0 +1,231 @@
+"""2-D convolution and max pooling in forms that compile well on every backend.
+
+On XLA:CPU, ``lax.conv_general_dilated`` is fast in a jitted step but its
+backward convolutions become very slow inside a ``lax.scan``/``while`` body
+(see :func:`resolve_conv_implementation`). The ``"im2col"`` form writes the
+convolution as shifted slices + one matrix multiplication, so that forward
+and backward passes are plain matmuls, slices and pads everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+Array = jax.Array
+Padding = str | Sequence[tuple[int, int]]
+
+IMPLEMENTATIONS = ("xla", "im2col", "taps")
+
+
+def resolve_conv_implementation(name: str = "auto") -> str:
+  """Returns the concrete convolution implementation that ``name`` stands for.
+
+  ``"xla"``, ``"im2col"`` and ``"taps"`` are returned unchanged. ``"auto"``
+  resolves by ``jax.default_backend()``:
+
+  * ``cpu`` -> ``"im2col"``. Measured with ``experiments/conv_speed.py`` on a
+    2-core AVX2 CPU (jaxlib 0.10.2), seed CNN train step at batch 32: im2col
+    trains ~1.3x faster than ``lax.conv_general_dilated`` as a loop of jitted
+    steps and ~7x faster inside a scanned epoch, where XLA:CPU compiles the
+    backward convolutions with its slow generic loop emitter.
+  * ``gpu``/``tpu`` and anything else -> ``"xla"`` (cuDNN / the TPU
+    convolution emitters are fast in and out of loops).
+  """
+  if name == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "xla"
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"Unknown convolution implementation {name!r}; expected 'auto' or one "
+        f"of {IMPLEMENTATIONS}."
+    )
+  return name
+
+
+def _explicit_padding(
+    padding: Padding, in_shape: Sequence[int], kernel_shape: Sequence[int]
+) -> list[tuple[int, int]]:
+  """(low, high) padding per spatial dim, as ``lax`` computes it at stride 1."""
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode == "VALID":
+      return [(0, 0)] * len(kernel_shape)
+    if mode == "SAME":
+      # lax.padtype_to_pads at stride 1: total k-1, the extra one goes high.
+      return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_shape]
+    raise ValueError(f"Unsupported padding {padding!r}; use 'VALID', 'SAME' "
+                     "or (low, high) pairs.")
+  pads = [tuple(p) for p in padding]
+  if len(pads) != len(kernel_shape):
+    raise ValueError(f"padding {padding!r} needs {len(kernel_shape)} pairs.")
+  return pads  # type: ignore[return-value]
+
+
+def _shifted_windows(x: Array, kh: int, kw: int) -> tuple[list[Array], int, int]:
+  """The kh*kw stride-1 shifted views of padded NHWC ``x``, in (i, j) order."""
+  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  if oh <= 0 or ow <= 0:
+    raise ValueError(f"Kernel {(kh, kw)} larger than padded input {x.shape}.")
+  views = [
+      lax.slice(x, (0, i, j, 0), (x.shape[0], i + oh, j + ow, x.shape[3]))
+      for i in range(kh)
+      for j in range(kw)
+  ]
+  return views, oh, ow
+
+
+def conv2d(
+    x: Array,
+    kernel: Array,
+    *,
+    padding: Padding = "VALID",
+    implementation: str = "auto",
+    precision: Any = None,
+) -> Array:
+  """Stride-1 2-D convolution of NHWC ``x`` with an HWIO ``kernel``.
+
+  Args:
+    x: input, shape (N, H, W, Cin).
+    kernel: shape (KH, KW, Cin, Cout), any (odd or even) kernel size.
+    padding: ``"VALID"``, ``"SAME"`` (as ``lax``: extra pad goes high) or a
+      pair of (low, high) ints per spatial dim.
+    implementation: ``"xla"`` (``lax.conv_general_dilated``), ``"im2col"``
+      (concatenate the KH*KW shifted windows along channels, then one matmul
+      with the kernel reshaped to (KH*KW*Cin, Cout)), ``"taps"`` (sum of KH*KW
+      matmuls, one per shifted window, no concatenated patch tensor) or
+      ``"auto"`` (see :func:`resolve_conv_implementation`).
+    precision: passed to the ``lax`` convolution / dot.
+
+  Returns:
+    (N, OH, OW, Cout). All implementations are equal up to float rounding,
+    forward and in gradients.
+  """
+  impl = resolve_conv_implementation(implementation)
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f"Expected NHWC input and HWIO kernel, got {x.shape}, "
+                     f"{kernel.shape}.")
+  kh, kw, cin, cout = kernel.shape
+  if x.shape[3] != cin:
+    raise ValueError(f"Input has {x.shape[3]} channels, kernel expects {cin}.")
+  pads = _explicit_padding(padding, x.shape[1:3], (kh, kw))
+
+  if impl == "xla":
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+
+  if any(p != (0, 0) for p in pads):
+    x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  views, _, _ = _shifted_windows(x, kh, kw)
+
+  if impl == "im2col":
+    # Channel order (i, j, c) matches the row-major reshape of the HWIO kernel.
+    patches = views[0] if len(views) == 1 else lax.concatenate(views, 3)
+    return lax.dot_general(
+        patches, kernel.reshape(kh * kw * cin, cout),
+        (((3,), (0,)), ((), ())), precision=precision)
+
+  # impl == "taps"
+  flat_kernel = kernel.reshape(kh * kw, cin, cout)
+  out = None
+  for t, view in enumerate(views):
+    term = lax.dot_general(view, flat_kernel[t], (((3,), (0,)), ((), ())),
+                           precision=precision)
+    out = term if out is None else out + term
+  return out
+
+
+def max_pool(x: Array, window: int = 2) -> Array:
+  """Non-overlapping ``window`` x ``window`` max pooling of NHWC ``x``.
+
+  Stride = window, 'VALID': trailing rows/columns that do not fill a window
+  are dropped, as ``flax.linen.max_pool(x, (w, w), (w, w))`` does. Written as
+  crop + reshape + max, which XLA:CPU compiles to simple fused loops (forward
+  and backward) instead of ``reduce_window`` / ``select_and_scatter``.
+
+  Forward output equals ``nn.max_pool`` exactly, and so do gradients when each
+  window has a unique maximum. On ties the two differ but both are valid
+  subgradients with the same total per window: ``nn.max_pool`` gives the
+  whole upstream gradient to one maximal element (the first in row-major
+  window order), this function splits it evenly among all maximal elements
+  (the JVP rule of ``lax.reduce_max``). After a ReLU, an all-zero window
+  passes 1/4 of its gradient to each of its four zeros here, versus all of it
+  to the first zero in ``nn.max_pool``; upstream those positions have zero
+  ReLU derivative, so parameter gradients of a conv-relu-pool stack are
+  identical either way.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"Expected NHWC input, got shape {x.shape}.")
+  n, h, w, c = x.shape
+  oh, ow = h // window, w // window
+  if oh == 0 or ow == 0:
+    raise ValueError(f"Window {window} larger than input {x.shape}.")
+  if (oh * window, ow * window) != (h, w):
+    x = x[:, : oh * window, : ow * window, :]
+  return jnp.max(x.reshape(n, oh, window, ow, window, c), axis=(2, 4))
+
+
+class Conv(nn.Module):
+  """Stride-1 2-D convolution layer, a drop-in for ``flax.linen.Conv``.
+
+  Same parameter names, shapes and default initializers as ``nn.Conv``
+  (``kernel``: (KH, KW, Cin, Cout), ``bias``: (Cout,)), so variables and
+  checkpoints interchange. Inputs are (..., H, W, Cin); leading batch dims
+  are flattened. Note the default ``padding='VALID'`` (Keras' default, not
+  flax's ``'SAME'``).
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: int or (KH, KW).
+    padding: ``'VALID'``, ``'SAME'`` or ((lo, hi), (lo, hi)).
+    use_bias: add a learned bias.
+    dtype: computation dtype (default: promoted from inputs and params).
+    param_dtype: dtype of the parameters.
+    precision: ``lax`` precision of the convolution / matmul.
+    kernel_init: kernel initializer (flax's default, LeCun normal).
+    bias_init: bias initializer (zeros).
+    implementation: ``'auto'``, ``'xla'``, ``'im2col'`` or ``'taps'``, see
+      :func:`conv2d` and :func:`resolve_conv_implementation`.
+  """
+
+  features: int
+  kernel_size: int | Sequence[int]
+  padding: Padding = "VALID"
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    if isinstance(self.kernel_size, int):
+      kernel_size = (self.kernel_size, self.kernel_size)
+    else:
+      kernel_size = tuple(self.kernel_size)
+    if len(kernel_size) != 2:
+      raise ValueError(f"Conv supports 2-D kernels only, got {kernel_size}.")
+    if inputs.ndim < 3:
+      raise ValueError(f"Expected (..., H, W, C) input, got {inputs.shape}.")
+
+    batch_shape = inputs.shape[:-3]
+    x = inputs.reshape((-1, *inputs.shape[-3:]))
+    kernel = self.param(
+        "kernel", self.kernel_init,
+        (*kernel_size, inputs.shape[-1], self.features), self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+    y = conv2d(x, kernel, padding=self.padding,
+               implementation=self.implementation, precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y.reshape((*batch_shape, *y.shape[1:]))

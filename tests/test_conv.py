@@ -1,0 +1,200 @@
+"""Tests for bnlab.conv: im2col/taps convolutions and reshape max pooling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+try:  # jax >= 0.9 moved it to the top level
+  from jax import enable_x64
+except ImportError:
+  from jax.experimental import enable_x64
+
+from bnlab import conv as bconv
+
+CONV_CASES = [
+    # (x shape NHWC, kernel shape HWIO, padding)
+    ((2, 8, 8, 1), (3, 3, 1, 4), "VALID"),
+    ((2, 8, 8, 1), (3, 3, 1, 4), "SAME"),
+    ((3, 7, 9, 3), (2, 2, 3, 5), "SAME"),
+    ((1, 6, 5, 2), (1, 1, 2, 3), "VALID"),
+    ((2, 9, 6, 4), (5, 3, 4, 2), "SAME"),
+    ((2, 6, 6, 2), (3, 3, 2, 3), ((1, 2), (0, 1))),
+]
+
+
+def _reference_conv(x, kernel, padding):
+  pads = bconv._explicit_padding(padding, x.shape[1:3], kernel.shape[:2])
+  return lax.conv_general_dilated(
+      x, kernel, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("x_shape,k_shape,padding", CONV_CASES)
+def test_conv2d_matches_lax_forward_and_gradients(x_shape, k_shape, padding):
+  impls = ("im2col", "taps", "xla")
+
+  def outputs_and_grads(x, kernel, cot):
+    def fwd_and_grads(conv):
+      loss = lambda a, b: jnp.sum(conv(a, b) * cot)
+      return conv(x, kernel), jax.grad(loss, (0, 1))(x, kernel)
+    ref = fwd_and_grads(lambda a, b: _reference_conv(a, b, padding))
+    got = [fwd_and_grads(lambda a, b, i=i: bconv.conv2d(
+        a, b, padding=padding, implementation=i)) for i in impls]
+    return ref, got
+
+  with enable_x64():
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, x_shape, jnp.float64)
+    kernel = jax.random.normal(kk, k_shape, jnp.float64)
+    out_shape = _reference_conv(x, kernel, padding).shape
+    cot = jax.random.normal(kg, out_shape, jnp.float64)
+    ref, got = jax.jit(outputs_and_grads)(x, kernel, cot)
+    for impl, result in zip(impls, got):
+      assert result[0].dtype == jnp.float64, impl
+      jax.tree.map(
+          lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12,
+                                                  atol=1e-12, err_msg=impl),
+          result, ref)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "taps"])
+def test_conv2d_float32_tolerance(impl):
+  kx, kk = jax.random.split(jax.random.PRNGKey(1))
+  x = jax.random.normal(kx, (4, 28, 28, 1))
+  kernel = jax.random.normal(kk, (3, 3, 1, 32))
+  ref = _reference_conv(x, kernel, "VALID")
+  got = bconv.conv2d(x, kernel, implementation=impl,
+                     precision=lax.Precision.HIGHEST)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_rejects_bad_input():
+  with pytest.raises(ValueError):
+    bconv.conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)))
+  with pytest.raises(ValueError):
+    bconv.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)),
+                 implementation="fft")
+  with pytest.raises(ValueError):
+    bconv.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)),
+                 padding="CIRCULAR")
+
+
+def test_resolve_conv_implementation():
+  expected = "im2col" if jax.default_backend() == "cpu" else "xla"
+  assert bconv.resolve_conv_implementation("auto") == expected
+  for name in ("xla", "im2col", "taps"):
+    assert bconv.resolve_conv_implementation(name) == name
+  with pytest.raises(ValueError):
+    bconv.resolve_conv_implementation("cudnn")
+
+
+@pytest.mark.parametrize("impl", ["auto", "im2col", "taps", "xla"])
+@pytest.mark.parametrize("padding,kernel_size,use_bias", [
+    ("VALID", (3, 3), True), ("SAME", (3, 3), False), ("SAME", (2, 4), True)])
+def test_conv_module_matches_flax(impl, padding, kernel_size, use_bias):
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 10, 9, 3))
+  ours = bconv.Conv(6, kernel_size, padding=padding, use_bias=use_bias,
+                    implementation=impl, precision=lax.Precision.HIGHEST)
+  ref = nn.Conv(6, kernel_size, padding=padding, use_bias=use_bias,
+                precision=lax.Precision.HIGHEST)
+  key = jax.random.PRNGKey(3)
+  v_ours, v_ref = ours.init(key, x), ref.init(key, x)
+  # Same tree, shapes, and (same initializers, same rng) values.
+  assert jax.tree.structure(v_ours) == jax.tree.structure(v_ref)
+  jax.tree.map(np.testing.assert_array_equal, v_ours, v_ref)
+  if use_bias:  # make the bias non-trivial
+    v_ref = jax.tree.map(lambda a: a + 0.1, v_ref)
+  np.testing.assert_allclose(ours.apply(v_ref, x), ref.apply(v_ref, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_conv_module_batch_dims_and_dtype():
+  x = jax.random.normal(jax.random.PRNGKey(4), (8, 8, 2))  # unbatched
+  m = bconv.Conv(3, 3)
+  v = m.init(jax.random.PRNGKey(0), x)
+  assert m.apply(v, x).shape == (6, 6, 3)
+  xb = jnp.stack([x, 2 * x]).reshape(1, 2, 8, 8, 2)
+  np.testing.assert_allclose(m.apply(v, xb)[0, 1], m.apply(v, 2 * x),
+                             rtol=1e-6, atol=1e-6)
+  m16 = bconv.Conv(3, 3, dtype=jnp.bfloat16)
+  assert m16.apply(v, x).dtype == jnp.bfloat16
+
+
+def _tie_free(key, shape):
+  n = int(np.prod(shape))
+  return (jax.random.permutation(key, n).reshape(shape) / n).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("shape,window", [
+    ((2, 7, 9, 3), 2), ((1, 9, 9, 2), 3), ((3, 24, 24, 4), 2)])
+def test_max_pool_matches_flax_on_tie_free_input(shape, window):
+  x = _tie_free(jax.random.PRNGKey(5), shape)
+  ref_fn = lambda a: nn.max_pool(a, (window, window), (window, window))
+  ours_fn = lambda a: bconv.max_pool(a, window)
+  np.testing.assert_array_equal(ours_fn(x), ref_fn(x))
+  cot = jax.random.normal(jax.random.PRNGKey(6), ref_fn(x).shape)
+  g = jax.jit(jax.grad(lambda a: jnp.sum(ours_fn(a) * cot)))(x)
+  g_ref = jax.jit(jax.grad(lambda a: jnp.sum(ref_fn(a) * cot)))(x)
+  np.testing.assert_array_equal(g, g_ref)
+
+
+def test_max_pool_ties_split_gradient_evenly():
+  # One all-zero window (4-way tie), one 2-way tie, one unique max.
+  x = jnp.array([[0., 0., 1., 3., 5., 2.],
+                 [0., 0., 3., 0., 4., 1.]]).reshape(1, 2, 6, 1)
+  g = jax.grad(lambda a: jnp.sum(bconv.max_pool(a)))(x)[0, :, :, 0]
+  g_ref = jax.grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), (2, 2))))(x)
+  g_ref = g_ref[0, :, :, 0]
+  np.testing.assert_array_equal(
+      g, [[.25, .25, 0., .5, 1., 0.], [.25, .25, .5, 0., 0., 0.]])
+  # flax gives everything to the first maximal element of each window.
+  np.testing.assert_array_equal(
+      g_ref, [[1., 0., 0., 1., 1., 0.], [0., 0., 0., 0., 0., 0.]])
+  # Both are subgradients: same total per window, supported on the maxima.
+  win = lambda a: a.reshape(2, 3, 2).sum(axis=(0, 2))
+  np.testing.assert_array_equal(win(g), win(g_ref))
+
+
+def test_conv_relu_pool_param_grads_unaffected_by_ties():
+  # Post-ReLU zeros create ties; their ReLU derivative is 0, so the choice of
+  # subgradient in the pool does not reach the parameters.
+  x = jax.random.normal(jax.random.PRNGKey(7), (4, 12, 12, 1))
+  kernel = jax.random.normal(jax.random.PRNGKey(8), (3, 3, 1, 8))
+
+  def loss(k, pool):
+    y = jax.nn.relu(bconv.conv2d(x, k, implementation="im2col") - 0.5)
+    return jnp.sum(pool(y) ** 2)
+
+  g = jax.grad(loss)(kernel, bconv.max_pool)
+  g_ref = jax.grad(loss)(kernel, lambda a: nn.max_pool(a, (2, 2), (2, 2)))
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_composes_with_jit_vmap_grad_scan():
+  kx, kk = jax.random.split(jax.random.PRNGKey(9))
+  xs = jax.random.normal(kx, (3, 2, 8, 8, 2))  # 3 steps of batch 2
+  kernel = jax.random.normal(kk, (3, 3, 2, 4))
+
+  def loss(k, x, impl):
+    y = bconv.max_pool(jax.nn.relu(bconv.conv2d(x, k, implementation=impl)))
+    return jnp.mean(y ** 2)
+
+  def epoch(k, impl):
+    def body(k, x):
+      l, g = jax.value_and_grad(loss)(k, x, impl)
+      return k - 0.1 * g, l
+    return lax.scan(body, k, xs)
+
+  k_ref, l_ref = epoch(kernel, "xla")
+  for impl in ("im2col", "taps"):
+    k_new, l = jax.jit(epoch, static_argnums=1)(kernel, impl)
+    np.testing.assert_allclose(l, l_ref, rtol=1e-4)
+    np.testing.assert_allclose(k_new, k_ref, rtol=1e-4, atol=1e-5)
+    # vmap over the batch of single examples equals the batched call.
+    per_ex = jax.vmap(lambda x: bconv.conv2d(x[None], kernel,
+                                             implementation=impl)[0])(xs[0])
+    np.testing.assert_allclose(
+        per_ex, bconv.conv2d(xs[0], kernel, implementation=impl),
+        rtol=1e-5, atol=1e-5)
