@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import subprocess
@@ -217,7 +218,7 @@ def read_idx(path: str, magic: int) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path} is truncated inside its header. Fix: {fix}")
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    size = header + int(np.prod(dims, dtype=np.int64))
+    size = header + math.prod(dims)
     if len(data) < size:
         raise DataError(
             f"{path} is truncated: {len(data)} bytes, expected {size} for dims {dims}. Fix: {fix}"
@@ -504,9 +505,12 @@ def read_cache(cache_path: str, pins: MnistPins) -> dict[str, np.ndarray]:
     for name in ARRAY_NAMES:
         path = os.path.join(cache_path, f"{name}.npy")
         try:
-            arrays[name] = np.load(path, allow_pickle=False)
+            array = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
             raise DataError(f"{where}: cannot read {path} ({err}). Fix: {fix}") from err
+        if not isinstance(array, np.ndarray):
+            raise DataError(f"{where}: {path} is not a .npy array file. Fix: {fix}")
+        arrays[name] = array
     check_arrays(arrays, where, fix)
     _check_pins(arrays, pins, where, fix)
     return arrays

@@ -426,3 +426,10 @@ def test_auto_falls_back_to_embedded(tmp_path, fake_hub, monkeypatch):
     ds = data.load_mnist("auto", cache_dir=str(tmp_path))
     assert ds.source == "embedded"
     assert_same_arrays(ds, fake_hub[0])
+
+
+def test_idx_huge_dims_are_truncation_not_overflow(tmp_path):
+    header = (0x00000803).to_bytes(4, "big") + np.array([2**32 - 1, 28, 28], ">u4").tobytes()
+    path = _corrupt(tmp_path, "train_images", header + b"\x00" * 784)
+    message = _load_error(tmp_path)
+    assert path in message and "truncated" in message
