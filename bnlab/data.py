@@ -285,8 +285,8 @@ def load_tfds(data_dir: str | None, *, download: bool = True) -> Dataset:
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise DataError(
-            f"MNIST source 'tfds' needs TensorFlow and tensorflow-datasets, which are not "
-            f"installed ({err}). Fix: {fix}"
+            f"MNIST source 'tfds' needs TensorFlow and tensorflow-datasets; importing them "
+            f"failed ({err}). Fix: {fix}"
         ) from err
     try:
         builder = tfds.builder("mnist", data_dir=data_dir)
@@ -307,7 +307,9 @@ def load_tfds(data_dir: str | None, *, download: bool = True) -> Dataset:
     arrays = {}
     for split, batch in splits.items():
         images = np.asarray(batch["image"])
-        arrays[f"{split}_images"] = images.reshape(images.shape[0], *images.shape[1:3])
+        if images.ndim == 4 and images.shape[-1] == 1:
+            images = images[..., 0]  # TFDS stores (N, 28, 28, 1)
+        arrays[f"{split}_images"] = images
         labels = np.asarray(batch["label"])
         if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
             raise DataError(f"TFDS mnist {split} labels outside [0, 9]. Fix: {fix}")
