@@ -30,7 +30,8 @@ class _QuietLibraries:
 
   def filter(self, record) -> bool:
     path = record.pathname.replace("\\", "/")
-    return record.levelno >= 30 or not ("/orbax/" in path or "/etils/" in path)
+    noisy = ("/orbax/", "/etils/", "jax/_src/xla_bridge.py")
+    return record.levelno >= 30 or not any(n in path for n in noisy)
 
 
 def main(argv):
@@ -39,8 +40,16 @@ def main(argv):
   if logging.get_verbosity() < logging.DEBUG:
     logging.get_absl_handler().addFilter(_QuietLibraries())
   from bnlab import train  # pylint: disable=g-import-not-at-top
+  cfg = _CONFIG.value
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    cfg.keys()
+  except OSError as e:  # config_flags defers load failures to first use
+    detail = " ".join(str(e).split())
+    print(f"error: --config={flags.FLAGS['config'].config_filename!r} could not be "
+          f"loaded: {detail}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    summary = train.train_and_evaluate(cfg, _WORKDIR.value)
   except USER_ERRORS as e:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
@@ -51,8 +60,27 @@ def main(argv):
   print(json.dumps(shown))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors for bad flags and config keys."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    message = lines[0] + (f" {lines[-1].strip()}" if "Traceback" in str(e) else "")
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("'\"")
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and a.split("=")[0].endswith("." + key)), key)
+    message = (f"{flag} names no key of the config: check its spelling against the "
+               "config file; keys and defaults are listed in bnlab/config.py")
+  except (TypeError, ValueError) as e:
+    message = f"bad config override: {e}"
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_paper_mlp_without_bn_has_biases_and_no_batch_stats():
   _, v, shapes = param_shapes(model_cfg(name="paper_mlp", norm="none", activation="sigmoid"))
   assert shapes["params"]["dense_block_0"]["Dense_0"] == {"kernel": (784, 100), "bias": (100,)}
   assert "batch_stats" not in v
-  n = sum(np.prod(s) for s in jax.tree.leaves(shapes["params"]))
+  n = sum(p.size for p in jax.tree.leaves(v["params"]))
   assert n == 784 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
 
 

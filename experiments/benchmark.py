@@ -1,0 +1,206 @@
+"""Training speed: bnlab's engine against the conventional Flax loop, side by side.
+
+  python experiments/benchmark.py [--steps_scale=1.0] [--out=results/benchmark.md]
+
+For each case (seed CNN with/without BN at batch 32 and 128, paper MLP with BN
+at batch 60) it times training examples per second, median of --reps timed
+repetitions after a warm-up, of:
+  - flax_loop: the Flax MNIST-example way: host batches from a host-shuffled
+    numpy array, one jitted step per batch, flax.linen Conv/max_pool/BatchNorm;
+  - bnlab: bnlab's engine (device-resident data, the loop form and convolution
+    `auto` resolves to on this platform), plus each explicit form for insight.
+Prints a Markdown table with ratios and the platform, and writes it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from bnlab import config as config_lib  # noqa: E402
+from bnlab import models, train  # noqa: E402
+
+CASES = (
+    # name, model, norm, batch, steps per timed repetition
+    ("seed CNN + BN", "seed_cnn", "batch", 32, 150),
+    ("seed CNN, no BN", "seed_cnn", "none", 32, 150),
+    ("seed CNN + BN", "seed_cnn", "batch", 128, 40),
+    ("seed CNN, no BN", "seed_cnn", "none", 128, 40),
+    ("paper MLP + BN", "paper_mlp", "batch", 60, 2000),
+)
+
+
+class FlaxSeedCNN(nn.Module):
+  """The seed CNN written the usual Flax way (nn.Conv, nn.max_pool, nn.BatchNorm)."""
+
+  norm: bool
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = images.astype(jnp.float32)[..., None] / 255.0
+    x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
+    x = x.reshape(x.shape[0], -1)
+    if self.norm:
+      x = nn.BatchNorm(use_running_average=not train, epsilon=1e-3)(x)
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(10)(x)
+
+
+class FlaxPaperMLP(nn.Module):
+  """784-100-100-100-10 sigmoid MLP with nn.BatchNorm before each sigmoid."""
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = images.astype(jnp.float32).reshape(images.shape[0], -1) / 255.0
+    for _ in range(3):
+      x = nn.Dense(100, use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      x = nn.sigmoid(x)
+    return nn.Dense(10)(x)
+
+
+def flax_loop_rate(model_name, norm, batch, steps, reps, images, labels):
+  """Examples/s of the conventional loop: host batches, one jitted step each."""
+  model = FlaxSeedCNN(norm == "batch") if model_name == "seed_cnn" else FlaxPaperMLP()
+  tx = optax.sgd(0.01)
+  v = model.init(jax.random.key(0), images[:batch])
+  params, stats = v["params"], v.get("batch_stats", {})
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+    (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    u, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, u), upd.get("batch_stats", {}), opt_state, loss
+
+  rng = np.random.default_rng(0)
+  perm = rng.permutation(len(labels))
+
+  def run(n):
+    nonlocal params, stats, opt_state
+    for i in range(n):
+      idx = perm[(i * batch) % (len(labels) - batch):][:batch]
+      params, stats, opt_state, loss = step(params, stats, opt_state, images[idx], labels[idx])
+    jax.block_until_ready(loss)
+
+  run(3)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    run(steps)
+    times.append(time.perf_counter() - t0)
+  return steps * batch / statistics.median(times)
+
+
+def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto",
+               conv="auto"):
+  """Examples/s of bnlab's engine for `steps` steps in the given loop form."""
+  c = config_lib.base_config()
+  c.model.name = model_name
+  c.model.norm = norm
+  c.model.conv_implementation = conv
+  if model_name == "paper_mlp":
+    c.model.activation, c.model.bn_position = "sigmoid", "before"
+  c.train.batch_size = batch
+  loop = train.resolve_loop(loop, c.model)
+  model = models.build_model(c.model)
+  tx = train.make_optimizer(c.optimizer, steps)
+  state = train.create_train_state(model, tx, jax.random.key(0), batch)
+  x, y = jax.device_put(images), jax.device_put(labels.astype(np.int32))
+  n = (len(labels) // batch) * batch
+  perm = train.epoch_permutation(state, 0, n)
+  x, y = x[:n], y[:n]
+  sums = train.metric_sums_zero()
+  spe = n // batch
+  steps = min(steps, spe)
+
+  def run(state, sums, k):
+    state = state.replace(step=jnp.zeros((), jnp.int32))
+    if loop == "scan":
+      state, sums = train.run_steps(state, sums, x, y, perm, length=k, batch_size=batch)
+    else:
+      for _ in range(k):
+        state, sums = train.run_one_step(state, sums, x, y, perm, batch_size=batch)
+    jax.block_until_ready(sums)
+    return state, sums
+
+  state, sums = run(state, sums, steps)  # warm-up (compiles the timed program)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    state, sums = run(state, sums, steps)
+    times.append(time.perf_counter() - t0)
+  return steps * batch / statistics.median(times), loop
+
+
+def load_images(source: str):
+  if source == "random":
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, 60000).astype(np.uint8))
+  from bnlab import data
+  ds = data.load_mnist(source)
+  return ds.train_images, ds.train_labels
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--steps_scale", type=float, default=1.0,
+                      help="multiply the steps per repetition (smaller = quicker, noisier)")
+  parser.add_argument("--data", default="embedded", help="a data source, or 'random'")
+  parser.add_argument("--forms", default="auto,scan,loop",
+                      help="bnlab loop forms to time besides 'auto'")
+  parser.add_argument("--out", default="results/benchmark.md")
+  args = parser.parse_args()
+
+  images, labels = load_images(args.data)
+  device = jax.devices()[0]
+  header = (f"Platform: {jax.default_backend()} ({device.device_kind}), "
+            f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
+            f"jax {jax.__version__}. Examples/s, median of {args.reps} after warm-up.")
+  print(header, flush=True)
+  rows = ["| case | batch | Flax loop | bnlab auto (form) | ratio | bnlab scan | bnlab loop |",
+          "|---|---|---|---|---|---|---|"]
+  for name, model_name, norm, batch, steps in CASES:
+    steps = max(5, int(steps * args.steps_scale))
+    base = flax_loop_rate(model_name, norm, batch, steps, args.reps, images, labels)
+    auto, form = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels)
+    extra = {}
+    for f in ("scan", "loop"):
+      if f in args.forms.split(","):
+        extra[f] = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels,
+                              loop=f)[0]
+    row = (f"| {name} | {batch} | {base:,.0f} | {auto:,.0f} ({form}) | {auto / base:.2f}x | "
+           f"{extra.get('scan', float('nan')):,.0f} | {extra.get('loop', float('nan')):,.0f} |")
+    rows.append(row)
+    print(row, flush=True)
+  text = header + "\n\n" + "\n".join(rows) + "\n"
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      f.write(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,81 @@
+"""The command line: a run through `python -m bnlab.main`, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tiny_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("idx"))
+  tiny_mnist.write_mnist_dir(d, num_train=320, num_test=100)
+  return d
+
+
+def run_main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", "bnlab.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_writes_outputs_and_prints_summary(idx_dir, tmp_path):
+  wd = tmp_path / "run"
+  p = run_main("--config=configs/seed1_cnn.py", f"--workdir={wd}", "--config.data.source=idx",
+               f"--config.data.dir={idx_dir}", "--config.train.num_epochs=1",
+               "--config.optimizer.learning_rate=0.05")
+  assert p.returncode == 0, p.stderr
+  summary = json.loads(p.stdout.strip().splitlines()[-1])
+  assert summary["final_step"] == 10 and summary["diverged"] is False
+  assert "ETA" in p.stderr  # progress line
+  cfg = json.load(open(wd / "config.json"))
+  assert cfg["optimizer"]["learning_rate"] == 0.05 and cfg["model"]["name"] == "seed1_cnn"
+  assert (wd / "summary.json").exists() and (wd / "metrics.jsonl").exists()
+  assert not (wd / ".lock").exists()
+
+
+BAD_INPUTS = [
+    (["--config.optimizer.learning_rate=-0.1"], "config.optimizer.learning_rate"),
+    (["--config.train.batch_size=0"], "config.train.batch_size"),
+    (["--config.model.name=resnet"], "config.model.name"),
+    (["--config.train.batch_size=100000"], "config.train.batch_size"),
+    (["--config.optimizer.nonsense=1"], "--config.optimizer.nonsense"),
+    (["--config.optimizer.learning_rate=fast"], "--config.optimizer.learning_rate"),
+    (["--config.data.source=mnist"], "config.data.source"),
+    (["--config.optimizer.name=rmsprop"], "config.optimizer.name"),
+    (["--config.model.bn.momentum=1.5"], "config.model.bn.momentum"),
+    (["--config.train.loop=while"], "config.train.loop"),
+    (["--config.data.num_train=5000"], "config.data.num_train"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_INPUTS, ids=[b[1] + ":" + b[0][0] for b in BAD_INPUTS])
+def test_bad_input_fails_with_one_line_naming_the_key(idx_dir, tmp_path, extra, needle):
+  wd = tmp_path / "bad"
+  p = run_main("--config=configs/seed1_mlp.py", f"--workdir={wd}", "--config.data.source=idx",
+               f"--config.data.dir={idx_dir}", *extra)
+  assert p.returncode != 0
+  assert needle in p.stderr
+  assert "Traceback" not in p.stderr
+  assert not (wd / "checkpoints").exists() or not os.listdir(wd / "checkpoints")
+
+
+def test_missing_config_file(tmp_path):
+  p = run_main("--config=configs/no_such_file.py", f"--workdir={tmp_path}")
+  assert p.returncode != 0 and "no_such_file.py" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_changed_config_on_existing_workdir_is_refused(idx_dir, tmp_path):
+  wd = tmp_path / "run"
+  common = ["--config=configs/seed1_mlp.py", f"--workdir={wd}", "--config.data.source=idx",
+            f"--config.data.dir={idx_dir}", "--config.train.num_epochs=1"]
+  assert run_main(*common).returncode == 0
+  before = (wd / "metrics.jsonl").read_text()
+  p = run_main(*common, "--config.optimizer.learning_rate=0.5")
+  assert p.returncode != 0 and "optimizer.learning_rate" in p.stderr
+  assert (wd / "metrics.jsonl").read_text() == before
