@@ -98,6 +98,9 @@ def batch_moments(
   x = jnp.asarray(x, dtype)
   if mask is not None:
     mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+    # Zero the left-out entries so that padding (even inf or NaN) can reach
+    # neither the statistics nor, through 0 * inf, their gradients.
+    x = jnp.where(mask, x, 0)
     count = jnp.sum(mask, axes, dtype=dtype)
     if variance == "shifted":
       variance = "two_pass"  # a sampled shift could be a masked-out value
@@ -186,7 +189,8 @@ def batch_norm(
       the biased variance either way.
     axis_name, axis_index_groups: compute global statistics across a named
       mapped axis.
-    dtype: output dtype; default: the result type of `x`, `scale`, `bias`.
+    dtype: output dtype; default: the result type of `x`, `scale`, `bias`
+      (float32 for integer inputs).
     stats_dtype: minimum precision of the statistics (None: that of `x`).
 
   Returns:
@@ -202,7 +206,10 @@ def batch_norm(
           f"{name} has shape {tuple(v.shape)}, expected the feature shape "
           f"{feature_shape} of input {tuple(x.shape)} with axis={axis}"
       )
-  out_dtype = dtype or jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
+  if dtype is None:
+    dtype = jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.promote_types(dtype, jnp.float32)
   compute_dtype = x.dtype if stats_dtype is None else jnp.promote_types(x.dtype, stats_dtype)
 
   def expand(v):
@@ -233,4 +240,4 @@ def batch_norm(
   y = centered * expand(mul)
   if bias is not None:
     y = y + expand(bias)
-  return BatchNormOutput(jnp.asarray(y, out_dtype), new_mean, new_var)
+  return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)

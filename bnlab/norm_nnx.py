@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
@@ -16,7 +17,10 @@ class BatchNorm(nnx.Module):
 
   Variables: `scale`, `bias` (`nnx.Param`), `mean`, `var` (`nnx.BatchStat`).
   The variance is the robust one-pass shifted formula unless
-  `use_fast_variance=True` or `variance` says otherwise.
+  `use_fast_variance=True` or `variance` says otherwise. Modes switch as with
+  Flax: `use_running_average` at construction or call, `model.train()` /
+  `model.eval()`, or `nnx.view(model, use_running_average=...)`. `axis_name`
+  statistics psum sums and counts (exact for unequal masks per device).
   """
 
   def __init__(
@@ -39,13 +43,25 @@ class BatchNorm(nnx.Module):
       variance: str | None = None,
       unbiased_running_var: bool = False,
       rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale else nnx.data(None)
-    self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else nnx.data(None)
+    self.scale = (
+        nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+        if use_scale else nnx.data(None)
+    )
+    self.bias = (
+        nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+        if use_bias else nnx.data(None)
+    )
     self.num_features = num_features
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.use_fast_variance = use_fast_variance
     self.use_running_average = use_running_average
     self.axis = axis
     self.momentum = momentum
@@ -61,12 +77,16 @@ class BatchNorm(nnx.Module):
       use_running_average = self.use_running_average
     if use_running_average is None:
       raise ValueError("pass use_running_average to BatchNorm(...) or to its call")
+    scale = None if self.scale is None else self.scale[...]
+    bias = None if self.bias is None else self.bias[...]
+    mean, var = self.mean[...], self.var[...]
+    # Like flax.nnx, the output dtype defaults to that of all operands,
+    # the statistics included.
+    dtype = self.dtype
+    if dtype is None:
+      dtype = jnp.result_type(x, mean, var, *(v for v in (scale, bias) if v is not None))
     out = batch_norm(
-        x,
-        None if self.scale is None else self.scale[...],
-        None if self.bias is None else self.bias[...],
-        self.mean[...],
-        self.var[...],
+        x, scale, bias, mean, var,
         train=not use_running_average,
         axis=self.axis,
         momentum=self.momentum,
@@ -76,7 +96,7 @@ class BatchNorm(nnx.Module):
         unbiased_running_var=self.unbiased_running_var,
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
-        dtype=self.dtype,
+        dtype=dtype,
     )
     if not use_running_average:
       self.mean[...] = out.mean

@@ -281,7 +281,8 @@ def load_data(cfg) -> data_lib.Dataset:
         raise config_lib.ConfigError(
             f"config.{key}={n} but the {ds.source} data has only {have} examples")
     ds = dataclasses.replace(
-        ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
+        ds, verified=False,
+        train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
         test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
   if cfg.train.batch_size > len(ds.train_labels):
     raise config_lib.ConfigError(
@@ -374,6 +375,7 @@ def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
       seconds = time.perf_counter() - interval_start
       count = max(float(host["count"]), 1.0)
       record = {"step": step, "epoch": step / plan.steps_per_epoch,
+                "interval_steps": interval_steps,
                 "train_loss": float(host["loss"]) / count,
                 "train_accuracy": float(host["correct"]) / (count * bs),
                 "examples_per_sec": interval_steps * bs / max(seconds, 1e-9)}

@@ -21,4 +21,5 @@ def get_config(variant: str = "bn"):
   c.optimizer.learning_rate = 0.01 if variant == "bn" else 0.001
   c.train.batch_size = 32  # Keras' default
   c.train.num_epochs = 20
+  c.train.log_every_steps = 625  # three progress lines per epoch
   return c
