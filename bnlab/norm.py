@@ -55,12 +55,6 @@ def canonicalize_axes(ndim: int, axes: Axes) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
-def _psum(values, axis_name, axis_index_groups):
-  if axis_name is None:
-    return values
-  return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
-
-
 def batch_moments(
     x: jax.Array,
     reduction_axes: Axes,
@@ -73,14 +67,26 @@ def batch_moments(
 ) -> Moments:
   """Mean and (biased) variance of `x` over `reduction_axes`.
 
+  All methods accumulate s1 = sum(x - k) and s2 = sum((x - k)^2) in one fused
+  reduction and return mean = k + s1/n, var = s2/n - (s1/n)^2, for a
+  per-feature shift k (a constant for autodiff: the moments do not depend on
+  it). They differ in k:
+
+  - "shifted" (default): k = the first example of the batch (averaged over the
+    other reduced axes). One pass over `x`; the cancellation costs a factor
+    1 + (mean - k)^2 / var, of order one since k is a sample. Falls back to
+    "two_pass" under a mask (the first example might be masked out).
+  - "two_pass": k = sum(x)/n from a first pass; the corrected two-pass
+    algorithm (Chan, Golub & LeVeque 1983): exact mean and variance.
+  - "fast": k = 0, i.e. E[x^2] - E[x]^2 as in Flax's default; loses all
+    precision when |mean| >> std.
+
   Args:
     x: input array.
     reduction_axes: axes to reduce; the others are feature axes.
     mask: optional boolean array broadcastable to `x`; False entries are left
-      out of the statistics.
-    variance: "shifted" (robust one pass, default), "two_pass" (exact
-      E[(x - E[x])^2], two reductions) or "fast" (E[x^2] - E[x]^2, loses all
-      precision when |mean| >> std).
+      out of the statistics, whatever their value (inf and NaN included).
+    variance: "shifted", "two_pass" or "fast".
     axis_name, axis_index_groups: named mapped axis (pmap / shard_map) over
       which the statistics are global: sums and counts are psum-ed, so unequal
       masks per device are weighted exactly.
@@ -103,46 +109,40 @@ def batch_moments(
     x = jnp.where(mask, x, 0)
     count = jnp.sum(mask, axes, dtype=dtype)
     if variance == "shifted":
-      variance = "two_pass"  # a sampled shift could be a masked-out value
+      variance = "two_pass"
   else:
     n = 1
     for a in axes:
       n *= x.shape[a]
-    feature_shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
-    count = jnp.full(feature_shape, n, dtype)
+    count = jnp.full([d for i, d in enumerate(x.shape) if i not in axes], n, dtype)
 
   def total(v):
     return jnp.sum(v, axes, where=mask)
 
-  if variance == "shifted":
-    # k: the first example's slice averaged over the other reduced axes; a
-    # constant for autodiff (the variance does not depend on it).
+  def psum(v):
+    if axis_name is None:
+      return v
+    return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+
+  if variance == "fast":
+    shift = jnp.zeros(count.shape, dtype)
+  elif variance == "two_pass":
+    s0, count = psum(jnp.stack([total(x), count]))
+    shift = lax.stop_gradient(s0 / jnp.maximum(count, 1))
+  else:
     first = lax.slice_in_dim(x, 0, 1, axis=axes[0])
     shift = lax.stop_gradient(jnp.mean(first, axes))
-    if axis_name is not None:
+    if axis_name is not None:  # the same k on every device
       shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
-    d = x - jnp.expand_dims(shift, axes)
-    s1, s2, count = _psum(
-        jnp.stack([total(d), total(d * d), count]), axis_name, axis_index_groups
-    )
-    safe = jnp.maximum(count, 1)
-    centered = s1 / safe
-    var = jnp.maximum(s2 / safe - centered * centered, 0.0)
-    return Moments(shift, centered, var, count)
-  if variance == "fast":
-    s1, s2, count = _psum(
-        jnp.stack([total(x), total(x * x), count]), axis_name, axis_index_groups
-    )
-    safe = jnp.maximum(count, 1)
-    mean = s1 / safe
-    var = jnp.maximum(s2 / safe - mean * mean, 0.0)
-    return Moments(jnp.zeros_like(mean), mean, var, count)
-  s1, count = _psum(jnp.stack([total(x), count]), axis_name, axis_index_groups)
+  d = x - jnp.expand_dims(shift, axes)
+  if variance == "two_pass":
+    s1, s2 = psum(jnp.stack([total(d), total(d * d)]))
+  else:
+    s1, s2, count = psum(jnp.stack([total(d), total(d * d), count]))
   safe = jnp.maximum(count, 1)
-  mean = s1 / safe
-  d = x - jnp.expand_dims(mean, axes)
-  s2 = _psum(total(d * d), axis_name, axis_index_groups)
-  return Moments(jnp.zeros_like(mean), mean, s2 / safe, count)
+  centered = s1 / safe
+  var = jnp.maximum(s2 / safe - centered * centered, 0.0)
+  return Moments(shift, centered, var, count)
 
 
 def batch_norm(
@@ -183,7 +183,8 @@ def batch_norm(
     mask: boolean, broadcastable to `x`; False entries do not count in the
       batch statistics (they are still normalized). An all-False mask leaves
       the running statistics unchanged.
-    variance: "shifted" (default, robust one pass), "two_pass" or "fast".
+    variance: "shifted" (default, robust one pass), "two_pass" or "fast";
+      see `batch_moments`.
     unbiased_running_var: fold m/(m-1) * batch variance into the running
       variance (the paper's Algorithm 2); the batch itself is normalized with
       the biased variance either way.
