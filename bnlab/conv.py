@@ -10,6 +10,7 @@ and backward passes are plain matmuls, slices and pads everywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -20,7 +21,8 @@ from jax import lax
 Array = jax.Array
 Padding = str | Sequence[tuple[int, int]]
 
-IMPLEMENTATIONS = ("xla", "im2col", "taps")
+IMPLEMENTATIONS = ("xla", "xla_canonical", "im2col", "taps")
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_conv_implementation(name: str = "auto") -> str:
@@ -79,6 +81,41 @@ def _shifted_windows(x: Array, kh: int, kw: int) -> tuple[list[Array], int, int]
   return views, oh, ow
 
 
+def _lax_conv(x, kernel, pads, precision):
+  return lax.conv_general_dilated(x, kernel, (1, 1), pads,
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_canonical_vjp(x, kernel, pads, precision):
+  return _lax_conv(x, kernel, pads, precision)
+
+
+def _conv_canonical_fwd(x, kernel, pads, precision):
+  return _lax_conv(x, kernel, pads, precision), (x, kernel)
+
+
+def _conv_canonical_bwd(pads, precision, residuals, g):
+  """Both gradients as NHWC x HWIO -> NHWC convolutions plus transposes."""
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  (lo_h, hi_h), (lo_w, hi_w) = pads
+  x_padded = jnp.pad(x, [(0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)])
+  # Kernel gradient: Cin acts as the batch, N as the contracted feature dim.
+  d_kernel = _lax_conv(jnp.transpose(x_padded, (3, 1, 2, 0)),   # (Cin,H,W,N)
+                       jnp.transpose(g, (1, 2, 0, 3)),          # (OH,OW,N,Co)
+                       ((0, 0), (0, 0)), precision)             # (Cin,KH,KW,Co)
+  d_kernel = jnp.transpose(d_kernel, (1, 2, 0, 3)).astype(kernel.dtype)
+  # Input gradient: full convolution with the flipped, in/out-swapped kernel.
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  d_x = _lax_conv(g, flipped, ((kh - 1, kh - 1), (kw - 1, kw - 1)), precision)
+  d_x = d_x[:, lo_h:d_x.shape[1] - hi_h, lo_w:d_x.shape[2] - hi_w, :]
+  return d_x.astype(x.dtype), d_kernel
+
+
+_conv_canonical_vjp.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
+
+
 def conv2d(
     x: Array,
     kernel: Array,
@@ -94,7 +131,11 @@ def conv2d(
     kernel: shape (KH, KW, Cin, Cout), any (odd or even) kernel size.
     padding: ``"VALID"``, ``"SAME"`` (as ``lax``: extra pad goes high) or a
       pair of (low, high) ints per spatial dim.
-    implementation: ``"xla"`` (``lax.conv_general_dilated``), ``"im2col"``
+    implementation: ``"xla"`` (``lax.conv_general_dilated``),
+      ``"xla_canonical"`` (the same forward, with a ``custom_vjp`` whose
+      backward convolutions are already NHWC x HWIO -> NHWC, the form XLA:CPU
+      runs on its fast kernels also inside loop bodies; reverse mode only,
+      no ``jax.jvp``; explicit padding must be non-negative), ``"im2col"``
       (concatenate the KH*KW shifted windows along channels, then one matmul
       with the kernel reshaped to (KH*KW*Cin, Cout)), ``"taps"`` (sum of KH*KW
       matmuls, one per shifted window, no concatenated patch tensor) or
@@ -115,9 +156,11 @@ def conv2d(
   pads = _explicit_padding(padding, x.shape[1:3], (kh, kw))
 
   if impl == "xla":
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    return _lax_conv(x, kernel, pads, precision)
+  if impl == "xla_canonical":
+    if any(p < 0 for pair in pads for p in pair):
+      raise ValueError(f"xla_canonical needs non-negative padding: {pads}.")
+    return _conv_canonical_vjp(x, kernel, tuple(map(tuple, pads)), precision)
 
   if any(p != (0, 0) for p in pads):
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])

@@ -33,7 +33,7 @@ def _reference_conv(x, kernel, padding):
 
 @pytest.mark.parametrize("x_shape,k_shape,padding", CONV_CASES)
 def test_conv2d_matches_lax_forward_and_gradients(x_shape, k_shape, padding):
-  impls = ("im2col", "taps", "xla")
+  impls = ("im2col", "taps", "xla", "xla_canonical")
 
   def outputs_and_grads(x, kernel, cot):
     def fwd_and_grads(conv):
@@ -84,13 +84,14 @@ def test_conv2d_rejects_bad_input():
 def test_resolve_conv_implementation():
   expected = "im2col" if jax.default_backend() == "cpu" else "xla"
   assert bconv.resolve_conv_implementation("auto") == expected
-  for name in ("xla", "im2col", "taps"):
+  for name in ("xla", "xla_canonical", "im2col", "taps"):
     assert bconv.resolve_conv_implementation(name) == name
   with pytest.raises(ValueError):
     bconv.resolve_conv_implementation("cudnn")
 
 
-@pytest.mark.parametrize("impl", ["auto", "im2col", "taps", "xla"])
+@pytest.mark.parametrize("impl", ["auto", "im2col", "taps", "xla",
+                                  "xla_canonical"])
 @pytest.mark.parametrize("padding,kernel_size,use_bias", [
     ("VALID", (3, 3), True), ("SAME", (3, 3), False), ("SAME", (2, 4), True)])
 def test_conv_module_matches_flax(impl, padding, kernel_size, use_bias):
@@ -188,7 +189,7 @@ def test_composes_with_jit_vmap_grad_scan():
     return lax.scan(body, k, xs)
 
   k_ref, l_ref = epoch(kernel, "xla")
-  for impl in ("im2col", "taps"):
+  for impl in ("im2col", "taps", "xla_canonical"):
     k_new, l = jax.jit(epoch, static_argnums=1)(kernel, impl)
     np.testing.assert_allclose(l, l_ref, rtol=1e-4)
     np.testing.assert_allclose(k_new, k_ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,236 @@
+"""Training speed of the seed CNN for several convolution / pooling forms.
+
+Seed CNN: Conv32 3x3 relu -> MaxPool 2 -> Conv64 3x3 relu -> Flatten ->
+BatchNorm -> Dense64 relu -> Dense10 on 28x28x1 inputs, SGD, softmax
+cross-entropy. Data are random MNIST-shaped arrays resident on the device.
+
+Each (form, loop kind, batch) cell is compiled, run once as warm-up, then
+timed 3 times; the median examples/s is reported.
+
+Loop kinds:
+  loop    Python loop of jitted steps; the step slices its batch out of the
+          device-resident epoch arrays (no host transfers).
+  scan    the whole epoch in one jitted ``lax.scan``.
+  scanU   the same with ``unroll=U``.
+
+Usage:
+  PYTHONPATH=. python experiments/conv_speed.py                       # full table
+  PYTHONPATH=. python experiments/conv_speed.py --forms=im2col --batches=32 --loops=scan
+  PYTHONPATH=. python experiments/conv_speed.py --hlo                 # conv ops in/out of scan
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax import lax
+
+from bnlab.conv import Conv, max_pool
+
+
+def flax_max_pool(x):
+  return nn.max_pool(x, (2, 2), (2, 2))
+
+
+# form name -> (conv implementation or a function (x, kernel) -> y, pooling)
+FORMS: dict[str, tuple[str | Callable, Callable]] = {
+    "xla+flaxpool": ("xla", flax_max_pool),
+    "xla+reshapepool": ("xla", max_pool),
+    "im2col+reshapepool": ("im2col", max_pool),
+    "taps+reshapepool": ("taps", max_pool),
+}
+
+
+class ConvWith(nn.Module):
+  """``nn.Conv``-compatible 'VALID' conv layer calling ``conv_fn(x, kernel)``."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  conv_fn: Callable
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    return self.conv_fn(x, kernel) + bias
+
+
+class SeedCNN(nn.Module):
+  """Conv32-MaxPool-Conv64-Flatten-BN-Dense64-Dense10."""
+
+  conv_impl: str | Callable = "auto"
+  pool: Callable = max_pool
+
+  def conv(self, features):
+    if callable(self.conv_impl):
+      return ConvWith(features, (3, 3), self.conv_impl)
+    return Conv(features, (3, 3), implementation=self.conv_impl)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.relu(self.conv(32)(x))
+    x = self.pool(x)
+    x = nn.relu(self.conv(64)(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(10)(x)
+
+
+def make_train_fns(form: str, learning_rate: float = 0.01):
+  """Returns (init_state, train_step) for the seed CNN in ``form``."""
+  conv_impl, pool = FORMS[form]
+  model = SeedCNN(conv_impl=conv_impl, pool=pool)
+  tx = optax.sgd(learning_rate)
+
+  def init_state(key):
+    variables = model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
+    params = variables["params"]
+    return params, variables["batch_stats"], tx.init(params)
+
+  def train_step(state, x, y):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(p):
+      logits, updates = model.apply(
+          {"params": p, "batch_stats": batch_stats}, x, train=True,
+          mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, updates["batch_stats"]
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), new_stats, opt_state), loss
+
+  return init_state, train_step
+
+
+def make_epoch_runner(train_step, loop: str):
+  """Returns run(state, xs, ys) -> state, training on every batch of xs."""
+  if loop == "loop":
+    @partial(jax.jit, donate_argnums=0)
+    def indexed_step(state, xs, ys, i):
+      return train_step(state, xs[i], ys[i])[0]
+
+    def run(state, xs, ys):
+      for i in range(xs.shape[0]):
+        state = indexed_step(state, xs, ys, i)
+      return state
+    return run
+
+  unroll = 1 if loop == "scan" else int(loop.removeprefix("scan"))
+
+  @partial(jax.jit, donate_argnums=0)
+  def run(state, xs, ys):
+    return lax.scan(lambda s, b: train_step(s, *b), state, (xs, ys),
+                    unroll=unroll)[0]
+  return run
+
+
+def random_epoch(key, examples: int, batch: int):
+  steps = examples // batch
+  kx, ky = jax.random.split(key)
+  xs = jax.random.uniform(kx, (steps, batch, 28, 28, 1))
+  xs = jnp.where(xs < 0.8, 0.0, xs)  # MNIST-like: mostly exact zeros
+  ys = jax.random.randint(ky, (steps, batch), 0, 10)
+  return xs, ys
+
+
+def time_cell(form: str, loop: str, batch: int, examples: int,
+              repeats: int = 3) -> float:
+  """Median examples/s over ``repeats`` timed epochs after one warm-up."""
+  init_state, train_step = make_train_fns(form)
+  run = make_epoch_runner(train_step, loop)
+  xs, ys = random_epoch(jax.random.PRNGKey(0), examples, batch)
+  state = init_state(jax.random.PRNGKey(1))
+  state = jax.block_until_ready(run(state, xs, ys))  # compile + warm-up
+  rates = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(run(state, xs, ys))
+    rates.append(xs.shape[0] * xs.shape[1] / (time.perf_counter() - t0))
+  return statistics.median(rates)
+
+
+_CONV_RE = re.compile(r"=\s*\S+\s+convolution\(.*?dim_labels=(\S+?)[,}\s]")
+
+
+def conv_ops_by_computation(hlo_text: str) -> dict[str, list[str]]:
+  """Maps each HLO computation name to the dim_labels of its convolutions."""
+  out, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if header and not line.startswith(" "):
+      current = header.group(2)
+    m = _CONV_RE.search(line)
+    if m and current is not None:
+      custom = "custom-call" in line
+      out.setdefault(current, []).append(m.group(1) + (" (custom)" if custom
+                                                       else ""))
+  return out
+
+
+def report_hlo(form: str, batch: int) -> None:
+  """Prints the convolutions of the compiled step and of the scanned epoch."""
+  init_state, train_step = make_train_fns(form)
+  state = init_state(jax.random.PRNGKey(1))
+  xs, ys = random_epoch(jax.random.PRNGKey(0), 4 * batch, batch)
+  step = jax.jit(lambda s, x, y: train_step(s, x, y)[0])
+  epoch = make_epoch_runner(train_step, "scan")
+  for name, fn, args in (("jitted step", step, (state, xs[0], ys[0])),
+                         ("scanned epoch", epoch, (state, xs, ys))):
+    text = fn.lower(*args).compile().as_text()
+    print(f"--- {form}, batch {batch}: {name}")
+    for comp, labels in conv_ops_by_computation(text).items():
+      for label in labels:
+        print(f"  {comp:40s} {label}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--forms", default=",".join(FORMS))
+  parser.add_argument("--loops", default="loop,scan,scan4")
+  parser.add_argument("--batches", default="32,128")
+  parser.add_argument("--examples", type=int, default=8192,
+                      help="examples per timed epoch")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--hlo", action="store_true",
+                      help="print convolution ops in/out of the scan body")
+  args = parser.parse_args(argv)
+
+  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"jax {jax.__version__}, {jax.device_count()} device(s)")
+  forms = args.forms.split(",")
+  if args.hlo:
+    for form in forms:
+      report_hlo(form, int(args.batches.split(",")[0]))
+    return
+
+  loops = args.loops.split(",")
+  batches = [int(b) for b in args.batches.split(",")]
+  columns = [(b, l) for b in batches for l in loops]
+  header = ["form"] + [f"b{b} {l}" for b, l in columns]
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for form in forms:
+    cells = []
+    for b, l in columns:
+      rate = time_cell(form, l, b, args.examples, args.repeats)
+      cells.append(f"{rate:,.0f}")
+    print("| " + " | ".join([form] + cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
