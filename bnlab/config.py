@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 0  # 0 -> every eval
   c.train.eval_every_steps = 0  # > 0 overrides eval_every_epochs
   c.train.eval_every_epochs = 1
-  c.train.eval_batch_size = 1000
+  c.train.eval_batch_size = 2000
   c.train.checkpoint_every_steps = 0  # 0 -> at every eval
   c.train.keep_checkpoints = 2
   c.train.final_train_eval = True  # evaluate the whole train set at the end

@@ -25,20 +25,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError)
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of checkpointing libraries from the progress log."""
-
-  def filter(self, record) -> bool:
-    path = record.pathname.replace("\\", "/")
-    noisy = ("/orbax/", "/etils/", "jax/_src/xla_bridge.py")
-    return record.levelno >= 30 or not any(n in path for n in noisy)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if logging.get_verbosity() < logging.DEBUG:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+  workdir_lib.quiet_library_logs()
   from bnlab import train  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
   try:

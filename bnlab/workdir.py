@@ -23,6 +23,22 @@ from absl import logging
 from bnlab.config import ConfigError
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter (below Python logging.WARNING = 30) of checkpointing."""
+
+  noisy = ("/orbax/", "/etils/", "jax/_src/xla_bridge.py")
+
+  def filter(self, record) -> bool:
+    path = record.pathname.replace("\\", "/")
+    return record.levelno >= 30 or not any(n in path for n in self.noisy)
+
+
+def quiet_library_logs() -> None:
+  """Keeps the progress log readable (unless --verbosity asks for debug output)."""
+  if logging.get_verbosity() < logging.DEBUG:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 class WorkDirError(RuntimeError):
   """The work directory cannot be used; the message says why and what to do."""
 
