@@ -74,6 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # 0 -> at every eval
   c.train.keep_checkpoints = 2
   c.train.final_train_eval = True  # evaluate the whole train set at the end
+
+  # Distributions recorded at every evaluation (inference mode, first test images).
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.layers = ()  # activation inputs to record, e.g. ("preact_2",)
+  c.analysis.units = (0, 1, 2)  # which units (features) of each layer
+  c.analysis.percentiles = (15.0, 50.0, 85.0)
+  c.analysis.num_examples = 1000
   return c
 
 
@@ -145,6 +152,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "an integer >= 1")
   _check(t.eval_every_steps > 0 or t.eval_every_epochs > 0, "train.eval_every_epochs",
          t.eval_every_epochs, "> 0 (or set train.eval_every_steps)")
+  a = c.analysis
+  names = models.pre_activation_names(c.model.name)
+  _check(all(layer in names for layer in a.layers), "analysis.layers", tuple(a.layers),
+         f"names among {names} for {c.model.name}")
+  _check(all(isinstance(u, int) and u >= 0 for u in a.units), "analysis.units",
+         tuple(a.units), "unit indices >= 0")
+  _check(all(0 <= q <= 100 for q in a.percentiles), "analysis.percentiles",
+         tuple(a.percentiles), "numbers in [0, 100]")
+  _check(a.num_examples > 0, "analysis.num_examples", a.num_examples, "an integer > 0")
 
 
 def _check_keys(c, expected, prefix: str) -> None:

@@ -175,6 +175,12 @@ def _expect_widths(cfg, widths, n):
   return widths
 
 
+def pre_activation_names(name: str) -> tuple[str, ...]:
+  """The `preact_<i>` names a model sows, one per hidden block."""
+  blocks = {"paper_mlp": 3, "seed_cnn": 3, "seed1_mlp": 2, "seed1_cnn": 2}.get(name, 0)
+  return tuple(f"preact_{i}" for i in range(blocks))
+
+
 def pre_activations(model: nn.Module, variables, images) -> dict[str, jax.Array]:
   """Each activation's input (`preact_<i>`) in inference mode, by name."""
   _, state = model.apply(variables, images, train=False, mutable=["intermediates"])

@@ -238,6 +238,21 @@ def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
   return {"loss": loss / n, "accuracy": correct / n}
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "units", "percentiles"))
+def activation_percentiles(apply_fn, params, batch_stats, images, *, layers, units,
+                           percentiles):
+  """Per-unit percentiles of activation inputs, inference mode: {layer: (units, q)}."""
+  _, state = apply_fn({"params": params, "batch_stats": batch_stats}, images, train=False,
+                      mutable=["intermediates"])
+  found = {}
+  for block in state["intermediates"].values():
+    for name, values in block.items():
+      found[name] = values[0].reshape(images.shape[0], -1)
+  return {layer: jnp.percentile(found[layer][:, jnp.array(units)], jnp.array(percentiles),
+                                axis=0).T
+          for layer in layers}
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Where a run's steps are grouped into compiled calls and what happens after."""
@@ -402,6 +417,7 @@ def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
         ev = jax.device_get(evaluate(eval_model.apply, state.params, state.batch_stats,
                                      test_images, test_labels, batch_size=eval_bs))
         record.update(test_loss=float(ev["loss"]), test_accuracy=float(ev["accuracy"]))
+        record.update(_analysis_record(cfg.analysis, eval_model, state, test_images))
       record["wall_time"] = time.perf_counter() - run_start
       wd.write_metrics(record)
       _log_progress(record, plan, time.perf_counter() - run_start, step - first_step, step)
@@ -430,6 +446,17 @@ def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
   summary["wall_time"] = time.perf_counter() - run_start
   wd.write_summary(summary)
   return summary
+
+
+def _analysis_record(acfg, eval_model, state, test_images) -> dict[str, Any]:
+  """The `analysis` section's recordings at an evaluation, as metrics fields."""
+  if not acfg.layers:
+    return {}
+  out = jax.device_get(activation_percentiles(
+      eval_model.apply, state.params, state.batch_stats, test_images[:acfg.num_examples],
+      layers=tuple(acfg.layers), units=tuple(acfg.units),
+      percentiles=tuple(float(q) for q in acfg.percentiles)))
+  return {f"{layer}/percentiles": np.asarray(v).tolist() for layer, v in out.items()}
 
 
 def _log_progress(record, plan: Schedule, seconds: float, steps_done: int,

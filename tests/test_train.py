@@ -167,3 +167,33 @@ def test_resolve_loop():
   c.conv_implementation = "im2col"
   assert train.resolve_loop("auto", c, "cpu") == "scan"
   assert train.resolve_loop("loop", c, "cpu") == "loop"
+
+
+def test_activation_percentiles_are_recorded_at_each_eval(idx_dir, tmp_path):
+  cfg = tiny_config(idx_dir, **{"analysis.layers": ("preact_1",), "analysis.units": (0, 5),
+                                "train.num_epochs": 2})
+  wd = str(tmp_path / "an")
+  train.train_and_evaluate(cfg, wd)
+  evals = [r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if "test_accuracy" in r]
+  assert len(evals) == 2
+  for r in evals:
+    pct = np.array(r["preact_1/percentiles"])
+    assert pct.shape == (2, 3)  # units x (15, 50, 85)
+    assert np.all(np.diff(pct, axis=1) >= 0)  # percentiles are ordered
+  # Independent check at the end: numpy percentiles of the same activations.
+  from bnlab import models
+  step, saved = final_params(wd)
+  model = models.build_model(cfg.model)
+  from bnlab import data as data_lib
+  ds = data_lib.load_mnist("idx", data_dir=idx_dir)
+  pre = models.pre_activations(model, {"params": saved["params"],
+                                       "batch_stats": saved["batch_stats"]}, ds.test_images)
+  want = np.percentile(np.asarray(pre["preact_1"])[:, [0, 5]], [15, 50, 85], axis=0).T
+  np.testing.assert_allclose(np.array(evals[-1]["preact_1/percentiles"]), want, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_unknown_analysis_layer_is_a_config_error(idx_dir):
+  cfg = tiny_config(idx_dir, **{"analysis.layers": ("preact_7",)})
+  with pytest.raises(config_lib.ConfigError, match="analysis.layers"):
+    config_lib.validate(cfg)
