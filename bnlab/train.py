@@ -26,6 +26,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -334,12 +335,14 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
+                       ) -> dict[str, Any]:
   """Runs (or resumes) the experiment `cfg` in `workdir`; returns its summary.
 
   Leaves in `workdir`: config.json, metrics.jsonl, TensorBoard events under
   tensorboard/, orbax checkpoints under checkpoints/, and summary.json. A run
   whose summary.json exists is complete: its summary is returned as is.
+  `data`: the already loaded dataset of `cfg.data` (else it is loaded).
   """
   config_lib.validate(cfg)
   wd = workdir_lib.WorkDir(workdir, cfg)
@@ -348,115 +351,350 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     if done is not None:
       logging.info("Run in %s is complete; nothing to do.", workdir)
       return done
-    return _run(cfg, wd)
+    return _run(cfg, wd, data)
   finally:
     wd.close()
 
 
-def _run(cfg, wd: workdir_lib.WorkDir) -> dict[str, Any]:
-  ds = load_data(cfg)
+# -- grouped runs: many members in one compiled program ----------------------
+
+# Keys that may differ between members of a group (see `group_key`).
+GROUPABLE_KEYS = ("seed", "optimizer.learning_rate")
+
+
+def group_key(cfg) -> str:
+  """Runs with equal keys can train as one group (`train_group`).
+
+  Members may differ in `seed` and, with a constant schedule and no warmup,
+  `optimizer.learning_rate` (it lives in the optimizer state); everything else
+  shapes the compiled program and must match.
+  """
+  d = json.loads(cfg.to_json_best_effort())
+  d.pop("seed")
+  opt = cfg.optimizer
+  if opt.schedule == "constant" and not opt.warmup_steps:
+    d["optimizer"].pop("learning_rate")
+  return json.dumps(d, sort_keys=True)
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("num_examples",))
+def group_permutations(rngs, epoch, *, num_examples: int) -> jax.Array:
+  """Each member's `epoch_permutation` from its own rng: (members, num_examples)."""
+
+  def one(rng):
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), epoch)
+    return jax.random.permutation(key, num_examples)
+
+  return jax.vmap(one)(rngs)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "batch_size", "unroll"))
+def run_steps_group(states, sums, images, labels, perms, *, length: int, batch_size: int,
+                    unroll: int = 1):
+  """`run_steps` vmapped over stacked members; images/labels are shared."""
+  return jax.vmap(lambda st, sm, p: run_steps(
+      st, sm, images, labels, p, length=length, batch_size=batch_size, unroll=unroll))(
+          states, sums, perms)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def run_one_step_group(states, sums, images, labels, perms, *, batch_size: int):
+  """`run_one_step` vmapped over stacked members."""
+  return jax.vmap(lambda st, sm, p: run_one_step(
+      st, sm, images, labels, p, batch_size=batch_size))(states, sums, perms)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
+def evaluate_members(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
+  """`evaluate` of each stacked member, one after another in one program.
+
+  Sequential (`lax.map`) rather than vmapped: evaluation is compute-bound, and
+  each member then sees exactly the batches (and memory) of a solo run.
+  """
+  return jax.lax.map(lambda pb: evaluate(apply_fn, pb[0], pb[1], images, labels,
+                                         batch_size=batch_size), (params, batch_stats))
+
+
+class _Steps:
+  """The compiled calls of a run: one state, or a stack of members (`stacked`)."""
+
+  def __init__(self, cfg, eval_model, num_train: int, stacked: bool):
+    self.loop = resolve_loop(cfg.train.loop, cfg.model)
+    self.batch_size = cfg.train.batch_size
+    self.unroll = cfg.train.unroll
+    self.eval_apply = eval_model.apply
+    self.num_train = num_train
+    self.stacked = stacked
+
+  def permutation(self, state, epoch: int):
+    if self.stacked:
+      return group_permutations(state.rng, epoch, num_examples=self.num_train)
+    return epoch_permutation(state, epoch, self.num_train)
+
+  def train(self, state, sums, images, labels, perm, length: int):
+    if self.loop == "scan":
+      fn = run_steps_group if self.stacked else run_steps
+      return fn(state, sums, images, labels, perm, length=length,
+                batch_size=self.batch_size, unroll=self.unroll)
+    fn = run_one_step_group if self.stacked else run_one_step
+    for _ in range(length):
+      state, sums = fn(state, sums, images, labels, perm, batch_size=self.batch_size)
+    return state, sums
+
+  def evaluate(self, state, images, labels, batch_size: int):
+    fn = evaluate_members if self.stacked else evaluate
+    return jax.device_get(fn(self.eval_apply, state.params, state.batch_stats, images,
+                             labels, batch_size=batch_size))
+
+  def member(self, tree, i: int):
+    """Member `i`'s part of a (host or device) tree."""
+    return _take(tree, i) if self.stacked else tree
+
+
+@dataclasses.dataclass
+class _Member:
+  """One run's directory and host-side status inside the step loop."""
+
+  cfg: Any
+  wd: workdir_lib.WorkDir
+  recording: bool = True  # False once stopped (diverged) or finished before
+  diverged_at: int | None = None
+
+
+def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = None
+                ) -> list[dict[str, Any]]:
+  """Trains runs with one `group_key` together: their states stacked, steps vmapped.
+
+  Each member starts from its own seed and shuffles with its own rng, and its
+  workdir gets what `train_and_evaluate` leaves (metrics, summary, its final
+  checkpoint). `group_dir` holds the group's checkpoints; rerunning resumes
+  there. Members whose summary.json exists are carried along but not
+  recorded. Returns the members' summaries.
+  """
+  cfgs = list(cfgs)
+  for cfg in cfgs:
+    config_lib.validate(cfg)
+  keys = {group_key(c) for c in cfgs}
+  if len(keys) != 1:
+    raise config_lib.ConfigError(
+        f"a group's members may differ only in {GROUPABLE_KEYS} (learning rate with a "
+        "constant schedule)")
+  wds = []
+  try:
+    for cfg, path in zip(cfgs, workdirs):
+      wds.append(workdir_lib.WorkDir(path, cfg))
+    summaries = [wd.read_summary() for wd in wds]
+    if all(s is not None for s in summaries):
+      return summaries
+    group_cfg = ml_collections.ConfigDict({
+        "members": [{"workdir": os.path.abspath(p), "seed": c.seed,
+                     "learning_rate": c.optimizer.learning_rate}
+                    for c, p in zip(cfgs, workdirs)],
+        "shared": json.loads(cfgs[0].to_json_best_effort()),
+        "train": {"keep_checkpoints": cfgs[0].train.keep_checkpoints}})
+    gwd = workdir_lib.WorkDir(group_dir, group_cfg)
+    try:
+      members = [_Member(c, wd, recording=s is None)
+                 for c, wd, s in zip(cfgs, wds, summaries)]
+      _train_loop(members, gwd, data, stacked=True)
+    finally:
+      gwd.close()
+    return [wd.read_summary() for wd in wds]
+  finally:
+    for wd in wds:
+      wd.close()
+
+
+def _run(cfg, wd: workdir_lib.WorkDir, data=None) -> dict[str, Any]:
+  _train_loop([_Member(cfg, wd)], wd, data, stacked=False)
+  return wd.read_summary()
+
+
+def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
+                stacked: bool) -> None:
+  """The step loop of a solo run (`stacked=False`, one member) or of a group.
+
+  Trains, logs and evaluates every recording member, checkpoints into
+  `ckpt_wd`, and writes each member's summary when it stops. A member whose
+  loss turns non-finite is recorded as diverged at that log step; the others
+  go on (vmapped members are independent).
+  """
+  cfg = members[0].cfg
+  ds = ds if ds is not None else load_data(cfg)
   plan = make_schedule_plan(cfg, len(ds.train_labels))
-  loop = resolve_loop(cfg.train.loop, cfg.model)
   model = models.build_model(cfg.model)
   eval_model = models.build_model(eval_model_config(cfg.model))
   tx = make_optimizer(cfg.optimizer, plan.total_steps)
-  state = create_train_state(model, tx, jax.random.key(cfg.seed), cfg.train.batch_size)
-  sums = metric_sums_zero()
+  num_train = len(ds.train_labels)
+  steps = _Steps(cfg, eval_model, num_train, stacked)
+  bs = cfg.train.batch_size
+  if stacked:
+    # One update function for all; each member's hyperparameters (its learning
+    # rate) live in its own optimizer state.
+    states = []
+    for m in members:
+      own = make_optimizer(m.cfg.optimizer, plan.total_steps)
+      st = create_train_state(model, own, jax.random.key(m.cfg.seed), bs)
+      states.append(st.replace(tx=tx))
+    state = _stack(states)
+    zero_sums = _stack([metric_sums_zero()] * len(members))
+  else:
+    state = create_train_state(model, tx, jax.random.key(cfg.seed), bs)
+    zero_sums = metric_sums_zero()
+  sums = zero_sums
 
-  restored = wd.restore_latest({"state": state, "sums": sums})
+  restored = ckpt_wd.restore_latest({"state": state, "sums": sums})
   if restored is not None:
     state, sums = restored["state"], restored["sums"]
-    logging.info("Resumed from step %d in %s", int(state.step), wd.path)
-  step = first_step = int(state.step)
-  wd.truncate_metrics_after(step)
+    logging.info("Resumed from step %d in %s", int(np.max(state.step)), ckpt_wd.path)
+  step = first_step = int(np.max(state.step))
+  for m in members:
+    if m.recording:
+      m.wd.truncate_metrics_after(step)
 
   train_images = jax.device_put(ds.train_images)
   train_labels = jax.device_put(ds.train_labels.astype(np.int32))
   test_images = jax.device_put(ds.test_images)
   test_labels = jax.device_put(ds.test_labels.astype(np.int32))
-  num_train = len(ds.train_labels)
-  bs = cfg.train.batch_size
   eval_bs = min(cfg.train.eval_batch_size, len(ds.test_labels))
-  info = {"loop": loop, "backend": jax.default_backend(),
+  info = {"loop": steps.loop, "backend": jax.default_backend(),
           "conv_implementation": conv_lib.resolve_conv_implementation(
               cfg.model.conv_implementation),
           "data_source": ds.source, "data_verified": ds.verified,
           "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch}
+  if stacked:
+    info["group_size"] = len(members)
   logging.info("Run: %s", json.dumps(info))
 
   perm_epoch, perm = None, None
   run_start = interval_start = time.perf_counter()
-  interval_steps, diverged_at = 0, None
+  interval_steps = 0
   while step < plan.total_steps:
     epoch = step // plan.steps_per_epoch
     if epoch != perm_epoch:
-      perm, perm_epoch = epoch_permutation(state, epoch, num_train), epoch
+      perm, perm_epoch = steps.permutation(state, epoch), epoch
     end = plan.next_boundary(step)
-    if loop == "scan":
-      state, sums = run_steps(state, sums, train_images, train_labels, perm,
-                              length=end - step, batch_size=bs, unroll=cfg.train.unroll)
-    else:
-      for _ in range(end - step):
-        state, sums = run_one_step(state, sums, train_images, train_labels, perm,
-                                   batch_size=bs)
+    state, sums = steps.train(state, sums, train_images, train_labels, perm, end - step)
     interval_steps += end - step
     step = end
     if plan.is_log(step):
       host = jax.device_get(sums)
       seconds = time.perf_counter() - interval_start
-      count = max(float(host["count"]), 1.0)
-      record = {"step": step, "epoch": step / plan.steps_per_epoch,
-                "interval_steps": interval_steps,
-                "train_loss": float(host["loss"]) / count,
-                "train_accuracy": float(host["correct"]) / (count * bs),
-                "examples_per_sec": interval_steps * bs / max(seconds, 1e-9)}
-      if host["first_nonfinite_step"] >= 0:
-        diverged_at = int(host["first_nonfinite_step"])
-        record["diverged_at_step"] = diverged_at
-      elif plan.is_eval(step):
-        ev = jax.device_get(evaluate(eval_model.apply, state.params, state.batch_stats,
-                                     test_images, test_labels, batch_size=eval_bs))
-        record.update(test_loss=float(ev["loss"]), test_accuracy=float(ev["accuracy"]))
-        record.update(_analysis_record(cfg.analysis, eval_model, state, test_images))
-      record["wall_time"] = time.perf_counter() - run_start
-      wd.write_metrics(record)
-      _log_progress(record, plan, time.perf_counter() - run_start, step - first_step, step)
-      sums = metric_sums_zero()
+      ev = analysis = None
+      if plan.is_eval(step) and any(
+          m.recording and steps.member(host, i)["first_nonfinite_step"] < 0
+          for i, m in enumerate(members)):
+        ev = steps.evaluate(state, test_images, test_labels, eval_bs)
+        analysis = _analysis_records(cfg.analysis, steps, state, test_images, len(members))
+      records = []
+      for i, m in enumerate(members):
+        if not m.recording:
+          continue
+        h = steps.member(host, i)
+        count = max(float(h["count"]), 1.0)
+        record = {"step": step, "epoch": step / plan.steps_per_epoch,
+                  "interval_steps": interval_steps,
+                  "train_loss": float(h["loss"]) / count,
+                  "train_accuracy": float(h["correct"]) / (count * bs),
+                  "examples_per_sec": interval_steps * bs / max(seconds, 1e-9)}
+        if h["first_nonfinite_step"] >= 0:
+          m.diverged_at = int(h["first_nonfinite_step"])
+          record["diverged_at_step"] = m.diverged_at
+        elif ev is not None:
+          e = steps.member(ev, i)
+          record.update(test_loss=float(e["loss"]), test_accuracy=float(e["accuracy"]))
+          record.update(analysis[i])
+        record["wall_time"] = time.perf_counter() - run_start
+        m.wd.write_metrics(record)
+        records.append(record)
+        if m.diverged_at is not None:
+          logging.warning("Loss became non-finite at step %d: run %s stopped (diverged).",
+                          m.diverged_at, m.wd.path)
+          m.recording = False
+          _finish(m, info, step, None, run_start)
+      if stacked:
+        _log_group_progress(records, members, plan, time.perf_counter() - run_start,
+                            step - first_step, step)
+      elif records:
+        _log_progress(records[0], plan, time.perf_counter() - run_start, step - first_step,
+                      step)
+      sums = zero_sums
       interval_start, interval_steps = time.perf_counter(), 0
-      if diverged_at is not None:
-        logging.warning("Loss became non-finite at step %d: run stopped (diverged).",
-                        diverged_at)
-        break
+    if not any(m.recording for m in members):
+      break
     if plan.is_checkpoint(step):
-      wd.save(step, {"state": state, "sums": sums})
-  wd.wait()
+      ckpt_wd.save(step, {"state": state, "sums": sums})
+  ckpt_wd.wait()
 
-  summary = {"diverged": diverged_at is not None, "diverged_at_step": diverged_at,
+  live = [i for i, m in enumerate(members) if m.recording]
+  if not live:
+    return
+  full = None
+  if cfg.train.final_train_eval:
+    full = steps.evaluate(state, train_images, train_labels,
+                          min(cfg.train.eval_batch_size, num_train))
+  for i in live:
+    m = members[i]
+    if stacked:  # the member's final state where a solo run keeps it
+      m.wd.save(step, {"state": _take(state, i), "sums": _take(sums, i)})
+    _finish(m, info, step, None if full is None else steps.member(full, i), run_start)
+
+
+def _finish(m: _Member, info: dict, step: int, full_train, run_start: float) -> None:
+  """Writes member `m`'s summary.json."""
+  m.wd.wait()
+  summary = {"diverged": m.diverged_at is not None, "diverged_at_step": m.diverged_at,
              "final_step": step, **info, "versions": versions()}
-  last = wd.last_metrics() or {}
+  last = m.wd.last_metrics() or {}
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
     if key in last:
       summary[key] = last[key]
-  if diverged_at is None and cfg.train.final_train_eval:
-    ev = jax.device_get(evaluate(eval_model.apply, state.params, state.batch_stats,
-                                 train_images, train_labels,
-                                 batch_size=min(cfg.train.eval_batch_size, num_train)))
-    summary.update(full_train_loss=float(ev["loss"]),
-                   full_train_accuracy=float(ev["accuracy"]))
+  if full_train is not None and m.diverged_at is None:
+    summary.update(full_train_loss=float(full_train["loss"]),
+                   full_train_accuracy=float(full_train["accuracy"]))
   summary["wall_time"] = time.perf_counter() - run_start
-  wd.write_summary(summary)
-  return summary
+  m.wd.write_summary(summary)
 
 
-def _analysis_record(acfg, eval_model, state, test_images) -> dict[str, Any]:
-  """The `analysis` section's recordings at an evaluation, as metrics fields."""
+def _analysis_records(acfg, steps: _Steps, state, test_images, n: int) -> list[dict]:
+  """The `analysis` section's recordings at an evaluation, per member."""
   if not acfg.layers:
-    return {}
-  out = jax.device_get(activation_percentiles(
-      eval_model.apply, state.params, state.batch_stats, test_images[:acfg.num_examples],
-      layers=tuple(acfg.layers), units=tuple(acfg.units),
-      percentiles=tuple(float(q) for q in acfg.percentiles)))
-  return {f"{layer}/percentiles": np.asarray(v).tolist() for layer, v in out.items()}
+    return [{}] * n
+  kwargs = dict(layers=tuple(acfg.layers), units=tuple(acfg.units),
+                percentiles=tuple(float(q) for q in acfg.percentiles))
+  images = test_images[:acfg.num_examples]
+  if steps.stacked:
+    out = jax.device_get(jax.lax.map(
+        lambda pb: activation_percentiles(steps.eval_apply, pb[0], pb[1], images, **kwargs),
+        (state.params, state.batch_stats)))
+  else:
+    out = jax.device_get(activation_percentiles(
+        steps.eval_apply, state.params, state.batch_stats, images, **kwargs))
+  return [{f"{layer}/percentiles": np.asarray(steps.member(v, i)).tolist()
+           for layer, v in out.items()} for i in range(n)]
+
+
+def _log_group_progress(records, members, plan: Schedule, seconds: float, steps_done: int,
+                        step: int) -> None:
+  eta = seconds / max(steps_done, 1) * (plan.total_steps - step)
+  live = sum(m.recording for m in members)
+  parts = [f"group step {step}/{plan.total_steps} ({100 * step / plan.total_steps:.0f}%)",
+           f"{live}/{len(members)} members training"]
+  accs = [r["test_accuracy"] for r in records if "test_accuracy" in r]
+  if accs:
+    parts.append(f"test acc {min(accs):.4f}..{max(accs):.4f}")
+  if records:
+    parts.append(f"{records[0]['examples_per_sec'] * len(members):,.0f} ex/s")
+  parts.append(f"ETA {_format_eta(eta)}")
+  logging.info(" | ".join(parts))
 
 
 def _log_progress(record, plan: Schedule, seconds: float, steps_done: int,

@@ -1,0 +1,392 @@
+"""Sweeps: lists of config overrides, run as member sub-directories of one work directory.
+
+A sweep is a list of override dicts, built with small combinators:
+
+  product(axis("model.norm", ["batch", "none"]),
+          axis("optimizer.learning_rate", [0.01, 0.1]), seeds(3))
+
+Keys are dotted config paths. A `Variant` value stands for a bundle of
+overrides under a short label (e.g. a whole model config), see `variants`.
+
+A sweep config file defines `get_config()` (the base run config) and
+`get_sweep()`; run it with
+
+  python -m bnlab.sweep --config=configs/sweeps/lr_sweep.py --workdir=DIR
+
+Each member runs in `DIR/<name>` (its overrides, e.g.
+`norm=none,learning_rate=0.01,seed=2`) exactly like `bnlab.main` would.
+Members whose configs differ only in `seed` and constant learning rate train
+together as one vmapped program (`bnlab.train.train_group`, group checkpoints
+in `DIR/_groups/`). Finished members are skipped on rerun. `DIR/results.csv`
+and `DIR/results.json` hold one row per member; `load_results(DIR)` reads them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+from bnlab import config as config_lib
+
+TARGET_ACCURACY = 0.97
+RESULT_FIELDS = ("test_accuracy", "test_loss", "train_loss", "diverged", "diverged_at_step",
+                 "steps_to_97", "final_step", "wall_time")
+
+
+# -- combinators ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A labelled bundle of overrides, used as one value of a sweep key."""
+
+  label: str
+  overrides: dict
+
+  def __str__(self) -> str:
+    return self.label
+
+
+def axis(key: str, values: Iterable) -> list[dict]:
+  """One member per value: [{key: v} for v in values]."""
+  return [{key: v} for v in values]
+
+
+def product(*sweeps: Sequence[dict]) -> list[dict]:
+  """Every combination, the last sweep varying fastest; later keys win."""
+  out = []
+  for combo in itertools.product(*sweeps):
+    merged = {}
+    for d in combo:
+      merged.update(d)
+    out.append(merged)
+  return out
+
+
+def zip_(*sweeps: Sequence[dict]) -> list[dict]:
+  """Members side by side: the i-th member merges the i-th of each sweep."""
+  lengths = [len(s) for s in sweeps]
+  if len(set(lengths)) > 1:
+    raise ValueError(f"zip_ needs sweeps of equal length; got lengths {lengths}")
+  return [dict(kv for d in members for kv in d.items()) for members in zip(*sweeps)]
+
+
+def seeds(n: int) -> list[dict]:
+  """`n` seeds: axis("seed", range(n))."""
+  return axis("seed", range(n))
+
+
+def variants(key: str, bundles: dict[str, dict]) -> list[dict]:
+  """One member per labelled bundle of overrides: {key: Variant(label, overrides)}."""
+  return axis(key, [Variant(label, dict(o)) for label, o in bundles.items()])
+
+
+def config_overrides(cfg, base=None) -> dict[str, Any]:
+  """The dotted keys where `cfg` differs from `base` (default: `base_config()`)."""
+  base = config_lib.base_config() if base is None else base
+  a, b = _flatten(cfg.to_dict()), _flatten(base.to_dict())
+  return {k: v for k, v in a.items() if b.get(k, object()) != v}
+
+
+def load_config_file(path: str):
+  """The module of a config file, imported from its path (independent of cwd)."""
+  name = "bnlab_cfg_" + re.sub(r"\W", "_", os.path.abspath(path))
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise config_lib.ConfigError(f"config file {path!r} cannot be imported")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# -- members --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Member:
+  """One run of a sweep: its overrides, directory name and resolved config."""
+
+  index: int
+  name: str
+  overrides: dict
+  cfg: Any
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _format_value(v) -> str:
+  if isinstance(v, Variant):
+    return v.label
+  if isinstance(v, bool):
+    return str(v).lower()
+  if isinstance(v, float):
+    s = f"{v:g}"
+    return s if float(s) == v else repr(v)
+  if isinstance(v, (tuple, list)):
+    return "-".join(_format_value(x) for x in v)
+  return str(v)
+
+
+def member_name(overrides: dict) -> str:
+  """A readable directory name: `key=value` pairs in order, keys by their last part.
+
+  A `Variant` shows as its label; a last part shared by two keys stays dotted.
+  """
+  if not overrides:
+    return "base"
+  lasts = [k.rsplit(".", 1)[-1] for k in overrides]
+  parts = []
+  for key, last, value in zip(overrides, lasts, overrides.values()):
+    if isinstance(value, Variant):
+      parts.append(value.label)
+    else:
+      shown = last if lasts.count(last) == 1 else key
+      parts.append(f"{shown}={_format_value(value)}")
+  return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
+
+
+def apply_overrides(base, overrides: dict, where: str = "sweep member"):
+  """A copy of `base` with `overrides` (dotted keys; `Variant`s expanded) set."""
+  cfg = base.copy_and_resolve_references()
+  items = []
+  for key, value in overrides.items():
+    if isinstance(value, Variant):
+      items.extend(value.overrides.items())
+    else:
+      items.append((key, value))
+  for key, value in items:
+    *path, last = key.split(".")
+    node = cfg
+    try:
+      for part in path:
+        node = node[part]
+      if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+        raise KeyError(key)
+      if isinstance(node[last], tuple) and isinstance(value, list):
+        value = tuple(value)
+      node[last] = value
+    except (KeyError, AttributeError):
+      raise config_lib.ConfigError(
+          f"{where}: {key!r} is not a key of the config (keys and defaults are in "
+          "bnlab/config.py)") from None
+    except (TypeError, ValueError) as e:
+      raise config_lib.ConfigError(f"{where}: bad value {value!r} for {key!r}: {e}") from None
+  return cfg
+
+
+def resolve_members(base, sweep: Sequence[dict]) -> list[Member]:
+  """The sweep's members with their resolved configs, all validated first.
+
+  Raises ConfigError naming the member and the key at the first problem.
+  """
+  if not sweep:
+    raise config_lib.ConfigError("the sweep has no members")
+  members, seen = [], {}
+  for i, overrides in enumerate(sweep):
+    name = member_name(overrides)
+    where = f"sweep member {i} ({name})"
+    if name in seen:
+      raise config_lib.ConfigError(
+          f"{where} has the same name as member {seen[name]}: members must differ")
+    seen[name] = i
+    cfg = apply_overrides(base, overrides, where)
+    try:
+      config_lib.validate(cfg)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"{where}: {e}") from None
+    members.append(Member(i, name, dict(overrides), cfg))
+  return members
+
+
+def group_members(members: Sequence[Member], grouped: bool = True) -> list[list[Member]]:
+  """Members that can train together (`bnlab.train.group_key`), in sweep order."""
+  from bnlab import train  # pylint: disable=g-import-not-at-top
+  if not grouped:
+    return [[m] for m in members]
+  groups: dict[str, list[Member]] = {}
+  for m in members:
+    groups.setdefault(train.group_key(m.cfg), []).append(m)
+  return list(groups.values())
+
+
+def _group_id(group: Sequence[Member]) -> str:
+  text = json.dumps([[m.name, m.cfg.to_json_best_effort()] for m in group])
+  return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# -- running ----------------------------------------------------------------------
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return f"{type(e).__name__}: {text}"[:500]
+
+
+def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True
+              ) -> list[dict]:
+  """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
+
+  Every member is validated before anything trains. A member that raises is
+  recorded as failed (its error on one line) and the others go on.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from bnlab import train  # pylint: disable=g-import-not-at-top
+  members = resolve_members(base, sweep)
+  os.makedirs(workdir, exist_ok=True)
+  errors: dict[str, str] = {}
+  datasets: dict[str, Any] = {}
+  groups = group_members(members, grouped)
+  logging.info("Sweep of %d members in %d groups in %s", len(members), len(groups), workdir)
+  for group in groups:
+    dirs = [os.path.join(workdir, m.name) for m in group]
+    if all(os.path.exists(os.path.join(d, "summary.json")) for d in dirs):
+      continue
+    start = time.perf_counter()
+    try:
+      data_key = json.dumps(group[0].cfg.data.to_dict(), sort_keys=True) + str(
+          group[0].cfg.train.batch_size)
+      if data_key not in datasets:
+        datasets.clear()
+        datasets[data_key] = train.load_data(group[0].cfg)
+      data = datasets[data_key]
+      if len(group) == 1:
+        train.train_and_evaluate(group[0].cfg, dirs[0], data)
+      else:
+        train.train_group([m.cfg for m in group], dirs,
+                          os.path.join(workdir, "_groups", _group_id(group)), data)
+    except Exception as e:  # pylint: disable=broad-except
+      message = _one_line(e)
+      logging.error("Sweep members %s failed: %s", [m.name for m in group], message)
+      for m in group:
+        errors[m.name] = message
+    logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
+  rows = [_result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
+  write_results(workdir, rows)
+  return rows
+
+
+def steps_to_accuracy(records: Iterable[dict], target: float = TARGET_ACCURACY):
+  """The first step whose test accuracy is >= `target`, or None."""
+  for r in records:
+    if r.get("test_accuracy") is not None and r["test_accuracy"] >= target:
+      return r["step"]
+  return None
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return out
+
+
+def _result_row(m: Member, path: str, error: str | None) -> dict:
+  row: dict[str, Any] = {"name": m.name}
+  for key, value in m.overrides.items():
+    row[key] = _format_value(value) if isinstance(value, Variant) else value
+  summary = None
+  if os.path.exists(os.path.join(path, "summary.json")):
+    with open(os.path.join(path, "summary.json")) as f:
+      summary = json.load(f)
+  if summary is None:
+    row["status"] = "failed" if error else "unfinished"
+    row.update({k: None for k in RESULT_FIELDS})
+  else:
+    row["status"] = "diverged" if summary.get("diverged") else "done"
+    for key in RESULT_FIELDS:
+      value = summary.get(key)
+      row[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    row["steps_to_97"] = steps_to_accuracy(_read_jsonl(os.path.join(path, "metrics.jsonl")))
+  row["error"] = error
+  return row
+
+
+def write_results(workdir: str, rows: list[dict]) -> None:
+  """`results.json` (a list of rows) and `results.csv` (empty cells for None)."""
+  columns: list[str] = []
+  for row in rows:
+    columns.extend(k for k in row if k not in columns)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+    f.write("\n")
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+
+
+def load_results(workdir: str) -> list[dict]:
+  """The rows of a sweep's results.json."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+# -- command line -------------------------------------------------------------------
+
+def main(argv):
+  """`python -m bnlab.sweep`: --config (a sweep file), --workdir, --grouped."""
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
+  from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir_lib.quiet_library_logs()
+  f = flags.FLAGS
+  path = f["config"].config_filename
+  try:
+    try:
+      base = f.config
+      base.keys()
+    except OSError as e:  # config_flags defers load failures to first use
+      raise config_lib.ConfigError(f"--config={path!r} could not be loaded: {e}") from None
+    module = load_config_file(path)
+    if not hasattr(module, "get_sweep"):
+      raise config_lib.ConfigError(f"{path} defines no get_sweep()")
+    rows = run_sweep(base, module.get_sweep(), f.workdir, grouped=f.grouped)
+  except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError) as e:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+  counts: dict[str, int] = {}
+  for r in rows:
+    counts[r["status"]] = counts.get(r["status"], 0) + 1
+  print(json.dumps({"members": len(rows), **counts,
+                    "results": os.path.join(f.workdir, "results.csv")}))
+
+
+def run():
+  """The entry point; --config and --workdir are bnlab.main's flags."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_bool(
+      "grouped", True, "Train members that differ only in seed/learning rate as one program.")
+  app.run(main, flags_parser=main_lib.parse_flags)
+
+
+if __name__ == "__main__":
+  run()
