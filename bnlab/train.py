@@ -495,7 +495,7 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
     if all(s is not None for s in summaries):
       return summaries
     group_cfg = ml_collections.ConfigDict({
-        "members": [{"workdir": os.path.abspath(p), "seed": c.seed,
+        "members": [{"workdir": os.path.basename(os.path.abspath(p)), "seed": c.seed,
                      "learning_rate": c.optimizer.learning_rate}
                     for c, p in zip(cfgs, workdirs)],
         "shared": json.loads(cfgs[0].to_json_best_effort()),

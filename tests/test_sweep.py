@@ -1,0 +1,244 @@
+"""Sweeps: combinators, member names, the runner, and grouped runs against solo runs."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bnlab import config as config_lib
+from bnlab import sweep
+from bnlab import train
+import tiny_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("idx"))
+  tiny_mnist.write_mnist_dir(d, num_train=320, num_test=100)
+  return d
+
+
+def tiny_base(idx_dir):
+  c = config_lib.base_config()
+  c.data.source = "idx"
+  c.data.dir = idx_dir
+  c.model.name = "seed1_mlp"
+  c.model.norm = "none"
+  c.model.bn_position = "before"
+  c.train.batch_size = 32
+  c.train.num_epochs = 3
+  c.train.log_every_steps = 5
+  c.train.keep_checkpoints = 50
+  return c
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_state(workdir):
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mngr.latest_step()
+  return step, jax.tree.map(np.asarray, mngr.restore(step)["state"])
+
+
+# -- combinators and names -------------------------------------------------------
+
+def test_combinators():
+  assert sweep.axis("a.b", [1, 2]) == [{"a.b": 1}, {"a.b": 2}]
+  assert sweep.seeds(2) == [{"seed": 0}, {"seed": 1}]
+  assert sweep.product(sweep.axis("x", [1, 2]), sweep.axis("y", "ab")) == [
+      {"x": 1, "y": "a"}, {"x": 1, "y": "b"}, {"x": 2, "y": "a"}, {"x": 2, "y": "b"}]
+  assert sweep.zip_(sweep.axis("x", [1, 2]), sweep.axis("y", [3, 4])) == [
+      {"x": 1, "y": 3}, {"x": 2, "y": 4}]
+  with pytest.raises(ValueError, match="equal length"):
+    sweep.zip_(sweep.axis("x", [1, 2]), sweep.axis("y", [3]))
+  v = sweep.variants("model", {"small": {"model.name": "seed1_mlp"}})
+  assert v[0]["model"].label == "small" and v[0]["model"].overrides == {"model.name": "seed1_mlp"}
+
+
+def test_member_names_are_readable_and_deterministic():
+  assert sweep.member_name({"optimizer.learning_rate": 0.01, "seed": 2}) == \
+      "learning_rate=0.01,seed=2"
+  assert sweep.member_name({"optimizer.learning_rate": 1e9}) == "learning_rate=1e+09"
+  assert sweep.member_name({"optimizer.momentum": 0.9, "model.bn.momentum": 0.99}) == \
+      "optimizer.momentum=0.9,model.bn.momentum=0.99"
+  assert sweep.member_name({"m": sweep.Variant("paper", {}), "model.widths": (4, 8)}) == \
+      "paper,widths=4-8"
+  assert sweep.member_name({}) == "base"
+
+
+def test_bad_key_or_value_fails_before_any_training(idx_dir, tmp_path):
+  base = tiny_base(idx_dir)
+  bad = sweep.seeds(2) + [{"optimizer.learning_rat": 0.1}]
+  with pytest.raises(config_lib.ConfigError, match=r"member 2 .*'optimizer.learning_rat'"):
+    sweep.run_sweep(base, bad, str(tmp_path / "sw"))
+  assert not os.path.exists(tmp_path / "sw")
+  with pytest.raises(config_lib.ConfigError, match=r"member 1 .*optimizer.learning_rate"):
+    sweep.resolve_members(base, sweep.axis("optimizer.learning_rate", [0.1, -1.0]))
+  with pytest.raises(config_lib.ConfigError, match="same name"):
+    sweep.resolve_members(base, sweep.seeds(1) + sweep.seeds(1))
+
+
+def test_grouping_keys():
+  base = config_lib.base_config()
+  members = sweep.resolve_members(base, sweep.product(
+      sweep.axis("model.norm", ["batch", "none"]),
+      sweep.axis("optimizer.learning_rate", [0.1, 0.2]), sweep.seeds(2)))
+  groups = sweep.group_members(members)
+  assert [len(g) for g in groups] == [4, 4]
+  assert len(sweep.group_members(members, grouped=False)) == 8
+  base.optimizer.schedule = "cosine"  # the learning rate is then part of the program
+  members = sweep.resolve_members(base, sweep.product(
+      sweep.axis("optimizer.learning_rate", [0.1, 0.2]), sweep.seeds(2)))
+  assert [len(g) for g in sweep.group_members(members)] == [2, 2]
+
+
+# -- running ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grouped_sweep(idx_dir, tmp_path_factory):
+  """A group of 4 (two of them diverge) and a member that fails, run once."""
+  wd = str(tmp_path_factory.mktemp("sweep") / "sw")
+  base = tiny_base(idx_dir)
+  members = sweep.product(sweep.axis("optimizer.learning_rate", [0.1, 1e9]), sweep.seeds(2))
+  members.append({"data.num_train": 5000})  # more than the 320 examples: fails
+  rows = sweep.run_sweep(base, members, wd)
+  return base, members, wd, rows
+
+
+def test_sweep_records_done_diverged_and_failed(grouped_sweep):
+  _, _, wd, rows = grouped_sweep
+  by = {r["name"]: r for r in rows}
+  assert [r["status"] for r in rows] == ["done", "done", "diverged", "diverged", "failed"]
+  for name in ("learning_rate=0.1,seed=0", "learning_rate=0.1,seed=1"):
+    assert by[name]["test_accuracy"] > 0.8 and by[name]["final_step"] == 30
+    assert by[name]["diverged"] is False
+    assert set(os.listdir(os.path.join(wd, name))) >= {
+        "config.json", "metrics.jsonl", "summary.json", "checkpoints"}
+  for name in ("learning_rate=1e+09,seed=0", "learning_rate=1e+09,seed=1"):
+    assert by[name]["diverged"] is True and 0 <= by[name]["diverged_at_step"] < 30
+    assert read_jsonl(os.path.join(wd, name, "metrics.jsonl"))[-1]["diverged_at_step"] == \
+        by[name]["diverged_at_step"]
+  failed = by["num_train=5000"]
+  assert "data.num_train" in failed["error"] and "\n" not in failed["error"]
+  assert os.listdir(os.path.join(wd, "_groups"))  # the group's checkpoints
+  assert sweep.load_results(wd) == json.loads(json.dumps(rows))
+  with open(os.path.join(wd, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0]) == ["name", "optimizer.learning_rate", "seed", "status",
+                            "test_accuracy", "test_loss", "train_loss", "diverged",
+                            "diverged_at_step", "steps_to_97", "final_step", "wall_time",
+                            "error", "data.num_train"]
+  assert len(table) == 5 and table[4]["status"] == "failed" and table[0]["error"] == ""
+  steps = [r["step"] for r in read_jsonl(os.path.join(wd, rows[0]["name"], "metrics.jsonl"))
+           if r.get("test_accuracy", 0) >= 0.97]
+  assert rows[0]["steps_to_97"] == (steps[0] if steps else None)
+
+
+def test_grouped_members_equal_their_solo_runs(grouped_sweep, tmp_path):
+  base, members, wd, rows = grouped_sweep
+  for i in (0, 3):  # lr 0.1 seed 0, lr 1e9 seed 1
+    name = rows[i]["name"]
+    cfg = sweep.apply_overrides(base, members[i])
+    solo = train.train_and_evaluate(cfg, str(tmp_path / name))
+    group = json.load(open(os.path.join(wd, name, "summary.json")))
+    assert solo["diverged"] == group["diverged"]
+    assert solo["diverged_at_step"] == group["diverged_at_step"]
+    for key in ("test_accuracy", "test_loss", "train_loss", "full_train_loss", "final_step"):
+      if key in solo and np.isfinite(solo[key]):
+        assert group[key] == pytest.approx(solo[key], rel=1e-4, abs=1e-6), key
+    a = read_jsonl(str(tmp_path / name / "metrics.jsonl"))
+    b = read_jsonl(os.path.join(wd, name, "metrics.jsonl"))
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+      for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        if key in x and np.isfinite(x[key]):
+          assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6)
+    if not solo["diverged"]:
+      step_a, sa = final_state(str(tmp_path / name))
+      step_b, sb = final_state(os.path.join(wd, name))
+      assert step_a == step_b == 30
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), sa, sb)
+
+
+def test_rerun_skips_finished_members(grouped_sweep):
+  base, members, wd, rows = grouped_sweep
+  done = [r["name"] for r in rows if r["status"] != "failed"]
+  stamps = {n: os.path.getmtime(os.path.join(wd, n, "summary.json")) for n in done}
+  again = sweep.run_sweep(base, members, wd)
+  assert {n: os.path.getmtime(os.path.join(wd, n, "summary.json")) for n in done} == stamps
+  assert [r["status"] for r in again] == [r["status"] for r in rows]
+  assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
+
+
+def test_group_resumes_to_the_same_results(idx_dir, tmp_path):
+  cfgs = [sweep.apply_overrides(tiny_base(idx_dir), o) for o in sweep.product(
+      sweep.axis("optimizer.learning_rate", [0.05, 0.2]), sweep.seeds(1))]
+  for c in cfgs:
+    c.train.checkpoint_every_steps = 5
+  names = ["a", "b"]
+  full = tmp_path / "full"
+  train.train_group(cfgs, [str(full / n) for n in names], str(full / "g"))
+  part = tmp_path / "part"
+  shutil.copytree(full, part)
+  for n in names:  # interrupted at step 10: later checkpoints and the summaries gone
+    os.remove(part / n / "summary.json")
+    shutil.rmtree(part / n / "checkpoints" / "30")
+  for step in (15, 20, 25, 30):
+    shutil.rmtree(part / "g" / "checkpoints" / str(step))
+  train.train_group(cfgs, [str(part / n) for n in names], str(part / "g"))
+  for n in names:
+    a, b = read_jsonl(full / n / "metrics.jsonl"), read_jsonl(part / n / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+      for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert x.get(key) == y.get(key)
+    _, sa = final_state(str(full / n))
+    _, sb = final_state(str(part / n))
+    jax.tree.map(np.testing.assert_array_equal, sa, sb)
+
+
+# -- command line ------------------------------------------------------------------
+
+SWEEP_FILE = '''
+from bnlab import config, sweep
+
+def get_config():
+  c = config.base_config()
+  c.data.source = "idx"
+  c.model.name = "seed1_mlp"
+  c.model.norm = "none"
+  c.train.batch_size = 32
+  c.train.num_epochs = 1
+  return c
+
+def get_sweep():
+  return sweep.product(sweep.axis("optimizer.learning_rate", [0.1, 0.3]), sweep.seeds(1))
+'''
+
+
+def test_cli(idx_dir, tmp_path):
+  path = tmp_path / "tiny_sweep.py"
+  path.write_text(SWEEP_FILE)
+  wd = tmp_path / "sw"
+  args = [sys.executable, "-m", "bnlab.sweep", f"--config={path}", f"--workdir={wd}",
+          f"--config.data.dir={idx_dir}", "--config.train.eval_every_epochs=1"]
+  p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  assert json.loads(p.stdout.strip().splitlines()[-1])["done"] == 2
+  cfg = json.load(open(wd / "learning_rate=0.3,seed=0" / "config.json"))
+  assert cfg["data"]["dir"] == idx_dir and cfg["optimizer"]["learning_rate"] == 0.3
+  p = subprocess.run(args[:-1] + ["--config.train.nonsense=1"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode != 0 and "nonsense" in p.stderr and "Traceback" not in p.stderr
