@@ -2,9 +2,10 @@
 
 On XLA:CPU, ``lax.conv_general_dilated`` is fast in a jitted step but its
 backward convolutions become very slow inside a ``lax.scan``/``while`` body
-(see :func:`resolve_conv_implementation`). The ``"im2col"`` form writes the
-convolution as shifted slices + one matrix multiplication, so that forward
-and backward passes are plain matmuls, slices and pads everywhere.
+(see :func:`resolve_conv_implementation`). ``"xla_canonical"`` keeps the lax
+forward and writes the backward pass as canonical NHWC convolutions;
+``"im2col"``/``"taps"`` write the convolution as shifted slices + matmuls, so
+forward and backward passes are plain matmuls, slices and pads everywhere.
 """
 
 from __future__ import annotations
@@ -28,19 +29,25 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def resolve_conv_implementation(name: str = "auto") -> str:
   """Returns the concrete convolution implementation that ``name`` stands for.
 
-  ``"xla"``, ``"im2col"`` and ``"taps"`` are returned unchanged. ``"auto"``
-  resolves by ``jax.default_backend()``:
+  Concrete names are returned unchanged. ``"auto"`` resolves by
+  ``jax.default_backend()``:
 
-  * ``cpu`` -> ``"im2col"``. Measured with ``experiments/conv_speed.py`` on a
-    2-core AVX2 CPU (jaxlib 0.10.2), seed CNN train step at batch 32: im2col
-    trains ~1.3x faster than ``lax.conv_general_dilated`` as a loop of jitted
-    steps and ~7x faster inside a scanned epoch, where XLA:CPU compiles the
-    backward convolutions with its slow generic loop emitter.
+  * ``cpu`` -> ``"xla_canonical"``. XLA:CPU canonicalizes convolutions to
+    NHWC x HWIO -> NHWC (its fast YNNPACK/Eigen kernels) only in the entry
+    computation; inside a ``lax.scan``/``while`` body the backward
+    convolutions autodiff produces (dim_labels ``f01b_i01o->01bf``,
+    ``b01f_01oi->b01f``) go to the slow generic loop emitter. Measured with
+    ``experiments/conv_speed.py`` (seed CNN train step, 2-core AVX2 CPU,
+    jaxlib 0.10.2): in a scanned epoch ``"xla"`` ran ~150-250 examples/s,
+    ``"xla_canonical"`` ~1,400-3,400, ``"im2col"`` ~1,100-1,800; in a loop of
+    jitted steps ``"xla_canonical"`` compiles to the same HLO as ``"xla"`` and
+    beat ``"im2col"`` by ~1.3-1.4x. Its one limit: no forward-mode autodiff
+    (``jax.jvp``); use ``"im2col"`` (every transform) or ``"xla"`` for that.
   * ``gpu``/``tpu`` and anything else -> ``"xla"`` (cuDNN / the TPU
-    convolution emitters are fast in and out of loops).
+    convolution emitters handle every layout, in and out of loops).
   """
   if name == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return "xla_canonical" if jax.default_backend() == "cpu" else "xla"
   if name not in IMPLEMENTATIONS:
     raise ValueError(
         f"Unknown convolution implementation {name!r}; expected 'auto' or one "

@@ -166,20 +166,36 @@ def random_epoch(key, examples: int, batch: int):
   return xs, ys
 
 
-def time_cell(form: str, loop: str, batch: int, examples: int,
-              repeats: int = 3, stop_after: str = "dense2") -> float:
-  """Median examples/s over ``repeats`` timed epochs after one warm-up."""
+def prepare_cell(form: str, loop: str, batch: int, examples: int,
+                 stop_after: str = "dense2") -> Callable[[], float]:
+  """Compiles and warms up one cell; returns a function timing one epoch."""
   init_state, train_step = make_train_fns(form, stop_after=stop_after)
   run = make_epoch_runner(train_step, loop)
   xs, ys = random_epoch(jax.random.PRNGKey(0), examples, batch)
-  state = init_state(jax.random.PRNGKey(1))
-  state = jax.block_until_ready(run(state, xs, ys))  # compile + warm-up
-  rates = []
-  for _ in range(repeats):
+  state = [jax.block_until_ready(run(init_state(jax.random.PRNGKey(1)), xs,
+                                     ys))]  # compile + warm-up
+
+  def timed_epoch() -> float:
     t0 = time.perf_counter()
-    state = jax.block_until_ready(run(state, xs, ys))
-    rates.append(xs.shape[0] * xs.shape[1] / (time.perf_counter() - t0))
-  return statistics.median(rates)
+    state[0] = jax.block_until_ready(run(state[0], xs, ys))
+    return xs.shape[0] * xs.shape[1] / (time.perf_counter() - t0)
+  return timed_epoch
+
+
+def time_cells(cells: list[tuple], examples: int, repeats: int = 3
+               ) -> list[float]:
+  """Median examples/s per (form, loop, batch[, stop_after]) cell.
+
+  All cells are compiled and warmed up first; the timed epochs then go
+  round-robin over the cells, so that load from other processes on the
+  machine affects all cells alike.
+  """
+  timers = [prepare_cell(*cell[:3], examples, *cell[3:]) for cell in cells]
+  rates = [[] for _ in cells]
+  for _ in range(repeats):
+    for timer, r in zip(timers, rates):
+      r.append(timer())
+  return [statistics.median(r) for r in rates]
 
 
 _CONV_RE = re.compile(r"=\s*\S+\s+convolution\(.*?dim_labels=(\S+?)[,}\s]")
@@ -223,8 +239,9 @@ def report_profile(form: str, loop: str, batch: int, examples: int,
         "network truncated after each stage")
   print("| up to stage | ms/step | stage adds ms |\n|---|---|---|")
   previous = 0.0
-  for stage in STAGES:
-    rate = time_cell(form, loop, batch, examples, repeats, stop_after=stage)
+  rates = time_cells([(form, loop, batch, stage) for stage in STAGES],
+                     examples, repeats)
+  for stage, rate in zip(STAGES, rates):
     ms = 1000 * batch / rate
     print(f"| {stage} | {ms:.2f} | {ms - previous:+.2f} |", flush=True)
     previous = ms
@@ -240,6 +257,9 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--hlo", action="store_true",
                       help="print convolution ops in/out of the scan body")
+  parser.add_argument("--interleave_forms", action="store_true",
+                      help="time all forms in one round-robin (fairer under "
+                      "load from other processes)")
   parser.add_argument("--profile", action="store_true",
                       help="time the step truncated after each stage")
   args = parser.parse_args(argv)
@@ -264,12 +284,17 @@ def main(argv=None) -> None:
   header = ["form"] + [f"b{b} {l}" for b, l in columns]
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
-  for form in forms:
-    cells = []
-    for b, l in columns:
-      rate = time_cell(form, l, b, args.examples, args.repeats)
-      cells.append(f"{rate:,.0f}")
-    print("| " + " | ".join([form] + cells) + " |", flush=True)
+  if args.interleave_forms:  # one round-robin over every cell of the table
+    flat = time_cells([(f, l, b) for f in forms for b, l in columns],
+                      args.examples, args.repeats)
+    table = [flat[i * len(columns):(i + 1) * len(columns)]
+             for i in range(len(forms))]
+  for i, form in enumerate(forms):
+    rates = (table[i] if args.interleave_forms else
+             time_cells([(form, l, b) for b, l in columns], args.examples,
+                        args.repeats))
+    print("| " + " | ".join([form] + [f"{r:,.0f}" for r in rates]) + " |",
+          flush=True)
 
 
 if __name__ == "__main__":
