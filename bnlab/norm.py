@@ -4,8 +4,8 @@
 (inference) and returns the output with the new running statistics. The
 variance is numerically robust by default: a one-pass *shifted* formula,
 Var[x] = E[(x - k)^2] - E[x - k]^2 with k a per-feature sample of the batch,
-which costs the same single fused reduction as the fast E[x^2] - E[x]^2 but
-keeps full precision when |mean| >> std.
+which reads the batch once, like the fast E[x^2] - E[x]^2, but keeps full
+precision when |mean| >> std.
 """
 
 from __future__ import annotations
