@@ -76,10 +76,11 @@ def run_one(net: str, lr: float, seed: int, init: str = "lecun_normal",
   tag = init if init != "normal" else f"normal{init_std:g}"
   wd = os.path.join(_WORKDIR.value, f"{net}_lr{lr:g}_{tag}_s{seed}")
   logging.info("Run %s", wd)
+  trained = not os.path.exists(os.path.join(wd, "summary.json"))
   summary = study.run(make_config(net, lr, seed, init, init_std), wd)
   evals = [r for r in study.read_metrics(wd) if "test_accuracy" in r]
   return {"net": net, "lr": lr, "seed": seed, "init": tag, "workdir": wd,
-          "summary": summary,
+          "summary": summary, "trained_now": trained,
           "steps": np.array([r["step"] for r in evals]),
           "test_accuracy": np.array([r["test_accuracy"] for r in evals]),
           # (evals, units, 3): the 15th, 50th and 85th percentiles per unit
@@ -126,8 +127,34 @@ def main(argv):
   reference = ({net: run_one(net, 0.5, 0, "normal", 1.0) for net, _ in NETS}
                if _REFERENCE.value else None)
   minutes = timer.minutes()
-  write_report(runs, grid_runs, grid, losses, lr, reference, minutes)
+  all_runs = [*grid_runs.values(), *runs["bn"][1:], *runs["nobn"][1:],
+              *(reference.values() if reference else [])]
+  times = record_wall_time(minutes, sum(r["trained_now"] for r in all_runs))
+  write_report(runs, grid_runs, grid, losses, lr, reference, minutes, times, all_runs)
   print(open(os.path.join(_OUT.value, "report.md")).read())
+
+
+def record_wall_time(minutes: float, trained: int) -> list[dict]:
+  """Appends this invocation's wall time to <workdir>/study_wall_times.json; returns all."""
+  path = os.path.join(_WORKDIR.value, "study_wall_times.json")
+  times = json.load(open(path)) if os.path.exists(path) else []
+  times.append({"minutes": round(minutes, 2), "runs_trained": trained})
+  with open(path, "w") as f:
+    json.dump(times, f)
+  return times
+
+
+def final_bn_affine(run: dict) -> dict | None:
+  """Median |scale| and |bias| of the last hidden layer's BN in the final checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.path.join(run["workdir"], "checkpoints",
+                                      str(run["summary"]["final_step"]), "default"))
+  if run["net"] != "bn" or not os.path.isdir(path):
+    return None
+  params = ocp.PyTreeCheckpointer().restore(path)["state"]["params"]["dense_block_2"]
+  bn = next(v for k, v in params.items() if "Norm" in k)
+  return {"median_abs_scale": float(np.median(np.abs(bn["scale"]))),
+          "median_abs_bias": float(np.median(np.abs(bn["bias"])))}
 
 
 # ----------------------------------------------------------------------------- criteria
@@ -188,13 +215,13 @@ def figures(runs: dict, crit: dict, lr: float, out: str) -> None:
   ax.set_ylim(_acc_bottom(runs), 1.0)
   ax.set_xlabel("training steps (thousands)")
   ax.set_ylabel("test accuracy")
-  ax.set_title(f"(a) test accuracy (thin: each seed), SGD lr {lr:g}", fontsize=10)
+  ax.set_title(f"(a) test accuracy (thin lines: each seed)", fontsize=10)
   ax.legend(loc="lower right")
   ax.grid(alpha=0.3)
   for ax, (net, name), letter in zip(axes[1:], NETS, "bc"):
     unit = crit["drift"][net][0]["typical_unit"]
     _plot_percentiles(ax, runs[net][0], unit, colors[net],
-                      f"({letter}) {name}: input to sigmoid {unit} of layer 3 (seed 0)")
+                      f"({letter}) {name}: input to sigmoid unit {unit} of hidden layer 3")
     ax.set_xlabel("training steps (thousands)")
   axes[1].set_ylabel("sigmoid input (15th / 50th / 85th percentile)")
   lo = min(a.get_ylim()[0] for a in axes[1:])
@@ -202,10 +229,34 @@ def figures(runs: dict, crit: dict, lr: float, out: str) -> None:
   for a in axes[1:]:
     a.set_ylim(lo, hi)
   axes[1].legend(loc="best", fontsize=8)
-  fig.suptitle("784-100-100-100-10 sigmoid MLP on MNIST, batch 60 (Ioffe & Szegedy 2015, "
-               "Figure 1)", fontsize=11)
+  fig.suptitle("784-100-100-100-10 sigmoid MLP on MNIST, batch 60, SGD lr "
+               f"{lr:g}, LeCun-normal init (Ioffe & Szegedy 2015, Figure 1); (b, c): seed 0",
+               fontsize=11)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "figure1.png"), dpi=110)
+  plt.close(fig)
+
+  # BN minus no-BN test accuracy, every seed.
+  fig, ax = plt.subplots(figsize=(7, 3.8))
+  for bn, nobn in zip(runs["bn"], runs["nobn"]):
+    ax.plot(bn["steps"] / 1000, 100 * (bn["test_accuracy"] - nobn["test_accuracy"]),
+            lw=1.2, label=f"seed {bn['seed']}")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.axvline(EARLY_STEP / 1000, color="0.6", lw=0.8)
+  late = np.concatenate([b["test_accuracy"][b["steps"] >= EARLY_STEP]
+                         - n["test_accuracy"][n["steps"] >= EARLY_STEP]
+                         for b, n in zip(runs["bn"], runs["nobn"])])
+  m = 130 * np.abs(late).max()
+  ax.set_ylim(-m, m)  # the scale of the criterion's window; earlier points may be off scale
+  ax.set_xlabel("training steps (thousands)")
+  ax.set_ylabel("BN minus no-BN test accuracy (points)")
+  ax.set_title(f"BN minus no-BN test accuracy, SGD lr {lr:g} (y scaled to steps >= "
+               f"{EARLY_STEP:,}, grey line)",
+               fontsize=10)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "accuracy_margin.png"), dpi=110)
   plt.close(fig)
 
   # The typical unit of every seed.
@@ -244,7 +295,8 @@ def figures(runs: dict, crit: dict, lr: float, out: str) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(runs, grid_runs, grid, losses, lr, reference, minutes) -> None:
+def write_report(runs, grid_runs, grid, losses, lr, reference, minutes, times,
+                 all_runs) -> None:
   out = _OUT.value
   crit = criteria(runs)
   figures(runs, crit, lr, out)
@@ -267,6 +319,11 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes) -> None:
        f"biases. Evaluation every {_EVAL_EVERY.value} steps on the full test set; the sigmoid "
        f"input percentiles are taken in inference mode over the first 1,000 test images, for "
        f"all 100 units of the last hidden layer (`{LAYER}`).", "",
+       "## Verdicts (details and numbers below)", "",
+       f"1. BN >= 97.5% test accuracy at step {steps:,}: {yes(c1)}.",
+       f"2. BN above no-BN at every evaluation from step {EARLY_STEP:,}, every seed: {yes(c2)}.",
+       f"3. No-BN sigmoid inputs drift more than BN's in both median and spread, every seed: "
+       f"{yes(c3)}.", "",
        "## Learning rate and initialisation (the paper states neither)", "",
        "- **Initialisation: LeCun normal, N(0, 1/fan_in), biases 0**, in both networks. The "
        "paper says \"small random Gaussian values\". configs/paper_mlp.py uses N(0, 1), which "
@@ -299,6 +356,7 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes) -> None:
         "![every seed](percentiles_seeds.png)", "",
         "![units 0-7](units_0_7.png)", "",
         "Units 0-7 (fixed by index, not by outcome), seed 0.", "",
+        "![accuracy margin](accuracy_margin.png)", "",
         "## Criteria, measured", "",
         f"1. BN reaches test accuracy >= 97.5% at step {steps:,}: {yes(c1)} "
         f"({', '.join(f'seed {s}: {a:.2%}' for s, a in zip(seeds, fin))}; mean "
@@ -306,11 +364,14 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes) -> None:
         f"{', '.join(f'{a:.2%}' for a in nobn_fin)}.",
         f"2. BN above no-BN at every evaluation from step {EARLY_STEP:,} on, for each seed: "
         f"{yes(c2)}.", "",
+        "BN above = strictly higher test accuracy; margins = BN minus no-BN, in percentage "
+        "points.", "",
         "| seed | evaluations (step >= 5,000) | BN above | smallest margin (step) | "
         "mean margin |", "|---|---|---|---|---|"]
   for d in crit["bn_above_after_5k"]:
     L.append(f"| {d['seed']} | {d['evaluations']} | {d['bn_above']} | "
-             f"{d['min_margin']:+.2%} ({d['min_margin_step']:,}) | {d['mean_margin']:+.2%} |")
+             f"{100 * d['min_margin']:+.2f} ({d['min_margin_step']:,}) | "
+             f"{100 * d['mean_margin']:+.2f} |")
   L += ["", f"3. Without BN the sigmoid inputs drift in location and spread; with BN they stay "
         f"nearly fixed. Changes from step {EARLY_STEP:,} to {steps:,}, median over the 100 "
         f"units of layer 3. Claim (no-BN's change larger than BN's in both the median and the "
@@ -325,28 +386,45 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes) -> None:
                f"{d['median_spread_early']:.2f} -> {d['median_spread_late']:.2f} | "
                f"{d['median_abs_median_early']:.2f} -> {d['median_abs_median_late']:.2f} | "
                f"{d['typical_unit']} |")
+  affine = [final_bn_affine(r) for r in runs["bn"]]
+  if all(affine):
+    scales = [a["median_abs_scale"] for a in affine]
+    biases = [a["median_abs_bias"] for a in affine]
+    L += ["", "With BN the sigmoid input is scale * (normalised input) + bias, so its spread "
+          "follows the learned scale: at the last step the median |scale| of the last hidden "
+          "layer's BN is "
+          f"{', '.join(f'{x:.2f}' for x in scales)} and the median |bias| "
+          f"{', '.join(f'{x:.2f}' for x in biases)} (seeds {seeds}; "
+          "initialised at 1 and 0)."]
+  L += ["", "## Other settings, seed 0 (context, not used for the verdicts)", "",
+        "The same measurements for every rate of the grid and for configs/paper_mlp.py as it "
+        "stands (N(0, 1) init, lr 0.5). Drift columns: median over the 100 units of the abs "
+        f"change of the median / of the 85-15 spread, step {EARLY_STEP:,} -> {steps:,}.", "",
+        "| setting | BN test acc | no-BN test acc | BN above no-BN (step >= 5k) | smallest "
+        "margin (points) | no-BN drift (median / spread) | BN drift (median / spread) |",
+        "|---|---|---|---|---|---|---|"]
+  others = [(f"LeCun normal, lr {x:g}" + (" (chosen)" if x == lr else ""),
+             grid_runs[("nobn", x)], grid_runs[("bn", x)]) for x in grid]
   if reference is not None:
-    n, b = reference["nobn"], reference["bn"]
+    others.append(("N(0, 1), lr 0.5 (configs/paper_mlp.py)", reference["nobn"],
+                   reference["bn"]))
+  for label, n, b in others:
     rc = criteria({"nobn": [n], "bn": [b]})
     d = rc["bn_above_after_5k"][0]
     dn0, db0 = rc["drift"]["nobn"][0], rc["drift"]["bn"][0]
-    L += ["", "## For comparison: configs/paper_mlp.py as it stands (N(0, 1) init, lr 0.5), "
-          "seed 0", "",
-          f"Test accuracy at {steps:,}: BN {b['test_accuracy'][-1]:.2%}, no BN "
-          f"{n['test_accuracy'][-1]:.2%}; BN above no-BN at {d['bn_above']}/{d['evaluations']} "
-          f"evaluations from step {EARLY_STEP:,} (smallest margin {d['min_margin']:+.2%}). "
-          f"Median abs change of the median / of the 85-15 spread (5k -> end): no BN "
-          f"{dn0['median_abs_dmedian']:.3f} / {dn0['median_abs_dspread']:.3f} (spread "
-          f"{dn0['median_spread_early']:.2f} -> {dn0['median_spread_late']:.2f}); BN "
-          f"{db0['median_abs_dmedian']:.3f} / {db0['median_abs_dspread']:.3f} (spread "
-          f"{db0['median_spread_early']:.2f} -> {db0['median_spread_late']:.2f})."]
+    L.append(f"| {label} | {b['test_accuracy'][-1]:.2%} | {n['test_accuracy'][-1]:.2%} | "
+             f"{d['bn_above']}/{d['evaluations']} | {100 * d['min_margin']:+.2f} | "
+             f"{dn0['median_abs_dmedian']:.2f} / {dn0['median_abs_dspread']:.2f} | "
+             f"{db0['median_abs_dmedian']:.2f} / {db0['median_abs_dspread']:.2f} |")
   backend = runs["bn"][0]["summary"]["versions"]["backend"]
-  run_minutes = sum(r["summary"]["wall_time"] for r in
-                    [*grid_runs.values(), *runs["bn"][1:], *runs["nobn"][1:],
-                     *(reference.values() if reference else [])]) / 60
-  L += ["", f"Wall time of this study: {minutes:.1f} min for this invocation ({backend}; the "
-        f"training runs themselves took {run_minutes:.1f} min when first run; finished runs "
-        f"are reloaded, not repeated).", "",
+  run_minutes = sum(r["summary"]["wall_time"] for r in all_runs) / 60
+  trained = [t for t in times if t["runs_trained"]]
+  first = max(trained, key=lambda t: t["runs_trained"]) if trained else None
+  L += ["", (f"**Wall time of the study: {first['minutes']:.1f} min** (the invocation that "
+             f"trained {first['runs_trained']} of its {len(all_runs)} runs, {backend}, 2 "
+             f"shared CPU cores); " if first else "") +
+        f"the runs' own training loops took {run_minutes:.1f} min in total; this invocation "
+        f"took {minutes:.1f} min (finished runs are reloaded, not repeated).", "",
         f"Command: `python experiments/paper_figure1.py --workdir={_WORKDIR.value} "
         f"--seeds={_SEEDS.value} --steps={steps} --out={out}`"]
   with open(os.path.join(out, "report.md"), "w") as f:
@@ -374,7 +452,8 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes) -> None:
                            for (net, x) in grid_runs},
              "reference_n01_lr0.5": ({net: curves(r) for net, r in reference.items()}
                                      if reference else None),
-             "wall_time_minutes": minutes}
+             "bn_final_affine_layer3": [final_bn_affine(r) for r in runs["bn"]],
+             "study_wall_times": times}
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
 
