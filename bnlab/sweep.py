@@ -217,13 +217,18 @@ def resolve_members(base, sweep: Sequence[dict]) -> list[Member]:
 
 
 def group_members(members: Sequence[Member], grouped: bool = True) -> list[list[Member]]:
-  """Members that can train together (`bnlab.train.group_key`), in sweep order."""
+  """Members that can train together (`bnlab.train.group_key`), in sweep order.
+
+  Members whose model does not gain from grouping here (`bnlab.train.grouping_helps`)
+  run alone.
+  """
   from bnlab import train  # pylint: disable=g-import-not-at-top
   if not grouped:
     return [[m] for m in members]
   groups: dict[str, list[Member]] = {}
   for m in members:
-    groups.setdefault(train.group_key(m.cfg), []).append(m)
+    key = train.group_key(m.cfg) if train.grouping_helps(m.cfg) else f"solo {m.index}"
+    groups.setdefault(key, []).append(m)
   return list(groups.values())
 
 
