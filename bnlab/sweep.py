@@ -394,4 +394,6 @@ def run():
 
 
 if __name__ == "__main__":
-  run()
+  # Through the imported module, so sweep files and the runner share its classes.
+  from bnlab import sweep as _sweep  # pylint: disable=g-import-not-at-top
+  _sweep.run()
