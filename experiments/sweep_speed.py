@@ -7,6 +7,12 @@ twice with `bnlab.sweep.run_sweep`: grouped (one vmapped program) and
 ungrouped (24 solo runs in sequence, each as `bnlab.main` would run it).
 Prints both wall times, the ratio, and checks that each member's final test
 accuracy agrees between the two.
+
+Measured on the shared 2-core CPU (load 5-7 from other jobs), 2,000 steps:
+grouped 90.4 s, solo 199.1 s, 2.2x; final test accuracies identical (max
+difference 0.0000). The paper MLP's step is compute-bound even alone (~1.1 ms
+for ~24 MFLOP), so grouping saves the per-run compiles, evaluation dispatch
+and start-up, not arithmetic.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
   python -m bnlab.sweep --config=configs/sweeps/lr_sweep.py --workdir=runs/lr_sweep
 
 Each model keeps its own config file's setup (`configs/paper_mlp.py`: sigmoid,
-BN before the activation, N(0,1) init, batch 60; `configs/seed_cnn.py`: batch
+BN before the activation, batch 60; `configs/seed_cnn.py`: batch
 32) with a fixed step budget and frequent evaluation for "steps to 97%". The
 24 members of each (model, norm) pair differ only in learning rate and seed:
 the MLP's train as one grouped program; the CNN's run one by one on CPU
