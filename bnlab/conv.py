@@ -37,12 +37,14 @@ def resolve_conv_implementation(name: str = "auto") -> str:
     computation; inside a ``lax.scan``/``while`` body the backward
     convolutions autodiff produces (dim_labels ``f01b_i01o->01bf``,
     ``b01f_01oi->b01f``) go to the slow generic loop emitter. Measured with
-    ``experiments/conv_speed.py`` (seed CNN train step, 2-core AVX2 CPU,
-    jaxlib 0.10.2): in a scanned epoch ``"xla"`` ran ~150-250 examples/s,
-    ``"xla_canonical"`` ~1,400-3,400, ``"im2col"`` ~1,100-1,800; in a loop of
-    jitted steps ``"xla_canonical"`` compiles to the same HLO as ``"xla"`` and
-    beat ``"im2col"`` by ~1.3-1.4x. Its one limit: no forward-mode autodiff
-    (``jax.jvp``); use ``"im2col"`` (every transform) or ``"xla"`` for that.
+    ``experiments/conv_speed.py`` (seed CNN train step, 2-core AVX2 CPU
+    shared with other jobs, jaxlib 0.10.2, 4 interleaved runs), examples/s:
+    scanned epoch, batch 32: ``"xla"`` 190-260, ``"xla_canonical"``
+    1,440-2,550, ``"im2col"`` 1,100-3,440 (``"xla_canonical"`` ahead in 3 of
+    4 runs; the two tie at batch 128); loop of jitted steps, batch 32: ``"xla_canonical"``
+    (same compiled HLO as ``"xla"``) 1,700-3,060 vs ``"im2col"`` 1,160-2,240.
+    Its one limit: no forward-mode autodiff (``jax.jvp``); use ``"im2col"``
+    (every transform) or ``"xla"`` for that.
   * ``gpu``/``tpu`` and anything else -> ``"xla"`` (cuDNN / the TPU
     convolution emitters handle every layout, in and out of loops).
   """

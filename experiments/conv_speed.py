@@ -13,6 +13,17 @@ Loop kinds:
   scan    the whole epoch in one jitted ``lax.scan``.
   scanU   the same with ``unroll=U``.
 
+Why ``lax.conv_general_dilated`` is slow inside a scan on XLA:CPU (``--hlo``):
+XLA:CPU's ConvCanonicalization pass rewrites convolutions into NHWC x HWIO ->
+NHWC (adding transposes) so they run on YNNPACK/Eigen kernels, but it only
+visits the entry computation. In a jitted step all five convolutions (two
+forward, conv2's input gradient, both kernel gradients) end up canonical. In
+a ``while`` body the forward ones are canonical as written, while the three
+backward ones keep the dim_labels autodiff gives them (``b01f_01oi->b01f``,
+``f01b_i01o->01bf``) and are compiled by the generic loop emitter. Unroll,
+fori_loop and XLA flags do not change this; writing the backward pass as
+canonical convolutions in a ``custom_vjp`` (``xla_canonical``) does.
+
 Usage:
   PYTHONPATH=. python experiments/conv_speed.py                       # full table
   PYTHONPATH=. python experiments/conv_speed.py --forms=im2col --batches=32 --loops=scan
@@ -50,6 +61,10 @@ FORMS: dict[str, tuple[str | Callable, Callable]] = {
     "xla_canonical+reshapepool": ("xla_canonical", max_pool),
     "im2col+reshapepool": ("im2col", max_pool),
     "taps+reshapepool": ("taps", max_pool),
+    # (first conv, second conv) implementations
+    "taps/xla_canonical+reshapepool": (("taps", "xla_canonical"), max_pool),
+    "xla_canonical/im2col+reshapepool": (("xla_canonical", "im2col"),
+                                         max_pool),
 }
 
 
@@ -78,14 +93,17 @@ class SeedCNN(nn.Module):
   the truncated network's output is flattened and fed to the loss as logits.
   """
 
-  conv_impl: str | Callable = "auto"
+  conv_impl: str | Callable | tuple[str, str] = "auto"
   pool: Callable = max_pool
   stop_after: str = "dense2"
 
   def conv(self, features):
-    if callable(self.conv_impl):
-      return ConvWith(features, (3, 3), self.conv_impl)
-    return Conv(features, (3, 3), implementation=self.conv_impl)
+    impl = self.conv_impl
+    if isinstance(impl, tuple):  # per-layer implementations
+      impl = impl[0] if features == 32 else impl[1]
+    if callable(impl):
+      return ConvWith(features, (3, 3), impl)
+    return Conv(features, (3, 3), implementation=impl)
 
   @nn.compact
   def __call__(self, x, train: bool = True):

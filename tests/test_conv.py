@@ -210,3 +210,15 @@ def test_composes_with_jit_vmap_grad_scan():
     per_ex = _jit(jax.vmap(lambda x: conv(x[None], kernel)[0]))(xs[0])
     np.testing.assert_allclose(per_ex, _jit(conv)(xs[0], kernel),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_xla_canonical_is_reverse_mode_only():
+  x, kernel = _normal(13, (1, 5, 5, 2)), _normal(14, (3, 3, 2, 2))
+  f = lambda k: jnp.sum(jnp.sin(bconv.conv2d(
+      x, k, implementation="xla_canonical")))
+  f_ref = lambda k: jnp.sum(jnp.sin(bconv.conv2d(x, k, implementation="xla")))
+  # Second-order reverse mode works (the backward pass is made of lax convs).
+  gg = lambda fn: _jit(jax.grad(lambda k: jnp.sum(jax.grad(fn)(k) ** 2)))(kernel)
+  np.testing.assert_allclose(gg(f), gg(f_ref), rtol=1e-4, atol=1e-4)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(f, (kernel,), (kernel,))
