@@ -241,8 +241,8 @@ class Conv(nn.Module):
     precision: ``lax`` precision of the convolution / matmul.
     kernel_init: kernel initializer (flax's default, LeCun normal).
     bias_init: bias initializer (zeros).
-    implementation: ``'auto'``, ``'xla'``, ``'im2col'`` or ``'taps'``, see
-      :func:`conv2d` and :func:`resolve_conv_implementation`.
+    implementation: ``'auto'``, ``'xla'``, ``'xla_canonical'``, ``'im2col'``
+      or ``'taps'``; see :func:`conv2d` and :func:`resolve_conv_implementation`.
   """
 
   features: int
