@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 2000
   c.train.checkpoint_every_steps = 0  # 0 -> at every eval
   c.train.keep_checkpoints = 2
+  c.train.eval_at_start = True  # also evaluate (and record analysis) at step 0
   c.train.final_train_eval = True  # evaluate the whole train set at the end
 
   # Distributions recorded at every evaluation (inference mode, first test images).

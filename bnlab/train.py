@@ -570,8 +570,8 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
     logging.info("Resumed from step %d in %s", int(np.max(state.step)), ckpt_wd.path)
   step = first_step = int(np.max(state.step))
   for m in members:
-    if m.recording:
-      m.wd.truncate_metrics_after(step)
+    if m.recording:  # a fresh start (step 0) keeps no records at all
+      m.wd.truncate_metrics_after(step if step > 0 else -1)
 
   train_images = jax.device_put(ds.train_images)
   train_labels = jax.device_put(ds.train_labels.astype(np.int32))
@@ -590,6 +590,14 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
   perm_epoch, perm = None, None
   run_start = interval_start = time.perf_counter()
   interval_steps = 0
+  if step == 0 and cfg.train.eval_at_start:
+    ev = steps.evaluate(state, test_images, test_labels, eval_bs)
+    analysis = _analysis_records(cfg.analysis, steps, state, test_images, len(members))
+    for i, m in enumerate(members):
+      e = steps.member(ev, i)
+      m.wd.write_metrics({"step": 0, "epoch": 0.0, "test_loss": float(e["loss"]),
+                          "test_accuracy": float(e["accuracy"]), **analysis[i],
+                          "wall_time": time.perf_counter() - run_start})
   while step < plan.total_steps:
     epoch = step // plan.steps_per_epoch
     if epoch != perm_epoch:

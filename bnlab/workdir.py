@@ -140,7 +140,9 @@ class WorkDir:
       with open(path) as f:
         old = json.load(f)
       a, b = _flatten(old), _flatten(new)
-      diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+      # Keys the snapshot lacks were added to bnlab after the run started; a
+      # resumed run takes their defaults, so they do not count as a change.
+      diff = sorted(k for k in a if a.get(k) != b.get(k))
       if diff:
         self.close_lock()
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])

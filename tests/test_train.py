@@ -65,8 +65,9 @@ def test_run_writes_everything_and_learns(idx_dir, tmp_path):
   steps = [r["step"] for r in records]
   assert steps == sorted(set(steps)) and steps[-1] == 30  # 3 epochs x 10 steps
   evals = [r for r in records if "test_accuracy" in r]
-  assert [r["step"] for r in evals] == [10, 20, 30]
-  for r in records:
+  assert [r["step"] for r in evals] == [0, 10, 20, 30]  # step 0: before training
+  assert 0.0 < evals[0]["test_accuracy"] < 0.5 < evals[-1]["test_accuracy"]
+  for r in records[1:]:
     assert {"step", "epoch", "train_loss", "train_accuracy", "examples_per_sec",
             "wall_time"} <= set(r)
   assert summary["diverged"] is False
@@ -175,7 +176,7 @@ def test_activation_percentiles_are_recorded_at_each_eval(idx_dir, tmp_path):
   wd = str(tmp_path / "an")
   train.train_and_evaluate(cfg, wd)
   evals = [r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if "test_accuracy" in r]
-  assert len(evals) == 2
+  assert len(evals) == 3  # steps 0, 10, 20
   for r in evals:
     pct = np.array(r["preact_1/percentiles"])
     assert pct.shape == (2, 3)  # units x (15, 50, 85)
