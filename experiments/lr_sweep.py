@@ -45,7 +45,8 @@ PUBLIC = {("sigmoid", 0.01): (0.809, 0.973), ("sigmoid", 1.0): (0.977, 0.980),
           ("relu", 1.0): (0.098, 0.985)}
 
 
-def flags_():
+def define_flags():
+  """This script's flags (defined only when it runs as a script)."""
   return (flags.DEFINE_string("workdir", "runs/lr_sweep", "The sweep's work directory."),
           flags.DEFINE_string("out", "results/lr_sweep", "Where report, figures and tables go."),
           flags.DEFINE_string("sweep", "configs/sweeps/lr_sweep.py", "The sweep file."),
@@ -435,5 +436,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags_()
+  define_flags()
   app.run(main)
