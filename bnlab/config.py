@@ -12,6 +12,7 @@ import ml_collections
 
 from bnlab import data as data_lib
 from bnlab import models
+from bnlab.variants import RUNNING_AVERAGES
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
@@ -38,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "seed_cnn"
-  c.model.norm = "batch"  # none | batch | flax_batch
+  c.model.norm = "batch"  # one of bnlab.models.NORMS
   c.model.bn_position = "after"
   c.model.activation = "relu"
   c.model.widths = ()  # () -> the model's own widths
@@ -49,6 +50,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn.momentum = 0.99
   c.model.bn.epsilon = 1e-5
   c.model.bn.variance = "shifted"
+  # Running statistics: "ema" (momentum) or "population" (the mean over every
+  # batch seen, with m/(m-1) on the variance: Algorithm 2).
+  c.model.bn.running_average = "ema"
+  c.model.bn.ghost_size = 16  # norm=ghost: examples per ghost batch
+  # norm=renorm: r_max, d_max held at 1, 0 for warmup_steps, then linear to
+  # these values at r_max_steps, d_max_steps.
+  c.model.bn.renorm_r_max = 3.0
+  c.model.bn.renorm_d_max = 5.0
+  c.model.bn.renorm_warmup_steps = 5000
+  c.model.bn.renorm_r_max_steps = 40000
+  c.model.bn.renorm_d_max_steps = 25000
+  # norm=noisy: y * s + m per activation and step, s ~ U(1, noise_scale_max),
+  # m ~ U(-noise_shift_max, noise_shift_max).
+  c.model.bn.noise_shift_max = 0.5
+  c.model.bn.noise_scale_max = 1.5
+  c.model.bn.num_groups = 4  # norm=group: must divide each normalized layer's features
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -127,6 +144,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= c.model.bn.momentum < 1, "model.bn.momentum", c.model.bn.momentum,
          "a number in [0, 1)")
   _check(c.model.bn.epsilon > 0, "model.bn.epsilon", c.model.bn.epsilon, "a number > 0")
+  _validate_norm_variant(c)
   _one_of(c, "optimizer.name", OPTIMIZERS)
   _one_of(c, "optimizer.schedule", SCHEDULES)
   lr = c.optimizer.learning_rate
@@ -162,6 +180,35 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(all(0 <= q <= 100 for q in a.percentiles), "analysis.percentiles",
          tuple(a.percentiles), "numbers in [0, 100]")
   _check(a.num_examples > 0, "analysis.num_examples", a.num_examples, "an integer > 0")
+
+
+def _validate_norm_variant(c) -> None:
+  bn, norm = c.model.bn, c.model.norm
+  _one_of(c, "model.bn.running_average", RUNNING_AVERAGES)
+  _check(bn.running_average == "ema" or norm != "flax_batch", "model.bn.running_average",
+         bn.running_average, "'ema' with model.norm=flax_batch")
+  _check(isinstance(bn.ghost_size, int) and bn.ghost_size > 0, "model.bn.ghost_size",
+         bn.ghost_size, "an integer > 0")
+  if norm == "ghost":
+    _check(c.train.batch_size % bn.ghost_size == 0, "model.bn.ghost_size", bn.ghost_size,
+           f"a divisor of train.batch_size={c.train.batch_size}")
+  _check(bn.renorm_r_max >= 1, "model.bn.renorm_r_max", bn.renorm_r_max, "a number >= 1")
+  _check(bn.renorm_d_max >= 0, "model.bn.renorm_d_max", bn.renorm_d_max, "a number >= 0")
+  _check(isinstance(bn.renorm_warmup_steps, int) and bn.renorm_warmup_steps >= 0,
+         "model.bn.renorm_warmup_steps", bn.renorm_warmup_steps, "an integer >= 0")
+  for key in ("renorm_r_max_steps", "renorm_d_max_steps"):
+    _check(isinstance(bn[key], int) and bn[key] >= bn.renorm_warmup_steps, f"model.bn.{key}",
+           bn[key], f"an integer >= model.bn.renorm_warmup_steps={bn.renorm_warmup_steps}")
+  _check(bn.noise_shift_max >= 0, "model.bn.noise_shift_max", bn.noise_shift_max,
+         "a number >= 0")
+  _check(bn.noise_scale_max >= 1, "model.bn.noise_scale_max", bn.noise_scale_max,
+         "a number >= 1")
+  _check(isinstance(bn.num_groups, int) and bn.num_groups > 0, "model.bn.num_groups",
+         bn.num_groups, "an integer > 0")
+  if norm == "group":
+    features = models.normalized_features(c.model)
+    _check(all(f % bn.num_groups == 0 for f in features), "model.bn.num_groups",
+           bn.num_groups, f"a divisor of every normalized layer's features {features}")
 
 
 def _check_keys(c, expected, prefix: str) -> None:

@@ -1,9 +1,21 @@
 """The seed and paper networks, built from a config.
 
-Every model takes `norm` ("none", "batch", or "flax_batch" for Flax's own
-layer, used as a reference) and `bn_position`: "before" the activation (the
-paper's rule: the preceding layer loses its bias, which BN's shift replaces)
-or "after" it. Each activation's input is sown into the `intermediates`
+Every model takes `norm` (one of `NORMS`) and `bn_position`: "before" the
+activation (the paper's rule: the preceding layer loses its bias, which the
+norm's shift replaces) or "after" it. Norms:
+
+- "batch": `bnlab.BatchNorm` ("flax_batch": Flax's own, as a reference);
+- "renorm", "ghost", "noisy": Batch Renormalization, ghost batches, BN with
+  per-activation noise (see `bnlab.norm_linen`); "noisy" needs a `noise` RNG
+  in train mode;
+- "frozen": BN that always uses, and never updates, its running statistics;
+- "layer", "group": Flax's LayerNorm (over every non-batch axis) and
+  GroupNorm (`num_groups`), for comparison;
+- "none".
+
+Every batch-statistics norm is named `BatchNorm_0` in its block, so
+checkpoints carry over between them (e.g. fine-tuning a "batch" run with
+"frozen"). Each activation's input is sown into the `intermediates`
 collection as `preact_<i>` so analyses can record its distribution.
 """
 
@@ -17,10 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from bnlab.conv import Conv, max_pool
+from bnlab import norm_linen
 from bnlab.norm_linen import BatchNorm
 
 MODELS = ("paper_mlp", "seed_cnn", "seed1_mlp", "seed1_cnn")
-NORMS = ("none", "batch", "flax_batch")
+BATCH_STAT_NORMS = ("batch", "flax_batch", "renorm", "ghost", "noisy", "frozen")
+NORMS = ("none", *BATCH_STAT_NORMS, "layer", "group")
 BN_POSITIONS = ("before", "after")
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -54,11 +68,11 @@ def kernel_initializer(name: str, std: float = 0.01) -> Callable:
 
 
 class Block(nn.Module):
-  """layer -> [BN] -> activation -> [BN], with BN placed by `bn_position`."""
+  """layer -> [norm] -> activation -> [norm], with the norm placed by `bn_position`."""
 
   layer: Callable[[bool], nn.Module]  # use_bias -> the linear/conv layer
   activation: Callable
-  norm: Callable[[], nn.Module] | None
+  norm: Callable[[jax.Array, bool], jax.Array] | None  # (h, train) -> normalized h
   bn_position: str
   index: int
   flatten_before_norm: bool = False
@@ -70,11 +84,11 @@ class Block(nn.Module):
     if self.flatten_before_norm:
       h = h.reshape(h.shape[0], -1)
     if before:
-      h = self.norm()(h, use_running_average=not train)
+      h = self.norm(h, train)
     self.sow("intermediates", f"preact_{self.index}", h)
     h = self.activation(h)
     if self.norm is not None and not before:
-      h = self.norm()(h, use_running_average=not train)
+      h = self.norm(h, train)
     return h
 
 
@@ -98,20 +112,62 @@ class Classifier(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-5
   bn_variance: str = "shifted"
+  bn_running_average: str = "ema"
+  bn_ghost_size: int = 16
+  bn_renorm_r_max: float = 3.0
+  bn_renorm_d_max: float = 5.0
+  bn_renorm_warmup_steps: int = 5000
+  bn_renorm_r_max_steps: int = 40000
+  bn_renorm_d_max_steps: int = 25000
+  bn_noise_shift_max: float = 0.5
+  bn_noise_scale_max: float = 1.5
+  norm_num_groups: int = 4
   conv_implementation: str = "auto"
   num_classes: int = 10
 
-  def make_norm(self) -> Callable[[], nn.Module] | None:
+  def make_norm(self) -> Callable[[jax.Array, bool], jax.Array] | None:
+    """(h, train) -> normalized h, creating the norm layer in the calling block."""
+    if self.norm not in NORMS:
+      raise ValueError(f"model.norm={self.norm!r}; expected one of {NORMS}")
     if self.norm == "none":
       return None
-    if self.norm == "batch":
-      return functools.partial(
-          BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-          variance=self.bn_variance)
+    if self.norm == "layer":
+      return lambda h, train: nn.LayerNorm(
+          epsilon=self.bn_epsilon, reduction_axes=tuple(range(1, h.ndim)))(h)
+    if self.norm == "group":
+      return self._group_norm
+    bn = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     if self.norm == "flax_batch":
-      return functools.partial(
-          nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon)
-    raise ValueError(f"model.norm={self.norm!r}; expected one of {NORMS}")
+      layer = functools.partial(nn.BatchNorm, **bn)
+    elif self.norm == "batch" and self.bn_running_average == "ema":
+      layer = functools.partial(BatchNorm, variance=self.bn_variance, **bn)
+    else:
+      bn.update(variance=self.bn_variance, running_average=self.bn_running_average,
+                name="BatchNorm_0")
+      if self.norm in ("batch", "frozen"):
+        layer = functools.partial(
+            norm_linen.BatchNormVariant, frozen=self.norm == "frozen", **bn)
+      elif self.norm == "renorm":
+        layer = functools.partial(
+            norm_linen.BatchRenorm, r_max=self.bn_renorm_r_max, d_max=self.bn_renorm_d_max,
+            warmup_steps=self.bn_renorm_warmup_steps, r_max_steps=self.bn_renorm_r_max_steps,
+            d_max_steps=self.bn_renorm_d_max_steps, **bn)
+      elif self.norm == "ghost":
+        layer = functools.partial(norm_linen.GhostBatchNorm, ghost_size=self.bn_ghost_size, **bn)
+      else:  # noisy
+        layer = functools.partial(
+            norm_linen.NoisyBatchNorm, noise_shift_max=self.bn_noise_shift_max,
+            noise_scale_max=self.bn_noise_scale_max, **bn)
+    return lambda h, train: layer()(h, use_running_average=not train)
+
+  def _group_norm(self, h, train):
+    del train
+    features = h.shape[-1]
+    if features % self.norm_num_groups:
+      raise ValueError(
+          f"model.bn.num_groups={self.norm_num_groups} does not divide the {features} "
+          f"features of a normalized layer")
+    return nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=self.bn_epsilon)(h)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -157,7 +213,13 @@ def build_model(cfg) -> Classifier:
       activation=cfg.activation, norm=cfg.norm, bn_position=cfg.bn_position,
       kernel_init=cfg.kernel_init, init_std=cfg.init_std,
       bn_momentum=cfg.bn.momentum, bn_epsilon=cfg.bn.epsilon,
-      bn_variance=cfg.bn.variance, conv_implementation=cfg.conv_implementation)
+      bn_variance=cfg.bn.variance, bn_running_average=cfg.bn.running_average,
+      bn_ghost_size=cfg.bn.ghost_size, bn_renorm_r_max=cfg.bn.renorm_r_max,
+      bn_renorm_d_max=cfg.bn.renorm_d_max, bn_renorm_warmup_steps=cfg.bn.renorm_warmup_steps,
+      bn_renorm_r_max_steps=cfg.bn.renorm_r_max_steps,
+      bn_renorm_d_max_steps=cfg.bn.renorm_d_max_steps,
+      bn_noise_shift_max=cfg.bn.noise_shift_max, bn_noise_scale_max=cfg.bn.noise_scale_max,
+      norm_num_groups=cfg.bn.num_groups, conv_implementation=cfg.conv_implementation)
   if cfg.name in ("paper_mlp", "seed1_mlp"):
     return Classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
   if cfg.name == "seed_cnn":
@@ -172,6 +234,14 @@ def build_model(cfg) -> Classifier:
 def _expect_widths(cfg, widths, n):
   if len(widths) != n:
     raise ValueError(f"model.widths={widths} for {cfg.name} needs {n} entries")
+  return widths
+
+
+def normalized_features(cfg) -> tuple[int, ...]:
+  """The feature count (last axis) of each normalized layer of the model `cfg` describes."""
+  widths = tuple(cfg.widths) or DEFAULT_WIDTHS[cfg.name]
+  if cfg.name == "seed_cnn":
+    return (widths[1] * 11 * 11,)  # BN on the flattened 11x11 maps of conv 2
   return widths
 
 
