@@ -2,6 +2,8 @@
 
 Any config field can be overridden, e.g. `--config.optimizer.learning_rate=0.1`.
 This module only parses flags; `bnlab.train.train_and_evaluate` does the work.
+Every problem that is the user's to fix ends the run with exit status 2 and
+one line `error: <problem>; <fix>` on stderr; `--verbosity=1` adds the traceback.
 """
 
 from __future__ import annotations
@@ -25,48 +27,77 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError)
 
 
+def _fail(message: str) -> None:
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def check_config(cfg) -> None:
+  """`config_lib.validate`, with a malformed config (missing keys, wrong types) as ConfigError."""
+  try:
+    config_lib.validate(cfg)
+  except config_lib.ConfigError:
+    raise
+  except (KeyError, AttributeError, TypeError) as e:
+    detail = " ".join(str(e).split())[:200]
+    raise config_lib.ConfigError(
+        f"the config is malformed ({type(e).__name__}: {detail}); build it from "
+        "bnlab.config.base_config() and check each key's type against it") from e
+
+
+def execute(cfg, workdir: str) -> dict:
+  """Validates `cfg` and runs it in `workdir`; a user error exits with one line."""
+  from bnlab import train  # pylint: disable=g-import-not-at-top
+  try:
+    check_config(cfg)
+    return train.train_and_evaluate(cfg, workdir)
+  except USER_ERRORS as e:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    _fail(e)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments {argv[1:]}: every option is a --flag=value "
+          "(see --helpfull)")
   workdir_lib.quiet_library_logs()
-  from bnlab import train  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
   try:
     cfg.keys()
   except OSError as e:  # config_flags defers load failures to first use
-    detail = " ".join(str(e).split())
-    print(f"error: --config={flags.FLAGS['config'].config_filename!r} could not be "
-          f"loaded: {detail}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    summary = train.train_and_evaluate(cfg, _WORKDIR.value)
-  except USER_ERRORS as e:
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(f"--config={flags.FLAGS['config'].config_filename!r} could not be loaded: {e}")
+  summary = execute(cfg, _WORKDIR.value)
   shown = {k: summary[k] for k in ("diverged", "final_step", "test_accuracy", "train_loss",
                                    "full_train_accuracy", "wall_time") if k in summary}
   print(json.dumps(shown))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors for bad flags and config keys."""
+  """absl flag parsing with one-line errors for bad flags, config files and keys."""
+  config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     lines = [line for line in str(e).splitlines() if line.strip()]
     message = lines[0] + (f" {lines[-1].strip()}" if "Traceback" in str(e) else "")
+  except SyntaxError as e:
+    message = (f"config file {e.filename or config_file} has a syntax error at line "
+               f"{e.lineno}: {e.msg}; fix the file")
   except (AttributeError, KeyError) as e:
     key = str(e).strip("'\"")
-    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
-                 and a.split("=")[0].endswith("." + key)), key)
-    message = (f"{flag} names no key of the config: check its spelling against the "
-               "config file; keys and defaults are listed in bnlab/config.py")
+    if "get_config" in key:
+      message = f"config file {config_file} defines no get_config(); add one (see configs/)"
+    else:
+      flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                   and a.split("=")[0].endswith("." + key)), key)
+      message = (f"{flag} names no key of the config: check its spelling against the "
+                 "config file; keys and defaults are listed in bnlab/config.py")
   except (TypeError, ValueError) as e:
     message = f"bad config override: {e}"
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  except ImportError as e:
+    message = f"config file {config_file} could not be imported ({e}); fix its imports"
+  _fail(message)
 
 
 def run():

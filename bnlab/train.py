@@ -622,7 +622,8 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
         h = steps.member(host, i)
         count = max(float(h["count"]), 1.0)
         record = {"step": step, "epoch": step / plan.steps_per_epoch,
-                  "interval_steps": interval_steps,
+                  # Steps averaged in this record (its sums survive a resume).
+                  "interval_steps": int(h["count"]),
                   "train_loss": float(h["loss"]) / count,
                   "train_accuracy": float(h["correct"]) / (count * bs),
                   "examples_per_sec": interval_steps * bs / max(seconds, 1e-9)}

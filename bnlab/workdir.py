@@ -6,13 +6,24 @@ Layout:
   tensorboard/     TensorBoard event files
   checkpoints/     orbax checkpoints of the train state and metric sums
   summary.json     written last: the run's final numbers
-  .lock            the pid of the process using the directory
+  .lock            held (flock) by the process using the directory; names it
+  unreadable_checkpoints/  checkpoints that failed to restore, moved aside
+
+Every failure to read or write these raises WorkDirError naming the file and
+the fix. A run killed at any moment leaves nothing that blocks or misleads
+the next one: the lock dies with its process, temporary files are removed,
+and orbax publishes a checkpoint only once it is complete.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
 from typing import Any
 
@@ -43,28 +54,60 @@ class WorkDirError(RuntimeError):
   """The work directory cannot be used; the message says why and what to do."""
 
 
+def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
+  """A WorkDirError for a failed read/write of `path`, with the fix."""
+  reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+  if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+    fix = "free space on that disk, then rerun the same command to resume"
+  elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+    fix = "make it writable or choose another --workdir"
+  else:
+    fix = "check the disk and the path, then rerun the same command to resume"
+  return WorkDirError(f"{what} {path} failed ({reason}); {fix}")
+
+
 def _atomic_write(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  tmp = None
   try:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+  except OSError as e:
+    if tmp and os.path.exists(tmp):
+      os.remove(tmp)
+    raise _io_error("writing", path, e) from e
   except BaseException:
-    if os.path.exists(tmp):
+    if tmp and os.path.exists(tmp):
       os.remove(tmp)
     raise
 
 
-def _pid_alive(pid: int) -> bool:
+def _describe_holder(info: dict) -> str:
+  parts = [f"process {info.get('pid', '?')}"]
+  if info.get("host") and info["host"] != socket.gethostname():
+    parts.append(f"on host {info['host']}")
+  if info.get("argv"):
+    parts.append(f"({' '.join(info['argv'])[:160]})")
+  return " ".join(parts)
+
+
+def _read_lock_info(fd: int) -> dict:
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 65536).decode(errors="replace").strip()
+  except OSError:
+    return {}
+  if text.isdigit():  # the older format: just a pid
+    return {"pid": int(text)}
+  try:
+    info = json.loads(text)
+  except ValueError:
+    return {}
+  return info if isinstance(info, dict) else {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -82,69 +125,140 @@ class WorkDir:
 
   def __init__(self, path: str, cfg):
     self.path = os.path.abspath(path)
+    self._lock_fd = None
+    self._manager = None
+    self._tb = None
     try:
       os.makedirs(self.path, exist_ok=True)
-      probe = os.path.join(self.path, ".write-probe")
+      probe = os.path.join(self.path, f".write-probe-{os.getpid()}")
       with open(probe, "w") as f:
         f.write("ok")
       os.remove(probe)
     except OSError as e:
       raise WorkDirError(
-          f"work directory {self.path} is not writable ({e.strerror}); "
+          f"work directory {self.path} is not writable ({e.strerror or e}); "
           "choose another --workdir") from None
     self._lock_path = os.path.join(self.path, ".lock")
     self._acquire_lock()
-    self._check_config(cfg)
-    self.metrics_path = os.path.join(self.path, "metrics.jsonl")
-    self._tb = None
-    self._manager = ocp.CheckpointManager(
-        os.path.join(self.path, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.train.keep_checkpoints, create=True))
+    try:
+      self._remove_temporaries()
+      self._check_config(cfg)
+      self.metrics_path = os.path.join(self.path, "metrics.jsonl")
+      self._ckpt_dir = os.path.join(self.path, "checkpoints")
+      try:
+        self._manager = ocp.CheckpointManager(
+            self._ckpt_dir,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.train.keep_checkpoints, create=True,
+                cleanup_tmp_directories=True))
+      except Exception as e:  # pylint: disable=broad-except
+        raise _io_error("opening the checkpoint directory", self._ckpt_dir, e) from e
+    except BaseException:
+      self.close_lock()
+      raise
 
   # -- lock -----------------------------------------------------------------
   def _acquire_lock(self) -> None:
-    me = str(os.getpid())
-    for _ in range(2):
+    """An exclusive flock on .lock, released by the kernel when its process dies.
+
+    A lock left by a killed run is therefore never live, whatever pid it names
+    (pid reuse cannot keep it); the file only tells who holds a live one.
+    """
+    for _ in range(5):
       try:
-        fd = os.open(self._lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as f:
-          f.write(me)
-        return
-      except FileExistsError:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise _io_error("creating the lock file", self._lock_path, e) from e
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _describe_holder(_read_lock_info(fd))
+        os.close(fd)
+        raise WorkDirError(
+            f"work directory {self.path} is in use by {holder}; wait for it to "
+            "finish, stop it, or choose another --workdir") from None
+      except OSError as e:
+        os.close(fd)
+        raise _io_error("locking", self._lock_path, e) from e
+      try:  # the file may have been removed by its last holder meanwhile
+        same = os.fstat(fd).st_ino == os.stat(self._lock_path).st_ino
+      except FileNotFoundError:
+        same = False
+      if not same:
+        os.close(fd)
+        continue
+      old = _read_lock_info(fd)
+      if old:
+        logging.warning("Taking over the lock left in %s by %s, which has ended",
+                        self.path, _describe_holder(old))
+      info = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv[:8]}
+      os.ftruncate(fd, 0)
+      os.lseek(fd, 0, os.SEEK_SET)
+      os.write(fd, json.dumps(info).encode())
+      self._lock_fd = fd
+      return
+    raise WorkDirError(f"could not lock {self.path}: its lock file keeps changing; "
+                       "check that no other run uses it, then rerun")
+
+  def close_lock(self) -> None:
+    """Removes and releases the lock (removal first: no window for a third run)."""
+    if self._lock_fd is None:
+      return
+    try:
+      os.remove(self._lock_path)
+    except OSError:
+      pass
+    os.close(self._lock_fd)
+    self._lock_fd = None
+
+  def _remove_temporaries(self) -> None:
+    """Half-written files a killed run left behind (never read: safe to drop)."""
+    for name in os.listdir(self.path):
+      if name.startswith((".tmp-", ".write-probe-")):
         try:
-          other = int(open(self._lock_path).read().strip() or 0)
-        except (OSError, ValueError):
-          other = 0
-        if other and other != os.getpid() and _pid_alive(other):
-          raise WorkDirError(
-              f"work directory {self.path} is in use by process {other}; wait for "
-              "it to finish, stop it, or choose another --workdir") from None
-        logging.warning("Taking over stale lock of process %s in %s", other, self.path)
-        os.remove(self._lock_path)
-    raise WorkDirError(f"could not lock {self.path}; remove {self._lock_path}")
+          os.remove(os.path.join(self.path, name))
+        except OSError:
+          pass
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
-    if self._tb is not None:
-      self._tb.close()
-    if os.path.exists(self._lock_path):
-      os.remove(self._lock_path)
+    """Waits for pending checkpoint writes, then releases the directory."""
+    try:
+      if self._manager is not None:
+        manager, self._manager = self._manager, None
+        try:
+          manager.wait_until_finished()
+        finally:
+          manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _io_error("saving a checkpoint in", self._ckpt_dir, e) from e
+    finally:
+      if self._tb is not None:
+        try:
+          self._tb.close()
+        except Exception:  # pylint: disable=broad-except
+          pass
+        self._tb = None
+      self.close_lock()
 
   # -- config ---------------------------------------------------------------
   def _check_config(self, cfg) -> None:
     path = os.path.join(self.path, "config.json")
     new = json.loads(cfg.to_json_best_effort())
     if os.path.exists(path):
-      with open(path) as f:
-        old = json.load(f)
+      try:
+        with open(path) as f:
+          old = json.load(f)
+        if not isinstance(old, dict):
+          raise ValueError("not a JSON object")
+      except (OSError, ValueError) as e:
+        raise WorkDirError(
+            f"{path} is unreadable ({' '.join(str(e).split())[:120]}): this run's config "
+            "is unknown; restore the file, or use a new --workdir") from None
       a, b = _flatten(old), _flatten(new)
       # Keys the snapshot lacks were added to bnlab after the run started; a
       # resumed run takes their defaults, so they do not count as a change.
       diff = sorted(k for k in a if a.get(k) != b.get(k))
       if diff:
-        self.close_lock()
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
         raise ConfigError(
             f"work directory {self.path} holds a run with a different config "
@@ -152,42 +266,59 @@ class WorkDir:
     else:
       _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
-  def close_lock(self) -> None:
-    if os.path.exists(self._lock_path):
-      os.remove(self._lock_path)
-
   # -- metrics --------------------------------------------------------------
   def read_metrics(self) -> list[dict]:
+    """The records up to the first torn or foreign line (a killed run's last write)."""
     if not os.path.exists(self.metrics_path):
       return []
     records = []
-    with open(self.metrics_path) as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          break  # a torn last line from a killed run
+    try:
+      with open(self.metrics_path, errors="replace") as f:
+        for line in f:
+          line = line.strip()
+          if not line:
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            break
+          if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            break
+          records.append(record)
+    except OSError as e:
+      raise _io_error("reading", self.metrics_path, e) from e
     return records
 
   def truncate_metrics_after(self, step: int) -> None:
-    """Drops records past `step` (written after the checkpoint we resume from)."""
-    records = [r for r in self.read_metrics() if r["step"] <= step]
+    """Keeps the records up to `step` (the checkpoint resumed from), each step once."""
+    records, last = [], None
+    for r in self.read_metrics():
+      if r["step"] > step:
+        break
+      if last is not None and r["step"] <= last:
+        continue
+      records.append(r)
+      last = r["step"]
     _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
   def write_metrics(self, record: dict) -> None:
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
-    if self._tb is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(self.path, "tensorboard"))
-    for key, value in record.items():
-      if key not in ("step",) and isinstance(value, (int, float)):
-        self._tb.add_scalar(key, value, record["step"])
-    self._tb.flush()
+    try:
+      with open(self.metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+    except OSError as e:
+      raise _io_error("appending to", self.metrics_path, e) from e
+    try:
+      if self._tb is None:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(self.path, "tensorboard"))
+      for key, value in record.items():
+        if key not in ("step",) and isinstance(value, (int, float)):
+          self._tb.add_scalar(key, value, record["step"])
+      self._tb.flush()
+    except OSError as e:
+      raise _io_error("writing TensorBoard events to", os.path.join(self.path, "tensorboard"),
+                      e) from e
 
   def last_metrics(self) -> dict | None:
     """The latest value of every metric over the run's records."""
@@ -200,8 +331,16 @@ class WorkDir:
     path = os.path.join(self.path, "summary.json")
     if not os.path.exists(path):
       return None
-    with open(path) as f:
-      return json.load(f)
+    try:
+      with open(path) as f:
+        summary = json.load(f)
+      if not isinstance(summary, dict):
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+      raise WorkDirError(
+          f"{path} is unreadable ({' '.join(str(e).split())[:120]}); delete it and rerun "
+          "to redo the final evaluation from the last checkpoint") from None
+    return summary
 
   def write_summary(self, summary: dict) -> None:
     _atomic_write(os.path.join(self.path, "summary.json"),
@@ -209,23 +348,85 @@ class WorkDir:
 
   # -- checkpoints ----------------------------------------------------------
   def save(self, step: int, target) -> None:
-    self._manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)))
+    """Starts writing checkpoint `step` (orbax publishes it only once complete)."""
+    try:
+      self._manager.save(
+          step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _io_error(f"saving checkpoint {step} in", self._ckpt_dir, e) from e
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _io_error("saving a checkpoint in", self._ckpt_dir, e) from e
 
   def restore_latest(self, target):
     """The newest readable checkpoint restored into `target`'s structure, or None.
 
-    A checkpoint that fails to restore is reported and skipped in favour of the
-    one before it.
+    Unreadable newer checkpoints are reported and moved aside to
+    unreadable_checkpoints/ (so the resumed run can write those steps again).
+    Raises WorkDirError, touching nothing, when checkpoints exist but none fits.
     """
+    template = flax.serialization.to_state_dict(target)
+    bad = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        template = flax.serialization.to_state_dict(target)
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(template))
-        return flax.serialization.from_state_dict(target, restored)
+        _check_same_structure(template, restored)
+        result = flax.serialization.from_state_dict(target, restored)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint at step %d in %s is unreadable (%s); trying an "
-                        "older one", step, self.path, str(e).splitlines()[0][:200])
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
+                        os.path.join(self._ckpt_dir, str(step)), reason)
+        bad.append((step, reason))
+        continue
+      for s, _ in bad:
+        self._move_aside(s)
+      return result
+    if bad:
+      step, reason = bad[0]
+      raise WorkDirError(
+          f"no checkpoint in {self._ckpt_dir} fits this run (step {step}: {reason}); "
+          "they are damaged or from another model: move that directory aside to start "
+          "over, or use a new --workdir")
     return None
+
+  def _move_aside(self, step: int) -> None:
+    src = os.path.join(self._ckpt_dir, str(step))
+    dest_dir = os.path.join(self.path, "unreadable_checkpoints")
+    dest = os.path.join(dest_dir, str(step))
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(dest_dir, f"{step}.{n}"), n + 1
+    try:
+      os.makedirs(dest_dir, exist_ok=True)
+      shutil.move(src, dest)
+    except OSError as e:
+      raise _io_error("moving the unreadable checkpoint", src, e) from e
+    logging.warning("Moved unreadable checkpoint %s to %s", src, dest)
+    self._manager.reload()
+
+
+def _check_same_structure(template, restored) -> None:
+  """Raises ValueError when `restored` differs from `template` in keys, shapes or dtypes."""
+  a, b = _flatten_tree(template), _flatten_tree(restored)
+  if a.keys() != b.keys():
+    missing = sorted(a.keys() - b.keys())[:3] or sorted(b.keys() - a.keys())[:3]
+    raise ValueError(f"different structure (e.g. {missing})")
+  for k, v in a.items():
+    w = b[k]
+    for attr in ("shape", "dtype"):
+      x, y = getattr(v, attr, None), getattr(w, attr, None)
+      if x is not None and y is not None and x != y:
+        raise ValueError(f"{k} has {attr} {y}, expected {x}")
+
+
+def _flatten_tree(d, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  if isinstance(d, dict):
+    for k, v in d.items():
+      out.update(_flatten_tree(v, f"{prefix}{k}/"))
+  elif d is not None:
+    out[prefix] = d
+  return out
