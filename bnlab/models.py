@@ -67,6 +67,16 @@ def kernel_initializer(name: str, std: float = 0.01) -> Callable:
   raise ValueError(f"model.kernel_init={name!r}; expected one of {KERNEL_INITS}")
 
 
+def group_norm(h, train: bool, *, num_groups: int, epsilon: float):
+  """Flax's GroupNorm over the last axis, in the calling module; checks the groups."""
+  del train
+  if h.shape[-1] % num_groups:
+    raise ValueError(
+        f"model.bn.num_groups={num_groups} does not divide the {h.shape[-1]} features of a "
+        f"normalized layer")
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon)(h)
+
+
 class Block(nn.Module):
   """layer -> [norm] -> activation -> [norm], with the norm placed by `bn_position`."""
 
@@ -135,7 +145,8 @@ class Classifier(nn.Module):
       return lambda h, train: nn.LayerNorm(
           epsilon=self.bn_epsilon, reduction_axes=tuple(range(1, h.ndim)))(h)
     if self.norm == "group":
-      return self._group_norm
+      return functools.partial(
+          group_norm, num_groups=self.norm_num_groups, epsilon=self.bn_epsilon)
     bn = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     if self.norm == "flax_batch":
       layer = functools.partial(nn.BatchNorm, **bn)
@@ -159,15 +170,6 @@ class Classifier(nn.Module):
             norm_linen.NoisyBatchNorm, noise_shift_max=self.bn_noise_shift_max,
             noise_scale_max=self.bn_noise_scale_max, **bn)
     return lambda h, train: layer()(h, use_running_average=not train)
-
-  def _group_norm(self, h, train):
-    del train
-    features = h.shape[-1]
-    if features % self.norm_num_groups:
-      raise ValueError(
-          f"model.bn.num_groups={self.norm_num_groups} does not divide the {features} "
-          f"features of a normalized layer")
-    return nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=self.bn_epsilon)(h)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
