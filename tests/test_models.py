@@ -100,3 +100,16 @@ def test_pre_activations_returns_every_layer():
 def test_unknown_model_is_rejected():
   with pytest.raises(ValueError, match="model.name"):
     models.build_model(model_cfg(name="resnet"))
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_every_model_builds_and_trains_with_every_norm(name):
+  x = jax.random.randint(jax.random.key(1), (16, 28, 28), 0, 256).astype(jnp.uint8)
+  for norm in models.NORMS:
+    model = models.build_model(model_cfg(name=name, norm=norm))
+    v = model.init(jax.random.key(0), x)
+    logits, state = model.apply(v, x, train=True, mutable=["batch_stats"],
+                                rngs={"noise": jax.random.key(2)})
+    assert logits.shape == (16, 10) and bool(jnp.all(jnp.isfinite(logits))), norm
+    assert ("batch_stats" in v) == (norm in models.BATCH_STAT_NORMS), norm
+    assert model.apply(v, x).shape == (16, 10)
