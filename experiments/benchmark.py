@@ -7,6 +7,8 @@ at batch 60) it times training examples per second, median of --reps timed
 repetitions after a warm-up, of:
   - flax_loop: the Flax MNIST-example way: host batches from a host-shuffled
     numpy array, one jitted step per batch, flax.linen Conv/max_pool/BatchNorm;
+  - PyTorch eager (when installed: `pip install -e .[peers]`), the same models
+    and SGD, all CPU threads, batches sliced from in-memory tensors;
   - bnlab: bnlab's engine (device-resident data, the loop form and convolution
     `auto` resolves to on this platform), plus each explicit form for insight.
 Prints a Markdown table with ratios and the platform, and writes it to --out.
@@ -152,6 +154,51 @@ def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto"
   return steps * batch / statistics.median(times), loop
 
 
+def torch_rate(model_name, norm, batch, steps, reps, images, labels):
+  """Examples/s of PyTorch eager training (all CPU threads), or None if torch is absent."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from torch import nn as tnn  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+  torch.set_num_threads(int(os.environ.get("BNLAB_TORCH_THREADS", os.cpu_count() or 1)))
+  if model_name == "seed_cnn":
+    layers = [tnn.Conv2d(1, 32, 3), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3),
+              tnn.ReLU(), tnn.Flatten()]
+    if norm == "batch":
+      layers.append(tnn.BatchNorm1d(7744, eps=1e-3, momentum=0.01))
+    layers += [tnn.Linear(7744, 64), tnn.ReLU(), tnn.Linear(64, 10)]
+    x_all = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+  else:
+    layers = [tnn.Flatten()]
+    for fan_in in (784, 100, 100):
+      layers += [tnn.Linear(fan_in, 100, bias=False), tnn.BatchNorm1d(100), tnn.Sigmoid()]
+    layers.append(tnn.Linear(100, 10))
+    x_all = torch.from_numpy(images.astype(np.float32) / 255.0)
+  model = tnn.Sequential(*layers).train()
+  y_all = torch.from_numpy(labels.astype(np.int64))
+  opt = torch.optim.SGD(model.parameters(), lr=0.01)
+  loss_fn = tnn.CrossEntropyLoss()
+  perm = torch.randperm(len(y_all))
+
+  def run(n):
+    for i in range(n):
+      idx = perm[(i * batch) % (len(y_all) - batch):][:batch]
+      opt.zero_grad(set_to_none=True)
+      loss = loss_fn(model(x_all[idx]), y_all[idx])
+      loss.backward()
+      opt.step()
+
+  run(3)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    run(steps)
+    times.append(time.perf_counter() - t0)
+  return steps * batch / statistics.median(times)
+
+
 def load_images(source: str):
   if source == "random":
     rng = np.random.default_rng(0)
@@ -179,18 +226,22 @@ def main():
             f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
             f"jax {jax.__version__}. Examples/s, median of {args.reps} after warm-up.")
   print(header, flush=True)
-  rows = ["| case | batch | Flax loop | bnlab auto (form) | ratio | bnlab scan | bnlab loop |",
-          "|---|---|---|---|---|---|---|"]
+  rows = ["| case | batch | Flax loop | PyTorch eager | bnlab auto (form) | vs Flax loop | "
+          "vs PyTorch | bnlab scan | bnlab loop |",
+          "|---|---|---|---|---|---|---|---|---|"]
   for name, model_name, norm, batch, steps in CASES:
     steps = max(5, int(steps * args.steps_scale))
     base = flax_loop_rate(model_name, norm, batch, steps, args.reps, images, labels)
+    peer = torch_rate(model_name, norm, batch, steps, args.reps, images, labels)
     auto, form = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels)
     extra = {}
     for f in ("scan", "loop"):
       if f in args.forms.split(","):
         extra[f] = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels,
                               loop=f)[0]
-    row = (f"| {name} | {batch} | {base:,.0f} | {auto:,.0f} ({form}) | {auto / base:.2f}x | "
+    peer_cells = ("not installed", "-") if peer is None else (f"{peer:,.0f}", f"{auto / peer:.2f}x")
+    row = (f"| {name} | {batch} | {base:,.0f} | {peer_cells[0]} | {auto:,.0f} ({form}) | "
+           f"{auto / base:.2f}x | {peer_cells[1]} | "
            f"{extra.get('scan', float('nan')):,.0f} | {extra.get('loop', float('nan')):,.0f} |")
     rows.append(row)
     print(row, flush=True)
