@@ -1,0 +1,230 @@
+"""Kill soak: SIGKILL runs at random moments, restart them, and check they end exact.
+
+Each attempt starts `python -m bnlab.main` on a fresh work directory, kills it
+with SIGKILL after a random delay (1 to `--max_kills` times; half the delays
+anywhere in the process's life, half once training has begun, where most time
+goes to writing checkpoints), reruns the same command until it finishes, and
+compares the result with an uninterrupted reference run: every array of the
+final checkpoint (params, batch_stats, optimizer state, rng, metric sums) bit
+for bit, metrics.jsonl and summary.json (except wall_time and examples_per_sec).
+
+  python experiments/kill_soak.py --attempts=20 --workdir=/tmp/kill_soak
+
+Prints one line per attempt and `resumed exactly: N/M`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny run that checkpoints every step (keeping 2: old ones are deleted as it
+# goes), so kills land in checkpoint writes and deletions as well as in training.
+OVERRIDES = {
+    "train.num_epochs": 2,
+    "train.checkpoint_every_steps": 1,
+    "train.log_every_steps": 1,
+    "train.eval_every_steps": 5,
+    "train.keep_checkpoints": 2,
+    "optimizer.learning_rate": 0.05,
+}
+VOLATILE = ("wall_time", "examples_per_sec")
+
+
+def make_data(directory: str) -> str:
+  """Writes the tests' tiny IDX MNIST (320 train / 100 test images) into `directory`."""
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import tiny_mnist  # pylint: disable=g-import-not-at-top
+  tiny_mnist.write_mnist_dir(directory, num_train=320, num_test=100)
+  return directory
+
+
+def cli_args(workdir: str, data_dir: str) -> list[str]:
+  return [sys.executable, "-m", "bnlab.main", "--config=configs/seed1_mlp.py",
+          f"--workdir={workdir}", "--config.data.source=idx", f"--config.data.dir={data_dir}",
+          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+
+
+def config(data_dir: str):
+  """The config `cli_args` runs, for an in-process reference."""
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import seed1_mlp  # pylint: disable=g-import-not-at-top
+  c = seed1_mlp.get_config()
+  c.data.source, c.data.dir = "idx", data_dir
+  for key, value in OVERRIDES.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def snapshot(workdir: str) -> dict:
+  """What must match between runs: final checkpoint arrays, metrics, summary."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mngr.latest_step()
+  tree = mngr.restore(step, args=ocp.args.StandardRestore())
+  arrays = {jax.tree_util.keystr(path): np.asarray(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  mngr.close()
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+               for line in f]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = {k: v for k, v in json.load(f).items() if k not in VOLATILE}
+  return {"step": step, "arrays": arrays, "metrics": metrics, "summary": summary}
+
+
+def differences(ref: dict, got: dict) -> list[str]:
+  """Where `got` differs from `ref` (empty: identical)."""
+  out = []
+  if ref["step"] != got["step"]:
+    out.append(f"final checkpoint step {got['step']} != {ref['step']}")
+  if ref["arrays"].keys() != got["arrays"].keys():
+    out.append("checkpoint structure differs")
+  for k, a in ref["arrays"].items():
+    b = got["arrays"].get(k)
+    if b is None or a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+      out.append(f"checkpoint array {k} differs")
+  if [r["step"] for r in ref["metrics"]] != [r["step"] for r in got["metrics"]]:
+    out.append(f"metrics steps {[r['step'] for r in got['metrics']]}")
+  elif ref["metrics"] != got["metrics"]:
+    bad = [a["step"] for a, b in zip(ref["metrics"], got["metrics"]) if a != b]
+    out.append(f"metrics differ at steps {bad}")
+  if ref["summary"] != got["summary"]:
+    keys = sorted(k for k in ref["summary"].keys() | got["summary"].keys()
+                  if ref["summary"].get(k) != got["summary"].get(k))
+    out.append(f"summary differs in {keys}")
+  return out
+
+
+def leftovers(workdir: str) -> list[str]:
+  """State a finished run must not hold: a lock, temporaries, moved-aside checkpoints."""
+  bad = [n for n in os.listdir(workdir)
+         if n == ".lock" or n.startswith(".tmp-") or n == "unreadable_checkpoints"]
+  bad += [f"checkpoints/{n}" for n in os.listdir(os.path.join(workdir, "checkpoints"))
+          if "tmp" in n]
+  return bad
+
+
+def _checkpoint_in_flight(workdir: str) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any("tmp" in n for n in os.listdir(d))
+
+
+def _training_started(workdir: str, size_at_start: int) -> bool:
+  try:
+    return os.path.getsize(os.path.join(workdir, "metrics.jsonl")) > size_at_start
+  except OSError:
+    return False
+
+
+def kill_once(args: list[str], workdir: str, delay: float, after_training_starts: bool,
+              timeout: float = 300) -> dict:
+  """Runs `args`, SIGKILLs it `delay` s after its start (or after training starts).
+
+  Returns {"killed": bool, "in_checkpoint": bool (a checkpoint was being written),
+  "rc": exit status}.
+  """
+  try:
+    size0 = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
+  except OSError:
+    size0 = 0
+  p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  start = time.monotonic()
+  if after_training_starts:
+    while p.poll() is None and not _training_started(workdir, size0):
+      if time.monotonic() - start > timeout:
+        break
+      time.sleep(0.005)
+    start = time.monotonic()
+  while p.poll() is None and time.monotonic() - start < delay:
+    time.sleep(0.002)
+  if p.poll() is None:
+    in_ckpt = _checkpoint_in_flight(workdir)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    return {"killed": True, "in_checkpoint": in_ckpt, "rc": p.returncode}
+  err = p.stderr.read().decode(errors="replace")
+  p.stderr.close()
+  if p.returncode != 0:
+    raise RuntimeError(f"run exited {p.returncode}: {err.strip().splitlines()[-3:]}")
+  return {"killed": False, "in_checkpoint": False, "rc": 0}
+
+
+def run_to_completion(args: list[str], timeout: float = 600) -> str:
+  p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  if p.returncode != 0:
+    raise RuntimeError(f"run exited {p.returncode}: {p.stderr.strip().splitlines()[-3:]}")
+  return p.stderr
+
+
+def attempt(workdir: str, data_dir: str, delays: list[tuple[float, bool]]) -> dict:
+  """Kills a fresh run once per (delay, after_training_starts), then finishes it."""
+  shutil.rmtree(workdir, ignore_errors=True)
+  args = cli_args(workdir, data_dir)
+  kills = [kill_once(args, workdir, d, after) for d, after in delays]
+  log = run_to_completion(args)
+  return {"kills": sum(k["killed"] for k in kills),
+          "in_checkpoint": sum(k["in_checkpoint"] for k in kills),
+          "warnings": [line for line in log.splitlines() if line.startswith("W")]}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--attempts", type=int, default=20)
+  parser.add_argument("--max_kills", type=int, default=3)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--workdir", default="/tmp/bnlab_kill_soak")
+  opts = parser.parse_args()
+  start = time.perf_counter()
+  rng = random.Random(opts.seed)
+  shutil.rmtree(opts.workdir, ignore_errors=True)
+  data_dir = make_data(os.path.join(opts.workdir, "idx"))
+  ref_dir = os.path.join(opts.workdir, "reference")
+  t0 = time.perf_counter()
+  run_to_completion(cli_args(ref_dir, data_dir))
+  lifetime = time.perf_counter() - t0
+  ref = snapshot(ref_dir)
+  with open(os.path.join(ref_dir, "summary.json")) as f:
+    train_time = max(json.load(f)["wall_time"], 0.5)
+  print(f"reference: {lifetime:.1f} s per uninterrupted run ({train_time:.1f} s training), "
+        f"final step {ref['step']}", flush=True)
+  exact, total_kills, in_ckpt = 0, 0, 0
+  for i in range(opts.attempts):
+    delays = []
+    for _ in range(rng.randint(1, opts.max_kills)):
+      after = rng.random() < 0.5
+      delays.append((rng.uniform(0, train_time if after else lifetime), after))
+    wd = os.path.join(opts.workdir, f"attempt_{i:02d}")
+    result = attempt(wd, data_dir, delays)
+    diffs = differences(ref, snapshot(wd)) + [f"left over: {x}" for x in leftovers(wd)]
+    exact += not diffs
+    total_kills += result["kills"]
+    in_ckpt += result["in_checkpoint"]
+    shown = ", ".join(f"{d:.2f}s{'*' if a else ''}" for d, a in delays)
+    print(f"attempt {i + 1}: kills {result['kills']} at [{shown}] "
+          f"({result['in_checkpoint']} while a checkpoint was being written): "
+          f"{'exact' if not diffs else 'DIFFERENT: ' + '; '.join(diffs[:4])}", flush=True)
+    if not diffs:
+      shutil.rmtree(wd)
+  print(f"kills: {total_kills} ({in_ckpt} while a checkpoint was being written); "
+        "* = delay counted from the start of training")
+  print(f"resumed exactly: {exact}/{opts.attempts}")
+  print(f"wall time: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
