@@ -38,6 +38,8 @@ LARGE_ADVANTAGE = 0.05  # "large" BN advantage: at least 5 points of test accura
 MODEL_LABELS = {"paper_mlp": "paper MLP (sigmoid, batch 60)",
                 "seed_cnn": "seed CNN (ReLU, batch 32)"}
 NORM_LABELS = {"batch": "BN", "none": "no BN"}
+# Images per class (digits 0-9) in MNIST's 10,000-image test set.
+MNIST_TEST_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
 
 # A public reproduction of Ioffe & Szegedy's MLP (SGD, batch 60, 50,000 steps):
 # (activation, learning rate) -> (test accuracy without BN, with BN).
@@ -211,8 +213,9 @@ def plot_final_accuracy(cells, models, lrs, path: str) -> None:
     top.set_xscale("log")
     top.set_title(MODEL_LABELS.get(model, model))
     top.set_ylabel("final test accuracy")
-    top.legend(loc="center left", title="line: seed mean\nband: min..max\nx: diverged",
-               title_fontsize=7, fontsize=8)
+    if j == 0:
+      top.legend(loc="lower right", title="line: seed mean\nband: min..max\nx: diverged",
+                 title_fontsize=7, fontsize=8)
     top.grid(alpha=0.3)
     bottom.set_yscale("log")
     bottom.set_ylim(5e-3, 1)
@@ -244,7 +247,7 @@ def plot_steps_to_97(cells, models, lrs, budgets, path: str) -> None:
           xs.append(lr)
           ys.append(c["steps_to_97_mean"])
           ax.annotate(f"{c['reached_97']}/{c['seeds']}", (lr, c["steps_to_97_mean"]),
-                      textcoords="offset points", xytext=(0, 6 if k == 0 else -11),
+                      textcoords="offset points", xytext=(-9, 6) if k == 0 else (9, -12),
                       ha="center", fontsize=7, color=colors[norm])
       ax.plot(xs, ys, "-" if norm == "batch" else "--", color=colors[norm], marker="o", ms=4,
               label=NORM_LABELS[norm])
@@ -258,7 +261,7 @@ def plot_steps_to_97(cells, models, lrs, budgets, path: str) -> None:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("steps to 97% test accuracy")
     ax.legend(fontsize=8, title="mean of seeds that reached it\n(k/n: how many)",
-              title_fontsize=7, loc="upper right")
+              title_fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -300,6 +303,22 @@ def pattern_check(cells, models, lrs) -> list[str]:
       text += (f" (Below the best rate, every no-BN seed stalled or diverged at "
                f"{fmt(low_fail)}, and BN trained at {fmt(low_wins)}: a failure at *small* "
                "rates, not the high-rate pattern.)")
+    both_fail = [lr for lr in lrs if fails(cells.get((model, "none", lr)))
+                 and fails(cells.get((model, "batch", lr)))]
+    if both_fail:
+      bc = [cells[(model, "batch", lr)] for lr in both_fail]
+      nc = [cells[(model, "none", lr)] for lr in both_fail]
+      text += (f" Both fail at {fmt(both_fail)}: BN diverged in {sum(c['diverged'] for c in bc)}"
+               f" and stalled in {sum(c['stalled'] for c in bc)} of {sum(c['seeds'] for c in bc)}"
+               f" runs there, no BN diverged in {sum(c['diverged'] for c in nc)} and stalled in "
+               f"{sum(c['stalled'] for c in nc)} of {sum(c['seeds'] for c in nc)}.")
+    worse = [lr for lr in lrs
+             if (b := cells.get((model, "batch", lr))) and (n := cells.get((model, "none", lr)))
+             and b["acc_mean"] is not None and n["acc_mean"] is not None
+             and n["trained"] == n["seeds"] and b["acc_mean"] <= n["acc_mean"] - LARGE_ADVANTAGE]
+    if worse:
+      text += (f" Rates where every no-BN seed trained and BN's mean final test accuracy is at "
+               f"least {LARGE_ADVANTAGE * 100:.0f} points lower: {fmt(worse)}.")
     lines.append(text)
   return lines
 
@@ -391,6 +410,14 @@ def main(argv):
       lines.append(f"| {lr:g} | {fmt_acc(b)} | {fmt_acc(n)} | {fmt_steps(b)} | "
                    f"{fmt_steps(n)} | {fmt_fail(b)} | {fmt_fail(n)} |")
     lines.append("")
+  stalled = [r for r in rows if r["status"] == "done" and r["test_accuracy"] is not None
+             and r["test_accuracy"] < STALLED_BELOW]
+  if stalled:
+    const = [r for r in stalled
+             if round(r["test_accuracy"] * 10000) in MNIST_TEST_COUNTS]
+    lines += [f"Stalled runs: {len(stalled)}; of these, {len(const)} end at a test accuracy "
+              "equal to one digit's share of the test set (e.g. 0.1135 = the 1,135 images of "
+              "digit 1), the accuracy of predicting that digit for every image.", ""]
   lines += ["![steps to 97% test accuracy](steps_to_97.png)", "",
             "Steps to 97% test accuracy; the dotted line is the step budget. A missing point: "
             "no seed reached 97% within the budget.", ""]
