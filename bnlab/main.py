@@ -66,7 +66,8 @@ def main(argv):
   try:
     cfg.keys()
   except OSError as e:  # config_flags defers load failures to first use
-    _fail(f"--config={flags.FLAGS['config'].config_filename!r} could not be loaded: {e}")
+    _fail(f"--config={flags.FLAGS['config'].config_filename!r} could not be loaded ({e}); "
+          "check the path")
   summary = execute(cfg, _WORKDIR.value)
   shown = {k: summary[k] for k in ("diverged", "final_step", "test_accuracy", "train_loss",
                                    "full_train_accuracy", "wall_time") if k in summary}
@@ -81,6 +82,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     lines = [line for line in str(e).splitlines() if line.strip()]
     message = lines[0] + (f" {lines[-1].strip()}" if "Traceback" in str(e) else "")
+    message += "; see --helpfull for the flags and bnlab/config.py for the config keys"
   except SyntaxError as e:
     message = (f"config file {e.filename or config_file} has a syntax error at line "
                f"{e.lineno}: {e.msg}; fix the file")

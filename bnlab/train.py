@@ -310,7 +310,8 @@ def load_data(cfg) -> data_lib.Dataset:
                          ("data.num_test", n_test, len(ds.test_labels))):
       if n > have:
         raise config_lib.ConfigError(
-            f"config.{key}={n} but the {ds.source} data has only {have} examples")
+            f"config.{key}={n} but the {ds.source} data has only {have} examples; "
+            "lower it (0 = all)")
     ds = dataclasses.replace(
         ds, verified=False,
         train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],

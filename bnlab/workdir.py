@@ -57,7 +57,9 @@ class WorkDirError(RuntimeError):
 def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
   """A WorkDirError for a failed read/write of `path`, with the fix."""
   reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
-  if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+  text = str(e)
+  if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+      t in text for t in ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED", "quota")):
     fix = "free space on that disk, then rerun the same command to resume"
   elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
     fix = "make it writable or choose another --workdir"
