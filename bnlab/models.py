@@ -239,6 +239,20 @@ def _expect_widths(cfg, widths, n):
   return widths
 
 
+# Folded into the run's key before the step, so noise keys never equal the
+# per-epoch shuffling keys fold_in(key, epoch).
+NOISE_STREAM = 2**31 + 1
+
+
+def train_rngs(rng_data: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+  """The RNG streams of a train-mode apply at `step`, from a run's raw key data.
+
+  {"noise": key}: a key per step for norm="noisy" (unused by the other norms).
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), NOISE_STREAM)
+  return {"noise": jax.random.fold_in(key, step)}
+
+
 def normalized_features(cfg) -> tuple[int, ...]:
   """The feature count (last axis) of each normalized layer of the model `cfg` describes."""
   widths = tuple(cfg.widths) or DEFAULT_WIDTHS[cfg.name]

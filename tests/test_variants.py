@@ -421,3 +421,12 @@ def test_config_rejects_bad_variant_values(changes, key):
 def test_config_accepts_every_norm():
   for norm in models.NORMS:
     config_lib.validate(run_config(norm=norm, bn__num_groups=2))
+
+
+def test_train_rngs_give_a_noise_key_per_step_apart_from_the_shuffling_keys():
+  data = jax.random.key_data(jax.random.key(0))
+  keys = [jax.random.key_data(models.train_rngs(data, s)["noise"]) for s in range(3)]
+  assert len({tuple(np.asarray(k)) for k in keys}) == 3
+  np.testing.assert_array_equal(jax.random.key_data(models.train_rngs(data, 1)["noise"]), keys[1])
+  shuffle = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), 1))
+  assert not np.array_equal(shuffle, keys[1])
