@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loop = "auto"  # auto | scan | loop (see bnlab.train.resolve_loop)
   c.train.steps_per_call = 0  # scan: max steps per compiled call; 0 -> epoch
   c.train.unroll = 1  # scan unroll factor
+  c.train.num_devices = 1  # data-parallel over this many devices; 0 = all visible
   c.train.log_every_steps = 0  # 0 -> every eval
   c.train.eval_every_steps = 0  # > 0 overrides eval_every_epochs
   c.train.eval_every_epochs = 1
@@ -166,6 +167,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
               "checkpoint_every_steps"):
     _check(isinstance(t[key], int) and t[key] >= 0, f"train.{key}", t[key], "an integer >= 0")
   _check(t.unroll >= 1, "train.unroll", t.unroll, "an integer >= 1")
+  _check(isinstance(t.num_devices, int) and t.num_devices >= 0, "train.num_devices",
+         t.num_devices, "an integer >= 0 (0 = every visible device)")
   _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "an integer > 0")
   _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints,
          "an integer >= 1")

@@ -181,33 +181,57 @@ def epoch_permutation(state: TrainState, epoch, num_examples: int) -> jax.Array:
   return jax.random.permutation(key, num_examples)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "batch_size", "unroll"))
+def _gather_batch(images, labels, perm, step, batch_size: int, batch_sharding):
+  """Step `step`'s batch from device-resident data, split over devices if sharded."""
+  steps_per_epoch = perm.shape[0] // batch_size
+  start = (step % steps_per_epoch) * batch_size
+  idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+  x, y = images[idx], labels[idx]
+  if batch_sharding is not None:
+    x = jax.lax.with_sharding_constraint(x, batch_sharding)
+    y = jax.lax.with_sharding_constraint(y, batch_sharding)
+  return x, y
+
+
+@functools.partial(jax.jit, static_argnames=("length", "batch_size", "unroll",
+                                             "batch_sharding"))
 def run_steps(state, sums, images, labels, perm, *, length: int, batch_size: int,
-              unroll: int = 1):
+              unroll: int = 1, batch_sharding=None):
   """`length` consecutive train steps of one epoch as one `lax.scan`.
 
   The batch of step s is `perm[(s mod steps_per_epoch) * batch_size:][:batch_size]`,
-  gathered from the device-resident `images`/`labels`.
+  gathered from the device-resident `images`/`labels`. With `batch_sharding`
+  (a `NamedSharding` over the batch axis) each device computes on its part of
+  the batch; reductions over the batch, BN's statistics included, stay global.
   """
-  steps_per_epoch = perm.shape[0] // batch_size
 
   def body(carry, _):
     st, sm = carry
-    start = (st.step % steps_per_epoch) * batch_size
-    idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-    return train_step(st, sm, images[idx], labels[idx]), None
+    x, y = _gather_batch(images, labels, perm, st.step, batch_size, batch_sharding)
+    return train_step(st, sm, x, y), None
 
   (state, sums), _ = jax.lax.scan(body, (state, sums), None, length=length, unroll=unroll)
   return state, sums
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def run_one_step(state, sums, images, labels, perm, *, batch_size: int):
+@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding"))
+def run_one_step(state, sums, images, labels, perm, *, batch_size: int, batch_sharding=None):
   """A single train step, gathering its batch on the device."""
-  steps_per_epoch = perm.shape[0] // batch_size
-  start = (state.step % steps_per_epoch) * batch_size
-  idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-  return train_step(state, sums, images[idx], labels[idx])
+  x, y = _gather_batch(images, labels, perm, state.step, batch_size, batch_sharding)
+  return train_step(state, sums, x, y)
+
+
+def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
+  """A 1-D mesh ("batch") over the first `num_devices` devices (0: all), or None for one."""
+  devices = jax.devices()
+  n = len(devices) if num_devices == 0 else num_devices
+  if n > len(devices):
+    raise config_lib.ConfigError(
+        f"config.train.num_devices={num_devices} but only {len(devices)} "
+        f"{jax.default_backend()} devices are visible; lower it (0 = all)")
+  if n == 1:
+    return None
+  return jax.sharding.Mesh(np.array(devices[:n]), ("batch",))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
@@ -440,7 +464,9 @@ def evaluate_members(apply_fn, params, batch_stats, images, labels, *, batch_siz
 class _Steps:
   """The compiled calls of a run: one state, or a stack of members (`stacked`)."""
 
-  def __init__(self, cfg, eval_model, num_train: int, stacked: bool):
+  def __init__(self, cfg, eval_model, num_train: int, stacked: bool, mesh=None):
+    self.batch_sharding = (None if mesh is None else
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
     self.loop = resolve_loop(cfg.train.loop, cfg.model)
     self.batch_size = cfg.train.batch_size
     self.unroll = cfg.train.unroll
@@ -454,13 +480,15 @@ class _Steps:
     return epoch_permutation(state, epoch, self.num_train)
 
   def train(self, state, sums, images, labels, perm, length: int):
+    sharded = {} if self.batch_sharding is None else {"batch_sharding": self.batch_sharding}
     if self.loop == "scan":
       fn = run_steps_group if self.stacked else run_steps
       return fn(state, sums, images, labels, perm, length=length,
-                batch_size=self.batch_size, unroll=self.unroll)
+                batch_size=self.batch_size, unroll=self.unroll, **sharded)
     fn = run_one_step_group if self.stacked else run_one_step
     for _ in range(length):
-      state, sums = fn(state, sums, images, labels, perm, batch_size=self.batch_size)
+      state, sums = fn(state, sums, images, labels, perm, batch_size=self.batch_size,
+                       **sharded)
     return state, sums
 
   def evaluate(self, state, images, labels, batch_size: int):
@@ -548,8 +576,13 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
   eval_model = models.build_model(eval_model_config(cfg.model))
   tx = make_optimizer(cfg.optimizer, plan.total_steps)
   num_train = len(ds.train_labels)
-  steps = _Steps(cfg, eval_model, num_train, stacked)
   bs = cfg.train.batch_size
+  mesh = None if stacked else data_parallel_mesh(cfg.train.num_devices)
+  if mesh is not None and bs % mesh.size:
+    raise config_lib.ConfigError(
+        f"config.train.batch_size={bs} does not split over {mesh.size} devices; make it a "
+        f"multiple of {mesh.size} or set train.num_devices")
+  steps = _Steps(cfg, eval_model, num_train, stacked, mesh)
   if stacked:
     # One update function for all; each member's hyperparameters (its learning
     # rate) live in its own optimizer state.
@@ -574,10 +607,14 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
     if m.recording:  # a fresh start (step 0) keeps no records at all
       m.wd.truncate_metrics_after(step if step > 0 else -1)
 
-  train_images = jax.device_put(ds.train_images)
-  train_labels = jax.device_put(ds.train_labels.astype(np.int32))
-  test_images = jax.device_put(ds.test_images)
-  test_labels = jax.device_put(ds.test_labels.astype(np.int32))
+  # Data, state and metric sums live on the device(s); with a mesh, replicated.
+  place = (jax.device_put if mesh is None else functools.partial(
+      jax.device_put, device=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+  state, sums, zero_sums = place(state), place(sums), place(zero_sums)
+  train_images = place(ds.train_images)
+  train_labels = place(ds.train_labels.astype(np.int32))
+  test_images = place(ds.test_images)
+  test_labels = place(ds.test_labels.astype(np.int32))
   eval_bs = min(cfg.train.eval_batch_size, len(ds.test_labels))
   info = {"loop": steps.loop, "backend": jax.default_backend(),
           "conv_implementation": conv_lib.resolve_conv_implementation(
@@ -586,6 +623,7 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
           "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch}
   if stacked:
     info["group_size"] = len(members)
+  info["num_devices"] = 1 if mesh is None else mesh.size
   logging.info("Run: %s", json.dumps(info))
 
   perm_epoch, perm = None, None
