@@ -216,7 +216,7 @@ def activation_noise(
     key: jax.Array, feature_shape, *, shift_max: float, scale_max: float,
     dtype: Any = jnp.float32,
 ) -> NoiseTransform:
-  """A random per-activation affine perturbation: shift ~ U(-shift_max, shift_max), scale ~ U(1, scale_max).
+  """A random affine map per activation: scale ~ U(1, scale_max), shift ~ U(-shift_max, shift_max).
 
   Noisy BN (Santurkar et al. 2018, section 3.1) perturbs each BN output with
   noise of non-zero mean and non-unit variance whose distribution changes
@@ -258,9 +258,9 @@ def population_average(
   averages, a_k = a_{k-1} + (b_k - a_{k-1}) / k: sums divided by the count,
   without a large float32 sum. The first batch replaces the initial values.
   """
-  k = jnp.asarray(num_batches) + 1
+  num_batches = jnp.asarray(num_batches)
+  k = num_batches + 1
   w = 1.0 / k.astype(mean.dtype)
   new_mean = mean + (batch_mean.astype(mean.dtype) - mean) * w
   new_var = var + (batch_var.astype(var.dtype) - var) * w
-  return PopulationStats(
-      lax.stop_gradient(new_mean), lax.stop_gradient(new_var), k.astype(jnp.asarray(num_batches).dtype))
+  return PopulationStats(lax.stop_gradient(new_mean), lax.stop_gradient(new_var), k)
