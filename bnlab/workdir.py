@@ -147,6 +147,9 @@ class WorkDir:
       self._check_config(cfg)
       self.metrics_path = os.path.join(self.path, "metrics.jsonl")
       self._ckpt_dir = os.path.join(self.path, "checkpoints")
+      if os.path.exists(self._ckpt_dir) and not os.path.isdir(self._ckpt_dir):
+        raise WorkDirError(f"{self._ckpt_dir} is not a directory; move it aside or "
+                           "choose another --workdir")
       try:
         self._manager = ocp.CheckpointManager(
             self._ckpt_dir,

@@ -207,7 +207,7 @@ def main() -> None:
     delays = []
     for _ in range(rng.randint(1, opts.max_kills)):
       after = rng.random() < 0.5
-      delays.append((rng.uniform(0, train_time if after else lifetime), after))
+      delays.append((rng.uniform(0, train_time if after else 0.8 * lifetime), after))
     wd = os.path.join(opts.workdir, f"attempt_{i:02d}")
     result = attempt(wd, data_dir, delays)
     diffs = differences(ref, snapshot(wd)) + [f"left over: {x}" for x in leftovers(wd)]
