@@ -153,7 +153,7 @@ def train_step(state: TrainState, sums, images, labels) -> tuple[TrainState, dic
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images,
-        train=True, mutable=["batch_stats"])
+        train=True, mutable=["batch_stats"], rngs=models.train_rngs(state.rng, state.step))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, updates.get("batch_stats", {}))
 

@@ -198,3 +198,11 @@ def test_unknown_analysis_layer_is_a_config_error(idx_dir):
   cfg = tiny_config(idx_dir, **{"analysis.layers": ("preact_7",)})
   with pytest.raises(config_lib.ConfigError, match="analysis.layers"):
     config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("norm", ["noisy", "renorm", "ghost", "group"])
+def test_variants_train_through_the_engine(idx_dir, tmp_path, norm):
+  cfg = tiny_config(idx_dir, **{"model.norm": norm, "train.num_epochs": 1})
+  cfg.model.bn.num_groups = 4
+  summary = train.train_and_evaluate(cfg, str(tmp_path / norm))
+  assert summary["diverged"] is False and summary["test_accuracy"] > 0.2
