@@ -1,13 +1,20 @@
 """bnlab: Batch Normalization layers and experiments for JAX/Flax.
 
 Layers: `batch_norm` / `batch_moments` (pure functions), `BatchNorm`
-(flax.linen, drop-in for `flax.linen.BatchNorm`), `nnx.BatchNorm` (Flax NNX).
+(flax.linen, drop-in for `flax.linen.BatchNorm`), `nnx.BatchNorm` (Flax NNX),
+and the variants `BatchRenorm`, `GhostBatchNorm`, `NoisyBatchNorm`,
+`BatchNormVariant` (frozen statistics, population averages) over the pure
+functions in `bnlab.variants`.
 """
 
 from bnlab import data
 from bnlab import norm_nnx as nnx
+from bnlab import variants
 from bnlab.norm import BatchNormOutput, Moments, batch_moments, batch_norm
-from bnlab.norm_linen import BatchNorm
+from bnlab.norm_linen import (BatchNorm, BatchNormVariant, BatchRenorm, GhostBatchNorm,
+                              NoisyBatchNorm)
 
-__all__ = ["data", "BatchNorm", "BatchNormOutput", "Moments", "batch_moments", "batch_norm", "nnx"]
+__all__ = ["data", "nnx", "variants", "BatchNorm", "BatchNormOutput", "BatchNormVariant",
+           "BatchRenorm", "GhostBatchNorm", "Moments", "NoisyBatchNorm", "batch_moments",
+           "batch_norm"]
 __version__ = "0.1.0"
