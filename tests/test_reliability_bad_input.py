@@ -1,0 +1,351 @@
+"""The catalogue of bad input: each case ends with one line naming the problem and the fix.
+
+One table, one test: every case sets something up, runs `bnlab.main` (in-process
+through `bnlab.main.execute`, or end to end through `python -m bnlab.main`),
+and checks: exit status 2, exactly one `error:` line holding the problem and
+the fix, no traceback, and every file already in the work directory unchanged
+(metrics.jsonl may only grow).
+"""
+
+import builtins
+import errno
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bnlab import config as config_lib
+from bnlab import data as data_lib
+from bnlab import main as main_lib
+from bnlab import workdir as workdir_lib
+import tiny_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDX = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+       "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
+
+
+def tiny_config(idx_dir):
+  c = config_lib.base_config()
+  c.data.source, c.data.dir = "idx", idx_dir
+  c.model.name, c.model.norm, c.model.bn_position = "seed1_mlp", "batch", "before"
+  c.optimizer.learning_rate = 0.1
+  c.train.num_epochs = 1
+  c.train.log_every_steps = 2
+  c.train.checkpoint_every_steps = 2
+  c.train.keep_checkpoints = 10
+  return c
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """A clean tiny IDX dir and one finished run (10 steps, checkpoints every 2)."""
+  root = tmp_path_factory.mktemp("catalogue")
+  idx = str(root / "idx")
+  tiny_mnist.write_mnist_dir(idx, num_train=320, num_test=100)
+  run = str(root / "finished")
+  from bnlab import train
+  train.train_and_evaluate(tiny_config(idx), run)
+  return {"idx": idx, "finished": run, "root": root}
+
+
+@pytest.fixture(scope="module")
+def holder(env):
+  """A live process holding the lock of a work directory (a real bnlab WorkDir)."""
+  wd = str(env["root"] / "held")
+  code = ("import sys, time\nfrom bnlab import config, workdir\n"
+          "w = workdir.WorkDir(sys.argv[1], config.base_config())\n"
+          "print('locked', flush=True)\ntime.sleep(300)\n")
+  p = subprocess.Popen([sys.executable, "-c", code, wd], cwd=ROOT, stdout=subprocess.PIPE,
+                       text=True)
+  assert p.stdout.readline().strip() == "locked"
+  yield wd, p.pid
+  p.kill()
+  p.wait()
+
+
+class Case:
+  """What a setup function gets: the config to change, CLI args, the work dir."""
+
+  def __init__(self, env, tmp_path, monkeypatch, holder_fn):
+    self.env, self.tmp, self.monkeypatch = env, tmp_path, monkeypatch
+    self.cfg = tiny_config(env["idx"])
+    self.wd = str(tmp_path / "wd")
+    self.args = []
+    self._holder = holder_fn
+
+  # work directories
+  def copy_finished(self, interrupted_at=None):
+    """The finished run; with `interrupted_at`, as a kill at that step leaves it."""
+    shutil.copytree(self.env["finished"], self.wd)
+    if interrupted_at is not None:
+      os.remove(os.path.join(self.wd, "summary.json"))
+      ck = os.path.join(self.wd, "checkpoints")
+      for name in os.listdir(ck):
+        if name.isdigit() and int(name) > interrupted_at:
+          shutil.rmtree(os.path.join(ck, name))
+      path = os.path.join(self.wd, "metrics.jsonl")
+      records = [json.loads(x) for x in open(path)]
+      with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records if r["step"] <= interrupted_at)
+
+  def held(self):
+    self.wd, pid = self._holder()
+    return pid
+
+  # data
+  def idx_copy(self):
+    d = str(self.tmp / "idx")
+    shutil.copytree(self.env["idx"], d)
+    self.cfg.data.dir = d
+    self.args.append(f"--config.data.dir={d}")
+    return d
+
+  def rewrite(self, name, fn):
+    """Replaces IDX file `name` of a copied data dir by fn(raw bytes)."""
+    path = os.path.join(self.idx_copy(), IDX[name])
+    with gzip.open(path) as f:
+      raw = f.read()
+    with gzip.open(path, "wb") as f:
+      f.write(fn(raw))
+    return path
+
+  def write_array(self, name, array):
+    d = self.idx_copy()
+    os.remove(os.path.join(d, IDX[name]))
+    tiny_mnist.write_idx(os.path.join(d, IDX[name][:-3]), array)
+
+  def cache(self, corrupt):
+    """An embedded-source cache of tiny arrays, then `corrupt(cache_path)`."""
+    arrays = dict(zip(data_lib.ARRAY_NAMES, tiny_mnist.make_arrays(64, 32)))
+    root = str(self.tmp / "cache")
+    path = os.path.join(root, data_lib.CACHE_SUBDIR)
+    data_lib.write_cache(path, arrays, data_lib.MNIST_PINS)
+    corrupt(path)
+    self.cfg.data.source, self.cfg.data.dir, self.cfg.data.cache_dir = "embedded", "", root
+
+  def config_file(self, text):
+    path = self.tmp / "cfg.py"
+    path.write_text(text)
+    self.args = [a for a in self.args if not a.startswith("--config=")]
+    self.args.insert(0, f"--config={path}")
+
+  # injected faults
+  def fail(self, owner, name, exc, when=lambda *a, **k: True):
+    real = getattr(owner, name, None) or getattr(builtins, name)
+
+    def wrapper(*args, **kwargs):
+      if when(*args, **kwargs):
+        raise exc
+      return real(*args, **kwargs)
+    self.monkeypatch.setattr(owner, name, wrapper, raising=False)
+
+
+def _set(**kv):
+  def setup(c):
+    for key, value in kv.items():
+      *path, last = key.split("__")
+      node = c.cfg
+      for p in path:
+        node = node[p]
+      node[last] = value
+  return setup
+
+
+def _raw_config(change):
+  """A config built from a plain dict (no type locking), `change` applied to the dict."""
+  def setup(c):
+    d = c.cfg.to_dict()
+    change(d)
+    c.cfg = ml_collections.ConfigDict(d)
+  return setup
+
+
+def _corrupt_all_checkpoints(c):
+  c.copy_finished(interrupted_at=4)
+  ck = os.path.join(c.wd, "checkpoints")
+  for step in os.listdir(ck):
+    for dirpath, _, files in os.walk(os.path.join(ck, step)):
+      for name in files:
+        with open(os.path.join(dirpath, name), "r+b") as f:
+          f.truncate(max(os.path.getsize(f.name) // 3, 0))
+
+
+def _foreign_checkpoint(c):
+  """Checkpoints of another model (wider layers) under this run's config."""
+  import jax
+  from bnlab import models, train
+  c.copy_finished(interrupted_at=0)
+  ck = os.path.join(c.wd, "checkpoints")
+  for name in os.listdir(ck):
+    shutil.rmtree(os.path.join(ck, name))
+  other = c.cfg.copy_and_resolve_references()
+  other.model.widths = (64, 64)
+  tx = train.make_optimizer(other.optimizer, 10)
+  state = train.create_train_state(models.build_model(other.model), tx, jax.random.key(0), 32)
+  import flax
+  mngr = ocp.CheckpointManager(ck)
+  mngr.save(4, args=ocp.args.StandardSave(flax.serialization.to_state_dict(
+      {"state": state, "sums": train.metric_sums_zero()})))
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def _labels_past_9(raw):
+  b = bytearray(raw)
+  b[8] = 10
+  return bytes(b)
+
+
+def _lock_is_dir(c):
+  os.makedirs(os.path.join(c.wd, ".lock"))
+
+
+def _ckpt_is_file(c):
+  os.makedirs(c.wd)
+  open(os.path.join(c.wd, "checkpoints"), "w").write("not a directory")
+
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+# (id, via, setup, problem, fix)
+CASES = [
+    # -- config values --------------------------------------------------------------
+    ("lr_negative", "api", _set(optimizer__learning_rate=-0.1), "config.optimizer.learning_rate", "--config.optimizer.learning_rate="),
+    ("lr_zero", "api", _set(optimizer__learning_rate=0.0), "config.optimizer.learning_rate", "--config.optimizer.learning_rate="),
+    ("lr_nan", "api", _set(optimizer__learning_rate=float("nan")), "config.optimizer.learning_rate", "--config.optimizer.learning_rate="),
+    ("batch_zero", "api", _set(train__batch_size=0), "config.train.batch_size", "--config.train.batch_size="),
+    ("batch_too_big", "api", _set(train__batch_size=1000), "config.train.batch_size=1000", "raise data.num_train"),
+    ("model_unknown", "api", _set(model__name="resnet"), "config.model.name", "--config.model.name="),
+    ("norm_unknown", "api", _set(model__norm="whiten"), "config.model.norm", "--config.model.norm="),
+    ("source_unknown", "api", _set(data__source="mnist"), "config.data.source", "--config.data.source="),
+    ("optimizer_unknown", "api", _set(optimizer__name="rmsprop"), "config.optimizer.name", "--config.optimizer.name="),
+    ("bn_momentum_1.5", "api", _set(model__bn__momentum=1.5), "config.model.bn.momentum", "--config.model.bn.momentum="),
+    ("bn_epsilon_zero", "api", _set(model__bn__epsilon=0.0), "config.model.bn.epsilon", "--config.model.bn.epsilon="),
+    ("loop_unknown", "api", _set(train__loop="while"), "config.train.loop", "--config.train.loop="),
+    ("seed_negative", "api", _set(seed=-1), "config.seed", "--config.seed="),
+    ("widths_negative", "api", _set(model__widths=(16, -1)), "config.model.widths", "--config.model.widths="),
+    ("widths_count_cnn", "api", _set(model__name="seed1_cnn", model__widths=(8, 8, 8)), "config.model.widths", "2 entries"),
+    ("no_steps", "api", _set(train__num_epochs=0, train__num_steps=0), "config.train.num_epochs", "num_steps > 0"),
+    ("step_schedule_no_decay", "api", _set(optimizer__schedule="step"), "config.optimizer.decay_every_steps", "--config.optimizer.decay_every_steps="),
+    ("no_eval_interval", "api", _set(train__eval_every_epochs=0), "config.train.eval_every_epochs", "eval_every_steps"),
+    ("keep_zero_checkpoints", "api", _set(train__keep_checkpoints=0), "config.train.keep_checkpoints", "--config.train.keep_checkpoints="),
+    ("unroll_zero", "api", _set(train__unroll=0), "config.train.unroll", "--config.train.unroll="),
+    ("eval_batch_zero", "api", _set(train__eval_batch_size=0), "config.train.eval_batch_size", "--config.train.eval_batch_size="),
+    ("analysis_layer_unknown", "api", _set(analysis__layers=("nope",)), "config.analysis.layers", "--config.analysis.layers="),
+    ("percentile_150", "api", _set(analysis__percentiles=(150.0,)), "config.analysis.percentiles", "--config.analysis.percentiles="),
+    ("idx_without_dir", "api", _set(data__dir=""), "config.data.dir", "--config.data.dir="),
+    ("num_train_too_many", "api", _set(data__num_train=5000), "config.data.num_train=5000", "lower it"),
+    ("num_test_too_many", "api", _set(data__num_test=5000), "config.data.num_test=5000", "lower it"),
+    # -- config keys and types --------------------------------------------------------
+    ("unknown_key", "api", lambda c: c.cfg.train.__setattr__("nonsense", 1), "config.train.nonsense is not a known key", "known keys here"),
+    ("missing_section", "api", lambda c: setattr(c, "cfg", ml_collections.ConfigDict({"seed": 0})), "malformed", "base_config()"),
+    ("lr_is_string", "api", _raw_config(lambda d: d["optimizer"].update(learning_rate="0.1")), "config.optimizer.learning_rate='0.1'", "--config.optimizer.learning_rate="),
+    ("batch_is_float", "api", _raw_config(lambda d: d["train"].update(batch_size=32.0)), "config.train.batch_size=32.0", "--config.train.batch_size="),
+    ("momentum_is_string", "api", _raw_config(lambda d: d["optimizer"].update(momentum="0.9")), "malformed", "check each key's type"),
+    # -- flags and config files (end to end) -----------------------------------------
+    ("cli_unknown_key", "cli", lambda c: c.args.append("--config.optimizer.nonsense=1"), "--config.optimizer.nonsense names no key", "check its spelling"),
+    ("cli_bad_type", "cli", lambda c: c.args.append("--config.train.batch_size=big"), "--config.train.batch_size", "big"),
+    ("cli_unknown_flag", "cli", lambda c: c.args.append("--nonsense=1"), "Unknown command line flag 'nonsense'", "--helpfull"),
+    ("cli_positional_arg", "cli", lambda c: c.args.append("extra"), "unexpected arguments ['extra']", "--flag=value"),
+    ("cli_missing_config_file", "cli", lambda c: c.args.__setitem__(0, "--config=configs/no_such.py"), "no_such.py", "check the path"),
+    ("cli_config_syntax_error", "cli", lambda c: c.config_file("def get_config(:\n"), "syntax error at line 1", "fix the file"),
+    ("cli_config_without_get_config", "cli", lambda c: c.config_file("X = 1\n"), "defines no get_config()", "add one"),
+    # -- data -------------------------------------------------------------------------
+    ("idx_wrong_magic", "api", lambda c: c.rewrite("train_images", lambda r: b"\0\0\x08\x04" + r[4:]), "bad magic 0x00000804", "replace"),
+    ("idx_truncated", "api", lambda c: c.rewrite("train_images", lambda r: r[:len(r) // 2]), "is truncated", "replace"),
+    ("idx_empty_file", "api", lambda c: c.rewrite("test_labels", lambda r: b""), "too short (0 bytes)", "replace"),
+    ("idx_trailing_bytes", "api", lambda c: c.rewrite("test_labels", lambda r: r + b"xyz"), "3 trailing bytes", "replace"),
+    ("idx_label_out_of_range", "api", lambda c: c.rewrite("train_labels", _labels_past_9), "label 10, expected labels in [0, 9]", "replace them"),
+    ("idx_count_mismatch", "api", lambda c: c.write_array("test_labels", np.zeros(99, np.uint8)), "100 images but 99 labels", "replace them"),
+    ("idx_image_size", "api", lambda c: c.write_array("test_images", np.zeros((100, 27, 27), np.uint8)), "27x27 images", "replace"),
+    ("idx_truncated_gzip", "api", lambda c: open(os.path.join(c.idx_copy(), IDX["train_labels"]), "r+b").truncate(30), "cannot read", "replace"),
+    ("idx_missing_file", "api", lambda c: os.remove(os.path.join(c.idx_copy(), IDX["test_images"])), "no t10k-images-idx3-ubyte file", "put the four MNIST IDX files"),
+    ("idx_missing_dir", "api", _set(data__dir="/nonexistent/mnist"), "/nonexistent/mnist does not exist", "--config.data.dir="),
+    ("cache_corrupt_array", "api", lambda c: c.cache(lambda p: open(os.path.join(p, "train_images.npy"), "wb").write(b"garbage")), "cannot read", "and rerun"),
+    ("cache_corrupt_manifest", "api", lambda c: c.cache(lambda p: open(os.path.join(p, "manifest.json"), "w").write("{")), "unreadable", "and rerun"),
+    ("cache_foreign_arrays", "api", lambda c: c.cache(lambda p: None), "sha256", "and rerun"),
+    # -- work directory ---------------------------------------------------------------
+    ("workdir_is_a_file", "api", lambda c: open(c.wd, "w").write("x"), "is not writable", "choose another --workdir"),
+    ("workdir_under_a_file", "api", lambda c: (open(c.wd, "w").write("x"), setattr(c, "wd", c.wd + "/run")), "is not writable", "choose another --workdir"),
+    ("workdir_permission_denied", "api", lambda c: c.fail(workdir_lib, "open", PermissionError(errno.EACCES, "Permission denied"), lambda p, *a, **k: ".write-probe" in str(p)), "Permission denied", "choose another --workdir"),
+    ("workdir_in_use", "api", lambda c: c.held(), "is in use by process", "wait for it to finish"),
+    ("cli_workdir_in_use", "cli", lambda c: c.held(), "is in use by process", "wait for it to finish"),
+    ("changed_config", "api", lambda c: (c.copy_finished(), _set(optimizer__learning_rate=0.5)(c)), "optimizer.learning_rate: 0.1 -> 0.5", "use a new --workdir"),
+    ("corrupt_config_json", "api", lambda c: (c.copy_finished(4), open(os.path.join(c.wd, "config.json"), "w").write("{\"seed\": ")), "config.json is unreadable", "use a new --workdir"),
+    ("corrupt_summary_json", "api", lambda c: (c.copy_finished(), open(os.path.join(c.wd, "summary.json"), "w").write("[1, 2")), "summary.json is unreadable", "delete it and rerun"),
+    ("lock_is_a_directory", "api", _lock_is_dir, ".lock failed", "rerun"),
+    ("checkpoints_is_a_file", "api", _ckpt_is_file, "checkpoints is not a directory", "move it aside"),
+    ("all_checkpoints_corrupt", "api", _corrupt_all_checkpoints, "no checkpoint in", "move that directory aside"),
+    ("foreign_checkpoint", "api", _foreign_checkpoint, "from another model", "use a new --workdir"),
+    ("disk_full_saving_checkpoint", "api", lambda c: (c.copy_finished(4), c.fail(ocp.CheckpointManager, "save", ENOSPC)), "saving checkpoint 6", "free space on that disk"),
+    ("disk_full_async_checkpoint", "api", lambda c: (c.copy_finished(4), c.fail(ocp.CheckpointManager, "wait_until_finished", ValueError("RESOURCE_EXHAUSTED: write failed: No space left on device"))), "saving a checkpoint", "free space on that disk"),
+    ("disk_full_metrics", "api", lambda c: (c.copy_finished(4), c.fail(workdir_lib, "open", ENOSPC, lambda p, *a, **k: str(p).endswith("metrics.jsonl") and a[:1] == ("a",))), "appending to", "free space on that disk"),
+    ("disk_full_summary", "api", lambda c: (c.copy_finished(8), c.fail(workdir_lib.os, "replace", ENOSPC, lambda s, d, *a, **k: str(d).endswith("summary.json"))), "summary.json failed (No space left on device)", "free space on that disk"),
+]
+
+
+def _files(wd):
+  out = {}
+  if os.path.isdir(wd):
+    for dirpath, _, files in os.walk(wd):
+      for name in files:
+        path = os.path.join(dirpath, name)
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, wd)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(env, holder, tmp_path, monkeypatch, capsys, case):
+  name, via, setup, problem, fix = case
+  c = Case(env, tmp_path, monkeypatch, lambda: holder)
+  c.args = ["--config=configs/seed1_mlp.py", "--config.data.source=idx",
+            f"--config.data.dir={env['idx']}", "--config.train.num_epochs=1"]
+  setup(c)
+  before = _files(c.wd) if os.path.isdir(c.wd) else None
+  if via == "cli":
+    p = subprocess.run([sys.executable, "-m", "bnlab.main", f"--workdir={c.wd}", *c.args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    rc, err = p.returncode, p.stderr
+  else:
+    with pytest.raises(SystemExit) as exit_info:
+      main_lib.execute(c.cfg, c.wd)
+    monkeypatch.undo()
+    rc, err = exit_info.value.code, capsys.readouterr().err
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert rc == 2, err
+  assert len(errors) == 1, err
+  assert "Traceback" not in err
+  assert problem in errors[0], errors[0]
+  assert fix in errors[0], errors[0]
+  if before is not None:
+    after = _files(c.wd)
+    for path, content in before.items():
+      if path == ".lock" and c.wd != holder[0]:
+        continue
+      assert path in after, f"{path} was removed"
+      if path == "metrics.jsonl":
+        assert after[path].startswith(content), "metrics.jsonl was rewritten"
+      else:
+        assert after[path] == content, f"{path} was changed"
+
+
+def test_catalogue_size():
+  assert len({c[0] for c in CASES}) == len(CASES) >= 40
+
+
+def test_verbosity_shows_the_traceback(env, tmp_path):
+  p = subprocess.run([sys.executable, "-m", "bnlab.main", "--config=configs/seed1_mlp.py",
+                      f"--workdir={tmp_path / 'wd'}", "--config.train.batch_size=0",
+                      "--verbosity=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert p.returncode != 0 and "Traceback" in p.stderr and "config.train.batch_size" in p.stderr

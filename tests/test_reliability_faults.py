@@ -1,0 +1,218 @@
+"""Fault tests: kills at random moments, corrupt checkpoints, the lock, sweeps, determinism."""
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from bnlab import sweep
+from bnlab import train
+from bnlab import workdir as workdir_lib
+import tiny_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import kill_soak  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  return kill_soak.make_data(str(tmp_path_factory.mktemp("idx")))
+
+
+@pytest.fixture(scope="module")
+def reference(idx_dir, tmp_path_factory):
+  """The kill soak's run, uninterrupted and in-process."""
+  wd = str(tmp_path_factory.mktemp("ref") / "run")
+  train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  return wd
+
+
+def test_killed_three_times_resumes_bit_identical(idx_dir, reference, tmp_path):
+  wd = str(tmp_path / "killed")
+  rng = random.Random(0)
+  delays = [(rng.uniform(0.0, 2.0), True) for _ in range(3)]  # after training starts
+  result = kill_soak.attempt(wd, idx_dir, delays)
+  assert result["kills"] >= 2, result
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+  assert kill_soak.leftovers(wd) == []
+
+
+def test_same_config_and_seed_are_bit_identical(idx_dir, reference, tmp_path):
+  wd = str(tmp_path / "again")
+  summary = train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+  import flax, jaxlib, optax  # pylint: disable=g-import-not-at-top,g-multiple-import
+  assert summary["versions"]["jax"] == jax.__version__
+  assert summary["versions"]["jaxlib"] == jaxlib.__version__
+  assert summary["versions"]["flax"] == flax.__version__
+  assert summary["versions"]["optax"] == optax.__version__
+
+
+def _interrupted_copy(reference, wd, at):
+  shutil.copytree(reference, wd)
+  os.remove(os.path.join(wd, "summary.json"))
+  ck = os.path.join(wd, "checkpoints")
+  for name in os.listdir(ck):
+    if int(name) > at:
+      shutil.rmtree(os.path.join(ck, name))
+
+
+def test_corrupt_newest_checkpoint_is_reported_and_skipped(idx_dir, reference, tmp_path,
+                                                           caplog):
+  wd = str(tmp_path / "corrupt")
+  _interrupted_copy(reference, wd, at=20)  # keeps 19 and 20 (keep_checkpoints=2)
+  newest = os.path.join(wd, "checkpoints", "20")
+  damaged = 0
+  for dirpath, _, files in os.walk(os.path.join(newest, "default")):
+    for name in files:
+      if name in ("manifest.ocdbt", "_METADATA"):
+        with open(os.path.join(dirpath, name), "r+b") as f:
+          f.truncate(os.path.getsize(f.name) // 2)
+        damaged += 1
+  assert damaged
+  with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 21, "tor')  # a torn line past every checkpoint
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert any(newest in r.getMessage() and "unreadable" in r.getMessage()
+             for r in caplog.records)
+  assert os.path.isdir(os.path.join(wd, "unreadable_checkpoints", "20"))
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+
+
+def test_disk_full_then_rerun_resumes_exactly(idx_dir, reference, tmp_path, monkeypatch):
+  import errno
+  import orbax.checkpoint as ocp
+  wd = str(tmp_path / "full")
+  _interrupted_copy(reference, wd, at=0)
+  shutil.rmtree(os.path.join(wd, "checkpoints"))
+  os.remove(os.path.join(wd, "metrics.jsonl"))
+  real = ocp.CheckpointManager.save
+
+  def save(self, step, *a, **k):
+    if step == 12:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, step, *a, **k)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  with pytest.raises(workdir_lib.WorkDirError, match="free space"):
+    train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  monkeypatch.undo()
+  assert not os.path.exists(os.path.join(wd, ".lock"))
+  train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+
+
+# -- one writer per work directory ------------------------------------------------
+
+HOLD = ("import sys, time\nfrom bnlab import config, workdir\n"
+        "w = workdir.WorkDir(sys.argv[1], config.base_config())\n"
+        "print('locked', flush=True)\ntime.sleep(300)\n")
+
+
+def test_lock_names_a_live_holder_and_is_taken_over_after_a_kill(tmp_path, caplog):
+  from bnlab import config as config_lib
+  wd = str(tmp_path / "wd")
+  p = subprocess.Popen([sys.executable, "-c", HOLD, wd], cwd=ROOT, stdout=subprocess.PIPE,
+                       text=True)
+  try:
+    assert p.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkDirError, match=f"in use by process {p.pid}"):
+      workdir_lib.WorkDir(wd, config_lib.base_config())
+  finally:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  assert str(p.pid) in open(os.path.join(wd, ".lock")).read()  # stale, left by the kill
+  with caplog.at_level(logging.WARNING):
+    w = workdir_lib.WorkDir(wd, config_lib.base_config())
+  w.close()
+  assert any("Taking over" in r.getMessage() and str(p.pid) in r.getMessage()
+             for r in caplog.records)
+  assert not os.path.exists(os.path.join(wd, ".lock"))
+
+
+def test_lock_naming_a_live_pid_but_not_held_is_stale(tmp_path):
+  """A reused pid (here: a live unrelated process) does not keep a dead run's lock."""
+  from bnlab import config as config_lib
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  sleeper = subprocess.Popen(["sleep", "30"])
+  try:
+    (wd / ".lock").write_text(str(sleeper.pid))
+    w = workdir_lib.WorkDir(str(wd), config_lib.base_config())
+    w.close()
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+
+
+def test_second_open_in_the_same_process_is_refused(tmp_path):
+  from bnlab import config as config_lib
+  w = workdir_lib.WorkDir(str(tmp_path), config_lib.base_config())
+  try:
+    with pytest.raises(workdir_lib.WorkDirError, match=f"process {os.getpid()}"):
+      workdir_lib.WorkDir(str(tmp_path), config_lib.base_config())
+  finally:
+    w.close()
+
+
+# -- sweeps survive a killed member -------------------------------------------------
+
+SWEEP_FILE = '''
+from bnlab import config, sweep
+
+def get_config():
+  c = config.base_config()
+  c.data.source = "idx"
+  c.model.name = "seed1_mlp"
+  c.model.norm = "batch"
+  c.model.bn_position = "before"
+  c.train.batch_size = 32
+  c.train.num_epochs = 2
+  c.train.checkpoint_every_steps = 2
+  c.train.log_every_steps = 2
+  return c
+
+def get_sweep():
+  return sweep.axis("optimizer.learning_rate", [0.1, 0.05])
+'''
+
+
+def test_sweep_killed_mid_member_reruns_only_what_is_missing(idx_dir, tmp_path):
+  path = tmp_path / "sweep_file.py"
+  path.write_text(SWEEP_FILE)
+  wd = tmp_path / "sw"
+  args = [sys.executable, "-m", "bnlab.sweep", f"--config={path}", f"--workdir={wd}",
+          f"--config.data.dir={idx_dir}", "--nogrouped"]
+  first, second = wd / "learning_rate=0.1", wd / "learning_rate=0.05"
+  p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 240
+  while p.poll() is None and not (second / "metrics.jsonl").exists():
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  time.sleep(0.3)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert (first / "summary.json").exists() and not (second / "summary.json").exists()
+  done_stamp = os.path.getmtime(first / "summary.json")
+  q = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert q.returncode == 0, q.stderr
+  assert json.loads(q.stdout.strip().splitlines()[-1])["done"] == 2
+  assert os.path.getmtime(first / "summary.json") == done_stamp  # not rerun
+  # The killed member ends as its uninterrupted solo run.
+  module = sweep.load_config_file(str(path))
+  base = module.get_config()
+  base.data.dir = idx_dir
+  cfg = sweep.apply_overrides(base, {"optimizer.learning_rate": 0.05})
+  solo = str(tmp_path / "solo")
+  train.train_and_evaluate(cfg, solo)
+  assert kill_soak.differences(kill_soak.snapshot(solo), kill_soak.snapshot(str(second))) == []
+  assert kill_soak.leftovers(str(second)) == []
