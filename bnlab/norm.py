@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Axes = int | Sequence[int]
 
@@ -217,15 +218,13 @@ def batch_norm(
     return jnp.expand_dims(v, reduction_axes)
 
   if train:
-    m = batch_moments(
-        x, reduction_axes, mask=mask, variance=variance, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, dtype=stats_dtype,
-    )
-    centered = (jnp.asarray(x, compute_dtype) - expand(m.shift)) - expand(m.centered_mean)
-    batch_var = m.var
-    running_var_update = batch_var
+    m, y = _normalize_with_batch_moments(
+        x, scale, bias, mask, reduction_axes=reduction_axes, variance=variance,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, stats_dtype=stats_dtype,
+        compute_dtype=compute_dtype, epsilon=epsilon)
+    running_var_update = m.var
     if unbiased_running_var:
-      running_var_update = batch_var * m.count / jnp.maximum(m.count - 1, 1)
+      running_var_update = m.var * m.count / jnp.maximum(m.count - 1, 1)
     seen = m.count > 0
     new_mean = jnp.where(seen, momentum * mean + (1 - momentum) * m.mean, mean)
     new_var = jnp.where(seen, momentum * var + (1 - momentum) * running_var_update, var)
@@ -233,12 +232,44 @@ def batch_norm(
     new_var = lax.stop_gradient(new_var.astype(var.dtype))
   else:
     centered = jnp.asarray(x, compute_dtype) - expand(mean.astype(compute_dtype))
-    batch_var = var.astype(compute_dtype)
+    y = _scale_and_shift(centered, var.astype(compute_dtype), scale, bias, epsilon, expand)
     new_mean, new_var = mean, var
-  mul = lax.rsqrt(batch_var + epsilon)
+  return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
+
+
+def _scale_and_shift(centered, var, scale, bias, epsilon, expand):
+  mul = lax.rsqrt(var + epsilon)
   if scale is not None:
     mul = mul * scale
   y = centered * expand(mul)
-  if bias is not None:
-    y = y + expand(bias)
-  return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
+  return y if bias is None else y + expand(bias)
+
+
+_MOMENTS = "bn_batch_moments"
+
+
+def _normalize_with_batch_moments(x, scale, bias, mask, *, reduction_axes, variance,
+                                  axis_name, axis_index_groups, stats_dtype, compute_dtype,
+                                  epsilon):
+  """Batch moments and the normalized output, differentiated with rematerialization.
+
+  Only the per-feature moments are kept for the backward pass; the full-size
+  intermediates (x - shift, the centered input) are recomputed there inside
+  the gradient's fused loops instead of being written to and read back from
+  memory. Same values and gradients; on a 2-core CPU forward+backward ran in
+  ~0.6x the time of Flax's fast-variance layer (experiments/bn_speed.py).
+  """
+
+  def expand(v):
+    return jnp.expand_dims(v, reduction_axes)
+
+  def normalize(x, scale, bias, mask):
+    m = batch_moments(
+        x, reduction_axes, mask=mask, variance=variance, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, dtype=stats_dtype)
+    m = Moments(*(checkpoint_name(v, _MOMENTS) for v in m))
+    centered = (jnp.asarray(x, compute_dtype) - expand(m.shift)) - expand(m.centered_mean)
+    return m, _scale_and_shift(centered, m.var, scale, bias, epsilon, expand)
+
+  policy = jax.checkpoint_policies.save_only_these_names(_MOMENTS)
+  return jax.checkpoint(normalize, policy=policy)(x, scale, bias, mask)
