@@ -97,6 +97,8 @@ def parse_flags(argv: list[str]) -> list[str]:
                  "config file; keys and defaults are listed in bnlab/config.py")
   except (TypeError, ValueError) as e:
     message = f"bad config override: {e}"
+  except OSError:  # an override made config_flags load the file while parsing
+    message = f"--config={config_file!r} could not be loaded; check the path"
   except ImportError as e:
     message = f"config file {config_file} could not be imported ({e}); fix its imports"
   _fail(message)
