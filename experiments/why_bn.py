@@ -143,8 +143,8 @@ def measure_run(cfg, workdir: str, images, labels, etas) -> dict:
 def _log_axis(ax):
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   ax.set_yscale("log")
-  ax.yaxis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False,
-                                                              minor_thresholds=(2, 0.5)))
+  ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
   ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
@@ -350,6 +350,18 @@ def report(results, curves, etas_by_model, times, cmd) -> str:
         f"loss range smaller at {lrange[0]}/{lrange[1]} (ratio "
         f"{lrange[2]:.2f}). Noisy BN's effective beta below no BN's at {nbeta[0]}/{nbeta[1]} "
         f"(ratio {nbeta[2]:.2f}).", ""]
+  lines += [
+      "## Caveats", "",
+      "- One seed per network, a few thousand steps (MLP) and 1,000 steps (CNN): the "
+      "early and middle part of training, not convergence.",
+      "- Absolute gradient sizes are not comparable across parameterizations: with BN the "
+      "loss is invariant to the scale of each normalized kernel, so its gradients are "
+      "orthogonal to the kernel and scale as 1 / ||W||; ||G - G'||, the gradient change and "
+      "beta depend on the weight norms. The relative quantities (divided by ||G|| or ||g||) "
+      "and cos(G, G') are the scale-free ones.",
+      "- Santurkar et al. measure ICS and smoothness with their own networks, rates and "
+      "(for smoothness) along the training trajectory; this is the same definition on "
+      "bnlab's networks, not a reproduction of their figures.", ""]
   lines += ["## Wall time", "",
             f"**{times['total']:.1f} min** for this invocation (cpu, 2 CPU cores shared with "
             f"other work): training {times['train']:.1f} min (runs already finished are "
@@ -384,7 +396,8 @@ def replot(out: str) -> None:
   curves = {m: {n: run_curves(os.path.join(_WORKDIR.value, f"{m}_{n}")) for n, _ in NORMS}
             for m in MODELS}
   write_outputs(out, saved["measurements"], curves, saved["etas"], saved["times_min"],
-                saved.get("command", ""))
+                saved.get(
+                    "command", f"python experiments/why_bn.py --workdir={_WORKDIR.value} --out={out}"))
 
 
 def main(argv):
