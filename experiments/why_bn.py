@@ -143,7 +143,9 @@ def measure_run(cfg, workdir: str, images, labels, etas) -> dict:
 def _log_axis(ax):
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   ax.set_yscale("log")
-  ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  lo, hi = ax.dataLim.y0, ax.dataLim.y1
+  few = lo > 0 and np.log10(hi / lo) < 2  # under two decades: label 1, 2, 5 of each
+  ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if few else (1.0,)))
   ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
   ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
