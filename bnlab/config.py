@@ -8,6 +8,8 @@ raises `ConfigError` naming the key before anything is compiled.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from bnlab import data as data_lib
@@ -215,10 +217,32 @@ def _validate_norm_variant(c) -> None:
 
 
 def _check_keys(c, expected, prefix: str) -> None:
+  """Unknown, missing and wrongly typed keys, against `base_config()`'s defaults."""
   for key in c.keys():
     if key not in expected:
       raise ConfigError(
           f"config.{prefix}{key} is not a known key; known keys here: "
           f"{sorted(expected.keys())}")
-    if isinstance(expected[key], ml_collections.ConfigDict):
-      _check_keys(c[key], expected[key], f"{prefix}{key}.")
+  for key in expected.keys():
+    name = f"config.{prefix}{key}"
+    if key not in c:
+      raise ConfigError(f"{name} is missing; start config files from "
+                        "bnlab.config.base_config() and change what you need")
+    want, value = expected[key], c[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"{name} must be a section (ConfigDict), got {value!r}")
+      _check_keys(value, want, f"{prefix}{key}.")
+    elif isinstance(want, bool):
+      _check(isinstance(value, bool), f"{prefix}{key}", value, "True or False")
+    elif isinstance(want, (int, float)):
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (isinstance(value, int) or not isinstance(want, int))
+            and math.isfinite(value))
+      kind = "an integer" if isinstance(want, int) else "a finite number"
+      _check(ok, f"{prefix}{key}", value, kind)
+    elif isinstance(want, str):
+      _check(isinstance(value, str), f"{prefix}{key}", value, "a string")
+    elif isinstance(want, tuple):
+      _check(isinstance(value, (tuple, list)), f"{prefix}{key}", value,
+             "a tuple, e.g. '(1,2)'")

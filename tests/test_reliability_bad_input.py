@@ -248,10 +248,12 @@ CASES = [
     ("num_test_too_many", "api", _set(data__num_test=5000), "config.data.num_test=5000", "lower it"),
     # -- config keys and types --------------------------------------------------------
     ("unknown_key", "api", lambda c: c.cfg.train.__setattr__("nonsense", 1), "config.train.nonsense is not a known key", "known keys here"),
-    ("missing_section", "api", lambda c: setattr(c, "cfg", ml_collections.ConfigDict({"seed": 0})), "malformed", "base_config()"),
+    ("missing_section", "api", lambda c: setattr(c, "cfg", ml_collections.ConfigDict({"seed": 0})), "is missing", "base_config()"),
     ("lr_is_string", "api", _raw_config(lambda d: d["optimizer"].update(learning_rate="0.1")), "config.optimizer.learning_rate='0.1'", "--config.optimizer.learning_rate="),
     ("batch_is_float", "api", _raw_config(lambda d: d["train"].update(batch_size=32.0)), "config.train.batch_size=32.0", "--config.train.batch_size="),
-    ("momentum_is_string", "api", _raw_config(lambda d: d["optimizer"].update(momentum="0.9")), "malformed", "check each key's type"),
+    ("momentum_is_string", "api", _raw_config(lambda d: d["optimizer"].update(momentum="0.9")), "config.optimizer.momentum='0.9'", "--config.optimizer.momentum="),
+    ("lr_is_inf", "api", _raw_config(lambda d: d["optimizer"].update(learning_rate=float("inf"))), "config.optimizer.learning_rate=inf", "a finite number"),
+    ("flag_is_int", "api", _raw_config(lambda d: d["train"].update(final_train_eval=1)), "config.train.final_train_eval=1", "True or False"),
     # -- flags and config files (end to end) -----------------------------------------
     ("cli_unknown_key", "cli", lambda c: c.args.append("--config.optimizer.nonsense=1"), "--config.optimizer.nonsense names no key", "check its spelling"),
     ("cli_bad_type", "cli", lambda c: c.args.append("--config.train.batch_size=big"), "--config.train.batch_size", "big"),
