@@ -717,7 +717,8 @@ def _finish(m: _Member, info: dict, step: int, full_train, run_start: float) -> 
   last = m.wd.last_metrics() or {}
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
     if key in last:
-      summary[key] = last[key]
+      # A diverged run has no final accuracy: its last evaluation predates the blow-up.
+      summary[key if m.diverged_at is None else f"{key}_before_divergence"] = last[key]
   if full_train is not None and m.diverged_at is None:
     summary.update(full_train_loss=float(full_train["loss"]),
                    full_train_accuracy=float(full_train["accuracy"]))

@@ -154,8 +154,7 @@ class WorkDir:
         self._manager = ocp.CheckpointManager(
             self._ckpt_dir,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.train.keep_checkpoints, create=True,
-                cleanup_tmp_directories=True))
+                max_to_keep=cfg.train.keep_checkpoints, create=True))
       except Exception as e:  # pylint: disable=broad-except
         raise _io_error("opening the checkpoint directory", self._ckpt_dir, e) from e
     except BaseException:
@@ -217,13 +216,24 @@ class WorkDir:
     self._lock_fd = None
 
   def _remove_temporaries(self) -> None:
-    """Half-written files a killed run left behind (never read: safe to drop)."""
+    """Half-written files a killed run left behind (never read: safe to drop).
+
+    Includes orbax's `<step>.orbax-checkpoint-tmp*` directories, removed here,
+    synchronously, rather than by orbax's background clean-up, which an early
+    exit (a bad config found after the directory opened) could race at
+    interpreter shutdown.
+    """
     for name in os.listdir(self.path):
       if name.startswith((".tmp-", ".write-probe-")):
         try:
           os.remove(os.path.join(self.path, name))
         except OSError:
           pass
+    ckpt_dir = os.path.join(self.path, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+      for name in os.listdir(ckpt_dir):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
   def close(self) -> None:
     """Waits for pending checkpoint writes, then releases the directory."""
