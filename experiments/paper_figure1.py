@@ -14,8 +14,8 @@ them by rule, not by outcome:
   (seed 0): the baseline gets its best rate and BN gets no choice of its own.
 
 Stage 1 trains both networks at every rate of the grid (seed 0); stage 2 adds
-seeds 1.. at the chosen rate; --reference adds the pair of configs/paper_mlp.py
-as it stands (N(0, 1) init, lr 0.5, seed 0) for comparison. Every run lives in
+seeds 1.. at the chosen rate; --reference adds the pair at configs/paper_mlp.py's
+first setting (N(0, 1) init, lr 0.5, seed 0) for comparison. Every run lives in
 its own sub-directory of --workdir, so an interrupted study resumes and a
 finished run is not repeated. Writes report.md, figure PNGs and results.json
 into --out.
@@ -326,7 +326,7 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes, times,
        f"{yes(c3)}.", "",
        "## Learning rate and initialisation (the paper states neither)", "",
        "- **Initialisation: LeCun normal, N(0, 1/fan_in), biases 0**, in both networks. The "
-       "paper says \"small random Gaussian values\". configs/paper_mlp.py uses N(0, 1), which "
+       "paper says \"small random Gaussian values\". configs/paper_mlp.py first used N(0, 1), which "
        "is not small for 784 inputs: MNIST images (pixels in [0, 1]) have mean squared norm "
        "87.8, so first-layer sigmoid inputs start with standard deviation ~9.4 and most "
        "first-layer sigmoids start saturated. Scaling by fan-in starts every sigmoid input "
@@ -406,7 +406,7 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes, times,
   others = [(f"LeCun normal, lr {x:g}" + (" (chosen)" if x == lr else ""),
              grid_runs[("nobn", x)], grid_runs[("bn", x)]) for x in grid]
   if reference is not None:
-    others.append(("N(0, 1), lr 0.5 (configs/paper_mlp.py)", reference["nobn"],
+    others.append(("N(0, 1), lr 0.5 (configs/paper_mlp.py's first setting)", reference["nobn"],
                    reference["bn"]))
   for label, n, b in others:
     rc = criteria({"nobn": [n], "bn": [b]})
