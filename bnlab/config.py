@@ -23,6 +23,17 @@ CONV_IMPLEMENTATIONS = ("auto", "xla", "im2col", "taps")
 VARIANCES = ("shifted", "two_pass", "fast")
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+  """A nested dict as {"dotted.key": value}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 class ConfigError(ValueError):
   """A config key has a bad value; the message names the key and the fix."""
 

@@ -95,7 +95,7 @@ def variants(key: str, bundles: dict[str, dict]) -> list[dict]:
 def config_overrides(cfg, base=None) -> dict[str, Any]:
   """The dotted keys where `cfg` differs from `base` (default: `base_config()`)."""
   base = config_lib.base_config() if base is None else base
-  a, b = _flatten(cfg.to_dict()), _flatten(base.to_dict())
+  a, b = config_lib.flatten(cfg.to_dict()), config_lib.flatten(base.to_dict())
   return {k: v for k, v in a.items() if b.get(k, object()) != v}
 
 
@@ -120,16 +120,6 @@ class Member:
   name: str
   overrides: dict
   cfg: Any
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _format_value(v) -> str:

@@ -31,7 +31,7 @@ import flax.serialization
 import orbax.checkpoint as ocp
 from absl import logging
 
-from bnlab.config import ConfigError
+from bnlab.config import ConfigError, flatten
 
 
 class _QuietLibraries:
@@ -110,16 +110,6 @@ def _read_lock_info(fd: int) -> dict:
   except ValueError:
     return {}
   return info if isinstance(info, dict) else {}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 class WorkDir:
@@ -269,7 +259,7 @@ class WorkDir:
         raise WorkDirError(
             f"{path} is unreadable ({' '.join(str(e).split())[:120]}): this run's config "
             "is unknown; restore the file, or use a new --workdir") from None
-      a, b = _flatten(old), _flatten(new)
+      a, b = flatten(old), flatten(new)
       # Keys the snapshot lacks were added to bnlab after the run started; a
       # resumed run takes their defaults, so they do not count as a change.
       diff = sorted(k for k in a if a.get(k) != b.get(k))
