@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from bnlab import batch_norm
 
@@ -18,6 +18,9 @@ from bnlab import batch_norm
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# bfloat16 rounds every value to 65.0: zero variance, so eps alone scales the mean's rounding.
+@example(rows=33, features=2, mean=65.0, log_std=-1.0, dtype="bfloat16", masked=True, seed=2)
+@example(rows=64, features=4, mean=1e4, log_std=-3.0, dtype="float32", masked=False, seed=0)
 def test_train_output_is_finite_and_close_to_float64(rows, features, mean, log_std, dtype,
                                                      masked, seed):
   rng = np.random.default_rng(seed)
@@ -40,8 +43,11 @@ def test_train_output_is_finite_and_close_to_float64(rows, features, mean, log_s
   mu = xd[valid].mean(0)
   var = xd[valid].var(0)
   ref = (xd - mu) / np.sqrt(var + 1e-5) * np.asarray(scale) + np.asarray(bias)
-  # Tolerance: float32 statistics of a float32 copy of the input, relative to the output's
-  # spread; the robust variance keeps this at float32 rounding even at |mean|/std = 1e7.
+  # Tolerance: float32 rounding of the output (relative to its spread) plus a few float32
+  # ulps of the mean, which the normalization amplifies by |scale| / sqrt(var + eps) (the
+  # variance itself stays accurate: the fast formula fails this test by orders of magnitude).
   spread = np.max(np.abs(ref - np.asarray(bias))) + 1.0
-  np.testing.assert_allclose(y[valid], ref[valid], atol=2e-4 * spread, rtol=0)
+  mean_ulps = 4 * np.finfo(np.float32).eps * np.abs(mu) * np.abs(np.asarray(scale))
+  atol = 2e-4 * spread + mean_ulps / np.sqrt(var + 1e-5)
+  assert np.all(np.abs(y[valid] - ref[valid]) <= atol), np.max(np.abs(y[valid] - ref[valid]))
   np.testing.assert_allclose(np.asarray(out.mean), 0.01 * mu, rtol=1e-5, atol=1e-6)
