@@ -90,6 +90,25 @@ def test_corrupt_newest_checkpoint_is_reported_and_skipped(idx_dir, reference, t
   assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
 
 
+def test_checkpoint_cut_off_mid_write_is_discarded_and_run_resumes_exactly(
+    idx_dir, reference, tmp_path):
+  """The state a kill during a checkpoint write leaves: orbax's half-written temporary."""
+  wd = str(tmp_path / "midwrite")
+  _interrupted_copy(reference, wd, at=19)
+  ck = os.path.join(wd, "checkpoints")
+  partial = os.path.join(ck, "20.orbax-checkpoint-tmp-1234")
+  shutil.copytree(os.path.join(reference, "checkpoints", "20"), partial)
+  for dirpath, _, files in os.walk(partial):  # cut every file short, as a kill would
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+  train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert not os.path.exists(partial)
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+  assert kill_soak.leftovers(wd) == []
+
+
 def test_disk_full_then_rerun_resumes_exactly(idx_dir, reference, tmp_path, monkeypatch):
   import errno
   import orbax.checkpoint as ocp
