@@ -55,24 +55,25 @@ class BatchNorm(nn.Module):
   variance: str | None = None
   unbiased_running_var: bool = False
 
-  @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    use_running_average = merge_param(
-        "use_running_average", self.use_running_average, use_running_average
-    )
+  def _variables(self, x):
+    """Feature axes, running mean and variance variables, scale and bias (or None)."""
     feature_axes = canonicalize_axes(x.ndim, self.axis)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(feature_shape, stats_dtype))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(feature_shape, stats_dtype))
-    scale = (
-        self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-        if self.use_scale else None
+    scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+             if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+            if self.use_bias else None)
+    return feature_axes, ra_mean, ra_var, scale, bias
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_running_average = merge_param(
+        "use_running_average", self.use_running_average, use_running_average
     )
-    bias = (
-        self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        if self.use_bias else None
-    )
+    feature_axes, ra_mean, ra_var, scale, bias = self._variables(x)
     variance = self.variance or ("fast" if self.use_fast_variance else "shifted")
     initializing = self.is_initializing()
     out = batch_norm(
@@ -129,23 +130,11 @@ class BatchNormVariant(BatchNorm):
     use_running_average = merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
-    feature_axes = canonicalize_axes(x.ndim, self.axis)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(feature_shape, stats_dtype))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(feature_shape, stats_dtype))
+    feature_axes, ra_mean, ra_var, scale, bias = self._variables(x)
     population = self.running_average == "population"
     if population:
       num_batches = self.variable(
           "batch_stats", "num_batches", lambda: jnp.zeros((), jnp.int32))
-    scale = (
-        self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-        if self.use_scale else None
-    )
-    bias = (
-        self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        if self.use_bias else None
-    )
     variance = self.variance or ("fast" if self.use_fast_variance else "shifted")
     initializing = self.is_initializing()
     train = not use_running_average and not self.frozen
