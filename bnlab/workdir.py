@@ -54,6 +54,19 @@ class WorkDirError(RuntimeError):
   """The work directory cannot be used; the message says why and what to do."""
 
 
+def _read_json_object(path: str, consequence: str) -> dict:
+  """The JSON object in `path`; WorkDirError (problem + `consequence`) if it is unreadable."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+    if not isinstance(value, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise WorkDirError(
+        f"{path} is unreadable ({' '.join(str(e).split())[:120]}){consequence}") from None
+  return value
+
+
 def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
   """A WorkDirError for a failed read/write of `path`, with the fix."""
   reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
@@ -250,15 +263,8 @@ class WorkDir:
     path = os.path.join(self.path, "config.json")
     new = json.loads(cfg.to_json_best_effort())
     if os.path.exists(path):
-      try:
-        with open(path) as f:
-          old = json.load(f)
-        if not isinstance(old, dict):
-          raise ValueError("not a JSON object")
-      except (OSError, ValueError) as e:
-        raise WorkDirError(
-            f"{path} is unreadable ({' '.join(str(e).split())[:120]}): this run's config "
-            "is unknown; restore the file, or use a new --workdir") from None
+      old = _read_json_object(path, ": this run's config is unknown; restore the file, or "
+                              "use a new --workdir")
       a, b = flatten(old), flatten(new)
       # Keys the snapshot lacks were added to bnlab after the run started; a
       # resumed run takes their defaults, so they do not count as a change.
@@ -336,16 +342,8 @@ class WorkDir:
     path = os.path.join(self.path, "summary.json")
     if not os.path.exists(path):
       return None
-    try:
-      with open(path) as f:
-        summary = json.load(f)
-      if not isinstance(summary, dict):
-        raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-      raise WorkDirError(
-          f"{path} is unreadable ({' '.join(str(e).split())[:120]}); delete it and rerun "
-          "to redo the final evaluation from the last checkpoint") from None
-    return summary
+    return _read_json_object(path, "; delete it and rerun to redo the final evaluation "
+                             "from the last checkpoint")
 
   def write_summary(self, summary: dict) -> None:
     _atomic_write(os.path.join(self.path, "summary.json"),
