@@ -76,6 +76,17 @@ class FlaxPaperMLP(nn.Module):
     return nn.Dense(10)(x)
 
 
+def median_rate(run, steps: int, batch: int, reps: int) -> float:
+  """Examples/s of `run(steps)`: median of `reps` timed calls after a 3-step warm-up."""
+  run(3)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    run(steps)
+    times.append(time.perf_counter() - t0)
+  return steps * batch / statistics.median(times)
+
+
 def flax_loop_rate(model_name, norm, batch, steps, reps, images, labels):
   """Examples/s of the conventional loop: host batches, one jitted step each."""
   model = FlaxSeedCNN(norm == "batch") if model_name == "seed_cnn" else FlaxPaperMLP()
@@ -104,13 +115,7 @@ def flax_loop_rate(model_name, norm, batch, steps, reps, images, labels):
       params, stats, opt_state, loss = step(params, stats, opt_state, images[idx], labels[idx])
     jax.block_until_ready(loss)
 
-  run(3)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    run(steps)
-    times.append(time.perf_counter() - t0)
-  return steps * batch / statistics.median(times)
+  return median_rate(run, steps, batch, reps)
 
 
 def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto",
@@ -190,13 +195,7 @@ def torch_rate(model_name, norm, batch, steps, reps, images, labels):
       loss.backward()
       opt.step()
 
-  run(3)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    run(steps)
-    times.append(time.perf_counter() - t0)
-  return steps * batch / statistics.median(times)
+  return median_rate(run, steps, batch, reps)
 
 
 def load_images(source: str):
