@@ -4,6 +4,7 @@ On XLA:CPU, ``lax.conv_general_dilated`` is fast in a jitted step but its
 backward convolutions become very slow inside a ``lax.scan``/``while`` body
 (see :func:`resolve_conv_implementation`). ``"xla_canonical"`` keeps the lax
 forward and writes the backward pass as canonical NHWC convolutions;
+``"gemm"`` runs forward and backward as row-major matrix products;
 ``"im2col"``/``"taps"`` write the convolution as shifted slices + matmuls, so
 forward and backward passes are plain matmuls, slices and pads everywhere.
 """
@@ -22,7 +23,7 @@ from jax import lax
 Array = jax.Array
 Padding = str | Sequence[tuple[int, int]]
 
-IMPLEMENTATIONS = ("xla", "xla_canonical", "im2col", "taps")
+IMPLEMENTATIONS = ("xla", "xla_canonical", "gemm", "im2col", "taps")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -125,6 +126,52 @@ def _conv_canonical_bwd(pads, precision, residuals, g):
 _conv_canonical_vjp.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
+def _patches(x: Array, kh: int, kw: int) -> Array:
+  """(N, OH, OW, KH*KW*C) im2col patches of padded NHWC ``x``, channels (i, j, c)."""
+  views, _, _ = _shifted_windows(x, kh, kw)
+  return views[0] if len(views) == 1 else lax.concatenate(views, 3)
+
+
+def _im2col_matmul(x, kernel, precision):
+  kh, kw, cin, cout = kernel.shape
+  return lax.dot_general(_patches(x, kh, kw), kernel.reshape(kh * kw * cin, cout),
+                         (((3,), (0,)), ((), ())), precision=precision)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_gemm(x, kernel, precision):
+  return _im2col_matmul(x, kernel, precision)
+
+
+def _conv_gemm_fwd(x, kernel, precision):
+  return _im2col_matmul(x, kernel, precision), (x, kernel)
+
+
+def _conv_gemm_bwd(precision, residuals, g):
+  """Both gradients as row-major GEMMs; the patches are rebuilt, not stored."""
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  k = kh * kw * cin
+  rows = _patches(x, kh, kw).reshape(-1, k)
+  d_kernel = lax.dot_general(rows, g.reshape(-1, cout), (((0,), (0,)), ((), ())),
+                             precision=precision).reshape(kernel.shape)
+  # The barrier keeps W^T a row-major array: folded into the dot as a
+  # transposed operand it ran at half the GEMM rate on XLA:CPU.
+  w_t = lax.optimization_barrier(jnp.transpose(kernel.reshape(k, cout)))
+  d_patches = lax.dot_general(g, w_t, (((3,), (0,)), ((), ())), precision=precision)
+  # col2im: window (i, j) of every output pixel goes back to its input pixel.
+  d_x = None
+  for t in range(kh * kw):
+    i, j = divmod(t, kw)
+    part = lax.pad(d_patches[..., t * cin:(t + 1) * cin], jnp.zeros((), g.dtype),
+                   ((0, 0, 0), (i, kh - 1 - i, 0), (j, kw - 1 - j, 0), (0, 0, 0)))
+    d_x = part if d_x is None else d_x + part
+  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_conv_gemm.defvjp(_conv_gemm_fwd, _conv_gemm_bwd)
+
+
 def conv2d(
     x: Array,
     kernel: Array,
@@ -144,7 +191,10 @@ def conv2d(
       ``"xla_canonical"`` (the same forward, with a ``custom_vjp`` whose
       backward convolutions are already NHWC x HWIO -> NHWC, the form XLA:CPU
       runs on its fast kernels also inside loop bodies; reverse mode only,
-      no ``jax.jvp``; explicit padding must be non-negative), ``"im2col"``
+      no ``jax.jvp``; explicit padding must be non-negative), ``"gemm"``
+      (im2col forward, and a ``custom_vjp`` whose backward is two row-major
+      GEMMs, kernel gradient = patches^T g and window gradients = g W^T,
+      folded back by col2im; reverse mode only), ``"im2col"``
       (concatenate the KH*KW shifted windows along channels, then one matmul
       with the kernel reshaped to (KH*KW*Cin, Cout)), ``"taps"`` (sum of KH*KW
       matmuls, one per shifted window, no concatenated patch tensor) or
@@ -173,16 +223,14 @@ def conv2d(
 
   if any(p != (0, 0) for p in pads):
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-  views, _, _ = _shifted_windows(x, kh, kw)
-
+  if impl == "gemm":
+    return _conv_gemm(x, kernel, precision)
   if impl == "im2col":
     # Channel order (i, j, c) matches the row-major reshape of the HWIO kernel.
-    patches = views[0] if len(views) == 1 else lax.concatenate(views, 3)
-    return lax.dot_general(
-        patches, kernel.reshape(kh * kw * cin, cout),
-        (((3,), (0,)), ((), ())), precision=precision)
+    return _im2col_matmul(x, kernel, precision)
 
   # impl == "taps"
+  views, _, _ = _shifted_windows(x, kh, kw)
   flat_kernel = kernel.reshape(kh * kw, cin, cout)
   out = None
   for t, view in enumerate(views):

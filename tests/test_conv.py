@@ -42,7 +42,7 @@ def _reference_conv(x, kernel, padding):
 
 @pytest.mark.parametrize("x_shape,k_shape,padding", CONV_CASES)
 def test_conv2d_matches_lax_forward_and_gradients(x_shape, k_shape, padding):
-  impls = ("im2col", "taps", "xla", "xla_canonical")
+  impls = ("gemm", "im2col", "taps", "xla", "xla_canonical")
 
   def outputs_and_grads(x, kernel, cot):
     def fwd_and_grads(conv):
@@ -68,7 +68,7 @@ def test_conv2d_matches_lax_forward_and_gradients(x_shape, k_shape, padding):
           result, ref)
 
 
-@pytest.mark.parametrize("impl", ["im2col", "taps"])
+@pytest.mark.parametrize("impl", ["gemm", "im2col", "taps"])
 def test_conv2d_float32_tolerance(impl):
   x, kernel = _normal(3, (4, 28, 28, 1)), _normal(4, (3, 3, 1, 32))
   ref = _jit(partial(_reference_conv, padding="VALID"))(x, kernel)
@@ -91,7 +91,7 @@ def test_conv2d_rejects_bad_input():
 def test_resolve_conv_implementation():
   expected = "xla_canonical" if jax.default_backend() == "cpu" else "xla"
   assert bconv.resolve_conv_implementation("auto") == expected
-  for name in ("xla", "xla_canonical", "im2col", "taps"):
+  for name in bconv.IMPLEMENTATIONS:
     assert bconv.resolve_conv_implementation(name) == name
   with pytest.raises(ValueError):
     bconv.resolve_conv_implementation("cudnn")
@@ -100,7 +100,8 @@ def test_resolve_conv_implementation():
 @pytest.mark.parametrize("impl,padding,kernel_size,use_bias", [
     ("auto", "VALID", (3, 3), True), ("auto", "SAME", (2, 4), False),
     ("im2col", "SAME", (3, 3), True), ("taps", "VALID", (2, 4), True),
-    ("xla_canonical", "SAME", (3, 2), True), ("xla", "VALID", (3, 3), True)])
+    ("xla_canonical", "SAME", (3, 2), True), ("xla", "VALID", (3, 3), True),
+    ("gemm", ((2, 0), (1, 1)), (3, 3), True)])
 def test_conv_module_matches_flax(impl, padding, kernel_size, use_bias):
   x = _normal(5, (2, 10, 9, 3))
   ours = bconv.Conv(6, kernel_size, padding=padding, use_bias=use_bias,
@@ -201,7 +202,7 @@ def test_composes_with_jit_vmap_grad_scan():
 
   run_epoch = _jit(epoch, static_argnums=1)
   k_ref, l_ref = run_epoch(kernel, "xla")
-  for impl in ("im2col", "taps", "xla_canonical"):
+  for impl in ("gemm", "im2col", "taps", "xla_canonical"):
     k_new, l = run_epoch(kernel, impl)
     np.testing.assert_allclose(l, l_ref, rtol=1e-4)
     np.testing.assert_allclose(k_new, k_ref, rtol=1e-4, atol=1e-5)
@@ -212,10 +213,10 @@ def test_composes_with_jit_vmap_grad_scan():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_xla_canonical_is_reverse_mode_only():
+@pytest.mark.parametrize("impl", ["gemm", "xla_canonical"])
+def test_custom_backward_is_reverse_mode_only(impl):
   x, kernel = _normal(13, (1, 5, 5, 2)), _normal(14, (3, 3, 2, 2))
-  f = lambda k: jnp.sum(jnp.sin(bconv.conv2d(
-      x, k, implementation="xla_canonical")))
+  f = lambda k: jnp.sum(jnp.sin(bconv.conv2d(x, k, implementation=impl)))
   f_ref = lambda k: jnp.sum(jnp.sin(bconv.conv2d(x, k, implementation="xla")))
   # Second-order reverse mode works (the backward pass is made of lax convs).
   gg = lambda fn: _jit(jax.grad(lambda k: jnp.sum(jax.grad(fn)(k) ** 2)))(kernel)
