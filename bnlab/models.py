@@ -77,18 +77,29 @@ def group_norm(h, train: bool, *, num_groups: int, epsilon: float):
   return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon)(h)
 
 
+# Activations that commute with max pooling (monotone non-decreasing).
+MONOTONE_ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "identity")
+
+
 class Block(nn.Module):
-  """layer -> [norm] -> activation -> [norm], with the norm placed by `bn_position`."""
+  """layer -> [norm] -> activation -> [norm] -> [max pool], norm placed by `bn_position`.
+
+  Without a norm and with a monotone activation, pooling runs before the
+  activation: max(act(h)) == act(max(h)) exactly, and the activation (and its
+  backward pass) then touches pool**2 times fewer values.
+  """
 
   layer: Callable[[bool], nn.Module]  # use_bias -> the linear/conv layer
-  activation: Callable
+  activation: str
   norm: Callable[[jax.Array, bool], jax.Array] | None  # (h, train) -> normalized h
   bn_position: str
   index: int
   flatten_before_norm: bool = False
+  pool: int = 0  # max-pool window after the block (0: none)
 
   @nn.compact
   def __call__(self, x, train: bool):
+    act = ACTIVATIONS[self.activation]
     before = self.norm is not None and self.bn_position == "before"
     h = self.layer(not before)(x)
     if self.flatten_before_norm:
@@ -96,10 +107,12 @@ class Block(nn.Module):
     if before:
       h = self.norm(h, train)
     self.sow("intermediates", f"preact_{self.index}", h)
-    h = self.activation(h)
+    if self.pool and self.norm is None and self.activation in MONOTONE_ACTIVATIONS:
+      return act(max_pool(h, self.pool))
+    h = act(h)
     if self.norm is not None and not before:
       h = self.norm(h, train)
-    return h
+    return max_pool(h, self.pool) if self.pool else h
 
 
 class Classifier(nn.Module):
@@ -174,7 +187,6 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = images.astype(jnp.float32) * (1.0 / 255.0)
-    act = ACTIVATIONS[self.activation]
     init = kernel_initializer(self.kernel_init, self.init_std)
     norm = self.make_norm()
     index = 0
@@ -187,16 +199,15 @@ class Classifier(nn.Module):
             lambda b, c=channels: Conv(
                 c, (3, 3), use_bias=b, kernel_init=init,
                 implementation=self.conv_implementation),
-            act, norm if has_bn else None, self.bn_position, index,
-            flatten_before_norm=flat, name=f"conv_block_{i}")(x, train)
+            self.activation, norm if has_bn else None, self.bn_position, index,
+            flatten_before_norm=flat, pool=2 if pool else 0,
+            name=f"conv_block_{i}")(x, train)
         index += 1
-        if pool:
-          x = max_pool(x, 2)
     x = x.reshape(x.shape[0], -1)
     for i, (width, has_bn) in enumerate(self.dense):
       x = Block(
           lambda b, w=width: nn.Dense(w, use_bias=b, kernel_init=init),
-          act, norm if has_bn else None, self.bn_position, index,
+          self.activation, norm if has_bn else None, self.bn_position, index,
           name=f"dense_block_{i}")(x, train)
       index += 1
     return nn.Dense(self.num_classes, kernel_init=init, name="logits")(x)

@@ -113,3 +113,27 @@ def test_every_model_builds_and_trains_with_every_norm(name):
     assert logits.shape == (16, 10) and bool(jnp.all(jnp.isfinite(logits))), norm
     assert ("batch_stats" in v) == (norm in models.BATCH_STAT_NORMS), norm
     assert model.apply(v, x).shape == (16, 10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu"])
+def test_conv_block_pooling_equals_activation_then_flax_max_pool(activation):
+  # A conv block without norm may pool before a monotone activation; the
+  # output and the parameter gradients must equal conv -> act -> nn.max_pool.
+  block = models.Block(
+      lambda b: models.Conv(8, (3, 3), use_bias=b, implementation="xla"),
+      activation, None, "before", 0, pool=2)
+  x = jax.random.normal(jax.random.key(1), (4, 11, 11, 3))
+  v = block.init(jax.random.key(2), x, False)
+  conv = models.Conv(8, (3, 3), implementation="xla")
+
+  def reference(params):
+    h = models.ACTIVATIONS[activation](conv.apply({"params": params["Conv_0"]}, x))
+    return nn.max_pool(h, (2, 2), (2, 2))
+
+  def ours(params):
+    return block.apply({"params": params}, x, False)
+
+  np.testing.assert_allclose(ours(v["params"]), reference(v["params"]), rtol=1e-6, atol=1e-6)
+  cot = jax.random.normal(jax.random.key(3), reference(v["params"]).shape)
+  grads = [jax.grad(lambda p, f=f: jnp.sum(f(p) * cot))(v["params"]) for f in (ours, reference)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
