@@ -13,6 +13,7 @@ import math
 import ml_collections
 
 from bnlab import data as data_lib
+from bnlab import distributed
 from bnlab import models
 from bnlab.variants import RUNNING_AVERAGES
 
@@ -113,6 +114,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.units = (0, 1, 2)  # which units (features) of each layer
   c.analysis.percentiles = (15.0, 50.0, 85.0)
   c.analysis.num_examples = 1000
+
+  # Several processes (hosts) in one data-parallel run (bnlab.distributed): each
+  # process gets the same config except process_id. "" / 0 / -1: single process.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # "host:port" of process 0, the same for all
+  c.distributed.num_processes = 0  # > 0 with coordinator_address; 0 = detected
+  c.distributed.process_id = -1  # this process: 0..num_processes-1; -1 = detected
+  c.distributed.local_device_ids = ()  # this host's devices to use; () = all (or detected)
+  # "" = no detection; "auto" = SLURM, Open MPI or Cloud TPU from the environment
+  # (plus $JAX_COORDINATOR_ADDRESS); or one method of bnlab.distributed.CLUSTER_DETECTION.
+  c.distributed.cluster_detection = ""
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process
   return c
 
 
@@ -196,6 +209,42 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(all(0 <= q <= 100 for q in a.percentiles), "analysis.percentiles",
          tuple(a.percentiles), "numbers in [0, 100]")
   _check(a.num_examples > 0, "analysis.num_examples", a.num_examples, "an integer > 0")
+  _validate_distributed(c)
+
+
+def _validate_distributed(c) -> None:
+  d = c.distributed
+  _one_of(c, "distributed.cluster_detection", distributed.CLUSTER_DETECTION)
+  address = d.coordinator_address
+  _check(not address or distributed.valid_address(address), "distributed.coordinator_address",
+         address, "'host:port' of process 0 (e.g. 'localhost:12345' or '10.0.0.1:12345'), "
+         "or '' for a single process")
+  _check(d.num_processes >= 0, "distributed.num_processes", d.num_processes,
+         "an integer >= 0 (0 = detected from the cluster)")
+  _check(d.process_id >= -1, "distributed.process_id", d.process_id,
+         "an integer >= 0, or -1 (detected from the cluster)")
+  _check(d.num_processes == 0 or d.process_id < d.num_processes, "distributed.process_id",
+         d.process_id, f"an integer in [0, {d.num_processes - 1}] "
+         f"(distributed.num_processes={d.num_processes})")
+  ids = tuple(d.local_device_ids)
+  _check(all(isinstance(i, int) and i >= 0 for i in ids) and len(set(ids)) == len(ids),
+         "distributed.local_device_ids", ids, "distinct device indices >= 0, or () for all")
+  _check(d.initialization_timeout > 0, "distributed.initialization_timeout",
+         d.initialization_timeout, "an integer > 0 (seconds)")
+  if not d.cluster_detection:
+    # Without detection every value must be given: the same address and count
+    # on every process, and each its own process_id.
+    given = {"coordinator_address": (bool(address), address, "'host:port' of process 0"),
+             "num_processes": (d.num_processes > 0, d.num_processes,
+                               "the number of processes (> 0)"),
+             "process_id": (d.process_id >= 0, d.process_id,
+                            "this process's index (0, 1, ...)")}
+    if any(ok for ok, _, _ in given.values()):
+      for key, (ok, value, what) in given.items():
+        _check(ok, f"distributed.{key}", value,
+               f"{what}: a multi-process run sets distributed.coordinator_address, "
+               "num_processes and process_id together (or distributed.cluster_detection="
+               "'auto' on a cluster that provides them)")
 
 
 def _validate_norm_variant(c) -> None:

@@ -4,6 +4,11 @@ Any config field can be overridden, e.g. `--config.optimizer.learning_rate=0.1`.
 This module only parses flags; `bnlab.train.train_and_evaluate` does the work.
 Every problem that is the user's to fix ends the run with exit status 2 and
 one line `error: <problem>; <fix>` on stderr; `--verbosity=1` adds the traceback.
+
+Several processes (one per host, or several on one machine) run one
+data-parallel training when the config's `distributed` section says so: each
+process runs this same command with its own `--config.distributed.process_id`
+(or none, on a cluster JAX detects); see README.md, "Multi-device training".
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from ml_collections import config_flags
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
+from bnlab import distributed
 from bnlab import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,7 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: one line, no traceback (unless --verbosity>=1).
-USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError)
+USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
+               distributed.DistributedError)
 
 
 def _fail(message: str) -> None:
@@ -50,6 +57,9 @@ def execute(cfg, workdir: str) -> dict:
   from bnlab import train  # pylint: disable=g-import-not-at-top
   try:
     check_config(cfg)
+    # Before any JAX computation: with several processes, jax.devices() then
+    # lists every process's devices.
+    distributed.initialize(cfg.distributed)
     return train.train_and_evaluate(cfg, workdir)
   except USER_ERRORS as e:
     if logging.get_verbosity() >= logging.DEBUG:

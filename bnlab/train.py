@@ -35,6 +35,7 @@ from flax import struct
 from bnlab import config as config_lib
 from bnlab import conv as conv_lib
 from bnlab import data as data_lib
+from bnlab import distributed
 from bnlab import models
 from bnlab import workdir as workdir_lib
 
@@ -222,16 +223,15 @@ def run_one_step(state, sums, images, labels, perm, *, batch_size: int, batch_sh
 
 
 def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
-  """A 1-D mesh ("batch") over the first `num_devices` devices (0: all), or None for one."""
-  devices = jax.devices()
-  n = len(devices) if num_devices == 0 else num_devices
-  if n > len(devices):
-    raise config_lib.ConfigError(
-        f"config.train.num_devices={num_devices} but only {len(devices)} "
-        f"{jax.default_backend()} devices are visible; lower it (0 = all)")
-  if n == 1:
+  """A 1-D mesh ("batch") over `num_devices` devices (0: all), or None for one.
+
+  The devices of every process of a multi-process run (`bnlab.distributed`),
+  the same number from each.
+  """
+  devices = distributed.mesh_devices(num_devices)
+  if len(devices) == 1:
     return None
-  return jax.sharding.Mesh(np.array(devices[:n]), ("batch",))
+  return jax.sharding.Mesh(np.array(devices), ("batch",))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
@@ -370,6 +370,7 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
   `data`: the already loaded dataset of `cfg.data` (else it is loaded).
   """
   config_lib.validate(cfg)
+  distributed.initialize(cfg.distributed)
   wd = workdir_lib.WorkDir(workdir, cfg)
   try:
     done = wd.read_summary()
@@ -570,7 +571,16 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
   go on (vmapped members are independent).
   """
   cfg = members[0].cfg
-  ds = ds if ds is not None else load_data(cfg)
+  if stacked and distributed.process_count() > 1:
+    raise config_lib.ConfigError(
+        "grouped runs (train_group, sweeps) run in one process; set "
+        "config.distributed.* only for single runs, or turn grouping off")
+  # Every process loads the same data (process 0 first: it fills the cache).
+  ds = distributed.together(
+      "loading the data", lambda: ds if ds is not None else load_data(cfg),
+      fingerprint=distributed.data_fingerprint, primary_first=True,
+      differs="loaded other data than process 0; every process must read the same data "
+      "(same config.data.*, same files)")
   plan = make_schedule_plan(cfg, len(ds.train_labels))
   model = models.build_model(cfg.model)
   eval_model = models.build_model(eval_model_config(cfg.model))
@@ -596,6 +606,10 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
   else:
     state = create_train_state(model, tx, jax.random.key(cfg.seed), bs)
     zero_sums = metric_sums_zero()
+  # Data, state and metric sums live on the device(s); with a mesh, replicated
+  # (on every process's devices); a checkpoint is restored into that placement.
+  place = functools.partial(distributed.replicate, mesh=mesh)
+  state, zero_sums = place(state), place(zero_sums)
   sums = zero_sums
 
   restored = ckpt_wd.restore_latest({"state": state, "sums": sums})
@@ -607,10 +621,6 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
     if m.recording:  # a fresh start (step 0) keeps no records at all
       m.wd.truncate_metrics_after(step if step > 0 else -1)
 
-  # Data, state and metric sums live on the device(s); with a mesh, replicated.
-  place = (jax.device_put if mesh is None else functools.partial(
-      jax.device_put, device=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-  state, sums, zero_sums = place(state), place(sums), place(zero_sums)
   train_images = place(ds.train_images)
   train_labels = place(ds.train_labels.astype(np.int32))
   test_images = place(ds.test_images)
@@ -624,6 +634,7 @@ def _train_loop(members: list[_Member], ckpt_wd: workdir_lib.WorkDir, ds,
   if stacked:
     info["group_size"] = len(members)
   info["num_devices"] = 1 if mesh is None else mesh.size
+  info["num_processes"] = distributed.process_count()
   logging.info("Run: %s", json.dumps(info))
 
   perm_epoch, perm = None, None

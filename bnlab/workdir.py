@@ -13,6 +13,12 @@ Every failure to read or write these raises WorkDirError naming the file and
 the fix. A run killed at any moment leaves nothing that blocks or misleads
 the next one: the lock dies with its process, temporary files are removed,
 and orbax publishes a checkpoint only once it is complete.
+
+In a multi-process run (bnlab.distributed) every process opens the same
+directory: process 0 (the primary) holds the lock and writes config.json,
+metrics, TensorBoard events and the summary; the others only read, keep their
+records in memory, and call the checkpoint manager with the primary (orbax
+needs every process; it writes replicated arrays from process 0 only).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import flax.serialization
 import orbax.checkpoint as ocp
 from absl import logging
 
+from bnlab import distributed
 from bnlab.config import ConfigError, flatten
 
 
@@ -133,36 +140,69 @@ class WorkDir:
     self._lock_fd = None
     self._manager = None
     self._tb = None
+    # Only the primary process writes records; the others keep theirs here.
+    self.primary = distributed.is_primary()
+    self._records: list[dict] | None = None
+    self._summary: dict | None = None
+    self._lock_path = os.path.join(self.path, ".lock")
+    self.metrics_path = os.path.join(self.path, "metrics.jsonl")
+    self._ckpt_dir = os.path.join(self.path, "checkpoints")
+    # Steps agreed by every process (a process that fails stops all of them
+    # instead of leaving them in the checkpoint manager's barrier).
+    try:
+      # First of all (before config.json is written): the same config everywhere.
+      distributed.together(
+          "comparing the configs", lambda: None,
+          fingerprint=lambda _: distributed.config_fingerprint(cfg),
+          differs="have another config than process 0 (only config.distributed.* may differ); "
+          "give every process the same config file and overrides")
+      distributed.together(f"opening the work directory {self.path}",
+                           lambda: self._open(cfg))
+      distributed.together(f"opening the checkpoint directory {self._ckpt_dir}",
+                           lambda: self._open_manager(cfg))
+    except BaseException:
+      self.close_lock()
+      raise
+
+  def _open(self, cfg) -> None:
+    """Checks, locks and cleans the directory (the primary), checks the config (all)."""
     try:
       os.makedirs(self.path, exist_ok=True)
-      probe = os.path.join(self.path, f".write-probe-{os.getpid()}")
-      with open(probe, "w") as f:
-        f.write("ok")
-      os.remove(probe)
+      if self.primary:
+        probe = os.path.join(self.path, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+          f.write("ok")
+        os.remove(probe)
     except OSError as e:
       raise WorkDirError(
           f"work directory {self.path} is not writable ({e.strerror or e}); "
           "choose another --workdir") from None
-    self._lock_path = os.path.join(self.path, ".lock")
-    self._acquire_lock()
+    if self.primary:
+      self._acquire_lock()
     try:
-      self._remove_temporaries()
+      if self.primary:
+        self._remove_temporaries()
       self._check_config(cfg)
-      self.metrics_path = os.path.join(self.path, "metrics.jsonl")
-      self._ckpt_dir = os.path.join(self.path, "checkpoints")
       if os.path.exists(self._ckpt_dir) and not os.path.isdir(self._ckpt_dir):
         raise WorkDirError(f"{self._ckpt_dir} is not a directory; move it aside or "
                            "choose another --workdir")
-      try:
-        self._manager = ocp.CheckpointManager(
-            self._ckpt_dir,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.train.keep_checkpoints, create=True))
-      except Exception as e:  # pylint: disable=broad-except
-        raise _io_error("opening the checkpoint directory", self._ckpt_dir, e) from e
+      if self.primary:
+        try:
+          os.makedirs(self._ckpt_dir, exist_ok=True)
+        except OSError as e:
+          raise _io_error("creating the checkpoint directory", self._ckpt_dir, e) from e
     except BaseException:
       self.close_lock()
       raise
+
+  def _open_manager(self, cfg) -> None:
+    try:
+      self._manager = ocp.CheckpointManager(
+          self._ckpt_dir,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=cfg.train.keep_checkpoints, create=True))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _io_error("opening the checkpoint directory", self._ckpt_dir, e) from e
 
   # -- lock -----------------------------------------------------------------
   def _acquire_lock(self) -> None:
@@ -268,18 +308,23 @@ class WorkDir:
       a, b = flatten(old), flatten(new)
       # Keys the snapshot lacks were added to bnlab after the run started; a
       # resumed run takes their defaults, so they do not count as a change.
-      diff = sorted(k for k in a if a.get(k) != b.get(k))
+      # `distributed` says how this launch is spread over processes, not what
+      # it computes: a run may resume with other processes or addresses.
+      diff = sorted(k for k in a if a.get(k) != b.get(k)
+                    and not k.startswith("distributed."))
       if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
         raise ConfigError(
             f"work directory {self.path} holds a run with a different config "
             f"({shown}); use a new --workdir, or rerun with the same config to resume")
-    else:
+    elif self.primary:
       _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
   # -- metrics --------------------------------------------------------------
   def read_metrics(self) -> list[dict]:
     """The records up to the first torn or foreign line (a killed run's last write)."""
+    if self._records is not None:
+      return list(self._records)
     if not os.path.exists(self.metrics_path):
       return []
     records = []
@@ -310,9 +355,17 @@ class WorkDir:
         continue
       records.append(r)
       last = r["step"]
+    if not self.primary:
+      self._records = records
+      return
     _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
   def write_metrics(self, record: dict) -> None:
+    if not self.primary:
+      if self._records is None:
+        self._records = self.read_metrics()
+      self._records.append(record)
+      return
     try:
       with open(self.metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -339,6 +392,8 @@ class WorkDir:
     return merged or None
 
   def read_summary(self) -> dict | None:
+    if self._summary is not None:
+      return dict(self._summary)
     path = os.path.join(self.path, "summary.json")
     if not os.path.exists(path):
       return None
@@ -346,6 +401,9 @@ class WorkDir:
                              "from the last checkpoint")
 
   def write_summary(self, summary: dict) -> None:
+    if not self.primary:
+      self._summary = dict(summary)
+      return
     _atomic_write(os.path.join(self.path, "summary.json"),
                   json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
@@ -398,16 +456,22 @@ class WorkDir:
   def _move_aside(self, step: int) -> None:
     src = os.path.join(self._ckpt_dir, str(step))
     dest_dir = os.path.join(self.path, "unreadable_checkpoints")
-    dest = os.path.join(dest_dir, str(step))
-    n = 1
-    while os.path.exists(dest):
-      dest, n = os.path.join(dest_dir, f"{step}.{n}"), n + 1
-    try:
-      os.makedirs(dest_dir, exist_ok=True)
-      shutil.move(src, dest)
-    except OSError as e:
-      raise _io_error("moving the unreadable checkpoint", src, e) from e
-    logging.warning("Moved unreadable checkpoint %s to %s", src, dest)
+
+    def move():  # by the primary; then every process reloads the directory
+      if not self.primary:
+        return
+      dest = os.path.join(dest_dir, str(step))
+      n = 1
+      while os.path.exists(dest):
+        dest, n = os.path.join(dest_dir, f"{step}.{n}"), n + 1
+      try:
+        os.makedirs(dest_dir, exist_ok=True)
+        shutil.move(src, dest)
+      except OSError as e:
+        raise _io_error("moving the unreadable checkpoint", src, e) from e
+      logging.warning("Moved unreadable checkpoint %s to %s", src, dest)
+
+    distributed.together(f"moving the unreadable checkpoint {src} aside", move)
     self._manager.reload()
 
 
