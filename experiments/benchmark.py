@@ -1,6 +1,6 @@
 """Training speed: bnlab's engine against the conventional Flax loop, side by side.
 
-  python experiments/benchmark.py [--steps_scale=1.0] [--out=results/benchmark.md]
+  python experiments/benchmark.py [--steps_scale=1.0] [--sweep_steps=2000] [--out=results/benchmark.md]
 
 For each case (seed CNN with/without BN at batch 32 and 128, paper MLP with BN
 at batch 60) it times training examples per second, median of --reps timed
@@ -11,7 +11,10 @@ repetitions after a warm-up, of:
     and SGD, all CPU threads, batches sliced from in-memory tensors;
   - bnlab: bnlab's engine (device-resident data, the loop form and convolution
     `auto` resolves to on this platform), plus each explicit form for insight.
-Prints a Markdown table with ratios and the platform, and writes it to --out.
+Then the 24-member paper-MLP sweep (8 learning rates x 3 seeds) grouped into
+one vmapped program against the same runs one after another
+(experiments/sweep_speed.py). Prints a Markdown table with ratios and the
+platform (backend and device), and writes it to --out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sweep_speed
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -217,6 +221,9 @@ def main():
   parser.add_argument("--forms", default="auto,scan,loop",
                       help="bnlab loop forms to time besides 'auto'")
   parser.add_argument("--out", default="results/benchmark.md")
+  parser.add_argument("--sweep_steps", type=int, default=2000,
+                      help="steps per member of the 24-member sweep case (0: skip it)")
+  parser.add_argument("--sweep_workdir", default="/tmp/bnlab_benchmark_sweep")
   args = parser.parse_args()
 
   images, labels = load_images(args.data)
@@ -245,6 +252,15 @@ def main():
     rows.append(row)
     print(row, flush=True)
   text = header + "\n\n" + "\n".join(rows) + "\n"
+  if args.sweep_steps:
+    import sweep_speed  # pylint: disable=g-import-not-at-top
+    r = sweep_speed.measure(args.sweep_steps, args.sweep_workdir)
+    line = (f"\nSweep as one program: {r['members']} paper-MLP members (8 learning rates x "
+            f"3 seeds), {r['steps']:,} steps each: grouped {r['grouped_s']:.1f} s, one after "
+            f"another {r['solo_s']:.1f} s, **{r['ratio']:.1f}x**; max |grouped - solo| final "
+            f"test accuracy {r['worst_accuracy_gap']:.4f}.\n")
+    print(line, flush=True)
+    text += line
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

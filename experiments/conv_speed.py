@@ -59,12 +59,14 @@ FORMS: dict[str, tuple[str | Callable, Callable]] = {
     "xla+flaxpool": ("xla", flax_max_pool),
     "xla+reshapepool": ("xla", max_pool),
     "xla_canonical+reshapepool": ("xla_canonical", max_pool),
+    "gemm+reshapepool": ("gemm", max_pool),
     "im2col+reshapepool": ("im2col", max_pool),
     "taps+reshapepool": ("taps", max_pool),
     # (first conv, second conv) implementations
     "taps/xla_canonical+reshapepool": (("taps", "xla_canonical"), max_pool),
     "xla_canonical/im2col+reshapepool": (("xla_canonical", "im2col"),
                                          max_pool),
+    "xla_canonical/gemm+reshapepool": (("xla_canonical", "gemm"), max_pool),
 }
 
 
