@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -74,6 +75,8 @@ def initialize(dcfg) -> bool:
   elif not dcfg.cluster_detection:
     kwargs["cluster_detection_method"] = "deactivate"
   shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+  if dcfg.coordinator_address and dcfg.process_id == 0:
+    _check_port_free(dcfg.coordinator_address)
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except
@@ -89,6 +92,26 @@ def initialize(dcfg) -> bool:
         f"jax.distributed.initialize({shown}) failed ({type(e).__name__}: {detail}); {fix}"
     ) from None
   return True
+
+
+def _check_port_free(address: str) -> None:
+  """Process 0 serves the coordinator on every interface at the address's port.
+
+  jaxlib 0.10 crashes (segfault) when that port is taken, so look first.
+  """
+  port = int(address.rsplit(":", 1)[1])
+  family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
+  try:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+      s.bind(("", port))
+  except OSError as e:
+    raise DistributedError(
+        f"port {port} of config.distributed.coordinator_address={address!r} is in use on "
+        f"this host (process 0 serves the coordinator there: {e.strerror or e}); choose a "
+        "free port, the same for every process") from None
 
 
 def process_count() -> int:

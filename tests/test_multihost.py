@@ -51,7 +51,25 @@ def free_port() -> int:
 
 
 def launch(workdir, idx_dir, tmp_path, extra=({}, {})):
-  """Runs process 0 and 1 of one run; returns [(returncode, stdout, stderr)] by process."""
+  """Runs process 0 and 1 of one run; returns [(returncode, stdout, stderr)] by process.
+
+  Tries a second free port if the first was taken before the coordinator bound it.
+  """
+  for attempt in range(2):
+    results = _launch_once(workdir, idx_dir, tmp_path / f"try{attempt}", extra)
+    if not any(n in err for _, _, err in results for n in PORT_TAKEN):
+      return results
+  return results
+
+
+# The coordinator's port was taken between free_port() and process 0 binding it
+# (bnlab's check, or jax's own message).
+PORT_TAKEN = ("is in use on this host", "Failed to add port to server")
+GRACE_S = 30  # after one process failed, how long the other may take to stop by itself
+
+
+def _launch_once(workdir, idx_dir, logdir, extra):
+  logdir.mkdir()
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
@@ -62,18 +80,25 @@ def launch(workdir, idx_dir, tmp_path, extra=({}, {})):
                "distributed.coordinator_address": f"localhost:{port}",
                "distributed.num_processes": 2, "distributed.process_id": pid,
                "distributed.initialization_timeout": 60, **extra[pid]}
-      out, err = (open(tmp_path / f"p{pid}.{name}", "w+") for name in ("out", "err"))
+      out, err = (open(logdir / f"p{pid}.{name}", "w+") for name in ("out", "err"))
       logs.append((out, err))
       procs.append(subprocess.Popen(
           [sys.executable, "-m", "bnlab.main", "--config=configs/seed1_mlp.py",
            f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())],
           cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True))
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    for p in procs:
-      p.wait(timeout=max(deadline - time.monotonic(), 1))
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"the two processes did not finish in {LAUNCH_TIMEOUT_S} s; their last "
-                f"output:\n{_tails(logs)}")
+    deadline, grace = time.monotonic() + LAUNCH_TIMEOUT_S, None
+    while any(p.poll() is None for p in procs):
+      now = time.monotonic()
+      if any(p.poll() not in (None, 0) for p in procs):  # one failed: the other must follow
+        if any(n in (logdir / f"p{i}.err").read_text() for i in (0, 1) for n in PORT_TAKEN):
+          break  # the others would wait for the coordinator: retry on another port
+        grace = grace or now + GRACE_S
+        if now > grace:
+          break  # killed below; the caller's assertions show both outputs
+      elif now > deadline:
+        pytest.fail(f"the processes did not finish in {LAUNCH_TIMEOUT_S} s; their last "
+                    f"output:\n{_tails(logs)}")
+      time.sleep(0.2)
   finally:
     for p in procs:  # each child in its own session: kill it and anything it started
       if p.poll() is None:
