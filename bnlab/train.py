@@ -212,14 +212,23 @@ def run_steps(state, sums, images, labels, perm, *, length: int, batch_size: int
     return train_step(st, sm, x, y), None
 
   (state, sums), _ = jax.lax.scan(body, (state, sums), None, length=length, unroll=unroll)
-  return state, sums
+  return _replicated(state, batch_sharding), _replicated(sums, batch_sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding"))
 def run_one_step(state, sums, images, labels, perm, *, batch_size: int, batch_sharding=None):
   """A single train step, gathering its batch on the device."""
   x, y = _gather_batch(images, labels, perm, state.step, batch_size, batch_sharding)
-  return train_step(state, sums, x, y)
+  state, sums = train_step(state, sums, x, y)
+  return _replicated(state, batch_sharding), _replicated(sums, batch_sharding)
+
+
+def _replicated(tree, batch_sharding):
+  """With a mesh, `tree` leaves the step replicated: every process reads it whole."""
+  if batch_sharding is None:
+    return tree
+  return jax.lax.with_sharding_constraint(
+      tree, jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec()))
 
 
 def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
