@@ -12,6 +12,7 @@ import math
 
 import ml_collections
 
+from bnlab import conv
 from bnlab import data as data_lib
 from bnlab import distributed
 from bnlab import models
@@ -20,7 +21,7 @@ from bnlab.variants import RUNNING_AVERAGES
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
 LOOPS = ("auto", "scan", "loop")
-CONV_IMPLEMENTATIONS = ("auto", "xla", "im2col", "taps")
+CONV_IMPLEMENTATIONS = ("auto", *conv.IMPLEMENTATIONS)
 VARIANCES = ("shifted", "two_pass", "fast")
 
 

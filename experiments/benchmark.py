@@ -202,6 +202,41 @@ def torch_rate(model_name, norm, batch, steps, reps, images, labels):
   return median_rate(run, steps, batch, reps)
 
 
+def mlp_matmul_floor_rate(batch: int, steps: int, reps: int) -> float:
+  """Examples/s of the paper MLP's matrix products alone, scanned like a training epoch.
+
+  Per step: the 4 forward products, the 4 weight-gradient products and the 3
+  input-gradient products of 784-100-100-100-10 at `batch`, plus an SGD
+  update; no BN, activations, loss or data gather. No training step of this
+  model can run faster on the same matmul kernels.
+  """
+  dims = (784, 100, 100, 100, 10)
+  ws = [jnp.full((a, b), 0.01, jnp.float32) for a, b in zip(dims[:-1], dims[1:])]
+  x = jnp.ones((batch, dims[0]), jnp.float32)
+  g = jnp.ones((batch, dims[-1]), jnp.float32)
+
+  def body(ws, _):
+    hs = [x]
+    for w in ws:
+      hs.append(hs[-1] @ w)
+    d, grads = g + hs[-1], []
+    for i in reversed(range(len(ws))):
+      grads.append(hs[i].T @ d)
+      if i:
+        d = d @ ws[i].T
+    return [w - 1e-6 * dw for w, dw in zip(ws, reversed(grads))], None
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def epoch(ws, n):
+    return jax.lax.scan(body, ws, None, length=n)[0]
+
+  def run(n):
+    jax.block_until_ready(epoch(ws, n))
+
+  epoch(ws, steps)  # compile the timed length too
+  return median_rate(run, steps, batch, reps)
+
+
 def load_images(source: str):
   if source == "random":
     rng = np.random.default_rng(0)
@@ -235,9 +270,11 @@ def main():
   rows = ["| case | batch | Flax loop | PyTorch eager | bnlab auto (form) | vs Flax loop | "
           "vs PyTorch | bnlab scan | bnlab loop |",
           "|---|---|---|---|---|---|---|---|---|"]
+  base_rates = {}
   for name, model_name, norm, batch, steps in CASES:
     steps = max(5, int(steps * args.steps_scale))
     base = flax_loop_rate(model_name, norm, batch, steps, args.reps, images, labels)
+    base_rates[model_name] = base
     peer = torch_rate(model_name, norm, batch, steps, args.reps, images, labels)
     auto, form = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels)
     extra = {}
@@ -252,6 +289,13 @@ def main():
     rows.append(row)
     print(row, flush=True)
   text = header + "\n\n" + "\n".join(rows) + "\n"
+  mlp_steps = max(5, int(dict((c[1], c[4]) for c in CASES)["paper_mlp"] * args.steps_scale))
+  floor = mlp_matmul_floor_rate(60, mlp_steps, args.reps)
+  line = (f"\nPaper MLP floor: its 11 matrix products per step alone (no BN, activations "
+          f"or data) run at {floor:,.0f} examples/s = {floor / base_rates['paper_mlp']:.2f}x "
+          f"the Flax loop.\n")
+  print(line, flush=True)
+  text += line
   if args.sweep_steps:
     import sweep_speed  # pylint: disable=g-import-not-at-top
     r = sweep_speed.measure(args.sweep_steps, args.sweep_workdir)
