@@ -33,24 +33,23 @@ def resolve_conv_implementation(name: str = "auto") -> str:
   Concrete names are returned unchanged. ``"auto"`` resolves by
   ``jax.default_backend()``:
 
-  * ``cpu`` -> ``"xla_canonical"``. XLA:CPU canonicalizes convolutions to
-    NHWC x HWIO -> NHWC (its fast YNNPACK/Eigen kernels) only in the entry
-    computation; inside a ``lax.scan``/``while`` body the backward
-    convolutions autodiff produces (dim_labels ``f01b_i01o->01bf``,
-    ``b01f_01oi->b01f``) go to the slow generic loop emitter. Measured with
-    ``experiments/conv_speed.py`` (seed CNN train step, 2-core AVX2 CPU
-    shared with other jobs, jaxlib 0.10.2, 4 interleaved runs), examples/s:
-    scanned epoch, batch 32: ``"xla"`` 190-260, ``"xla_canonical"``
-    1,440-2,550, ``"im2col"`` 1,100-3,440 (``"xla_canonical"`` ahead in 3 of
-    4 runs; the two tie at batch 128); loop of jitted steps, batch 32: ``"xla_canonical"``
-    (same compiled HLO as ``"xla"``) 1,700-3,060 vs ``"im2col"`` 1,160-2,240.
-    Its one limit: no forward-mode autodiff (``jax.jvp``); use ``"im2col"``
-    (every transform) or ``"xla"`` for that.
+  * ``cpu`` -> ``"gemm"``. XLA:CPU canonicalizes convolutions to NHWC x HWIO
+    -> NHWC (its fast YNNPACK/Eigen kernels) only in the entry computation;
+    inside a ``lax.scan``/``while`` body the backward convolutions autodiff
+    produces (dim_labels ``f01b_i01o->01bf``, ``b01f_01oi->b01f``) go to the
+    slow generic loop emitter, so ``"xla"`` is ~8x slower in a scanned epoch.
+    Its forward convolution also ran at ~90 GFLOP/s where a matmul of the
+    same work ran at ~180. Measured with ``experiments/conv_speed.py`` (seed
+    CNN train step in a scanned epoch, idle 2-core AVX2 CPU, jaxlib 0.10.2,
+    forms interleaved), examples/s at batch 32 / 128: ``"gemm"`` 4,194 /
+    3,909, ``"xla_canonical"`` 3,313 / 3,004 (``"xla"`` ~440 / ~330 in an
+    earlier run). Its one limit: no forward-mode autodiff (``jax.jvp``); use
+    ``"im2col"`` (every transform) or ``"xla"`` for that.
   * ``gpu``/``tpu`` and anything else -> ``"xla"`` (cuDNN / the TPU
     convolution emitters handle every layout, in and out of loops).
   """
   if name == "auto":
-    return "xla_canonical" if jax.default_backend() == "cpu" else "xla"
+    return "gemm" if jax.default_backend() == "cpu" else "xla"
   if name not in IMPLEMENTATIONS:
     raise ValueError(
         f"Unknown convolution implementation {name!r}; expected 'auto' or one "
@@ -155,10 +154,8 @@ def _conv_gemm_bwd(precision, residuals, g):
   rows = _patches(x, kh, kw).reshape(-1, k)
   d_kernel = lax.dot_general(rows, g.reshape(-1, cout), (((0,), (0,)), ((), ())),
                              precision=precision).reshape(kernel.shape)
-  # The barrier keeps W^T a row-major array: folded into the dot as a
-  # transposed operand it ran at half the GEMM rate on XLA:CPU.
-  w_t = lax.optimization_barrier(jnp.transpose(kernel.reshape(k, cout)))
-  d_patches = lax.dot_general(g, w_t, (((3,), (0,)), ((), ())), precision=precision)
+  d_patches = lax.dot_general(g, kernel.reshape(k, cout), (((3,), (1,)), ((), ())),
+                              precision=precision)
   # col2im: window (i, j) of every output pixel goes back to its input pixel.
   d_x = None
   for t in range(kh * kw):

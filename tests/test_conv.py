@@ -89,7 +89,7 @@ def test_conv2d_rejects_bad_input():
 
 
 def test_resolve_conv_implementation():
-  expected = "xla_canonical" if jax.default_backend() == "cpu" else "xla"
+  expected = "gemm" if jax.default_backend() == "cpu" else "xla"
   assert bconv.resolve_conv_implementation("auto") == expected
   for name in bconv.IMPLEMENTATIONS:
     assert bconv.resolve_conv_implementation(name) == name
