@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import bnlab  # noqa: E402
 
-SHAPES = {"dense": (4096, 1024), "conv": (128, 32, 32, 64)}
+SHAPES = {"dense": (4096, 1024), "conv": (128, 32, 32, 64), "seed_cnn": (32, 7744)}
 LAYERS = {
     "flax (fast, default)": nn.BatchNorm(),
     "flax use_fast_variance=False": nn.BatchNorm(use_fast_variance=False),
