@@ -206,3 +206,24 @@ def test_variants_train_through_the_engine(idx_dir, tmp_path, norm):
   cfg.model.bn.num_groups = 4
   summary = train.train_and_evaluate(cfg, str(tmp_path / norm))
   assert summary["diverged"] is False and summary["test_accuracy"] > 0.2
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_member_states_equal_stacked_solo_states(schedule):
+  from bnlab import models  # pylint: disable=g-import-not-at-top
+  cfgs = []
+  for seed, lr in ((0, 0.1), (1, 0.1), (0, 0.5)):
+    c = config_lib.base_config()
+    c.model.name, c.seed = "seed1_mlp", seed
+    c.optimizer.schedule = schedule
+    if schedule == "constant":
+      c.optimizer.learning_rate = lr
+    cfgs.append(c)
+  model = models.build_model(cfgs[0].model)
+  tx = train.make_optimizer(cfgs[0].optimizer, 100)
+  want = train._stack([
+      train.create_train_state(model, train.make_optimizer(c.optimizer, 100),
+                               jax.random.key(c.seed), 8).replace(tx=tx) for c in cfgs])
+  got = train.create_member_states(model, tx, cfgs, 8)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
