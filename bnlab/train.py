@@ -158,7 +158,9 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
   """
   seeds = jnp.asarray([c.seed for c in cfgs], jnp.uint32)
 
-  @jax.jit
+  # Unoptimized code generation: compiles several times faster, and an
+  # initialization runs once.
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def init(seeds):
     return jax.vmap(
         lambda s: create_train_state(model, tx, jax.random.key(s), batch_size))(seeds)
