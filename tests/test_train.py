@@ -226,4 +226,5 @@ def test_member_states_equal_stacked_solo_states(schedule):
                                jax.random.key(c.seed), 8).replace(tx=tx) for c in cfgs])
   got = train.create_member_states(model, tx, cfgs, 8)
   assert jax.tree.structure(got) == jax.tree.structure(want)
-  jax.tree.map(np.testing.assert_array_equal, got, want)
+  # Same values up to float rounding (the group's init is compiled, a solo init is not).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
