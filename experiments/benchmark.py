@@ -263,13 +263,23 @@ def main():
 
   images, labels = load_images(args.data)
   device = jax.devices()[0]
+  forms = [f for f in ("scan", "loop") if f in args.forms.split(",")]
+  torch_version = torch_threads = None
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_version = torch.__version__
+    torch_threads = int(os.environ.get("BNLAB_TORCH_THREADS", os.cpu_count() or 1))
+  except ImportError:
+    pass
   header = (f"Platform: {jax.default_backend()} ({device.device_kind}), "
             f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
-            f"jax {jax.__version__}. Examples/s, median of {args.reps} after warm-up.")
+            f"jax {jax.__version__}"
+            + (f", torch {torch_version} ({torch_threads} threads)" if torch_version else "")
+            + f". Training examples/s, median of {args.reps} after warm-up.")
   print(header, flush=True)
   rows = ["| case | batch | Flax loop | PyTorch eager | bnlab auto (form) | vs Flax loop | "
-          "vs PyTorch | bnlab scan | bnlab loop |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "vs PyTorch |" + "".join(f" bnlab {f} |" for f in forms),
+          "|---|---|---|---|---|---|---|" + "---|" * len(forms)]
   base_rates = {}
   for name, model_name, norm, batch, steps in CASES:
     steps = max(5, int(steps * args.steps_scale))
@@ -277,15 +287,11 @@ def main():
     base_rates[model_name] = base
     peer = torch_rate(model_name, norm, batch, steps, args.reps, images, labels)
     auto, form = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels)
-    extra = {}
-    for f in ("scan", "loop"):
-      if f in args.forms.split(","):
-        extra[f] = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels,
-                              loop=f)[0]
+    extra = [bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels, loop=f)[0]
+             for f in forms]
     peer_cells = ("not installed", "-") if peer is None else (f"{peer:,.0f}", f"{auto / peer:.2f}x")
     row = (f"| {name} | {batch} | {base:,.0f} | {peer_cells[0]} | {auto:,.0f} ({form}) | "
-           f"{auto / base:.2f}x | {peer_cells[1]} | "
-           f"{extra.get('scan', float('nan')):,.0f} | {extra.get('loop', float('nan')):,.0f} |")
+           f"{auto / base:.2f}x | {peer_cells[1]} |" + "".join(f" {r:,.0f} |" for r in extra))
     rows.append(row)
     print(row, flush=True)
   text = header + "\n\n" + "\n".join(rows) + "\n"
