@@ -122,9 +122,8 @@ def flax_loop_rate(model_name, norm, batch, steps, reps, images, labels):
   return median_rate(run, steps, batch, reps)
 
 
-def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto",
-               conv="auto"):
-  """Examples/s of bnlab's engine for `steps` steps in the given loop form."""
+def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", conv="auto"):
+  """(run, steps, loop): `run()` trains `steps` steps with bnlab's engine, compiled and warm."""
   c = config_lib.base_config()
   c.model.name = model_name
   c.model.norm = norm
@@ -140,27 +139,47 @@ def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto"
   n = (len(labels) // batch) * batch
   perm = train.epoch_permutation(state, 0, n)
   x, y = x[:n], y[:n]
-  sums = train.metric_sums_zero()
-  spe = n // batch
-  steps = min(steps, spe)
+  carry = [state, train.metric_sums_zero()]
+  steps = min(steps, n // batch)
 
-  def run(state, sums, k):
-    state = state.replace(step=jnp.zeros((), jnp.int32))
+  def run():
+    st, sums = carry
+    st = st.replace(step=jnp.zeros((), jnp.int32))
     if loop == "scan":
-      state, sums = train.run_steps(state, sums, x, y, perm, length=k, batch_size=batch)
+      st, sums = train.run_steps(st, sums, x, y, perm, length=steps, batch_size=batch)
     else:
-      for _ in range(k):
-        state, sums = train.run_one_step(state, sums, x, y, perm, batch_size=batch)
+      for _ in range(steps):
+        st, sums = train.run_one_step(st, sums, x, y, perm, batch_size=batch)
     jax.block_until_ready(sums)
-    return state, sums
+    carry[:] = [st, sums]
 
-  state, sums = run(state, sums, steps)  # warm-up (compiles the timed program)
+  run()  # warm-up (compiles the timed program)
+  return run, steps, loop
+
+
+def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto",
+               conv="auto"):
+  """Examples/s of bnlab's engine for `steps` steps in the given loop form."""
+  run, steps, loop = bnlab_runner(model_name, norm, batch, steps, images, labels, loop, conv)
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    state, sums = run(state, sums, steps)
+    run()
     times.append(time.perf_counter() - t0)
   return steps * batch / statistics.median(times), loop
+
+
+def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
+  """Seed CNN step time with BN over without, the two timed in alternation (median)."""
+  runs = {norm: bnlab_runner("seed_cnn", norm, batch, steps, images, labels)[0]
+          for norm in ("batch", "none")}
+  times = {norm: [] for norm in runs}
+  for _ in range(rounds):
+    for norm, run in runs.items():
+      t0 = time.perf_counter()
+      run()
+      times[norm].append(time.perf_counter() - t0)
+  return statistics.median(times["batch"]) / statistics.median(times["none"])
 
 
 def torch_rate(model_name, norm, batch, steps, reps, images, labels):
@@ -295,6 +314,14 @@ def main():
     rows.append(row)
     print(row, flush=True)
   text = header + "\n\n" + "\n".join(rows) + "\n"
+  for batch, steps in ((32, 150), (128, 40)):
+    ratio = bn_step_time_ratio(batch, max(5, int(steps * args.steps_scale)), 2 * args.reps + 1,
+                               images, labels)
+    line = (f"\nBN's cost in the seed CNN, batch {batch} (with and without BN timed in "
+            f"alternation, median of {2 * args.reps + 1}): step time with BN = {ratio:.3f}x "
+            "without.\n")
+    print(line, flush=True)
+    text += line
   mlp_steps = max(5, int(dict((c[1], c[4]) for c in CASES)["paper_mlp"] * args.steps_scale))
   floor = mlp_matmul_floor_rate(60, mlp_steps, args.reps)
   line = (f"\nPaper MLP floor: its 11 matrix products per step alone (no BN, activations "
