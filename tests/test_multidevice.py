@@ -17,20 +17,26 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 8, jax.devices()
     tiny_mnist.write_mnist_dir({data!r}, num_train=256, num_test=64)
     out = {{}}
-    for model in ("seed1_mlp", "seed1_cnn"):
-     for devices in (1, 4, 8):
+    # Ghost batches of 8 on 8 devices of 4 examples each: a ghost batch spans
+    # two devices and its statistics are still those of its 8 examples.
+    for model, norm, all_devices in (("seed1_mlp", "batch", (1, 4, 8)),
+                                     ("seed1_cnn", "batch", (1, 4, 8)),
+                                     ("seed1_mlp", "ghost", (1, 8))):
+     for devices in all_devices:
       c = config_lib.base_config()
       c.data.source, c.data.dir = "idx", {data!r}
-      c.model.name, c.model.bn_position = model, "before"
+      c.model.name, c.model.bn_position, c.model.norm = model, "before", norm
+      c.model.bn.ghost_size = 8
       c.optimizer.learning_rate = 0.05
       c.train.batch_size, c.train.num_epochs, c.train.num_devices = 32, 1, devices
       c.train.final_train_eval = False
-      wd = {work!r} + f"/{{model}}_{{devices}}"
+      key = model + ("_ghost" if norm == "ghost" else "")
+      wd = {work!r} + f"/{{key}}_{{devices}}"
       summary = train.train_and_evaluate(c, wd)
       import orbax.checkpoint as ocp
       mngr = ocp.CheckpointManager(wd + "/checkpoints")
       state = mngr.restore(mngr.latest_step())["state"]
-      out[f"{{model}}_{{devices}}"] = {{
+      out[f"{{key}}_{{devices}}"] = {{
           "num_devices": summary["num_devices"], "test_accuracy": summary["test_accuracy"],
           "leaves": [np.asarray(x).ravel()[:64].tolist()
                      for x in jax.tree.leaves((state["params"], state["batch_stats"]))]}}
@@ -48,8 +54,8 @@ def test_sharded_runs_on_4_and_8_devices_equal_one_device_run(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.split("RESULT", 1)[1])
   import numpy as np
-  for model in ("seed1_mlp", "seed1_cnn"):
-    for n in (4, 8):
+  for model, counts in (("seed1_mlp", (4, 8)), ("seed1_cnn", (4, 8)), ("seed1_mlp_ghost", (8,))):
+    for n in counts:
       one, many = out[f"{model}_1"], out[f"{model}_{n}"]
       assert one["num_devices"] == 1 and many["num_devices"] == n
       for a, b in zip(one["leaves"], many["leaves"]):
