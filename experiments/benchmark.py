@@ -183,7 +183,11 @@ def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
 
 
 def torch_rate(model_name, norm, batch, steps, reps, images, labels):
-  """Examples/s of PyTorch eager training (all CPU threads), or None if torch is absent."""
+  """Examples/s of PyTorch eager training, or None if torch is absent.
+
+  On a CUDA GPU when torch sees one (data resident there, like bnlab's), else
+  on the CPU with all its threads (BNLAB_TORCH_THREADS overrides).
+  """
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from torch import nn as tnn  # pylint: disable=g-import-not-at-top
@@ -204,11 +208,13 @@ def torch_rate(model_name, norm, batch, steps, reps, images, labels):
       layers += [tnn.Linear(fan_in, 100, bias=False), tnn.BatchNorm1d(100), tnn.Sigmoid()]
     layers.append(tnn.Linear(100, 10))
     x_all = torch.from_numpy(images.astype(np.float32) / 255.0)
-  model = tnn.Sequential(*layers).train()
-  y_all = torch.from_numpy(labels.astype(np.int64))
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = tnn.Sequential(*layers).train().to(device)
+  x_all = x_all.to(device)
+  y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
   opt = torch.optim.SGD(model.parameters(), lr=0.01)
   loss_fn = tnn.CrossEntropyLoss()
-  perm = torch.randperm(len(y_all))
+  perm = torch.randperm(len(y_all), device=device)
 
   def run(n):
     for i in range(n):
@@ -217,6 +223,8 @@ def torch_rate(model_name, norm, batch, steps, reps, images, labels):
       loss = loss_fn(model(x_all[idx]), y_all[idx])
       loss.backward()
       opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   return median_rate(run, steps, batch, reps)
 
@@ -283,17 +291,18 @@ def main():
   images, labels = load_images(args.data)
   device = jax.devices()[0]
   forms = [f for f in ("scan", "loop") if f in args.forms.split(",")]
-  torch_version = torch_threads = None
+  torch_version = torch_where = None
   try:
     import torch  # pylint: disable=g-import-not-at-top
     torch_version = torch.__version__
-    torch_threads = int(os.environ.get("BNLAB_TORCH_THREADS", os.cpu_count() or 1))
+    torch_where = (f"on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else
+                     f"{int(os.environ.get('BNLAB_TORCH_THREADS', os.cpu_count() or 1))} threads")
   except ImportError:
     pass
   header = (f"Platform: {jax.default_backend()} ({device.device_kind}), "
             f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
             f"jax {jax.__version__}"
-            + (f", torch {torch_version} ({torch_threads} threads)" if torch_version else "")
+            + (f", torch {torch_version} ({torch_where})" if torch_version else "")
             + f". Training examples/s, median of {args.reps} after warm-up.")
   print(header, flush=True)
   rows = ["| case | batch | Flax loop | PyTorch eager | bnlab auto (form) | vs Flax loop | "
