@@ -199,6 +199,33 @@ def batch_norm(
     `BatchNormOutput(y, mean, var)`: the output and the new running
     statistics (unchanged when not `train`).
   """
+  reduction_axes, dtype, compute_dtype = layer_dtypes_and_axes(
+      x, scale, bias, mean, var, axis=axis, dtype=dtype, stats_dtype=stats_dtype)
+
+  def expand(v):
+    return jnp.expand_dims(v, reduction_axes)
+
+  if train:
+    m, y = _normalize_with_batch_moments(
+        x, scale, bias, mask, reduction_axes=reduction_axes, variance=variance,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, stats_dtype=stats_dtype,
+        compute_dtype=compute_dtype, epsilon=epsilon)
+    new_mean, new_var = running_statistics(
+        m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
+  else:
+    centered = jnp.asarray(x, compute_dtype) - expand(mean.astype(compute_dtype))
+    y = _scale_and_shift(centered, var.astype(compute_dtype), scale, bias, epsilon, expand)
+    new_mean, new_var = mean, var
+  return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
+
+
+def layer_dtypes_and_axes(x, scale, bias, mean, var, *, axis, dtype, stats_dtype):
+  """(reduction axes, output dtype, compute dtype) of a BN call; checks the feature shapes.
+
+  The output dtype is `dtype`, or the result type of `x`, `scale`, `bias`
+  (float32 for integer inputs); statistics are computed in at least
+  `stats_dtype`.
+  """
   feature_axes = canonicalize_axes(x.ndim, axis)
   reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -213,28 +240,23 @@ def batch_norm(
     if not jnp.issubdtype(dtype, jnp.inexact):
       dtype = jnp.promote_types(dtype, jnp.float32)
   compute_dtype = x.dtype if stats_dtype is None else jnp.promote_types(x.dtype, stats_dtype)
+  return reduction_axes, dtype, compute_dtype
 
-  def expand(v):
-    return jnp.expand_dims(v, reduction_axes)
 
-  if train:
-    m, y = _normalize_with_batch_moments(
-        x, scale, bias, mask, reduction_axes=reduction_axes, variance=variance,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, stats_dtype=stats_dtype,
-        compute_dtype=compute_dtype, epsilon=epsilon)
-    running_var_update = m.var
-    if unbiased_running_var:
-      running_var_update = m.var * m.count / jnp.maximum(m.count - 1, 1)
-    seen = m.count > 0
-    new_mean = jnp.where(seen, momentum * mean + (1 - momentum) * m.mean, mean)
-    new_var = jnp.where(seen, momentum * var + (1 - momentum) * running_var_update, var)
-    new_mean = lax.stop_gradient(new_mean.astype(mean.dtype))
-    new_var = lax.stop_gradient(new_var.astype(var.dtype))
-  else:
-    centered = jnp.asarray(x, compute_dtype) - expand(mean.astype(compute_dtype))
-    y = _scale_and_shift(centered, var.astype(compute_dtype), scale, bias, epsilon, expand)
-    new_mean, new_var = mean, var
-  return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
+def running_statistics(m: Moments, mean, var, *, momentum, unbiased_running_var: bool):
+  """The running (mean, var) after folding in batch moments `m` (Flax's momentum rule).
+
+  With `unbiased_running_var` the batch variance folded in is m/(m-1) times
+  the biased one; a batch with no counted entries leaves both unchanged.
+  """
+  update = m.var
+  if unbiased_running_var:
+    update = m.var * m.count / jnp.maximum(m.count - 1, 1)
+  seen = m.count > 0
+  new_mean = jnp.where(seen, momentum * mean + (1 - momentum) * m.mean, mean)
+  new_var = jnp.where(seen, momentum * var + (1 - momentum) * update, var)
+  return (lax.stop_gradient(new_mean.astype(mean.dtype)),
+          lax.stop_gradient(new_var.astype(var.dtype)))
 
 
 def _scale_and_shift(centered, var, scale, bias, epsilon, expand):

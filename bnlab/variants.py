@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnlab.norm import Axes, BatchNormOutput, batch_moments, batch_norm, canonicalize_axes
+from bnlab.norm import (Axes, BatchNormOutput, batch_moments, batch_norm, canonicalize_axes,
+                        layer_dtypes_and_axes, running_statistics)
 
 RUNNING_AVERAGES = ("ema", "population")
 
@@ -99,17 +100,8 @@ def batch_renorm(
     return batch_norm(
         x, scale, bias, mean, var, train=False, axis=axis, epsilon=epsilon, dtype=dtype,
         stats_dtype=stats_dtype)
-  feature_axes = canonicalize_axes(x.ndim, axis)
-  reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  for name, v in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
-    if v is not None and tuple(v.shape) != feature_shape:
-      raise ValueError(f"{name} has shape {tuple(v.shape)}, expected {feature_shape}")
-  if dtype is None:
-    dtype = jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      dtype = jnp.promote_types(dtype, jnp.float32)
-  compute_dtype = x.dtype if stats_dtype is None else jnp.promote_types(x.dtype, stats_dtype)
+  reduction_axes, dtype, compute_dtype = layer_dtypes_and_axes(
+      x, scale, bias, mean, var, axis=axis, dtype=dtype, stats_dtype=stats_dtype)
 
   def expand(v):
     return jnp.expand_dims(v, reduction_axes)
@@ -130,16 +122,9 @@ def batch_renorm(
   if bias is not None:
     add = add + bias
   y = centered * expand(mul) + expand(add)
-  update = m.var
-  if unbiased_running_var:
-    update = m.var * m.count / jnp.maximum(m.count - 1, 1)
-  seen = m.count > 0
-  new_mean = jnp.where(seen, momentum * mean + (1 - momentum) * m.mean, mean)
-  new_var = jnp.where(seen, momentum * var + (1 - momentum) * update, var)
-  return BatchNormOutput(
-      jnp.asarray(y, dtype),
-      lax.stop_gradient(new_mean.astype(mean.dtype)),
-      lax.stop_gradient(new_var.astype(var.dtype)))
+  new_mean, new_var = running_statistics(
+      m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
+  return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
 
 
 def ghost_batch_norm(
