@@ -7,16 +7,8 @@ import sys
 
 import pytest
 
-import tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("idx"))
-  tiny_mnist.write_mnist_dir(d, num_train=320, num_test=100)
-  return d
 
 
 def run_main(*args, cwd=ROOT):

@@ -14,16 +14,9 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab import train
-import tiny_mnist
+from run_files import final_state, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("idx"))
-  tiny_mnist.write_mnist_dir(d, num_train=320, num_test=100)
-  return d
 
 
 def tiny_base(idx_dir):
@@ -38,18 +31,6 @@ def tiny_base(idx_dir):
   c.train.log_every_steps = 5
   c.train.keep_checkpoints = 50
   return c
-
-
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
-
-
-def final_state(workdir):
-  import orbax.checkpoint as ocp
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = mngr.latest_step()
-  return step, jax.tree.map(np.asarray, mngr.restore(step)["state"])
 
 
 # -- combinators and names -------------------------------------------------------

@@ -11,14 +11,7 @@ import pytest
 
 from bnlab import config as config_lib
 from bnlab import train
-import tiny_mnist
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("idx"))
-  tiny_mnist.write_mnist_dir(d, num_train=320, num_test=100)
-  return d
+from run_files import final_state, read_jsonl
 
 
 def tiny_config(idx_dir, **overrides):
@@ -38,21 +31,6 @@ def tiny_config(idx_dir, **overrides):
     section, name = key.split(".")
     c[section][name] = value
   return c
-
-
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
-
-
-def final_params(workdir):
-  """The train state of the newest checkpoint, as numpy arrays."""
-  from bnlab import workdir as workdir_lib
-  import orbax.checkpoint as ocp
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = mngr.latest_step()
-  restored = mngr.restore(step)
-  return step, jax.tree.map(np.asarray, restored["state"])
 
 
 def test_run_writes_everything_and_learns(idx_dir, tmp_path):
@@ -98,8 +76,8 @@ def test_resume_is_bit_identical(idx_dir, tmp_path, loop):
   with open(os.path.join(part, "metrics.jsonl"), "a") as f:
     f.write('{"step": 25, "torn')  # metrics written past the checkpoint, half a line
   train.train_and_evaluate(cfg, part)
-  step_a, a = final_params(full)
-  step_b, b = final_params(part)
+  step_a, a = final_state(full)
+  step_b, b = final_state(part)
   assert step_a == step_b == 30
   jax.tree.map(np.testing.assert_array_equal, a, b)
   ra = read_jsonl(os.path.join(full, "metrics.jsonl"))
@@ -183,7 +161,7 @@ def test_activation_percentiles_are_recorded_at_each_eval(idx_dir, tmp_path):
     assert np.all(np.diff(pct, axis=1) >= 0)  # percentiles are ordered
   # Independent check at the end: numpy percentiles of the same activations.
   from bnlab import models
-  step, saved = final_params(wd)
+  step, saved = final_state(wd)
   model = models.build_model(cfg.model)
   from bnlab import data as data_lib
   ds = data_lib.load_mnist("idx", data_dir=idx_dir)
