@@ -80,9 +80,10 @@ class FlaxPaperMLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-def median_rate(run, steps: int, batch: int, reps: int) -> float:
-  """Examples/s of `run(steps)`: median of `reps` timed calls after a 3-step warm-up."""
-  run(3)
+def median_rate(run, steps: int, batch: int, reps: int, warm_up: bool = True) -> float:
+  """Examples/s of `run(steps)`: median of `reps` timed calls (after a 3-step warm-up)."""
+  if warm_up:
+    run(3)
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -161,12 +162,7 @@ def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto"
                conv="auto"):
   """Examples/s of bnlab's engine for `steps` steps in the given loop form."""
   run, steps, loop = bnlab_runner(model_name, norm, batch, steps, images, labels, loop, conv)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  return steps * batch / statistics.median(times), loop
+  return median_rate(lambda _: run(), steps, batch, reps, warm_up=False), loop
 
 
 def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
