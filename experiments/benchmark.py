@@ -1,6 +1,7 @@
 """Training speed: bnlab's engine against the conventional Flax loop, side by side.
 
-  python experiments/benchmark.py [--steps_scale=1.0] [--sweep_steps=2000] [--out=results/benchmark.md]
+  python experiments/benchmark.py [--steps_scale=1.0] [--sweep_steps=2000] \
+      [--keras=jax,tensorflow] [--out=results/benchmark.md]
 
 For each case (seed CNN with/without BN at batch 32 and 128, paper MLP with BN
 at batch 60) it times training examples per second, median of --reps timed
@@ -9,6 +10,10 @@ repetitions after a warm-up, of:
     numpy array, one jitted step per batch, flax.linen Conv/max_pool/BatchNorm;
   - PyTorch eager (when installed: `pip install -e .[peers]`), the same models
     and SGD, all CPU threads, batches sliced from in-memory tensors;
+  - Keras 3 `model.fit` on each backend of --keras that imports (JAX with the
+    peers extra; TensorFlow where installed, or from another environment with
+    `--keras=tensorflow=/path/to/python`), one subprocess per case and backend
+    (experiments/keras_peer.py);
   - bnlab: bnlab's engine (device-resident data, the loop form and convolution
     `auto` resolves to on this platform), plus each explicit form for insight.
 Then the 24-member paper-MLP sweep (8 learning rates x 3 seeds) grouped into
@@ -22,9 +27,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import json
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +47,7 @@ import optax  # noqa: E402
 
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import models, train  # noqa: E402
+from timing import median_rate  # noqa: E402
 
 CASES = (
     # name, model, norm, batch, steps per timed repetition
@@ -78,18 +88,6 @@ class FlaxPaperMLP(nn.Module):
       x = nn.BatchNorm(use_running_average=not train)(x)
       x = nn.sigmoid(x)
     return nn.Dense(10)(x)
-
-
-def median_rate(run, steps: int, batch: int, reps: int, warm_up: bool = True) -> float:
-  """Examples/s of `run(steps)`: median of `reps` timed calls (after a 3-step warm-up)."""
-  if warm_up:
-    run(3)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    run(steps)
-    times.append(time.perf_counter() - t0)
-  return steps * batch / statistics.median(times)
 
 
 def flax_loop_rate(model_name, norm, batch, steps, reps, images, labels):
@@ -225,6 +223,26 @@ def torch_rate(model_name, norm, batch, steps, reps, images, labels):
   return median_rate(run, steps, batch, reps)
 
 
+def keras_rate(spec, model_name, norm, batch, steps, reps, data_file):
+  """(examples/s, description) of Keras 3 `fit` on backend `spec` ("name[=python]").
+
+  None for the rate when that python cannot import keras or the backend.
+  """
+  backend, _, python = spec.partition("=")
+  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [python or sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "keras_peer.py"),
+         f"--data={data_file}", f"--model={model_name}", f"--norm={norm}",
+         f"--batch={batch}", f"--steps={steps}", f"--reps={reps}"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    if "ModuleNotFoundError" in proc.stderr:
+      return None, "not installed"
+    raise RuntimeError(f"Keras peer ({backend}) failed:\n{proc.stderr[-2000:]}")
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  return r["rate"], f"keras {r['keras']} on {r['framework']} ({r['device']})"
+
+
 def mlp_matmul_floor_rate(batch: int, steps: int, reps: int) -> float:
   """Examples/s of the paper MLP's matrix products alone, scanned like a training epoch.
 
@@ -282,6 +300,9 @@ def main():
   parser.add_argument("--sweep_steps", type=int, default=2000,
                       help="steps per member of the 24-member sweep case (0: skip it)")
   parser.add_argument("--sweep_workdir", default="/tmp/bnlab_benchmark_sweep")
+  parser.add_argument("--keras", default="jax,tensorflow",
+                      help="Keras backends to time, each 'name' or 'name=/path/to/python' "
+                           "(another environment); empty: none")
   args = parser.parse_args()
 
   images, labels = load_images(args.data)
@@ -301,23 +322,42 @@ def main():
             + (f", torch {torch_version} ({torch_where})" if torch_version else "")
             + f". Training examples/s, median of {args.reps} after warm-up.")
   print(header, flush=True)
-  rows = ["| case | batch | Flax loop | PyTorch eager | bnlab auto (form) | vs Flax loop | "
-          "vs PyTorch |" + "".join(f" bnlab {f} |" for f in forms),
-          "|---|---|---|---|---|---|---|" + "---|" * len(forms)]
+  keras_specs = [k for k in args.keras.split(",") if k]
+  keras_notes = {}
+  keras_cols = "".join(f" Keras {k.partition('=')[0]} |" for k in keras_specs)
+  rows = ["| case | batch | Flax loop | PyTorch eager |" + keras_cols + " bnlab auto (form) | "
+          "vs Flax loop | vs PyTorch | vs fastest peer |" + "".join(f" bnlab {f} |" for f in forms),
+          "|---|---|---|---|" + "---|" * len(keras_specs) + "---|---|---|---|" + "---|" * len(forms)]
   base_rates = {}
+  data_dir = tempfile.mkdtemp(prefix="bnlab_benchmark_")
+  data_file = os.path.join(data_dir, "mnist.npz")
+  if keras_specs:
+    np.savez(data_file, images=images, labels=labels)
   for name, model_name, norm, batch, steps in CASES:
     steps = max(5, int(steps * args.steps_scale))
     base = flax_loop_rate(model_name, norm, batch, steps, args.reps, images, labels)
     base_rates[model_name] = base
-    peer = torch_rate(model_name, norm, batch, steps, args.reps, images, labels)
+    peers = {"PyTorch": torch_rate(model_name, norm, batch, steps, args.reps, images, labels)}
+    for spec in keras_specs:
+      rate, note = keras_rate(spec, model_name, norm, batch, steps, args.reps, data_file)
+      peers[f"Keras {spec.partition('=')[0]}"] = rate
+      keras_notes[spec.partition("=")[0]] = note
     auto, form = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels)
     extra = [bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels, loop=f)[0]
              for f in forms]
-    peer_cells = ("not installed", "-") if peer is None else (f"{peer:,.0f}", f"{auto / peer:.2f}x")
-    row = (f"| {name} | {batch} | {base:,.0f} | {peer_cells[0]} | {auto:,.0f} ({form}) | "
-           f"{auto / base:.2f}x | {peer_cells[1]} |" + "".join(f" {r:,.0f} |" for r in extra))
+    present = {k: v for k, v in peers.items() if v is not None}
+    fastest = max(present, key=present.get) if present else None
+    cells = ["not installed" if v is None else f"{v:,.0f}" for v in peers.values()]
+    row = (f"| {name} | {batch} | {base:,.0f} | " + " | ".join(cells) + f" | {auto:,.0f} ({form}) | "
+           f"{auto / base:.2f}x | "
+           + ("-" if peers["PyTorch"] is None else f"{auto / peers['PyTorch']:.2f}x") + " | "
+           + ("-" if fastest is None else f"{auto / present[fastest]:.2f}x ({fastest})") + " |"
+           + "".join(f" {r:,.0f} |" for r in extra))
     rows.append(row)
     print(row, flush=True)
+  shutil.rmtree(data_dir, ignore_errors=True)
+  if keras_notes:
+    header += " Keras: " + "; ".join(f"{k}: {v}" for k, v in keras_notes.items()) + "."
   text = header + "\n\n" + "\n".join(rows) + "\n"
   for batch, steps in ((32, 150), (128, 40)):
     ratio = bn_step_time_ratio(batch, max(5, int(steps * args.steps_scale)), 2 * args.reps + 1,
