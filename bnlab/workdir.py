@@ -30,6 +30,7 @@ import os
 import shutil
 import socket
 import sys
+import sys
 import tempfile
 from typing import Any
 
@@ -72,6 +73,23 @@ def _read_json_object(path: str, consequence: str) -> dict:
     raise WorkDirError(
         f"{path} is unreadable ({' '.join(str(e).split())[:120]}){consequence}") from None
   return value
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without importing torch.
+
+  tensorboardX imports torch, if installed, only to accept its tensors; bnlab
+  writes plain floats, and importing torch costs ~2-3 s at every run's start.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
@@ -374,8 +392,7 @@ class WorkDir:
       raise _io_error("appending to", self.metrics_path, e) from e
     try:
       if self._tb is None:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(self.path, "tensorboard"))
+        self._tb = _summary_writer_class()(os.path.join(self.path, "tensorboard"))
       for key, value in record.items():
         if key not in ("step",) and isinstance(value, (int, float)):
           self._tb.add_scalar(key, value, record["step"])

@@ -206,3 +206,25 @@ def test_member_states_equal_stacked_solo_states(schedule):
   assert jax.tree.structure(got) == jax.tree.structure(want)
   # Same values up to float rounding (the group's init is compiled, a solo init is not).
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  # A stand-in torch package that leaves a mark when imported.
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "__init__.py").write_text(
+      f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+  code = (
+      "import sys, os\n"
+      f"sys.path.insert(0, {str(tmp_path)!r})\n"
+      "from bnlab import workdir\n"
+      f"w = workdir._summary_writer_class()({str(tmp_path / 'tb')!r})\n"
+      "w.add_scalar('loss', 1.5, 3); w.flush()\n"
+      f"assert not os.path.exists({str(tmp_path / 'imported')!r}), 'torch imported'\n"
+      "import torch\n"  # still importable afterwards
+      f"assert os.path.exists({str(tmp_path / 'imported')!r})\n")
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
