@@ -430,3 +430,107 @@ def test_train_rngs_give_a_noise_key_per_step_apart_from_the_shuffling_keys():
   np.testing.assert_array_equal(jax.random.key_data(models.train_rngs(data, 1)["noise"]), keys[1])
   shuffle = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), 1))
   assert not np.array_equal(shuffle, keys[1])
+
+
+# ----------------------------------------------------------------------------
+# The NNX modules: the same numbers as the linen modules, step after step
+
+NNX_CASES = {
+    "population": (BatchNormVariant, dict(running_average="population")),
+    "frozen": (BatchNormVariant, dict(frozen=True)),
+    "renorm": (BatchRenorm, dict(r_max=3.0, d_max=5.0, warmup_steps=1, r_max_steps=3,
+                                 d_max_steps=2)),
+    "ghost": (GhostBatchNorm, dict(ghost_size=3)),
+    "ghost_population": (GhostBatchNorm, dict(ghost_size=4, running_average="population")),
+    "noisy": (NoisyBatchNorm, dict(noise_shift_max=0.5, noise_scale_max=1.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(NNX_CASES), ids=list(NNX_CASES))
+def test_nnx_variants_match_linen(case):
+  from flax import nnx
+  linen_cls, kw = NNX_CASES[case]
+  nnx_cls = getattr(bnlab.nnx, linen_cls.__name__)
+  rng = np.random.default_rng(11)
+  shape = (12, 5, 4)
+  layer = nnx_cls(4, momentum=0.8, epsilon=EPS, rngs=nnx.Rngs(0), **kw)
+  if case == "noisy":
+    # Linen derives its noise key from the module path; the reference is plain
+    # BN followed by the noise drawn from the very key the NNX layer is given.
+    linen, kw = BatchNorm(momentum=0.8, epsilon=EPS), {}
+
+    def add_noise(y, key):
+      return variants.apply_activation_noise(
+          y, variants.activation_noise(key, (4,), shift_max=0.5, scale_max=1.5))
+  else:
+    linen = linen_cls(momentum=0.8, epsilon=EPS, **kw)
+
+    def add_noise(y, key):
+      del key
+      return y
+  v = linen.init(jax.random.key(0), jnp.zeros(shape), use_running_average=True)
+  # Non-trivial parameters, the same in both.
+  scale, bias = rng.uniform(0.5, 2, 4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+  v = {**v, "params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+  layer.scale[...], layer.bias[...] = scale, bias
+  assert set(nnx.state(layer, nnx.BatchStat)) == set(v["batch_stats"])
+
+  @nnx.jit
+  def nnx_step(layer, x, key):
+    return layer(x, rngs=key) if case == "noisy" else layer(x)
+
+  for step in range(5):
+    x = jnp.asarray(rng.normal(step, 1 + step, shape), jnp.float32)
+    key = jax.random.key(100 + step)
+    y_linen, upd = linen.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    v = {**v, **upd}
+    y_linen = add_noise(y_linen, key)
+    y_nnx = nnx_step(layer, x, key)
+    np.testing.assert_allclose(y_nnx, y_linen, rtol=1e-5, atol=1e-5)
+    for name, value in v["batch_stats"].items():
+      np.testing.assert_allclose(getattr(layer, name)[...], value, rtol=1e-6, atol=1e-6,
+                                 err_msg=f"{name} after step {step}")
+  if case == "renorm":
+    assert int(layer.steps[...]) == 5
+  # Inference: the running statistics, no noise, nothing updated.
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  before = jax.tree.map(jnp.copy, nnx.state(layer, nnx.BatchStat))
+  np.testing.assert_allclose(layer(x, use_running_average=True),
+                             linen.apply(v, x, use_running_average=True), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(nnx.state(layer, nnx.BatchStat)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+  # Gradients with respect to the parameters and the input, train mode.
+  key = jax.random.key(7)
+  gy = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+  def linen_loss(params, x):
+    y, _ = linen.apply({**v, "params": params}, x, use_running_average=False,
+                       mutable=["batch_stats"])
+    return jnp.sum(add_noise(y, key) * gy)
+
+  def nnx_loss(layer, x):
+    return jnp.sum((layer(x, rngs=key) if case == "noisy" else layer(x)) * gy)
+
+  g_params, g_x = jax.grad(linen_loss, argnums=(0, 1))(v["params"], x)
+  g_layer, g_x_nnx = nnx.grad(nnx_loss, argnums=(0, 1))(layer, x)
+  np.testing.assert_allclose(g_x_nnx, g_x, rtol=1e-4, atol=1e-5)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(getattr(g_layer, name)[...], g_params[name], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_nnx_noisy_bn_draws_from_its_stream_and_checks_fields():
+  from flax import nnx
+  x = jnp.asarray(np.random.default_rng(12).normal(size=(16, 3)), jnp.float32)
+  layer = bnlab.nnx.NoisyBatchNorm(3, rngs=nnx.Rngs(0, noise=1))
+  first, second = layer(x), layer(x)
+  assert not np.allclose(first, second)  # a new draw every call
+  again = bnlab.nnx.NoisyBatchNorm(3, rngs=nnx.Rngs(0, noise=1))
+  np.testing.assert_array_equal(again(x), first)  # reproducible from the seed
+  np.testing.assert_allclose(layer(x, use_running_average=True),  # no noise
+                             (x - layer.mean[...]) / jnp.sqrt(layer.var[...] + 1e-5),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="running_average"):
+    bnlab.nnx.BatchNormVariant(3, running_average="median", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="axis_name"):
+    bnlab.nnx.GhostBatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
