@@ -3,8 +3,8 @@
 Layers: `batch_norm` / `batch_moments` (pure functions), `BatchNorm`
 (flax.linen, drop-in for `flax.linen.BatchNorm`), `nnx.BatchNorm` (Flax NNX),
 and the variants `BatchRenorm`, `GhostBatchNorm`, `NoisyBatchNorm`,
-`BatchNormVariant` (frozen statistics, population averages) over the pure
-functions in `bnlab.variants`.
+`BatchNormVariant` (frozen statistics, population averages; linen here, NNX
+under `bnlab.nnx`) over the pure functions in `bnlab.variants`.
 """
 
 from bnlab import data
