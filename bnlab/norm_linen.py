@@ -204,10 +204,6 @@ class GhostBatchNorm(BatchNormVariant):
   def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
                 **kwargs) -> BatchNormOutput:
     del updating
-    if kwargs.pop("axis_name") is not None:
-      raise ValueError("GhostBatchNorm computes per-device ghost statistics; axis_name "
-                       "is not supported")
-    kwargs.pop("axis_index_groups")
     return variants.ghost_batch_norm(
         x, scale, bias, mean, var, train=train, ghost_size=self.ghost_size, **kwargs)
 
@@ -228,16 +224,13 @@ class NoisyBatchNorm(BatchNormVariant):
   def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
                 **kwargs) -> BatchNormOutput:
     del updating
-    out = batch_norm(x, scale, bias, mean, var, train=train, **kwargs)
-    if not train or self.is_initializing():  # noise changes no variable
-      return out
-    if not self.has_rng("noise"):
-      raise ValueError(
-          "NoisyBatchNorm in train mode needs a 'noise' RNG: call apply(..., "
-          "rngs={'noise': key}) with a fresh key every step")
-    axis = kwargs["axis"]
-    feature_shape = tuple(x.shape[a] for a in canonicalize_axes(x.ndim, axis))
-    noise = variants.activation_noise(
-        self.make_rng("noise"), feature_shape, shift_max=self.noise_shift_max,
-        scale_max=self.noise_scale_max)
-    return out._replace(y=variants.apply_activation_noise(out.y, noise, axis=axis))
+    key = None
+    if train and not self.is_initializing():  # noise changes no variable
+      if not self.has_rng("noise"):
+        raise ValueError(
+            "NoisyBatchNorm in train mode needs a 'noise' RNG: call apply(..., "
+            "rngs={'noise': key}) with a fresh key every step")
+      key = self.make_rng("noise")
+    return variants.noisy_batch_norm(
+        x, scale, bias, mean, var, train=train, key=key, shift_max=self.noise_shift_max,
+        scale_max=self.noise_scale_max, **kwargs)

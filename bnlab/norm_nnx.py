@@ -17,7 +17,7 @@ from flax import nnx
 from flax.nnx import initializers
 
 from bnlab import variants
-from bnlab.norm import Axes, BatchNormOutput, batch_norm, canonicalize_axes
+from bnlab.norm import Axes, BatchNormOutput, batch_norm
 
 
 class BatchNorm(nnx.Module):
@@ -235,8 +235,6 @@ class GhostBatchNorm(BatchNormVariant):
   def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
                 **kwargs) -> BatchNormOutput:
     del updating
-    kwargs.pop("axis_name")
-    kwargs.pop("axis_index_groups")
     return variants.ghost_batch_norm(
         x, scale, bias, mean, var, train=train, ghost_size=self.ghost_size, **kwargs)
 
@@ -266,12 +264,7 @@ class NoisyBatchNorm(BatchNormVariant):
   def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
                 noise_key: jax.Array | None = None, **kwargs) -> BatchNormOutput:
     del updating
-    out = batch_norm(x, scale, bias, mean, var, train=train, **kwargs)
-    if not train:
-      return out
-    key = self.noise_rngs() if noise_key is None else noise_key
-    axes = canonicalize_axes(x.ndim, kwargs["axis"])
-    noise = variants.activation_noise(
-        key, tuple(x.shape[a] for a in axes), shift_max=self.noise_shift_max,
-        scale_max=self.noise_scale_max)
-    return out._replace(y=variants.apply_activation_noise(out.y, noise, axis=kwargs["axis"]))
+    key = (self.noise_rngs() if noise_key is None else noise_key) if train else None
+    return variants.noisy_batch_norm(
+        x, scale, bias, mean, var, train=train, key=key, shift_max=self.noise_shift_max,
+        scale_max=self.noise_scale_max, **kwargs)

@@ -144,6 +144,8 @@ def ghost_batch_norm(
     unbiased_running_var: bool = False,
     dtype: Any = None,
     stats_dtype: Any = jnp.float32,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
 ) -> BatchNormOutput:
   """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017).
 
@@ -156,9 +158,14 @@ def ghost_batch_norm(
   m/(m-1). A ghost batch with no unmasked entries contributes the running
   statistics unchanged. Inference normalizes with the running statistics.
 
-  Raises ValueError if axis 0 is a feature axis or the batch size is not a
-  multiple of `ghost_size`. The other arguments are those of `batch_norm`.
+  Raises ValueError if axis 0 is a feature axis, the batch size is not a
+  multiple of `ghost_size`, or `axis_name` is given (ghost statistics are per
+  device). The other arguments are those of `batch_norm`.
   """
+  del axis_index_groups
+  if axis_name is not None:
+    raise ValueError("ghost batch norm computes per-device ghost statistics; axis_name is "
+                     "not supported")
   if not train:
     return batch_norm(
         x, scale, bias, mean, var, train=False, axis=axis, epsilon=epsilon, dtype=dtype,
@@ -188,6 +195,33 @@ def ghost_batch_norm(
       out.y.reshape(x.shape),
       jnp.mean(out.mean, 0).astype(mean.dtype),
       jnp.mean(out.var, 0).astype(var.dtype))
+
+
+def noisy_batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    train: bool,
+    key: jax.Array | None,
+    shift_max: float,
+    scale_max: float,
+    axis: Axes = -1,
+    **kwargs,
+) -> BatchNormOutput:
+  """`batch_norm`, then in train mode the `activation_noise` drawn from `key` per feature.
+
+  No noise at inference or when `key` is None. The running statistics are
+  plain BN's: the noise comes after them. `kwargs` are `batch_norm`'s.
+  """
+  out = batch_norm(x, scale, bias, mean, var, train=train, axis=axis, **kwargs)
+  if not train or key is None:
+    return out
+  feature_shape = tuple(x.shape[a] for a in canonicalize_axes(x.ndim, axis))
+  noise = activation_noise(key, feature_shape, shift_max=shift_max, scale_max=scale_max)
+  return out._replace(y=apply_activation_noise(out.y, noise, axis=axis))
 
 
 class NoiseTransform(NamedTuple):

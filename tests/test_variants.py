@@ -534,3 +534,6 @@ def test_nnx_noisy_bn_draws_from_its_stream_and_checks_fields():
     bnlab.nnx.BatchNormVariant(3, running_average="median", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="axis_name"):
     bnlab.nnx.GhostBatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="axis_name"):
+    variants.ghost_batch_norm(x, None, None, jnp.zeros(3), jnp.ones(3), train=True,
+                              ghost_size=8, axis_name="batch")
