@@ -218,11 +218,7 @@ class BatchRenorm(BatchNormVariant):
 
 
 class GhostBatchNorm(BatchNormVariant):
-  """Ghost Batch Normalization over `variants.ghost_batch_norm`.
-
-  Statistics per ghost batch of `ghost_size` examples in train mode; the
-  running statistics fold in the mean of the ghost statistics.
-  """
+  """`bnlab.norm_linen.GhostBatchNorm` for NNX: `variants.ghost_batch_norm` per call."""
 
   def __init__(self, num_features: int, *, ghost_size: int = 16, rngs: nnx.Rngs,
                **kwargs):
