@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (plus $JAX_COORDINATOR_ADDRESS); or one method of bnlab.distributed.CLUSTER_DETECTION.
   c.distributed.cluster_detection = ""
   c.distributed.initialization_timeout = 300  # seconds to wait for every process
+  # Seconds without a heartbeat after which a process counts as dead and the
+  # others stop (a process killed mid-run otherwise leaves them waiting).
+  c.distributed.heartbeat_timeout = 100
   return c
 
 
@@ -232,6 +235,8 @@ def _validate_distributed(c) -> None:
          "distributed.local_device_ids", ids, "distinct device indices >= 0, or () for all")
   _check(d.initialization_timeout > 0, "distributed.initialization_timeout",
          d.initialization_timeout, "an integer > 0 (seconds)")
+  _check(isinstance(d.heartbeat_timeout, int) and d.heartbeat_timeout > 0,
+         "distributed.heartbeat_timeout", d.heartbeat_timeout, "an integer > 0 (seconds)")
   if not d.cluster_detection:
     # Without detection every value must be given: the same address and count
     # on every process, and each its own process_id.

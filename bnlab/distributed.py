@@ -61,7 +61,8 @@ def initialize(dcfg) -> bool:
     return True
   if not requested(dcfg):
     return False
-  kwargs: dict[str, Any] = {"initialization_timeout": int(dcfg.initialization_timeout)}
+  kwargs: dict[str, Any] = {"initialization_timeout": int(dcfg.initialization_timeout),
+                            "heartbeat_timeout_seconds": int(dcfg.heartbeat_timeout)}
   if dcfg.coordinator_address:
     kwargs["coordinator_address"] = dcfg.coordinator_address
   if dcfg.num_processes > 0:

@@ -50,13 +50,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir, idx_dir, tmp_path, extra=({}, {})):
+def launch(workdir, idx_dir, tmp_path, extra=({}, {}), kill_1_when_training=False):
   """Runs process 0 and 1 of one run; returns [(returncode, stdout, stderr)] by process.
 
-  Tries a second free port if the first was taken before the coordinator bound it.
+  With `kill_1_when_training`, process 1 is killed (SIGKILL) once the run's
+  first metrics record is written. Tries a second free port if the first was
+  taken before the coordinator bound it.
   """
   for attempt in range(2):
-    results = _launch_once(workdir, idx_dir, tmp_path / f"try{attempt}", extra)
+    results = _launch_once(workdir, idx_dir, tmp_path / f"try{attempt}", extra,
+                           kill_1_when_training)
     if not any(n in err for _, _, err in results for n in PORT_TAKEN):
       return results
   return results
@@ -68,7 +71,7 @@ PORT_TAKEN = ("is in use on this host", "Failed to add port to server")
 GRACE_S = 30  # after one process failed, how long the other may take to stop by itself
 
 
-def _launch_once(workdir, idx_dir, logdir, extra):
+def _launch_once(workdir, idx_dir, logdir, extra, kill_1_when_training):
   logdir.mkdir()
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -89,6 +92,11 @@ def _launch_once(workdir, idx_dir, logdir, extra):
     deadline, grace = time.monotonic() + LAUNCH_TIMEOUT_S, None
     while any(p.poll() is None for p in procs):
       now = time.monotonic()
+      metrics = os.path.join(workdir, "metrics.jsonl")
+      if (kill_1_when_training and procs[1].poll() is None and os.path.exists(metrics)
+          and os.path.getsize(metrics)):
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        kill_1_when_training = False
       if any(p.poll() not in (None, 0) for p in procs):  # one failed: the other must follow
         if any(n in (logdir / f"p{i}.err").read_text() for i in (0, 1) for n in PORT_TAKEN):
           break  # the others would wait for the coordinator: retry on another port
@@ -228,3 +236,18 @@ def test_processes_with_different_configs_both_stop_with_one_line(idx_dir, tmp_p
     assert "process(es) [1] of 2 have another config than process 0" in error[0], error
   assert time.monotonic() - start < 60
   assert not wd.exists()  # checked before anything is written
+
+
+def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(idx_dir, tmp_path):
+  """Process 1 dies mid-run: process 0 is stopped by JAX's heartbeat check, not left waiting."""
+  long_run = {"train.num_epochs": 5000, "train.eval_every_steps": 10_000,
+              "distributed.heartbeat_timeout": 5}
+  results = launch(tmp_path / "killed", idx_dir, tmp_path, extra=(long_run, long_run),
+                   kill_1_when_training=True)
+  skip_if_no_cpu_collectives(results)
+  assert results[1][0] == -signal.SIGKILL
+  # Process 0 ended by itself within launch's 30 s grace (with the default
+  # heartbeat_timeout of 100 s it would still be waiting and get SIGKILL).
+  rc, _, err = results[0]
+  assert rc not in (0, -signal.SIGKILL), f"process 0 exited {rc}:\n{err[-3000:]}"
+  assert "heartbeat" in err, err[-3000:]
