@@ -5,7 +5,8 @@
 
 For each case (seed CNN with/without BN at batch 32 and 128, paper MLP with BN
 at batch 60) it times training examples per second, median of --reps timed
-repetitions after a warm-up, of:
+repetitions after a warm-up (the in-process runners round-robin, so a slow
+spell of the machine falls on all of them), of:
   - flax_loop: the Flax MNIST-example way: host batches from a host-shuffled
     numpy array, one jitted step per batch, flax.linen Conv/max_pool/BatchNorm;
   - PyTorch eager (when installed: `pip install -e .[peers]`), the same models
@@ -47,7 +48,7 @@ import optax  # noqa: E402
 
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import models, train  # noqa: E402
-from timing import median_rate  # noqa: E402
+from timing import interleaved_rates, median_rate  # noqa: E402
 
 CASES = (
     # name, model, norm, batch, steps per timed repetition
@@ -90,8 +91,8 @@ class FlaxPaperMLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-def flax_loop_rate(model_name, norm, batch, steps, reps, images, labels):
-  """Examples/s of the conventional loop: host batches, one jitted step each."""
+def flax_loop_runner(model_name, norm, batch, images, labels):
+  """`run(n)`: n steps of the conventional loop: host batches, one jitted step each."""
   model = FlaxSeedCNN(norm == "batch") if model_name == "seed_cnn" else FlaxPaperMLP()
   tx = optax.sgd(0.01)
   v = model.init(jax.random.key(0), images[:batch])
@@ -118,7 +119,7 @@ def flax_loop_rate(model_name, norm, batch, steps, reps, images, labels):
       params, stats, opt_state, loss = step(params, stats, opt_state, images[idx], labels[idx])
     jax.block_until_ready(loss)
 
-  return median_rate(run, steps, batch, reps)
+  return run
 
 
 def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", conv="auto"):
@@ -156,13 +157,6 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
   return run, steps, loop
 
 
-def bnlab_rate(model_name, norm, batch, steps, reps, images, labels, loop="auto",
-               conv="auto"):
-  """Examples/s of bnlab's engine for `steps` steps in the given loop form."""
-  run, steps, loop = bnlab_runner(model_name, norm, batch, steps, images, labels, loop, conv)
-  return median_rate(lambda _: run(), steps, batch, reps, warm_up=False), loop
-
-
 def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
   """Seed CNN step time with BN over without, the two timed in alternation (median)."""
   runs = {norm: bnlab_runner("seed_cnn", norm, batch, steps, images, labels)[0]
@@ -176,8 +170,8 @@ def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
   return statistics.median(times["batch"]) / statistics.median(times["none"])
 
 
-def torch_rate(model_name, norm, batch, steps, reps, images, labels):
-  """Examples/s of PyTorch eager training, or None if torch is absent.
+def torch_runner(model_name, norm, batch, images, labels):
+  """`run(n)`: n steps of PyTorch eager training; None if torch is absent.
 
   On a CUDA GPU when torch sees one (data resident there, like bnlab's), else
   on the CPU with all its threads (BNLAB_TORCH_THREADS overrides).
@@ -220,7 +214,7 @@ def torch_rate(model_name, norm, batch, steps, reps, images, labels):
     if device == "cuda":
       torch.cuda.synchronize()
 
-  return median_rate(run, steps, batch, reps)
+  return run
 
 
 def keras_rate(spec, model_name, norm, batch, steps, reps, data_file):
@@ -335,16 +329,24 @@ def main():
     np.savez(data_file, images=images, labels=labels)
   for name, model_name, norm, batch, steps in CASES:
     steps = max(5, int(steps * args.steps_scale))
-    base = flax_loop_rate(model_name, norm, batch, steps, args.reps, images, labels)
+    # In-process runners timed round-robin; the Keras peers run in subprocesses.
+    runs = {"flax": flax_loop_runner(model_name, norm, batch, images, labels),
+            "torch": torch_runner(model_name, norm, batch, images, labels)}
+    bnlab_run, steps, form = bnlab_runner(model_name, norm, batch, steps, images, labels)
+    runs["bnlab"] = lambda _, run=bnlab_run: run()
+    for f in forms:
+      run = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
+      runs[f] = lambda _, run=run: run()
+    rates = interleaved_rates({k: v for k, v in runs.items() if v is not None}, steps, batch,
+                              args.reps)
+    base, auto = rates["flax"], rates["bnlab"]
+    extra = [rates[f] for f in forms]
     base_rates[model_name] = base
-    peers = {"PyTorch": torch_rate(model_name, norm, batch, steps, args.reps, images, labels)}
+    peers = {"PyTorch": rates.get("torch")}
     for spec in keras_specs:
       rate, note = keras_rate(spec, model_name, norm, batch, steps, args.reps, data_file)
       peers[f"Keras {spec.partition('=')[0]}"] = rate
       keras_notes[spec.partition("=")[0]] = note
-    auto, form = bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels)
-    extra = [bnlab_rate(model_name, norm, batch, steps, args.reps, images, labels, loop=f)[0]
-             for f in forms]
     present = {k: v for k, v in peers.items() if v is not None}
     fastest = max(present, key=present.get) if present else None
     cells = ["not installed" if v is None else f"{v:,.0f}" for v in peers.values()]
