@@ -286,3 +286,19 @@ def test_nnx_grads_and_dtypes_match_flax_nnx():
     ours, theirs = nnx_pair(**kw)
     for ura in (False, True):
       assert ours(xb, ura).dtype == theirs(xb, ura).dtype, (kw, ura)
+
+
+def test_readme_layer_examples_run():
+  """The README's 'Using the layers' code (linen, functional, NNX) runs as printed."""
+  import os
+  import re
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "README.md")).read()
+  section = readme.split("## Using the layers in your own model", 1)[1].split("\n## ", 1)[0]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 2, "expected the linen and the NNX example"
+  ns = {}
+  for block in blocks:
+    exec(block, ns)  # pylint: disable=exec-used
+  assert ns["logits"].shape == (32, 10)
+  assert int(ns["model"].bn.steps[...]) == 1  # one train-mode call, then eval
