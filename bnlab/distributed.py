@@ -54,8 +54,8 @@ def initialize(dcfg) -> bool:
 
   Does nothing for a single-process config, or when JAX's distributed system
   is already up (initialized by this function or by the caller). Must run
-  before any JAX computation; `bnlab.main` and `train.train_and_evaluate` call
-  it first thing.
+  before any JAX computation; `train.train_and_evaluate` (so `bnlab.main`)
+  calls it first thing.
   """
   if jax.distributed.is_initialized():
     return True
@@ -84,7 +84,7 @@ def initialize(dcfg) -> bool:
     detail = " ".join(str(e).split())[:300]
     if "must be called before" in detail:
       fix = ("call bnlab.distributed.initialize(config.distributed) at the start of your "
-             "script, before any JAX computation (bnlab.main does)")
+             "script, before any JAX computation (train.train_and_evaluate does)")
     else:
       fix = ("check config.distributed.* (every process needs the same coordinator_address "
              "host:port, reachable from all of them, the same num_processes and its own "

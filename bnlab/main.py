@@ -57,9 +57,7 @@ def execute(cfg, workdir: str) -> dict:
   from bnlab import train  # pylint: disable=g-import-not-at-top
   try:
     check_config(cfg)
-    # Before any JAX computation: with several processes, jax.devices() then
-    # lists every process's devices.
-    distributed.initialize(cfg.distributed)
+    # Starts jax.distributed first thing when the config asks for it.
     return train.train_and_evaluate(cfg, workdir)
   except USER_ERRORS as e:
     if logging.get_verbosity() >= logging.DEBUG:

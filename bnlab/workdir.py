@@ -30,7 +30,6 @@ import os
 import shutil
 import socket
 import sys
-import sys
 import tempfile
 from typing import Any
 
