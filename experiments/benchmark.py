@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import json
+import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sweep_speed
@@ -123,7 +121,10 @@ def flax_loop_runner(model_name, norm, batch, images, labels):
 
 
 def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", conv="auto"):
-  """(run, steps, loop): `run()` trains `steps` steps with bnlab's engine, compiled and warm."""
+  """(run, steps, loop): `run(n)` trains n steps with bnlab's engine; n = `steps` is compiled.
+
+  `steps` is capped at one epoch.
+  """
   c = config_lib.base_config()
   c.model.name = model_name
   c.model.norm = norm
@@ -142,32 +143,28 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
   carry = [state, train.metric_sums_zero()]
   steps = min(steps, n // batch)
 
-  def run():
+  def run(n):
     st, sums = carry
     st = st.replace(step=jnp.zeros((), jnp.int32))
     if loop == "scan":
-      st, sums = train.run_steps(st, sums, x, y, perm, length=steps, batch_size=batch)
+      st, sums = train.run_steps(st, sums, x, y, perm, length=n, batch_size=batch)
     else:
-      for _ in range(steps):
+      for _ in range(n):
         st, sums = train.run_one_step(st, sums, x, y, perm, batch_size=batch)
     jax.block_until_ready(sums)
     carry[:] = [st, sums]
 
-  run()  # warm-up (compiles the timed program)
+  run(steps)  # warm-up (compiles the timed program)
   return run, steps, loop
 
 
 def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
   """Seed CNN step time with BN over without, the two timed in alternation (median)."""
-  runs = {norm: bnlab_runner("seed_cnn", norm, batch, steps, images, labels)[0]
+  runs = {norm: bnlab_runner("seed_cnn", norm, batch, steps, images, labels)
           for norm in ("batch", "none")}
-  times = {norm: [] for norm in runs}
-  for _ in range(rounds):
-    for norm, run in runs.items():
-      t0 = time.perf_counter()
-      run()
-      times[norm].append(time.perf_counter() - t0)
-  return statistics.median(times["batch"]) / statistics.median(times["none"])
+  rates = interleaved_rates({norm: r[0] for norm, r in runs.items()}, runs["batch"][1],
+                            batch, rounds)
+  return rates["none"] / rates["batch"]
 
 
 def torch_runner(model_name, norm, batch, images, labels):
@@ -332,11 +329,9 @@ def main():
     # In-process runners timed round-robin; the Keras peers run in subprocesses.
     runs = {"flax": flax_loop_runner(model_name, norm, batch, images, labels),
             "torch": torch_runner(model_name, norm, batch, images, labels)}
-    bnlab_run, steps, form = bnlab_runner(model_name, norm, batch, steps, images, labels)
-    runs["bnlab"] = lambda _, run=bnlab_run: run()
+    runs["bnlab"], steps, form = bnlab_runner(model_name, norm, batch, steps, images, labels)
     for f in forms:
-      run = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
-      runs[f] = lambda _, run=run: run()
+      runs[f] = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
     rates = interleaved_rates({k: v for k, v in runs.items() if v is not None}, steps, batch,
                               args.reps)
     base, auto = rates["flax"], rates["bnlab"]
@@ -344,9 +339,9 @@ def main():
     base_rates[model_name] = base
     peers = {"PyTorch": rates.get("torch")}
     for spec in keras_specs:
-      rate, note = keras_rate(spec, model_name, norm, batch, steps, args.reps, data_file)
-      peers[f"Keras {spec.partition('=')[0]}"] = rate
-      keras_notes[spec.partition("=")[0]] = note
+      backend = spec.partition("=")[0]
+      peers[f"Keras {backend}"], keras_notes[backend] = keras_rate(
+          spec, model_name, norm, batch, steps, args.reps, data_file)
     present = {k: v for k, v in peers.items() if v is not None}
     fastest = max(present, key=present.get) if present else None
     cells = ["not installed" if v is None else f"{v:,.0f}" for v in peers.values()]
