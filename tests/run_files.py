@@ -13,8 +13,16 @@ def read_jsonl(path):
 
 
 def final_state(workdir):
-  """(step, train state as numpy arrays) of a run's newest checkpoint."""
+  """(step, train state as numpy arrays) of a run's newest checkpoint.
+
+  Restored as host arrays, so it reads checkpoints written on any devices
+  (e.g. a mesh over several processes) in this one process.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = mngr.latest_step()
-  return step, jax.tree.map(np.asarray, mngr.restore(step)["state"])
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = ocp.CheckpointManager(ckpt_dir).latest_step()
+  path = os.path.join(ckpt_dir, str(step), "default")
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  return step, checkpointer.restore(path, restore_args=args)["state"]

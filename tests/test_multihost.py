@@ -19,10 +19,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import tiny_mnist
+from run_files import final_state, read_jsonl
 from bnlab import config as config_lib
 from bnlab import train
 
@@ -144,14 +144,9 @@ def skip_if_no_cpu_collectives(results) -> None:
                       f"(jax_cpu_collectives_implementation); JAX said: {line.strip()[:300]}")
 
 
-def final_state(workdir):
-  """Params and batch_stats of the newest checkpoint, as numpy (any device topology)."""
-  d = os.path.join(workdir, "checkpoints")
-  path = os.path.join(d, str(max(int(s) for s in os.listdir(d) if s.isdigit())), "default")
-  checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(path).item_metadata.tree
-  args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  state = checkpointer.restore(path, restore_args=args)["state"]
+def trained_variables(workdir):
+  """Params and batch_stats of the run's newest checkpoint, as numpy."""
+  state = final_state(workdir)[1]
   return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
@@ -169,7 +164,7 @@ def reference(idx_dir, tmp_path_factory):
 
 
 def assert_same_state(got_dir, ref_dir):
-  ref, got = final_state(ref_dir), final_state(got_dir)
+  ref, got = trained_variables(ref_dir), trained_variables(got_dir)
   names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(ref)]
   assert any("batch_stats" in n and "var" in n for n in names), names
   for name, a, b in zip(names, jax.tree.leaves(ref), jax.tree.leaves(got)):
@@ -190,7 +185,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(idx_dir, tmp_pat
 
   # One process wrote the records: one metrics file, each record once, one
   # TensorBoard events file, no lock left behind.
-  records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  records = read_jsonl(wd / "metrics.jsonl")
   assert [r["step"] for r in records] == [0, 4, 8]
   assert len(os.listdir(wd / "tensorboard")) == 1
   assert not (wd / ".lock").exists()
@@ -216,7 +211,7 @@ def test_one_process_run_resumes_in_two_processes(idx_dir, tmp_path, reference):
   for i, (rc, _, err) in enumerate(results):
     assert rc == 0, f"process {i} failed:\n{err[-3000:]}"
     assert "Resumed from step 4" in err
-  records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  records = read_jsonl(wd / "metrics.jsonl")
   assert [r["step"] for r in records] == [0, 4, 8]
   assert json.loads((wd / "summary.json").read_text())["num_processes"] == 2
   assert_same_state(str(wd), ref_dir)
