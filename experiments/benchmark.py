@@ -25,7 +25,6 @@ platform (backend and device), and writes it to --out.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -43,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import models, train  # noqa: E402
@@ -279,26 +279,28 @@ def load_images(source: str):
   return ds.train_images, ds.train_labels
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--steps_scale", type=float, default=1.0,
-                      help="multiply the steps per repetition (smaller = quicker, noisier)")
-  parser.add_argument("--data", default="embedded", help="a data source, or 'random'")
-  parser.add_argument("--forms", default="auto,scan,loop",
-                      help="bnlab loop forms to time besides 'auto'")
-  parser.add_argument("--out", default="results/benchmark.md")
-  parser.add_argument("--sweep_steps", type=int, default=2000,
-                      help="steps per member of the 24-member sweep case (0: skip it)")
-  parser.add_argument("--sweep_workdir", default="/tmp/bnlab_benchmark_sweep")
-  parser.add_argument("--keras", default="jax,tensorflow",
-                      help="Keras backends to time, each 'name' or 'name=/path/to/python' "
-                           "(another environment); empty: none")
-  args = parser.parse_args()
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions per runner (the median is shown).")
+_STEPS_SCALE = flags.DEFINE_float(
+    "steps_scale", 1.0, "Multiply the steps per repetition (smaller = quicker, noisier).")
+_DATA = flags.DEFINE_string("data", "embedded", "A data source, or 'random'.")
+_FORMS = flags.DEFINE_string("forms", "auto,scan,loop",
+                             "bnlab loop forms to time besides 'auto'.")
+_OUT = flags.DEFINE_string("out", "results/benchmark.md", "Where the table is written.")
+_SWEEP_STEPS = flags.DEFINE_integer(
+    "sweep_steps", 2000, "Steps per member of the 24-member sweep case (0: skip it).")
+_SWEEP_WORKDIR = flags.DEFINE_string("sweep_workdir", "/tmp/bnlab_benchmark_sweep",
+                                     "Work directory of the sweep case.")
+_KERAS = flags.DEFINE_string(
+    "keras", "jax,tensorflow", "Keras backends to time, each 'name' or "
+    "'name=/path/to/python' (another environment); empty: none.")
 
-  images, labels = load_images(args.data)
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  images, labels = load_images(_DATA.value)
   device = jax.devices()[0]
-  forms = [f for f in ("scan", "loop") if f in args.forms.split(",")]
+  forms = [f for f in ("scan", "loop") if f in _FORMS.value.split(",")]
   torch_version = torch_where = None
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -311,9 +313,9 @@ def main():
             f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
             f"jax {jax.__version__}"
             + (f", torch {torch_version} ({torch_where})" if torch_version else "")
-            + f". Training examples/s, median of {args.reps} after warm-up.")
+            + f". Training examples/s, median of {_REPS.value} after warm-up.")
   print(header, flush=True)
-  keras_specs = [k for k in args.keras.split(",") if k]
+  keras_specs = [k for k in _KERAS.value.split(",") if k]
   keras_notes = {}
   keras_cols = "".join(f" Keras {k.partition('=')[0]} |" for k in keras_specs)
   rows = ["| case | batch | Flax loop | PyTorch eager |" + keras_cols + " bnlab auto (form) | "
@@ -325,7 +327,7 @@ def main():
   if keras_specs:
     np.savez(data_file, images=images, labels=labels)
   for name, model_name, norm, batch, steps in CASES:
-    steps = max(5, int(steps * args.steps_scale))
+    steps = max(5, int(steps * _STEPS_SCALE.value))
     # In-process runners timed round-robin; the Keras peers run in subprocesses.
     runs = {"flax": flax_loop_runner(model_name, norm, batch, images, labels),
             "torch": torch_runner(model_name, norm, batch, images, labels)}
@@ -333,7 +335,7 @@ def main():
     for f in forms:
       runs[f] = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
     rates = interleaved_rates({k: v for k, v in runs.items() if v is not None}, steps, batch,
-                              args.reps)
+                              _REPS.value)
     base, auto = rates["flax"], rates["bnlab"]
     extra = [rates[f] for f in forms]
     base_rates[model_name] = base
@@ -341,7 +343,7 @@ def main():
     for spec in keras_specs:
       backend = spec.partition("=")[0]
       peers[f"Keras {backend}"], keras_notes[backend] = keras_rate(
-          spec, model_name, norm, batch, steps, args.reps, data_file)
+          spec, model_name, norm, batch, steps, _REPS.value, data_file)
     present = {k: v for k, v in peers.items() if v is not None}
     fastest = max(present, key=present.get) if present else None
     cells = ["not installed" if v is None else f"{v:,.0f}" for v in peers.values()]
@@ -357,35 +359,35 @@ def main():
     header += " Keras: " + "; ".join(f"{k}: {v}" for k, v in keras_notes.items()) + "."
   text = header + "\n\n" + "\n".join(rows) + "\n"
   for batch, steps in ((32, 150), (128, 40)):
-    ratio = bn_step_time_ratio(batch, max(5, int(steps * args.steps_scale)), 2 * args.reps + 1,
+    ratio = bn_step_time_ratio(batch, max(5, int(steps * _STEPS_SCALE.value)), 2 * _REPS.value + 1,
                                images, labels)
     line = (f"\nBN's cost in the seed CNN, batch {batch} (with and without BN timed in "
-            f"alternation, median of {2 * args.reps + 1}): step time with BN = {ratio:.3f}x "
+            f"alternation, median of {2 * _REPS.value + 1}): step time with BN = {ratio:.3f}x "
             "without.\n")
     print(line, flush=True)
     text += line
-  mlp_steps = max(5, int(dict((c[1], c[4]) for c in CASES)["paper_mlp"] * args.steps_scale))
-  floor = mlp_matmul_floor_rate(60, mlp_steps, args.reps)
+  mlp_steps = max(5, int(dict((c[1], c[4]) for c in CASES)["paper_mlp"] * _STEPS_SCALE.value))
+  floor = mlp_matmul_floor_rate(60, mlp_steps, _REPS.value)
   line = (f"\nPaper MLP floor: its 11 matrix products per step alone (no BN, activations "
           f"or data) run at {floor:,.0f} examples/s = {floor / base_rates['paper_mlp']:.2f}x "
           f"the Flax loop.\n")
   print(line, flush=True)
   text += line
-  if args.sweep_steps:
+  if _SWEEP_STEPS.value:
     import sweep_speed  # pylint: disable=g-import-not-at-top
-    r = sweep_speed.measure(args.sweep_steps, args.sweep_workdir)
+    r = sweep_speed.measure(_SWEEP_STEPS.value, _SWEEP_WORKDIR.value)
     line = (f"\nSweep as one program: {r['members']} paper-MLP members (8 learning rates x "
             f"3 seeds), {r['steps']:,} steps each: grouped {r['grouped_s']:.1f} s, one after "
             f"another {r['solo_s']:.1f} s, **{r['ratio']:.1f}x**; max |grouped - solo| final "
             f"test accuracy {r['worst_accuracy_gap']:.4f}.\n")
     print(line, flush=True)
     text += line
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+  if _OUT.value:
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    with open(_OUT.value, "w") as f:
       f.write(text)
-    print(f"wrote {args.out}")
+    print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
