@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.eval_at_start = True  # also evaluate (and record analysis) at step 0
   c.train.final_train_eval = True  # evaluate the whole train set at the end
+  # Bit-identical results run to run on every backend (bnlab.backend): on a GPU,
+  # XLA's deterministic reductions and scatters, set before JAX starts.
+  c.train.deterministic = True
 
   # Distributions recorded at every evaluation (inference mode, first test images).
   c.analysis = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bnlab import backend
 from bnlab import config as config_lib
 from bnlab import data as data_lib
 from bnlab import distributed
@@ -31,7 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: one line, no traceback (unless --verbosity>=1).
 USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
-               distributed.DistributedError)
+               distributed.DistributedError, backend.BackendError)
 
 
 def _fail(message: str) -> None:
@@ -57,6 +58,7 @@ def execute(cfg, workdir: str) -> dict:
   from bnlab import train  # pylint: disable=g-import-not-at-top
   try:
     check_config(cfg)
+    backend.configure(cfg.train.deterministic)  # before JAX starts
     # Starts jax.distributed first thing when the config asks for it.
     return train.train_and_evaluate(cfg, workdir)
   except USER_ERRORS as e:

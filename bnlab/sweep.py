@@ -345,6 +345,7 @@ def load_results(workdir: str) -> list[dict]:
 def main(argv):
   """`python -m bnlab.sweep`: --config (a sweep file), --workdir, --grouped."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from bnlab import backend  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
   from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
@@ -361,8 +362,10 @@ def main(argv):
     module = load_config_file(path)
     if not hasattr(module, "get_sweep"):
       raise config_lib.ConfigError(f"{path} defines no get_sweep()")
+    backend.configure(base.train.deterministic)  # before JAX starts
     rows = run_sweep(base, module.get_sweep(), f.workdir, grouped=f.grouped)
-  except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError) as e:
+  except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
+          backend.BackendError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -1,8 +1,27 @@
 """Fixtures shared by the end-to-end tests."""
 
+import jax
 import pytest
 
+from bnlab import backend
 import tiny_mnist
+
+# The tests compare runs bit for bit (resume, reruns): XLA's deterministic mode,
+# set before any test starts JAX's backend, as `python -m bnlab.main` does.
+backend.configure(deterministic=True)
+
+
+@pytest.fixture
+def float32_matmuls():
+  """Matrix products and convolutions at full float32 precision on every backend.
+
+  JAX's default float32 precision on NVIDIA GPUs is TF32 (a 10-bit mantissa,
+  ~1e-3 relative per product); on CPU it is already full float32, so this
+  changes nothing there. Tests that compare against float64 or hand-derived
+  references use it, so GPU results are held to the CPU's tolerances.
+  """
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
 @pytest.fixture(scope="module")

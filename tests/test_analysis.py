@@ -33,6 +33,7 @@ def test_layer_weights_orders_classifier_kernels():
   assert analysis.layer_weights({"w2": 0, "w1": 0}) == [("w1",), ("w2",)]
 
 
+@pytest.mark.usefixtures("float32_matmuls")
 def test_ics_two_layer_linear_matches_hand_computation():
   x, y, p, loss_fn = _linear_problem()
   lr = 0.1

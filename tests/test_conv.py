@@ -186,6 +186,7 @@ def test_conv_relu_pool_param_grads_unaffected_by_ties():
   np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("float32_matmuls")
 def test_composes_with_jit_vmap_grad_scan():
   xs = _normal(11, (3, 2, 8, 8, 2))  # 3 steps of batch 2
   kernel = _normal(12, (3, 3, 2, 4))
@@ -213,6 +214,7 @@ def test_composes_with_jit_vmap_grad_scan():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("float32_matmuls")
 @pytest.mark.parametrize("impl", ["gemm", "xla_canonical"])
 def test_custom_backward_is_reverse_mode_only(impl):
   x, kernel = _normal(13, (1, 5, 5, 2)), _normal(14, (3, 3, 2, 2))

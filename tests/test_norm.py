@@ -485,6 +485,7 @@ def test_jit_vmap_grad_compositions(variance):
   np.testing.assert_allclose(second[0], second[1], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.usefixtures("float32_matmuls")
 def test_grad_through_module_inside_a_model():
   import flax.linen as nn
 

@@ -99,7 +99,10 @@ def grouped_sweep(idx_dir, tmp_path_factory):
   base = tiny_base(idx_dir)
   members = sweep.product(sweep.axis("optimizer.learning_rate", [0.1, 1e9]), sweep.seeds(2))
   members.append({"data.num_train": 5000})  # more than the 320 examples: fails
-  rows = sweep.run_sweep(base, members, wd)
+  # Full float32 products: a group's batched products and a solo run's plain
+  # ones round alike only then (GPUs default to TF32; CPUs are unchanged).
+  with jax.default_matmul_precision("highest"):
+    rows = sweep.run_sweep(base, members, wd)
   return base, members, wd, rows
 
 
@@ -137,7 +140,8 @@ def test_grouped_members_equal_their_solo_runs(grouped_sweep, tmp_path):
   for i in (0, 3):  # lr 0.1 seed 0, lr 1e9 seed 1
     name = rows[i]["name"]
     cfg = sweep.apply_overrides(base, members[i])
-    solo = train.train_and_evaluate(cfg, str(tmp_path / name))
+    with jax.default_matmul_precision("highest"):
+      solo = train.train_and_evaluate(cfg, str(tmp_path / name))
     group = json.load(open(os.path.join(wd, name, "summary.json")))
     assert solo["diverged"] == group["diverged"]
     assert solo["diverged_at_step"] == group["diverged_at_step"]
