@@ -1,0 +1,368 @@
+"""The step loop shared by solo runs and groups: schedule plan, trigger predicate, periodic actions."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from bnlab import distributed
+from bnlab import evaluation
+from bnlab import members as members_lib
+from bnlab import steps as steps_lib
+from bnlab import workdir as workdir_lib
+from bnlab.state import take
+
+# -- compiled forms: the one place where the step functions are jitted -------
+
+run_steps = jax.jit(steps_lib.scan_steps,
+                    static_argnames=("length", "batch_size", "unroll", "batch_sharding"))
+run_one_step = jax.jit(steps_lib.one_step, static_argnames=("batch_size", "batch_sharding"))
+group_permutations = jax.jit(members_lib.permutations, static_argnames=("num_examples",))
+run_steps_group = jax.jit(members_lib.scan_steps,
+                          static_argnames=("length", "batch_size", "unroll"))
+run_one_step_group = jax.jit(members_lib.one_step, static_argnames=("batch_size",))
+
+
+# -- the schedule plan and its trigger ---------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Where a run's steps are grouped into compiled calls and what happens after.
+
+  Call boundaries are a fixed function of the absolute step (epoch ends,
+  log/eval/checkpoint steps, `steps_per_call` multiples), so a resumed run
+  executes exactly the same compiled programs on the same data as an
+  uninterrupted one and ends bit-identical on the same platform.
+  """
+
+  total_steps: int
+  steps_per_epoch: int
+  steps_per_call: int
+  eval_every: int
+  log_every: int
+  checkpoint_every: int
+
+  def next_boundary(self, step: int) -> int:
+    """The first step after `step` at which a call ends."""
+    candidates = [self.total_steps]
+    for every in (self.steps_per_epoch, self.eval_every, self.log_every,
+                  self.checkpoint_every):
+      candidates.append((step // every + 1) * every)
+    epoch_start = step // self.steps_per_epoch * self.steps_per_epoch
+    k = self.steps_per_call
+    candidates.append(epoch_start + ((step - epoch_start) // k + 1) * k)
+    return min(candidates)
+
+  def due(self, step: int, every: int) -> bool:
+    """The trigger of all periodic work: every `every` steps, and at the final step."""
+    return step % every == 0 or step == self.total_steps
+
+  def is_eval(self, step: int) -> bool:
+    return self.due(step, self.eval_every)
+
+  def is_log(self, step: int) -> bool:
+    return self.due(step, self.log_every) or self.is_eval(step)
+
+  def is_checkpoint(self, step: int) -> bool:
+    return self.due(step, self.checkpoint_every)
+
+
+def make_schedule_plan(cfg, num_train: int) -> Schedule:
+  """The step schedule for the `train` config section over `num_train` examples."""
+  t = cfg.train
+  spe = num_train // t.batch_size
+  total = t.num_steps or t.num_epochs * spe
+  eval_every = t.eval_every_steps or t.eval_every_epochs * spe
+  log_every = t.log_every_steps or eval_every
+  ckpt_every = t.checkpoint_every_steps or eval_every
+  per_call = t.steps_per_call or spe
+  return Schedule(total, spe, per_call, eval_every, log_every, ckpt_every)
+
+
+# -- the pieces the loop runs ------------------------------------------------
+
+def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
+  """A 1-D mesh ("batch") over `num_devices` devices (0: all), or None for one.
+
+  The devices of every process of a multi-process run (`bnlab.distributed`),
+  the same number from each.
+  """
+  devices = distributed.mesh_devices(num_devices)
+  if len(devices) == 1:
+    return None
+  return jax.sharding.Mesh(np.array(devices), ("batch",))
+
+
+class DeviceData(NamedTuple):
+  """The dataset on the device(s), labels as int32."""
+
+  train_images: jax.Array
+  train_labels: jax.Array
+  test_images: jax.Array
+  test_labels: jax.Array
+
+  @classmethod
+  def place(cls, ds, mesh=None) -> DeviceData:
+    """`ds` on the device, or replicated over `mesh` (on every process's devices)."""
+    place = functools.partial(distributed.replicate, mesh=mesh)
+    return cls(place(ds.train_images), place(ds.train_labels.astype(np.int32)),
+               place(ds.test_images), place(ds.test_labels.astype(np.int32)))
+
+
+class StepCalls:
+  """The compiled calls of a run: one state, or a stack of members (`stacked`)."""
+
+  def __init__(self, cfg, eval_model, num_train: int, stacked: bool, mesh=None):
+    self.batch_sharding = (None if mesh is None else
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    self.loop = steps_lib.resolve_loop(cfg.train.loop, cfg.model)
+    self.batch_size = cfg.train.batch_size
+    self.unroll = cfg.train.unroll
+    self.eval_apply = eval_model.apply
+    self.num_train = num_train
+    self.stacked = stacked
+
+  def permutation(self, state, epoch: int):
+    if self.stacked:
+      return group_permutations(state.rng, epoch, num_examples=self.num_train)
+    return steps_lib.epoch_permutation(state, epoch, self.num_train)
+
+  def train(self, state, sums, images, labels, perm, length: int):
+    sharded = {} if self.batch_sharding is None else {"batch_sharding": self.batch_sharding}
+    if self.loop == "scan":
+      fn = run_steps_group if self.stacked else run_steps
+      return fn(state, sums, images, labels, perm, length=length,
+                batch_size=self.batch_size, unroll=self.unroll, **sharded)
+    fn = run_one_step_group if self.stacked else run_one_step
+    for _ in range(length):
+      state, sums = fn(state, sums, images, labels, perm, batch_size=self.batch_size,
+                       **sharded)
+    return state, sums
+
+  def evaluate(self, state, images, labels, batch_size: int):
+    fn = evaluation.evaluate_members if self.stacked else evaluation.evaluate
+    return jax.device_get(fn(self.eval_apply, state.params, state.batch_stats, images,
+                             labels, batch_size=batch_size))
+
+  def member(self, tree, i: int):
+    """Member `i`'s part of a (host or device) tree."""
+    return take(tree, i) if self.stacked else tree
+
+
+@dataclasses.dataclass
+class Member:
+  """One run's directory and host-side status inside the step loop."""
+
+  cfg: Any
+  wd: workdir_lib.WorkDir
+  recording: bool = True  # False once stopped (diverged) or finished before
+  diverged_at: int | None = None
+
+
+class _Clock:
+  """Wall time since the run started and since the current log interval started."""
+
+  def __init__(self, first_step: int):
+    self.first_step = first_step
+    self.run_start = self.interval_start = time.perf_counter()
+    self.interval_steps = 0
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.run_start
+
+  def next_interval(self) -> None:
+    self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+
+# -- the loop ----------------------------------------------------------------
+
+# Called once per member when it stops (diverged, or at the end) with
+# (member, final step, its full-train evaluation or None, the run's start time).
+OnStop = Callable[[Member, int, Any, float], None]
+
+
+class Loop:
+  """The step loop of a solo run (one member, not stacked) or of a group.
+
+  Trains, logs and evaluates every recording member, checkpoints into
+  `ckpt_wd`, and calls `on_stop` for each member when it stops. A member whose
+  loss turns non-finite is recorded as diverged at that log step; the others
+  go on (vmapped members are independent).
+  """
+
+  def __init__(self, members: list[Member], ckpt_wd: workdir_lib.WorkDir, plan: Schedule,
+               calls: StepCalls, data: DeviceData, zero_sums, on_stop: OnStop):
+    self.members, self.ckpt_wd, self.plan, self.calls = members, ckpt_wd, plan, calls
+    self.data, self.zero_sums, self.on_stop = data, zero_sums, on_stop
+    self.cfg = members[0].cfg
+    self.eval_batch_size = min(self.cfg.train.eval_batch_size, len(data.test_labels))
+
+  def run(self, state) -> None:
+    """Trains `state` (resumed from the latest checkpoint, if any) to the end."""
+    state, sums, step = self._resume(state)
+    clock = _Clock(step)
+    if step == 0 and self.cfg.train.eval_at_start:
+      self._record_start(state, clock)
+    perm_epoch, perm = None, None
+    while step < self.plan.total_steps:
+      epoch = step // self.plan.steps_per_epoch
+      if epoch != perm_epoch:
+        perm, perm_epoch = self.calls.permutation(state, epoch), epoch
+      end = self.plan.next_boundary(step)
+      state, sums = self.calls.train(state, sums, self.data.train_images,
+                                     self.data.train_labels, perm, end - step)
+      clock.interval_steps += end - step
+      step = end
+      if self.plan.is_log(step):
+        self._log(step, state, sums, clock)
+        sums = self.zero_sums
+      if not any(m.recording for m in self.members):
+        break
+      if self.plan.is_checkpoint(step):
+        self.ckpt_wd.save(step, {"state": state, "sums": sums})
+    self.ckpt_wd.wait()
+    self._finish(step, state, sums, clock)
+
+  def _resume(self, state):
+    """(state, metric sums, step) from the latest checkpoint, or from the start."""
+    sums = self.zero_sums
+    restored = self.ckpt_wd.restore_latest({"state": state, "sums": sums})
+    if restored is not None:
+      state, sums = restored["state"], restored["sums"]
+      logging.info("Resumed from step %d in %s", int(np.max(state.step)), self.ckpt_wd.path)
+    step = int(np.max(state.step))
+    for m in self.members:
+      if m.recording:  # a fresh start (step 0) keeps no records at all
+        m.wd.truncate_metrics_after(step if step > 0 else -1)
+    return state, sums, step
+
+  def _evaluate(self, state) -> list[dict]:
+    """Each member's test loss, accuracy and analysis recordings."""
+    ev = self.calls.evaluate(state, self.data.test_images, self.data.test_labels,
+                             self.eval_batch_size)
+    analysis = evaluation.analysis_records(
+        self.cfg.analysis, self.calls.eval_apply, state.params, state.batch_stats,
+        self.data.test_images, len(self.members), self.calls.stacked)
+    results = []
+    for i in range(len(self.members)):
+      e = self.calls.member(ev, i)
+      results.append({"test_loss": float(e["loss"]), "test_accuracy": float(e["accuracy"]),
+                      **analysis[i]})
+    return results
+
+  def _record_start(self, state, clock: _Clock) -> None:
+    """The evaluation before training (`train.eval_at_start`), recorded as step 0."""
+    for m, e in zip(self.members, self._evaluate(state)):
+      m.wd.write_metrics({"step": 0, "epoch": 0.0, **e, "wall_time": clock.elapsed()})
+
+  def _log(self, step: int, state, sums, clock: _Clock) -> None:
+    """The log action: records the interval's training metrics (and an evaluation when due)."""
+    host = jax.device_get(sums)
+    seconds = time.perf_counter() - clock.interval_start
+    evals = None
+    if self.plan.is_eval(step) and any(
+        m.recording and self.calls.member(host, i)["first_nonfinite_step"] < 0
+        for i, m in enumerate(self.members)):
+      evals = self._evaluate(state)
+    records = self._write_records(step, host, evals, seconds, clock)
+    self._report_progress(records, step, clock)
+    clock.next_interval()
+
+  def _write_records(self, step: int, host, evals, seconds: float, clock: _Clock
+                     ) -> list[dict]:
+    """Each recording member's metrics record; stops the members that diverged."""
+    bs = self.cfg.train.batch_size
+    records = []
+    for i, m in enumerate(self.members):
+      if not m.recording:
+        continue
+      h = self.calls.member(host, i)
+      count = max(float(h["count"]), 1.0)
+      record = {"step": step, "epoch": step / self.plan.steps_per_epoch,
+                # Steps averaged in this record (its sums survive a resume).
+                "interval_steps": int(h["count"]),
+                "train_loss": float(h["loss"]) / count,
+                "train_accuracy": float(h["correct"]) / (count * bs),
+                "examples_per_sec": clock.interval_steps * bs / max(seconds, 1e-9)}
+      if h["first_nonfinite_step"] >= 0:
+        m.diverged_at = int(h["first_nonfinite_step"])
+        record["diverged_at_step"] = m.diverged_at
+      elif evals is not None:
+        record.update(evals[i])
+      record["wall_time"] = clock.elapsed()
+      m.wd.write_metrics(record)
+      records.append(record)
+      if m.diverged_at is not None:
+        logging.warning("Loss became non-finite at step %d: run %s stopped (diverged).",
+                        m.diverged_at, m.wd.path)
+        m.recording = False
+        self.on_stop(m, step, None, clock.run_start)
+    return records
+
+  def _report_progress(self, records: list[dict], step: int, clock: _Clock) -> None:
+    """The progress action: one log line with the position, latest metrics and ETA."""
+    seconds, steps_done = clock.elapsed(), step - clock.first_step
+    if self.calls.stacked:
+      _log_group_progress(records, self.members, self.plan, seconds, steps_done, step)
+    elif records:
+      _log_progress(records[0], self.plan, seconds, steps_done, step)
+
+  def _finish(self, step: int, state, sums, clock: _Clock) -> None:
+    """The members still recording at the end: full-train evaluation, final state, stop."""
+    live = [i for i, m in enumerate(self.members) if m.recording]
+    if not live:
+      return
+    full = None
+    if self.cfg.train.final_train_eval:
+      full = self.calls.evaluate(state, self.data.train_images, self.data.train_labels,
+                                 min(self.cfg.train.eval_batch_size, self.calls.num_train))
+    for i in live:
+      m = self.members[i]
+      if self.calls.stacked:  # the member's final state where a solo run keeps it
+        m.wd.save(step, {"state": take(state, i), "sums": take(sums, i)})
+      self.on_stop(m, step, None if full is None else self.calls.member(full, i),
+                   clock.run_start)
+
+
+# -- progress lines ----------------------------------------------------------
+
+def _position(label: str, plan: Schedule, step: int) -> str:
+  return f"{label} {step}/{plan.total_steps} ({100 * step / plan.total_steps:.0f}%)"
+
+
+def _eta(plan: Schedule, seconds: float, steps_done: int, step: int) -> str:
+  """Time left at the rate so far, as H:MM:SS."""
+  left = int(max(seconds / max(steps_done, 1) * (plan.total_steps - step), 0))
+  return f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
+def _log_group_progress(records, members, plan: Schedule, seconds: float, steps_done: int,
+                        step: int) -> None:
+  live = sum(m.recording for m in members)
+  parts = [_position("group step", plan, step), f"{live}/{len(members)} members training"]
+  accs = [r["test_accuracy"] for r in records if "test_accuracy" in r]
+  if accs:
+    parts.append(f"test acc {min(accs):.4f}..{max(accs):.4f}")
+  if records:
+    parts.append(f"{records[0]['examples_per_sec'] * len(members):,.0f} ex/s")
+  parts.append(_eta(plan, seconds, steps_done, step))
+  logging.info(" | ".join(parts))
+
+
+def _log_progress(record, plan: Schedule, seconds: float, steps_done: int,
+                  step: int) -> None:
+  parts = [_position("step", plan, step), f"epoch {record['epoch']:.2f}"]
+  if "train_loss" in record:
+    parts.append(f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}")
+  if "test_accuracy" in record:
+    parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}")
+  if "examples_per_sec" in record:
+    parts.append(f"{record['examples_per_sec']:,.0f} ex/s")
+  parts.append(_eta(plan, seconds, steps_done, step))
+  logging.info(" | ".join(parts))

@@ -1,0 +1,39 @@
+"""Optimizers: the `optimizer` config section as an optax chain and its learning-rate schedule."""
+
+from __future__ import annotations
+
+import optax
+
+
+def learning_rate_schedule(opt, total_steps: int):
+  """The learning rate of the `optimizer` config section: a float or a schedule."""
+  lr = float(opt.learning_rate)
+  if opt.schedule == "constant":
+    main = lr
+  elif opt.schedule == "step":
+    main = optax.exponential_decay(lr, opt.decay_every_steps, opt.decay_factor,
+                                   staircase=True)
+  else:  # cosine, warmup_cosine: decay to 0 over the run
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1),
+        end_value=0.0) if opt.warmup_steps else optax.cosine_decay_schedule(
+            lr, max(total_steps, 1))
+  if not opt.warmup_steps:
+    return main
+  main = optax.constant_schedule(main) if isinstance(main, float) else main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, opt.warmup_steps), main], [opt.warmup_steps])
+
+
+def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
+  """An optax optimizer whose learning rate lives in its state (vmappable)."""
+
+  def build(learning_rate):
+    if opt.name == "sgd":
+      return optax.sgd(learning_rate)
+    if opt.name == "momentum":
+      return optax.sgd(learning_rate, momentum=opt.momentum, nesterov=opt.nesterov)
+    return optax.adam(learning_rate)
+
+  return optax.inject_hyperparams(build)(
+      learning_rate=learning_rate_schedule(opt, total_steps))
