@@ -4,33 +4,63 @@ Layout:
   config.json      the resolved config (a rerun must match it to resume)
   metrics.jsonl    one JSON object per log/eval step
   tensorboard/     TensorBoard event files
-  checkpoints/     orbax checkpoints of the train state and metric sums
+  checkpoints/     orbax checkpoints of the train state and metric sums, each
+                   with bnlab_checksums.json (sha256 of its files)
   summary.json     written last: the run's final numbers
   .lock            held (flock) by the process using the directory; names it
   unreadable_checkpoints/  checkpoints that failed to restore, moved aside
+  metrics.jsonl.damaged-<time>   lines of metrics.jsonl that were no record
+  <name>.replaced-<time>  config.json, metrics.jsonl and tensorboard/ of an
+                   attempt that saved no checkpoint, replaced by a new config
 
 Every failure to read or write these raises WorkDirError naming the file and
 the fix. A run killed at any moment leaves nothing that blocks or misleads
 the next one: the lock dies with its process, temporary files are removed,
 and orbax publishes a checkpoint only once it is complete.
 
+What is kept, and what is refused:
+  - No record is dropped silently. A line of metrics.jsonl that is not a
+    record (a torn write) is moved to metrics.jsonl.damaged-<time>, every other
+    record is kept, and a warning names the file and the line numbers.
+  - bnlab never writes through a symbolic link: a link where one of its files
+    or directories belongs stops the run with an error naming it (the link's
+    target is left alone).
+  - A checkpoint is verified against its checksums before it is restored; one
+    that does not match is treated as unreadable (moved aside, an older one
+    used). A checkpoint without checksums (written by an older bnlab, or whose
+    writer was killed between orbax publishing it and bnlab sealing it) is
+    restored with a warning.
+  - A directory that holds no checkpoint (and no summary) accepts another
+    config: nothing was trained, so a failed start costs nothing.
+
+Non-finite numbers: metrics.jsonl and summary.json are strict JSON. A NaN or
+infinite value is written as null, and the object gets a "nonfinite" entry
+naming it: {"train_loss": null, "nonfinite": {"train_loss": "NaN"}} (the
+kinds are "NaN", "Infinity", "-Infinity"; inside a list or object value, the
+entry is a list of [path, kind] pairs, path being the indices/keys within the
+value). A reader that ignores "nonfinite" sees null (no value); `decode_nonfinite`
+restores the floats (read_metrics and read_summary do).
+
 In a multi-process run (bnlab.distributed) every process opens the same
 directory: process 0 (the primary) holds the lock and writes config.json,
-metrics, TensorBoard events and the summary; the others only read, keep their
-records in memory, and call the checkpoint manager with the primary (orbax
-needs every process; it writes replicated arrays from process 0 only).
+metrics, TensorBoard events, checksums and the summary; the others only read,
+keep their records in memory, and call the checkpoint manager with the primary
+(orbax needs every process; it writes replicated arrays from process 0 only).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
+import math
 import os
 import shutil
 import socket
 import sys
 import tempfile
+import time
 from typing import Any
 
 import flax.serialization
@@ -93,6 +123,8 @@ def _summary_writer_class():
 
 def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
   """A WorkDirError for a failed read/write of `path`, with the fix."""
+  if getattr(e, "errno", None) == errno.ELOOP:  # O_NOFOLLOW met a link
+    return _link_error(path)
   reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
   text = str(e)
   if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
@@ -105,7 +137,164 @@ def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
   return WorkDirError(f"{what} {path} failed ({reason}); {fix}")
 
 
+def _link_error(path: str) -> WorkDirError:
+  return WorkDirError(
+      f"{path} is a symbolic link, and bnlab does not write through links; remove the link "
+      "(what it points to is left alone), then rerun")
+
+
+def _refuse_link(path: str) -> None:
+  """WorkDirError if `path` is a symbolic link (bnlab writes only its own files)."""
+  if os.path.islink(path):
+    raise _link_error(path)
+
+
+def _no_follow(path: str, flags: int) -> int:
+  """An `opener` for open() that does not follow a link in the last component."""
+  return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
+def _aside_path(path: str, tag: str) -> str:
+  """`path`.`tag`-<time>, not yet taken, next to `path`."""
+  base = f"{path}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+  dest, n = base, 1
+  while os.path.lexists(dest):
+    dest, n = f"{base}.{n}", n + 1
+  return dest
+
+
+# -- non-finite numbers in strict JSON --------------------------------------------
+
+_KINDS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _kind(x: float) -> str:
+  return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def _strip_nonfinite(value, path: list, found: list):
+  """`value` with non-finite floats as None; appends their ([path], kind) to `found`."""
+  if isinstance(value, float) and not math.isfinite(value):
+    found.append((list(path), _kind(value)))
+    return None
+  if isinstance(value, (list, tuple)):
+    return [_strip_nonfinite(v, path + [i], found) for i, v in enumerate(value)]
+  if isinstance(value, dict):
+    return {k: _strip_nonfinite(v, path + [k], found) for k, v in value.items()}
+  return value
+
+
+def encode_nonfinite(obj: dict) -> dict:
+  """`obj` as strict JSON can hold it: NaN/inf -> null, named under "nonfinite"."""
+  out, flags = {}, {}
+  for key, value in obj.items():
+    found: list = []
+    out[key] = _strip_nonfinite(value, [], found)
+    if found:
+      flags[key] = found[0][1] if found[0][0] == [] else [[p, k] for p, k in found]
+  if flags:
+    out["nonfinite"] = flags
+  return out
+
+
+def decode_nonfinite(obj: dict) -> dict:
+  """The inverse of `encode_nonfinite` (objects without "nonfinite" pass as they are)."""
+  flags = obj.get("nonfinite")
+  if not isinstance(flags, dict):
+    return obj
+  out = {k: v for k, v in obj.items() if k != "nonfinite"}
+  for key, where in flags.items():
+    if key not in out:
+      continue
+    if isinstance(where, str):
+      if where in _KINDS and out[key] is None:
+        out[key] = _KINDS[where]
+      continue
+    out[key] = json.loads(json.dumps(out[key]))  # a copy to fill in
+    for path, kind in where if isinstance(where, list) else ():
+      try:
+        parent = out[key]
+        for step in path[:-1]:
+          parent = parent[step]
+        if parent[path[-1]] is None and kind in _KINDS:
+          parent[path[-1]] = _KINDS[kind]
+      except (KeyError, IndexError, TypeError):
+        pass
+  return out
+
+
+def _dumps(obj: dict, **kwargs) -> str:
+  return json.dumps(encode_nonfinite(obj), allow_nan=False, **kwargs)
+
+
+# -- checkpoint checksums -----------------------------------------------------------
+
+CHECKSUMS = "bnlab_checksums.json"
+
+
+def _checkpoint_files(step_dir: str) -> dict[str, str]:
+  """{relative path: absolute path} of a checkpoint's files (not its checksums).
+
+  Raises ValueError for a symbolic link inside it (it could point anywhere).
+  """
+  out = {}
+  for dirpath, dirnames, files in os.walk(step_dir):
+    for name in dirnames + files:
+      path = os.path.join(dirpath, name)
+      rel = os.path.relpath(path, step_dir)
+      if os.path.islink(path):
+        raise ValueError(f"{rel} is a symbolic link")
+      if name in files and not (dirpath == step_dir and (
+          name == CHECKSUMS or name.startswith(".tmp-"))):
+        out[rel] = path
+  return out
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _checksums(step_dir: str) -> dict:
+  return {rel: {"size": os.path.getsize(path), "sha256": _sha256(path)}
+          for rel, path in sorted(_checkpoint_files(step_dir).items())}
+
+
+def _verify_checkpoint(step_dir: str) -> bool:
+  """True when the checkpoint matches its checksums; False when it has none.
+
+  Raises ValueError naming the first file that is missing, extra or differs.
+  """
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.lexists(path):
+    return False
+  try:
+    if os.path.islink(path):
+      raise ValueError("is a symbolic link")
+    with open(path) as f:
+      expected = json.load(f)["files"]
+    if not isinstance(expected, dict):
+      raise ValueError("no file list")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{CHECKSUMS} is unreadable ({' '.join(str(e).split())[:80]})") from None
+  files = _checkpoint_files(step_dir)
+  for rel in sorted(expected.keys() | files.keys()):
+    if rel not in files:
+      raise ValueError(f"{rel} is missing (listed in {CHECKSUMS})")
+    if rel not in expected:
+      raise ValueError(f"{rel} is not listed in {CHECKSUMS}")
+    want = expected[rel]
+    if not isinstance(want, dict) or os.path.getsize(files[rel]) != want.get("size") or \
+        _sha256(files[rel]) != want.get("sha256"):
+      raise ValueError(f"{rel} does not match its checksum in {CHECKSUMS}: damaged")
+  return True
+
+
 def _atomic_write(path: str, text: str) -> None:
+  _refuse_link(path)
   tmp = None
   try:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -164,6 +353,9 @@ class WorkDir:
     self._lock_path = os.path.join(self.path, ".lock")
     self.metrics_path = os.path.join(self.path, "metrics.jsonl")
     self._ckpt_dir = os.path.join(self.path, "checkpoints")
+    # Checkpoints saved whose checksums are not written yet (orbax may still be
+    # writing them).
+    self._unsealed: list[int] = []
     # Steps agreed by every process (a process that fails stops all of them
     # instead of leaving them in the checkpoint manager's barrier).
     try:
@@ -185,16 +377,13 @@ class WorkDir:
     """Checks, locks and cleans the directory (the primary), checks the config (all)."""
     try:
       os.makedirs(self.path, exist_ok=True)
-      if self.primary:
-        probe = os.path.join(self.path, f".write-probe-{os.getpid()}")
-        with open(probe, "w") as f:
-          f.write("ok")
-        os.remove(probe)
     except OSError as e:
       raise WorkDirError(
           f"work directory {self.path} is not writable ({e.strerror or e}); "
           "choose another --workdir") from None
+    self._refuse_links()
     if self.primary:
+      self._probe_writable()
       self._acquire_lock()
     try:
       if self.primary:
@@ -208,9 +397,37 @@ class WorkDir:
           os.makedirs(self._ckpt_dir, exist_ok=True)
         except OSError as e:
           raise _io_error("creating the checkpoint directory", self._ckpt_dir, e) from e
+        self._repair_metrics()
     except BaseException:
       self.close_lock()
       raise
+
+  def _refuse_links(self) -> None:
+    """WorkDirError for a symbolic link where a file or directory of bnlab's belongs."""
+    for name in (".lock", "config.json", "metrics.jsonl", "summary.json", "checkpoints",
+                 "tensorboard", "unreadable_checkpoints"):
+      _refuse_link(os.path.join(self.path, name))
+    if os.path.isdir(self._ckpt_dir):
+      for name in os.listdir(self._ckpt_dir):
+        _refuse_link(os.path.join(self._ckpt_dir, name))
+
+  def _probe_writable(self) -> None:
+    """Writes and removes a small file (removed on every path, a failed write included)."""
+    probe = os.path.join(self.path, f".write-probe-{os.getpid()}")
+    try:
+      if os.path.lexists(probe):  # left by a process with this pid; maybe a link
+        os.remove(probe)
+      with open(probe, "x", opener=_no_follow) as f:
+        f.write("ok")
+    except OSError as e:
+      raise WorkDirError(
+          f"work directory {self.path} is not writable ({e.strerror or e}); "
+          "choose another --workdir") from None
+    finally:
+      try:
+        os.remove(probe)
+      except OSError:
+        pass
 
   def _open_manager(self, cfg) -> None:
     try:
@@ -230,7 +447,7 @@ class WorkDir:
     """
     for _ in range(5):
       try:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
       except OSError as e:
         raise _io_error("creating the lock file", self._lock_path, e) from e
       try:
@@ -245,7 +462,7 @@ class WorkDir:
         os.close(fd)
         raise _io_error("locking", self._lock_path, e) from e
       try:  # the file may have been removed by its last holder meanwhile
-        same = os.fstat(fd).st_ino == os.stat(self._lock_path).st_ino
+        same = os.fstat(fd).st_ino == os.lstat(self._lock_path).st_ino
       except FileNotFoundError:
         same = False
       if not same:
@@ -292,8 +509,16 @@ class WorkDir:
     ckpt_dir = os.path.join(self.path, "checkpoints")
     if os.path.isdir(ckpt_dir):
       for name in os.listdir(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
         if ".orbax-checkpoint-tmp" in name:
-          shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+          shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isdir(path) and not os.path.islink(path):
+          for inner in os.listdir(path):  # a checksum file's temporary
+            if inner.startswith(".tmp-"):
+              try:
+                os.remove(os.path.join(path, inner))
+              except OSError:
+                pass
 
   def close(self) -> None:
     """Waits for pending checkpoint writes, then releases the directory."""
@@ -302,6 +527,7 @@ class WorkDir:
         manager, self._manager = self._manager, None
         try:
           manager.wait_until_finished()
+          self._seal()
         finally:
           manager.close()
     except Exception as e:  # pylint: disable=broad-except
@@ -317,50 +543,132 @@ class WorkDir:
 
   # -- config ---------------------------------------------------------------
   def _check_config(self, cfg) -> None:
+    """Compares `cfg` with config.json; writes it to a directory without one.
+
+    A directory that holds no checkpoint and no summary has trained nothing
+    that could be resumed: it accepts another config (the old config.json,
+    and with it the metrics and TensorBoard events of that attempt, if any,
+    are kept as <name>.replaced-<time>).
+    """
     path = os.path.join(self.path, "config.json")
     new = json.loads(cfg.to_json_best_effort())
     if os.path.exists(path):
-      old = _read_json_object(path, ": this run's config is unknown; restore the file, or "
-                              "use a new --workdir")
-      a, b = flatten(old), flatten(new)
-      # Keys the snapshot lacks were added to bnlab after the run started; a
-      # resumed run takes their defaults, so they do not count as a change.
-      # `distributed` says how this launch is spread over processes, not what
-      # it computes: a run may resume with other processes or addresses.
-      diff = sorted(k for k in a if a.get(k) != b.get(k)
-                    and not k.startswith("distributed."))
-      if diff:
+      try:
+        old = _read_json_object(path, ": this run's config is unknown; restore the file, or "
+                                "use a new --workdir")
+      except WorkDirError:
+        if self._holds_a_run():
+          raise
+        old = None
+      if old is not None:
+        a, b = flatten(old), flatten(new)
+        # Keys the snapshot lacks were added to bnlab after the run started; a
+        # resumed run takes their defaults, so they do not count as a change.
+        # `distributed` says how this launch is spread over processes, not what
+        # it computes: a run may resume with other processes or addresses.
+        diff = sorted(k for k in a if a.get(k) != b.get(k)
+                      and not k.startswith("distributed."))
+        if not diff:
+          return
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-        raise ConfigError(
-            f"work directory {self.path} holds a run with a different config "
-            f"({shown}); use a new --workdir, or rerun with the same config to resume")
-    elif self.primary:
+        if self._holds_a_run():
+          raise ConfigError(
+              f"work directory {self.path} holds a run with a different config "
+              f"({shown}); use a new --workdir, or rerun with the same config to resume")
+      else:
+        shown = "config.json unreadable"
+      if self.primary:
+        self._replace_config(shown)
+    if self.primary:
       _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
-  # -- metrics --------------------------------------------------------------
-  def read_metrics(self) -> list[dict]:
-    """The records up to the first torn or foreign line (a killed run's last write)."""
-    if self._records is not None:
-      return list(self._records)
-    if not os.path.exists(self.metrics_path):
-      return []
-    records = []
+  def _holds_a_run(self) -> bool:
+    """Whether the directory holds a checkpoint or a summary (something to resume or keep)."""
+    if os.path.lexists(os.path.join(self.path, "summary.json")):
+      return True
     try:
-      with open(self.metrics_path, errors="replace") as f:
-        for line in f:
-          line = line.strip()
-          if not line:
-            continue
+      return any(name.isdigit() for name in os.listdir(self._ckpt_dir))
+    except OSError:
+      return False
+
+  def _replace_config(self, change: str) -> None:
+    """Moves aside what an attempt without a checkpoint left, if it recorded anything."""
+    try:
+      recorded = os.path.getsize(self.metrics_path) > 0
+    except OSError:
+      recorded = False
+    kept = []
+    if recorded:
+      for name in ("config.json", "metrics.jsonl", "tensorboard"):
+        src = os.path.join(self.path, name)
+        if os.path.lexists(src):
+          dest = _aside_path(src, "replaced")
           try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            break
-          if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            break
-          records.append(record)
+            os.rename(src, dest)
+          except OSError as e:
+            raise _io_error("moving aside", src, e) from e
+          kept.append(os.path.basename(dest))
+    logging.warning(
+        "Work directory %s holds no checkpoint: starting over with the new config (%s)%s",
+        self.path, change, f"; the earlier attempt is kept as {', '.join(kept)}" if kept else "")
+
+  # -- metrics --------------------------------------------------------------
+  def _scan_metrics(self) -> tuple[list[dict], list[tuple[int, bytes]],
+                                   list[tuple[int, bytes]]]:
+    """(records, [(line number, line)] of the records, the same of the lines that are not)."""
+    if not os.path.exists(self.metrics_path):
+      return [], [], []
+    try:
+      with open(self.metrics_path, "rb") as f:
+        data = f.read()
     except OSError as e:
       raise _io_error("reading", self.metrics_path, e) from e
-    return records
+    records, good, bad = [], [], []
+    for number, line in enumerate(data.split(b"\n"), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line.decode())
+      except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        record = None
+      if not isinstance(record, dict) or type(record.get("step")) is not int:
+        bad.append((number, line))
+        continue
+      records.append(decode_nonfinite(record))
+      good.append((number, line))
+    return records, good, bad
+
+  def read_metrics(self) -> list[dict]:
+    """Every record (the lines that are no record, e.g. torn writes, are left out)."""
+    if self._records is not None:
+      return list(self._records)
+    return self._scan_metrics()[0]
+
+  def _repair_metrics(self) -> None:
+    """Moves the lines of metrics.jsonl that are no record aside, keeping every record.
+
+    A torn last line is what a kill during a write leaves; a damaged line
+    before it is not, and the warning says which. Either way the lines are
+    kept in metrics.jsonl.damaged-<time> and every record stays.
+    """
+    _, good, bad = self._scan_metrics()
+    if not bad:
+      return
+    dest = _aside_path(self.metrics_path, "damaged")
+    try:
+      with open(dest, "xb", opener=_no_follow) as f:
+        f.write(b"".join(line + b"\n" for _, line in bad))
+    except OSError as e:
+      raise _io_error("writing", dest, e) from e
+    _atomic_write(self.metrics_path, "".join(line.decode() + "\n" for _, line in good))
+    numbers = ", ".join(str(n) for n, _ in bad[:20]) + (", ..." if len(bad) > 20 else "")
+    last_only = len(bad) == 1 and (not good or bad[0][0] > good[-1][0])
+    logging.warning(
+        "%s: line%s %s %s no record (%s); moved %s to %s and kept every other record (%d)",
+        self.metrics_path, "s" if len(bad) > 1 else "", numbers,
+        "are" if len(bad) > 1 else "is",
+        "a write cut off by a kill" if last_only else "damaged",
+        "them" if len(bad) > 1 else "it", dest, len(good))
 
   def truncate_metrics_after(self, step: int) -> None:
     """Keeps the records up to `step` (the checkpoint resumed from), each step once."""
@@ -375,7 +683,7 @@ class WorkDir:
     if not self.primary:
       self._records = records
       return
-    _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+    _atomic_write(self.metrics_path, "".join(_dumps(r) + "\n" for r in records))
 
   def write_metrics(self, record: dict) -> None:
     if not self.primary:
@@ -384,8 +692,8 @@ class WorkDir:
       self._records.append(record)
       return
     try:
-      with open(self.metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      with open(self.metrics_path, "a", opener=_no_follow) as f:
+        f.write(_dumps(record) + "\n")
         f.flush()
     except OSError as e:
       raise _io_error("appending to", self.metrics_path, e) from e
@@ -413,30 +721,56 @@ class WorkDir:
     path = os.path.join(self.path, "summary.json")
     if not os.path.exists(path):
       return None
-    return _read_json_object(path, "; delete it and rerun to redo the final evaluation "
-                             "from the last checkpoint")
+    return decode_nonfinite(_read_json_object(
+        path, "; delete it and rerun to redo the final evaluation from the last checkpoint"))
 
   def write_summary(self, summary: dict) -> None:
     if not self.primary:
       self._summary = dict(summary)
       return
     _atomic_write(os.path.join(self.path, "summary.json"),
-                  json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                  _dumps(summary, indent=2, sort_keys=True) + "\n")
 
   # -- checkpoints ----------------------------------------------------------
   def save(self, step: int, target) -> None:
-    """Starts writing checkpoint `step` (orbax publishes it only once complete)."""
+    """Starts writing checkpoint `step` (orbax publishes it only once complete).
+
+    The checkpoints written before are finished first (orbax would wait for
+    them anyway) and sealed with their checksums.
+    """
+    self.wait()
     try:
-      self._manager.save(
-          step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)))
+      if self._manager.save(
+          step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target))):
+        self._unsealed.append(step)
     except Exception as e:  # pylint: disable=broad-except
       raise _io_error(f"saving checkpoint {step} in", self._ckpt_dir, e) from e
 
   def wait(self) -> None:
+    """Waits for the checkpoints being written, then writes their checksums."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise _io_error("saving a checkpoint in", self._ckpt_dir, e) from e
+    self._seal()
+
+  def _seal(self) -> None:
+    """Writes bnlab_checksums.json into each finished checkpoint (the primary)."""
+    steps, self._unsealed = self._unsealed, []
+    if not self.primary:
+      return
+    for step in steps:
+      step_dir = os.path.join(self._ckpt_dir, str(step))
+      if not os.path.isdir(step_dir):  # orbax did not publish it, or removed it since
+        continue
+      path = os.path.join(step_dir, CHECKSUMS)
+      try:
+        manifest = {"format": 1, "step": step, "algorithm": "sha256",
+                    "files": _checksums(step_dir)}
+      except (OSError, ValueError) as e:
+        raise _io_error(f"computing the checksums of checkpoint {step} in", step_dir,
+                        e) from e
+      _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
   def restore_latest(self, target):
     """The newest readable checkpoint restored into `target`'s structure, or None.
@@ -448,7 +782,12 @@ class WorkDir:
     template = flax.serialization.to_state_dict(target)
     bad = []
     for step in sorted(self._manager.all_steps(), reverse=True):
+      step_dir = os.path.join(self._ckpt_dir, str(step))
       try:
+        if not _verify_checkpoint(step_dir):
+          logging.warning(
+              "Checkpoint %s has no %s (written by an older bnlab, or its run was stopped "
+              "just after writing it): restoring it unverified", step_dir, CHECKSUMS)
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(template))
         _check_same_structure(template, restored)
         result = flax.serialization.from_state_dict(target, restored)
@@ -480,6 +819,7 @@ class WorkDir:
       n = 1
       while os.path.exists(dest):
         dest, n = os.path.join(dest_dir, f"{step}.{n}"), n + 1
+      _refuse_link(dest_dir)
       try:
         os.makedirs(dest_dir, exist_ok=True)
         shutil.move(src, dest)

@@ -6,10 +6,13 @@ import os
 import jax
 import numpy as np
 
+from bnlab import workdir as workdir_lib
+
 
 def read_jsonl(path):
+  """The records of a .jsonl file, non-finite numbers restored (see bnlab.workdir)."""
   with open(path) as f:
-    return [json.loads(line) for line in f]
+    return [workdir_lib.decode_nonfinite(json.loads(line)) for line in f]
 
 
 def final_state(workdir):
