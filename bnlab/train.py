@@ -15,12 +15,11 @@ import os
 import time
 from typing import Any
 
-import flax
 import jax
 import ml_collections
-import optax
 from absl import logging
 
+from bnlab import backend
 from bnlab import config as config_lib
 from bnlab import conv as conv_lib
 from bnlab import data as data_lib
@@ -28,6 +27,7 @@ from bnlab import distributed
 from bnlab import loop as loop_lib
 from bnlab import models
 from bnlab import optim
+from bnlab import provenance
 from bnlab import state as state_lib
 from bnlab import steps as steps_lib
 from bnlab import workdir as workdir_lib
@@ -39,6 +39,7 @@ from bnlab.loop import (Schedule, data_parallel_mesh, group_permutations,
                         run_steps_group)
 from bnlab.members import GROUPABLE_KEYS, group_key, grouping_helps
 from bnlab.optim import learning_rate_schedule, make_optimizer
+from bnlab.provenance import versions
 from bnlab.state import TrainState, create_member_states, create_train_state
 from bnlab.state import stack as _stack
 from bnlab.state import take as _take
@@ -56,6 +57,7 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
   `data`: the already loaded dataset of `cfg.data` (else it is loaded).
   """
   config_lib.validate(cfg)
+  backend.configure(cfg.train.deterministic)  # before anything starts JAX
   distributed.initialize(cfg.distributed)
   wd = workdir_lib.WorkDir(workdir, cfg)
   try:
@@ -83,6 +85,7 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
   for cfg in cfgs:
     config_lib.validate(cfg)
   keys = {group_key(c) for c in cfgs}
+  backend.configure(any(c.train.deterministic for c in cfgs))
   if len(keys) != 1:
     raise config_lib.ConfigError(
         f"a group's members may differ only in {GROUPABLE_KEYS} (learning rate with a "
@@ -121,6 +124,8 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
            stacked: bool) -> None:
   """Builds the pieces of a solo run (one member) or of a group and runs the step loop."""
   cfg = members[0].cfg
+  env = provenance.environment(deterministic=backend.deterministic())
+  logging.info("Environment: %s", provenance.describe(env))
   if stacked and distributed.process_count() > 1:
     raise config_lib.ConfigError(
         "grouped runs (train_group, sweeps) run in one process; set "
@@ -148,6 +153,7 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
     zero_sums = steps_lib.metric_sums_zero()
   info = _run_info(cfg, ds, plan, calls, len(members), mesh)
   logging.info("Run: %s", json.dumps(info))
+  info["environment"] = env
 
   def on_stop(m, step, full_train, run_start):
     _write_summary(m, info, step, full_train, run_start)
@@ -179,7 +185,7 @@ def _write_summary(m: loop_lib.Member, info: dict, step: int, full_train,
   """Writes member `m`'s summary.json."""
   m.wd.wait()
   summary = {"diverged": m.diverged_at is not None, "diverged_at_step": m.diverged_at,
-             "final_step": step, **info, "versions": versions()}
+             "final_step": step, **info}
   last = m.wd.last_metrics() or {}
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
     if key in last:
@@ -190,14 +196,6 @@ def _write_summary(m: loop_lib.Member, info: dict, step: int, full_train,
                    full_train_accuracy=float(full_train["accuracy"]))
   summary["wall_time"] = time.perf_counter() - run_start
   m.wd.write_summary(summary)
-
-
-def versions() -> dict[str, str]:
-  """Versions of the libraries that determine a run's numbers (each summary's "versions")."""
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "flax": flax.__version__, "optax": optax.__version__,
-          "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
 
 
 def _load_everywhere(cfg, ds: data_lib.Dataset | None) -> data_lib.Dataset:

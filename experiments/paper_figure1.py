@@ -416,7 +416,7 @@ def write_report(runs, grid_runs, grid, losses, lr, reference, minutes, times,
              f"{d['bn_above']}/{d['evaluations']} | {100 * d['min_margin']:+.2f} | "
              f"{dn0['median_abs_dmedian']:.2f} / {dn0['median_abs_dspread']:.2f} | "
              f"{db0['median_abs_dmedian']:.2f} / {db0['median_abs_dspread']:.2f} |")
-  backend = runs["bn"][0]["summary"]["versions"]["backend"]
+  backend = runs["bn"][0]["summary"]["backend"]
   run_minutes = sum(r["summary"]["wall_time"] for r in all_runs) / 60
   trained = [t for t in times if t["runs_trained"]]
   first = max(trained, key=lambda t: t["runs_trained"]) if trained else None

@@ -158,7 +158,16 @@ def reference(idx_dir, tmp_path_factory):
     section, name = key.split(".")
     cfg[section][name] = value
   wd = str(tmp_path_factory.mktemp("one") / "run")
-  summary = train.train_and_evaluate(cfg, wd)
+  if jax.default_backend() == "cpu":
+    summary = train.train_and_evaluate(cfg, wd)
+  else:  # the launched processes run on the CPU: so does their reference
+    flags = {**OVERRIDES, "data.dir": idx_dir}
+    subprocess.run([sys.executable, "-m", "bnlab.main", "--config=configs/seed1_mlp.py",
+                    f"--workdir={wd}", *(f"--config.{k}={v}" for k, v in flags.items())],
+                   cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
+                   capture_output=True, timeout=LAUNCH_TIMEOUT_S)
+    with open(os.path.join(wd, "summary.json")) as f:
+      summary = json.load(f)
   assert summary["num_processes"] == 1
   return wd, summary
 

@@ -152,6 +152,12 @@ def test_grouped_members_equal_their_solo_runs(grouped_sweep, tmp_path):
     b = read_jsonl(os.path.join(wd, name, "metrics.jsonl"))
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
+      # The interval in which a member diverges (lr 1e9) ends on huge logits whose
+      # argmax flips with the last bit: equal only where a group's batched products
+      # and a solo run's round alike, as on CPU (not on GPU, whatever the precision).
+      loss = x.get("train_loss", 0.0)
+      if (loss is None or not np.isfinite(loss)) and jax.default_backend() != "cpu":
+        continue
       for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
         if key in x and np.isfinite(x[key]):
           assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6)

@@ -52,7 +52,7 @@ def test_run_writes_everything_and_learns(idx_dir, tmp_path):
   assert summary["test_accuracy"] > 0.5  # chance is 0.1
   assert summary["full_train_accuracy"] > 0.5
   assert json.load(open(os.path.join(wd, "config.json")))["model"]["name"] == "seed1_mlp"
-  assert summary["versions"]["jax"] == jax.__version__
+  assert summary["environment"]["versions"]["jax"] == jax.__version__
 
 
 def test_rerun_of_a_finished_run_does_nothing(idx_dir, tmp_path):
