@@ -84,6 +84,16 @@ def test_after_start_cpu_is_deterministic_and_configure_is_a_no_op():
     assert backend.deterministic()
 
 
+def test_determinism_a_started_gpu_lacks_is_an_error(monkeypatch):
+  jax.numpy.zeros(1).block_until_ready()
+  monkeypatch.setattr(backend, "_gpu_started", lambda: True)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+  with pytest.raises(backend.BackendError, match="before the first JAX computation"):
+    backend.configure(True)
+  backend.configure(False)  # asking for less than the backend gives is fine
+  assert not backend.deterministic()
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU backend (the flag only matters there)")
 def test_gpu_backend_runs_with_deterministic_ops():
   # tests/conftest.py configures the backend as `python -m bnlab.main` does.
