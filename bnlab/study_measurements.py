@@ -1,0 +1,347 @@
+"""Measurements, rules and figures of the studies that compare runs seed by seed.
+
+Registered into `bnlab.study`'s registries when imported (study configs import it):
+
+- MEASUREMENTS "unit_drift": per unit of one recorded layer, how far the
+  percentiles moved from the first evaluation at or after `from_step` to the
+  last (median over units), and the unit of median drift;
+  "bn_affine": median |scale| and |bias| of one BN layer in the final checkpoint;
+  "ics_smoothness": `bnlab.analysis` internal covariate shift and gradient
+  smoothness at initialisation and at every checkpoint, on fixed training batches.
+- RULES "every_seed", "paired_above", "selected_value", "mostly_lower".
+- FIGURES "unit_percentiles", "paired_difference", "per_checkpoint".
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+from bnlab import study
+from bnlab import sweep
+
+# -- measurements -------------------------------------------------------------------------
+
+
+def drift_of(steps: list[int], pct: list, from_step: int) -> dict:
+  """Per-unit change of the median and of the (highest - lowest) percentile spread.
+
+  `pct[i][unit]` holds the percentiles (ascending) at evaluation `steps[i]`;
+  changes run from the first evaluation at or after `from_step` to the last.
+  "typical_unit": the unit whose |change of median| + |change of spread| is the
+  median of all units' (the lower middle one for an even count).
+  """
+  i0 = next(i for i, s in enumerate(steps) if s >= from_step)
+  p0, p1 = pct[i0], pct[-1]
+  mid = len(p0[0]) // 2
+  spread0 = [u[-1] - u[0] for u in p0]
+  spread1 = [u[-1] - u[0] for u in p1]
+  d_med = [b[mid] - a[mid] for a, b in zip(p0, p1)]
+  d_spread = [b - a for a, b in zip(spread0, spread1)]
+  score = [abs(m) + abs(s) for m, s in zip(d_med, d_spread)]
+  order = sorted(range(len(score)), key=lambda u: score[u])
+  med = statistics.median
+  return {"from_step": steps[i0], "to_step": steps[-1],
+          "typical_unit": order[(len(order) - 1) // 2],
+          "median_abs_dmedian": med(abs(x) for x in d_med),
+          "median_abs_dspread": med(abs(x) for x in d_spread),
+          "median_rel_dspread": med(abs(d) / s for d, s in zip(d_spread, spread0)),
+          "median_spread_early": med(spread0), "median_spread_late": med(spread1),
+          "median_abs_median_early": med(abs(u[mid]) for u in p0),
+          "median_abs_median_late": med(abs(u[mid]) for u in p1)}
+
+
+@study.register(study.MEASUREMENTS, "unit_drift")
+def unit_drift(run_dir: str, run_cfg: dict, spec: dict) -> dict:
+  """`drift_of` the `{spec["layer"]}/percentiles` records from `spec["from_step"]`."""
+  del run_cfg
+  key = f"{spec['layer']}/percentiles"
+  records = [r for r in sweep._read_jsonl(os.path.join(run_dir, "metrics.jsonl"))  # pylint: disable=protected-access
+             if key in r]
+  if not any(r["step"] >= spec["from_step"] for r in records):
+    return {}
+  return drift_of([r["step"] for r in records], [r[key] for r in records], spec["from_step"])
+
+
+def _restore(run_dir: str, step: int) -> dict:
+  """The train state a run saved at `step` (params, batch_stats, rng) as arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step), "default")
+  return ocp.PyTreeCheckpointer().restore(path)["state"]
+
+
+def _steps_saved(run_dir: str) -> list[int]:
+  root = os.path.join(run_dir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
+
+
+@study.register(study.MEASUREMENTS, "bn_affine")
+def bn_affine(run_dir: str, run_cfg: dict, spec: dict) -> dict:
+  """Median |scale| and |bias| of the BN in `spec["block"]` at the last checkpoint ({} without)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  steps = _steps_saved(run_dir)
+  if run_cfg["model"]["norm"] != "batch" or not steps:
+    return {}
+  block = _restore(run_dir, steps[-1])["params"][spec["block"]]
+  bn = next(v for k, v in block.items() if "Norm" in k)
+  return {"median_abs_scale": float(np.median(np.abs(bn["scale"]))),
+          "median_abs_bias": float(np.median(np.abs(bn["bias"])))}
+
+
+def summarize_checkpoints(rows: list[dict], mid: int) -> dict:
+  """Medians over the checkpoints after initialisation (step > 0) of `ics_smoothness` rows.
+
+  Per layer j >= 2 (1-based): "{q}@{j}" for q in ics_l2, ics_cos, ics_rel;
+  pooled: "{q}/pairs", the values of every later checkpoint x layer 2..L;
+  smoothness: "grad_change" at the middle eta (`mid`), "grad_change_rel"
+  (that over |g|), "beta_max", "loss_range", "grad_norm", each also "/pairs".
+  """
+  later = [r for r in rows if r["step"] > 0]
+  out: dict = {}
+  for q in ("ics_l2", "ics_cos", "ics_rel"):
+    for j in range(1, len(later[0][q])):
+      out[f"{q}@{j + 1}"] = statistics.median(r[q][j] for r in later)
+    out[f"{q}/pairs"] = [x for r in later for x in r[q][1:]]
+  scalars = {"grad_change": [r["grad_change"][mid] for r in later],
+             "grad_change_rel": [r["grad_change"][mid] / r["grad_norm"] for r in later],
+             **{k: [r[k] for r in later] for k in ("beta_max", "loss_range", "grad_norm")}}
+  for k, v in scalars.items():
+    out[k], out[f"{k}/pairs"] = statistics.median(v), v
+  return out
+
+
+def _measure_fn(model, lr: float, etas, noisy: bool):
+  """(params, batch_stats, rng, step, images, labels) -> per-batch ICS and smoothness."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bnlab import analysis, models  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def measure(params, batch_stats, rng, step, images, labels):
+    rngs = models.train_rngs(rng, step) if noisy else None
+
+    def one(batch):
+      loss_fn = analysis.classifier_loss(
+          model.apply, {"params": params, "batch_stats": batch_stats}, *batch, rngs=rngs)
+      return {"ics": analysis.internal_covariate_shift(loss_fn, params, lr),
+              "smooth": analysis.gradient_smoothness(loss_fn, params, etas)}
+
+    return jax.lax.map(one, (images, labels))
+
+  return measure
+
+
+@study.register(study.MEASUREMENTS, "ics_smoothness")
+def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
+  """ICS (Santurkar et al. 2018, Def. 2.1) and smoothness along the gradient, per checkpoint.
+
+  At initialisation and at every checkpoint: means over `spec["batches"]`
+  training batches (drawn once with `spec["batch_seed"]`, the same for every
+  run), BN in train mode, noisy BN with that step's noise; step sizes
+  `analysis.eta_grid(lr, num=spec["num_etas"])`. Returns the per-checkpoint
+  "series" and `summarize_checkpoints` of it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bnlab import analysis, models, train  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(run_cfg)
+  lr, batch = cfg.optimizer.learning_rate, cfg.train.batch_size
+  ds = train.load_data(cfg)
+  idx = np.random.default_rng(spec["batch_seed"]).permutation(len(ds.train_labels))
+  idx = idx[:spec["batches"] * batch]
+  images = jnp.asarray(ds.train_images[idx].reshape(spec["batches"], batch, 28, 28))
+  labels = jnp.asarray(ds.train_labels[idx].astype(np.int32).reshape(spec["batches"], batch))
+  model = models.build_model(cfg.model)
+  etas = analysis.eta_grid(lr, num=spec["num_etas"])
+  measure = _measure_fn(model, lr, etas, cfg.model.norm == "noisy")
+  init = train.create_train_state(model, train.make_optimizer(cfg.optimizer, cfg.train.num_steps),
+                                  jax.random.key(cfg.seed), batch)
+  states = [(0, init.params, init.batch_stats, init.rng)]
+  for step in _steps_saved(run_dir):
+    st = _restore(run_dir, step)
+    states.append((step, st["params"], st.get("batch_stats", {}), st["rng"]))
+  rows = []
+  for step, params, batch_stats, rng in states:
+    out = jax.device_get(measure(params, batch_stats, jnp.asarray(rng), jnp.int32(step),
+                                 images, labels))
+    ics, sm = out["ics"], out["smooth"]
+    rows.append({"step": step, "ics_l2": ics["l2"].mean(0).tolist(),
+                 "ics_cos": ics["cosine"].mean(0).tolist(),
+                 "ics_rel": (ics["l2"] / ics["grad_norm"]).mean(0).tolist(),
+                 "grad_change": sm["grad_change"].mean(0).tolist(),
+                 **{k: float(sm[k].mean()) for k in ("loss_range", "beta_max", "grad_norm")}})
+  series = {k: [[r["step"], r[k]] for r in rows] for k in rows[0] if k != "step"}
+  return {"layers": ["/".join(p) for p in analysis.layer_weights(init.params)],
+          "etas": np.asarray(etas).tolist(), "series": series,
+          **summarize_checkpoints(rows, spec["num_etas"] // 2)}
+
+
+# -- rules ----------------------------------------------------------------------------------
+
+
+def _pairs(cells, metric: str, a: str, b: str):
+  """[(seed, a's value, b's value)] of the runs of cells a and b with the same seed, or None."""
+  ca, cb = study.one(cells, a), study.one(cells, b)
+  if ca is None or cb is None:
+    return None
+  by_seed = {r.get("seed"): r.get(metric) for r in cb["rows"]}
+  return [(r.get("seed"), r.get(metric), by_seed[r.get("seed")])
+          for r in ca["rows"] if r.get("seed") in by_seed]
+
+
+@study.register(study.RULES, "every_seed")
+def every_seed(cells, metric: str, a: str):
+  """Supported when every seed of cell a has the boolean `metric`; else refuted."""
+  c = study.one(cells, a)
+  if c is None or not c["values"][metric]:
+    return "inconclusive", {"missing": a}
+  values = c["values"][metric]
+  return ("supported" if all(values) else "refuted", {"values": values})
+
+
+def _above(x, y, from_step: int) -> dict:
+  """How a's series (or number) `x` compares with `y`, point by point from `from_step`."""
+  if not isinstance(x, list):
+    return {"above": int(x > y), "of": 1, "margin": round(x - y, 4)}
+  ys = dict((s, v) for s, v in y)
+  diff = [(s, v - ys[s]) for s, v in x if s >= from_step and s in ys]
+  low = min(diff, key=lambda d: d[1])
+  return {"above": sum(d > 0 for _, d in diff), "of": len(diff), "min_margin": round(low[1], 4),
+          "min_margin_step": low[0], "mean_margin": round(sum(d for _, d in diff) / len(diff), 4)}
+
+
+@study.register(study.RULES, "paired_above")
+def paired_above(cells, metrics, a: str, b: str, from_step: int = 0):
+  """Supported when, for every seed and each of `metrics`, a's run is strictly above b's run
+  of the same seed (a series: at every point from `from_step`); else refuted."""
+  numbers, ok = {}, True
+  for m in metrics:
+    pairs = _pairs(cells, m, a, b)
+    if not pairs or any(x is None or y is None for _, x, y in pairs):
+      return "inconclusive", {"missing": f"{m}: a pair of runs of {a!r} and {b!r}"}
+    for seed, x, y in pairs:
+      n = _above(x, y, from_step)
+      numbers[f"{m} seed {seed}"] = n
+      ok = ok and n["of"] > 0 and n["above"] == n["of"]
+  return ("supported" if ok else "refuted", numbers)
+
+
+@study.register(study.RULES, "selected_value")
+def selected_value(cells, metric: str, along: str, where: str, expected, seed: int = 0):
+  """Supported when, among the cells `where`, the `along` value whose seed-`seed` run has the
+  lowest `metric` (a missing value counting as highest) is `expected`; else refuted."""
+  scores = {}
+  for c in study.select(cells, where):
+    v = next((r.get(metric) for r in c["rows"] if r.get("seed") == seed), None)
+    scores[c["key"][along]] = v
+  if not scores:
+    return "inconclusive", {"missing": where}
+  chosen = min(scores, key=lambda x: (scores[x] is None, scores[x] or 0.0))
+  return ("supported" if chosen == expected else "refuted",
+          {"selected": chosen, "expected": expected, metric: scores})
+
+
+@study.register(study.RULES, "mostly_lower")
+def mostly_lower(cells, metric: str, a: str, b: str, fraction: float):
+  """Compares a's and b's runs of the same seed element by element (lists of values):
+  supported when a is lower in at least `fraction` of the pairs, refuted when a is
+  higher in at least `fraction` of them, inconclusive between."""
+  pairs = _pairs(cells, metric, a, b)
+  if not pairs or any(x is None or y is None for _, x, y in pairs):
+    return "inconclusive", {"missing": f"a pair of runs of {a!r} and {b!r}"}
+  both = [(u, v) for _, x, y in pairs for u, v in zip(x, y)]
+  lower, higher = sum(u < v for u, v in both), sum(u > v for u, v in both)
+  numbers = {"lower": lower, "higher": higher, "of": len(both),
+             "median_ratio": statistics.median(u / v for u, v in both)}
+  if lower >= fraction * len(both):
+    return "supported", numbers
+  return ("refuted" if higher >= fraction * len(both) else "inconclusive"), numbers
+
+
+# -- figures --------------------------------------------------------------------------------
+
+
+def _percentile_panel(ax, series, unit: int, color: str, title: str, from_step: int) -> None:
+  steps = [s for s, _ in series]
+  band = [[p[unit][q] for _, p in series] for q in range(len(series[0][1][unit]))]
+  ax.fill_between(steps, band[0], band[-1], color=color, alpha=0.15, lw=0)
+  for q, line in enumerate(band):
+    ax.plot(steps, line, color=color, lw=1.3, ls=(":", "-", "--")[min(q, 2)])
+  ax.axvline(from_step, color="0.6", lw=0.8)
+  ax.set_title(title, fontsize=8)
+  ax.grid(alpha=0.3)
+
+
+@study.register(study.FIGURES, "unit_percentiles")
+def unit_percentiles(cells, path, labels, metric: str, rows, units=(), unit_metric: str = "",
+                     from_step: int = 0):
+  """One row per cell of `rows` (where-strings); columns: the fixed `units` of its first run,
+  or each run (seed) at the unit its `unit_metric` names. Band: lowest..highest percentile."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  picked = [study.one(cells, w) for w in rows]
+  cols = max(len(units) or len(c["rows"]) for c in picked)
+  fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.4 * len(rows)),
+                           sharey=True, squeeze=False)
+  for i, (c, color) in enumerate(zip(picked, ("tab:red", "tab:blue", "tab:green"))):
+    name = study._cell_label(c, [k for k in c["key"]], labels)  # pylint: disable=protected-access
+    panels = ([(c["rows"][0], u) for u in units] if units else
+              [(r, r.get(unit_metric)) for r in c["rows"]])
+    for j, (r, u) in enumerate(panels):
+      _percentile_panel(axes[i, j], r[metric], u, color,
+                        f"{name}\nseed {r.get('seed')}, unit {u}", from_step)
+  for ax in axes[-1]:
+    ax.set_xlabel("step")
+  study._save(fig, path)  # pylint: disable=protected-access
+
+
+@study.register(study.FIGURES, "paired_difference")
+def paired_difference(cells, path, labels, metric: str, a: str, b: str, from_step: int = 0):
+  """a's minus b's series, one line per seed; the y axis scaled to the points from `from_step`."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 3.8))
+  late = [0.0]
+  for seed, x, y in _pairs(cells, metric, a, b) or []:
+    ys = dict((s, v) for s, v in y)
+    diff = [(s, v - ys[s]) for s, v in x if s in ys]
+    ax.plot([s for s, _ in diff], [100 * d for _, d in diff], lw=1.2, label=f"seed {seed}")
+    late += [abs(100 * d) for s, d in diff if s >= from_step]
+  ax.axhline(0, color="k", lw=0.8)
+  ax.axvline(from_step, color="0.6", lw=0.8)
+  ax.set_ylim(-1.3 * max(late) - 1e-9, 1.3 * max(late) + 1e-9)
+  ax.set(xlabel="step", ylabel=f"{study._label(labels, metric)}: a - b (points)",  # pylint: disable=protected-access
+         title=f"a = {a}, b = {b}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  study._save(fig, path)  # pylint: disable=protected-access
+
+
+@study.register(study.FIGURES, "per_checkpoint")
+def per_checkpoint(cells, path, labels, metric: str, hue=(), panels=(), first: int = 0,
+                   logy: bool = False):
+  """A series metric whose points are numbers or per-layer lists: one row per value of
+  `panels`, one column per list index from `first`, one line per cell (first seed)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  groups: dict = {}
+  for c in cells:
+    groups.setdefault(study._cell_label(c, panels, labels), []).append(c)  # pylint: disable=protected-access
+  width = max(len(s[0][1]) if isinstance(s[0][1], list) else 1
+              for c in cells for s in c["values"][metric] if s)
+  cols = max(width - first, 1)
+  fig, axes = plt.subplots(len(groups), cols, figsize=(3.6 * cols, 2.8 * len(groups)),
+                           squeeze=False)
+  for row, (title, group) in enumerate(groups.items()):
+    for c, color in zip(group, study._COLORS):  # pylint: disable=protected-access
+      s = c["values"][metric][0]
+      for j in range(cols if isinstance(s[0][1], list) else 1):
+        ys = [v[first + j] if isinstance(v, list) else v for _, v in s]
+        axes[row, j].plot([p for p, _ in s], ys, "o-", ms=3, color=color,
+                          label=study._cell_label(c, hue, labels))  # pylint: disable=protected-access
+        axes[row, j].set_title(f"{title}" + (f", layer {first + j + 1}" if cols > 1 else ""),
+                               fontsize=9)
+    for ax in axes[row]:
+      ax.set(xlabel="step", ylabel=study._label(labels, metric),  # pylint: disable=protected-access
+             yscale="log" if logy else "linear")
+      ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=8)
+  study._save(fig, path)  # pylint: disable=protected-access
