@@ -52,10 +52,11 @@ def test_same_config_and_seed_are_bit_identical(idx_dir, reference, tmp_path):
   summary = train.train_and_evaluate(kill_soak.config(idx_dir), wd)
   assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
   import flax, jaxlib, optax  # pylint: disable=g-import-not-at-top,g-multiple-import
-  assert summary["versions"]["jax"] == jax.__version__
-  assert summary["versions"]["jaxlib"] == jaxlib.__version__
-  assert summary["versions"]["flax"] == flax.__version__
-  assert summary["versions"]["optax"] == optax.__version__
+  versions = summary["environment"]["versions"]
+  assert versions["jax"] == jax.__version__
+  assert versions["jaxlib"] == jaxlib.__version__
+  assert versions["flax"] == flax.__version__
+  assert versions["optax"] == optax.__version__
 
 
 def _interrupted_copy(reference, wd, at):
@@ -88,6 +89,62 @@ def test_corrupt_newest_checkpoint_is_reported_and_skipped(idx_dir, reference, t
              for r in caplog.records)
   assert os.path.isdir(os.path.join(wd, "unreadable_checkpoints", "20"))
   assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+
+
+def test_damaged_checkpoint_payload_is_reported_and_skipped(idx_dir, reference, tmp_path,
+                                                           caplog):
+  """Bytes of an array flipped: orbax alone restores it; its checksums do not match."""
+  wd = str(tmp_path / "damaged")
+  _interrupted_copy(reference, wd, at=20)
+  newest = os.path.join(wd, "checkpoints", "20")
+  data = [os.path.join(d, n) for d, _, files in os.walk(os.path.join(newest, "default"))
+          for n in files if os.path.basename(d) == "d"]
+  path = max(data, key=os.path.getsize)
+  raw = bytearray(open(path, "rb").read())
+  for i in range(len(raw) // 2, len(raw) // 2 + 16):
+    raw[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(raw))
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert any(newest in r.getMessage() and "unreadable" in r.getMessage()
+             and os.path.relpath(path, newest) in r.getMessage() for r in caplog.records)
+  assert os.path.isdir(os.path.join(wd, "unreadable_checkpoints", "20"))
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+
+
+def test_checkpoints_without_checksums_resume_exactly(idx_dir, reference, tmp_path, caplog):
+  """A run interrupted before bnlab wrote checksums resumes (unverified, with a warning)."""
+  wd = str(tmp_path / "unsealed")
+  _interrupted_copy(reference, wd, at=19)  # keeps 19 only
+  for step in os.listdir(os.path.join(wd, "checkpoints")):
+    os.remove(os.path.join(wd, "checkpoints", step, workdir_lib.CHECKSUMS))
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert any("unverified" in r.getMessage() for r in caplog.records)
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+  assert kill_soak.leftovers(wd) == []
+  assert os.path.exists(os.path.join(wd, "checkpoints", "20", workdir_lib.CHECKSUMS))
+
+
+def test_damaged_metrics_line_loses_no_record(idx_dir, reference, tmp_path, caplog):
+  """A line in the middle of metrics.jsonl torn (another tool): every other record stays."""
+  wd = str(tmp_path / "torn")
+  _interrupted_copy(reference, wd, at=20)
+  path = os.path.join(wd, "metrics.jsonl")
+  lines = open(path).read().splitlines()
+  assert len(lines) > 12
+  lines[6] = lines[6][:10]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert any(path in r.getMessage() and "line 7 " in r.getMessage() for r in caplog.records)
+  got = kill_soak.snapshot(wd)["metrics"]
+  ref = kill_soak.snapshot(reference)["metrics"]
+  assert got == ref[:6] + ref[7:]  # all but the damaged one, which is kept aside
+  (aside,) = [n for n in os.listdir(wd) if n.startswith("metrics.jsonl.damaged-")]
+  assert open(os.path.join(wd, aside)).read() == lines[6] + "\n"
 
 
 def test_checkpoint_cut_off_mid_write_is_discarded_and_run_resumes_exactly(
