@@ -286,13 +286,15 @@ def steps_to_accuracy(records: Iterable[dict], target: float = TARGET_ACCURACY):
 
 
 def _read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, NaN/inf restored (stored as null: bnlab.workdir)."""
+  from bnlab import workdir  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     return []
   out = []
   with open(path) as f:
     for line in f:
       try:
-        out.append(json.loads(line))
+        out.append(workdir.decode_nonfinite(json.loads(line)))
       except json.JSONDecodeError:
         break
   return out

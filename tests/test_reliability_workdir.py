@@ -317,7 +317,8 @@ def test_nonfinite_numbers_are_written_as_null_and_named(tmp_path):
   assert "nonfinite" not in records[0]
   assert summary == {"train_loss_before_divergence": -math.inf, "final_step": 4}
   # The other readers of these files cope.
-  assert sweep.steps_to_accuracy(sweep._read_jsonl(str(tmp_path / "metrics.jsonl"))) == 4  # pylint: disable=protected-access
+  swept = sweep._read_jsonl(str(tmp_path / "metrics.jsonl"))  # pylint: disable=protected-access
+  assert sweep.steps_to_accuracy(swept) == 4 and math.isnan(swept[0]["train_loss"])
   assert math.isnan(read_jsonl(tmp_path / "metrics.jsonl")[0]["train_loss"])
 
 
