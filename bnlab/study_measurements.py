@@ -137,8 +137,9 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   At initialisation and at every checkpoint: means over `spec["batches"]`
   training batches (drawn once with `spec["batch_seed"]`, the same for every
   run), BN in train mode, noisy BN with that step's noise; step sizes
-  `analysis.eta_grid(lr, num=spec["num_etas"])`. Returns the per-checkpoint
-  "series" and `summarize_checkpoints` of it.
+  `analysis.eta_grid(lr, num=spec["num_etas"])`. Returns "{q}/series" per
+  quantity ([[step, value or per-layer list]]; grad_change at the middle eta)
+  and `summarize_checkpoints` of them.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -171,10 +172,11 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
                  "ics_rel": (ics["l2"] / ics["grad_norm"]).mean(0).tolist(),
                  "grad_change": sm["grad_change"].mean(0).tolist(),
                  **{k: float(sm[k].mean()) for k in ("loss_range", "beta_max", "grad_norm")}})
-  series = {k: [[r["step"], r[k]] for r in rows] for k in rows[0] if k != "step"}
+  mid = spec["num_etas"] // 2
+  series = {f"{k}/series": [[r["step"], r[k][mid] if k == "grad_change" else r[k]] for r in rows]
+            for k in rows[0] if k != "step"}
   return {"layers": ["/".join(p) for p in analysis.layer_weights(init.params)],
-          "etas": np.asarray(etas).tolist(), "series": series,
-          **summarize_checkpoints(rows, spec["num_etas"] // 2)}
+          "etas": np.asarray(etas).tolist(), **series, **summarize_checkpoints(rows, mid)}
 
 
 # -- rules ----------------------------------------------------------------------------------
