@@ -598,8 +598,8 @@ class WorkDir:
     except OSError:
       recorded = False
     kept = []
-    if recorded:
-      for name in ("config.json", "metrics.jsonl", "tensorboard"):
+    if recorded:  # the records first: a kill in between must not leave them to be dropped
+      for name in ("metrics.jsonl", "tensorboard", "config.json"):
         src = os.path.join(self.path, name)
         if os.path.lexists(src):
           dest = _aside_path(src, "replaced")
