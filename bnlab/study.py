@@ -408,7 +408,8 @@ def describe_values(values: list) -> dict:
   if all(isinstance(v, bool) for v in have):
     return {**out, "count": sum(have)}
   mean, half = t_interval([float(v) for v in have])
-  return {**out, "mean": mean, "ci": half, "min": min(have), "max": max(have)}
+  return {**out, "mean": mean, "ci": half, "min": min(have), "max": max(have),
+          "integer": all(isinstance(v, int) for v in have)}
 
 
 def binomial_se(p: float, n_test: int) -> float:
@@ -553,14 +554,15 @@ def judge(claims: dict, cells: list[dict]) -> list[dict]:
 def _label(labels: dict, value) -> str:
   """What the report calls a value, metric or config key (a dotted key by its last part)."""
   text = show(value)
-  return labels.get(text, labels.get(text.rsplit(".", 1)[-1], text))
+  last = text.rsplit(".", 1)[-1] if isinstance(value, str) else text
+  return labels.get(text, labels.get(last, last))
 
 
 def _cell_label(cell: dict, keys, labels: dict) -> str:
   return ", ".join(_label(labels, cell["key"][k]) for k in keys) or "all"
 
 
-def _panels(cells: list[dict], panels, width: float = 5.2, height: float = 3.8):
+def _panels(cells: list[dict], panels, labels: dict, width: float = 5.2, height: float = 3.8):
   """(figure, [(axis, panel cells, title)]) with one panel per value of the `panels` keys."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -573,7 +575,8 @@ def _panels(cells: list[dict], panels, width: float = 5.2, height: float = 3.8):
   fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
   for ax in axes.flat[len(groups):]:
     ax.set_visible(False)
-  return fig, [(ax, g, ", ".join(k)) for ax, (k, g) in zip(axes.flat, groups.items())]
+  return fig, [(ax, g, _cell_label(g[0], panels, labels) if panels else "")
+               for ax, g in zip(axes.flat, groups.values())]
 
 
 def _save(fig, path: str) -> None:
@@ -591,7 +594,7 @@ def _hue_keys(cells, panels, hue):
 def final_vs(cells, path, labels, metric: str, x: str, hue=(), panels=(), logx: bool = False,
              logy: bool = False):
   """A per-run metric against a swept value: seeds as dots, cell means with 95% t bars."""
-  fig, layout = _panels(cells, panels)
+  fig, layout = _panels(cells, panels, labels)
   hue = _hue_keys(cells, tuple(panels) + (x,), hue)
   for ax, group, title in layout:
     lines: dict[str, list] = {}
@@ -622,7 +625,7 @@ _COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:
 def curves(cells, path, labels, metric: str, hue=(), panels=(), logy: bool = False,
            xlabel: str = "step"):
   """A series metric over training: each seed thin, the cell's seed mean thick, min..max band."""
-  fig, layout = _panels(cells, panels)
+  fig, layout = _panels(cells, panels, labels)
   hue = _hue_keys(cells, panels, hue)
   for ax, group, title in layout:
     for c, color in zip(group, _COLORS):
@@ -634,7 +637,7 @@ def curves(cells, path, labels, metric: str, hue=(), panels=(), logy: bool = Fal
       length = min(len(s) for s in runs)
       xs = [runs[0][i][0] for i in range(length)]
       ys = [[s[i][1] for s in runs] for i in range(length)]
-      ax.plot(xs, [sum(y) / len(y) for y in ys], color=color, lw=2,
+      ax.plot(xs, [sum(y) / len(y) for y in ys], color=color, lw=2, marker="o", ms=3,
               label=_cell_label(c, hue, labels))
       if len(runs) > 1:
         ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=color,
@@ -650,7 +653,7 @@ def curves(cells, path, labels, metric: str, hue=(), panels=(), logy: bool = Fal
 def percentiles(cells, path, labels, metric: str, unit: int = 0, hue=(), panels=()):
   """Percentiles over training of one unit (a series metric of `{layer}/percentiles`
   records: [[step, [[p, ...] per unit]], ...]); seed means, one line per percentile."""
-  fig, layout = _panels(cells, panels)
+  fig, layout = _panels(cells, panels, labels)
   hue = _hue_keys(cells, panels, hue)
   for ax, group, title in layout:
     for c, color in zip(group, _COLORS):
@@ -883,9 +886,6 @@ def report(study: Study, workdir: str) -> str:
   cells = make_cells(rows, cfg["cells"], metrics)
   runs_by_name = {r.name: r for r in runs}
   for c in cells:
-    for m in metrics:
-      c["stats"][m]["integer"] = all(isinstance(v, int) and not isinstance(v, bool)
-                                     for v in c["values"][m] if v is not None)
     for m in _test_accuracy_metrics(cfg["metrics"]):
       if "mean" in c["stats"][m]:
         c["stats"][m]["n_test"] = n = _n_test(c, runs_by_name)

@@ -1,9 +1,8 @@
-"""Shared pieces of the studies: running configs into sub-directories, reading metrics."""
+"""Helpers of the study scripts not yet on `bnlab.study` (why_bn, paper_figure1): run, read, time."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -25,20 +24,6 @@ def run(cfg, workdir: str) -> dict:
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def epoch_curve(records: list[dict], key: str = "train_loss") -> list[float]:
-  """Per-epoch means of a train metric, weighting each record by its steps."""
-  sums: dict[int, list[float]] = {}
-  for r in records:
-    if key not in r:
-      continue
-    epoch = math.ceil(r["epoch"] - 1e-9)  # records in (k-1, k] belong to epoch k
-    s = sums.setdefault(epoch, [0.0, 0.0])
-    w = r.get("interval_steps", 1)
-    s[0] += r[key] * w
-    s[1] += w
-  return [sums[e][0] / sums[e][1] for e in sorted(sums)]
 
 
 class Timer:

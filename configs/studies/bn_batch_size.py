@@ -1,0 +1,42 @@
+"""Does BN help the paper MLP more at small batch sizes? (the README's example study)
+
+Run:    python -m bnlab.study --config=configs/studies/bn_batch_size.py --workdir=runs/bn_batch_size
+Smoke:  ...bn_batch_size.py:runlocal (batch 8 and 32, 1 seed, 30 steps)
+Budget: 2 norms x 4 batch sizes x 3 seeds x 2,000 steps of the sigmoid MLP at lr 1.
+Expected (written before any run): bn_helps_at_batch_8 supported.
+"""
+
+from bnlab import study
+from bnlab import sweep
+
+
+def get_config(arg=None):
+  local = study.parse_arg(arg, runlocal=False).runlocal
+  s = study.base_config()
+  s.title = "BN x batch size, paper MLP"
+  s.run.config = "configs/paper_mlp.py"  # the run config every member overrides
+  s.run.overrides.train = {"num_steps": 30 if local else 2_000,
+                           "eval_every_steps": 15 if local else 250}
+  s.cells = ("model.norm", "train.batch_size")  # seeds pool within a cell
+  s.metrics = {"final_acc": ("summary", "test_accuracy"),
+               "best_acc": ("max", "test_accuracy"),
+               "test_acc_curve": ("series", "test_accuracy")}
+  s.tables = {"final": {"metrics": ("final_acc", "best_acc"), "across": "model.norm"}}
+  s.figures = {
+      "final_acc": {"kind": "final_vs", "metric": "final_acc", "x": "train.batch_size",
+                    "logx": True},
+      "curves": {"kind": "curves", "metric": "test_acc_curve", "panels": ("train.batch_size",)}}
+  s.claims = {"bn_helps_at_batch_8": {
+      "statement": "At batch 8, BN's mean final test accuracy is at least 1 point above "
+                   "no BN's.",
+      "rule": "difference_at_least", "metric": "final_acc", "threshold": 0.01,
+      "a": "model.norm=batch,train.batch_size=8", "b": "model.norm=none,train.batch_size=8"}}
+  s.labels = {"batch": "BN", "none": "no BN", "final_acc": "final test accuracy"}
+  return s
+
+
+def get_sweep(arg=None):
+  local = study.parse_arg(arg, runlocal=False).runlocal
+  return sweep.product(sweep.axis("model.norm", ["batch", "none"]),
+                       sweep.axis("train.batch_size", (8, 32) if local else (8, 16, 32, 128)),
+                       sweep.seeds(1 if local else 3))
