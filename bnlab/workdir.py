@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -68,6 +67,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from bnlab import distributed
+from bnlab.data import _sha256_file  # pylint: disable=protected-access
 from bnlab.config import ConfigError, flatten
 
 
@@ -250,16 +250,8 @@ def _checkpoint_files(step_dir: str) -> dict[str, str]:
   return out
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _checksums(step_dir: str) -> dict:
-  return {rel: {"size": os.path.getsize(path), "sha256": _sha256(path)}
+  return {rel: {"size": os.path.getsize(path), "sha256": _sha256_file(path)}
           for rel, path in sorted(_checkpoint_files(step_dir).items())}
 
 
@@ -288,7 +280,7 @@ def _verify_checkpoint(step_dir: str) -> bool:
       raise ValueError(f"{rel} is not listed in {CHECKSUMS}")
     want = expected[rel]
     if not isinstance(want, dict) or os.path.getsize(files[rel]) != want.get("size") or \
-        _sha256(files[rel]) != want.get("sha256"):
+        _sha256_file(files[rel]) != want.get("sha256"):
       raise ValueError(f"{rel} does not match its checksum in {CHECKSUMS}: damaged")
   return True
 

@@ -1,4 +1,4 @@
-"""Reading what a run left in its work directory, for the end-to-end tests."""
+"""Reading (and damaging) what a run left in its work directory, for the end-to-end tests."""
 
 import json
 import os
@@ -13,6 +13,23 @@ def read_jsonl(path):
   """The records of a .jsonl file, non-finite numbers restored (see bnlab.workdir)."""
   with open(path) as f:
     return [workdir_lib.decode_nonfinite(json.loads(line)) for line in f]
+
+
+def damage_checkpoint_payload(step_dir):
+  """Flips bytes amid a checkpoint's largest array data file; returns its path in step_dir.
+
+  orbax alone restores such a checkpoint without complaint (wrong numbers).
+  """
+  data = [os.path.join(d, n) for d, _, files in os.walk(os.path.join(step_dir, "default"))
+          for n in files if os.path.basename(d) == "d"]
+  path = max(data, key=os.path.getsize)
+  with open(path, "rb") as f:
+    raw = bytearray(f.read())
+  for i in range(len(raw) // 2, len(raw) // 2 + 16):
+    raw[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(raw))
+  return os.path.relpath(path, step_dir)
 
 
 def final_state(workdir):

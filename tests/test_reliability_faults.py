@@ -16,6 +16,7 @@ import pytest
 from bnlab import sweep
 from bnlab import train
 from bnlab import workdir as workdir_lib
+from run_files import damage_checkpoint_payload
 import tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,18 +98,11 @@ def test_damaged_checkpoint_payload_is_reported_and_skipped(idx_dir, reference, 
   wd = str(tmp_path / "damaged")
   _interrupted_copy(reference, wd, at=20)
   newest = os.path.join(wd, "checkpoints", "20")
-  data = [os.path.join(d, n) for d, _, files in os.walk(os.path.join(newest, "default"))
-          for n in files if os.path.basename(d) == "d"]
-  path = max(data, key=os.path.getsize)
-  raw = bytearray(open(path, "rb").read())
-  for i in range(len(raw) // 2, len(raw) // 2 + 16):
-    raw[i] ^= 0xFF
-  with open(path, "wb") as f:
-    f.write(bytes(raw))
+  damaged = damage_checkpoint_payload(newest)
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(kill_soak.config(idx_dir), wd)
   assert any(newest in r.getMessage() and "unreadable" in r.getMessage()
-             and os.path.relpath(path, newest) in r.getMessage() for r in caplog.records)
+             and damaged in r.getMessage() for r in caplog.records)
   assert os.path.isdir(os.path.join(wd, "unreadable_checkpoints", "20"))
   assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
 

@@ -17,7 +17,7 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab import workdir as workdir_lib
-from run_files import read_jsonl
+from run_files import damage_checkpoint_payload, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,16 +191,14 @@ def _saved(path, steps):
     wd.close()
 
 
-def _damage_payload(step_dir):
-  """Flips bytes in the largest array data file (orbax restores it without complaint)."""
-  files = glob.glob(os.path.join(step_dir, "default", "**", "d", "*"), recursive=True)
-  path = max(files, key=os.path.getsize)
-  data = bytearray(open(path, "rb").read())
-  for i in range(len(data) // 2, len(data) // 2 + 8):
-    data[i] ^= 0xFF
-  with open(path, "wb") as f:
-    f.write(bytes(data))
-  return os.path.relpath(path, step_dir)
+def _restore(path, caplog):
+  """What a resume restores from `path` (its warnings into `caplog`)."""
+  wd = _open(path, _cfg(keep_checkpoints=10))
+  try:
+    with caplog.at_level(logging.WARNING):
+      return wd.restore_latest(_tree(0.0))
+  finally:
+    wd.close()
 
 
 def test_checkpoints_carry_checksums_of_every_file(tmp_path):
@@ -216,28 +214,19 @@ def test_checkpoints_carry_checksums_of_every_file(tmp_path):
 def test_damaged_checkpoint_payload_is_unreadable_and_an_older_one_is_used(tmp_path, caplog):
   _saved(tmp_path, [1, 2])
   newest = str(tmp_path / "checkpoints" / "2")
-  damaged_file = _damage_payload(newest)
-  wd = _open(tmp_path, _cfg(keep_checkpoints=10))
-  try:
-    with caplog.at_level(logging.WARNING):
-      restored = wd.restore_latest(_tree(0.0))
-  finally:
-    wd.close()
+  damaged_file = damage_checkpoint_payload(newest)
+  restored = _restore(tmp_path, caplog)
   np.testing.assert_array_equal(restored["w"], _tree(1.0)["w"])  # step 1's values
   assert any(newest in m and "unreadable" in m and damaged_file in m
              for m in _warnings(caplog))
   assert os.path.isdir(tmp_path / "unreadable_checkpoints" / "2")
 
 
-def test_only_checkpoint_damaged_is_an_error_naming_step_and_file(tmp_path):
+def test_only_checkpoint_damaged_is_an_error_naming_step_and_file(tmp_path, caplog):
   _saved(tmp_path, [3])
-  damaged_file = _damage_payload(str(tmp_path / "checkpoints" / "3"))
-  wd = _open(tmp_path, _cfg(keep_checkpoints=10))
-  try:
-    with pytest.raises(workdir_lib.WorkDirError) as e:
-      wd.restore_latest(_tree(0.0))
-  finally:
-    wd.close()
+  damaged_file = damage_checkpoint_payload(str(tmp_path / "checkpoints" / "3"))
+  with pytest.raises(workdir_lib.WorkDirError) as e:
+    _restore(tmp_path, caplog)
   assert "step 3" in str(e.value) and damaged_file in str(e.value)
   assert os.path.isdir(tmp_path / "checkpoints" / "3")  # touched nothing
 
@@ -253,12 +242,7 @@ def test_unverifiable_checkpoint_is_unreadable(tmp_path, damage, caplog):
   else:
     manifest = json.loads((step_dir / workdir_lib.CHECKSUMS).read_text())
     os.remove(step_dir / sorted(manifest["files"])[-1])
-  wd = _open(tmp_path, _cfg(keep_checkpoints=10))
-  try:
-    with caplog.at_level(logging.WARNING):
-      restored = wd.restore_latest(_tree(0.0))
-  finally:
-    wd.close()
+  restored = _restore(tmp_path, caplog)
   np.testing.assert_array_equal(restored["b"], _tree(1.0)["b"])
   assert any(str(step_dir) in m and "unreadable" in m for m in _warnings(caplog))
 
@@ -268,27 +252,18 @@ def test_checkpoint_without_checksums_restores_with_a_warning(tmp_path, caplog):
   _saved(tmp_path, [1, 2])
   for path in glob.glob(str(tmp_path / "checkpoints" / "*" / workdir_lib.CHECKSUMS)):
     os.remove(path)
-  wd = _open(tmp_path, _cfg(keep_checkpoints=10))
-  try:
-    with caplog.at_level(logging.WARNING):
-      restored = wd.restore_latest(_tree(0.0))
-  finally:
-    wd.close()
+  restored = _restore(tmp_path, caplog)
   np.testing.assert_array_equal(restored["w"], _tree(2.0)["w"])
   assert any(str(tmp_path / "checkpoints" / "2") in m and "unverified" in m
              for m in _warnings(caplog))
   assert not os.path.exists(tmp_path / "unreadable_checkpoints")
 
 
-def test_checksum_temporary_left_by_a_kill_is_removed(tmp_path):
+def test_checksum_temporary_left_by_a_kill_is_removed(tmp_path, caplog):
   _saved(tmp_path, [1])
   stray = tmp_path / "checkpoints" / "1" / ".tmp-abc123"
   stray.write_text("{")
-  wd = _open(tmp_path, _cfg(keep_checkpoints=10))
-  try:
-    assert wd.restore_latest(_tree(0.0)) is not None
-  finally:
-    wd.close()
+  assert _restore(tmp_path, caplog) is not None
   assert not stray.exists()
 
 
