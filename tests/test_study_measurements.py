@@ -1,0 +1,136 @@
+"""bnlab.study_measurements: measurements, rules and figures against hand-computed values;
+the paper_figure1 and why_bn studies end to end at :runlocal on the tiny MNIST fixture."""
+
+import json
+import os
+
+import pytest
+
+from bnlab import study
+from bnlab import study_measurements as sm
+from bnlab import sweep
+import test_study
+
+# Two units, percentiles (lo, median, hi) at steps 0, 5, 10.
+PCT = [[[-1, 0, 1], [0, 1, 2]], [[-2, 0, 2], [0, 2, 3]], [[-2, 1, 4], [0, 1, 2]]]
+
+
+def test_drift_of():
+  d = sm.drift_of([0, 5, 10], PCT, from_step=4)  # from step 5 to step 10
+  # unit 0: median 0 -> 1, spread 4 -> 6; unit 1: median 2 -> 1, spread 3 -> 2
+  assert (d["from_step"], d["to_step"]) == (5, 10)
+  assert d["median_abs_dmedian"] == 1.0 and d["median_abs_dspread"] == 1.5
+  assert d["median_rel_dspread"] == pytest.approx((2 / 4 + 1 / 3) / 2)
+  assert (d["median_spread_early"], d["median_spread_late"]) == (3.5, 4.0)
+  assert (d["median_abs_median_early"], d["median_abs_median_late"]) == (1.0, 1.0)
+  assert d["typical_unit"] == 1  # scores 3 (unit 0) and 2 (unit 1): the lower middle one
+
+
+def test_unit_drift_reads_the_records(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for s, p in zip((0, 5, 10), PCT):
+      f.write(json.dumps({"step": s, "preact_2/percentiles": p}) + "\n")
+  spec = {"kind": "unit_drift", "layer": "preact_2", "from_step": 4}
+  assert sm.unit_drift(str(tmp_path), {}, spec) == sm.drift_of([0, 5, 10], PCT, 4)
+  assert sm.unit_drift(str(tmp_path), {}, {**spec, "from_step": 11}) == {}
+  assert sm.bn_affine(str(tmp_path), {"model": {"norm": "batch"}}, {"block": "b"}) == {}
+
+
+def test_summarize_checkpoints():
+  rows = [{"step": s, "ics_l2": [0, a, 2 * a], "ics_cos": [1, 1 - a, 1], "ics_rel": [0, a, a],
+           "grad_change": [9, g, 9], "grad_norm": 2.0, "beta_max": a, "loss_range": g}
+          for s, a, g in ((0, 9, 9), (5, 1, 2), (10, 3, 4))]  # step 0 is left out
+  out = sm.summarize_checkpoints(rows, mid=1)
+  assert out["ics_l2@2"] == 2 and out["ics_l2@3"] == 4 and out["ics_cos@2"] == -1
+  assert out["ics_l2/pairs"] == [1, 2, 3, 6] and out["ics_rel/pairs"] == [1, 1, 3, 3]
+  assert out["grad_change"] == 3 and out["grad_change_rel"] == 1.5
+  assert out["beta_max/pairs"] == [1, 3] and out["loss_range"] == 3
+
+
+def cells(rows):
+  return study.make_cells(rows, ("norm", "lr"),
+                          [k for k in rows[0] if k not in ("norm", "lr", "seed")])
+
+
+CURVES = cells([  # BN above no BN from step 10 on seed 0; tied at step 10 on seed 1
+    {"norm": "bn", "lr": 1, "seed": 0, "acc": [[0, 0.1], [10, 0.9], [20, 0.95]], "d": 0.1,
+     "ok": True, "loss": 0.5},
+    {"norm": "bn", "lr": 1, "seed": 1, "acc": [[0, 0.1], [10, 0.8], [20, 0.97]], "d": 0.3,
+     "ok": False, "loss": 0.4},
+    {"norm": "no", "lr": 1, "seed": 0, "acc": [[0, 0.2], [10, 0.7], [20, 0.94]], "d": 0.2,
+     "ok": True, "loss": 0.2},
+    {"norm": "no", "lr": 1, "seed": 1, "acc": [[0, 0.2], [10, 0.8], [20, 0.96]], "d": 0.4,
+     "ok": True, "loss": 0.3},
+    {"norm": "no", "lr": 0.1, "seed": 0, "acc": [[0, 0.2]], "d": 0.0, "ok": True, "loss": 0.1},
+])
+
+
+def test_every_seed_and_selected_value():
+  assert sm.every_seed(CURVES, "ok", "norm=no,lr=1") == ("supported", {"values": [True, True]})
+  assert sm.every_seed(CURVES, "ok", "norm=bn")[0] == "refuted"
+  assert sm.every_seed(CURVES, "ok", "norm=gn")[0] == "inconclusive"
+  verdict, numbers = sm.selected_value(CURVES, "loss", "lr", "norm=no", expected=0.1)
+  assert verdict == "supported" and numbers["loss"] == {1: 0.2, 0.1: 0.1}
+  assert sm.selected_value(CURVES, "loss", "lr", "norm=bn", expected=0.1)[0] == "refuted"
+
+
+def test_paired_above():
+  verdict, numbers = sm.paired_above(CURVES, ("acc",), "norm=bn,lr=1", "norm=no,lr=1",
+                                     from_step=10)
+  assert verdict == "refuted"  # seed 1 ties at step 10
+  assert numbers["acc seed 0"] == {"above": 2, "of": 2, "min_margin": 0.01,
+                                   "min_margin_step": 20, "mean_margin": 0.105}
+  assert numbers["acc seed 1"]["above"] == 1 and numbers["acc seed 1"]["min_margin"] == 0.0
+  assert sm.paired_above(CURVES, ("d",), "norm=no,lr=1", "norm=bn,lr=1")[0] == "supported"
+  assert sm.paired_above(CURVES, ("d",), "norm=no,lr=1", "norm=gn")[0] == "inconclusive"
+
+
+def test_mostly_lower():
+  c = cells([{"norm": "bn", "lr": 1, "seed": 0, "p": [1, 2, 3, 4]},
+             {"norm": "no", "lr": 1, "seed": 0, "p": [2, 4, 6, 1]},
+             {"norm": "gn", "lr": 1, "seed": 0, "p": [2, 1, 6, 1]}])
+  verdict, numbers = sm.mostly_lower(c, "p", "norm=bn", "norm=no", fraction=0.75)
+  assert verdict == "supported"
+  assert numbers == {"lower": 3, "higher": 1, "of": 4, "median_ratio": 0.5}
+  assert sm.mostly_lower(c, "p", "norm=no", "norm=bn", fraction=0.75)[0] == "refuted"
+  assert sm.mostly_lower(c, "p", "norm=bn", "norm=gn", fraction=0.75)[0] == "inconclusive"
+
+
+def test_figures(tmp_path):
+  pct = cells([{"norm": n, "lr": 1, "seed": s, "pct": [[0, PCT[0]], [5, PCT[1]], [10, PCT[2]]],
+                "unit": s, "acc": [[0, 0.1], [10, 0.5 + s / 10]], "ics": [[0, [0, 1, 2]],
+                                                                         [10, [0, 2, 3]]]}
+               for n in ("no", "bn") for s in (0, 1)])
+  figures = {"u.png": (sm.unit_percentiles, {"metric": "pct", "rows": ("norm=no", "norm=bn"),
+                                             "unit_metric": "unit", "from_step": 5}),
+             "f.png": (sm.unit_percentiles, {"metric": "pct", "rows": ("norm=bn",),
+                                             "units": (0, 1)}),
+             "d.png": (sm.paired_difference, {"metric": "acc", "a": "norm=bn", "b": "norm=no"}),
+             "c.png": (sm.per_checkpoint, {"metric": "ics", "hue": ("norm",), "first": 1})}
+  for name, (fn, spec) in figures.items():
+    fn(pct, str(tmp_path / name), {}, **spec)
+    assert os.path.getsize(tmp_path / name) > 0
+
+
+@pytest.mark.parametrize("name", ["paper_figure1", "why_bn"])
+def test_study_runs_end_to_end(name, idx_dir, tmp_path):
+  wd = str(tmp_path / name)
+  text = test_study.run_local(name, idx_dir, wd)
+  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
+  assert rows and all(r["status"] == "done" for r in rows)
+  verdicts = {(c["claim"], c["where"]): c["verdict"]
+              for c in json.load(open(os.path.join(wd, "claims.json")))}
+  assert set(verdicts.values()) <= set(study.VERDICTS) and "## Verdicts" in text
+  for fig in sweep.load_config_file(os.path.join(test_study.ROOT, "configs", "studies",
+                                                f"{name}.py")).get_config("runlocal").figures:
+    assert os.path.getsize(os.path.join(wd, "figures", f"{fig}.png")) > 0
+  if name == "paper_figure1":
+    assert verdicts[("selected_rate", "")] in ("supported", "refuted")
+    assert ("bn_above", "init=lecun,optimizer.learning_rate=1") in verdicts
+    assert all(r["typical_unit"] is not None for r in rows)
+  else:
+    assert all(os.path.exists(os.path.join(wd, "runs", r["name"], "measurements", "ics.json"))
+               for r in rows)
+    assert all(len(r["ics_l2/series"]) == 3 for r in rows)  # initialisation + 2 checkpoints
+  assert test_study.run_local(name, idx_dir, wd, stage="report") == text  # from the cache
+
