@@ -143,26 +143,16 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
         f"config.train.batch_size={bs} does not split over {mesh.size} devices; make it a "
         f"multiple of {mesh.size} or set train.num_devices")
   calls = loop_lib.StepCalls(cfg, eval_model, num_train, stacked, mesh)
-  if stacked:
-    # One update function for all; each member's hyperparameters (its learning
-    # rate) live in its own optimizer state.
-    state = state_lib.create_member_states(model, tx, [m.cfg for m in members], bs)
-    zero_sums = state_lib.stack([steps_lib.metric_sums_zero()] * len(members))
-  else:
-    state = state_lib.create_train_state(model, tx, jax.random.key(cfg.seed), bs)
-    zero_sums = steps_lib.metric_sums_zero()
+  state, zero_sums = _initial_state(model, tx, members, stacked)
   info = _run_info(cfg, ds, plan, calls, len(members), mesh)
   logging.info("Run: %s", json.dumps(info))
   info["environment"] = env
-
-  def on_stop(m, step, full_train, run_start):
-    _write_summary(m, info, step, full_train, run_start)
 
   # Data, state and metric sums live on the device(s); with a mesh, replicated
   # (on every process's devices); a checkpoint is restored into that placement.
   place = functools.partial(distributed.replicate, mesh=mesh)
   run = loop_lib.Loop(members, ckpt_wd, plan, calls, loop_lib.DeviceData.place(ds, mesh),
-                      place(zero_sums), on_stop)
+                      place(zero_sums), functools.partial(_write_summary, info))
   run.run(place(state))
 
 
@@ -180,7 +170,19 @@ def _run_info(cfg, ds, plan, calls, num_members: int, mesh) -> dict[str, Any]:
   return info
 
 
-def _write_summary(m: loop_lib.Member, info: dict, step: int, full_train,
+def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
+  """(initial train state, zeroed metric sums) of a solo run or of a group's stacked members."""
+  bs = members[0].cfg.train.batch_size
+  if not stacked:
+    state = state_lib.create_train_state(model, tx, jax.random.key(members[0].cfg.seed), bs)
+    return state, steps_lib.metric_sums_zero()
+  # One update function for all; each member's hyperparameters (its learning
+  # rate) live in its own optimizer state.
+  state = state_lib.create_member_states(model, tx, [m.cfg for m in members], bs)
+  return state, state_lib.stack([steps_lib.metric_sums_zero()] * len(members))
+
+
+def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
                    run_start: float) -> None:
   """Writes member `m`'s summary.json."""
   m.wd.wait()
