@@ -875,36 +875,25 @@ def _where_lines(stages: list[dict]) -> list[str]:
           for s in stages]
 
 
-def report(study: Study, workdir: str) -> str:
-  """Writes report.md, results.json/csv, cells.csv, claims.json and figures/; returns the report."""
-  cfg, labels = study.config, study.config["labels"]
+def analyse(study: Study, workdir: str):
+  """(runs, rows, cells, verdicts) from the files: metrics per run, statistics per cell, claims."""
+  cfg = study.config
   runs = collect(study, workdir)
   errors = {r["name"]: r.get("error")
             for r in _read_json(os.path.join(workdir, "runs", "results.json"), [])}
   rows = result_rows(runs, errors)
-  metrics = list(cfg["metrics"])
-  cells = make_cells(rows, cfg["cells"], metrics)
+  cells = make_cells(rows, cfg["cells"], list(cfg["metrics"]))
   runs_by_name = {r.name: r for r in runs}
   for c in cells:
     for m in _test_accuracy_metrics(cfg["metrics"]):
       if "mean" in c["stats"][m]:
         c["stats"][m]["n_test"] = n = _n_test(c, runs_by_name)
         c["stats"][m]["binomial_se"] = binomial_se(c["stats"][m]["mean"], n)
-  verdicts = judge(cfg["claims"], cells)
-  stages = _read_json(os.path.join(workdir, "stages.json"), [])
+  return runs, rows, cells, judge(cfg["claims"], cells)
 
-  os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-  for name, spec in cfg["figures"].items():
-    spec = dict(spec)
-    FIGURES[spec.pop("kind")](cells, os.path.join(workdir, "figures", f"{name}.png"), labels,
-                              **spec)
-  _write_outputs(workdir, rows, cells, verdicts, stages, metrics)
 
-  status: dict[str, int] = {}
-  for r in rows:
-    status[r["status"]] = status.get(r["status"], 0) + 1
-  lines = [f"# {cfg['title']}", "", study.doc, "",
-           "## Claims, with the rule of each verdict (fixed before the runs)", ""]
+def _claim_lines(cfg: dict, workdir: str, verdicts: list[dict]) -> list[str]:
+  lines = ["## Claims, with the rule of each verdict (fixed before the runs)", ""]
   for name, spec in cfg["claims"].items():
     lines += [f"- **{name}**: {spec['statement']}", f"  Rule: {_rule_text(spec)}"]
   if _read_json(os.path.join(workdir, "claims_registered.json"), cfg["claims"]) != cfg["claims"]:
@@ -914,16 +903,24 @@ def report(study: Study, workdir: str) -> str:
     lines += ["", inspect.cleandoc(cfg["notes"])]
   lines += ["", "## Verdicts", "", "| claim | where | verdict | numbers behind it |",
             "|---|---|---|---|"]
-  lines += [f"| {v['claim']} | {v['where'] or 'all'} | **{v['verdict']}** | "
-            f"{_numbers(v['numbers'])} |" for v in verdicts]
-  lines += ["", "## Results", "",
-            f"{len(rows)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(status.items()))
-            + f". A cell pools the runs that agree on {', '.join(cfg['cells']) or 'nothing'}. "
-            "Each entry: mean over the cell's runs ±half-width of the 95% Student t interval on "
-            "that mean (t_0.975,n-1 x sd / sqrt(n)) [min..max]; k/n for counts; (n/of) when "
-            "only n of the cell's runs have a value (e.g. the others diverged or never reached "
-            "it); '-': none has.", ""]
-  tables = cfg["tables"] or {"all cells": {"metrics": [m for m in metrics if _scalar(cells, m)]}}
+  return lines + [f"| {v['claim']} | {v['where'] or 'all'} | **{v['verdict']}** | "
+                  f"{_numbers(v['numbers'])} |" for v in verdicts]
+
+
+def _result_lines(cfg: dict, rows: list[dict], cells: list[dict]) -> list[str]:
+  labels = cfg["labels"]
+  status: dict[str, int] = {}
+  for r in rows:
+    status[r["status"]] = status.get(r["status"], 0) + 1
+  lines = ["## Results", "",
+           f"{len(rows)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(status.items()))
+           + f". A cell pools the runs that agree on {', '.join(cfg['cells']) or 'nothing'}. "
+           "Each entry: mean over the cell's runs ±half-width of the 95% Student t interval on "
+           "that mean (t_0.975,n-1 x sd / sqrt(n)) [min..max]; k/n for counts; (n/of) when "
+           "only n of the cell's runs have a value (e.g. the others diverged or never reached "
+           "it); '-': none has.", ""]
+  tables = cfg["tables"] or {
+      "all cells": {"metrics": [m for m in cfg["metrics"] if _scalar(cells, m)]}}
   for name, spec in tables.items():
     by = tuple(spec.get("by", ()))
     groups: dict[str, list] = {}
@@ -941,8 +938,25 @@ def report(study: Study, workdir: str) -> str:
       lines += [f"Test-set noise of {_label(labels, m)}: one run's accuracy p on N test images "
                 f"has binomial standard error sqrt(p(1-p)/N): {lo[1]:.4f} at p = {lo[0]:.4f} "
                 f"to {hi[1]:.4f} at p = {hi[0]:.4f} (N = {hi[2]:,}; per cell in cells.csv).", ""]
-  for name in cfg["figures"]:
-    lines += [f"![{name}](figures/{name}.png)", ""]
+  return lines + [f"![{name}](figures/{name}.png)\n" for name in cfg["figures"]]
+
+
+def report(study: Study, workdir: str) -> str:
+  """Writes report.md, results.json/csv, cells.csv, claims.json and figures/; returns the report.
+
+  Reads only the files under `workdir`: the report depends on nothing else.
+  """
+  cfg = study.config
+  runs, rows, cells, verdicts = analyse(study, workdir)
+  stages = _read_json(os.path.join(workdir, "stages.json"), [])
+  os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+  for name, spec in cfg["figures"].items():
+    spec = dict(spec)
+    FIGURES[spec.pop("kind")](cells, os.path.join(workdir, "figures", f"{name}.png"),
+                              cfg["labels"], **spec)
+  _write_outputs(workdir, rows, cells, verdicts, stages, list(cfg["metrics"]))
+  lines = [f"# {cfg['title']}", "", study.doc, ""] + _claim_lines(cfg, workdir, verdicts)
+  lines += [""] + _result_lines(cfg, rows, cells)
   lines += ["## Time", ""] + _time_lines(runs, stages)
   lines += ["", "## Where and with which code it ran", ""] + _where_lines(stages)
   lines += ["", f"Command: `{study.command(workdir)}`", "",
@@ -1012,6 +1026,10 @@ def main(argv):
       raise config_lib.ConfigError(f"--config={path!r} could not be loaded: {e}") from None
     study = Study.from_file(path, arg, cfg)
     text = run_study(study, f.workdir, f.stage, f.out)
+  except KeyboardInterrupt:
+    print(f"interrupted: rerun the same command to resume ({study.command(f.workdir)})",
+          file=sys.stderr)
+    sys.exit(130)
   except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
