@@ -121,7 +121,7 @@ def test_linen_fields_and_signature_match_flax():
   ours = {f.name for f in bnlab.BatchNorm.__dataclass_fields__.values()}
   theirs = {f.name for f in nn.BatchNorm.__dataclass_fields__.values()}
   assert theirs <= ours
-  assert ours - theirs == {"variance", "unbiased_running_var"}
+  assert ours - theirs == {"variance", "unbiased_running_var", "update_stats"}
   for name in theirs - {"use_fast_variance", "parent", "name"}:
     assert getattr(bnlab.BatchNorm(), name) == getattr(nn.BatchNorm(), name), name
   assert bnlab.BatchNorm().use_fast_variance is False
@@ -186,11 +186,16 @@ def test_linen_mutability_semantics():
   np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3))
   y_ref, m_ref, v_ref = ref_batch_norm(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3),
                                        train=True, momentum=0.9)
-  # immutable: batch-normalized output, no state returned nor changed
-  y = module.apply(v, x, use_running_average=False)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  y, state = module.apply(v, x, use_running_average=False, mutable=["intermediates"])
-  assert "batch_stats" not in state
+  # immutable: Flax's error, as nn.BatchNorm
+  for layer in (module, nn.BatchNorm(momentum=0.9)):
+    with pytest.raises(flax.errors.ModifyScopeVariableError):
+      layer.apply(v, x, use_running_average=False)
+  # update_stats=False: batch-normalized output, no state returned nor changed
+  quiet = bnlab.BatchNorm(momentum=0.9, update_stats=False)
+  np.testing.assert_allclose(quiet.apply(v, x, use_running_average=False), y_ref, rtol=1e-5,
+                             atol=1e-5)
+  y, state = quiet.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  assert_trees_close(state["batch_stats"], v["batch_stats"], rtol=0, atol=0)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   # mutable: the paper's running update
   y, state = module.apply(v, x, use_running_average=False, mutable=["batch_stats"])

@@ -8,6 +8,7 @@ through the model configs.
 
 from __future__ import annotations
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,9 +161,12 @@ def test_renorm_module_counts_updates_and_ramps_its_limits():
   np.testing.assert_allclose(upd["batch_stats"]["mean"], new_mean, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(upd["batch_stats"]["var"], new_var, rtol=1e-6, atol=1e-6)
   assert int(upd["batch_stats"]["steps"]) == 2
-  # Immutable batch_stats: no update, no count.
-  layer.apply({**v, "batch_stats": stats}, x, use_running_average=False)
-  assert int(stats["steps"]) == 1
+  # Immutable batch_stats: Flax's error; update_stats=False: no update, no count.
+  with pytest.raises(flax.errors.ModifyScopeVariableError):
+    layer.apply({**v, "batch_stats": stats}, x, use_running_average=False)
+  _, same = layer.clone(update_stats=False).apply(
+      {**v, "batch_stats": stats}, x, use_running_average=False, mutable=["batch_stats"])
+  assert int(same["batch_stats"]["steps"]) == 1
 
 
 # ----------------------------------------------------------------------------
