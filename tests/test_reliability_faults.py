@@ -182,6 +182,16 @@ def test_disk_full_then_rerun_resumes_exactly(idx_dir, reference, tmp_path, monk
   assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
 
 
+def test_failed_start_then_the_fix_runs_in_the_same_directory(idx_dir, reference, tmp_path):
+  """A start that fails before its first checkpoint (here: no data) costs nothing."""
+  wd = str(tmp_path / "failed_start")
+  with pytest.raises(Exception, match="does not exist"):
+    train.train_and_evaluate(kill_soak.config(str(tmp_path / "no_such_dir")), wd)
+  train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
+  assert kill_soak.leftovers(wd) == []
+
+
 # -- one writer per work directory ------------------------------------------------
 
 HOLD = ("import sys, time\nfrom bnlab import config, workdir\n"
