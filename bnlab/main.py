@@ -13,9 +13,11 @@ process runs this same command with its own `--config.distributed.process_id`
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -90,21 +92,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    message = lines[0] + (f" {lines[-1].strip()}" if "Traceback" in str(e) else "")
-    message += "; see --helpfull for the flags and bnlab/config.py for the config keys"
+    message = unknown_config_key(argv)
+    if message is None:
+      lines = [line for line in str(e).splitlines() if line.strip()]
+      message = lines[0] + (f" {lines[-1].strip()}" if "Traceback" in str(e) else "")
+      message += "; see --helpfull for the flags and bnlab/config.py for the config keys"
   except SyntaxError as e:
     message = (f"config file {e.filename or config_file} has a syntax error at line "
                f"{e.lineno}: {e.msg}; fix the file")
   except (AttributeError, KeyError) as e:
-    key = str(e).strip("'\"")
-    if "get_config" in key:
+    if "get_config" in str(e):
       message = f"config file {config_file} defines no get_config(); add one (see configs/)"
     else:
-      flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
-                   and a.split("=")[0].endswith("." + key)), key)
-      message = (f"{flag} names no key of the config: check its spelling against the "
-                 "config file; keys and defaults are listed in bnlab/config.py")
+      message = unknown_config_key(argv) or (
+          f"{' '.join(str(e).split())}: a --config.KEY override names no key of the config; "
+          "keys and defaults are listed in bnlab/config.py")
   except (TypeError, ValueError) as e:
     message = f"bad config override: {e}"
   except OSError:  # an override made config_flags load the file while parsing
@@ -112,6 +114,38 @@ def parse_flags(argv: list[str]) -> list[str]:
   except ImportError as e:
     message = f"config file {config_file} could not be imported ({e}); fix its imports"
   _fail(message)
+
+
+def unknown_config_key(argv: list[str]) -> str | None:
+  """The message for the first `--config.KEY=...` whose KEY the config lacks, or None.
+
+  Names the flag and suggests the closest existing key at the level where the
+  path stops matching (every config has `base_config()`'s keys).
+  """
+  base = config_lib.base_config()
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg.split("=", 1)[0][len("--config."):].split(".")
+    node = base
+    for i, part in enumerate(path):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      if path[:i] == ["model", "options"]:  # the user model's own keys: free-form
+        break
+      flag = "--config." + ".".join(path)
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=1)
+      if close:
+        fix = "did you mean --config." + ".".join([*path[:i], close[0], *path[i + 1:]]) + "?"
+      elif known:
+        where = "config." + ".".join(path[:i]) if i else "the config"
+        fix = f"the keys of {where} are {', '.join(sorted(known))}"
+      else:
+        fix = f"config.{'.'.join(path[:i])} is a value, not a section"
+      return f"{flag} names no key of the config; {fix} (keys and defaults: bnlab/config.py)"
+  return None
 
 
 def run():

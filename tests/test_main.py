@@ -71,3 +71,16 @@ def test_changed_config_on_existing_workdir_is_refused(idx_dir, tmp_path):
   p = run_main(*common, "--config.optimizer.learning_rate=0.5")
   assert p.returncode != 0 and "optimizer.learning_rate" in p.stderr
   assert (wd / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("flag,suggested", [
+    ("--config.model.nrom=batch", "--config.model.norm"),
+    ("--config.modle.norm=batch", "--config.model.norm"),
+    ("--config.model.bn.momentm=0.5", "--config.model.bn.momentum"),
+])
+def test_misspelled_key_is_one_clean_line_with_the_closest_key(tmp_path, flag, suggested):
+  p = run_main("--config=configs/seed1_mlp.py", f"--workdir={tmp_path / 'run'}", flag)
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines() == [
+      f"error: {flag.split('=')[0]} names no key of the config; did you mean {suggested}? "
+      "(keys and defaults: bnlab/config.py)"]
