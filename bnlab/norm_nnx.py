@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import initializers
+from flax.nnx.nn import dtypes
 
 from bnlab import variants
 from bnlab.norm import Axes, BatchNormOutput, batch_norm
@@ -27,8 +28,45 @@ class BatchNorm(nnx.Module):
   The variance is the robust one-pass shifted formula unless
   `use_fast_variance=True` or `variance` says otherwise. Modes switch as with
   Flax: `use_running_average` at construction or call, `model.train()` /
-  `model.eval()`, or `nnx.view(model, use_running_average=...)`. `axis_name`
-  statistics psum sums and counts (exact for unequal masks per device).
+  `model.eval()`, or `nnx.view(model, use_running_average=...)`. A train-mode
+  call updates `mean` and `var`, as Flax's. `axis_name` statistics psum sums
+  and counts (exact for unequal masks per device).
+
+  Attributes:
+    num_features: the size of the feature axis.
+    use_running_average: True normalizes with the running statistics `mean`
+      and `var` (inference), False with the statistics of the batch
+      (training), folding them into the running ones; None: pass it to the
+      call.
+    axis: the feature axis, one int (the statistics have shape
+      `(num_features,)`); a tuple of several axes is refused at construction.
+    momentum: running = momentum * running + (1 - momentum) * batch.
+    epsilon: added to the variance before the square root.
+    dtype: dtype of the computation and output (default: promoted from the
+      input, the parameters and the statistics by `promote_dtype`).
+    param_dtype: dtype of `scale` and `bias`.
+    use_bias: learn a per-feature shift `bias` (beta).
+    use_scale: learn a per-feature multiplier `scale` (gamma).
+    bias_init: initializer of `bias` (zeros).
+    scale_init: initializer of `scale` (ones).
+    axis_name: name of a mapped axis (pmap, shard_map) over which the batch
+      statistics are global.
+    axis_index_groups: subsets of the devices along `axis_name` that share
+      statistics (see `jax.lax.psum`).
+    use_fast_variance: compute the variance as E[x^2] - E[x]^2 (Flax's
+      default, imprecise when |mean| >> std); the default False uses the
+      shifted one-pass formula.
+    variance: "shifted", "two_pass" or "fast" (see `bnlab.batch_moments`);
+      overrides `use_fast_variance` when set.
+    unbiased_running_var: fold m/(m-1) times the batch variance into the
+      running variance (Ioffe & Szegedy 2015, Algorithm 2).
+    promote_dtype: as Flax's: called with `(x, mean, var, scale, bias)` and
+      `dtype=dtype`, returns them cast to a common dtype for the
+      normalization (default `flax.nnx.nn.dtypes.promote_dtype`). The running
+      statistics are updated in their own dtype (float32).
+    rngs: the `params` stream initializes `scale` and `bias`.
+    bias_metadata: metadata of the `bias` `nnx.Param` (e.g. sharding).
+    scale_metadata: metadata of the `scale` `nnx.Param`.
   """
 
   def __init__(
@@ -50,10 +88,20 @@ class BatchNorm(nnx.Module):
       use_fast_variance: bool = False,
       variance: str | None = None,
       unbiased_running_var: bool = False,
+      promote_dtype: Any = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
+    if isinstance(axis, (tuple, list)):
+      axes = tuple(axis)
+      if len(axes) != 1:
+        raise ValueError(
+            f"axis={axis!r}: {type(self).__name__} normalizes over one feature axis (its "
+            f"statistics have shape (num_features,)); reshape the input so that the "
+            f"features lie on one axis, or use the linen bnlab.BatchNorm, whose axis may "
+            f"be a tuple")
+      axis = axes[0]
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -79,10 +127,11 @@ class BatchNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.variance = variance or ("fast" if use_fast_variance else "shifted")
     self.unbiased_running_var = unbiased_running_var
+    self.promote_dtype = promote_dtype
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = self._mode(use_running_average)
-    operands, dtype = self._operands(x)
+    x, operands, dtype = self._operands(x, not use_running_average)
     out = batch_norm(
         x, *operands,
         train=not use_running_average,
@@ -97,9 +146,13 @@ class BatchNorm(nnx.Module):
         dtype=dtype,
     )
     if not use_running_average:
-      self.mean[...] = out.mean
-      self.var[...] = out.var
+      self._store(out.mean, out.var)
     return out.y
+
+  def _store(self, mean, var):
+    """The new running statistics, in the variables' own dtypes."""
+    self.mean[...] = jnp.asarray(mean, self.mean[...].dtype)
+    self.var[...] = jnp.asarray(var, self.var[...].dtype)
 
   def _mode(self, use_running_average: bool | None) -> bool:
     if use_running_average is None:
@@ -108,17 +161,24 @@ class BatchNorm(nnx.Module):
       raise ValueError("pass use_running_average to the layer's constructor or to its call")
     return use_running_average
 
-  def _operands(self, x):
-    """(scale, bias, mean, var) and the computation dtype."""
+  def _operands(self, x, train: bool):
+    """The input, (scale, bias, mean, var) and the computation dtype, via `promote_dtype`.
+
+    Like flax.nnx, the dtype defaults to that of all operands, the statistics
+    included. In train mode the stored statistics are passed unpromoted: they
+    only enter the running update (and Batch Renormalization's corrections),
+    kept in their own precision.
+    """
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
-    mean, var = self.mean[...], self.var[...]
-    # Like flax.nnx, the output dtype defaults to that of all operands,
-    # the statistics included.
+    x, mean, var, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+    if train:
+      mean, var = self.mean[...], self.var[...]
     dtype = self.dtype
     if dtype is None:
-      dtype = jnp.result_type(x, mean, var, *(v for v in (scale, bias) if v is not None))
-    return (scale, bias, mean, var), dtype
+      dtype = jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
+    return x, (scale, bias, mean, var), dtype
 
   def set_view(self, use_running_average: bool | None = None):
     """Lets `nnx.view(model, use_running_average=...)` switch modes."""
@@ -135,6 +195,15 @@ class BatchNormVariant(BatchNorm):
   `nnx.BatchStat`), and `frozen=True` to normalize with the running
   statistics and never update them, in train mode too. Subclasses change
   `normalize`.
+
+  Attributes:
+    running_average: "ema" (`momentum`) or "population" (counted in the
+      `num_batches` `nnx.BatchStat`; `momentum` and `unbiased_running_var`
+      unused).
+    frozen: normalize with the running statistics and never update them, in
+      train mode too (fine-tuning).
+
+  The other attributes and constructor arguments are `BatchNorm`'s.
   """
 
   def __init__(self, num_features: int, *, running_average: str = "ema",
@@ -160,7 +229,7 @@ class BatchNormVariant(BatchNorm):
   def _forward(self, x, use_running_average, mask, **extra):
     """Normalizes (`extra` goes to `normalize`) and updates the running statistics."""
     train = not self._mode(use_running_average) and not self.frozen
-    operands, dtype = self._operands(x)
+    x, operands, dtype = self._operands(x, train)
     population = self.running_average == "population"
     out = self.normalize(
         x, *operands,
@@ -181,10 +250,10 @@ class BatchNormVariant(BatchNorm):
       if population:
         stats = variants.population_average(
             self.mean[...], self.var[...], self.num_batches[...], out.mean, out.var)
-        self.mean[...], self.var[...], self.num_batches[...] = stats
+        self._store(stats.mean, stats.var)
+        self.num_batches[...] = stats.num_batches
       else:
-        self.mean[...] = out.mean
-        self.var[...] = out.var
+        self._store(out.mean, out.var)
     return out.y
 
 
@@ -192,7 +261,23 @@ class BatchRenorm(BatchNormVariant):
   """Batch Renormalization (Ioffe 2017) over `variants.batch_renorm`.
 
   r_max and d_max follow `variants.renorm_limits` of the train-mode calls so
-  far, counted in the `steps` `nnx.BatchStat`.
+  far, counted in the `steps` `nnx.BatchStat`. With the defaults the layer is
+  plain BN for its first 5,000 train-mode calls (`warmup_steps`): a shorter
+  run never renormalizes; lower `warmup_steps` (and the ramps) for short runs.
+
+  Attributes:
+    r_max: the final bound of the correction r = sigma_B / sigma, clipped to
+      [1/r_max, r_max].
+    d_max: the final bound of the correction d = (mu_B - mu) / sigma,
+      clipped to [-d_max, d_max].
+    warmup_steps: train-mode calls during which r_max = 1 and d_max = 0, i.e.
+      the layer is plain BN (default 5,000, the paper's).
+    r_max_steps: the call at which r_max reaches its final value, linearly
+      from 1 at `warmup_steps` (40,000).
+    d_max_steps: the call at which d_max reaches its final value, linearly
+      from 0 at `warmup_steps` (25,000).
+
+  The other attributes and constructor arguments are `BatchNormVariant`'s.
   """
 
   def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0,
@@ -218,7 +303,14 @@ class BatchRenorm(BatchNormVariant):
 
 
 class GhostBatchNorm(BatchNormVariant):
-  """`bnlab.norm_linen.GhostBatchNorm` for NNX: `variants.ghost_batch_norm` per call."""
+  """`bnlab.norm_linen.GhostBatchNorm` for NNX: `variants.ghost_batch_norm` per call.
+
+  Attributes:
+    ghost_size: examples per ghost batch; the batch size must be a multiple
+      of it. `axis_name` is refused (ghost statistics are per device).
+
+  The other attributes and constructor arguments are `BatchNormVariant`'s.
+  """
 
   def __init__(self, num_features: int, *, ghost_size: int = 16, rngs: nnx.Rngs,
                **kwargs):
@@ -242,19 +334,28 @@ class NoisyBatchNorm(BatchNormVariant):
   m ~ U(-`noise_shift_max`, `noise_shift_max`) per feature (see
   `variants.activation_noise`), drawn from the `noise` stream of the
   constructor's `rngs` (its `default` stream if it has none), or from a key
-  or `nnx.Rngs` passed to the call. Inference adds no noise.
+  or `nnx.Rngs` passed to the call (same fallback). Inference adds no noise.
+  An `rngs` with neither a `noise` nor a `default` stream raises ValueError.
+
+  Attributes:
+    noise_shift_max: the shift m is uniform in [-noise_shift_max,
+      noise_shift_max].
+    noise_scale_max: the scale s is uniform in [1, noise_scale_max].
+    noise_rngs: the stream the noise is drawn from (forked from `rngs`).
+
+  The other attributes and constructor arguments are `BatchNormVariant`'s.
   """
 
   def __init__(self, num_features: int, *, noise_shift_max: float = 0.5,
                noise_scale_max: float = 1.5, rngs: nnx.Rngs, **kwargs):
     super().__init__(num_features, rngs=rngs, **kwargs)
     self.noise_shift_max, self.noise_scale_max = noise_shift_max, noise_scale_max
-    self.noise_rngs = rngs["noise"].fork()
+    self.noise_rngs = _noise_stream(rngs).fork()
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None,
                rngs: nnx.Rngs | jax.Array | None = None):
     if isinstance(rngs, nnx.Rngs):
-      rngs = rngs["noise"]()
+      rngs = _noise_stream(rngs)()
     return self._forward(x, use_running_average, mask, noise_key=rngs)
 
   def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
@@ -264,3 +365,14 @@ class NoisyBatchNorm(BatchNormVariant):
     return variants.noisy_batch_norm(
         x, scale, bias, mean, var, train=train, key=key, shift_max=self.noise_shift_max,
         scale_max=self.noise_scale_max, **kwargs)
+
+
+def _noise_stream(rngs: nnx.Rngs):
+  """The `noise` stream of `rngs`, else its `default` one; ValueError naming the fix."""
+  for name in ("noise", "default"):
+    if name in rngs:
+      return rngs[name]
+  raise ValueError(
+      "NoisyBatchNorm draws its noise from the 'noise' stream of rngs (or its 'default' "
+      "stream), and this nnx.Rngs has neither: pass e.g. nnx.Rngs(params=0, noise=1) or "
+      "nnx.Rngs(0)")
