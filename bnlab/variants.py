@@ -46,7 +46,9 @@ def renorm_limits(
   """r_max and d_max at `step`: 1 and 0 up to `warmup_steps`, then linear ramps.
 
   r_max reaches its final value at `r_max_steps`, d_max at `d_max_steps` (the
-  paper's schedule: 5k, 40k and 25k steps), and both stay there.
+  paper's schedule: 5k, 40k and 25k steps), and both stay there. Up to
+  `warmup_steps` Batch Renormalization is plain BN: with the defaults, a run
+  of fewer than 5,000 steps never renormalizes.
   """
   step = jnp.asarray(step, jnp.float32)
 
