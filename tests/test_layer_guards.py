@@ -292,3 +292,13 @@ def test_every_module_documents_its_attributes():
     doc = cls.__doc__.split("Attributes:", 1)[1]
     for arg in args:
       assert f"    {arg}" in doc, (cls.__name__, arg)
+
+
+def test_nnx_batch_norm_state_loads_into_batch_renorm():
+  x = batch((8, 4))
+  bn = bnlab.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+  bn(x)
+  renorm = bnlab.nnx.BatchRenorm(4, rngs=nnx.Rngs(1))
+  nnx.update(renorm, nnx.state(bn))  # no `steps` in the state: the counter stays 0
+  assert int(renorm.steps[...]) == 0
+  np.testing.assert_array_equal(renorm(x, True), bn(x, True))
