@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_test = 0  # 0 -> all 10,000 test examples
 
   c.model = ml_collections.ConfigDict()
+  # A built-in network (bnlab.models.MODELS) or your own Flax model,
+  # "package.module:target" (see bnlab.models.user_model).
   c.model.name = "seed_cnn"
   c.model.norm = "batch"  # one of bnlab.models.NORMS
   c.model.bn_position = "after"
@@ -81,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn.noise_shift_max = 0.5
   c.model.bn.noise_scale_max = 1.5
   c.model.bn.num_groups = 4  # norm=group: must divide each normalized layer's features
+  # Your own model's settings, free-form (not checked), e.g. c.model.options.depth = 3;
+  # its factory receives the whole `model` section.
+  c.model.options = ml_collections.ConfigDict()
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -111,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Bit-identical results run to run on every backend (bnlab.backend): on a GPU,
   # XLA's deterministic reductions and scatters, set before JAX starts.
   c.train.deterministic = True
+  # bfloat16 computation (the model's dtype), float32 parameters, optimizer state
+  # and BN statistics, as in Flax's ImageNet example.
+  c.train.half_precision = False
 
   # Distributions recorded at every evaluation (inference mode, first test images).
   c.analysis = ml_collections.ConfigDict()
@@ -161,7 +169,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("data.num_train", "data.num_test"):
     v = c.data[key.split(".")[1]]
     _check(isinstance(v, int) and v >= 0, key, v, "an integer >= 0 (0 = all)")
-  _one_of(c, "model.name", models.MODELS)
+  _validate_model_name(c)
   _one_of(c, "model.norm", models.NORMS)
   _one_of(c, "model.bn_position", models.BN_POSITIONS)
   _one_of(c, "model.activation", tuple(models.ACTIVATIONS))
@@ -208,9 +216,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(t.eval_every_steps > 0 or t.eval_every_epochs > 0, "train.eval_every_epochs",
          t.eval_every_epochs, "> 0 (or set train.eval_every_steps)")
   a = c.analysis
-  names = models.pre_activation_names(c.model.name)
-  _check(all(layer in names for layer in a.layers), "analysis.layers", tuple(a.layers),
-         f"names among {names} for {c.model.name}")
+  if not models.is_user_model(c.model.name):  # a user model's: checked when it is built
+    names = models.pre_activation_names(c.model.name)
+    _check(all(layer in names for layer in a.layers), "analysis.layers", tuple(a.layers),
+           f"names among {names} for {c.model.name}")
   _check(all(isinstance(u, int) and u >= 0 for u in a.units), "analysis.units",
          tuple(a.units), "unit indices >= 0")
   _check(all(0 <= q <= 100 for q in a.percentiles), "analysis.percentiles",
@@ -256,6 +265,22 @@ def _validate_distributed(c) -> None:
                "'auto' on a cluster that provides them)")
 
 
+def _validate_model_name(c) -> None:
+  """A built-in network, or a user model that imports and builds (nothing compiled)."""
+  name = c.model.name
+  if not isinstance(name, str) or not models.is_user_model(name):
+    _check(name in models.MODELS, "model.name", name,
+           f"one of {models.MODELS}, or 'package.module:factory' for your own Flax model")
+    return
+  try:
+    models.build_model(c.model, dtype=models.compute_dtype(c.train.half_precision))
+  except models.UserModelError as e:
+    if "half_precision" in str(e):
+      raise ConfigError(f"config.train.half_precision=True with config.model.name={name!r}: "
+                        f"{e}") from None
+    raise ConfigError(f"config.model.name={name!r} is unusable: {e}") from None
+
+
 def _validate_norm_variant(c) -> None:
   bn, norm = c.model.bn, c.model.norm
   _one_of(c, "model.bn.running_average", RUNNING_AVERAGES)
@@ -279,7 +304,7 @@ def _validate_norm_variant(c) -> None:
          "a number >= 1")
   _check(isinstance(bn.num_groups, int) and bn.num_groups > 0, "model.bn.num_groups",
          bn.num_groups, "an integer > 0")
-  if norm == "group":
+  if norm == "group" and not models.is_user_model(c.model.name):
     features = models.normalized_features(c.model)
     _check(all(f % bn.num_groups == 0 for f in features), "model.bn.num_groups",
            bn.num_groups, f"a divisor of every normalized layer's features {features}")
@@ -301,7 +326,8 @@ def _check_keys(c, expected, prefix: str) -> None:
     if isinstance(want, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f"{name} must be a section (ConfigDict), got {value!r}")
-      _check_keys(value, want, f"{prefix}{key}.")
+      if f"{prefix}{key}" != "model.options":  # free-form
+        _check_keys(value, want, f"{prefix}{key}.")
     elif isinstance(want, bool):
       _check(isinstance(value, bool), f"{prefix}{key}", value, "True or False")
     elif isinstance(want, (int, float)):

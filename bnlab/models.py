@@ -17,14 +17,21 @@ Every batch-statistics norm is named `BatchNorm_0` in its block, so
 checkpoints carry over between them (e.g. fine-tuning a "batch" run with
 "frozen"). Each activation's input is sown into the `intermediates`
 collection as `preact_<i>` so analyses can record its distribution.
+
+Your own model: `model.name="package.module:target"` (see `build_model`).
+`dtype` (train.half_precision): the computation dtype; parameters and BN
+statistics stay float32, and the built-in models return float32 logits.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
@@ -67,14 +74,14 @@ def kernel_initializer(name: str, std: float = 0.01) -> Callable:
   raise ValueError(f"model.kernel_init={name!r}; expected one of {KERNEL_INITS}")
 
 
-def group_norm(h, train: bool, *, num_groups: int, epsilon: float):
+def group_norm(h, train: bool, *, num_groups: int, epsilon: float, dtype=None):
   """Flax's GroupNorm over the last axis, in the calling module; checks the groups."""
   del train
   if h.shape[-1] % num_groups:
     raise ValueError(
         f"model.bn.num_groups={num_groups} does not divide the {h.shape[-1]} features of a "
         f"normalized layer")
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon)(h)
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype)(h)
 
 
 # Activations that commute with max pooling (monotone non-decreasing).
@@ -147,6 +154,7 @@ class Classifier(nn.Module):
   norm_num_groups: int = 4
   conv_implementation: str = "auto"
   num_classes: int = 10
+  dtype: Any = None  # computation dtype (None: float32); parameters stay float32
 
   def make_norm(self) -> Callable[[jax.Array, bool], jax.Array] | None:
     """(h, train) -> normalized h, creating the norm layer in the calling block."""
@@ -156,11 +164,14 @@ class Classifier(nn.Module):
       return None
     if self.norm == "layer":
       return lambda h, train: nn.LayerNorm(
-          epsilon=self.bn_epsilon, reduction_axes=tuple(range(1, h.ndim)))(h)
+          epsilon=self.bn_epsilon, reduction_axes=tuple(range(1, h.ndim)), dtype=self.dtype)(h)
     if self.norm == "group":
       return functools.partial(
-          group_norm, num_groups=self.norm_num_groups, epsilon=self.bn_epsilon)
-    bn = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon)
+          group_norm, num_groups=self.norm_num_groups, epsilon=self.bn_epsilon,
+          dtype=self.dtype)
+    # Statistics and running averages stay float32 in every BN layer
+    # (force_float32_reductions, on by default), whatever `dtype`.
+    bn = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
     if self.norm == "flax_batch":
       layer = functools.partial(nn.BatchNorm, **bn)
     elif self.norm == "batch" and self.bn_running_average == "ema":
@@ -186,7 +197,7 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = images.astype(jnp.float32) * (1.0 / 255.0)
+    x = images.astype(self.dtype or jnp.float32) * (1.0 / 255.0)
     init = kernel_initializer(self.kernel_init, self.init_std)
     norm = self.make_norm()
     index = 0
@@ -198,7 +209,7 @@ class Classifier(nn.Module):
         x = Block(
             lambda b, c=channels: Conv(
                 c, (3, 3), use_bias=b, kernel_init=init,
-                implementation=self.conv_implementation),
+                implementation=self.conv_implementation, dtype=self.dtype),
             self.activation, norm if has_bn else None, self.bn_position, index,
             flatten_before_norm=flat, pool=2 if pool else 0,
             name=f"conv_block_{i}")(x, train)
@@ -206,15 +217,36 @@ class Classifier(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for i, (width, has_bn) in enumerate(self.dense):
       x = Block(
-          lambda b, w=width: nn.Dense(w, use_bias=b, kernel_init=init),
+          lambda b, w=width: nn.Dense(w, use_bias=b, kernel_init=init, dtype=self.dtype),
           self.activation, norm if has_bn else None, self.bn_position, index,
           name=f"dense_block_{i}")(x, train)
       index += 1
-    return nn.Dense(self.num_classes, kernel_init=init, name="logits")(x)
+    logits = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype, name="logits")(x)
+    return logits.astype(jnp.float32)  # the loss and accuracy in float32
 
 
-def build_model(cfg) -> Classifier:
-  """The model described by `cfg` (the `model` section of a run config)."""
+def compute_dtype(half_precision: bool):
+  """The models' computation dtype: bfloat16 with `train.half_precision`, else None (float32)."""
+  return jnp.bfloat16 if half_precision else None
+
+
+class UserModelError(ValueError):
+  """`model.name` names no usable model of the user's; the message says why and the fix."""
+
+
+def is_user_model(name: str) -> bool:
+  """Whether `model.name` is a "package.module:target" path (not a built-in network)."""
+  return ":" in name
+
+
+def build_model(cfg, dtype=None) -> nn.Module:
+  """The model described by `cfg` (the `model` section of a run config).
+
+  `cfg.name` is a built-in network (`MODELS`) or your own, "package.module:target",
+  imported and built here (`user_model`). `dtype`: the computation dtype.
+  """
+  if is_user_model(cfg.name):
+    return user_model(cfg, dtype)
   if cfg.name not in MODELS:
     raise ValueError(f"model.name={cfg.name!r}; expected one of {MODELS}")
   if cfg.activation not in ACTIVATIONS:
@@ -232,7 +264,8 @@ def build_model(cfg) -> Classifier:
       bn_renorm_r_max_steps=cfg.bn.renorm_r_max_steps,
       bn_renorm_d_max_steps=cfg.bn.renorm_d_max_steps,
       bn_noise_shift_max=cfg.bn.noise_shift_max, bn_noise_scale_max=cfg.bn.noise_scale_max,
-      norm_num_groups=cfg.bn.num_groups, conv_implementation=cfg.conv_implementation)
+      norm_num_groups=cfg.bn.num_groups, conv_implementation=cfg.conv_implementation,
+      dtype=dtype)
   if cfg.name in ("paper_mlp", "seed1_mlp"):
     return Classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
   if cfg.name == "seed_cnn":
@@ -244,6 +277,131 @@ def build_model(cfg) -> Classifier:
   return Classifier(conv=((c1, False, True), (c2, False, True)), dense=(), **common)
 
 
+def _accepts(fn, name: str) -> bool:
+  """Whether `fn` takes a keyword argument `name` (or any keyword)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return True  # not introspectable: let the call decide
+  return any(p.name == name and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD
+             for p in params)
+
+
+def _takes_positional(fn) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+             for p in params)
+
+
+def load_target(name: str):
+  """The object "package.module:target" names, imported; UserModelError if it cannot be."""
+  module_name, _, attr = name.partition(":")
+  if not module_name or not attr or ":" in attr:
+    raise UserModelError("expected 'package.module:target', e.g. 'mymodels:make_model'")
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and module_name.startswith(e.name):
+      raise UserModelError(
+          f"module {module_name!r} cannot be imported ({e}); run from the directory that "
+          "holds it, add that directory to PYTHONPATH, or install its package") from None
+    raise UserModelError(f"importing {module_name!r} failed ({e}); fix its imports") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserModelError(
+        f"importing {module_name!r} raised {type(e).__name__}: "
+        f"{' '.join(str(e).split())[:200]}; fix the module") from None
+  target = module
+  for part in attr.split("."):
+    if not hasattr(target, part):
+      public = sorted(n for n in dir(module) if not n.startswith("_"))[:12]
+      raise UserModelError(f"module {module_name!r} has no {attr!r}; it defines {public}")
+    target = getattr(target, part)
+  return target
+
+
+def user_model(cfg, dtype=None) -> nn.Module:
+  """Your own model from `cfg.name` = "package.module:target". The target is one of:
+
+  - a function, called as `target(cfg)` (the `model` config section, whose
+    free-form `options` holds the model's own settings) if it takes a
+    positional argument, else as `target()`;
+  - a `flax.linen.Module` class, built with its defaults;
+  - a `flax.nnx.Module` class, built with its defaults (and `rngs`) through
+    `flax.nnx.bridge.to_linen`, so its `nnx.BatchNorm`/`bnlab.nnx` statistics
+    live in the `batch_stats` collection like linen's.
+
+  With `dtype` (train.half_precision) the target also gets `dtype=dtype`.
+  A function must return a linen Module (an NNX model: return
+  `nnx.bridge.to_linen(MyNNXModel, ...)`). The model is called as
+  `model.apply(variables, images, train=...)` on uint8 images of shape
+  (batch, 28, 28) and returns (batch, 10) logits; it may read the RNG
+  streams "noise" and "dropout" in train mode. Raises UserModelError.
+  """
+  target = load_target(cfg.name)
+  kwargs = {} if dtype is None else {"dtype": dtype}
+  is_class = isinstance(target, type)
+  if is_class and issubclass(target, nnx.Module):
+    init = target.__init__
+    if dtype is not None and not _accepts(init, "dtype"):
+      raise UserModelError(_no_dtype(cfg.name))
+    module = nnx.bridge.to_linen(target, **kwargs)
+  else:
+    if is_class and not issubclass(target, nn.Module):
+      raise UserModelError(f"{cfg.name} is a class but no flax.linen or flax.nnx Module")
+    if not callable(target):
+      raise UserModelError(
+          f"{cfg.name} is a {type(target).__name__}, not a function or Module class")
+    if dtype is not None and not _accepts(target, "dtype"):
+      raise UserModelError(_no_dtype(cfg.name))
+    args = (cfg,) if not is_class and _takes_positional(target) else ()
+    try:
+      module = target(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserModelError(
+          f"calling {cfg.name}({'config.model' if args else ''}) raised "
+          f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; fix the function or the "
+          "config.model keys it reads") from None
+  if isinstance(module, nnx.Module):
+    raise UserModelError(
+        f"{cfg.name} returned a flax.nnx Module; return "
+        f"flax.nnx.bridge.to_linen({type(module).__name__}, ...) instead (or name the NNX "
+        "class itself), so that each run initializes it from its own seed")
+  if not isinstance(module, nn.Module):
+    raise UserModelError(
+        f"{cfg.name} returned an object of type {type(module).__name__}, not a flax.linen "
+        "Module")
+  if not _accepts(module.__call__, "train"):
+    raise UserModelError(
+        f"{type(module).__name__}.__call__ takes no `train` argument; give it "
+        "`__call__(self, x, train: bool)` (BN uses batch statistics when train is True)")
+  return module
+
+
+def _no_dtype(name: str) -> str:
+  return (f"train.half_precision=True passes dtype=jnp.bfloat16 to {name}, which takes no "
+          "`dtype`; add a `dtype` argument (the computation dtype) or set "
+          "train.half_precision=False")
+
+
+def sown_names(model: nn.Module) -> tuple[str, ...]:
+  """The names a model sows into `intermediates` from its submodules (`analysis.layers`).
+
+  Like the built-ins' `preact_<i>`, a name counts when a direct submodule of
+  the model sows it (`intermediates[submodule][name]`), where analyses read it.
+  """
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((2, 28, 28), jnp.uint8), train=False,
+                         mutable=True))
+  names = set()
+  for block in variables.get("intermediates", {}).values():
+    if isinstance(block, dict):
+      names.update(k for k, v in block.items() if isinstance(v, tuple))
+  return tuple(sorted(names))
+
+
 def _expect_widths(cfg, widths, n):
   if len(widths) != n:
     raise ValueError(f"model.widths={widths} for {cfg.name} needs {n} entries")
@@ -253,15 +411,18 @@ def _expect_widths(cfg, widths, n):
 # Folded into the run's key before the step, so noise keys never equal the
 # per-epoch shuffling keys fold_in(key, epoch).
 NOISE_STREAM = 2**31 + 1
+DROPOUT_STREAM = 2**31 + 2
 
 
 def train_rngs(rng_data: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
   """The RNG streams of a train-mode apply at `step`, from a run's raw key data.
 
-  {"noise": key}: a key per step for norm="noisy" (unused by the other norms).
+  {"noise": key, "dropout": key}: a key per step each, for norm="noisy" and for
+  users' models with dropout (unused otherwise).
   """
-  key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), NOISE_STREAM)
-  return {"noise": jax.random.fold_in(key, step)}
+  base = jax.random.wrap_key_data(rng_data)
+  return {name: jax.random.fold_in(jax.random.fold_in(base, stream), step)
+          for name, stream in (("noise", NOISE_STREAM), ("dropout", DROPOUT_STREAM))}
 
 
 def normalized_features(cfg) -> tuple[int, ...]:

@@ -29,7 +29,8 @@ def resolve_loop(loop: str, model_cfg, backend: str | None = None) -> str:
   of jitted steps for the MLPs (no convolutions) and for the CNNs with
   im2col convolutions; XLA's own convolutions run ~5x slower inside a scan on
   CPU (their backward passes fall to a generic emitter in loop bodies), so a
-  CPU model with `conv_implementation=xla` uses the loop.
+  CPU model with `conv_implementation=xla` uses the loop. A user's model
+  (`model.name="module:factory"`) uses the scan; set `train.loop` to choose.
   """
   if loop != "auto":
     return loop
@@ -48,6 +49,7 @@ def train_step(state: TrainState, sums, images, labels) -> tuple[TrainState, dic
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images,
         train=True, mutable=["batch_stats"], rngs=models.train_rngs(state.rng, state.step))
+    logits = logits.astype(jnp.float32)  # a half-precision model's loss in float32
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, updates.get("batch_stats", {}))
 

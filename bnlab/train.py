@@ -133,8 +133,10 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   ds = _load_everywhere(cfg, ds)
   num_train = len(ds.train_labels)
   plan = make_schedule_plan(cfg, num_train)
-  model = models.build_model(cfg.model)
-  eval_model = models.build_model(eval_model_config(cfg.model))
+  dtype = models.compute_dtype(cfg.train.half_precision)
+  model = models.build_model(cfg.model, dtype=dtype)
+  eval_model = models.build_model(eval_model_config(cfg.model), dtype=dtype)
+  _check_analysis_layers(cfg, model)
   tx = optim.make_optimizer(cfg.optimizer, plan.total_steps)
   bs = cfg.train.batch_size
   mesh = None if stacked else data_parallel_mesh(cfg.train.num_devices)
@@ -154,6 +156,19 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   run = loop_lib.Loop(members, ckpt_wd, plan, calls, loop_lib.DeviceData.place(ds, mesh),
                       place(zero_sums), functools.partial(_write_summary, info))
   run.run(place(state))
+
+
+def _check_analysis_layers(cfg, model) -> None:
+  """A user model's `analysis.layers` must be names it sows into `intermediates`."""
+  layers = tuple(cfg.analysis.layers)
+  if not layers or not models.is_user_model(cfg.model.name):
+    return
+  names = models.sown_names(model)
+  missing = [layer for layer in layers if layer not in names]
+  if missing:
+    raise config_lib.ConfigError(
+        f"config.analysis.layers={layers} names {missing}, which {cfg.model.name} does not "
+        f"sow; it sows {list(names)} (a submodule's self.sow('intermediates', NAME, x))")
 
 
 def _run_info(cfg, ds, plan, calls, num_members: int, mesh) -> dict[str, Any]:

@@ -1,0 +1,226 @@
+"""Your own Flax model through the engine: `model.name="module:target"`, solo, resumed, grouped."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from bnlab import config as config_lib
+from bnlab import models
+from bnlab import sweep
+from bnlab import train
+from run_files import final_state, read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A module outside the package: a linen factory reading its own settings from
+# config.model.options, a linen class, an NNX class, and things that are no model.
+USER_MODULE = textwrap.dedent('''
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import bnlab
+
+
+    class Record(nn.Module):
+      """Sows its input as `hidden`, where analysis.layers finds it."""
+
+      @nn.compact
+      def __call__(self, x):
+        self.sow("intermediates", "hidden", x)
+        return x
+
+
+    class TinyNet(nn.Module):
+      width: int = 16
+      dtype: object = None
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1).astype(self.dtype or jnp.float32) / 255.0
+        x = nn.Dense(self.width, use_bias=False, dtype=self.dtype)(x)
+        x = bnlab.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+        x = nn.relu(Record()(x))
+        return nn.Dense(10, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+    def make_model(cfg, dtype=None):
+      return TinyNet(width=cfg.options.width, dtype=dtype)
+
+
+    def make_default():
+      return TinyNet()
+
+
+    class TinyNNX(nnx.Module):
+      def __init__(self, *, rngs):
+        self.hidden = nnx.Linear(784, 16, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.out = nnx.Linear(16, 10, rngs=rngs)
+
+      def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0
+        x = nnx.relu(self.bn(self.hidden(x), use_running_average=not train))
+        return self.out(x)
+
+
+    def make_nnx_instance():
+      return TinyNNX(rngs=nnx.Rngs(0))
+
+
+    class NoTrain(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+    def make_no_train():
+      return NoTrain()
+
+
+    def make_nothing():
+      return 3
+
+
+    def make_broken(cfg):
+      return cfg.options.missing_key
+
+
+    NOT_CALLABLE = 3
+''')
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+  """The module above as `bnlab_test_user_models`, importable from a fresh directory."""
+  d = tmp_path / "user_code"
+  d.mkdir()
+  (d / "bnlab_test_user_models.py").write_text(USER_MODULE)
+  monkeypatch.syspath_prepend(str(d))
+  yield "bnlab_test_user_models"
+  sys.modules.pop("bnlab_test_user_models", None)
+
+
+def user_config(idx_dir, name, **train_overrides):
+  c = config_lib.base_config()
+  c.data.source, c.data.dir = "idx", idx_dir
+  c.model.name = name
+  c.model.options.width = 16
+  c.optimizer.learning_rate = 0.1
+  c.train.batch_size = 32
+  c.train.num_epochs = 2
+  c.train.log_every_steps = 5
+  c.train.keep_checkpoints = 10
+  for key, value in train_overrides.items():
+    c.train[key] = value
+  return c
+
+
+def test_user_model_trains_and_resumes_bit_identical(idx_dir, tmp_path, user_module):
+  cfg = user_config(idx_dir, f"{user_module}:make_model")
+  cfg.analysis.layers = ("hidden",)
+  cfg.analysis.units = (0, 1)
+  full = str(tmp_path / "full")
+  summary = train.train_and_evaluate(cfg, full)
+  assert summary["final_step"] == 20 and summary["test_accuracy"] > 0.5
+  assert json.load(open(os.path.join(full, "config.json")))["model"]["options"] == {"width": 16}
+  records = read_jsonl(os.path.join(full, "metrics.jsonl"))
+  assert len(records[-1]["hidden/percentiles"]) == 2
+  step, state = final_state(full)
+  assert state["params"]["Dense_0"]["kernel"].shape == (784, 16)
+  assert set(state["batch_stats"]["BatchNorm_0"]) == {"mean", "var"}
+
+  # Killed after its first epoch: the rerun resumes from step 10 and ends the same.
+  part = str(tmp_path / "part")
+  shutil.copytree(full, part)
+  os.remove(os.path.join(part, "summary.json"))
+  shutil.rmtree(os.path.join(part, "checkpoints", "20"))
+  resumed = train.train_and_evaluate(cfg, part)
+  assert resumed["test_accuracy"] == summary["test_accuracy"]
+  _, again = final_state(part)
+  jax.tree.map(np.testing.assert_array_equal, state, again)
+
+
+def test_a_linen_class_and_an_nnx_class_train(idx_dir, tmp_path, user_module):
+  for target in ("TinyNet", "make_default", "TinyNNX"):
+    cfg = user_config(idx_dir, f"{user_module}:{target}", num_epochs=1)
+    summary = train.train_and_evaluate(cfg, str(tmp_path / target))
+    assert summary["final_step"] == 10 and summary["test_accuracy"] > 0.3, target
+  _, state = final_state(str(tmp_path / "TinyNNX"))
+  mean = np.asarray(state["batch_stats"]["bn"]["mean"])
+  assert mean.shape == (16,) and np.any(mean != 0)  # the NNX BN's statistics were updated
+
+
+@pytest.mark.parametrize("target,needle", [
+    ("no_such_module_xyz:make", "cannot be imported"),
+    ("{m}:no_such_factory", "has no 'no_such_factory'"),
+    ("{m}:NOT_CALLABLE", "not a function or Module class"),
+    ("{m}:make_nothing", "returned an object of type int, not a flax.linen Module"),
+    ("{m}:make_no_train", "takes no `train` argument"),
+    ("{m}:make_broken", "raised AttributeError"),
+    ("{m}:make_nnx_instance", "flax.nnx.bridge.to_linen(TinyNNX"),
+    ("{m}:", "expected 'package.module:target'"),
+])
+def test_a_bad_user_model_is_one_config_error_naming_the_key(idx_dir, user_module, target,
+                                                             needle):
+  cfg = user_config(idx_dir, target.format(m=user_module))
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg)
+  message = str(e.value)
+  assert message.startswith("config.model.name=") and needle in message, message
+  assert "\n" not in message
+
+
+def test_half_precision_needs_a_factory_taking_dtype(idx_dir, user_module):
+  cfg = user_config(idx_dir, f"{user_module}:make_default", half_precision=True)
+  with pytest.raises(config_lib.ConfigError, match="config.train.half_precision=True .*dtype"):
+    config_lib.validate(cfg)
+  cfg.model.name = f"{user_module}:make_model"
+  config_lib.validate(cfg)
+
+
+def test_an_analysis_layer_the_user_model_does_not_sow_is_refused(idx_dir, tmp_path,
+                                                                  user_module):
+  cfg = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
+  cfg.analysis.layers = ("preact_0",)
+  with pytest.raises(config_lib.ConfigError, match="sows \\['hidden'\\]"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_user_models_group_in_a_sweep(idx_dir, tmp_path, user_module):
+  base = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
+  members = sweep.product(sweep.axis("optimizer.learning_rate", [0.05, 0.1]), sweep.seeds(2))
+  resolved = sweep.resolve_members(base, members)
+  groups = sweep.group_members(resolved)
+  assert [len(g) for g in groups] == [4]  # seeds and constant learning rates group
+  rows = sweep.run_sweep(base, members, str(tmp_path / "sw"))
+  assert [r["status"] for r in rows] == ["done"] * 4
+  assert os.listdir(tmp_path / "sw" / "_groups")
+  solo = train.train_and_evaluate(
+      sweep.apply_overrides(base, members[3]), str(tmp_path / "solo"))
+  assert rows[3]["test_accuracy"] == pytest.approx(solo["test_accuracy"], abs=0.02)
+
+
+def test_cli_trains_a_model_from_the_working_directory(idx_dir, tmp_path):
+  code = tmp_path / "project"
+  code.mkdir()
+  (code / "my_models.py").write_text(USER_MODULE)
+  args = [sys.executable, "-m", "bnlab.main", f"--config={ROOT}/configs/seed1_mlp.py",
+          f"--workdir={tmp_path / 'run'}", "--config.data.source=idx",
+          f"--config.data.dir={idx_dir}", "--config.train.num_epochs=1",
+          "--config.model.name=my_models:make_default"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  p = subprocess.run(args, cwd=code, capture_output=True, text=True, timeout=300, env=env)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert json.loads(p.stdout.strip().splitlines()[-1])["final_step"] == 10
+  p = subprocess.run(args[:-1] + ["--config.model.name=my_models:nope"], cwd=code,
+                     capture_output=True, text=True, timeout=300, env=env)
+  assert p.returncode == 2 and p.stderr.count("\n") == 1
+  assert p.stderr.startswith("error: config.model.name='my_models:nope' is unusable")
