@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 from flax import errors
 from flax import linen as nn
