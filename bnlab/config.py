@@ -40,6 +40,53 @@ class ConfigError(ValueError):
   """A config key has a bad value; the message names the key and the fix."""
 
 
+# What may change when a run resumes (`bnlab.workdir.WorkDir` compares a rerun's
+# config with the run's config.json). Only keys that cannot alter the trained
+# parameters: what is evaluated and recorded, how many checkpoints are kept,
+# and the device layout (a checkpoint restores onto any layout; another layout
+# changes only the float rounding of the batch reductions). Keys that move the
+# boundaries of the compiled train calls (train.log_every_steps,
+# eval_every_*, checkpoint_every_steps, steps_per_call, loop, unroll) are not
+# here: the same steps compiled into other calls can round differently, and a
+# resumed run is bit-identical to an uninterrupted one only without them.
+RESUME_SAFE_KEYS = (
+    "train.eval_batch_size", "train.eval_at_start", "train.final_train_eval",
+    "train.keep_checkpoints", "train.num_devices",
+    "analysis.layers", "analysis.units", "analysis.percentiles", "analysis.num_examples")
+# The run's length. Raising it continues a finished run from its last
+# checkpoint, unless the learning rate schedule is spread over the run's length
+# (LENGTH_SCHEDULES): a longer run then has another learning rate at the steps
+# already trained.
+LENGTH_KEYS = ("train.num_steps", "train.num_epochs")
+LENGTH_SCHEDULES = ("cosine", "warmup_cosine")
+
+
+def resume_refusal(old: dict, new: dict) -> tuple[list[str], str | None]:
+  """(the keys that forbid resuming, a reason or None), for flattened configs.
+
+  A key may carry a "shared." prefix (a group's directory records its members'
+  shared config under it). No key and no reason: the run may resume.
+  """
+  changed = sorted(k for k in old if old.get(k) != new.get(k)
+                   and not k.startswith("distributed."))
+
+  def bare(key):
+    return key[len("shared."):] if key.startswith("shared.") else key
+
+  unsafe = [k for k in changed if bare(k) not in RESUME_SAFE_KEYS + LENGTH_KEYS]
+  if unsafe:
+    return unsafe, None
+  length = [k for k in changed if bare(k) in LENGTH_KEYS]
+  prefix = length[0][:-len(bare(length[0]))] if length else ""
+  schedule = new.get(f"{prefix}optimizer.schedule")
+  if length and schedule in LENGTH_SCHEDULES:
+    return length, (
+        f"its learning rate follows optimizer.schedule={schedule!r} over the run's length, so "
+        "a run of another length has another learning rate at the steps already trained; "
+        "use a new --workdir (runs with a 'constant' or 'step' schedule can be extended)")
+  return [], None
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults for every run: the seed CNN with BN, SGD, batch 32."""
   c = ml_collections.ConfigDict()

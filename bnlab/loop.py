@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from bnlab import config as config_lib
 from bnlab import distributed
 from bnlab import evaluation
 from bnlab import members as members_lib
@@ -237,6 +238,11 @@ class Loop:
       state, sums = restored["state"], restored["sums"]
       logging.info("Resumed from step %d in %s", int(np.max(state.step)), self.ckpt_wd.path)
     step = int(np.max(state.step))
+    if step > self.plan.total_steps:
+      raise config_lib.ConfigError(
+          f"the run in {self.ckpt_wd.path} is at step {step}, beyond the "
+          f"{self.plan.total_steps} steps of this config's train.num_steps/num_epochs: a run "
+          "can be extended, not shortened; raise them back, or use a new --workdir")
     for m in self.members:
       if m.recording:  # a fresh start (step 0) keeps no records at all
         m.wd.truncate_metrics_after(step if step > 0 else -1)

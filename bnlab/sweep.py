@@ -223,8 +223,17 @@ def group_members(members: Sequence[Member], grouped: bool = True) -> list[list[
 
 
 def _group_id(group: Sequence[Member]) -> str:
-  text = json.dumps([[m.name, m.cfg.to_json_best_effort()] for m in group])
-  return hashlib.sha1(text.encode()).hexdigest()[:12]
+  """The group's directory name: its members and configs, less what may change on resume.
+
+  So a group resumes in the same directory after its length (or another key of
+  `config.RESUME_SAFE_KEYS`) changed; its config check decides whether it may.
+  """
+  changeable = config_lib.RESUME_SAFE_KEYS + config_lib.LENGTH_KEYS
+  parts = []
+  for m in group:
+    flat = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
+    parts.append([m.name, {k: v for k, v in sorted(flat.items()) if k not in changeable}])
+  return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 # -- running ----------------------------------------------------------------------
@@ -251,7 +260,7 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True
   logging.info("Sweep of %d members in %d groups in %s", len(members), len(groups), workdir)
   for group in groups:
     dirs = [os.path.join(workdir, m.name) for m in group]
-    if all(os.path.exists(os.path.join(d, "summary.json")) for d in dirs):
+    if all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs)):
       continue
     start = time.perf_counter()
     try:

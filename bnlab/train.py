@@ -53,7 +53,9 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
 
   Leaves in `workdir`: config.json, metrics.jsonl, TensorBoard events under
   tensorboard/, orbax checkpoints under checkpoints/, and summary.json. A run
-  whose summary.json exists is complete: its summary is returned as is.
+  whose summary.json exists is complete: its summary is returned as is,
+  unless `cfg` makes it longer (`train.num_steps`/`num_epochs` raised): then
+  it continues from its last checkpoint and its summary is replaced at the end.
   `data`: the already loaded dataset of `cfg.data` (else it is loaded).
   """
   config_lib.validate(cfg)
@@ -62,7 +64,7 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
   wd = workdir_lib.WorkDir(workdir, cfg)
   try:
     done = wd.read_summary()
-    if done is not None:
+    if done is not None and not extends(done, cfg, workdir):
       logging.info("Run in %s is complete; nothing to do.", workdir)
       return done
     _train([loop_lib.Member(cfg, wd)], wd, data, stacked=False)
@@ -95,12 +97,14 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
     for cfg, path in zip(cfgs, workdirs):
       wds.append(workdir_lib.WorkDir(path, cfg))
     summaries = [wd.read_summary() for wd in wds]
-    if all(s is not None for s in summaries):
+    finished = [s is not None and not extends(s, c, p)
+                for s, c, p in zip(summaries, cfgs, workdirs)]
+    if all(finished):
       return summaries
     gwd = workdir_lib.WorkDir(group_dir, _group_config(cfgs, workdirs))
     try:
-      members = [loop_lib.Member(c, wd, recording=s is None)
-                 for c, wd, s in zip(cfgs, wds, summaries)]
+      members = [loop_lib.Member(c, wd, recording=not f)
+                 for c, wd, f in zip(cfgs, wds, finished)]
       _train(members, gwd, data, stacked=True)
     finally:
       gwd.close()
@@ -108,6 +112,41 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
   finally:
     for wd in wds:
       wd.close()
+
+
+def extends(summary: dict, cfg, workdir: str) -> bool:
+  """Whether `cfg` makes the finished run of `summary` longer (it then continues).
+
+  A diverged run stays finished. Raises ConfigError when `cfg` is shorter than
+  what the run already trained: a run can be extended, not shortened.
+  """
+  spe, final = summary.get("steps_per_epoch"), summary.get("final_step")
+  if summary.get("diverged") or not isinstance(spe, int) or not isinstance(final, int):
+    return False
+  t = cfg.train
+  total = t.num_steps or t.num_epochs * spe
+  if total < final:
+    key = "num_steps" if t.num_steps else "num_epochs"
+    raise config_lib.ConfigError(
+        f"config.train.{key}={t[key]} makes the run {total} steps long, but the run in "
+        f"{workdir} finished at step {final}: a finished run can be extended, not "
+        "shortened; use a new --workdir")
+  if total > final:
+    logging.info("Extending the finished run in %s from step %d to %d.", workdir, final, total)
+  return total > final
+
+
+def is_complete(cfg, workdir: str) -> bool:
+  """Whether the run of `cfg` in `workdir` has nothing left to train (reads, locks nothing)."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+    return not extends(summary, cfg, workdir)
+  except (OSError, ValueError, config_lib.ConfigError):
+    return False  # training it reports the problem
 
 
 def _group_config(cfgs, workdirs) -> ml_collections.ConfigDict:

@@ -68,7 +68,7 @@ from absl import logging
 
 from bnlab import distributed
 from bnlab.data import _sha256_file  # pylint: disable=protected-access
-from bnlab.config import ConfigError, flatten
+from bnlab.config import ConfigError, flatten, resume_refusal
 
 
 class _QuietLibraries:
@@ -558,15 +558,28 @@ class WorkDir:
         # resumed run takes their defaults, so they do not count as a change.
         # `distributed` says how this launch is spread over processes, not what
         # it computes: a run may resume with other processes or addresses.
+        # RESUME_SAFE_KEYS and the run's length may change (bnlab.config).
         diff = sorted(k for k in a if a.get(k) != b.get(k)
                       and not k.startswith("distributed."))
         if not diff:
           return
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-        if self._holds_a_run():
+        refused, reason = resume_refusal(a, b)
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                          for k in (refused or diff)[:5])
+        if refused and self._holds_a_run():
+          if reason:
+            raise ConfigError(f"work directory {self.path} holds a run that cannot resume "
+                              f"with {shown}: {reason}")
           raise ConfigError(
               f"work directory {self.path} holds a run with a different config "
-              f"({shown}); use a new --workdir, or rerun with the same config to resume")
+              f"({shown}); use a new --workdir, or rerun with the same config to resume "
+              "(what may change on resume: bnlab.config.RESUME_SAFE_KEYS and the run's "
+              "length)")
+        if not refused:
+          logging.info("Resuming the run in %s with %s", self.path, shown)
+          if self.primary:
+            _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+          return
       else:
         shown = "config.json unreadable"
       if self.primary:
