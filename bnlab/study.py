@@ -739,7 +739,9 @@ def _write_json(path: str, value) -> None:
 
 def run_stage(study: Study, workdir: str) -> None:
   """Trains the members that are not finished; records the stage in stages.json."""
-  from bnlab import provenance  # pylint: disable=g-import-not-at-top
+  from bnlab import backend, provenance  # pylint: disable=g-import-not-at-top
+  # Deterministic mode is set before anything starts JAX (provenance does).
+  backend.configure(study.base_run_config().train.deterministic)
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, "study.json"), study.to_json())
   registered = os.path.join(workdir, "claims_registered.json")
@@ -749,7 +751,7 @@ def run_stage(study: Study, workdir: str) -> None:
   done = lambda m: os.path.exists(os.path.join(runs_dir, m["name"], "summary.json"))  # noqa: E731
   before = {m["name"] for m in study.members if done(m)}
   stage = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-           "environment": provenance.environment(), "interrupted": True}
+           "environment": provenance.environment(backend.deterministic()), "interrupted": True}
   start = time.perf_counter()
   try:
     sweep.run_sweep(study.base_run_config(), study.sweep, runs_dir,

@@ -136,3 +136,20 @@ def test_code_version_is_the_checkout_commit_or_unknown(monkeypatch, tmp_path):
     provenance.code_version.cache_clear()
   env = {**provenance.environment(), "code": {"commit": "a" * 40, "dirty": True}}
   assert re.search(r"bnlab a{12} with uncommitted changes$", provenance.describe(env))
+
+
+def test_a_study_sets_deterministic_mode_before_it_starts_jax(monkeypatch, tmp_path):
+  from bnlab import study, sweep  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ROOT, "configs/studies/seed_comparison.py")
+  module = sweep.load_config_file(path)
+  s = study.Study.from_file(path, "runlocal", module.get_config("runlocal"))
+  calls = []
+  monkeypatch.setattr(backend, "configure", lambda d: calls.append(("configure", d)))
+  real = provenance.environment
+  monkeypatch.setattr(provenance, "environment",
+                      lambda *a: calls.append(("environment",)) or real(*a))
+  monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: [])
+  study.run_stage(s, str(tmp_path))
+  assert calls == [("configure", True), ("environment",)]
+  stage = json.load(open(tmp_path / "stages.json"))[0]
+  assert stage["environment"]["deterministic"] is backend.deterministic()
