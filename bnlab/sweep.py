@@ -17,14 +17,28 @@ Each member runs in `DIR/<name>` (its overrides, e.g.
 `norm=none,learning_rate=0.01,seed=2`) exactly like `bnlab.main` would.
 Members whose configs differ only in `seed` and constant learning rate train
 together as one vmapped program (`bnlab.train.train_group`, group checkpoints
-in `DIR/_groups/`). Finished members are skipped on rerun. `DIR/results.csv`
-and `DIR/results.json` hold one row per member; `load_results(DIR)` reads them.
+in `DIR/_groups/`). Finished members are skipped on rerun (a member made
+longer by a raised `train.num_steps` continues). `DIR/results.csv` and
+`DIR/results.json` hold one row per member; `load_results(DIR)` reads them.
+
+Precedence, lowest first: the config file's `get_config()`, each member's
+overrides, then `--config.KEY=VALUE` on the command line, applied to every
+member last: `--config.train.num_steps=100` makes every member 100 steps
+long, even where the sweep sets `train.num_steps` per member (a warning names
+such keys). Member names come from the sweep's overrides only.
+
+Flags: `--dry_run` lists the members, their groups and whether each is done,
+and trains nothing; `--only=PATTERN` runs only the members whose name
+contains PATTERN, or matches it as a glob when it has `*`, `?` or `[`
+(results.csv still lists every member); `--grouped=false` runs every member
+alone; `--helpshort` lists these flags.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import hashlib
 import importlib.util
 import itertools
@@ -182,28 +196,56 @@ def apply_overrides(base, overrides: dict, where: str = "sweep member"):
   return cfg
 
 
-def resolve_members(base, sweep: Sequence[dict]) -> list[Member]:
+def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
+                    ) -> list[Member]:
   """The sweep's members with their resolved configs, all validated first.
 
-  Raises ConfigError naming the member and the key at the first problem.
+  `overrides` (dotted keys, e.g. the command line's) are applied to every
+  member after its own, so they win. Raises ConfigError naming the member and
+  the key at the first problem.
   """
   if not sweep:
     raise config_lib.ConfigError("the sweep has no members")
   members, seen = [], {}
-  for i, overrides in enumerate(sweep):
-    name = member_name(overrides)
+  for i, member_overrides in enumerate(sweep):
+    name = member_name(member_overrides)
     where = f"sweep member {i} ({name})"
     if name in seen:
       raise config_lib.ConfigError(
           f"{where} has the same name as member {seen[name]}: members must differ")
     seen[name] = i
-    cfg = apply_overrides(base, overrides, where)
+    cfg = apply_overrides(base, member_overrides, where)
+    if overrides:
+      cfg = apply_overrides(cfg, overrides, "command line")
     try:
       config_lib.validate(cfg)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"{where}: {e}") from None
-    members.append(Member(i, name, dict(overrides), cfg))
+    members.append(Member(i, name, dict(member_overrides), cfg))
   return members
+
+
+def _expanded_keys(overrides: dict) -> set[str]:
+  keys = set()
+  for key, value in overrides.items():
+    keys.update(value.overrides if isinstance(value, Variant) else (key,))
+  return keys
+
+
+def select(members: Sequence[Member], only: str | None) -> list[Member]:
+  """The members `--only` names: a substring of their name, or a glob (with * ? [)."""
+  if not only:
+    return list(members)
+  if any(c in only for c in "*?["):
+    chosen = [m for m in members if fnmatch.fnmatchcase(m.name, only)]
+  else:
+    chosen = [m for m in members if only in m.name]
+  if not chosen:
+    names = ", ".join(m.name for m in members[:5]) + (", ..." if len(members) > 5 else "")
+    raise config_lib.ConfigError(
+        f"--only={only!r} matches none of the {len(members)} members ({names}); give a part "
+        "of a member's name, or a glob such as '*seed=0'")
+  return chosen
 
 
 def group_members(members: Sequence[Member], grouped: bool = True) -> list[list[Member]]:
@@ -243,21 +285,36 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}"[:500]
 
 
-def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True
-              ) -> list[dict]:
+def plan(base, sweep: Sequence[dict], grouped: bool = True, overrides: dict | None = None,
+         only: str | None = None) -> tuple[list[Member], list[list[Member]]]:
+  """(every member, the groups of the selected members) of a sweep, nothing trained."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  members = resolve_members(base, sweep, overrides)
+  clash = sorted(set(overrides or {}) & set().union(*(_expanded_keys(m.overrides)
+                                                      for m in members)))
+  if clash:
+    logging.warning("The command line sets %s in every member, over the sweep's own values",
+                    ", ".join(clash))
+  return members, group_members(select(members, only), grouped)
+
+
+def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
+              overrides: dict | None = None, only: str | None = None) -> list[dict]:
   """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
 
   Every member is validated before anything trains. A member that raises is
   recorded as failed (its error on one line) and the others go on.
+  `overrides` win over the members' own (see the module docstring); `only`
+  selects the members to run (`select`). The rows cover every member.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
   from bnlab import train  # pylint: disable=g-import-not-at-top
-  members = resolve_members(base, sweep)
+  members, groups = plan(base, sweep, grouped, overrides, only)
   os.makedirs(workdir, exist_ok=True)
   errors: dict[str, str] = {}
   datasets: dict[str, Any] = {}
-  groups = group_members(members, grouped)
-  logging.info("Sweep of %d members in %d groups in %s", len(members), len(groups), workdir)
+  logging.info("Sweep of %d members, %d selected in %d groups, in %s", len(members),
+               sum(len(g) for g in groups), len(groups), workdir)
   for group in groups:
     dirs = [os.path.join(workdir, m.name) for m in group]
     if all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs)):
@@ -353,9 +410,34 @@ def load_results(workdir: str) -> list[dict]:
 
 # -- command line -------------------------------------------------------------------
 
+def dry_run_listing(members: Sequence[Member], groups: Sequence[Sequence[Member]],
+                    workdir: str) -> tuple[str, dict]:
+  """(a table, a JSON-able object) of the members to run: group, name, status."""
+  from bnlab import train  # pylint: disable=g-import-not-at-top
+  group_of = {m.name: i for i, g in enumerate(groups) for m in g}
+  entries = []
+  for m in members:
+    selected = m.name in group_of
+    done = train.is_complete(m.cfg, os.path.join(workdir, m.name))
+    entries.append({"name": m.name, "group": group_of.get(m.name),
+                    "status": "done" if done else ("to train" if selected else "not selected"),
+                    "overrides": {k: _format_value(v) if isinstance(v, Variant) else v
+                                  for k, v in m.overrides.items()}})
+  width = max(len("member"), *(len(e["name"]) for e in entries))
+  lines = [f"{'group':>5}  {'member':<{width}}  status"]
+  for e in entries:
+    group = "-" if e["group"] is None else str(e["group"])
+    lines.append(f"{group:>5}  {e['name']:<{width}}  {e['status']}")
+  listing = {"members": len(members), "selected": len(group_of), "groups": len(groups),
+             "to_train": sum(e["status"] == "to train" for e in entries),
+             "list": entries}
+  return "\n".join(lines), listing
+
+
 def main(argv):
-  """`python -m bnlab.sweep`: --config (a sweep file), --workdir, --grouped."""
+  """`python -m bnlab.sweep`: --config (a sweep file), --workdir, --grouped, --dry_run, --only."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from bnlab import backend  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
   from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -373,8 +455,17 @@ def main(argv):
     module = load_config_file(path)
     if not hasattr(module, "get_sweep"):
       raise config_lib.ConfigError(f"{path} defines no get_sweep()")
+    # The command line's --config.KEY values, applied to every member last.
+    overrides = dict(config_flags.get_override_values(f["config"]))
     backend.configure(base.train.deterministic)  # before JAX starts
-    rows = run_sweep(base, module.get_sweep(), f.workdir, grouped=f.grouped)
+    if f.dry_run:
+      members, groups = plan(base, module.get_sweep(), f.grouped, overrides, f.only)
+      table, listing = dry_run_listing(members, groups, f.workdir)
+      print(table)
+      print(json.dumps(listing))
+      return
+    rows = run_sweep(base, module.get_sweep(), f.workdir, grouped=f.grouped,
+                     overrides=overrides, only=f.only)
   except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
           backend.BackendError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
@@ -388,12 +479,27 @@ def main(argv):
                     "results": os.path.join(f.workdir, "results.csv")}))
 
 
-def run():
-  """The entry point; --config and --workdir are bnlab.main's flags."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
+  """The sweep's own flags (--config and --workdir are bnlab.main's)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_bool(
       "grouped", True, "Train members that differ only in seed/learning rate as one program.")
+  flags.DEFINE_bool("dry_run", False,
+                    "List the members, their groups and status (a table, then one JSON line); "
+                    "train nothing.")
+  flags.DEFINE_string("only", None,
+                      "Run only the members whose name contains this text, or matches it as "
+                      "a glob (with * ? [), e.g. --only='*seed=0'.")
+
+
+def run():
+  """The entry point; --config and --workdir are bnlab.main's."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
+  define_flags()
+  # --helpshort lists the key flags of the program run (sys.argv[0]): these.
+  for name in ("config", "workdir", "grouped", "dry_run", "only"):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   app.run(main, flags_parser=main_lib.parse_flags)
 
 
