@@ -116,6 +116,12 @@ class DeviceData(NamedTuple):
                place(ds.test_images), place(ds.test_labels.astype(np.int32)))
 
 
+def _cache_size(fn) -> int:
+  """How many programs the jitted `fn` has compiled (-1 where JAX does not say)."""
+  size = getattr(fn, "_cache_size", None)
+  return size() if callable(size) else -1
+
+
 class StepCalls:
   """The compiled calls of a run: one state, or a stack of members (`stacked`)."""
 
@@ -135,16 +141,41 @@ class StepCalls:
     return steps_lib.epoch_permutation(state, epoch, self.num_train)
 
   def train(self, state, sums, images, labels, perm, length: int):
+    """`length` train steps: (state, sums, steps timed, their seconds).
+
+    The timed steps are those of calls that compiled nothing (a call that
+    compiled is left out of the measure), each timed until its results are
+    ready: the rate of training proper, without compiles, evaluations or
+    checkpoints.
+    """
     sharded = {} if self.batch_sharding is None else {"batch_sharding": self.batch_sharding}
     if self.loop == "scan":
       fn = run_steps_group if self.stacked else run_steps
-      return fn(state, sums, images, labels, perm, length=length,
-                batch_size=self.batch_size, unroll=self.unroll, **sharded)
+      compiled, start = _cache_size(fn), time.perf_counter()
+      state, sums = fn(state, sums, images, labels, perm, length=length,
+                       batch_size=self.batch_size, unroll=self.unroll, **sharded)
+      jax.block_until_ready((state, sums))
+      if _cache_size(fn) != compiled:
+        return state, sums, 0, 0.0
+      return state, sums, length, time.perf_counter() - start
     fn = run_one_step_group if self.stacked else run_one_step
-    for _ in range(length):
+    timed, start = length, time.perf_counter()
+    for i in range(length):
+      compiled = _cache_size(fn)
       state, sums = fn(state, sums, images, labels, perm, batch_size=self.batch_size,
                        **sharded)
-    return state, sums
+      if _cache_size(fn) != compiled:  # time the steps after the compile
+        jax.block_until_ready((state, sums))
+        timed, start = length - i - 1, time.perf_counter()
+    jax.block_until_ready((state, sums))
+    return state, sums, timed, time.perf_counter() - start
+
+  def learning_rates(self, state):
+    """The learning rate of the last step, per member (or of the one state): host floats."""
+    hyper = getattr(state.opt_state, "hyperparams", None)
+    if not hyper or "learning_rate" not in hyper:
+      return None
+    return np.asarray(jax.device_get(hyper["learning_rate"]), np.float32)
 
   def evaluate(self, state, images, labels, batch_size: int):
     fn = evaluation.evaluate_members if self.stacked else evaluation.evaluate
@@ -171,14 +202,26 @@ class _Clock:
 
   def __init__(self, first_step: int):
     self.first_step = first_step
-    self.run_start = self.interval_start = time.perf_counter()
-    self.interval_steps = 0
+    self.run_start = time.perf_counter()
+    # Train steps timed in the current log interval and their seconds
+    # (StepCalls.train: calls that compiled are not timed).
+    self.timed_steps, self.timed_seconds = 0, 0.0
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.run_start
 
+  def add(self, steps: int, seconds: float) -> None:
+    self.timed_steps += steps
+    self.timed_seconds += seconds
+
+  def examples_per_sec(self, batch_size: int) -> float | None:
+    """Training examples per second over the interval's timed steps (None: none timed)."""
+    if not self.timed_steps:
+      return None
+    return self.timed_steps * batch_size / max(self.timed_seconds, 1e-9)
+
   def next_interval(self) -> None:
-    self.interval_start, self.interval_steps = time.perf_counter(), 0
+    self.timed_steps, self.timed_seconds = 0, 0.0
 
 
 # -- the loop ----------------------------------------------------------------
@@ -216,9 +259,9 @@ class Loop:
       if epoch != perm_epoch:
         perm, perm_epoch = self.calls.permutation(state, epoch), epoch
       end = self.plan.next_boundary(step)
-      state, sums = self.calls.train(state, sums, self.data.train_images,
-                                     self.data.train_labels, perm, end - step)
-      clock.interval_steps += end - step
+      state, sums, timed, seconds = self.calls.train(
+          state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
+      clock.add(timed, seconds)
       step = end
       if self.plan.is_log(step):
         self._log(step, state, sums, clock)
@@ -270,18 +313,17 @@ class Loop:
   def _log(self, step: int, state, sums, clock: _Clock) -> None:
     """The log action: records the interval's training metrics (and an evaluation when due)."""
     host = jax.device_get(sums)
-    seconds = time.perf_counter() - clock.interval_start
+    lrs = self.calls.learning_rates(state)
     evals = None
     if self.plan.is_eval(step) and any(
         m.recording and self.calls.member(host, i)["first_nonfinite_step"] < 0
         for i, m in enumerate(self.members)):
       evals = self._evaluate(state)
-    records = self._write_records(step, host, evals, seconds, clock)
+    records = self._write_records(step, host, lrs, evals, clock)
     self._report_progress(records, step, clock)
     clock.next_interval()
 
-  def _write_records(self, step: int, host, evals, seconds: float, clock: _Clock
-                     ) -> list[dict]:
+  def _write_records(self, step: int, host, lrs, evals, clock: _Clock) -> list[dict]:
     """Each recording member's metrics record; stops the members that diverged."""
     bs = self.cfg.train.batch_size
     records = []
@@ -295,7 +337,11 @@ class Loop:
                 "interval_steps": int(h["count"]),
                 "train_loss": float(h["loss"]) / count,
                 "train_accuracy": float(h["correct"]) / (count * bs),
-                "examples_per_sec": clock.interval_steps * bs / max(seconds, 1e-9)}
+                # Of the timed train calls only (None when each of them compiled).
+                "examples_per_sec": clock.examples_per_sec(bs)}
+      if lrs is not None:  # the learning rate of the interval's last step
+        # The float32 value's shortest decimal (0.05, not 0.05000000074505806).
+        record["learning_rate"] = float(str(lrs[i] if self.calls.stacked else lrs[()]))
       if h["first_nonfinite_step"] >= 0:
         m.diverged_at = int(h["first_nonfinite_step"])
         record["diverged_at_step"] = m.diverged_at
@@ -355,7 +401,7 @@ def _log_group_progress(records, members, plan: Schedule, seconds: float, steps_
   accs = [r["test_accuracy"] for r in records if "test_accuracy" in r]
   if accs:
     parts.append(f"test acc {min(accs):.4f}..{max(accs):.4f}")
-  if records:
+  if records and records[0].get("examples_per_sec") is not None:
     parts.append(f"{records[0]['examples_per_sec'] * len(members):,.0f} ex/s")
   parts.append(_eta(plan, seconds, steps_done, step))
   logging.info(" | ".join(parts))
@@ -368,7 +414,7 @@ def _log_progress(record, plan: Schedule, seconds: float, steps_done: int,
     parts.append(f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}")
   if "test_accuracy" in record:
     parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}")
-  if "examples_per_sec" in record:
+  if record.get("examples_per_sec") is not None:
     parts.append(f"{record['examples_per_sec']:,.0f} ex/s")
   parts.append(_eta(plan, seconds, steps_done, step))
   logging.info(" | ".join(parts))

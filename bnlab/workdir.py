@@ -87,6 +87,39 @@ def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+# TensorBoard tags of the metrics records' keys: train_* and test_* under train/
+# and test/, and these; other keys (e.g. lists of percentiles) are not written.
+TENSORBOARD_TAGS = {"learning_rate": "train/learning_rate", "epoch": "progress/epoch",
+                    "examples_per_sec": "progress/examples_per_sec",
+                    "wall_time": "progress/wall_time"}
+# The metrics the HParams dashboard shows for each run.
+HPARAM_METRICS = ("test/accuracy", "test/loss", "train/accuracy", "train/loss")
+
+
+def tensorboard_tag(key: str) -> str | None:
+  """The TensorBoard tag of a metrics record's key, or None (not written)."""
+  for prefix in ("train_", "test_"):
+    if key.startswith(prefix):
+      return f"{prefix[:-1]}/{key[len(prefix):]}"
+  return TENSORBOARD_TAGS.get(key)
+
+
+def hparams_of(config: dict) -> dict:
+  """A run's config as TensorBoard hyperparameters: dotted keys, scalar values.
+
+  Sequences become their text (e.g. "(100, 100)"); empty sections are left out.
+  """
+  out = {}
+  for key, value in flatten(config).items():
+    if isinstance(value, (bool, int, float, str)):
+      out[key] = value
+    elif isinstance(value, (list, tuple)):
+      out[key] = str(tuple(value))
+    elif value is not None and value != {}:
+      out[key] = str(value)
+  return out
+
+
 class WorkDirError(RuntimeError):
   """The work directory cannot be used; the message says why and what to do."""
 
@@ -338,6 +371,7 @@ class WorkDir:
     self._lock_fd = None
     self._manager = None
     self._tb = None
+    self._hparams: dict = {}  # the config as TensorBoard hyperparameters
     # Only the primary process writes records; the others keep theirs here.
     self.primary = distributed.is_primary()
     self._records: list[dict] | None = None
@@ -544,6 +578,7 @@ class WorkDir:
     """
     path = os.path.join(self.path, "config.json")
     new = json.loads(cfg.to_json_best_effort())
+    self._hparams = hparams_of(new)
     if os.path.exists(path):
       try:
         old = _read_json_object(path, ": this run's config is unknown; restore the file, or "
@@ -696,22 +731,37 @@ class WorkDir:
         self._records = self.read_metrics()
       self._records.append(record)
       return
+    try:  # the run's first record: nothing recorded before it
+      first = os.path.getsize(self.metrics_path) == 0
+    except OSError:
+      first = True
     try:
       with open(self.metrics_path, "a", opener=_no_follow) as f:
         f.write(_dumps(record) + "\n")
         f.flush()
     except OSError as e:
       raise _io_error("appending to", self.metrics_path, e) from e
+    self._write_tensorboard(record, first=first)
+
+  def _write_tensorboard(self, record: dict, first: bool) -> None:
+    """The record's scalars under namespaced tags; the run's hyperparameters with its first."""
+    tb_dir = os.path.join(self.path, "tensorboard")
     try:
       if self._tb is None:
-        self._tb = _summary_writer_class()(os.path.join(self.path, "tensorboard"))
+        self._tb = _summary_writer_class()(tb_dir)
+      if first and self._hparams:
+        # Written into the run's own event file (tensorboardX's add_hparams would
+        # open a sub-directory), so the HParams dashboard pairs them with its scalars.
+        from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+        for summary in hparams(self._hparams, {tag: 0.0 for tag in HPARAM_METRICS}):
+          self._tb.file_writer.add_summary(summary)
       for key, value in record.items():
-        if key not in ("step",) and isinstance(value, (int, float)):
-          self._tb.add_scalar(key, value, record["step"])
+        tag = tensorboard_tag(key)
+        if tag and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(tag, value, record["step"])
       self._tb.flush()
     except OSError as e:
-      raise _io_error("writing TensorBoard events to", os.path.join(self.path, "tensorboard"),
-                      e) from e
+      raise _io_error("writing TensorBoard events to", tb_dir, e) from e
 
   def last_metrics(self) -> dict | None:
     """The latest value of every metric over the run's records."""

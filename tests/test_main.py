@@ -84,3 +84,61 @@ def test_misspelled_key_is_one_clean_line_with_the_closest_key(tmp_path, flag, s
   assert p.stderr.strip().splitlines() == [
       f"error: {flag.split('=')[0]} names no key of the config; did you mean {suggested}? "
       "(keys and defaults: bnlab/config.py)"]
+
+
+def read_events(directory):
+  """Every event of the TensorBoard event files in `directory` (TFRecord framing)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  events = []
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[pos + 12:pos + 12 + length])
+      events.append(event)
+      pos += 12 + length + 4
+  return events
+
+
+def test_tensorboard_tags_learning_rate_hparams_and_timed_rates(idx_dir, tmp_path):
+  wd = tmp_path / "run"
+  p = run_main("--config=configs/seed1_mlp.py", f"--workdir={wd}", "--config.data.source=idx",
+               f"--config.data.dir={idx_dir}", "--config.train.num_epochs=3",
+               "--config.optimizer.learning_rate=0.05")
+  assert p.returncode == 0, p.stderr
+  events = read_events(wd / "tensorboard")
+  scalars = {}
+  for e in events:
+    for v in e.summary.value:
+      if v.HasField("simple_value"):
+        scalars.setdefault(v.tag, {})[e.step] = v.simple_value
+  assert {"train/loss", "train/accuracy", "test/loss", "test/accuracy",
+          "train/learning_rate", "progress/epoch"} <= set(scalars)
+  assert not any("_" in tag.split("/")[0] for tag in scalars)  # namespaced, no train_loss
+  assert scalars["train/learning_rate"] == pytest.approx({10: 0.05, 20: 0.05, 30: 0.05})
+  assert sorted(scalars["test/accuracy"]) == [0, 10, 20, 30]
+  plugins = [v.metadata.plugin_data.plugin_name for e in events for v in e.summary.value
+             if v.metadata.plugin_data.plugin_name]
+  assert plugins.count("hparams") == 3  # experiment, session start and end: once per run
+  hp = next(v.metadata.plugin_data.content for e in events for v in e.summary.value
+            if v.metadata.plugin_data.plugin_name == "hparams" and b"learning_rate" in
+            v.metadata.plugin_data.content and b"seed1_mlp" in v.metadata.plugin_data.content)
+  assert b"optimizer.learning_rate" in hp and b"model.name" in hp
+  # The rate of each interval counts only its train calls that compiled nothing: the
+  # first epoch's one call compiled, the next ones did not.
+  records = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+  rates = {r["step"]: r.get("examples_per_sec") for r in records if r["step"]}
+  assert rates[10] is None and rates[20] > 0 and rates[30] > 0
+  assert [r["learning_rate"] for r in records if r["step"]] == [0.05] * 3
+  # A rerun that resumes writes no second set of hyperparameters.
+  (wd / "summary.json").unlink()
+  assert run_main("--config=configs/seed1_mlp.py", f"--workdir={wd}", "--config.data.source=idx",
+                  f"--config.data.dir={idx_dir}", "--config.train.num_epochs=3",
+                  "--config.optimizer.learning_rate=0.05").returncode == 0
+  plugins = [v.metadata.plugin_data.plugin_name for e in read_events(wd / "tensorboard")
+             for v in e.summary.value if v.metadata.plugin_data.plugin_name]
+  assert plugins.count("hparams") == 3
