@@ -412,25 +412,23 @@ def load_results(workdir: str) -> list[dict]:
 
 def dry_run_listing(members: Sequence[Member], groups: Sequence[Sequence[Member]],
                     workdir: str) -> tuple[str, dict]:
-  """(a table, a JSON-able object) of the members to run: group, name, status."""
+  """(a table, a JSON-able object) of the selected members: group, name, status."""
   from bnlab import train  # pylint: disable=g-import-not-at-top
   group_of = {m.name: i for i, g in enumerate(groups) for m in g}
   entries = []
   for m in members:
-    selected = m.name in group_of
+    if m.name not in group_of:
+      continue
     done = train.is_complete(m.cfg, os.path.join(workdir, m.name))
-    entries.append({"name": m.name, "group": group_of.get(m.name),
-                    "status": "done" if done else ("to train" if selected else "not selected"),
+    entries.append({"name": m.name, "group": group_of[m.name],
+                    "status": "done" if done else "to train",
                     "overrides": {k: _format_value(v) if isinstance(v, Variant) else v
                                   for k, v in m.overrides.items()}})
   width = max(len("member"), *(len(e["name"]) for e in entries))
   lines = [f"{'group':>5}  {'member':<{width}}  status"]
-  for e in entries:
-    group = "-" if e["group"] is None else str(e["group"])
-    lines.append(f"{group:>5}  {e['name']:<{width}}  {e['status']}")
-  listing = {"members": len(members), "selected": len(group_of), "groups": len(groups),
-             "to_train": sum(e["status"] == "to train" for e in entries),
-             "list": entries}
+  lines += [f"{e['group']:>5}  {e['name']:<{width}}  {e['status']}" for e in entries]
+  listing = {"members": len(members), "selected": len(entries), "groups": len(groups),
+             "to_train": sum(e["status"] == "to train" for e in entries), "list": entries}
   return "\n".join(lines), listing
 
 

@@ -109,11 +109,12 @@ def test_dry_run_lists_members_and_groups_and_trains_nothing(idx_dir, tmp_path, 
   lines = p.stdout.strip().splitlines()
   assert lines[0].split() == ["group", "member", "status"]
   assert lines[1].split() == ["0", "learning_rate=0.1,num_steps=20,seed=0", "to", "train"]
-  assert lines[2].split() == ["-", "learning_rate=0.1,num_steps=20,seed=1", "not", "selected"]
+  assert lines[2].split() == ["0", "learning_rate=0.3,num_steps=20,seed=0", "to", "train"]
+  assert len(lines) == 4  # the selected members only, then the JSON line
   listing = json.loads(lines[-1])
   assert listing["members"] == 4 and listing["selected"] == 2 and listing["to_train"] == 2
   assert listing["groups"] == 1  # seeds and constant learning rates train as one group
-  assert listing["list"][2] == {
+  assert listing["list"][1] == {
       "name": "learning_rate=0.3,num_steps=20,seed=0", "group": 0, "status": "to train",
       "overrides": {"optimizer.learning_rate": 0.3, "train.num_steps": 20, "seed": 0}}
   assert not wd.exists()
