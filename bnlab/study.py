@@ -24,7 +24,7 @@ Stages (each idempotent): *run* trains what is missing through
 records the stage's wall time and `bnlab.provenance.environment()` in
 `DIR/stages.json`; *report* reads only the files (`DIR/study.json` and the run
 directories) and writes `report.md`, `results.json`, `results.csv` (one row per
-run), `cells.csv`, `claims.json` and `figures/`. A cell pools the runs that
+run, its reduced values; series stay in the run's metrics.jsonl), `cells.csv`, `claims.json` and `figures/`. A cell pools the runs that
 agree on `config.cells` (normally all but the seed): n, mean, a 95% Student t
 interval on the seed mean, min and max; for test accuracies also the test
 set's binomial standard error sqrt(p(1-p)/N).
@@ -973,10 +973,12 @@ def report(study: Study, workdir: str) -> str:
 
 def _write_outputs(workdir, rows, cells, verdicts, stages, metrics) -> None:
   scalar = [m for m in metrics if _scalar(cells, m)]
-  _write_json(os.path.join(workdir, "results.json"), {"rows": rows, "stages": stages})
+  # One row per run of reduced values; series (curves, percentiles over
+  # training) stay in each run's metrics.jsonl, and the figures draw them.
+  flat = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
+  _write_json(os.path.join(workdir, "results.json"), {"rows": flat, "stages": stages})
   _write_json(os.path.join(workdir, "claims.json"), verdicts)
-  _write_csv(os.path.join(workdir, "results.csv"),
-             [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])
+  _write_csv(os.path.join(workdir, "results.csv"), flat)
   stat_keys = ("n", "of", "mean", "ci", "min", "max", "count", "binomial_se")
   _write_csv(os.path.join(workdir, "cells.csv"), [
       {**c["key"], **{f"{m}.{s}": c["stats"][m].get(s) for m in scalar for s in stat_keys

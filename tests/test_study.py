@@ -218,6 +218,7 @@ def test_study_runs_end_to_end(name, idx_dir, local_runs):
   wd, text = local_runs(name)
   rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
   assert rows and all(r["status"] in ("done", "diverged") for r in rows)
+  assert not any(isinstance(v, list) for r in rows for v in r.values())  # series stay in runs/
   assert text.index("## Claims") < text.index("## Verdicts") < text.index("## Results")
   for claim in json.load(open(os.path.join(wd, "claims.json"))):
     assert claim["verdict"] in study.VERDICTS and f"| {claim['claim']} |" in text
