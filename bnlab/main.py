@@ -144,7 +144,8 @@ def unknown_config_key(argv: list[str]) -> str | None:
         fix = f"the keys of {where} are {', '.join(sorted(known))}"
       else:
         fix = f"config.{'.'.join(path[:i])} is a value, not a section"
-      return f"{flag} names no key of the config; {fix} (keys and defaults: bnlab/config.py)"
+      return (f"{flag} names no key of the config; check its spelling: {fix} (keys and "
+              "defaults: bnlab/config.py)")
   return None
 
 

@@ -82,7 +82,8 @@ def test_misspelled_key_is_one_clean_line_with_the_closest_key(tmp_path, flag, s
   p = run_main("--config=configs/seed1_mlp.py", f"--workdir={tmp_path / 'run'}", flag)
   assert p.returncode == 2
   assert p.stderr.strip().splitlines() == [
-      f"error: {flag.split('=')[0]} names no key of the config; did you mean {suggested}? "
+      f"error: {flag.split('=')[0]} names no key of the config; check its spelling: did you "
+      f"mean {suggested}? "
       "(keys and defaults: bnlab/config.py)"]
 
 
