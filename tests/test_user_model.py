@@ -216,7 +216,8 @@ def test_cli_trains_a_model_from_the_working_directory(idx_dir, tmp_path):
           f"--workdir={tmp_path / 'run'}", "--config.data.source=idx",
           f"--config.data.dir={idx_dir}", "--config.train.num_epochs=1",
           "--config.model.name=my_models:make_default"]
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   p = subprocess.run(args, cwd=code, capture_output=True, text=True, timeout=300, env=env)
   assert p.returncode == 0, p.stderr[-2000:]
   assert json.loads(p.stdout.strip().splitlines()[-1])["final_step"] == 10
