@@ -295,91 +295,128 @@ _KERAS = flags.DEFINE_string(
     "'name=/path/to/python' (another environment); empty: none.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  images, labels = load_images(_DATA.value)
+def platform_header() -> str:
+  """The table's first line: backend, device, CPU, versions and the repetitions."""
   device = jax.devices()[0]
-  forms = [f for f in ("scan", "loop") if f in _FORMS.value.split(",")]
   torch_version = torch_where = None
   try:
     import torch  # pylint: disable=g-import-not-at-top
     torch_version = torch.__version__
     torch_where = (f"on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else
-                     f"{int(os.environ.get('BNLAB_TORCH_THREADS', os.cpu_count() or 1))} threads")
+                   f"{int(os.environ.get('BNLAB_TORCH_THREADS', os.cpu_count() or 1))} threads")
   except ImportError:
     pass
-  header = (f"Platform: {jax.default_backend()} ({device.device_kind}), "
-            f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
-            f"jax {jax.__version__}"
-            + (f", torch {torch_version} ({torch_where})" if torch_version else "")
-            + f". Training examples/s, median of {_REPS.value} after warm-up.")
-  print(header, flush=True)
-  keras_specs = [k for k in _KERAS.value.split(",") if k]
-  keras_notes = {}
+  return (f"Platform: {jax.default_backend()} ({device.device_kind}), "
+          f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
+          f"jax {jax.__version__}"
+          + (f", torch {torch_version} ({torch_where})" if torch_version else "")
+          + f". Training examples/s, median of {_REPS.value} after warm-up.")
+
+
+def table_head(keras_specs: list[str], forms: list[str]) -> list[str]:
+  """The Markdown table's header and separator rows."""
   keras_cols = "".join(f" Keras {k.partition('=')[0]} |" for k in keras_specs)
-  rows = ["| case | batch | Flax loop | PyTorch eager |" + keras_cols + " bnlab auto (form) | "
+  return ["| case | batch | Flax loop | PyTorch eager |" + keras_cols + " bnlab auto (form) | "
           "vs Flax loop | vs PyTorch | vs fastest peer |" + "".join(f" bnlab {f} |" for f in forms),
           "|---|---|---|---|" + "---|" * len(keras_specs) + "---|---|---|---|" + "---|" * len(forms)]
-  base_rates = {}
+
+
+def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file):
+  """Times one case; returns (its table row, the Flax loop's rate)."""
+  name, model_name, norm, batch, steps = case
+  steps = max(5, int(steps * _STEPS_SCALE.value))
+  # In-process runners timed round-robin; the Keras peers run in subprocesses.
+  runs = {"flax": flax_loop_runner(model_name, norm, batch, images, labels),
+          "torch": torch_runner(model_name, norm, batch, images, labels)}
+  runs["bnlab"], steps, form = bnlab_runner(model_name, norm, batch, steps, images, labels)
+  for f in forms:
+    runs[f] = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
+  rates = interleaved_rates({k: v for k, v in runs.items() if v is not None}, steps, batch,
+                            _REPS.value)
+  base, auto = rates["flax"], rates["bnlab"]
+  peers = {"PyTorch": rates.get("torch")}
+  for spec in keras_specs:
+    backend = spec.partition("=")[0]
+    peers[f"Keras {backend}"], keras_notes[backend] = keras_rate(
+        spec, model_name, norm, batch, steps, _REPS.value, data_file)
+  present = {k: v for k, v in peers.items() if v is not None}
+  fastest = max(present, key=present.get) if present else None
+  cells = ["not installed" if v is None else f"{v:,.0f}" for v in peers.values()]
+  row = (f"| {name} | {batch} | {base:,.0f} | " + " | ".join(cells) + f" | {auto:,.0f} ({form}) | "
+         f"{auto / base:.2f}x | "
+         + ("-" if peers["PyTorch"] is None else f"{auto / peers['PyTorch']:.2f}x") + " | "
+         + ("-" if fastest is None else f"{auto / present[fastest]:.2f}x ({fastest})") + " |"
+         + "".join(f" {rates[f]:,.0f} |" for f in forms))
+  return row, base
+
+
+def case_rows(forms, keras_specs, keras_notes, images, labels):
+  """Times every case, printing each row as it comes; returns (rows, Flax rate per model)."""
+  rows, base_rates = [], {}
   data_dir = tempfile.mkdtemp(prefix="bnlab_benchmark_")
   data_file = os.path.join(data_dir, "mnist.npz")
   if keras_specs:
     np.savez(data_file, images=images, labels=labels)
-  for name, model_name, norm, batch, steps in CASES:
-    steps = max(5, int(steps * _STEPS_SCALE.value))
-    # In-process runners timed round-robin; the Keras peers run in subprocesses.
-    runs = {"flax": flax_loop_runner(model_name, norm, batch, images, labels),
-            "torch": torch_runner(model_name, norm, batch, images, labels)}
-    runs["bnlab"], steps, form = bnlab_runner(model_name, norm, batch, steps, images, labels)
-    for f in forms:
-      runs[f] = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
-    rates = interleaved_rates({k: v for k, v in runs.items() if v is not None}, steps, batch,
-                              _REPS.value)
-    base, auto = rates["flax"], rates["bnlab"]
-    extra = [rates[f] for f in forms]
-    base_rates[model_name] = base
-    peers = {"PyTorch": rates.get("torch")}
-    for spec in keras_specs:
-      backend = spec.partition("=")[0]
-      peers[f"Keras {backend}"], keras_notes[backend] = keras_rate(
-          spec, model_name, norm, batch, steps, _REPS.value, data_file)
-    present = {k: v for k, v in peers.items() if v is not None}
-    fastest = max(present, key=present.get) if present else None
-    cells = ["not installed" if v is None else f"{v:,.0f}" for v in peers.values()]
-    row = (f"| {name} | {batch} | {base:,.0f} | " + " | ".join(cells) + f" | {auto:,.0f} ({form}) | "
-           f"{auto / base:.2f}x | "
-           + ("-" if peers["PyTorch"] is None else f"{auto / peers['PyTorch']:.2f}x") + " | "
-           + ("-" if fastest is None else f"{auto / present[fastest]:.2f}x ({fastest})") + " |"
-           + "".join(f" {r:,.0f} |" for r in extra))
+  for case in CASES:
+    row, base_rates[case[1]] = case_row(case, forms, keras_specs, keras_notes, images, labels,
+                                        data_file)
     rows.append(row)
     print(row, flush=True)
   shutil.rmtree(data_dir, ignore_errors=True)
-  if keras_notes:
-    header += " Keras: " + "; ".join(f"{k}: {v}" for k, v in keras_notes.items()) + "."
-  text = header + "\n\n" + "\n".join(rows) + "\n"
-  for batch, steps in ((32, 150), (128, 40)):
-    ratio = bn_step_time_ratio(batch, max(5, int(steps * _STEPS_SCALE.value)), 2 * _REPS.value + 1,
-                               images, labels)
-    line = (f"\nBN's cost in the seed CNN, batch {batch} (with and without BN timed in "
-            f"alternation, median of {2 * _REPS.value + 1}): step time with BN = {ratio:.3f}x "
-            "without.\n")
-    print(line, flush=True)
-    text += line
+  return rows, base_rates
+
+
+def bn_cost_line(batch: int, steps: int, images, labels) -> str:
+  """BN's share of the seed CNN's step time at `batch`."""
+  ratio = bn_step_time_ratio(batch, max(5, int(steps * _STEPS_SCALE.value)), 2 * _REPS.value + 1,
+                             images, labels)
+  return (f"\nBN's cost in the seed CNN, batch {batch} (with and without BN timed in "
+          f"alternation, median of {2 * _REPS.value + 1}): step time with BN = {ratio:.3f}x "
+          "without.\n")
+
+
+def mlp_floor_line(flax_rate: float) -> str:
+  """The paper MLP's matmul-only rate against the Flax loop's."""
   mlp_steps = max(5, int(dict((c[1], c[4]) for c in CASES)["paper_mlp"] * _STEPS_SCALE.value))
   floor = mlp_matmul_floor_rate(60, mlp_steps, _REPS.value)
-  line = (f"\nPaper MLP floor: its 11 matrix products per step alone (no BN, activations "
-          f"or data) run at {floor:,.0f} examples/s = {floor / base_rates['paper_mlp']:.2f}x "
+  return (f"\nPaper MLP floor: its 11 matrix products per step alone (no BN, activations "
+          f"or data) run at {floor:,.0f} examples/s = {floor / flax_rate:.2f}x "
           f"the Flax loop.\n")
-  print(line, flush=True)
-  text += line
+
+
+def sweep_line() -> str:
+  """The 24-member sweep grouped against one member after another."""
+  import sweep_speed  # pylint: disable=g-import-not-at-top
+  r = sweep_speed.measure(_SWEEP_STEPS.value, _SWEEP_WORKDIR.value)
+  return (f"\nSweep as one program: {r['members']} paper-MLP members (8 learning rates x "
+          f"3 seeds), {r['steps']:,} steps each: grouped {r['grouped_s']:.1f} s, one after "
+          f"another {r['solo_s']:.1f} s, **{r['ratio']:.1f}x**; max |grouped - solo| final "
+          f"test accuracy {r['worst_accuracy_gap']:.4f}.\n")
+
+
+def lines_after_table(images, labels, flax_mlp_rate: float):
+  """The lines below the table, each yielded as soon as it is measured."""
+  for batch, steps in ((32, 150), (128, 40)):
+    yield bn_cost_line(batch, steps, images, labels)
+  yield mlp_floor_line(flax_mlp_rate)
   if _SWEEP_STEPS.value:
-    import sweep_speed  # pylint: disable=g-import-not-at-top
-    r = sweep_speed.measure(_SWEEP_STEPS.value, _SWEEP_WORKDIR.value)
-    line = (f"\nSweep as one program: {r['members']} paper-MLP members (8 learning rates x "
-            f"3 seeds), {r['steps']:,} steps each: grouped {r['grouped_s']:.1f} s, one after "
-            f"another {r['solo_s']:.1f} s, **{r['ratio']:.1f}x**; max |grouped - solo| final "
-            f"test accuracy {r['worst_accuracy_gap']:.4f}.\n")
+    yield sweep_line()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  images, labels = load_images(_DATA.value)
+  forms = [f for f in ("scan", "loop") if f in _FORMS.value.split(",")]
+  header = platform_header()
+  print(header, flush=True)
+  keras_specs = [k for k in _KERAS.value.split(",") if k]
+  keras_notes = {}
+  rows, base_rates = case_rows(forms, keras_specs, keras_notes, images, labels)
+  if keras_notes:
+    header += " Keras: " + "; ".join(f"{k}: {v}" for k, v in keras_notes.items()) + "."
+  text = header + "\n\n" + "\n".join(table_head(keras_specs, forms) + rows) + "\n"
+  for line in lines_after_table(images, labels, base_rates["paper_mlp"]):
     print(line, flush=True)
     text += line
   if _OUT.value:

@@ -13,7 +13,6 @@ variance).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 import bnlab  # noqa: E402
 
@@ -36,6 +36,10 @@ LAYERS = {
     "bnlab fast": bnlab.BatchNorm(variance="fast"),
 }
 BASELINE = "flax (fast, default)"
+
+_REPS = flags.DEFINE_integer("reps", 7, "timed repetitions (median)")
+_CALLS = flags.DEFINE_integer("calls", 5, "calls per repetition")
+_ONLY = flags.DEFINE_string("only", "dense,conv", "comma-separated inputs to run")
 
 
 def make_step(module):
@@ -69,17 +73,15 @@ def time_steps(steps, args, reps, calls):
   return {label: statistics.median(t) for label, t in times.items()}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--reps", type=int, default=7, help="timed repetitions (median)")
-  parser.add_argument("--calls", type=int, default=5, help="calls per repetition")
-  parser.add_argument("--only", default="dense,conv", help="comma-separated inputs to run")
-  args = parser.parse_args()
-
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # only warnings and errors, as Python logs by default
+    logging.set_verbosity(logging.WARNING)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {jax.devices()[0]}")
-  print(f"reps={args.reps} calls={args.calls}; ms per training step (median)")
+  print(f"reps={_REPS.value} calls={_CALLS.value}; ms per training step (median)")
   rows = []
-  for name in args.only.split(","):
+  for name in _ONLY.value.split(","):
     shape = SHAPES[name]
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32) * 2 + 3
     steps, step_args = {}, {}
@@ -88,7 +90,7 @@ def main():
       steps[label] = step = make_step(module)
       step_args[step] = (variables["params"], variables["batch_stats"], x)
     times = {label: 1e3 * t
-             for label, t in time_steps(steps, step_args, args.reps, args.calls).items()}
+             for label, t in time_steps(steps, step_args, _REPS.value, _CALLS.value).items()}
     for label, ms in times.items():
       rows.append((f"{name} {shape}", label, ms, ms / times[BASELINE]))
   width = max(len(r[1]) for r in rows)
@@ -98,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -32,10 +32,8 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -44,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags, logging
 from flax import linen as nn
 from jax import lax
 
@@ -274,55 +273,56 @@ def report_profile(form: str, loop: str, batch: int, examples: int,
     previous = ms
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--forms", default=",".join(FORMS))
-  parser.add_argument("--loops", default="loop,scan,scan4")
-  parser.add_argument("--batches", default="32,128")
-  parser.add_argument("--examples", type=int, default=8192,
-                      help="examples per timed epoch")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--hlo", action="store_true",
-                      help="print convolution ops in/out of the scan body")
-  parser.add_argument("--interleave_forms", action="store_true",
-                      help="time all forms in one round-robin (fairer under "
-                      "load from other processes)")
-  parser.add_argument("--profile", action="store_true",
-                      help="time the step truncated after each stage")
-  args = parser.parse_args(argv)
+_FORMS = flags.DEFINE_string("forms", ",".join(FORMS),
+                             "comma-separated convolution / pooling forms")
+_LOOPS = flags.DEFINE_string("loops", "loop,scan,scan4", "comma-separated loop kinds")
+_BATCHES = flags.DEFINE_string("batches", "32,128", "comma-separated batch sizes")
+_EXAMPLES = flags.DEFINE_integer("examples", 8192, "examples per timed epoch")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed repetitions per cell (median)")
+_HLO = flags.DEFINE_bool("hlo", False, "print convolution ops in/out of the scan body")
+_INTERLEAVE_FORMS = flags.DEFINE_bool(
+    "interleave_forms", False,
+    "time all forms in one round-robin (fairer under load from other processes)")
+_PROFILE = flags.DEFINE_bool("profile", False, "time the step truncated after each stage")
 
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # only warnings and errors, as Python logs by default
+    logging.set_verbosity(logging.WARNING)
   print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"jax {jax.__version__}, {jax.device_count()} device(s)")
-  forms = args.forms.split(",")
-  if args.hlo:
+  forms = _FORMS.value.split(",")
+  if _HLO.value:
     for form in forms:
-      report_hlo(form, int(args.batches.split(",")[0]))
+      report_hlo(form, int(_BATCHES.value.split(",")[0]))
     return
 
-  loops = args.loops.split(",")
-  batches = [int(b) for b in args.batches.split(",")]
-  if args.profile:
+  loops = _LOOPS.value.split(",")
+  batches = [int(b) for b in _BATCHES.value.split(",")]
+  if _PROFILE.value:
     for form in forms:
       for loop in loops:
-        report_profile(form, loop, batches[0], args.examples, args.repeats)
+        report_profile(form, loop, batches[0], _EXAMPLES.value, _REPEATS.value)
     return
 
   columns = [(b, l) for b in batches for l in loops]
   header = ["form"] + [f"b{b} {l}" for b, l in columns]
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
-  if args.interleave_forms:  # one round-robin over every cell of the table
+  if _INTERLEAVE_FORMS.value:  # one round-robin over every cell of the table
     flat = time_cells([(f, l, b) for f in forms for b, l in columns],
-                      args.examples, args.repeats)
+                      _EXAMPLES.value, _REPEATS.value)
     table = [flat[i * len(columns):(i + 1) * len(columns)]
              for i in range(len(forms))]
   for i, form in enumerate(forms):
-    rates = (table[i] if args.interleave_forms else
-             time_cells([(form, l, b) for b, l in columns], args.examples,
-                        args.repeats))
+    rates = (table[i] if _INTERLEAVE_FORMS.value else
+             time_cells([(form, l, b) for b, l in columns], _EXAMPLES.value,
+                        _REPEATS.value))
     print("| " + " | ".join([form] + [f"{r:,.0f}" for r in rates]) + " |",
           flush=True)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  app.run(main)

@@ -12,15 +12,22 @@ Prints one JSON line: examples/s (median of --reps timed `fit` calls of
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_rate  # noqa: E402
+
+_DATA = flags.DEFINE_string("data", None, ".npz with uint8 'images' and 'labels'")
+_MODEL = flags.DEFINE_string("model", "seed_cnn", "seed_cnn or paper_mlp")
+_NORM = flags.DEFINE_enum("norm", "batch", ["batch", "none"], "normalization")
+_BATCH = flags.DEFINE_integer("batch", 32, "examples per step")
+_STEPS = flags.DEFINE_integer("steps", 150, "steps per timed `fit` call")
+_REPS = flags.DEFINE_integer("reps", 3, "timed `fit` calls (median)")
 
 
 def build(keras, model_name: str, norm: str):
@@ -44,35 +51,30 @@ def build(keras, model_name: str, norm: str):
   return keras.Sequential(stack)
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--data", required=True, help=".npz with uint8 'images' and 'labels'")
-  p.add_argument("--model", default="seed_cnn")
-  p.add_argument("--norm", default="batch", choices=("batch", "none"))
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--steps", type=int, default=150)
-  p.add_argument("--reps", type=int, default=3)
-  args = p.parse_args()
-
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # only warnings and errors, as Python logs by default
+    logging.set_verbosity(logging.WARNING)
   import keras  # pylint: disable=g-import-not-at-top  (after KERAS_BACKEND is read)
   keras.utils.set_random_seed(0)
-  with np.load(args.data) as d:
+  with np.load(_DATA.value) as d:
     images, labels = d["images"], d["labels"].astype(np.int32)
   x_all = images.astype(np.float32) / 255.0
-  if args.model == "seed_cnn":
+  if _MODEL.value == "seed_cnn":
     x_all = x_all[..., None]
   perm = np.random.default_rng(0).permutation(len(labels))
-  model = build(keras, args.model, args.norm)
+  model = build(keras, _MODEL.value, _NORM.value)
   model.compile(optimizer=keras.optimizers.SGD(0.01),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
   def run(n):
-    idx = perm[np.arange(n * args.batch) % len(perm)]  # n full batches, wrapping
-    model.fit(x_all[idx], labels[idx], batch_size=args.batch, epochs=1, shuffle=False,
+    idx = perm[np.arange(n * _BATCH.value) % len(perm)]  # n full batches, wrapping
+    model.fit(x_all[idx], labels[idx], batch_size=_BATCH.value, epochs=1, shuffle=False,
               verbose=0)
 
-  run(args.steps)  # compiles the step; later calls reuse it
-  rate = median_rate(run, args.steps, args.batch, args.reps, warm_up=False)
+  run(_STEPS.value)  # compiles the step; later calls reuse it
+  rate = median_rate(run, _STEPS.value, _BATCH.value, _REPS.value, warm_up=False)
   backend = keras.backend.backend()
   if backend == "jax":
     import jax  # pylint: disable=g-import-not-at-top
@@ -88,4 +90,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  flags.mark_flag_as_required("data")
+  app.run(main)

@@ -15,7 +15,6 @@ Prints one line per attempt and `resumed exactly: N/M`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import sys
 import time
 
 import numpy as np
+from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,13 +184,22 @@ def attempt(workdir: str, data_dir: str, delays: list[tuple[float, bool]]) -> di
           "warnings": [line for line in log.splitlines() if line.startswith("W")]}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--attempts", type=int, default=20)
-  parser.add_argument("--max_kills", type=int, default=3)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--workdir", default="/tmp/bnlab_kill_soak")
-  opts = parser.parse_args()
+def define_flags() -> None:
+  """The soak's flags; defined only when it runs, as tests import this module beside
+  bnlab.main (which defines --workdir too)."""
+  flags.DEFINE_integer("attempts", 20, "killed-and-resumed runs to check")
+  flags.DEFINE_integer("max_kills", 3, "most kills per attempt (each has 1 to this many)")
+  flags.DEFINE_integer("seed", 0, "seed of the kill counts and delays")
+  flags.DEFINE_string("workdir", "/tmp/bnlab_kill_soak",
+                      "holds the data, the reference run and the attempts (emptied first)")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # only warnings and errors, as Python logs by default
+    logging.set_verbosity(logging.WARNING)
+  opts = flags.FLAGS
   start = time.perf_counter()
   rng = random.Random(opts.seed)
   shutil.rmtree(opts.workdir, ignore_errors=True)
@@ -229,4 +238,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

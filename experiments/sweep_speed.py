@@ -17,13 +17,14 @@ and start-up, not arithmetic.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
 
 from bnlab import sweep  # noqa: E402
 
@@ -59,13 +60,17 @@ def measure(steps: int, workdir: str) -> dict:
           "worst_accuracy_gap": worst}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=2000)
-  p.add_argument("--workdir", default="/tmp/sweep_speed")
-  p.add_argument("--tolerance", type=float, default=0.005,
-                 help="max |grouped - solo| final test accuracy per member")
-  args = p.parse_args()
+def define_flags() -> None:
+  """The script's flags; defined only when it runs, as experiments/benchmark.py imports it."""
+  flags.DEFINE_integer("steps", 2000, "steps per member")
+  flags.DEFINE_string("workdir", "/tmp/sweep_speed", "work directory of both sweeps")
+  flags.DEFINE_float("tolerance", 0.005, "max |grouped - solo| final test accuracy per member")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   r = measure(args.steps, args.workdir)
   print(f"speed-up grouped vs solo: {r['ratio']:.1f}x")
   print(f"max |grouped - solo| final test accuracy: {r['worst_accuracy_gap']:.4f} "
@@ -75,4 +80,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)
