@@ -120,10 +120,11 @@ def flax_loop_runner(model_name, norm, batch, images, labels):
   return run
 
 
-def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", conv="auto"):
+def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", conv="auto",
+                 dtype=None):
   """(run, steps, loop): `run(n)` trains n steps with bnlab's engine; n = `steps` is compiled.
 
-  `steps` is capped at one epoch.
+  `steps` is capped at one epoch; `dtype`: the computation dtype (train.half_precision).
   """
   c = config_lib.base_config()
   c.model.name = model_name
@@ -133,7 +134,7 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
     c.model.activation, c.model.bn_position = "sigmoid", "before"
   c.train.batch_size = batch
   loop = train.resolve_loop(loop, c.model)
-  model = models.build_model(c.model)
+  model = models.build_model(c.model, dtype=dtype)
   tx = train.make_optimizer(c.optimizer, steps)
   state = train.create_train_state(model, tx, jax.random.key(0), batch)
   x, y = jax.device_put(images), jax.device_put(labels.astype(np.int32))
