@@ -23,6 +23,10 @@ SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
 LOOPS = ("auto", "scan", "loop")
 CONV_IMPLEMENTATIONS = ("auto", *conv.IMPLEMENTATIONS)
 VARIANCES = ("shifted", "two_pass", "fast")
+# Integers beyond these do not fit what they become: a seed a uint32 (a group
+# stacks its members' seeds as such), every other count a step counter (int32).
+MAX_SEED = 2**32 - 1
+MAX_INT = 2**31 - 1
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -209,7 +213,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid value, naming its key."""
   expected = base_config()
   _check_keys(c, expected, "")
-  _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
+  _check(isinstance(c.seed, int) and 0 <= c.seed <= MAX_SEED, "seed", c.seed,
+         f"an integer in [0, {MAX_SEED}] (2**32 - 1)")
   _one_of(c, "data.source", data_lib.SOURCES)
   _check(c.data.source != "idx" or bool(c.data.dir), "data.dir", c.data.dir,
          "a directory of MNIST IDX files when data.source=idx")
@@ -242,14 +247,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "a number in [0, 1)")
   _check(c.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", c.optimizer.warmup_steps,
          "an integer >= 0")
+  _check(c.optimizer.decay_factor > 0, "optimizer.decay_factor", c.optimizer.decay_factor,
+         "a number > 0 (the learning rate is multiplied by it)")
+  _check(c.optimizer.decay_every_steps >= 0, "optimizer.decay_every_steps",
+         c.optimizer.decay_every_steps, "an integer >= 0")
   _check(c.optimizer.schedule != "step" or c.optimizer.decay_every_steps > 0,
          "optimizer.decay_every_steps", c.optimizer.decay_every_steps,
          "an integer > 0 when optimizer.schedule=step")
   t = c.train
   _check(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
          "an integer > 0")
-  _check(t.num_epochs >= 0 and t.num_steps >= 0 and (t.num_epochs or t.num_steps),
-         "train.num_epochs", t.num_epochs, "num_epochs > 0 or num_steps > 0")
+  _check(t.num_steps >= 0, "train.num_steps", t.num_steps,
+         "an integer >= 0 (0 = train.num_epochs decides)")
+  _check(t.num_epochs >= 0, "train.num_epochs", t.num_epochs, "an integer >= 0")
+  _check(t.num_epochs or t.num_steps, "train.num_epochs", t.num_epochs,
+         "num_epochs > 0 or num_steps > 0")
   _one_of(c, "train.loop", LOOPS)
   for key in ("steps_per_call", "log_every_steps", "eval_every_steps", "eval_every_epochs",
               "checkpoint_every_steps"):
@@ -383,6 +395,9 @@ def _check_keys(c, expected, prefix: str) -> None:
             and math.isfinite(value))
       kind = "an integer" if isinstance(want, int) else "a finite number"
       _check(ok, f"{prefix}{key}", value, kind)
+      limit = MAX_SEED if f"{prefix}{key}" == "seed" else MAX_INT
+      _check(not isinstance(value, int) or abs(value) <= limit, f"{prefix}{key}", value,
+             f"{kind} of magnitude <= {limit}")
     elif isinstance(want, str):
       _check(isinstance(value, str), f"{prefix}{key}", value, "a string")
     elif isinstance(want, tuple):

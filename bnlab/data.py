@@ -260,6 +260,11 @@ def load_idx_dir(data_dir: str | None) -> Dataset:
     raise DataError(
         f"MNIST source 'idx' needs a directory of IDX files: set {DIR_FLAG}=/path/to/mnist"
     )
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DataError(
+        f"MNIST source 'idx': {data_dir} is a file, not a directory. "
+        f"Fix: set {DIR_FLAG}=... to the directory holding the four IDX files"
+    )
   if not os.path.isdir(data_dir):
     raise DataError(
         f"MNIST source 'idx': directory {data_dir} does not exist. "

@@ -231,6 +231,18 @@ class _Clock:
 OnStop = Callable[[Member, int, Any, float], None]
 
 
+class Interrupted(KeyboardInterrupt):
+  """A KeyboardInterrupt (Ctrl-C, SIGINT) during training, at `step` (None: before it)."""
+
+  def __init__(self, step: int | None):
+    super().__init__(step)
+    self.step = step
+
+  def __str__(self) -> str:
+    where = "before training started" if self.step is None else f"at step {self.step}"
+    return f"interrupted {where}; rerun the same command to resume from the last checkpoint"
+
+
 class Loop:
   """The step loop of a solo run (one member, not stacked) or of a group.
 
@@ -248,8 +260,21 @@ class Loop:
     self.eval_batch_size = min(self.cfg.train.eval_batch_size, len(data.test_labels))
 
   def run(self, state) -> None:
-    """Trains `state` (resumed from the latest checkpoint, if any) to the end."""
+    """Trains `state` (resumed from the latest checkpoint, if any) to the end.
+
+    Ctrl-C (KeyboardInterrupt) comes out as `Interrupted`, naming the step.
+    """
+    self.step = None
+    try:
+      self._run(state)
+    except Interrupted:
+      raise
+    except KeyboardInterrupt:
+      raise Interrupted(self.step) from None
+
+  def _run(self, state) -> None:
     state, sums, step = self._resume(state)
+    self.step = step
     clock = _Clock(step)
     if step == 0 and self.cfg.train.eval_at_start:
       self._record_start(state, clock)
@@ -262,7 +287,7 @@ class Loop:
       state, sums, timed, seconds = self.calls.train(
           state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
       clock.add(timed, seconds)
-      step = end
+      step = self.step = end
       if self.plan.is_log(step):
         self._log(step, state, sums, clock)
         sums = self.zero_sums

@@ -67,6 +67,18 @@ def execute(cfg, workdir: str) -> dict:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
     _fail(e)
+  except KeyboardInterrupt as e:  # Ctrl-C: what was checkpointed is kept
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    interrupted(e)
+
+
+def interrupted(e: KeyboardInterrupt) -> None:
+  """Ends the process after Ctrl-C with one line (exit status 130, as a shell's)."""
+  text = str(e) if str(e).startswith("interrupted") else (
+      "interrupted; rerun the same command to resume from the last checkpoint")
+  print(f"error: {text}", file=sys.stderr)
+  sys.exit(130)
 
 
 def main(argv):
@@ -93,6 +105,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     message = unknown_config_key(argv)
+    if message is None and config_file != "?" and "--config=None" in str(e):
+      message = (f"config file {config_file}: get_config() returned None; make it return the "
+                 "config (e.g. `return c` at its end)")
     if message is None:
       lines = [line for line in str(e).splitlines() if line.strip()]
       message = lines[0] + (f" {lines[-1].strip()}" if "Traceback" in str(e) else "")
@@ -101,7 +116,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = (f"config file {e.filename or config_file} has a syntax error at line "
                f"{e.lineno}: {e.msg}; fix the file")
   except (AttributeError, KeyError) as e:
-    if "get_config" in str(e):
+    if "'NoneType'" in str(e) and config_file != "?":
+      message = (f"config file {config_file}: get_config() returned None; make it return the "
+                 "config (e.g. `return c` at its end)")
+    elif "get_config" in str(e):
       message = f"config file {config_file} defines no get_config(); add one (see configs/)"
     else:
       message = unknown_config_key(argv) or (
@@ -113,6 +131,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = f"--config={config_file!r} could not be loaded; check the path"
   except ImportError as e:
     message = f"config file {config_file} could not be imported ({e}); fix its imports"
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file (or its get_config()) raised while being loaded.
+    message = (f"config file {config_file} raised {type(e).__name__} when loaded "
+               f"({' '.join(str(e).split())[:200]}); fix the file")
   _fail(message)
 
 

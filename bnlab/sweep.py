@@ -55,6 +55,8 @@ import ml_collections
 from bnlab import config as config_lib
 
 TARGET_ACCURACY = 0.97
+# Longer member names are cut, and end with a hash of the whole name (distinct).
+MAX_NAME = 200
 RESULT_FIELDS = ("test_accuracy", "test_loss", "train_loss", "diverged", "diverged_at_step",
                  "steps_to_97", "final_step", "wall_time")
 
@@ -164,7 +166,11 @@ def member_name(overrides: dict) -> str:
     else:
       shown = last if lasts.count(last) == 1 else key
       parts.append(f"{shown}={_format_value(value)}")
-  return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
+  name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
+  if len(name) > MAX_NAME:  # a directory name holds at most 255 bytes
+    digest = hashlib.sha1(",".join(parts).encode()).hexdigest()[:12]
+    name = f"{name[:MAX_NAME - 18]},hash={digest}"
+  return name
 
 
 def apply_overrides(base, overrides: dict, where: str = "sweep member"):
@@ -208,11 +214,23 @@ def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
     raise config_lib.ConfigError("the sweep has no members")
   members, seen = [], {}
   for i, member_overrides in enumerate(sweep):
+    if not isinstance(member_overrides, dict):
+      raise config_lib.ConfigError(
+          f"sweep member {i} is {type(member_overrides).__name__} "
+          f"{' '.join(repr(member_overrides).split())[:80]}, not a dict of overrides; "
+          "get_sweep() must return a list of dicts such as {'optimizer.learning_rate': 0.1}")
     name = member_name(member_overrides)
     where = f"sweep member {i} ({name})"
     if name in seen:
+      j = seen[name]
+      if repr(sweep[j]) == repr(member_overrides):
+        raise config_lib.ConfigError(
+            f"{where} has the same name as member {j}: it repeats its overrides; remove one")
       raise config_lib.ConfigError(
-          f"{where} has the same name as member {seen[name]}: members must differ")
+          f"sweep members {j} and {i} both get the directory name {name!r} (their values "
+          f"differ only in characters a directory name cannot hold, which become '_': "
+          f"{sweep[j]!r} and {member_overrides!r}); give one of them other values, or "
+          "labels with sweep.Variant")
     seen[name] = i
     cfg = apply_overrides(base, member_overrides, where)
     if overrides:
@@ -309,8 +327,74 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
   from bnlab import train  # pylint: disable=g-import-not-at-top
+  from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   members, groups = plan(base, sweep, grouped, overrides, only)
-  os.makedirs(workdir, exist_ok=True)
+  make_sweep_dir(workdir)
+  lock_path = os.path.join(workdir, ".sweep-lock")
+  lock = workdir_lib.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory")
+  try:
+    check_members_config(members, workdir)
+    return _run_groups(members, groups, workdir)
+  finally:
+    workdir_lib.release_lock(lock_path, lock)
+
+
+def make_sweep_dir(workdir: str) -> None:
+  """Creates the sweep's directory; WorkDirError (one line) when it cannot be."""
+  from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if not isinstance(workdir, str) or not workdir.strip():
+    raise workdir_lib.WorkDirError(
+        f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise workdir_lib.WorkDirError(
+        f"--workdir={workdir} is a file, not a directory; choose another --workdir")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise workdir_lib.WorkDirError(
+        f"sweep directory {workdir} cannot be created ({e.strerror or e}); "
+        "choose another --workdir") from None
+
+
+def check_members_config(members: Sequence[Member], workdir: str) -> None:
+  """ConfigError when a member's directory holds a run of another config than its own now.
+
+  A finished member would otherwise be reported done with the results of the
+  old config (the sweep file or its base config changed since).
+  """
+  stale = []
+  for m in members:
+    d = os.path.join(workdir, m.name)
+    try:
+      ran = os.path.exists(os.path.join(d, "summary.json")) or any(
+          n.isdigit() for n in os.listdir(os.path.join(d, "checkpoints")))
+    except OSError:
+      ran = False
+    if not ran:
+      continue
+    try:
+      with open(os.path.join(d, "config.json")) as f:
+        old = json.load(f)
+      a = config_lib.flatten(old)
+    except (OSError, ValueError, AttributeError):
+      continue  # training the member reports it
+    b = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
+    refused, _ = config_lib.resume_refusal(a, b)
+    if refused:
+      k = refused[0]
+      stale.append(f"{m.name} ({k}: {a.get(k)!r} -> {b.get(k)!r})")
+  if stale:
+    raise config_lib.ConfigError(
+        f"{len(stale)} member(s) in {workdir} ran with another config than the sweep gives "
+        f"them now (the sweep or its base config changed): {'; '.join(stale[:3])}"
+        f"{'; ...' if len(stale) > 3 else ''}; use a new --workdir for the changed sweep, "
+        "or move those members' directories aside to rerun them")
+
+
+def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
+  """Trains the groups (the sweep's lock held); the rows of every member."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from bnlab import train  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
   datasets: dict[str, Any] = {}
   logging.info("Sweep of %d members, %d selected in %d groups, in %s", len(members),
@@ -371,10 +455,15 @@ def _result_row(m: Member, path: str, error: str | None) -> dict:
   for key, value in m.overrides.items():
     row[key] = _format_value(value) if isinstance(value, Variant) else value
   summary = None
-  if os.path.exists(os.path.join(path, "summary.json")):
-    with open(os.path.join(path, "summary.json")) as f:
-      summary = json.load(f)
-  if summary is None:
+  summary_path = os.path.join(path, "summary.json")
+  if os.path.exists(summary_path):
+    from bnlab import workdir  # pylint: disable=g-import-not-at-top
+    try:
+      summary = workdir.read_json_object(
+          summary_path, "; delete it and rerun to redo the final evaluation")
+    except workdir.WorkDirError as e:
+      error = error or str(e)
+  if error is not None or summary is None:
     row["status"] = "failed" if error else "unfinished"
     row.update({k: None for k in RESULT_FIELDS})
   else:
@@ -453,16 +542,25 @@ def main(argv):
     module = load_config_file(path)
     if not hasattr(module, "get_sweep"):
       raise config_lib.ConfigError(f"{path} defines no get_sweep()")
+    try:
+      sweep = module.get_sweep()
+      sweep = list(sweep)
+    except Exception as e:  # pylint: disable=broad-except
+      raise config_lib.ConfigError(
+          f"{path}: get_sweep() failed ({_one_line(e)[:300]}); fix the sweep file (it must "
+          "return a list of override dicts)") from None
     # The command line's --config.KEY values, applied to every member last.
     overrides = dict(config_flags.get_override_values(f["config"]))
     backend.configure(base.train.deterministic)  # before JAX starts
     if f.dry_run:
-      members, groups = plan(base, module.get_sweep(), f.grouped, overrides, f.only)
+      members, groups = plan(base, sweep, f.grouped, overrides, f.only)
+      if os.path.isdir(f.workdir or ""):
+        check_members_config(members, f.workdir)
       table, listing = dry_run_listing(members, groups, f.workdir)
       print(table)
       print(json.dumps(listing))
       return
-    rows = run_sweep(base, module.get_sweep(), f.workdir, grouped=f.grouped,
+    rows = run_sweep(base, sweep, f.workdir, grouped=f.grouped,
                      overrides=overrides, only=f.only)
   except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
           backend.BackendError) as e:
@@ -470,6 +568,11 @@ def main(argv):
       raise
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt as e:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
+    main_lib.interrupted(e)
   counts: dict[str, int] = {}
   for r in rows:
     counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import math
 import os
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -170,6 +173,9 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
         "grouped runs (train_group, sweeps) run in one process; set "
         "config.distributed.* only for single runs, or turn grouping off")
   ds = _load_everywhere(cfg, ds)
+  identity = data_identity(ds)
+  for wd in {id(w): w for w in [ckpt_wd] + [m.wd for m in members if m.recording]}.values():
+    wd.check_data(identity)  # a resume only on the data the run was trained on
   num_train = len(ds.train_labels)
   plan = make_schedule_plan(cfg, num_train)
   dtype = models.compute_dtype(cfg.train.half_precision)
@@ -197,17 +203,46 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   run.run(place(state))
 
 
+def data_identity(ds: data_lib.Dataset) -> dict[str, Any]:
+  """What names a dataset for a run's resume check: source, sizes, sha256 of its arrays."""
+  return {"source": ds.source, "num_train": len(ds.train_labels),
+          "num_test": len(ds.test_labels),
+          "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
+
+
+def _sown_units(model) -> dict[str, int]:
+  """{name: units per example} of what `model` sows into `intermediates` (nothing compiled)."""
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((2, 28, 28), jnp.uint8), train=False,
+                         mutable=True))
+  out = {}
+  for block in variables.get("intermediates", {}).values():
+    if isinstance(block, dict):
+      for name, value in block.items():
+        if isinstance(value, tuple) and value:
+          out[name] = math.prod(value[0].shape[1:])
+  return out
+
+
 def _check_analysis_layers(cfg, model) -> None:
-  """A user model's `analysis.layers` must be names it sows into `intermediates`."""
+  """`analysis.layers` must be names the model sows, `analysis.units` within each layer."""
   layers = tuple(cfg.analysis.layers)
-  if not layers or not models.is_user_model(cfg.model.name):
+  if not layers:
     return
-  names = models.sown_names(model)
-  missing = [layer for layer in layers if layer not in names]
+  sizes = _sown_units(model)
+  missing = [layer for layer in layers if layer not in sizes]
   if missing:
     raise config_lib.ConfigError(
         f"config.analysis.layers={layers} names {missing}, which {cfg.model.name} does not "
-        f"sow; it sows {list(names)} (a submodule's self.sow('intermediates', NAME, x))")
+        f"sow; it sows {sorted(sizes)} (a submodule's self.sow('intermediates', NAME, x))")
+  units = tuple(cfg.analysis.units)
+  for layer in layers:
+    past = [u for u in units if u >= sizes[layer]]
+    if past:
+      raise config_lib.ConfigError(
+          f"config.analysis.units={units} is invalid: {past} lie past the {sizes[layer]} "
+          f"units of {layer} ({cfg.model.name}); use indices below {sizes[layer]}. "
+          "Set it with --config.analysis.units=...")
 
 
 def _run_info(cfg, ds, plan, calls, num_members: int, mesh) -> dict[str, Any]:

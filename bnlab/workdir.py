@@ -2,10 +2,12 @@
 
 Layout:
   config.json      the resolved config (a rerun must match it to resume)
+  data.json        the data's identity: source, sizes, sha256 (a resume must match it)
   metrics.jsonl    one JSON object per log/eval step
   tensorboard/     TensorBoard event files
   checkpoints/     orbax checkpoints of the train state and metric sums, each
-                   with bnlab_checksums.json (sha256 of its files)
+                   with bnlab_checksums.json (sha256 of its files, and a copy
+                   of the run's config and data identity)
   summary.json     written last: the run's final numbers
   .lock            held (flock) by the process using the directory; names it
   unreadable_checkpoints/  checkpoints that failed to restore, moved aside
@@ -32,6 +34,9 @@ What is kept, and what is refused:
     restored with a warning.
   - A directory that holds no checkpoint (and no summary) accepts another
     config: nothing was trained, so a failed start costs nothing.
+  - A resume checks the config and the data against the run's: a missing
+    config.json or data.json is taken from the newest checkpoint's copy (and
+    config.json restored); a run whose config is nowhere is refused.
 
 Non-finite numbers: metrics.jsonl and summary.json are strict JSON. A NaN or
 infinite value is written as null, and the object gets a "nonfinite" entry
@@ -66,6 +71,7 @@ import flax.serialization
 import orbax.checkpoint as ocp
 from absl import logging
 
+from bnlab import data as data_lib
 from bnlab import distributed
 from bnlab.data import _sha256_file  # pylint: disable=protected-access
 from bnlab.config import ConfigError, flatten, resume_refusal
@@ -124,7 +130,7 @@ class WorkDirError(RuntimeError):
   """The work directory cannot be used; the message says why and what to do."""
 
 
-def _read_json_object(path: str, consequence: str) -> dict:
+def read_json_object(path: str, consequence: str) -> dict:
   """The JSON object in `path`; WorkDirError (problem + `consequence`) if it is unreadable."""
   try:
     with open(path) as f:
@@ -363,11 +369,68 @@ def _read_lock_info(fd: int) -> dict:
   return info if isinstance(info, dict) else {}
 
 
+def acquire_lock(lock_path: str, owner: str, what: str) -> int:
+  """An exclusive flock on `lock_path` (the fd), released by the kernel when its process dies.
+
+  A lock left by a killed run is therefore never live, whatever pid it names
+  (pid reuse cannot keep it); the file only tells who holds a live one.
+  WorkDirError names the holder when `what` `owner` is in use.
+  """
+  for _ in range(5):
+    try:
+      fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+      raise _io_error("creating the lock file", lock_path, e) from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _describe_holder(_read_lock_info(fd))
+      os.close(fd)
+      raise WorkDirError(
+          f"{what} {owner} is in use by {holder}; wait for it to "
+          "finish, stop it, or choose another --workdir") from None
+    except OSError as e:
+      os.close(fd)
+      raise _io_error("locking", lock_path, e) from e
+    try:  # the file may have been removed by its last holder meanwhile
+      same = os.fstat(fd).st_ino == os.lstat(lock_path).st_ino
+    except FileNotFoundError:
+      same = False
+    if not same:
+      os.close(fd)
+      continue
+    old = _read_lock_info(fd)
+    if old:
+      logging.warning("Taking over the lock left in %s by %s, which has ended",
+                      owner, _describe_holder(old))
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv[:8]}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(info).encode())
+    return fd
+  raise WorkDirError(f"could not lock {owner}: its lock file keeps changing; "
+                     "check that no other run uses it, then rerun")
+
+
+def release_lock(lock_path: str, fd: int) -> None:
+  """Removes and releases a lock of `acquire_lock` (removal first: no window for a third)."""
+  try:
+    os.remove(lock_path)
+  except OSError:
+    pass
+  os.close(fd)
+
+
 class WorkDir:
   """Owns one run's directory for the lifetime of the run."""
 
   def __init__(self, path: str, cfg):
+    if not isinstance(path, str) or not path.strip():
+      raise WorkDirError(f"the work directory is empty ({path!r}); give one with "
+                         "--workdir=DIR (use --workdir=. for the current directory)")
     self.path = os.path.abspath(path)
+    self._config_json: dict | None = None  # the run's config, copied into each checkpoint
+    self._data_identity: dict | None = None  # and the data's (check_data)
     self._lock_fd = None
     self._manager = None
     self._tb = None
@@ -430,7 +493,8 @@ class WorkDir:
 
   def _refuse_links(self) -> None:
     """WorkDirError for a symbolic link where a file or directory of bnlab's belongs."""
-    for name in (".lock", "config.json", "metrics.jsonl", "summary.json", "checkpoints",
+    for name in (".lock", "config.json", "data.json", "metrics.jsonl", "summary.json",
+                 "checkpoints",
                  "tensorboard", "unreadable_checkpoints"):
       _refuse_link(os.path.join(self.path, name))
     if os.path.isdir(self._ckpt_dir):
@@ -466,57 +530,14 @@ class WorkDir:
 
   # -- lock -----------------------------------------------------------------
   def _acquire_lock(self) -> None:
-    """An exclusive flock on .lock, released by the kernel when its process dies.
-
-    A lock left by a killed run is therefore never live, whatever pid it names
-    (pid reuse cannot keep it); the file only tells who holds a live one.
-    """
-    for _ in range(5):
-      try:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-      except OSError as e:
-        raise _io_error("creating the lock file", self._lock_path, e) from e
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        holder = _describe_holder(_read_lock_info(fd))
-        os.close(fd)
-        raise WorkDirError(
-            f"work directory {self.path} is in use by {holder}; wait for it to "
-            "finish, stop it, or choose another --workdir") from None
-      except OSError as e:
-        os.close(fd)
-        raise _io_error("locking", self._lock_path, e) from e
-      try:  # the file may have been removed by its last holder meanwhile
-        same = os.fstat(fd).st_ino == os.lstat(self._lock_path).st_ino
-      except FileNotFoundError:
-        same = False
-      if not same:
-        os.close(fd)
-        continue
-      old = _read_lock_info(fd)
-      if old:
-        logging.warning("Taking over the lock left in %s by %s, which has ended",
-                        self.path, _describe_holder(old))
-      info = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv[:8]}
-      os.ftruncate(fd, 0)
-      os.lseek(fd, 0, os.SEEK_SET)
-      os.write(fd, json.dumps(info).encode())
-      self._lock_fd = fd
-      return
-    raise WorkDirError(f"could not lock {self.path}: its lock file keeps changing; "
-                       "check that no other run uses it, then rerun")
+    self._lock_fd = acquire_lock(self._lock_path, self.path, "work directory")
 
   def close_lock(self) -> None:
     """Removes and releases the lock (removal first: no window for a third run)."""
     if self._lock_fd is None:
       return
-    try:
-      os.remove(self._lock_path)
-    except OSError:
-      pass
-    os.close(self._lock_fd)
-    self._lock_fd = None
+    fd, self._lock_fd = self._lock_fd, None
+    release_lock(self._lock_path, fd)
 
   def _remove_temporaries(self) -> None:
     """Half-written files a killed run left behind (never read: safe to drop).
@@ -574,53 +595,113 @@ class WorkDir:
     A directory that holds no checkpoint and no summary has trained nothing
     that could be resumed: it accepts another config (the old config.json,
     and with it the metrics and TensorBoard events of that attempt, if any,
-    are kept as <name>.replaced-<time>).
+    are kept as <name>.replaced-<time>). A run whose config.json is missing
+    is compared with the copy its newest checkpoint carries (config.json is
+    then restored from it); without any copy it is refused.
     """
     path = os.path.join(self.path, "config.json")
     new = json.loads(cfg.to_json_best_effort())
     self._hparams = hparams_of(new)
+    self._config_json = new
+    old, restored = None, False
     if os.path.exists(path):
       try:
-        old = _read_json_object(path, ": this run's config is unknown; restore the file, or "
+        old = read_json_object(path, ": this run's config is unknown; restore the file, or "
                                 "use a new --workdir")
       except WorkDirError:
         if self._holds_a_run():
           raise
-        old = None
-      if old is not None:
-        a, b = flatten(old), flatten(new)
-        # Keys the snapshot lacks were added to bnlab after the run started; a
-        # resumed run takes their defaults, so they do not count as a change.
-        # `distributed` says how this launch is spread over processes, not what
-        # it computes: a run may resume with other processes or addresses.
-        # RESUME_SAFE_KEYS and the run's length may change (bnlab.config).
-        diff = sorted(k for k in a if a.get(k) != b.get(k)
-                      and not k.startswith("distributed."))
-        if not diff:
-          return
-        refused, reason = resume_refusal(a, b)
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                          for k in (refused or diff)[:5])
-        if refused and self._holds_a_run():
-          if reason:
-            raise ConfigError(f"work directory {self.path} holds a run that cannot resume "
-                              f"with {shown}: {reason}")
-          raise ConfigError(
-              f"work directory {self.path} holds a run with a different config "
-              f"({shown}); use a new --workdir, or rerun with the same config to resume "
-              "(what may change on resume: bnlab.config.RESUME_SAFE_KEYS and the run's "
-              "length)")
-        if not refused:
+    elif self._holds_a_run():
+      old = self._checkpoint_record("config")
+      if old is None:
+        raise WorkDirError(
+            f"{path} is missing, and no checkpoint in {self._ckpt_dir} carries a copy: this "
+            "run's config is unknown; restore the file, or use a new --workdir")
+      restored = True
+      logging.warning("%s is missing: comparing with the config the newest checkpoint "
+                      "carries, and restoring it", path)
+    if old is not None:
+      a, b = flatten(old), flatten(new)
+      # Keys the snapshot lacks were added to bnlab after the run started; a
+      # resumed run takes their defaults, so they do not count as a change.
+      # `distributed` says how this launch is spread over processes, not what
+      # it computes: a run may resume with other processes or addresses.
+      # RESUME_SAFE_KEYS and the run's length may change (bnlab.config).
+      diff = sorted(k for k in a if a.get(k) != b.get(k)
+                    and not k.startswith("distributed."))
+      if not diff and not restored:
+        return
+      refused, reason = resume_refusal(a, b)
+      shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                        for k in (refused or diff)[:5])
+      where = " (config.json is missing; compared with its newest checkpoint's copy)" \
+          if restored else ""
+      if refused and self._holds_a_run():
+        if reason:
+          raise ConfigError(f"work directory {self.path} holds a run that cannot resume "
+                            f"with {shown}{where}: {reason}")
+        raise ConfigError(
+            f"work directory {self.path} holds a run with a different config "
+            f"({shown}){where}; use a new --workdir, or rerun with the same config to resume "
+            "(what may change on resume: bnlab.config.RESUME_SAFE_KEYS and the run's "
+            "length)")
+      if not refused:
+        if diff:
           logging.info("Resuming the run in %s with %s", self.path, shown)
-          if self.primary:
-            _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
-          return
-      else:
-        shown = "config.json unreadable"
+        if self.primary:
+          _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+        return
       if self.primary:
         self._replace_config(shown)
+    elif os.path.exists(path) and self.primary:
+      self._replace_config("config.json unreadable")
     if self.primary:
       _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+  def _checkpoint_record(self, key: str):
+    """What the newest checkpoint that has one records under `key` ("config", "data")."""
+    try:
+      steps = sorted((int(n) for n in os.listdir(self._ckpt_dir) if n.isdigit()),
+                     reverse=True)
+    except OSError:
+      return None
+    for step in steps:
+      try:
+        with open(os.path.join(self._ckpt_dir, str(step), CHECKSUMS)) as f:
+          value = json.load(f).get(key)
+      except (OSError, ValueError, AttributeError):
+        continue
+      if isinstance(value, dict):
+        return value
+    return None
+
+  def check_data(self, identity: dict) -> None:
+    """Compares the data's identity with the run's (data.json); records it.
+
+    `identity`: what names the data (source, sizes, sha256 of its arrays). A
+    run that holds a checkpoint or summary resumes only on the same data;
+    without data.json, its newest checkpoint's copy counts. Raises DataError
+    naming what changed.
+    """
+    path = os.path.join(self.path, "data.json")
+    old = None
+    if os.path.exists(path):
+      try:
+        old = read_json_object(path, "")
+      except WorkDirError:
+        old = None
+    if old is None and self._holds_a_run():
+      old = self._checkpoint_record("data")
+    self._data_identity = dict(identity)
+    if old is not None and old != identity and self._holds_a_run():
+      changed = [k for k in sorted(identity.keys() | old.keys())
+                 if old.get(k) != identity.get(k)]
+      shown = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
+      raise data_lib.DataError(
+          f"the data differs from the data the run in {self.path} was trained on ({shown}); "
+          "put that run's data files back, or use a new --workdir to train on this data")
+    if self.primary and old != identity:
+      _atomic_write(path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
   def _holds_a_run(self) -> bool:
     """Whether the directory holds a checkpoint or a summary (something to resume or keep)."""
@@ -776,7 +857,7 @@ class WorkDir:
     path = os.path.join(self.path, "summary.json")
     if not os.path.exists(path):
       return None
-    return decode_nonfinite(_read_json_object(
+    return decode_nonfinite(read_json_object(
         path, "; delete it and rerun to redo the final evaluation from the last checkpoint"))
 
   def write_summary(self, summary: dict) -> None:
@@ -821,7 +902,8 @@ class WorkDir:
       path = os.path.join(step_dir, CHECKSUMS)
       try:
         manifest = {"format": 1, "step": step, "algorithm": "sha256",
-                    "files": _checksums(step_dir)}
+                    "files": _checksums(step_dir), "config": self._config_json,
+                    "data": self._data_identity}
       except (OSError, ValueError) as e:
         raise _io_error(f"computing the checksums of checkpoint {step} in", step_dir,
                         e) from e

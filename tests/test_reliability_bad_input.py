@@ -206,6 +206,28 @@ def _labels_past_9(raw):
   return bytes(b)
 
 
+def _data_changed(c):
+  """An interrupted run whose data files were replaced since (same sizes, other labels)."""
+  c.rewrite("train_labels", lambda raw: raw[:8] + bytes((b + 1) % 10 for b in raw[8:]))
+  c.copy_finished(interrupted_at=4)
+  path = os.path.join(c.wd, "config.json")
+  cfg = json.load(open(path))
+  cfg["data"]["dir"] = c.cfg.data.dir
+  open(path, "w").write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _config_json_deleted(c):
+  c.copy_finished(interrupted_at=4)
+  os.remove(os.path.join(c.wd, "config.json"))
+  c.cfg.optimizer.learning_rate = 0.5
+
+
+def _data_dir_is_a_file(c):
+  path = str(c.tmp / "mnist.gz")
+  open(path, "w").write("x")
+  c.cfg.data.dir = path
+
+
 def _lock_is_dir(c):
   os.makedirs(os.path.join(c.wd, ".lock"))
 
@@ -243,6 +265,12 @@ CASES = [
     ("eval_batch_zero", "api", _set(train__eval_batch_size=0), "config.train.eval_batch_size", "--config.train.eval_batch_size="),
     ("analysis_layer_unknown", "api", _set(analysis__layers=("nope",)), "config.analysis.layers", "--config.analysis.layers="),
     ("percentile_150", "api", _set(analysis__percentiles=(150.0,)), "config.analysis.percentiles", "--config.analysis.percentiles="),
+    ("decay_factor_negative", "api", _set(optimizer__decay_factor=-0.5), "config.optimizer.decay_factor=-0.5", "--config.optimizer.decay_factor="),
+    ("decay_every_negative", "api", _set(optimizer__decay_every_steps=-1), "config.optimizer.decay_every_steps=-1", "--config.optimizer.decay_every_steps="),
+    ("num_steps_negative", "api", _set(train__num_steps=-5), "config.train.num_steps=-5", "--config.train.num_steps="),
+    ("seed_too_large", "api", _set(seed=2**70), "config.seed=1180591620717411303424", "--config.seed="),
+    ("count_too_large", "api", _set(train__num_steps=2**40), "config.train.num_steps=1099511627776", "--config.train.num_steps="),
+    ("analysis_unit_past_layer", "api", _set(analysis__layers=("preact_0",), analysis__units=(0, 16)), "[16] lie past the 16 units of preact_0", "--config.analysis.units="),
     ("idx_without_dir", "api", _set(data__dir=""), "config.data.dir", "--config.data.dir="),
     ("num_train_too_many", "api", _set(data__num_train=5000), "config.data.num_train=5000", "lower it"),
     ("num_test_too_many", "api", _set(data__num_test=5000), "config.data.num_test=5000", "lower it"),
@@ -261,6 +289,8 @@ CASES = [
     ("cli_positional_arg", "cli", lambda c: c.args.append("extra"), "unexpected arguments ['extra']", "--flag=value"),
     ("cli_missing_config_file", "cli", lambda c: c.args.__setitem__(0, "--config=configs/no_such.py"), "no_such.py", "check the path"),
     ("cli_config_syntax_error", "cli", lambda c: c.config_file("def get_config(:\n"), "syntax error at line 1", "fix the file"),
+    ("cli_config_raises_on_import", "cli", lambda c: c.config_file("raise RuntimeError('no GPU here')\n"), "raised RuntimeError when loaded (no GPU here)", "fix the file"),
+    ("cli_get_config_returns_none", "cli", lambda c: c.config_file("def get_config():\n  pass\n"), "get_config() returned None", "return the config"),
     ("cli_config_without_get_config", "cli", lambda c: c.config_file("X = 1\n"), "defines no get_config()", "add one"),
     # -- data -------------------------------------------------------------------------
     ("idx_wrong_magic", "api", lambda c: c.rewrite("train_images", lambda r: b"\0\0\x08\x04" + r[4:]), "bad magic 0x00000804", "replace"),
@@ -272,6 +302,7 @@ CASES = [
     ("idx_image_size", "api", lambda c: c.write_array("test_images", np.zeros((100, 27, 27), np.uint8)), "27x27 images", "replace"),
     ("idx_truncated_gzip", "api", lambda c: open(os.path.join(c.idx_copy(), IDX["train_labels"]), "r+b").truncate(30), "cannot read", "replace"),
     ("idx_missing_file", "api", lambda c: os.remove(os.path.join(c.idx_copy(), IDX["test_images"])), "no t10k-images-idx3-ubyte file", "put the four MNIST IDX files"),
+    ("idx_dir_is_a_file", "api", _data_dir_is_a_file, "mnist.gz is a file, not a directory", "--config.data.dir="),
     ("idx_missing_dir", "api", _set(data__dir="/nonexistent/mnist"), "/nonexistent/mnist does not exist", "--config.data.dir="),
     ("cache_corrupt_array", "api", lambda c: c.cache(lambda p: open(os.path.join(p, "train_images.npy"), "wb").write(b"garbage")), "cannot read", "and rerun"),
     ("cache_corrupt_manifest", "api", lambda c: c.cache(lambda p: open(os.path.join(p, "manifest.json"), "w").write("{")), "unreadable", "and rerun"),
@@ -283,6 +314,9 @@ CASES = [
     ("workdir_in_use", "api", lambda c: c.held(), "is in use by process", "wait for it to finish"),
     ("cli_workdir_in_use", "cli", lambda c: c.held(), "is in use by process", "wait for it to finish"),
     ("changed_config", "api", lambda c: (c.copy_finished(), _set(optimizer__learning_rate=0.5)(c)), "optimizer.learning_rate: 0.1 -> 0.5", "use a new --workdir"),
+    ("workdir_empty", "api", lambda c: setattr(c, "wd", ""), "the work directory is empty", "--workdir=DIR"),
+    ("config_json_deleted", "api", _config_json_deleted, "optimizer.learning_rate: 0.1 -> 0.5", "use a new --workdir"),
+    ("data_changed_on_resume", "api", _data_changed, "differs from the data the run", "use a new --workdir"),
     ("corrupt_config_json", "api", lambda c: (c.copy_finished(4), open(os.path.join(c.wd, "config.json"), "w").write("{\"seed\": ")), "config.json is unreadable", "use a new --workdir"),
     ("corrupt_summary_json", "api", lambda c: (c.copy_finished(), open(os.path.join(c.wd, "summary.json"), "w").write("[1, 2")), "summary.json is unreadable", "delete it and rerun"),
     ("lock_is_a_directory", "api", _lock_is_dir, ".lock failed", "rerun"),
