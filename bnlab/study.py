@@ -1021,6 +1021,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir_lib.quiet_library_logs()
   f = flags.FLAGS
+  study = None
   try:
     path, _, arg = f["config"].config_filename.partition(":")
     try:
@@ -1028,11 +1029,30 @@ def main(argv):
       cfg.keys()
     except OSError as e:  # config_flags defers load failures to first use
       raise config_lib.ConfigError(f"--config={path!r} could not be loaded: {e}") from None
-    study = Study.from_file(path, arg, cfg)
-    text = run_study(study, f.workdir, f.stage, f.out)
+    try:
+      study = Study.from_file(path, arg, cfg)
+    except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # get_config/get_sweep raised
+      detail = " ".join(str(e).split())[:200]
+      raise config_lib.ConfigError(
+          f"study config {path} failed to load ({type(e).__name__}: {detail}); fix the "
+          "file (its get_config() and get_sweep())") from None
+    workdir = f.workdir or ""
+    if not workdir.strip():
+      raise workdir_lib.WorkDirError(
+          f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise workdir_lib.WorkDirError(
+          f"--workdir={workdir} is a file, not a directory; choose another --workdir")
+    text = run_study(study, workdir, f.stage, f.out)
   except KeyboardInterrupt:
-    print(f"interrupted: rerun the same command to resume ({study.command(f.workdir)})",
-          file=sys.stderr)
+    if study is None:
+      print("error: interrupted before the study started; rerun the same command",
+            file=sys.stderr)
+    else:
+      print(f"interrupted: rerun the same command to resume ({study.command(f.workdir)})",
+            file=sys.stderr)
     sys.exit(130)
   except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError) as e:
     if logging.get_verbosity() >= logging.DEBUG:

@@ -209,3 +209,23 @@ def test_ctrl_c_during_training_names_the_step(tmp_path, monkeypatch, capsys):
   assert exit_info.value.code == 130
   assert [line for line in err.splitlines() if line.startswith("error: ")] == [
       "error: interrupted at step 1; rerun the same command to resume from the last checkpoint"]
+
+
+@pytest.mark.parametrize("sweep_body, workdir, message", [
+    ("raise ValueError('no members today')", "wd",
+     "failed to load (ValueError: no members today); fix the file"),
+    ("return [{}]", "FILE", "is a file, not a directory; choose another --workdir"),
+])
+def test_study_cli_bad_file_or_workdir_is_one_error_line(tmp_path, sweep_body, workdir, message):
+  path = tmp_path / "study_cfg.py"
+  path.write_text("from bnlab import study\n\ndef get_config(arg=None):\n"
+                  f"  return study.base_config()\n\ndef get_sweep(arg=None):\n  {sweep_body}\n")
+  workdir = tmp_path / workdir
+  if workdir.name == "FILE":
+    workdir.write_text("x")
+  p = subprocess.run([sys.executable, "-m", "bnlab.study", f"--config={path}",
+                      f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert len(errors) == 1 and message in errors[0], p.stderr
