@@ -56,6 +56,8 @@ class ConfigError(ValueError):
 RESUME_SAFE_KEYS = (
     "train.eval_batch_size", "train.eval_at_start", "train.final_train_eval",
     "train.keep_checkpoints", "train.num_devices",
+    "train.eval_statistics", "train.population_examples", "train.collapse_loss_factor",
+    "train.collapse_accuracy", "train.collapse_trained_accuracy",
     "analysis.layers", "analysis.units", "analysis.percentiles", "analysis.num_examples")
 # The run's length. Raising it continues a finished run from its last
 # checkpoint, unless the learning rate schedule is spread over the run's length
@@ -164,6 +166,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.eval_at_start = True  # also evaluate (and record analysis) at step 0
   c.train.final_train_eval = True  # evaluate the whole train set at the end
+  # Collapse (bnlab.loop.CollapseWatch): a finite train loss above
+  # collapse_loss_factor x its running minimum and above chance (ln 10), or a
+  # test accuracy <= collapse_accuracy after one >= collapse_trained_accuracy.
+  # Recorded (collapsed, collapsed_at_step); the run goes on (a collapse may
+  # recover) unless stop_on_collapse. collapse_loss_factor=0 turns the loss rule off.
+  c.train.collapse_loss_factor = 10.0
+  c.train.collapse_accuracy = 0.2
+  c.train.collapse_trained_accuracy = 0.5
+  c.train.stop_on_collapse = False
+  # The BN statistics each evaluation's test accuracy is measured with
+  # (bnlab.evaluation.EVAL_STATISTICS): "running" (the running averages:
+  # test_accuracy), "population" (recomputed over the first population_examples
+  # training images, Algorithm 2: test_accuracy_population), "batch" (each test
+  # batch's own statistics: test_accuracy_batch).
+  c.train.eval_statistics = ("running",)
+  c.train.population_examples = 10000
   # Bit-identical results run to run on every backend (bnlab.backend): on a GPU,
   # XLA's deterministic reductions and scatters, set before JAX starts.
   c.train.deterministic = True
@@ -270,6 +288,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(isinstance(t.num_devices, int) and t.num_devices >= 0, "train.num_devices",
          t.num_devices, "an integer >= 0 (0 = every visible device)")
   _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "an integer > 0")
+  _check(t.collapse_loss_factor >= 0, "train.collapse_loss_factor", t.collapse_loss_factor,
+         "a number >= 0 (0 = no loss rule)")
+  for key in ("collapse_accuracy", "collapse_trained_accuracy"):
+    _check(0 <= t[key] <= 1, f"train.{key}", t[key], "a number in [0, 1]")
+  stats = tuple(t.eval_statistics)
+  _check(bool(stats) and len(set(stats)) == len(stats)
+         and all(s in ("running", "population", "batch") for s in stats),
+         "train.eval_statistics", stats,
+         "distinct names among ('running', 'population', 'batch'), e.g. "
+         "'(\"running\",\"population\")'")
+  _check("population" not in stats or (c.model.norm in ("batch", "none", "layer", "group")
+                                        and not models.is_user_model(c.model.name)),
+         "train.eval_statistics", stats,
+         f"no 'population' with model.norm={c.model.norm!r} or a user model (Algorithm 2's "
+         "recomputation is built for the built-in networks with norm=batch and the norms "
+         "without running statistics)")
+  _check(isinstance(t.population_examples, int) and t.population_examples > 0,
+         "train.population_examples", t.population_examples, "an integer > 0")
   _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints,
          "an integer >= 1")
   _check(t.eval_every_steps > 0 or t.eval_every_epochs > 0, "train.eval_every_epochs",

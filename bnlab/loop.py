@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -187,14 +188,89 @@ class StepCalls:
     return take(tree, i) if self.stacked else tree
 
 
+# The train loss of always predicting the uniform distribution over 10 classes.
+CHANCE_LOSS = math.log(10)
+
+
+@dataclasses.dataclass
+class CollapseWatch:
+  """Detects a collapse in a run's metrics records, one record at a time (pure, host-side).
+
+  A collapse is a run that blows up without its loss turning NaN/inf:
+  - loss: a log interval's mean train loss above `loss_factor` x the smallest
+    interval loss before it, and above chance (ln 10 = 2.30: worse than
+    predicting the uniform distribution), so that noise after a very small
+    minimum is not a collapse; `loss_factor=0` turns this rule off;
+  - accuracy: a test accuracy <= `chance_accuracy` after an earlier one was
+    >= `trained_accuracy` (the run had trained, then fell back near chance).
+  `update` returns the reason of a collapse at that record, else None.
+  """
+
+  loss_factor: float = 10.0
+  chance_accuracy: float = 0.2
+  trained_accuracy: float = 0.5
+  min_loss: float = math.inf
+  best_accuracy: float = -math.inf
+
+  @classmethod
+  def of(cls, train_cfg) -> CollapseWatch:
+    return cls(train_cfg.collapse_loss_factor, train_cfg.collapse_accuracy,
+               train_cfg.collapse_trained_accuracy)
+
+  def update(self, record: dict) -> str | None:
+    reason = None
+    loss = record.get("train_loss")
+    if isinstance(loss, (int, float)) and math.isfinite(loss):
+      if (self.loss_factor > 0 and loss > self.loss_factor * self.min_loss
+          and loss > CHANCE_LOSS):
+        reason = (f"train loss {loss:.4g} > {self.loss_factor:g} x its minimum "
+                  f"{self.min_loss:.4g} and > chance ({CHANCE_LOSS:.2f})")
+      self.min_loss = min(self.min_loss, loss)
+    acc = record.get("test_accuracy")
+    if isinstance(acc, (int, float)) and math.isfinite(acc):
+      if (reason is None and self.best_accuracy >= self.trained_accuracy
+          and acc <= self.chance_accuracy):
+        reason = (f"test accuracy {acc:.4f} <= {self.chance_accuracy:g} after "
+                  f"{self.best_accuracy:.4f} >= {self.trained_accuracy:g}")
+      self.best_accuracy = max(self.best_accuracy, acc)
+    return reason
+
+
+def first_collapse(records, **thresholds) -> tuple[int, str] | None:
+  """(step, reason) of the first collapse in a sequence of metrics records, or None."""
+  watch = CollapseWatch(**thresholds)
+  for r in records:
+    reason = watch.update(r)
+    if reason is not None:
+      return r["step"], reason
+  return None
+
+
 @dataclasses.dataclass
 class Member:
   """One run's directory and host-side status inside the step loop."""
 
   cfg: Any
   wd: workdir_lib.WorkDir
-  recording: bool = True  # False once stopped (diverged) or finished before
+  recording: bool = True  # False once stopped (diverged, or collapsed with
+  # train.stop_on_collapse) or finished before
   diverged_at: int | None = None
+  collapsed_at: int | None = None  # the first collapse's step (CollapseWatch)
+  collapse_reason: str | None = None
+  stopped_on_collapse: bool = False
+  watch: CollapseWatch | None = None
+
+  def __post_init__(self):
+    if self.watch is None:
+      self.watch = CollapseWatch.of(self.cfg.train)
+
+  def observe(self, record: dict) -> bool:
+    """Feeds `record` to the collapse watch; True at the run's first collapse."""
+    reason = self.watch.update(record)
+    if reason is None or self.collapsed_at is not None:
+      return False
+    self.collapsed_at, self.collapse_reason = record["step"], reason
+    return True
 
 
 class _Clock:
@@ -248,8 +324,13 @@ class Loop:
 
   Trains, logs and evaluates every recording member, checkpoints into
   `ckpt_wd`, and calls `on_stop` for each member when it stops. A member whose
-  loss turns non-finite is recorded as diverged at that log step; the others
-  go on (vmapped members are independent).
+  loss turns non-finite is recorded as diverged at that log step and stops;
+  the others go on (vmapped members are independent). A member that
+  collapses (`CollapseWatch`: a finite loss that explodes, or accuracy back
+  near chance) gets `collapsed`, `collapsed_at_step` and `collapse_reason`
+  in the record where it is detected and in its summary, and by default
+  keeps training (a collapse may recover); with `train.stop_on_collapse` it
+  stops there like a diverged run, its last records kept.
   """
 
   def __init__(self, members: list[Member], ckpt_wd: workdir_lib.WorkDir, plan: Schedule,
@@ -314,6 +395,10 @@ class Loop:
     for m in self.members:
       if m.recording:  # a fresh start (step 0) keeps no records at all
         m.wd.truncate_metrics_after(step if step > 0 else -1)
+        for r in m.wd.read_metrics() if step > 0 else ():  # the collapse watch's history
+          m.watch.update(r)
+          if r.get("collapsed") and m.collapsed_at is None:
+            m.collapsed_at, m.collapse_reason = r["collapsed_at_step"], r.get("collapse_reason")
     return state, sums, step
 
   def _evaluate(self, state) -> list[dict]:
@@ -372,6 +457,10 @@ class Loop:
         record["diverged_at_step"] = m.diverged_at
       elif evals is not None:
         record.update(evals[i])
+      collapsed = m.diverged_at is None and m.observe(record)
+      if collapsed:
+        record.update(collapsed=True, collapsed_at_step=step,
+                      collapse_reason=m.collapse_reason)
       record["wall_time"] = clock.elapsed()
       m.wd.write_metrics(record)
       records.append(record)
@@ -380,6 +469,14 @@ class Loop:
                         m.diverged_at, m.wd.path)
         m.recording = False
         self.on_stop(m, step, None, clock.run_start)
+      elif collapsed:
+        stop = self.cfg.train.stop_on_collapse
+        logging.warning("Run %s collapsed at step %d (%s); %s.", m.wd.path, step,
+                        m.collapse_reason, "stopped (train.stop_on_collapse)" if stop
+                        else "training goes on (train.stop_on_collapse=False)")
+        if stop:
+          m.recording, m.stopped_on_collapse = False, True
+          self.on_stop(m, step, None, clock.run_start)
     return records
 
   def _report_progress(self, records: list[dict], step: int, clock: _Clock) -> None:

@@ -274,6 +274,22 @@ def diverged_at(run: Run):
   return (run.summary or {}).get("diverged_at_step")
 
 
+@register(METRICS, "collapsed")
+def collapsed(run: Run):
+  """Whether the run collapsed: a finite loss that exploded or accuracy back near chance.
+
+  `bnlab.loop.CollapseWatch`; a run that collapsed may have recovered (see its
+  final accuracy) unless it stopped there (`train.stop_on_collapse`).
+  """
+  return bool(run.summary.get("collapsed")) if run.summary else None
+
+
+@register(METRICS, "collapsed_at")
+def collapsed_at(run: Run):
+  """The step at which the run first collapsed, or None."""
+  return (run.summary or {}).get("collapsed_at_step")
+
+
 @register(METRICS, "at_least")
 def at_least(run: Run, metric: str, threshold: float):
   """Metric `metric` >= threshold; False where it is None (e.g. a diverged run's accuracy)."""

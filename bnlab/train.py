@@ -120,11 +120,12 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
 def extends(summary: dict, cfg, workdir: str) -> bool:
   """Whether `cfg` makes the finished run of `summary` longer (it then continues).
 
-  A diverged run stays finished. Raises ConfigError when `cfg` is shorter than
+  A diverged run, and one stopped at a collapse, stays finished. Raises ConfigError when `cfg` is shorter than
   what the run already trained: a run can be extended, not shortened.
   """
   spe, final = summary.get("steps_per_epoch"), summary.get("final_step")
-  if summary.get("diverged") or not isinstance(spe, int) or not isinstance(final, int):
+  if (summary.get("diverged") or summary.get("stopped_on_collapse")
+      or not isinstance(spe, int) or not isinstance(final, int)):
     return False
   t = cfg.train
   total = t.num_steps or t.num_epochs * spe
@@ -276,7 +277,9 @@ def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
   """Writes member `m`'s summary.json."""
   m.wd.wait()
   summary = {"diverged": m.diverged_at is not None, "diverged_at_step": m.diverged_at,
-             "final_step": step, **info}
+             "collapsed": m.collapsed_at is not None, "collapsed_at_step": m.collapsed_at,
+             "collapse_reason": m.collapse_reason,
+             "stopped_on_collapse": m.stopped_on_collapse, "final_step": step, **info}
   last = m.wd.last_metrics() or {}
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
     if key in last:
