@@ -65,6 +65,116 @@ def evaluate_members(apply_fn, params, batch_stats, images, labels, *, batch_siz
                                          batch_size=batch_size), (params, batch_stats))
 
 
+# The BN statistics an evaluation can use (`train.eval_statistics`): the running
+# averages (test_accuracy), statistics recomputed over training images
+# (test_accuracy_population) or each test batch's own (test_accuracy_batch).
+EVAL_STATISTICS = ("running", "population", "batch")
+
+
+def population_model_config(model_cfg):
+  """The evaluation model config whose BN layers average every batch they see (Algorithm 2)."""
+  cfg = eval_model_config(model_cfg).copy_and_resolve_references()
+  cfg.bn.running_average = "population"
+  return cfg
+
+
+def _with_counts(tree, count):
+  """`batch_stats` with `num_batches` (= count) beside every mean/var, or without (None)."""
+  if not isinstance(tree, dict) and not hasattr(tree, "items"):
+    return tree
+  out = {k: _with_counts(v, count) for k, v in tree.items() if k != "num_batches"}
+  if "mean" in out and "var" in out and count is not None:
+    out["num_batches"] = jnp.asarray(count, jnp.int32)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("population_apply", "batch_size", "num_batches"))
+def population_statistics(population_apply, params, batch_stats, images, *, batch_size: int,
+                          num_batches: int):
+  """Each BN layer's mean and variance over `num_batches` training batches (Algorithm 2).
+
+  The BN paper's inference step: with the parameters frozen, the training
+  network (BN in train mode, each batch normalised with its own statistics)
+  processes `num_batches` consecutive batches of `batch_size` (m) images;
+  each layer's E[x] is the mean of its batch means and Var[x] the mean of its
+  batch variances times m/(m-1). `population_apply` is the model built with
+  `population_model_config` (its BN layers keep that average); `batch_stats`
+  the run's, whose values are replaced. Returns `batch_stats` in the run's
+  structure, for `evaluate`.
+  """
+  stats = _with_counts(batch_stats, 0)
+
+  def body(st, i):
+    x = jax.lax.dynamic_slice_in_dim(images, i * batch_size, batch_size)
+    _, updates = population_apply({"params": params, "batch_stats": st}, x, train=True,
+                                  mutable=["batch_stats"])
+    return updates["batch_stats"], None
+
+  stats, _ = jax.lax.scan(body, stats, jnp.arange(num_batches))
+  return _with_counts(stats, None)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
+def evaluate_batch_statistics(apply_fn, params, batch_stats, images, labels, *,
+                              batch_size: int):
+  """Mean loss and accuracy with BN normalising each test batch with its own statistics.
+
+  Train-mode normalisation, the running averages neither used nor updated
+  (the updates are discarded). Every batch holds `batch_size` real images
+  (no padding, which would enter the statistics): the last one is the last
+  `batch_size` images, counting only those not counted before. Needs
+  `images.shape[0] >= batch_size`.
+  """
+  n = images.shape[0]
+  num_batches = -(-n // batch_size)
+  rngs = {"noise": jax.random.key(0), "dropout": jax.random.key(0)}
+
+  def body(carry, i):
+    start = jnp.minimum(i * batch_size, n - batch_size)
+    x = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
+    y = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
+    new = start + jnp.arange(batch_size) >= i * batch_size
+    logits, _ = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=True,
+                         mutable=["batch_stats"], rngs=rngs)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = jnp.argmax(logits, -1) == y
+    return (carry[0] + jnp.sum(jnp.where(new, loss, 0.0)),
+            carry[1] + jnp.sum(new & correct)), None
+
+  (loss, correct), _ = jax.lax.scan(
+      body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(num_batches))
+  return {"loss": loss / n, "accuracy": correct / n}
+
+
+def evaluate_statistics(kind: str, apply_fn, population_apply, params, batch_stats, images,
+                        labels, train_images, *, batch_size: int, train_batch_size: int,
+                        population_examples: int, stacked: bool):
+  """`evaluate` with BN statistics `kind` ("population" or "batch"), of one state or members.
+
+  "population": `population_statistics` over the first `population_examples`
+  of `train_images` (whole batches of `train_batch_size`, at least one), then
+  `evaluate` with them. Models without running statistics (no BN) evaluate
+  as with "running".
+  """
+  if kind == "batch":
+    fn = lambda pb: evaluate_batch_statistics(  # noqa: E731
+        apply_fn, pb[0], pb[1], images, labels, batch_size=batch_size)
+  elif kind == "population":
+    num_batches = max(1, min(population_examples, train_images.shape[0]) // train_batch_size)
+
+    def fn(pb):
+      stats = pb[1]
+      if jax.tree.leaves(stats):
+        stats = population_statistics(population_apply, pb[0], stats, train_images,
+                                      batch_size=train_batch_size, num_batches=num_batches)
+      return evaluate(apply_fn, pb[0], stats, images, labels, batch_size=batch_size)
+  else:
+    raise ValueError(f"evaluation statistics {kind!r}; expected one of {EVAL_STATISTICS[1:]}")
+  if stacked:
+    return jax.lax.map(fn, (params, batch_stats))
+  return fn((params, batch_stats))
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "units", "percentiles"))
 def activation_percentiles(apply_fn, params, batch_stats, images, *, layers, units,
                            percentiles):

@@ -16,6 +16,7 @@ from bnlab import config as config_lib
 from bnlab import distributed
 from bnlab import evaluation
 from bnlab import members as members_lib
+from bnlab import models
 from bnlab import steps as steps_lib
 from bnlab import workdir as workdir_lib
 from bnlab.state import take
@@ -135,6 +136,14 @@ class StepCalls:
     self.eval_apply = eval_model.apply
     self.num_train = num_train
     self.stacked = stacked
+    # train.eval_statistics besides the running averages (always evaluated).
+    self.eval_statistics = tuple(s for s in cfg.train.eval_statistics if s != "running")
+    self.population_examples = cfg.train.population_examples
+    self.population_apply = None
+    if "population" in self.eval_statistics:
+      self.population_apply = models.build_model(
+          evaluation.population_model_config(cfg.model),
+          dtype=models.compute_dtype(cfg.train.half_precision)).apply
 
   def permutation(self, state, epoch: int):
     if self.stacked:
@@ -182,6 +191,14 @@ class StepCalls:
     fn = evaluation.evaluate_members if self.stacked else evaluation.evaluate
     return jax.device_get(fn(self.eval_apply, state.params, state.batch_stats, images,
                              labels, batch_size=batch_size))
+
+  def evaluate_others(self, state, images, labels, train_images, batch_size: int) -> dict:
+    """{kind: evaluation} with each of `train.eval_statistics` but the running averages."""
+    return {kind: jax.device_get(evaluation.evaluate_statistics(
+        kind, self.eval_apply, self.population_apply, state.params, state.batch_stats,
+        images, labels, train_images, batch_size=batch_size,
+        train_batch_size=self.batch_size, population_examples=self.population_examples,
+        stacked=self.stacked)) for kind in self.eval_statistics}
 
   def member(self, tree, i: int):
     """Member `i`'s part of a (host or device) tree."""
@@ -405,14 +422,20 @@ class Loop:
     """Each member's test loss, accuracy and analysis recordings."""
     ev = self.calls.evaluate(state, self.data.test_images, self.data.test_labels,
                              self.eval_batch_size)
+    others = self.calls.evaluate_others(state, self.data.test_images, self.data.test_labels,
+                                        self.data.train_images, self.eval_batch_size)
     analysis = evaluation.analysis_records(
         self.cfg.analysis, self.calls.eval_apply, state.params, state.batch_stats,
         self.data.test_images, len(self.members), self.calls.stacked)
     results = []
     for i in range(len(self.members)):
       e = self.calls.member(ev, i)
-      results.append({"test_loss": float(e["loss"]), "test_accuracy": float(e["accuracy"]),
-                      **analysis[i]})
+      result = {"test_loss": float(e["loss"]), "test_accuracy": float(e["accuracy"])}
+      for kind, o in others.items():
+        o = self.calls.member(o, i)
+        result.update({f"test_loss_{kind}": float(o["loss"]),
+                       f"test_accuracy_{kind}": float(o["accuracy"])})
+      results.append({**result, **analysis[i]})
     return results
 
   def _record_start(self, state, clock: _Clock) -> None:

@@ -281,7 +281,8 @@ def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
              "collapse_reason": m.collapse_reason,
              "stopped_on_collapse": m.stopped_on_collapse, "final_step": step, **info}
   last = m.wd.last_metrics() or {}
-  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+  others = tuple(k for k in last if k.startswith(("test_loss_", "test_accuracy_")))
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy") + others:
     if key in last:
       # A diverged run has no final accuracy: its last evaluation predates the blow-up.
       summary[key if m.diverged_at is None else f"{key}_before_divergence"] = last[key]
