@@ -290,6 +290,13 @@ def collapsed_at(run: Run):
   return (run.summary or {}).get("collapsed_at_step")
 
 
+@register(METRICS, "summary_difference")
+def summary_difference(run: Run, key: str, minus: str):
+  """summary.json's `key` minus its `minus` (e.g. train-mode minus inference accuracy)."""
+  a, b = summary_value(run, key), summary_value(run, minus)
+  return None if a is None or b is None else a - b
+
+
 @register(METRICS, "at_least")
 def at_least(run: Run, metric: str, threshold: float):
   """Metric `metric` >= threshold; False where it is None (e.g. a diverged run's accuracy)."""

@@ -1,0 +1,80 @@
+"""Small batches: BN at batch sizes 2-256 against LayerNorm, GroupNorm, ghost BN and BRN.
+
+The paper MLP with ReLU (784-100-100-100-10, norm before every activation, LeCun normal
+init), plain SGD at lr 0.1, 10,000 steps at every batch size, 3 seeds. Ghost BN
+normalises ghost batches of min(batch, 16) (at batch <= 16 it is BN); Batch
+Renormalization (BRN) warms up as BN for 500 steps, then r_max -> 3 by step 3,000 and
+d_max -> 5 by step 2,000. GroupNorm: 4 groups of 25 features.
+
+Run:    python -m bnlab.study --config=configs/studies/small_batches.py --workdir=runs/small_batches
+Smoke:  ...small_batches.py:runlocal (batch 2 and 32, 1 seed, 30 steps)
+Budget: 5 norms x 8 batch sizes x 3 seeds = 120 runs of 10,000 steps (40 vmapped groups
+        of 3 seeds). Timed on a busy 2-core CPU (600 steps, full MNIST): batch 2 ~7,500
+        group steps/s, batch 256 ~100 (BN and BRN alike); ~3.5 min per norm over the
+        sizes plus compiles and evaluations: ~25 min on CPU. One GPU: estimated 5-10
+        min (compile-bound; not timed).
+Expected (written before any run): group_beats_bn_at_2 supported, renorm_beats_bn_at_4
+        supported, bn_gap_shrinks supported, bn_at_least_layer_at_256 inconclusive.
+"""
+
+from bnlab import study
+from bnlab import sweep
+
+SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
+NORMS = ("batch", "layer", "group", "ghost", "renorm")
+GAP = "train-mode train accuracy (last log interval) minus inference-mode full-train accuracy"
+
+
+def get_config(arg=None):
+  local = study.parse_arg(arg, runlocal=False).runlocal
+  s = study.base_config()
+  s.title = "Small batches: BN against LayerNorm, GroupNorm, ghost BN and Batch Renormalization"
+  s.run.config = "configs/paper_mlp.py"
+  s.run.overrides.model = {"activation": "relu", "bn": {
+      "renorm_warmup_steps": 10 if local else 500, "renorm_r_max_steps": 20 if local else 3_000,
+      "renorm_d_max_steps": 20 if local else 2_000}}
+  s.run.overrides.optimizer = {"learning_rate": 0.1}
+  s.run.overrides.train = {"num_steps": 30 if local else 10_000,
+                           "eval_every_steps": 15 if local else 1_000,
+                           "log_every_steps": 15 if local else 1_000}
+  s.cells = ("model.norm", "train.batch_size")
+  s.metrics = {"final_acc": ("summary", "test_accuracy"),
+               "gap": ("summary_difference", "train_accuracy", "full_train_accuracy"),
+               "diverged": ("diverged",), "collapsed": ("collapsed",)}
+  s.tables = {"final": {"metrics": ("final_acc", "gap", "diverged", "collapsed"),
+                        "by": ("train.batch_size",), "across": "model.norm"}}
+  s.figures = {name: {"kind": "final_vs", "metric": name, "x": "train.batch_size",
+                      "hue": ("model.norm",), "logx": True} for name in ("final_acc", "gap")}
+  def separated(statement, metric, a, b):  # every seed of a above every seed of b
+    at = lambda norm, size: f"model.norm={norm},train.batch_size={size}"  # noqa: E731
+    return {"statement": statement, "rule": "separated", "metric": metric, "a": at(*a),
+            "b": at(*b)}
+  s.claims = {
+      "group_beats_bn_at_2": separated(
+          "At batch 2, every GroupNorm seed ends with a higher final test accuracy than "
+          "every BN seed.", "final_acc", ("group", 2), ("batch", 2)),
+      "renorm_beats_bn_at_4": separated(
+          "At batch 4, every BRN seed ends above every BN seed (final test acc).",
+          "final_acc", ("renorm", 4), ("batch", 4)),
+      "bn_gap_shrinks": separated(
+          f"BN's train/eval gap ({GAP}) is larger at batch 2 than at batch 256 for every "
+          "pair of seeds.", "gap", ("batch", 2), ("batch", 256)),
+      "bn_at_least_layer_at_256": separated(
+          "At batch 256, every BN seed ends above every LayerNorm seed.", "final_acc",
+          ("batch", 256), ("layer", 256))}
+  s.labels = {"batch": "BN", "layer": "LayerNorm", "group": "GroupNorm", "ghost": "ghost BN",
+              "renorm": "BRN", "final_acc": "final test accuracy", "gap": "train/eval gap",
+              "batch_size": "batch size"}
+  s.notes = (f"*gap*: {GAP}; positive when the network does better with batch statistics "
+             "than with its running averages. The step budget is the same at every size, "
+             "so small batches see fewer examples; norms are compared within a size.")
+  return s
+
+
+def get_sweep(arg=None):
+  local = study.parse_arg(arg, runlocal=False).runlocal
+  sizes = (2, 32) if local else SIZES
+  by_size = sweep.zip_(sweep.axis("train.batch_size", sizes),
+                       sweep.axis("model.bn.ghost_size", [min(b, 16) for b in sizes]))
+  return sweep.product(sweep.axis("model.norm", NORMS), by_size,
+                       sweep.seeds(1 if local else 3))
