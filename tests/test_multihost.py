@@ -199,7 +199,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(idx_dir, tmp_pat
   assert len(os.listdir(wd / "tensorboard")) == 1
   assert not (wd / ".lock").exists()
   assert sorted(p.name for p in wd.iterdir()) == [
-      "checkpoints", "config.json", "metrics.jsonl", "summary.json", "tensorboard"]
+      "checkpoints", "config.json", "data.json", "metrics.jsonl", "summary.json", "tensorboard"]
 
   # The same run in one process on one device: same global batches, same numbers.
   ref_dir, one = reference
