@@ -94,7 +94,11 @@ def resume_refusal(old: dict, new: dict) -> tuple[list[str], str | None]:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults for every run: the seed CNN with BN, SGD, batch 32."""
+  """Defaults for every run: the seed CNN with BN, SGD, batch 32.
+
+  One long function on purpose: the one place that names every key, each with
+  its default and a comment; `validate` checks configs against it.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -229,8 +233,16 @@ def _one_of(cfg, key: str, choices) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid value, naming its key."""
-  expected = base_config()
-  _check_keys(c, expected, "")
+  _check_keys(c, base_config(), "")
+  _validate_seed_and_data(c)
+  _validate_model(c)
+  _validate_optimizer(c)
+  _validate_train(c)
+  _validate_analysis(c)
+  _validate_distributed(c)
+
+
+def _validate_seed_and_data(c) -> None:
   _check(isinstance(c.seed, int) and 0 <= c.seed <= MAX_SEED, "seed", c.seed,
          f"an integer in [0, {MAX_SEED}] (2**32 - 1)")
   _one_of(c, "data.source", data_lib.SOURCES)
@@ -239,6 +251,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("data.num_train", "data.num_test"):
     v = c.data[key.split(".")[1]]
     _check(isinstance(v, int) and v >= 0, key, v, "an integer >= 0 (0 = all)")
+
+
+def _validate_model(c) -> None:
   _validate_model_name(c)
   _one_of(c, "model.norm", models.NORMS)
   _one_of(c, "model.bn_position", models.BN_POSITIONS)
@@ -257,6 +272,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "a number in [0, 1)")
   _check(c.model.bn.epsilon > 0, "model.bn.epsilon", c.model.bn.epsilon, "a number > 0")
   _validate_norm_variant(c)
+
+
+def _validate_optimizer(c) -> None:
   _one_of(c, "optimizer.name", OPTIMIZERS)
   _one_of(c, "optimizer.schedule", SCHEDULES)
   lr = c.optimizer.learning_rate
@@ -272,6 +290,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.optimizer.schedule != "step" or c.optimizer.decay_every_steps > 0,
          "optimizer.decay_every_steps", c.optimizer.decay_every_steps,
          "an integer > 0 when optimizer.schedule=step")
+
+
+def _validate_train(c) -> None:
   t = c.train
   _check(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
          "an integer > 0")
@@ -310,6 +331,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "an integer >= 1")
   _check(t.eval_every_steps > 0 or t.eval_every_epochs > 0, "train.eval_every_epochs",
          t.eval_every_epochs, "> 0 (or set train.eval_every_steps)")
+
+
+def _validate_analysis(c) -> None:
   a = c.analysis
   if not models.is_user_model(c.model.name):  # a user model's: checked when it is built
     names = models.pre_activation_names(c.model.name)
@@ -320,7 +344,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(all(0 <= q <= 100 for q in a.percentiles), "analysis.percentiles",
          tuple(a.percentiles), "numbers in [0, 100]")
   _check(a.num_examples > 0, "analysis.num_examples", a.num_examples, "an integer > 0")
-  _validate_distributed(c)
 
 
 def _validate_distributed(c) -> None:
