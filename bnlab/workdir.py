@@ -84,13 +84,71 @@ class _QuietLibraries:
 
   def filter(self, record) -> bool:
     path = record.pathname.replace("\\", "/")
-    return record.levelno >= 30 or not any(n in path for n in self.noisy)
+    if not any(n in path for n in self.noisy):
+      return True
+    if record.levelno < 30:
+      return False
+    # A failed checkpoint write (full disk, file size limit) is reported by
+    # bnlab in one line; orbax's tracebacks of it from each of its threads are not shown.
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += f" {record.exc_info[1]}"
+    return not is_storage_full(text)
+
+
+class _QuietAsyncio:
+  """Drops asyncio's "exception was never retrieved" of a failed checkpoint write."""
+
+  def filter(self, record) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += f" {record.exc_info[1]}"
+    return not is_storage_full(text)
+
+
+def _after_a_failed_write(exc) -> bool:
+  """Whether `exc` is the echo, in a library's thread, of a write bnlab reports itself.
+
+  After a checkpoint or event file write fails (a full disk), the threads of
+  orbax/tensorstore and tensorboardX still finishing print tracebacks of it
+  ("Event loop is closed", the writer's flush at exit); bnlab's `error:` line
+  says what happened and what to do.
+  """
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  return isinstance(exc, OSError) and (
+      getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+      or str(exc) == "handle is closed")
 
 
 def quiet_library_logs() -> None:
   """Keeps the progress log readable (unless --verbosity asks for debug output)."""
   if logging.get_verbosity() < logging.DEBUG:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    for where in (logging.get_absl_handler(), logging.get_absl_logger()):
+      if not any(isinstance(f, _QuietLibraries) for f in where.filters):
+        where.addFilter(_QuietLibraries())
+    import logging as py_logging  # pylint: disable=g-import-not-at-top
+    asyncio_logger = py_logging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietAsyncio) for f in asyncio_logger.filters):
+      asyncio_logger.addFilter(_QuietAsyncio())
+    if not getattr(sys.excepthook, "bnlab_quiet", False):
+      import threading  # pylint: disable=g-import-not-at-top
+      hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+
+      def excepthook(kind, value, tb):
+        if not _after_a_failed_write(value):
+          hooks[0](kind, value, tb)
+
+      def unraisablehook(info):
+        if not _after_a_failed_write(info.exc_value):
+          hooks[1](info)
+
+      def thread_excepthook(args):
+        if not _after_a_failed_write(args.exc_value):
+          hooks[2](args)
+      excepthook.bnlab_quiet = True
+      sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+      threading.excepthook = thread_excepthook
 
 
 # TensorBoard tags of the metrics records' keys: train_* and test_* under train/
@@ -160,14 +218,41 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+_FULL_MARKERS = ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED", "quota", "Disk quota",
+                 "File too large", "os_error_code='28'", "os_error_code='27'",
+                 "os_error_code='122'")
+
+
+def is_storage_full(text: str) -> bool:
+  """Whether an error's text says the disk (or quota, or file size limit) is full."""
+  return any(t in text for t in _FULL_MARKERS)
+
+
+def _storage_reason(e: BaseException) -> str:
+  """A short reason for a failed write: the OS's words, not a library's whole message."""
+  if getattr(e, "strerror", None):
+    return e.strerror
+  text = str(e)
+  for marker, reason in (("No space left", "No space left on device"),
+                         ("os_error_code='28'", "No space left on device"),
+                         ("quota", "Disk quota exceeded"),
+                         ("os_error_code='122'", "Disk quota exceeded"),
+                         ("File too large", "File too large: the file size limit (ulimit -f)"),
+                         ("os_error_code='27'", "File too large: the file size limit (ulimit -f)")):
+    if marker in text:
+      return reason
+  return " ".join(text.split())[:200] or type(e).__name__
+
+
 def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
   """A WorkDirError for a failed read/write of `path`, with the fix."""
   if getattr(e, "errno", None) == errno.ELOOP:  # O_NOFOLLOW met a link
     return _link_error(path)
   reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
   text = str(e)
-  if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-      t in text for t in ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED", "quota")):
+  if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or is_storage_full(
+      text):
+    reason = _storage_reason(e)
     fix = "free space on that disk, then rerun the same command to resume"
   elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
     fix = "make it writable or choose another --workdir"
@@ -578,7 +663,7 @@ class WorkDir:
         finally:
           manager.close()
     except Exception as e:  # pylint: disable=broad-except
-      raise _io_error("saving a checkpoint in", self._ckpt_dir, e) from e
+      raise self._save_error(self._unsealed, e) from e
     finally:
       if self._tb is not None:
         try:
@@ -880,15 +965,30 @@ class WorkDir:
           step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target))):
         self._unsealed.append(step)
     except Exception as e:  # pylint: disable=broad-except
-      raise _io_error(f"saving checkpoint {step} in", self._ckpt_dir, e) from e
+      raise self._save_error([step], e) from e
 
   def wait(self) -> None:
     """Waits for the checkpoints being written, then writes their checksums."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise _io_error("saving a checkpoint in", self._ckpt_dir, e) from e
+      raise self._save_error(self._unsealed, e) from e
     self._seal()
+
+  def _save_error(self, steps: list[int], e: BaseException) -> WorkDirError:
+    """The WorkDirError of a checkpoint write that failed: which step, and where a rerun resumes."""
+    what = (f"saving checkpoint {', '.join(map(str, steps))} in" if steps
+            else "saving a checkpoint in")
+    error = _io_error(what, self._ckpt_dir, e)
+    try:
+      done = [int(n) for n in os.listdir(self._ckpt_dir) if n.isdigit() and int(n) not in steps]
+    except OSError:
+      done = []
+    if str(error).endswith("rerun the same command to resume"):
+      where = (f"the last complete checkpoint (step {max(done)})" if done
+               else "the start (no checkpoint is complete)")
+      error = WorkDirError(f"{error} from {where}")
+    return error
 
   def _seal(self) -> None:
     """Writes bnlab_checksums.json into each finished checkpoint (the primary)."""
