@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import socket
+import time
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -78,6 +79,8 @@ def initialize(dcfg) -> bool:
   shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
   if dcfg.coordinator_address and dcfg.process_id == 0:
     _check_port_free(dcfg.coordinator_address)
+  elif dcfg.coordinator_address and dcfg.process_id > 0:
+    _wait_for_coordinator(dcfg.coordinator_address, int(dcfg.initialization_timeout))
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except
@@ -113,6 +116,36 @@ def _check_port_free(address: str) -> None:
         f"port {port} of config.distributed.coordinator_address={address!r} is in use on "
         f"this host (process 0 serves the coordinator there: {e.strerror or e}); choose a "
         "free port, the same for every process") from None
+
+
+def _wait_for_coordinator(address: str, timeout: int) -> None:
+  """Waits up to `timeout` s until process 0's coordinator accepts connections.
+
+  jaxlib aborts the process (a C++ stack, no Python exception) when the
+  coordinator does not answer in time, so look first.
+  """
+  host, port = address.rsplit(":", 1)
+  host = host[1:-1] if host.startswith("[") else host
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host, int(port)),
+                                    timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+        return
+    except socket.gaierror as e:
+      raise DistributedError(
+          f"the host of config.distributed.coordinator_address={address!r} cannot be resolved "
+          f"({e.strerror or e}); set it to process 0's host:port, the same for every "
+          "process") from None
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise DistributedError(
+            f"the coordinator at config.distributed.coordinator_address={address!r} did not "
+            f"answer within {timeout} s ({e.strerror or type(e).__name__}); start process 0 "
+            "(it serves the coordinator), check that address and port (the same for every "
+            "process) and the firewall, or raise config.distributed.initialization_timeout"
+        ) from None
+      time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def process_count() -> int:
