@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 
 from absl import logging
@@ -205,7 +206,7 @@ def read_idx(path: str, magic: int) -> np.ndarray:
       data = f.read()
     if data[:2] == b"\x1f\x8b":
       data = gzip.decompress(data)
-  except (OSError, EOFError) as err:
+  except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged gzip stream
     raise DataError(f"cannot read {path}: {err}. Fix: {fix}") from err
   if len(data) < 4:
     raise DataError(f"{path} is too short ({len(data)} bytes) for an IDX header. Fix: {fix}")
@@ -248,6 +249,12 @@ def find_idx_file(data_dir: str, name: str) -> str:
     path = os.path.join(data_dir, candidate)
     if os.path.isfile(path):
       return path
+  for candidate in candidates:
+    path = os.path.join(data_dir, candidate)
+    if os.path.isdir(path):
+      raise DataError(
+          f"MNIST source 'idx': {path} is a directory, not an IDX file. Fix: replace it with "
+          "the original MNIST file")
   raise DataError(
       f"MNIST source 'idx': no {stem} file in {data_dir} (looked for {', '.join(candidates)}). "
       f"Fix: put the four MNIST IDX files there or set {DIR_FLAG}=... to their directory"

@@ -1051,7 +1051,8 @@ def main(argv):
       cfg = f.config
       cfg.keys()
     except OSError as e:  # config_flags defers load failures to first use
-      raise config_lib.ConfigError(f"--config={path!r} could not be loaded: {e}") from None
+      raise config_lib.ConfigError(
+          f"--config={path!r} could not be loaded ({e}); check the path") from None
     try:
       study = Study.from_file(path, arg, cfg)
     except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError):

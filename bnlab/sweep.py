@@ -538,7 +538,8 @@ def main(argv):
       base = f.config
       base.keys()
     except OSError as e:  # config_flags defers load failures to first use
-      raise config_lib.ConfigError(f"--config={path!r} could not be loaded: {e}") from None
+      raise config_lib.ConfigError(
+          f"--config={path!r} could not be loaded ({e}); check the path") from None
     module = load_config_file(path)
     if not hasattr(module, "get_sweep"):
       raise config_lib.ConfigError(f"{path} defines no get_sweep()")

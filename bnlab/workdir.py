@@ -254,6 +254,12 @@ def _io_error(what: str, path: str, e: BaseException) -> WorkDirError:
       text):
     reason = _storage_reason(e)
     fix = "free space on that disk, then rerun the same command to resume"
+  elif getattr(e, "errno", None) == errno.EISDIR:
+    fix = ("a directory stands where bnlab keeps a file: move it aside, then rerun the same "
+           "command to resume")
+  elif getattr(e, "errno", None) == errno.ENOTDIR:
+    fix = ("a file stands where bnlab keeps a directory: move it aside, then rerun the same "
+           "command to resume")
   elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
     fix = "make it writable or choose another --workdir"
   else:

@@ -237,6 +237,43 @@ def _ckpt_is_file(c):
   open(os.path.join(c.wd, "checkpoints"), "w").write("not a directory")
 
 
+def _gzip_body_damaged(c):
+  """A gzip header, then a deflate stream with flipped bytes (not merely cut short)."""
+  path = os.path.join(c.idx_copy(), IDX["train_images"])
+  raw = bytearray(open(path, "rb").read())
+  for i in range(20, 60):
+    raw[i] ^= 0xFF
+  open(path, "wb").write(bytes(raw))
+
+
+def _idx_file_is_a_directory(c):
+  path = os.path.join(c.idx_copy(), IDX["train_labels"])
+  os.remove(path)
+  os.makedirs(path)
+
+
+def _workdir_file(name, how, interrupted_at=4):
+  """A work directory (killed at `interrupted_at`, or finished with None) whose `name` is
+  damaged (garbage), a directory, missing, or a symbolic link to a copy outside it."""
+  def setup(c):
+    c.copy_finished(interrupted_at)
+    path = os.path.join(c.wd, name)
+    if how in ("directory", "damaged", "missing") and os.path.lexists(path):
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if how == "directory":
+      os.makedirs(path)
+    elif how == "damaged":
+      open(path, "w").write("\0garbage{")
+    elif how == "symlink":
+      target = str(c.tmp / ("outside-" + name.lstrip(".")))
+      if os.path.lexists(path):
+        shutil.move(path, target)
+      else:
+        open(target, "w").close()
+      os.symlink(target, path)
+  return setup
+
+
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 # (id, via, setup, problem, fix)
@@ -304,6 +341,9 @@ CASES = [
     ("idx_missing_file", "api", lambda c: os.remove(os.path.join(c.idx_copy(), IDX["test_images"])), "no t10k-images-idx3-ubyte file", "put the four MNIST IDX files"),
     ("idx_dir_is_a_file", "api", _data_dir_is_a_file, "mnist.gz is a file, not a directory", "--config.data.dir="),
     ("idx_missing_dir", "api", _set(data__dir="/nonexistent/mnist"), "/nonexistent/mnist does not exist", "--config.data.dir="),
+    ("idx_gzip_body_damaged", "api", _gzip_body_damaged, "cannot read", "replace"),
+    ("idx_not_gzip_despite_name", "api", lambda c: open(os.path.join(c.idx_copy(), IDX["test_labels"]), "wb").write(b"plain text, not gzip"), "bad magic", "replace"),
+    ("idx_file_is_a_directory", "api", _idx_file_is_a_directory, "train-labels-idx1-ubyte.gz is a directory, not an IDX file", "replace it"),
     ("cache_corrupt_array", "api", lambda c: c.cache(lambda p: open(os.path.join(p, "train_images.npy"), "wb").write(b"garbage")), "cannot read", "and rerun"),
     ("cache_corrupt_manifest", "api", lambda c: c.cache(lambda p: open(os.path.join(p, "manifest.json"), "w").write("{")), "unreadable", "and rerun"),
     ("cache_foreign_arrays", "api", lambda c: c.cache(lambda p: None), "sha256", "and rerun"),
@@ -323,6 +363,20 @@ CASES = [
     ("checkpoints_is_a_file", "api", _ckpt_is_file, "checkpoints is not a directory", "move it aside"),
     ("all_checkpoints_corrupt", "api", _corrupt_all_checkpoints, "no checkpoint in", "move that directory aside"),
     ("foreign_checkpoint", "api", _foreign_checkpoint, "from another model", "use a new --workdir"),
+    # every file of a work directory: damaged, a directory, missing or a symbolic link
+    # (the cases that are handled, not refused, are in HANDLED below)
+    ("wd_config_json_directory", "api", _workdir_file("config.json", "directory"), "config.json is unreadable", "use a new --workdir"),
+    ("wd_config_json_symlink", "api", _workdir_file("config.json", "symlink"), "config.json is a symbolic link", "remove the link"),
+    ("wd_metrics_jsonl_directory", "api", _workdir_file("metrics.jsonl", "directory"), "metrics.jsonl failed (Is a directory)", "move it aside"),
+    ("wd_metrics_jsonl_symlink", "api", _workdir_file("metrics.jsonl", "symlink"), "metrics.jsonl is a symbolic link", "remove the link"),
+    ("wd_summary_json_damaged", "api", _workdir_file("summary.json", "damaged", None), "summary.json is unreadable", "delete it and rerun"),
+    ("wd_summary_json_directory", "api", _workdir_file("summary.json", "directory", None), "summary.json is unreadable", "delete it and rerun"),
+    ("wd_summary_json_symlink", "api", _workdir_file("summary.json", "symlink", None), "summary.json is a symbolic link", "remove the link"),
+    ("wd_data_json_symlink", "api", _workdir_file("data.json", "symlink"), "data.json is a symbolic link", "remove the link"),
+    ("wd_lock_symlink", "api", _workdir_file(".lock", "symlink"), ".lock is a symbolic link", "remove the link"),
+    ("wd_checkpoints_symlink", "api", _workdir_file("checkpoints", "symlink"), "checkpoints is a symbolic link", "remove the link"),
+    ("wd_tensorboard_file", "api", _workdir_file("tensorboard", "damaged"), "tensorboard failed (Not a directory)", "move it aside"),
+    ("wd_tensorboard_symlink", "api", _workdir_file("tensorboard", "symlink"), "tensorboard is a symbolic link", "remove the link"),
     ("disk_full_saving_checkpoint", "api", lambda c: (c.copy_finished(4), c.fail(ocp.CheckpointManager, "save", ENOSPC)), "saving checkpoint 6", "free space on that disk"),
     ("disk_full_async_checkpoint", "api", lambda c: (c.copy_finished(4), c.fail(ocp.CheckpointManager, "wait_until_finished", ValueError("RESOURCE_EXHAUSTED: write failed: No space left on device"))), "saving a checkpoint", "free space on that disk"),
     ("disk_full_metrics", "api", lambda c: (c.copy_finished(4), c.fail(workdir_lib, "open", ENOSPC, lambda p, *a, **k: str(p).endswith("metrics.jsonl") and a[:1] == ("a",))), "appending to", "free space on that disk"),
@@ -374,6 +428,49 @@ def test_bad_input(env, holder, tmp_path, monkeypatch, capsys, case):
         assert after[path].startswith(content), "metrics.jsonl was rewritten"
       else:
         assert after[path] == content, f"{path} was changed"
+
+
+# Work directory files whose damage a rerun handles (exit status 0, the run finishes):
+# (id, setup, what happens, check(work dir) -> bool)
+HANDLED = [
+    ("wd_config_json_missing", _workdir_file("config.json", "missing"), "restored from the newest checkpoint's copy", lambda wd: json.load(open(os.path.join(wd, "config.json")))["optimizer"]["learning_rate"] == 0.1),
+    ("wd_metrics_jsonl_damaged", _workdir_file("metrics.jsonl", "damaged"), "the damaged line is moved aside, not dropped", lambda wd: any(n.startswith("metrics.jsonl.damaged-") for n in os.listdir(wd))),
+    ("wd_metrics_jsonl_missing", _workdir_file("metrics.jsonl", "missing"), "the records from the resumed step on are written", lambda wd: json.loads(open(os.path.join(wd, "metrics.jsonl")).readlines()[-1])["step"] == 10),
+    ("wd_summary_json_missing", _workdir_file("summary.json", "missing", None), "the final evaluation is redone from the last checkpoint", lambda wd: os.path.isfile(os.path.join(wd, "summary.json"))),
+    ("wd_data_json_damaged", _workdir_file("data.json", "damaged"), "the newest checkpoint's copy of the data identity is compared", lambda wd: True),
+    ("wd_data_json_directory", _workdir_file("data.json", "directory"), "the newest checkpoint's copy of the data identity is compared", lambda wd: True),
+    ("wd_data_json_missing", _workdir_file("data.json", "missing"), "the newest checkpoint's copy is compared (the checkpoints carry it)", lambda wd: True),
+    ("wd_lock_damaged", _workdir_file(".lock", "damaged"), "a lock no process holds is taken over", lambda wd: not os.path.lexists(os.path.join(wd, ".lock"))),
+    ("wd_checkpoints_missing", _workdir_file("checkpoints", "missing"), "trains again from step 0 (the same records: the run is deterministic)", lambda wd: os.path.isdir(os.path.join(wd, "checkpoints", "10"))),
+    ("wd_checkpoints_empty_directory", _workdir_file("checkpoints", "directory"), "trains again from step 0", lambda wd: os.path.isdir(os.path.join(wd, "checkpoints", "10"))),
+    ("wd_tensorboard_missing", _workdir_file("tensorboard", "missing"), "written again from the resumed step on", lambda wd: os.listdir(os.path.join(wd, "tensorboard"))),
+    ("wd_tensorboard_empty_directory", _workdir_file("tensorboard", "directory"), "written again from the resumed step on", lambda wd: os.listdir(os.path.join(wd, "tensorboard"))),
+]
+
+
+@pytest.mark.parametrize("case", HANDLED, ids=[c[0] for c in HANDLED])
+def test_handled_workdir_damage(env, tmp_path, monkeypatch, capsys, case):
+  name, setup, what, check = case
+  c = Case(env, tmp_path, monkeypatch, None)
+  setup(c)
+  summary = main_lib.execute(c.cfg, c.wd)
+  err = capsys.readouterr().err
+  assert "error:" not in err and "Traceback" not in err, err
+  assert summary["final_step"] == 10, summary
+  assert check(c.wd), what
+
+
+@pytest.mark.parametrize("module", ["bnlab.main", "bnlab.sweep", "bnlab.study"])
+@pytest.mark.parametrize("config", ["configs/no_such.py", "configs", ""])
+def test_entry_point_bad_config_path(tmp_path, module, config):
+  p = subprocess.run([sys.executable, "-m", module, f"--config={config}",
+                      f"--workdir={tmp_path / 'wd'}"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  lines = [x for x in p.stderr.splitlines() if x.strip()]
+  assert p.returncode == 2, p.stderr
+  assert len(lines) == 1 and lines[0].startswith(f"error: --config={config!r}"), p.stderr
+  assert lines[0].endswith("check the path"), lines[0]
+  assert not os.path.exists(tmp_path / "wd")
 
 
 def test_catalogue_size():
