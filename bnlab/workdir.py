@@ -135,8 +135,8 @@ def quiet_library_logs() -> None:
       import threading  # pylint: disable=g-import-not-at-top
       hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
 
-      def excepthook(kind, value, tb):
-        if not _after_a_failed_write(value):
+      def excepthook(kind, value, tb):  # tensorstore's callbacks print through it
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
           hooks[0](kind, value, tb)
 
       def unraisablehook(info):
