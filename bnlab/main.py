@@ -86,16 +86,26 @@ def main(argv):
     _fail(f"unexpected arguments {argv[1:]}: every option is a --flag=value "
           "(see --helpfull)")
   workdir_lib.quiet_library_logs()
-  cfg = _CONFIG.value
   try:
-    cfg.keys()
-  except OSError as e:  # config_flags defers load failures to first use
-    _fail(f"--config={flags.FLAGS['config'].config_filename!r} could not be loaded ({e}); "
-          "check the path")
+    cfg = loaded_config()
+  except config_lib.ConfigError as e:
+    _fail(e)
   summary = execute(cfg, _WORKDIR.value)
   shown = {k: summary[k] for k in ("diverged", "final_step", "test_accuracy", "train_loss",
                                    "full_train_accuracy", "wall_time") if k in summary}
   print(json.dumps(shown))
+
+
+def loaded_config():
+  """The --config flag's config; ConfigError naming the path when the file cannot be loaded."""
+  try:
+    cfg = flags.FLAGS.config
+    cfg.keys()
+  except OSError as e:  # config_flags defers load failures to first use
+    raise config_lib.ConfigError(
+        f"--config={flags.FLAGS['config'].config_filename!r} could not be loaded ({e}); "
+        "check the path") from None
+  return cfg
 
 
 def parse_flags(argv: list[str]) -> list[str]:

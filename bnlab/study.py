@@ -1039,6 +1039,7 @@ def main(argv):
   """`python -m bnlab.study`: see the module docstring."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
+  from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
   from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -1047,12 +1048,7 @@ def main(argv):
   study = None
   try:
     path, _, arg = f["config"].config_filename.partition(":")
-    try:
-      cfg = f.config
-      cfg.keys()
-    except OSError as e:  # config_flags defers load failures to first use
-      raise config_lib.ConfigError(
-          f"--config={path!r} could not be loaded ({e}); check the path") from None
+    cfg = main_lib.loaded_config()
     try:
       study = Study.from_file(path, arg, cfg)
     except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError):

@@ -527,6 +527,7 @@ def main(argv):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from bnlab import backend  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
+  from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
   from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -534,12 +535,7 @@ def main(argv):
   f = flags.FLAGS
   path = f["config"].config_filename
   try:
-    try:
-      base = f.config
-      base.keys()
-    except OSError as e:  # config_flags defers load failures to first use
-      raise config_lib.ConfigError(
-          f"--config={path!r} could not be loaded ({e}); check the path") from None
+    base = main_lib.loaded_config()
     module = load_config_file(path)
     if not hasattr(module, "get_sweep"):
       raise config_lib.ConfigError(f"{path} defines no get_sweep()")
@@ -572,7 +568,6 @@ def main(argv):
   except KeyboardInterrupt as e:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
-    from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
     main_lib.interrupted(e)
   counts: dict[str, int] = {}
   for r in rows:
