@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -1045,7 +1046,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir_lib.quiet_library_logs()
   f = flags.FLAGS
-  study = None
+  study, path = None, ""
   try:
     path, _, arg = f["config"].config_filename.partition(":")
     cfg = main_lib.loaded_config()
@@ -1077,9 +1078,19 @@ def main(argv):
   except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f"error: {study_fix(' '.join(str(e).split()), path)}", file=sys.stderr)
     sys.exit(2)
   print(text or f"runs are in {os.path.join(f.workdir, 'runs')}")
+
+
+def study_fix(message: str, path: str) -> str:
+  """`message` with a run-config flag it suggests (not a study flag) replaced by the study's fix."""
+  flag = re.search(r"Set it with --config\.([\w.]+)=\.\.\.", message)
+  if flag is None or flag.group(1) in config_lib.flatten(base_config().to_dict()):
+    return message
+  return message.replace(flag.group(0), (
+      f"The study sets config.{flag.group(1)} of its runs: change it through the study's "
+      f"arguments (after ':' in --config={path}:...) or its run.overrides"))
 
 
 def run():

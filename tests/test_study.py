@@ -261,3 +261,14 @@ def test_bad_study_config_is_one_error_line(tmp_path):
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and "'claimz'" in lines[0], proc.stderr
+
+
+def test_an_invalid_run_config_names_the_studys_fix_not_a_run_flag():
+  path = "configs/studies/seed_comparison.py"
+  run_key = ("config.train.num_epochs=0 is invalid: expected num_epochs > 0 or num_steps > 0. "
+             "Set it with --config.train.num_epochs=...")
+  fixed = study.study_fix(run_key, path)
+  assert "--config.train.num_epochs" not in fixed
+  assert f"--config={path}:..." in fixed and "run.overrides" in fixed
+  study_key = "config.data.source='x' is invalid: expected ... Set it with --config.data.source=..."
+  assert study.study_fix(study_key, path) == study_key  # a study flag: the hint stands
