@@ -25,6 +25,13 @@ def eval_model_config(model_cfg):
   return cfg
 
 
+def _summed_loss_and_correct(logits, labels, mask):
+  """Summed cross-entropy and number of correct predictions over the examples `mask` selects."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, -1) == labels
+  return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(mask & correct)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
 def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
   """Mean loss and accuracy over every example, BN with running averages.
@@ -44,10 +51,8 @@ def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
     y = jax.lax.dynamic_slice_in_dim(labels, i * batch_size, batch_size)
     w = jax.lax.dynamic_slice_in_dim(valid, i * batch_size, batch_size)
     logits = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = jnp.argmax(logits, -1) == y
-    return (carry[0] + jnp.sum(jnp.where(w, loss, 0.0)),
-            carry[1] + jnp.sum(w & correct)), None
+    loss, correct = _summed_loss_and_correct(logits, y, w)
+    return (carry[0] + loss, carry[1] + correct), None
 
   (loss, correct), _ = jax.lax.scan(
       body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(num_batches))
@@ -136,10 +141,8 @@ def evaluate_batch_statistics(apply_fn, params, batch_stats, images, labels, *,
     new = start + jnp.arange(batch_size) >= i * batch_size
     logits, _ = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=True,
                          mutable=["batch_stats"], rngs=rngs)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = jnp.argmax(logits, -1) == y
-    return (carry[0] + jnp.sum(jnp.where(new, loss, 0.0)),
-            carry[1] + jnp.sum(new & correct)), None
+    loss, correct = _summed_loss_and_correct(logits, y, new)
+    return (carry[0] + loss, carry[1] + correct), None
 
   (loss, correct), _ = jax.lax.scan(
       body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(num_batches))
