@@ -15,22 +15,14 @@ from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab import train
 from run_files import final_state, read_jsonl
+from test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(idx_dir, **train_overrides):
-  c = config_lib.base_config()
-  c.data.source, c.data.dir = "idx", idx_dir
-  c.model.name, c.model.norm, c.model.bn_position = "seed1_mlp", "batch", "before"
-  c.optimizer.learning_rate = 0.1
-  c.train.batch_size = 32
-  c.train.num_epochs = 3
-  c.train.log_every_steps = 5
-  c.train.keep_checkpoints = 50
-  for key, value in train_overrides.items():
-    c.train[key] = value
-  return c
+  """test_train's tiny run, with `train.*` overrides given by their bare names."""
+  return tiny_config(idx_dir, **{f"train.{k}": v for k, v in train_overrides.items()})
 
 
 def evals(wd):
