@@ -1,30 +1,73 @@
-"""Sweep members trained as one group: which runs may group, and the solo steps vmapped over them."""
+"""Sweep members trained as one group: which runs may group, how many fit, the vmapped steps."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import os
 
 import jax
+import jax.numpy as jnp
 
 from bnlab import steps
+from bnlab.state import MEMBER_VALUE_KEYS, MemberStates
 
 # Keys that may differ between members of a group (see `group_key`).
-GROUPABLE_KEYS = ("seed", "optimizer.learning_rate")
+GROUPABLE_KEYS = ("seed", "optimizer.learning_rate") + MEMBER_VALUE_KEYS
+# The share of a device's memory a group's train step may fill (`group_capacity`).
+MEMORY_FRACTION = 0.8
+# MNIST's training set: the size assumed when `data.num_train` is 0.
+MNIST_TRAIN = 60_000
 
 
 def group_key(cfg) -> str:
   """Runs with equal keys can train as one group (`train_group`).
 
-  Members may differ in `seed` and, with a constant schedule and no warmup,
-  `optimizer.learning_rate` (it lives in the optimizer state); everything else
+  Members may differ in `seed`, `optimizer.momentum`, `model.bn.momentum`
+  (of the built-in models) and, with a constant schedule and no warmup,
+  `optimizer.learning_rate` (it lives in the optimizer state); the momenta
+  are per-member inputs of the step (`state.MemberStates`). Everything else
   shapes the compiled program and must match.
   """
+  from bnlab import models  # pylint: disable=g-import-not-at-top
   d = json.loads(cfg.to_json_best_effort())
   d.pop("seed")
   opt = cfg.optimizer
   if opt.schedule == "constant" and not opt.warmup_steps:
     d["optimizer"].pop("learning_rate")
+  d["optimizer"].pop("momentum")
+  if not models.is_user_model(cfg.model.name):  # a user's model may read it anywhere
+    d["model"]["bn"].pop("momentum")
   return json.dumps(d, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _has_convolutions(model_json: str) -> bool:
+  from bnlab import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bnlab import models  # pylint: disable=g-import-not-at-top
+  model_cfg = config_lib.base_config().model
+  model_cfg.update(json.loads(model_json))
+  try:
+    model = models.build_model(model_cfg)
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, 28, 28), jnp.uint8), train=False))
+  except Exception:  # pylint: disable=broad-except
+    return False  # training it reports the problem
+  return any(len(x.shape) >= 3 for x in jax.tree.leaves(shapes.get("params", {})))
+
+
+def has_convolutions(model_cfg) -> bool:
+  """Whether the model of `model_cfg` has a parameter of rank 3 or more (a conv kernel).
+
+  Built-in networks by name; a user's model (`module:factory`) from the
+  shapes of its parameters (traced, nothing computed).
+  """
+  if model_cfg.name in ("seed_cnn", "seed1_cnn"):
+    return True
+  if model_cfg.name in ("paper_mlp", "seed1_mlp"):
+    return False
+  return _has_convolutions(model_cfg.to_json_best_effort())
 
 
 def grouping_helps(cfg, backend: str | None = None) -> bool:
@@ -36,26 +79,107 @@ def grouping_helps(cfg, backend: str | None = None) -> bool:
   member-step than a solo run (batch 32: 38.6 vs 15.9 ms with `xla_canonical`
   convolutions; 7.5 vs 6.4 ms for 4 members with `gemm`, whose batched
   matrix products run at about half the rate of unbatched ones), so on CPU
-  models with convolutions run solo.
+  models with convolutions (`has_convolutions`) run solo; on accelerators
+  every model groups.
   """
   backend = backend or jax.default_backend()
-  return not (backend == "cpu" and cfg.model.name in ("seed_cnn", "seed1_cnn"))
+  return not (backend == "cpu" and has_convolutions(cfg.model))
 
+
+# -- how many members fit -----------------------------------------------------
+
+def memory_budget(device=None) -> int:
+  """The bytes a group may use: `MEMORY_FRACTION` of the device's memory.
+
+  From `device.memory_stats()["bytes_limit"]` where the backend reports it
+  (GPUs, TPUs); else (CPU) of the machine's physical memory.
+  """
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}
+  total = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return int(MEMORY_FRACTION * total)
+
+
+def _abstract_step_inputs(cfg, num_members: int, num_train: int):
+  """Shapes of a group's step arguments (states, sums, images, labels, perms): nothing allocated."""
+  from bnlab import models  # pylint: disable=g-import-not-at-top
+  from bnlab import optim  # pylint: disable=g-import-not-at-top
+  from bnlab import state as state_lib  # pylint: disable=g-import-not-at-top
+  model = models.build_model(cfg.model, dtype=models.compute_dtype(cfg.train.half_precision))
+  tx = optim.make_optimizer(cfg.optimizer, max(cfg.train.num_steps, 1))
+  bs = cfg.train.batch_size
+  states = jax.eval_shape(
+      jax.vmap(lambda s: state_lib.create_train_state(model, tx, jax.random.key(s), bs)),
+      jax.ShapeDtypeStruct((num_members,), jnp.uint32))
+  sums = jax.eval_shape(lambda: state_lib.stack([steps.metric_sums_zero()] * num_members))
+  return (states, sums, jax.ShapeDtypeStruct((num_train, 28, 28), jnp.uint8),
+          jax.ShapeDtypeStruct((num_train,), jnp.int32),
+          jax.ShapeDtypeStruct((num_members, num_train), jnp.int32))
+
+
+def member_bytes(cfg) -> int:
+  """The device memory one member adds to a group's train step (compiled, not run).
+
+  XLA's `memory_analysis()` of the step compiled for one member (its
+  arguments, outputs and temporaries), less the training images and labels
+  that all members share. Linear in the members: 240 paper MLPs use 1.04x
+  240 times this (CPU).
+  """
+  num_train = cfg.data.num_train or MNIST_TRAIN
+  args = _abstract_step_inputs(cfg, 1, num_train)
+  compiled = jax.jit(one_step, static_argnames=("batch_size",)).lower(
+      *args, batch_size=cfg.train.batch_size).compile()
+  m = compiled.memory_analysis()
+  shared = num_train * (28 * 28 + 4)
+  return max(int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes) - shared, 1)
+
+
+def group_capacity(cfg, budget: int | None = None) -> int:
+  """How many members of `cfg`'s group fit `budget` bytes (default `memory_budget()`)."""
+  budget = memory_budget() if budget is None else budget
+  num_data = (cfg.data.num_train or MNIST_TRAIN) + (cfg.data.num_test or 10_000)
+  free = budget - num_data * (28 * 28 + 4)
+  return max(1, int(free // member_bytes(cfg)))
+
+
+def chunks(items: list, capacity: int) -> list[list]:
+  """`items` in order, cut into the fewest near-equal chunks of at most `capacity`."""
+  n = math.ceil(len(items) / max(capacity, 1))
+  return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+
+
+# -- the vmapped steps --------------------------------------------------------
 
 def permutations(rngs, epoch, *, num_examples: int) -> jax.Array:
   """Each member's `steps.permutation` from its own rng: (members, num_examples)."""
   return jax.vmap(lambda rng: steps.permutation(rng, epoch, num_examples))(rngs)
 
 
+def _as_solo(step):
+  """`step` of one member applied to a `MemberStates` member through its solo view."""
+
+  def member_step(state, sums, perm):
+    if not isinstance(state, MemberStates):
+      return step(state, sums, perm)
+    view, sums = step(state.member_view(), sums, perm)
+    return state.absorb(view), sums
+
+  return member_step
+
+
 def scan_steps(states, sums, images, labels, perms, *, length: int, batch_size: int,
                unroll: int = 1):
   """`steps.scan_steps` vmapped over stacked members; images/labels are shared."""
-  return jax.vmap(lambda st, sm, p: steps.scan_steps(
-      st, sm, images, labels, p, length=length, batch_size=batch_size, unroll=unroll))(
+  return jax.vmap(_as_solo(lambda st, sm, p: steps.scan_steps(
+      st, sm, images, labels, p, length=length, batch_size=batch_size, unroll=unroll)))(
           states, sums, perms)
 
 
 def one_step(states, sums, images, labels, perms, *, batch_size: int):
   """`steps.one_step` vmapped over stacked members."""
-  return jax.vmap(lambda st, sm, p: steps.one_step(
-      st, sm, images, labels, p, batch_size=batch_size))(states, sums, perms)
+  return jax.vmap(_as_solo(lambda st, sm, p: steps.one_step(
+      st, sm, images, labels, p, batch_size=batch_size)))(states, sums, perms)

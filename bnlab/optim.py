@@ -26,13 +26,19 @@ def learning_rate_schedule(opt, total_steps: int):
 
 
 def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
-  """An optax optimizer whose learning rate lives in its state (vmappable)."""
+  """An optax optimizer whose learning rate lives in its state (vmappable).
 
-  def build(learning_rate):
+  A `momentum` entry beside the learning rate in the state's hyperparameters
+  replaces `opt.momentum` (a group member's own, `state.MemberStates`); solo
+  states hold none, so their structure does not depend on it.
+  """
+
+  def build(learning_rate, **overrides):
     if opt.name == "sgd":
       return optax.sgd(learning_rate)
     if opt.name == "momentum":
-      return optax.sgd(learning_rate, momentum=opt.momentum, nesterov=opt.nesterov)
+      return optax.sgd(learning_rate, momentum=overrides.get("momentum", opt.momentum),
+                       nesterov=opt.nesterov)
     return optax.adam(learning_rate)
 
   return optax.inject_hyperparams(build)(

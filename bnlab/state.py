@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -40,6 +41,73 @@ def create_train_state(model, tx, rng: jax.Array, batch_size: int) -> TrainState
   )
 
 
+# Keys whose value is a per-member input of a group's step (`MemberStates`);
+# the learning rate is one through the optimizer state.
+MEMBER_VALUE_KEYS = ("optimizer.momentum", "model.bn.momentum")
+
+
+class MemberStates(TrainState):
+  """A group's stacked states with per-member values of `MEMBER_VALUE_KEYS`.
+
+  `values` maps each key whose value differs between the members to their
+  values; the vmapped step gives each member its own (`member_view`). What
+  `take` returns, and a member's checkpoint holds, is a plain `TrainState`.
+  """
+
+  values: Any
+  model: Any = struct.field(pytree_node=False)
+
+  def train_state(self) -> TrainState:
+    """The `TrainState` fields (apply_fn and tx of the shared model and optimizer)."""
+    return TrainState(step=self.step, params=self.params, batch_stats=self.batch_stats,
+                      opt_state=self.opt_state, rng=self.rng, apply_fn=self.apply_fn,
+                      tx=self.tx)
+
+  def member_view(self) -> TrainState:
+    """One (unstacked) member as a solo run's state, its values in its model and optimizer."""
+    view = self.train_state()
+    if "model.bn.momentum" in self.values:
+      view = view.replace(
+          apply_fn=self.model.clone(bn_momentum=self.values["model.bn.momentum"]).apply)
+    if "optimizer.momentum" in self.values:  # read by `optim.make_optimizer`'s build
+      hp = view.opt_state.hyperparams
+      view = view.replace(opt_state=view.opt_state._replace(
+          hyperparams={**hp, "momentum": self.values["optimizer.momentum"]}))
+    return view
+
+  def absorb(self, view: TrainState) -> MemberStates:
+    """`self` advanced to the trained `view` of `member_view`."""
+    opt_state = view.opt_state
+    if "optimizer.momentum" in self.values:
+      hp = dict(opt_state.hyperparams)
+      hp.pop("momentum")
+      opt_state = opt_state._replace(hyperparams=hp)
+    return self.replace(step=view.step, params=view.params, batch_stats=view.batch_stats,
+                        opt_state=opt_state, rng=view.rng)
+
+
+def _config_value(cfg, key: str):
+  node = cfg
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def member_values(cfgs) -> dict[str, list[float]]:
+  """The `MEMBER_VALUE_KEYS` whose values differ between `cfgs`: {key: each member's value}.
+
+  The optimizer's momentum only for `optimizer.name="momentum"` (else unused).
+  """
+  out = {}
+  for key in MEMBER_VALUE_KEYS:
+    if key == "optimizer.momentum" and cfgs[0].optimizer.name != "momentum":
+      continue
+    values = [float(_config_value(c, key)) for c in cfgs]
+    if len(set(values)) > 1:
+      out[key] = values
+  return out
+
+
 def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
   """The stacked initial states of a group's members, from one vmapped init.
 
@@ -47,7 +115,8 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
   up to float rounding, with `own_i` its own optimizer, so its optimizer state
   holds its own learning rate; `tx` is the update function they share. One
   compiled init for the whole group instead of one traced init per member
-  (24 paper MLPs: 0.7 s instead of 2.5 s).
+  (24 paper MLPs: 0.7 s instead of 2.5 s). Members that differ in a key of
+  `MEMBER_VALUE_KEYS` get `MemberStates`.
   """
   seeds = jnp.asarray([c.seed for c in cfgs], jnp.uint32)
 
@@ -66,6 +135,11 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
                       hp["learning_rate"].dtype)
     state = state.replace(opt_state=state.opt_state._replace(
         hyperparams={**hp, "learning_rate": lrs}))
+  values = member_values(cfgs)
+  if values:
+    state = MemberStates(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
+                         values={k: jnp.asarray(v, jnp.float32) for k, v in values.items()},
+                         model=model)
   return state
 
 
@@ -75,5 +149,7 @@ def stack(trees):
 
 
 def take(tree, i: int):
-  """Member `i`'s part of a stacked (host or device) tree."""
+  """Member `i`'s part of a stacked (host or device) tree (of `MemberStates`: a `TrainState`)."""
+  if isinstance(tree, MemberStates):
+    tree = tree.train_state()
   return jax.tree.map(lambda x: x[i], tree)

@@ -15,9 +15,11 @@ A sweep config file defines `get_config()` (the base run config) and
 
 Each member runs in `DIR/<name>` (its overrides, e.g.
 `norm=none,learning_rate=0.01,seed=2`) exactly like `bnlab.main` would.
-Members whose configs differ only in `seed` and constant learning rate train
-together as one vmapped program (`bnlab.train.train_group`, group checkpoints
-in `DIR/_groups/`). Finished members are skipped on rerun (a member made
+Members whose configs differ only in `seed`, constant learning rate,
+`optimizer.momentum` and `model.bn.momentum` train together as one vmapped
+program (`bnlab.train.train_group`, group checkpoints in `DIR/_groups/`), in
+chunks of as many members as fit the device's memory (`--max_group_size`
+caps them). Finished members are skipped on rerun (a member made
 longer by a raised `train.num_steps` continues). `DIR/results.csv` and
 `DIR/results.json` hold one row per member; `load_results(DIR)` reads them.
 
@@ -31,7 +33,8 @@ Flags: `--dry_run` lists the members, their groups and whether each is done,
 and trains nothing; `--only=PATTERN` runs only the members whose name
 contains PATTERN, or matches it as a glob when it has `*`, `?` or `[`
 (results.csv still lists every member); `--grouped=false` runs every member
-alone; `--helpshort` lists these flags.
+alone; `--max_group_size=N` trains at most N members as one program;
+`--helpshort` lists these flags.
 """
 
 from __future__ import annotations
@@ -266,20 +269,30 @@ def select(members: Sequence[Member], only: str | None) -> list[Member]:
   return chosen
 
 
-def group_members(members: Sequence[Member], grouped: bool = True) -> list[list[Member]]:
-  """Members that can train together (`bnlab.train.group_key`), in sweep order.
+def group_members(members: Sequence[Member], grouped: bool = True,
+                  max_group_size: int | None = None) -> list[list[Member]]:
+  """Members that can train together (`bnlab.members.group_key`), in sweep order.
 
-  Members whose model does not gain from grouping here (`bnlab.train.grouping_helps`)
-  run alone.
+  Members whose model does not gain from grouping here (`bnlab.members.grouping_helps`)
+  run alone. A group larger than `max_group_size` members (None or 0: as many
+  as fit the device's memory, `bnlab.members.group_capacity`) trains in the
+  fewest near-equal chunks, each its own group; the same sweep on the same
+  device (or with the same `max_group_size`) always chunks alike.
   """
-  from bnlab import train  # pylint: disable=g-import-not-at-top
+  from bnlab import members as members_lib  # pylint: disable=g-import-not-at-top
   if not grouped:
     return [[m] for m in members]
   groups: dict[str, list[Member]] = {}
   for m in members:
-    key = train.group_key(m.cfg) if train.grouping_helps(m.cfg) else f"solo {m.index}"
+    key = (members_lib.group_key(m.cfg) if members_lib.grouping_helps(m.cfg)
+           else f"solo {m.index}")
     groups.setdefault(key, []).append(m)
-  return list(groups.values())
+  out = []
+  for group in groups.values():
+    capacity = max_group_size or (
+        len(group) if len(group) == 1 else members_lib.group_capacity(group[0].cfg))
+    out.extend(members_lib.chunks(group, capacity))
+  return out
 
 
 def _group_id(group: Sequence[Member]) -> str:
@@ -304,7 +317,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def plan(base, sweep: Sequence[dict], grouped: bool = True, overrides: dict | None = None,
-         only: str | None = None) -> tuple[list[Member], list[list[Member]]]:
+         only: str | None = None, max_group_size: int | None = None
+         ) -> tuple[list[Member], list[list[Member]]]:
   """(every member, the groups of the selected members) of a sweep, nothing trained."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   members = resolve_members(base, sweep, overrides)
@@ -313,22 +327,25 @@ def plan(base, sweep: Sequence[dict], grouped: bool = True, overrides: dict | No
   if clash:
     logging.warning("The command line sets %s in every member, over the sweep's own values",
                     ", ".join(clash))
-  return members, group_members(select(members, only), grouped)
+  return members, group_members(select(members, only), grouped, max_group_size)
 
 
 def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
-              overrides: dict | None = None, only: str | None = None) -> list[dict]:
+              overrides: dict | None = None, only: str | None = None,
+              max_group_size: int | None = None) -> list[dict]:
   """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
 
   Every member is validated before anything trains. A member that raises is
   recorded as failed (its error on one line) and the others go on.
   `overrides` win over the members' own (see the module docstring); `only`
-  selects the members to run (`select`). The rows cover every member.
+  selects the members to run (`select`); `max_group_size` caps a group's
+  members (`group_members`; default: what fits the device's memory). The rows
+  cover every member.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
   from bnlab import train  # pylint: disable=g-import-not-at-top
   from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  members, groups = plan(base, sweep, grouped, overrides, only)
+  members, groups = plan(base, sweep, grouped, overrides, only, max_group_size)
   make_sweep_dir(workdir)
   lock_path = os.path.join(workdir, ".sweep-lock")
   lock = workdir_lib.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory")
@@ -522,7 +539,8 @@ def dry_run_listing(members: Sequence[Member], groups: Sequence[Sequence[Member]
 
 
 def main(argv):
-  """`python -m bnlab.sweep`: --config (a sweep file), --workdir, --grouped, --dry_run, --only."""
+  """`python -m bnlab.sweep`: --config (a sweep file), --workdir, --grouped, --max_group_size,
+  --dry_run, --only."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from bnlab import backend  # pylint: disable=g-import-not-at-top
@@ -550,7 +568,7 @@ def main(argv):
     overrides = dict(config_flags.get_override_values(f["config"]))
     backend.configure(base.train.deterministic)  # before JAX starts
     if f.dry_run:
-      members, groups = plan(base, sweep, f.grouped, overrides, f.only)
+      members, groups = plan(base, sweep, f.grouped, overrides, f.only, f.max_group_size)
       if os.path.isdir(f.workdir or ""):
         check_members_config(members, f.workdir)
       table, listing = dry_run_listing(members, groups, f.workdir)
@@ -558,7 +576,7 @@ def main(argv):
       print(json.dumps(listing))
       return
     rows = run_sweep(base, sweep, f.workdir, grouped=f.grouped,
-                     overrides=overrides, only=f.only)
+                     overrides=overrides, only=f.only, max_group_size=f.max_group_size)
   except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
           backend.BackendError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
@@ -580,10 +598,14 @@ def define_flags() -> None:
   """The sweep's own flags (--config and --workdir are bnlab.main's)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_bool(
-      "grouped", True, "Train members that differ only in seed/learning rate as one program.")
+      "grouped", True, "Train members that differ only in seed, learning rate or momenta as "
+      "one program.")
   flags.DEFINE_bool("dry_run", False,
                     "List the members, their groups and status (a table, then one JSON line); "
                     "train nothing.")
+  flags.DEFINE_integer("max_group_size", 0,
+                       "Train at most this many members as one program (0: as many as fit "
+                       "the device's memory); larger groups train in chunks.", lower_bound=0)
   flags.DEFINE_string("only", None,
                       "Run only the members whose name contains this text, or matches it as "
                       "a glob (with * ? [), e.g. --only='*seed=0'.")
@@ -595,7 +617,7 @@ def run():
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
   define_flags()
   # --helpshort lists the key flags of the program run (sys.argv[0]): these.
-  for name in ("config", "workdir", "grouped", "dry_run", "only"):
+  for name in ("config", "workdir", "grouped", "max_group_size", "dry_run", "only"):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   app.run(main, flags_parser=main_lib.parse_flags)
 

@@ -119,6 +119,11 @@ def test_dry_run_lists_members_and_groups_and_trains_nothing(idx_dir, tmp_path, 
       "overrides": {"optimizer.learning_rate": 0.3, "train.num_steps": 20, "seed": 0}}
   assert not wd.exists()
   p = run_cli(f"--config={sweep_file}", f"--workdir={wd}", f"--config.data.dir={idx_dir}",
+              "--dry_run", "--max_group_size=3")
+  assert p.returncode == 0, p.stderr[-3000:]
+  listing = json.loads(p.stdout.strip().splitlines()[-1])
+  assert listing["groups"] == 2 and [e["group"] for e in listing["list"]] == [0, 0, 1, 1]
+  p = run_cli(f"--config={sweep_file}", f"--workdir={wd}", f"--config.data.dir={idx_dir}",
               "--dry_run", "--only=lr=9")
   assert p.returncode == 2 and p.stderr.startswith("error: --only='lr=9' matches none")
   assert p.stderr.count("\n") == 1
@@ -126,6 +131,7 @@ def test_dry_run_lists_members_and_groups_and_trains_nothing(idx_dir, tmp_path, 
 
 def test_helpshort_lists_the_sweep_flags():
   p = run_cli("--helpshort")
-  for flag in ("--config", "--workdir", "--[no]grouped", "--[no]dry_run", "--only"):
+  for flag in ("--config", "--workdir", "--[no]grouped", "--max_group_size", "--[no]dry_run",
+               "--only"):
     assert flag in p.stdout, p.stdout
   assert "--config_lock" not in p.stdout  # only the sweep's own, not every module's
