@@ -1,7 +1,7 @@
 """Training speed: bnlab's engine against the conventional Flax loop, side by side.
 
   python experiments/benchmark.py [--steps_scale=1.0] [--sweep_steps=2000] \
-      [--keras=jax,tensorflow] [--out=results/benchmark.md]
+      [--split_steps=50000] [--big_sweep] [--keras=jax,tensorflow] [--out=results/benchmark.md]
 
 For each case (seed CNN with/without BN at batch 32 and 128, paper MLP with BN
 at batch 60) it times training examples per second, median of --reps timed
@@ -10,15 +10,23 @@ spell of the machine falls on all of them), of:
   - flax_loop: the Flax MNIST-example way: host batches from a host-shuffled
     numpy array, one jitted step per batch, flax.linen Conv/max_pool/BatchNorm;
   - PyTorch eager (when installed: `pip install -e .[peers]`), the same models
-    and SGD, all CPU threads, batches sliced from in-memory tensors;
+    and SGD, batches gathered from tensors resident on the CUDA GPU when torch
+    sees one, else on the CPU with all its threads; with CUDA also PyTorch
+    CUDA graph: the whole step captured once and replayed
+    (experiments/torch_peer.py);
   - Keras 3 `model.fit` on each backend of --keras that imports (JAX with the
     peers extra; TensorFlow where installed, or from another environment with
     `--keras=tensorflow=/path/to/python`), one subprocess per case and backend
     (experiments/keras_peer.py);
   - bnlab: bnlab's engine (device-resident data, the loop form and convolution
     `auto` resolves to on this platform), plus each explicit form for insight.
-Then the 24-member paper-MLP sweep (8 learning rates x 3 seeds) grouped into
-one vmapped program against the same runs one after another
+"vs PyTorch" is against the fastest PyTorch column, "vs fastest peer" against
+the fastest of all peer columns. Below the table: BN's cost in the seed CNN,
+the paper MLP's matmul floor, where the wall time of one --split_steps-step
+paper-MLP run through `bnlab.train.train_and_evaluate` goes (summary.json's
+time split), and the 24-member paper-MLP sweep (8 learning rates x 3 seeds)
+grouped into one vmapped program against the same runs one after another,
+then 240 members (x 10 seeds x 3 BN momenta) grouped
 (experiments/sweep_speed.py). Prints a Markdown table with ratios and the
 platform (backend and device), and writes it to --out.
 """
@@ -33,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sweep_speed
@@ -45,7 +54,10 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bnlab import config as config_lib  # noqa: E402
+from bnlab import data as data_lib  # noqa: E402
 from bnlab import models, train  # noqa: E402
+import sweep_speed  # noqa: E402
+import torch_peer  # noqa: E402
 from timing import interleaved_rates, median_rate  # noqa: E402
 
 CASES = (
@@ -168,53 +180,6 @@ def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
   return rates["none"] / rates["batch"]
 
 
-def torch_runner(model_name, norm, batch, images, labels):
-  """`run(n)`: n steps of PyTorch eager training; None if torch is absent.
-
-  On a CUDA GPU when torch sees one (data resident there, like bnlab's), else
-  on the CPU with all its threads (BNLAB_TORCH_THREADS overrides).
-  """
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    from torch import nn as tnn  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  torch.manual_seed(0)
-  torch.set_num_threads(int(os.environ.get("BNLAB_TORCH_THREADS", os.cpu_count() or 1)))
-  if model_name == "seed_cnn":
-    layers = [tnn.Conv2d(1, 32, 3), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3),
-              tnn.ReLU(), tnn.Flatten()]
-    if norm == "batch":
-      layers.append(tnn.BatchNorm1d(7744, eps=1e-3, momentum=0.01))
-    layers += [tnn.Linear(7744, 64), tnn.ReLU(), tnn.Linear(64, 10)]
-    x_all = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
-  else:
-    layers = [tnn.Flatten()]
-    for fan_in in (784, 100, 100):
-      layers += [tnn.Linear(fan_in, 100, bias=False), tnn.BatchNorm1d(100), tnn.Sigmoid()]
-    layers.append(tnn.Linear(100, 10))
-    x_all = torch.from_numpy(images.astype(np.float32) / 255.0)
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = tnn.Sequential(*layers).train().to(device)
-  x_all = x_all.to(device)
-  y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
-  opt = torch.optim.SGD(model.parameters(), lr=0.01)
-  loss_fn = tnn.CrossEntropyLoss()
-  perm = torch.randperm(len(y_all), device=device)
-
-  def run(n):
-    for i in range(n):
-      idx = perm[(i * batch) % (len(y_all) - batch):][:batch]
-      opt.zero_grad(set_to_none=True)
-      loss = loss_fn(model(x_all[idx]), y_all[idx])
-      loss.backward()
-      opt.step()
-    if device == "cuda":
-      torch.cuda.synchronize()
-
-  return run
-
-
 def keras_rate(spec, model_name, norm, batch, steps, reps, data_file):
   """(examples/s, description) of Keras 3 `fit` on backend `spec` ("name[=python]").
 
@@ -275,8 +240,7 @@ def load_images(source: str):
     rng = np.random.default_rng(0)
     return (rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8),
             rng.integers(0, 10, 60000).astype(np.uint8))
-  from bnlab import data
-  ds = data.load_mnist(source)
+  ds = data_lib.load_mnist(source)
   return ds.train_images, ds.train_labels
 
 
@@ -289,6 +253,11 @@ _FORMS = flags.DEFINE_string("forms", "auto,scan,loop",
 _OUT = flags.DEFINE_string("out", "results/benchmark.md", "Where the table is written.")
 _SWEEP_STEPS = flags.DEFINE_integer(
     "sweep_steps", 2000, "Steps per member of the 24-member sweep case (0: skip it).")
+_BIG_SWEEP = flags.DEFINE_bool(
+    "big_sweep", True, "With the sweep case, also time 240 members (8 learning rates x "
+    "10 seeds x 3 BN momenta) grouped.")
+_SPLIT_STEPS = flags.DEFINE_integer(
+    "split_steps", 50_000, "Steps of the paper-MLP run whose wall time is split (0: skip it).")
 _SWEEP_WORKDIR = flags.DEFINE_string("sweep_workdir", "/tmp/bnlab_benchmark_sweep",
                                      "Work directory of the sweep case.")
 _KERAS = flags.DEFINE_string(
@@ -299,72 +268,89 @@ _KERAS = flags.DEFINE_string(
 def platform_header() -> str:
   """The table's first line: backend, device, CPU, versions and the repetitions."""
   device = jax.devices()[0]
-  torch_version = torch_where = None
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    torch_version = torch.__version__
-    torch_where = (f"on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else
-                   f"{int(os.environ.get('BNLAB_TORCH_THREADS', os.cpu_count() or 1))} threads")
-  except ImportError:
-    pass
+  torch = torch_peer.import_torch()
+  torch_text = ""
+  if torch is not None:
+    where = (f"on {torch.cuda.get_device_name()}, TF32 matmuls and convolutions"
+             if torch.cuda.is_available() else f"{torch_peer.threads()} threads")
+    torch_text = f", torch {torch.__version__} ({where})"
   return (f"Platform: {jax.default_backend()} ({device.device_kind}), "
           f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
-          f"jax {jax.__version__}"
-          + (f", torch {torch_version} ({torch_where})" if torch_version else "")
-          + f". Training examples/s, median of {_REPS.value} after warm-up.")
+          f"jax {jax.__version__}{torch_text}. Training examples/s, median of {_REPS.value} "
+          "after warm-up.")
 
 
-def table_head(keras_specs: list[str], forms: list[str]) -> list[str]:
+def table_head(peer_columns: list[str], forms: list[str]) -> list[str]:
   """The Markdown table's header and separator rows."""
-  keras_cols = "".join(f" Keras {k.partition('=')[0]} |" for k in keras_specs)
-  return ["| case | batch | Flax loop | PyTorch eager |" + keras_cols + " bnlab auto (form) | "
-          "vs Flax loop | vs PyTorch | vs fastest peer |" + "".join(f" bnlab {f} |" for f in forms),
-          "|---|---|---|---|" + "---|" * len(keras_specs) + "---|---|---|---|" + "---|" * len(forms)]
+  cols = ["case", "batch", "Flax loop"] + peer_columns + [
+      "bnlab auto (form)", "vs Flax loop", "vs PyTorch", "vs fastest peer"] + [
+          f"bnlab {f}" for f in forms]
+  return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def fastest(peers: dict) -> tuple[str, float] | None:
+  """(column, rate) of the fastest of `peers` ({column: rate, or a note}); None if none ran."""
+  rates = {k: v for k, v in peers.items() if isinstance(v, (int, float))}
+  if not rates:
+    return None
+  best = max(rates, key=rates.get)
+  return best, rates[best]
+
+
+def ratio_cell(rate: float, peers: dict, name_it: bool) -> str:
+  """`rate` over the fastest of `peers` ("-" if none ran), naming that peer if `name_it`."""
+  best = fastest(peers)
+  if best is None:
+    return "-"
+  return f"{rate / best[1]:.2f}x" + (f" ({best[0]})" if name_it else "")
+
+
+def peer_cell(value) -> str:
+  """A peer's rate, or the note it carries instead (e.g. 'not installed')."""
+  return value if isinstance(value, str) else f"{value:,.0f}"
 
 
 def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file):
-  """Times one case; returns (its table row, the Flax loop's rate)."""
+  """Times one case; returns (its table row, {'flax': Flax loop rate, 'bnlab': bnlab auto's})."""
   name, model_name, norm, batch, steps = case
   steps = max(5, int(steps * _STEPS_SCALE.value))
   # In-process runners timed round-robin; the Keras peers run in subprocesses.
+  torch_runs = torch_peer.runners(model_name, norm, batch, images, labels)
   runs = {"flax": flax_loop_runner(model_name, norm, batch, images, labels),
-          "torch": torch_runner(model_name, norm, batch, images, labels)}
+          **{k: v for k, v in torch_runs.items() if callable(v)}}
   runs["bnlab"], steps, form = bnlab_runner(model_name, norm, batch, steps, images, labels)
   for f in forms:
     runs[f] = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
-  rates = interleaved_rates({k: v for k, v in runs.items() if v is not None}, steps, batch,
-                            _REPS.value)
+  rates = interleaved_rates(runs, steps, batch, _REPS.value)
   base, auto = rates["flax"], rates["bnlab"]
-  peers = {"PyTorch": rates.get("torch")}
+  torch_peers = {k: rates.get(k, v) for k, v in torch_runs.items()}
+  peers = dict(torch_peers)
   for spec in keras_specs:
     backend = spec.partition("=")[0]
-    peers[f"Keras {backend}"], keras_notes[backend] = keras_rate(
-        spec, model_name, norm, batch, steps, _REPS.value, data_file)
-  present = {k: v for k, v in peers.items() if v is not None}
-  fastest = max(present, key=present.get) if present else None
-  cells = ["not installed" if v is None else f"{v:,.0f}" for v in peers.values()]
-  row = (f"| {name} | {batch} | {base:,.0f} | " + " | ".join(cells) + f" | {auto:,.0f} ({form}) | "
-         f"{auto / base:.2f}x | "
-         + ("-" if peers["PyTorch"] is None else f"{auto / peers['PyTorch']:.2f}x") + " | "
-         + ("-" if fastest is None else f"{auto / present[fastest]:.2f}x ({fastest})") + " |"
-         + "".join(f" {rates[f]:,.0f} |" for f in forms))
-  return row, base
+    rate, keras_notes[backend] = keras_rate(spec, model_name, norm, batch, steps, _REPS.value,
+                                            data_file)
+    peers[f"Keras {backend}"] = "not installed" if rate is None else rate
+  cells = [f"{base:,.0f}"] + [peer_cell(v) for v in peers.values()] + [
+      f"{auto:,.0f} ({form})", f"{auto / base:.2f}x",
+      ratio_cell(auto, torch_peers, name_it=len(torch_peers) > 1),
+      ratio_cell(auto, peers, name_it=True)] + [f"{rates[f]:,.0f}" for f in forms]
+  return f"| {name} | {batch} | " + " | ".join(cells) + " |", {"flax": base, "bnlab": auto}
 
 
 def case_rows(forms, keras_specs, keras_notes, images, labels):
-  """Times every case, printing each row as it comes; returns (rows, Flax rate per model)."""
-  rows, base_rates = [], {}
+  """Times every case, printing each row as it comes; returns (rows, `case_row` rates per model)."""
+  rows, rates = [], {}
   data_dir = tempfile.mkdtemp(prefix="bnlab_benchmark_")
   data_file = os.path.join(data_dir, "mnist.npz")
   if keras_specs:
     np.savez(data_file, images=images, labels=labels)
   for case in CASES:
-    row, base_rates[case[1]] = case_row(case, forms, keras_specs, keras_notes, images, labels,
+    row, rates[case[1]] = case_row(case, forms, keras_specs, keras_notes, images, labels,
                                         data_file)
     rows.append(row)
     print(row, flush=True)
   shutil.rmtree(data_dir, ignore_errors=True)
-  return rows, base_rates
+  return rows, rates
 
 
 def bn_cost_line(batch: int, steps: int, images, labels) -> str:
@@ -385,21 +371,107 @@ def mlp_floor_line(flax_rate: float) -> str:
           f"the Flax loop.\n")
 
 
-def sweep_line() -> str:
-  """The 24-member sweep grouped against one member after another."""
-  import sweep_speed  # pylint: disable=g-import-not-at-top
-  r = sweep_speed.measure(_SWEEP_STEPS.value, _SWEEP_WORKDIR.value)
-  return (f"\nSweep as one program: {r['members']} paper-MLP members (8 learning rates x "
+SPLIT_PARTS = ("startup", "compile", "train", "evaluate", "checkpoint", "log")
+
+
+def split_run(steps: int, images, labels) -> tuple[float, dict]:
+  """(wall s, summary) of configs/paper_mlp.py cut to `steps`, via `train_and_evaluate`.
+
+  In a fresh temporary work directory; the data is `--data`'s, loaded inside
+  the call (random data is handed in).
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  cfg = sweep_speed.paper_mlp_config()
+  cfg.train.num_steps = steps
+  cfg.train.eval_every_steps = min(cfg.train.eval_every_steps, steps)
+  cfg.train.log_every_steps = min(cfg.train.log_every_steps, steps)
+  ds = None
+  if _DATA.value == "random":
+    ds = data_lib.Dataset(images, labels, images[:10000], labels[:10000], source="random",
+                          verified=False)
+  else:
+    cfg.data.source = _DATA.value
+  workdir = tempfile.mkdtemp(prefix="bnlab_benchmark_split_")
+  try:
+    start = time.perf_counter()
+    summary = train.train_and_evaluate(cfg, workdir, data=ds)
+    return time.perf_counter() - start, summary
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def split_text(steps: int, wall: float, summary: dict, bnlab_rate: float | None,
+               batch: int = 60) -> str:
+  """The time-split line of a `steps`-step paper-MLP run from its wall time and summary.
+
+  `summary["time"]`: seconds of "total", "startup" (call start to the first
+  train step), "compile", "train", "evaluate", "checkpoint", "log" (and
+  "other", if given; else total less the parts). Without it the line says the
+  split is missing and takes the train-step time from `bnlab_rate` (the
+  table's examples/s for the paper MLP), if given.
+  """
+  split = summary.get("time")
+  split = split if isinstance(split, dict) else None
+  table_s = steps * batch / bnlab_rate if bnlab_rate else None
+  text = (f"\nWhere a run's time goes: paper MLP, {steps:,} steps through "
+          f"`train_and_evaluate`: wall {wall:.1f} s")
+  if split and split.get("train"):
+    text += (f" = **{wall / split['train']:.2f}x** its train steps ({split['train']:.1f} s; "
+             "target <= 1.3x)")
+    if table_s:
+      text += f"; at the table's bnlab rate the steps take {table_s:.1f} s"
+  elif table_s:
+    text += (f" = **{wall / table_s:.2f}x** its steps at the table's bnlab rate "
+             f"({table_s:.1f} s; target <= 1.3x)")
+  if split is None:
+    wall_time = summary.get("wall_time")
+    return text + ("; the split is missing (summary.json has no 'time'"
+                   + (f"; its wall_time {wall_time:.1f} s" if wall_time is not None else "")
+                   + ").\n")
+  parts = [k for k in SPLIT_PARTS if k in split] + sorted(
+      k for k in split if k not in SPLIT_PARTS + ("total", "other"))
+  total = split.get("total", wall)
+  other = split.get("other", total - sum(split[k] for k in parts))
+  return (text + ". Split (summary.json): " + ", ".join(f"{k} {split[k]:.2f} s" for k in parts)
+          + f", other {other:.2f} s; total {total:.1f} s.\n")
+
+
+def split_line(mlp_rates: dict, images, labels) -> str:
+  """One paper-MLP run of --split_steps steps and where its wall time goes."""
+  wall, summary = split_run(_SPLIT_STEPS.value, images, labels)
+  return split_text(_SPLIT_STEPS.value, wall, summary, mlp_rates.get("bnlab"))
+
+
+def sweep_text(r: dict, big: dict | None) -> str:
+  """The sweep line: the 24 members grouped vs one after another, then the 240 grouped."""
+  text = (f"\nSweep as one program: {r['members']} paper-MLP members (8 learning rates x "
           f"3 seeds), {r['steps']:,} steps each: grouped {r['grouped_s']:.1f} s, one after "
           f"another {r['solo_s']:.1f} s, **{r['ratio']:.1f}x**; max |grouped - solo| final "
-          f"test accuracy {r['worst_accuracy_gap']:.4f}.\n")
+          f"test accuracy {r['worst_accuracy_gap']:.4f}.")
+  if big is not None:
+    text += (f" {big['members']} members (8 learning rates x 10 seeds x 3 BN momenta) in "
+             f"{big['groups']} group(s): grouped {big['grouped_s']:.1f} s, "
+             f"**{big['grouped_s'] / r['grouped_s']:.2f}x** the {r['members']} grouped "
+             "(target <= 3x)" + (f"; {big['failed']} failed" if big["failed"] else "") + ".")
+  return text + "\n"
 
 
-def lines_after_table(images, labels, flax_mlp_rate: float):
+def sweep_line() -> str:
+  """The 24-member sweep grouped against one member after another, and the 240 grouped."""
+  r = sweep_speed.measure(_SWEEP_STEPS.value, _SWEEP_WORKDIR.value)
+  big = (sweep_speed.measure_big(_SWEEP_STEPS.value, _SWEEP_WORKDIR.value)
+         if _BIG_SWEEP.value else None)
+  return sweep_text(r, big)
+
+
+def lines_after_table(images, labels, mlp_rates: dict):
   """The lines below the table, each yielded as soon as it is measured."""
   for batch, steps in ((32, 150), (128, 40)):
     yield bn_cost_line(batch, steps, images, labels)
-  yield mlp_floor_line(flax_mlp_rate)
+  yield mlp_floor_line(mlp_rates["flax"])
+  if _SPLIT_STEPS.value:
+    yield split_line(mlp_rates, images, labels)
   if _SWEEP_STEPS.value:
     yield sweep_line()
 
@@ -413,11 +485,13 @@ def main(argv):
   print(header, flush=True)
   keras_specs = [k for k in _KERAS.value.split(",") if k]
   keras_notes = {}
-  rows, base_rates = case_rows(forms, keras_specs, keras_notes, images, labels)
+  peer_columns = torch_peer.columns(torch_peer.import_torch()) + [
+      f"Keras {k.partition('=')[0]}" for k in keras_specs]
+  rows, rates = case_rows(forms, keras_specs, keras_notes, images, labels)
   if keras_notes:
     header += " Keras: " + "; ".join(f"{k}: {v}" for k, v in keras_notes.items()) + "."
-  text = header + "\n\n" + "\n".join(table_head(keras_specs, forms) + rows) + "\n"
-  for line in lines_after_table(images, labels, base_rates["paper_mlp"]):
+  text = header + "\n\n" + "\n".join(table_head(peer_columns, forms) + rows) + "\n"
+  for line in lines_after_table(images, labels, rates["paper_mlp"]):
     print(line, flush=True)
     text += line
   if _OUT.value:
