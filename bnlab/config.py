@@ -55,7 +55,8 @@ class ConfigError(ValueError):
 # resumed run is bit-identical to an uninterrupted one only without them.
 RESUME_SAFE_KEYS = (
     "train.eval_batch_size", "train.eval_at_start", "train.final_train_eval",
-    "train.keep_checkpoints", "train.num_devices",
+    "train.keep_checkpoints", "train.num_devices", "train.compilation_cache",
+    "train.checkpoint_min_interval_secs",
     "train.eval_statistics", "train.population_examples", "train.collapse_loss_factor",
     "train.collapse_accuracy", "train.collapse_trained_accuracy",
     "analysis.layers", "analysis.units", "analysis.percentiles", "analysis.num_examples")
@@ -166,7 +167,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 0  # > 0 overrides eval_every_epochs
   c.train.eval_every_epochs = 1
   c.train.eval_batch_size = 2000
-  c.train.checkpoint_every_steps = 0  # 0 -> at every eval
+  c.train.checkpoint_every_steps = 0  # > 0: every this many steps
+  # With checkpoint_every_steps=0: checkpoints at evaluation steps, at most one
+  # per this many seconds (a killed run loses at most that much work), and
+  # always the last step; 0 = at every evaluation. Results are the same either
+  # way (a resumed run is bit-identical to an uninterrupted one).
+  c.train.checkpoint_min_interval_secs = 30.0
   c.train.keep_checkpoints = 2
   c.train.eval_at_start = True  # also evaluate (and record analysis) at step 0
   c.train.final_train_eval = True  # evaluate the whole train set at the end
@@ -192,6 +198,10 @@ def base_config() -> ml_collections.ConfigDict:
   # bfloat16 computation (the model's dtype), float32 parameters, optimizer state
   # and BN statistics, as in Flax's ImageNet example.
   c.train.half_precision = False
+  # JAX's persistent compilation cache in <data.cache_dir>/jax (default
+  # ~/.cache/bnlab/jax): a rerun or another run of the same programs compiles
+  # nothing. A directory set with jax_compilation_cache_dir is used instead.
+  c.train.compilation_cache = True
 
   # Distributions recorded at every evaluation (inference mode, first test images).
   c.analysis = ml_collections.ConfigDict()
@@ -329,6 +339,8 @@ def _validate_train(c) -> None:
          "train.population_examples", t.population_examples, "an integer > 0")
   _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints,
          "an integer >= 1")
+  _check(t.checkpoint_min_interval_secs >= 0, "train.checkpoint_min_interval_secs",
+         t.checkpoint_min_interval_secs, "a number of seconds >= 0")
   _check(t.eval_every_steps > 0 or t.eval_every_epochs > 0, "train.eval_every_epochs",
          t.eval_every_epochs, "> 0 (or set train.eval_every_steps)")
 

@@ -193,23 +193,24 @@ def activation_percentiles(apply_fn, params, batch_stats, images, *, layers, uni
           for layer in layers}
 
 
-def analysis_records(acfg, apply_fn, params, batch_stats, test_images, n: int,
-                     stacked: bool) -> list[dict]:
-  """The `analysis` section's recordings at an evaluation, one dict per member.
+def analysis_outputs(acfg, apply_fn, params, batch_stats, test_images, stacked: bool):
+  """The `analysis` section's percentiles at an evaluation, on the device ({} if none).
 
-  `params`/`batch_stats` are one state's, or `n` stacked members' (`stacked`).
+  `params`/`batch_stats` are one state's, or stacked members' (`stacked`).
   """
   if not acfg.layers:
-    return [{}] * n
+    return {}
   kwargs = dict(layers=tuple(acfg.layers), units=tuple(acfg.units),
                 percentiles=tuple(float(q) for q in acfg.percentiles))
   images = test_images[:acfg.num_examples]
   if stacked:
-    out = jax.device_get(jax.lax.map(
+    return jax.lax.map(
         lambda pb: activation_percentiles(apply_fn, pb[0], pb[1], images, **kwargs),
-        (params, batch_stats)))
-  else:
-    out = jax.device_get(activation_percentiles(apply_fn, params, batch_stats, images,
-                                                **kwargs))
+        (params, batch_stats))
+  return activation_percentiles(apply_fn, params, batch_stats, images, **kwargs)
+
+
+def analysis_records(outputs, n: int, stacked: bool) -> list[dict]:
+  """`analysis_outputs` (copied to the host) as one record dict per member."""
   return [{f"{layer}/percentiles": np.asarray(v[i] if stacked else v).tolist()
-           for layer, v in out.items()} for i in range(n)]
+           for layer, v in outputs.items()} for i in range(n)]

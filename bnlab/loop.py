@@ -18,6 +18,7 @@ from bnlab import evaluation
 from bnlab import members as members_lib
 from bnlab import models
 from bnlab import steps as steps_lib
+from bnlab import timesplit
 from bnlab import workdir as workdir_lib
 from bnlab.state import take
 
@@ -26,6 +27,7 @@ from bnlab.state import take
 run_steps = jax.jit(steps_lib.scan_steps,
                     static_argnames=("length", "batch_size", "unroll", "batch_sharding"))
 run_one_step = jax.jit(steps_lib.one_step, static_argnames=("batch_size", "batch_sharding"))
+run_permutation = jax.jit(steps_lib.permutation, static_argnames=("num_examples",))
 group_permutations = jax.jit(members_lib.permutations, static_argnames=("num_examples",))
 run_steps_group = jax.jit(members_lib.scan_steps,
                           static_argnames=("length", "batch_size", "unroll"))
@@ -148,7 +150,7 @@ class StepCalls:
   def permutation(self, state, epoch: int):
     if self.stacked:
       return group_permutations(state.rng, epoch, num_examples=self.num_train)
-    return steps_lib.epoch_permutation(state, epoch, self.num_train)
+    return run_permutation(state.rng, epoch, num_examples=self.num_train)
 
   def train(self, state, sums, images, labels, perm, length: int):
     """`length` train steps: (state, sums, steps timed, their seconds).
@@ -181,24 +183,24 @@ class StepCalls:
     return state, sums, timed, time.perf_counter() - start
 
   def learning_rates(self, state):
-    """The learning rate of the last step, per member (or of the one state): host floats."""
+    """The learning rate of the last step, per member (or of the one state), on the device."""
     hyper = getattr(state.opt_state, "hyperparams", None)
     if not hyper or "learning_rate" not in hyper:
       return None
-    return np.asarray(jax.device_get(hyper["learning_rate"]), np.float32)
+    return hyper["learning_rate"]
 
   def evaluate(self, state, images, labels, batch_size: int):
     fn = evaluation.evaluate_members if self.stacked else evaluation.evaluate
-    return jax.device_get(fn(self.eval_apply, state.params, state.batch_stats, images,
-                             labels, batch_size=batch_size))
+    return fn(self.eval_apply, state.params, state.batch_stats, images, labels,
+              batch_size=batch_size)
 
   def evaluate_others(self, state, images, labels, train_images, batch_size: int) -> dict:
     """{kind: evaluation} with each of `train.eval_statistics` but the running averages."""
-    return {kind: jax.device_get(evaluation.evaluate_statistics(
+    return {kind: evaluation.evaluate_statistics(
         kind, self.eval_apply, self.population_apply, state.params, state.batch_stats,
         images, labels, train_images, batch_size=batch_size,
         train_batch_size=self.batch_size, population_examples=self.population_examples,
-        stacked=self.stacked)) for kind in self.eval_statistics}
+        stacked=self.stacked) for kind in self.eval_statistics}
 
   def member(self, tree, i: int):
     """Member `i`'s part of a (host or device) tree."""
@@ -291,11 +293,12 @@ class Member:
 
 
 class _Clock:
-  """Wall time since the run started and since the current log interval started."""
+  """The run's wall time (split by `timesplit.TimeSplit`) and the log interval's train steps."""
 
-  def __init__(self, first_step: int):
+  def __init__(self, first_step: int, split: timesplit.TimeSplit):
     self.first_step = first_step
-    self.run_start = time.perf_counter()
+    self.split = split
+    self.run_start = split.start
     # Train steps timed in the current log interval and their seconds
     # (StepCalls.train: calls that compiled are not timed).
     self.timed_steps, self.timed_seconds = 0, 0.0
@@ -320,8 +323,8 @@ class _Clock:
 # -- the loop ----------------------------------------------------------------
 
 # Called once per member when it stops (diverged, or at the end) with
-# (member, final step, its full-train evaluation or None, the run's start time).
-OnStop = Callable[[Member, int, Any, float], None]
+# (member, final step, its full-train evaluation or None, the run's time split).
+OnStop = Callable[[Member, int, Any, timesplit.TimeSplit], None]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -351,9 +354,11 @@ class Loop:
   """
 
   def __init__(self, members: list[Member], ckpt_wd: workdir_lib.WorkDir, plan: Schedule,
-               calls: StepCalls, data: DeviceData, zero_sums, on_stop: OnStop):
+               calls: StepCalls, data: DeviceData, zero_sums, on_stop: OnStop,
+               split: timesplit.TimeSplit | None = None):
     self.members, self.ckpt_wd, self.plan, self.calls = members, ckpt_wd, plan, calls
     self.data, self.zero_sums, self.on_stop = data, zero_sums, on_stop
+    self.split = split or timesplit.TimeSplit()
     self.cfg = members[0].cfg
     self.eval_batch_size = min(self.cfg.train.eval_batch_size, len(data.test_labels))
 
@@ -371,19 +376,22 @@ class Loop:
       raise Interrupted(self.step) from None
 
   def _run(self, state) -> None:
+    split = self.split
     state, sums, step = self._resume(state)
     self.step = step
-    clock = _Clock(step)
+    split.mark_startup()
+    clock = _Clock(step, split)
     if step == 0 and self.cfg.train.eval_at_start:
       self._record_start(state, clock)
     perm_epoch, perm = None, None
     while step < self.plan.total_steps:
-      epoch = step // self.plan.steps_per_epoch
-      if epoch != perm_epoch:
-        perm, perm_epoch = self.calls.permutation(state, epoch), epoch
       end = self.plan.next_boundary(step)
-      state, sums, timed, seconds = self.calls.train(
-          state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
+      with split.phase("train"):
+        epoch = step // self.plan.steps_per_epoch
+        if epoch != perm_epoch:
+          perm, perm_epoch = self.calls.permutation(state, epoch), epoch
+        state, sums, timed, seconds = self.calls.train(
+            state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
       clock.add(timed, seconds)
       step = self.step = end
       if self.plan.is_log(step):
@@ -392,9 +400,13 @@ class Loop:
       if not any(m.recording for m in self.members):
         break
       if self.plan.is_checkpoint(step):
-        self.ckpt_wd.save(step, {"state": state, "sums": sums})
-    self.ckpt_wd.wait()
+        with split.phase("checkpoint"):
+          self.ckpt_wd.save(step, {"state": state, "sums": sums},
+                            force=step == self.plan.total_steps)
+    with split.phase("checkpoint"):
+      self.ckpt_wd.wait()
     self._finish(step, state, sums, clock)
+    logging.info("Wall time %s", timesplit.describe(split.as_dict()))
 
   def _resume(self, state):
     """(state, metric sums, step) from the latest checkpoint, or from the start."""
@@ -402,8 +414,9 @@ class Loop:
     restored = self.ckpt_wd.restore_latest({"state": state, "sums": sums})
     if restored is not None:
       state, sums = restored["state"], restored["sums"]
-      logging.info("Resumed from step %d in %s", int(np.max(state.step)), self.ckpt_wd.path)
-    step = int(np.max(state.step))
+    step = int(np.max(jax.device_get(state.step)))
+    if restored is not None:
+      logging.info("Resumed from step %d in %s", step, self.ckpt_wd.path)
     if step > self.plan.total_steps:
       raise config_lib.ConfigError(
           f"the run in {self.ckpt_wd.path} is at step {step}, beyond the "
@@ -418,42 +431,57 @@ class Loop:
             m.collapsed_at, m.collapse_reason = r["collapsed_at_step"], r.get("collapse_reason")
     return state, sums, step
 
-  def _evaluate(self, state) -> list[dict]:
-    """Each member's test loss, accuracy and analysis recordings."""
-    ev = self.calls.evaluate(state, self.data.test_images, self.data.test_labels,
-                             self.eval_batch_size)
-    others = self.calls.evaluate_others(state, self.data.test_images, self.data.test_labels,
-                                        self.data.train_images, self.eval_batch_size)
-    analysis = evaluation.analysis_records(
+  def _evaluate(self, state) -> dict:
+    """The evaluations of every member, on the device: {"running": .., kind: .., "analysis": ..}."""
+    out = {"running": self.calls.evaluate(state, self.data.test_images, self.data.test_labels,
+                                          self.eval_batch_size)}
+    out.update(self.calls.evaluate_others(state, self.data.test_images, self.data.test_labels,
+                                          self.data.train_images, self.eval_batch_size))
+    out["analysis"] = evaluation.analysis_outputs(
         self.cfg.analysis, self.calls.eval_apply, state.params, state.batch_stats,
-        self.data.test_images, len(self.members), self.calls.stacked)
+        self.data.test_images, self.calls.stacked)
+    return out
+
+  def _eval_records(self, host: dict) -> list[dict]:
+    """Each member's test loss, accuracy and analysis recordings from `_evaluate`'s host copy."""
+    analysis = evaluation.analysis_records(host.pop("analysis"), len(self.members),
+                                           self.calls.stacked)
     results = []
     for i in range(len(self.members)):
-      e = self.calls.member(ev, i)
-      result = {"test_loss": float(e["loss"]), "test_accuracy": float(e["accuracy"])}
-      for kind, o in others.items():
-        o = self.calls.member(o, i)
-        result.update({f"test_loss_{kind}": float(o["loss"]),
-                       f"test_accuracy_{kind}": float(o["accuracy"])})
+      result = {}
+      for kind, e in host.items():
+        e = self.calls.member(e, i)
+        suffix = "" if kind == "running" else f"_{kind}"
+        result.update({f"test_loss{suffix}": float(e["loss"]),
+                       f"test_accuracy{suffix}": float(e["accuracy"])})
       results.append({**result, **analysis[i]})
     return results
 
   def _record_start(self, state, clock: _Clock) -> None:
     """The evaluation before training (`train.eval_at_start`), recorded as step 0."""
-    for m, e in zip(self.members, self._evaluate(state)):
-      m.wd.write_metrics({"step": 0, "epoch": 0.0, **e, "wall_time": clock.elapsed()})
+    with self.split.phase("evaluate"):
+      evals = self._eval_records(jax.device_get(self._evaluate(state)))
+    with self.split.phase("log"):
+      for m, e in zip(self.members, evals):
+        m.wd.write_metrics({"step": 0, "epoch": 0.0, **e, "wall_time": clock.elapsed()})
 
   def _log(self, step: int, state, sums, clock: _Clock) -> None:
-    """The log action: records the interval's training metrics (and an evaluation when due)."""
-    host = jax.device_get(sums)
-    lrs = self.calls.learning_rates(state)
-    evals = None
-    if self.plan.is_eval(step) and any(
-        m.recording and self.calls.member(host, i)["first_nonfinite_step"] < 0
-        for i, m in enumerate(self.members)):
-      evals = self._evaluate(state)
-    records = self._write_records(step, host, lrs, evals, clock)
-    self._report_progress(records, step, clock)
+    """The log action: records the interval's training metrics (and an evaluation when due).
+
+    The interval's metric sums, learning rates and evaluations come to the
+    host in one transfer. A group's evaluation runs even if some members
+    diverged (their results are not recorded).
+    """
+    device = {"sums": sums, "lrs": self.calls.learning_rates(state)}
+    with self.split.phase("evaluate"):
+      if self.plan.is_eval(step) and any(m.recording for m in self.members):
+        device["evals"] = self._evaluate(state)
+      host = jax.device_get(device)
+      evals = self._eval_records(host["evals"]) if "evals" in host else None
+    with self.split.phase("log"):
+      lrs = None if host["lrs"] is None else np.asarray(host["lrs"], np.float32)
+      records = self._write_records(step, host["sums"], lrs, evals, clock)
+      self._report_progress(records, step, clock)
     clock.next_interval()
 
   def _write_records(self, step: int, host, lrs, evals, clock: _Clock) -> list[dict]:
@@ -491,7 +519,7 @@ class Loop:
         logging.warning("Loss became non-finite at step %d: run %s stopped (diverged).",
                         m.diverged_at, m.wd.path)
         m.recording = False
-        self.on_stop(m, step, None, clock.run_start)
+        self.on_stop(m, step, None, self.split)
       elif collapsed:
         stop = self.cfg.train.stop_on_collapse
         logging.warning("Run %s collapsed at step %d (%s); %s.", m.wd.path, step,
@@ -499,7 +527,7 @@ class Loop:
                         else "training goes on (train.stop_on_collapse=False)")
         if stop:
           m.recording, m.stopped_on_collapse = False, True
-          self.on_stop(m, step, None, clock.run_start)
+          self.on_stop(m, step, None, self.split)
     return records
 
   def _report_progress(self, records: list[dict], step: int, clock: _Clock) -> None:
@@ -517,14 +545,19 @@ class Loop:
       return
     full = None
     if self.cfg.train.final_train_eval:
-      full = self.calls.evaluate(state, self.data.train_images, self.data.train_labels,
-                                 min(self.cfg.train.eval_batch_size, self.calls.num_train))
-    for i in live:
-      m = self.members[i]
-      if self.calls.stacked:  # the member's final state where a solo run keeps it
-        m.wd.save(step, {"state": take(state, i), "sums": take(sums, i)})
-      self.on_stop(m, step, None if full is None else self.calls.member(full, i),
-                   clock.run_start)
+      with self.split.phase("evaluate"):
+        full = jax.device_get(self.calls.evaluate(
+            state, self.data.train_images, self.data.train_labels,
+            min(self.cfg.train.eval_batch_size, self.calls.num_train)))
+    if self.calls.stacked:  # each member's final state where a solo run keeps it
+      with self.split.phase("checkpoint"):
+        for i in live:
+          self.members[i].wd.save(step, {"state": take(state, i), "sums": take(sums, i)},
+                                  force=True)
+    with self.split.phase("log"):
+      for i in live:
+        self.on_stop(self.members[i], step,
+                     None if full is None else self.calls.member(full, i), self.split)
 
 
 # -- progress lines ----------------------------------------------------------

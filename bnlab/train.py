@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ from bnlab import optim
 from bnlab import provenance
 from bnlab import state as state_lib
 from bnlab import steps as steps_lib
+from bnlab import timesplit
 from bnlab import workdir as workdir_lib
 # pylint: disable=unused-import
 from bnlab.evaluation import (activation_percentiles, eval_model_config, evaluate,
@@ -61,8 +61,10 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
   it continues from its last checkpoint and its summary is replaced at the end.
   `data`: the already loaded dataset of `cfg.data` (else it is loaded).
   """
+  split = timesplit.TimeSplit()
   config_lib.validate(cfg)
   backend.configure(cfg.train.deterministic)  # before anything starts JAX
+  _compilation_cache(cfg)
   distributed.initialize(cfg.distributed)
   wd = workdir_lib.WorkDir(workdir, cfg)
   try:
@@ -70,7 +72,7 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
     if done is not None and not extends(done, cfg, workdir):
       logging.info("Run in %s is complete; nothing to do.", workdir)
       return done
-    _train([loop_lib.Member(cfg, wd)], wd, data, stacked=False)
+    _train([loop_lib.Member(cfg, wd)], wd, data, stacked=False, split=split)
     return wd.read_summary()
   finally:
     wd.close()
@@ -86,11 +88,13 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
   there. Members whose summary.json exists are carried along but not
   recorded. Returns the members' summaries.
   """
+  split = timesplit.TimeSplit()
   cfgs = list(cfgs)
   for cfg in cfgs:
     config_lib.validate(cfg)
   keys = {group_key(c) for c in cfgs}
   backend.configure(any(c.train.deterministic for c in cfgs))
+  _compilation_cache(cfgs[0])
   if len(keys) != 1:
     raise config_lib.ConfigError(
         f"a group's members may differ only in {GROUPABLE_KEYS} (learning rate with a "
@@ -108,13 +112,20 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
     try:
       members = [loop_lib.Member(c, wd, recording=not f)
                  for c, wd, f in zip(cfgs, wds, finished)]
-      _train(members, gwd, data, stacked=True)
+      _train(members, gwd, data, stacked=True, split=split)
     finally:
       gwd.close()
     return [wd.read_summary() for wd in wds]
   finally:
     for wd in wds:
       wd.close()
+
+
+def _compilation_cache(cfg) -> None:
+  """JAX's persistent compilation cache under the data cache directory (`train.compilation_cache`)."""
+  if cfg.train.compilation_cache:
+    backend.enable_compilation_cache(
+        os.path.join(cfg.data.cache_dir or data_lib.default_cache_dir(), "jax"))
 
 
 def extends(summary: dict, cfg, workdir: str) -> bool:
@@ -160,12 +171,17 @@ def _group_config(cfgs, workdirs) -> ml_collections.ConfigDict:
                    "learning_rate": c.optimizer.learning_rate}
                   for c, p in zip(cfgs, workdirs)],
       "shared": json.loads(cfgs[0].to_json_best_effort()),
-      "train": {"keep_checkpoints": cfgs[0].train.keep_checkpoints}})
+      "train": {k: cfgs[0].train[k] for k in ("keep_checkpoints", "checkpoint_every_steps",
+                                              "checkpoint_min_interval_secs")}})
 
 
 def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
-           stacked: bool) -> None:
-  """Builds the pieces of a solo run (one member) or of a group and runs the step loop."""
+           stacked: bool, split: timesplit.TimeSplit) -> None:
+  """Builds the pieces of a solo run (one member) or of a group and runs the step loop.
+
+  `split` started when the entry point was called: what precedes the first
+  train step is its start-up.
+  """
   cfg = members[0].cfg
   env = provenance.environment(deterministic=backend.deterministic())
   logging.info("Environment: %s", provenance.describe(env))
@@ -200,7 +216,7 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   # (on every process's devices); a checkpoint is restored into that placement.
   place = functools.partial(distributed.replicate, mesh=mesh)
   run = loop_lib.Loop(members, ckpt_wd, plan, calls, loop_lib.DeviceData.place(ds, mesh),
-                      place(zero_sums), functools.partial(_write_summary, info))
+                      place(zero_sums), functools.partial(_write_summary, info), split)
   run.run(place(state))
 
 
@@ -264,8 +280,11 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
   """(initial train state, zeroed metric sums) of a solo run or of a group's stacked members."""
   bs = members[0].cfg.train.batch_size
   if not stacked:
-    state = state_lib.create_train_state(model, tx, jax.random.key(members[0].cfg.seed), bs)
-    return state, steps_lib.metric_sums_zero()
+    # One compiled program (unoptimized code generation: it runs once) instead
+    # of one compile per operation of an eager init.
+    init = jax.jit(lambda seed: state_lib.create_train_state(model, tx, jax.random.key(seed), bs),
+                   compiler_options={"xla_backend_optimization_level": 0})
+    return init(jnp.uint32(members[0].cfg.seed)), steps_lib.metric_sums_zero()
   # One update function for all; each member's hyperparameters (its learning
   # rate) live in its own optimizer state.
   state = state_lib.create_member_states(model, tx, [m.cfg for m in members], bs)
@@ -273,8 +292,8 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
 
 
 def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
-                   run_start: float) -> None:
-  """Writes member `m`'s summary.json."""
+                   split: timesplit.TimeSplit) -> None:
+  """Writes member `m`'s summary.json; `time` splits this process's wall time (`timesplit`)."""
   m.wd.wait()
   summary = {"diverged": m.diverged_at is not None, "diverged_at_step": m.diverged_at,
              "collapsed": m.collapsed_at is not None, "collapsed_at_step": m.collapsed_at,
@@ -289,7 +308,8 @@ def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
   if full_train is not None and m.diverged_at is None:
     summary.update(full_train_loss=float(full_train["loss"]),
                    full_train_accuracy=float(full_train["accuracy"]))
-  summary["wall_time"] = time.perf_counter() - run_start
+  summary["time"] = split.as_dict()
+  summary["wall_time"] = summary["time"]["total"]
   m.wd.write_summary(summary)
 
 

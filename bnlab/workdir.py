@@ -512,6 +512,21 @@ def release_lock(lock_path: str, fd: int) -> None:
   os.close(fd)
 
 
+def save_decision_policy(train_cfg):
+  """Which offered checkpoints orbax writes (`train.checkpoint_*`).
+
+  With `checkpoint_every_steps` set, or `checkpoint_min_interval_secs=0`, every
+  one offered; else at most one per `checkpoint_min_interval_secs` seconds
+  (orbax's ContinuousCheckpointingPolicy, which also skips a save while one is
+  being written, and decides on the primary process for all). The loop offers
+  a checkpoint at each checkpoint step and forces the last.
+  """
+  secs = train_cfg.get("checkpoint_min_interval_secs", 0)
+  if train_cfg.get("checkpoint_every_steps", 0) or not secs:
+    return None  # orbax's default: every step offered (save_interval_steps=1)
+  return ocp.checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=secs)
+
+
 class WorkDir:
   """Owns one run's directory for the lifetime of the run."""
 
@@ -615,7 +630,8 @@ class WorkDir:
       self._manager = ocp.CheckpointManager(
           self._ckpt_dir,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=cfg.train.keep_checkpoints, create=True))
+              max_to_keep=cfg.train.keep_checkpoints, create=True,
+              save_decision_policy=save_decision_policy(cfg.train)))
     except Exception as e:  # pylint: disable=broad-except
       raise _io_error("opening the checkpoint directory", self._ckpt_dir, e) from e
 
@@ -959,16 +975,18 @@ class WorkDir:
                   _dumps(summary, indent=2, sort_keys=True) + "\n")
 
   # -- checkpoints ----------------------------------------------------------
-  def save(self, step: int, target) -> None:
-    """Starts writing checkpoint `step` (orbax publishes it only once complete).
+  def save(self, step: int, target, force: bool = False) -> None:
+    """Starts writing checkpoint `step` if the save policy wants it, or `force`.
 
-    The checkpoints written before are finished first (orbax would wait for
-    them anyway) and sealed with their checksums.
+    Orbax publishes a checkpoint only once complete. The checkpoints written
+    before are finished first (orbax would wait for them anyway) and sealed
+    with their checksums.
     """
     self.wait()
     try:
       if self._manager.save(
-          step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target))):
+          step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)),
+          force=force):
         self._unsealed.append(step)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error([step], e) from e

@@ -6,7 +6,7 @@ anywhere in the process's life, half once training has begun, where most time
 goes to writing checkpoints), reruns the same command until it finishes, and
 compares the result with an uninterrupted reference run: every array of the
 final checkpoint (params, batch_stats, optimizer state, rng, metric sums) bit
-for bit, metrics.jsonl and summary.json (except wall_time and examples_per_sec).
+for bit, metrics.jsonl and summary.json (except the timings and the environment).
 
   python experiments/kill_soak.py --attempts=20 --workdir=/tmp/kill_soak
 
@@ -41,7 +41,7 @@ OVERRIDES = {
 }
 # Not results: timings, and where the run ran (the checkout may be committed to
 # while a soak runs, which changes the recorded code version).
-VOLATILE = ("wall_time", "examples_per_sec", "environment")
+VOLATILE = ("wall_time", "time", "examples_per_sec", "environment")
 
 
 def make_data(directory: str) -> str:

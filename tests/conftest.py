@@ -1,14 +1,20 @@
 """Fixtures shared by the end-to-end tests."""
 
+import os
+
 import jax
 import pytest
 
 from bnlab import backend
+from bnlab import data
 import tiny_mnist
 
 # The tests compare runs bit for bit (resume, reruns): XLA's deterministic mode,
 # set before any test starts JAX's backend, as `python -m bnlab.main` does.
 backend.configure(deterministic=True)
+# One persistent compilation cache for every test (a run would otherwise put it
+# under the first run's data.cache_dir, which may be a test's temporary directory).
+backend.enable_compilation_cache(os.path.join(data.default_cache_dir(), "jax"))
 
 
 @pytest.fixture

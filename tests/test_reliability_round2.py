@@ -27,6 +27,7 @@ def _cfg(lr=0.01):
   c = config_lib.base_config()
   c.optimizer.learning_rate = lr
   c.train.keep_checkpoints = 5
+  c.train.checkpoint_min_interval_secs = 0  # a checkpoint at every evaluation
   return c
 
 
@@ -197,7 +198,7 @@ def test_ctrl_c_during_training_names_the_step(tmp_path, monkeypatch, capsys):
   c.train.num_epochs, c.train.checkpoint_every_steps = 1, 1
   c.train.eval_at_start, c.train.final_train_eval = False, False
 
-  def interrupt(self, step, target):
+  def interrupt(self, step, target, **_):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(workdir_lib.WorkDir, "save", interrupt)

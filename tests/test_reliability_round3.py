@@ -24,11 +24,11 @@ full_at = int(sys.argv.pop(1))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 real_save = workdir.WorkDir.save
 
-def save(self, step, target):
+def save(self, step, target, **kwargs):
   if step == full_at:
     self.wait()  # the checkpoints before are complete
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-  return real_save(self, step, target)
+  return real_save(self, step, target, **kwargs)
 
 workdir.WorkDir.save = save
 main.run()

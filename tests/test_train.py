@@ -27,6 +27,7 @@ def tiny_config(idx_dir, **overrides):
   c.train.eval_every_epochs = 1
   c.train.log_every_steps = 5
   c.train.keep_checkpoints = 50
+  c.train.checkpoint_min_interval_secs = 0  # a checkpoint at every evaluation
   for key, value in overrides.items():
     section, name = key.split(".")
     c[section][name] = value

@@ -118,6 +118,7 @@ def user_config(idx_dir, name, **train_overrides):
   c.train.num_epochs = 2
   c.train.log_every_steps = 5
   c.train.keep_checkpoints = 10
+  c.train.checkpoint_min_interval_secs = 0  # a checkpoint at every evaluation
   for key, value in train_overrides.items():
     c.train[key] = value
   return c

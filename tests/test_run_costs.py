@@ -1,0 +1,113 @@
+"""Where a run's time goes (summary "time"), the checkpoint policy and the compilation cache."""
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import logging
+
+from bnlab import backend
+from bnlab import timesplit
+from bnlab import train
+from test_train import tiny_config
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_summary_splits_the_wall_time(idx_dir, tmp_path, caplog):
+  c = tiny_config(idx_dir)
+  with caplog.at_level(logging.INFO):
+    summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  split = summary["time"]
+  assert set(split) == {"total", "other", *timesplit.PARTS}
+  assert all(v >= 0 for v in split.values())
+  assert summary["wall_time"] == split["total"]
+  parts = sum(split[k] for k in timesplit.PARTS) + split["other"]
+  assert parts == pytest.approx(split["total"], abs=0.02)
+  assert split["train"] > 0 and split["evaluate"] > 0 and split["checkpoint"] > 0
+  assert any(r.getMessage().startswith("Wall time ") and "compile" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_a_phase_books_its_compilation_apart():
+  split = timesplit.TimeSplit()
+  fresh = jax.jit(lambda x: jnp.sin(x) * 3.0 + float(time.time_ns() % 997))  # never compiled
+  before = timesplit.compile_seconds()
+  t0 = time.perf_counter()
+  with split.phase("evaluate"):
+    fresh(jnp.ones(3)).block_until_ready()
+    time.sleep(0.05)
+  wall = time.perf_counter() - t0
+  compiled = timesplit.compile_seconds() - before
+  assert compiled > 0
+  assert split.seconds["compile"] == pytest.approx(compiled)
+  assert split.seconds["evaluate"] >= 0.05
+  assert split.seconds["evaluate"] + split.seconds["compile"] == pytest.approx(wall, abs=0.01)
+  with pytest.raises(ValueError, match="phase 'compile'"):
+    with split.phase("compile"):
+      pass
+
+
+def _checkpoint_steps(run_dir):
+  return sorted(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit())
+
+
+def test_checkpoints_at_most_once_per_interval_and_always_the_last(idx_dir, tmp_path):
+  c = tiny_config(idx_dir)  # 3 epochs of 10 steps, an evaluation each epoch
+  c.train.checkpoint_min_interval_secs = 3600.0
+  train.train_and_evaluate(c, str(tmp_path / "hourly"))
+  # The first offered checkpoint (no earlier one) and the last (forced).
+  assert _checkpoint_steps(str(tmp_path / "hourly")) == [10, 30]
+  c.train.checkpoint_min_interval_secs = 0.0
+  train.train_and_evaluate(c, str(tmp_path / "every"))
+  assert _checkpoint_steps(str(tmp_path / "every")) == [10, 20, 30]
+
+
+def test_checkpoint_steps_override_the_interval(idx_dir, tmp_path):
+  c = tiny_config(idx_dir, **{"train.checkpoint_every_steps": 5,
+                              "train.checkpoint_min_interval_secs": 3600.0})
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert _checkpoint_steps(str(tmp_path / "run")) == list(range(5, 31, 5))
+
+
+PROBE = """
+import collections, sys
+from jax import monitoring
+events = collections.Counter()
+monitoring.register_event_listener(lambda event, **_: events.update([event]))
+from bnlab import config as config_lib, train
+idx, cache, wd = sys.argv[1:4]
+c = config_lib.base_config()
+c.data.source, c.data.dir, c.data.cache_dir = "idx", idx, cache
+c.model.name, c.train.num_steps, c.train.eval_every_steps = "seed1_mlp", 10, 5
+train.train_and_evaluate(c, wd)
+print({k.rsplit("/", 1)[1]: v for k, v in events.items() if "compilation_cache/cache_" in k})
+"""
+
+
+def _probe(idx_dir, cache, wd):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  out = subprocess.run([sys.executable, "-c", PROBE, idx_dir, cache, wd], env=env, check=True,
+                       capture_output=True, text=True, cwd=TESTS).stdout
+  return eval(out.strip().splitlines()[-1])  # pylint: disable=eval-used
+
+
+def test_a_second_process_reads_every_program_from_the_cache(idx_dir, tmp_path):
+  cache = str(tmp_path / "cache")
+  first = _probe(idx_dir, cache, str(tmp_path / "a"))
+  assert first.get("cache_misses", 0) > 0 and not first.get("cache_hits")
+  assert os.listdir(os.path.join(cache, "jax"))
+  second = _probe(idx_dir, cache, str(tmp_path / "b"))
+  assert second == {"cache_hits": first["cache_misses"]}
+
+
+def test_a_cache_directory_set_before_is_kept(tmp_path):
+  current = jax.config.jax_compilation_cache_dir
+  assert current  # conftest set one
+  assert backend.enable_compilation_cache(str(tmp_path / "other")) == current
+  assert jax.config.jax_compilation_cache_dir == current
+  assert not os.path.exists(tmp_path / "other")
