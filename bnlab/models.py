@@ -16,7 +16,10 @@ norm's shift replaces) or "after" it. Norms:
 Every batch-statistics norm is named `BatchNorm_0` in its block, so
 checkpoints carry over between them (e.g. fine-tuning a "batch" run with
 "frozen"). Each activation's input is sown into the `intermediates`
-collection as `preact_<i>` so analyses can record its distribution.
+collection as `preact_<i>` so analyses can record its distribution; with a
+batch-statistics norm before the activation, inference mode also sows BN's
+normalised input x-hat = (h - running mean) / sqrt(running var + eps), before
+the learned scale and shift, as `xhat_<i>`.
 
 Your own model: `model.name="package.module:target"` (see `build_model`).
 `dtype` (train.half_precision): the computation dtype; parameters and BN
@@ -103,6 +106,7 @@ class Block(nn.Module):
   index: int
   flatten_before_norm: bool = False
   pool: int = 0  # max-pool window after the block (0: none)
+  xhat_epsilon: float | None = None  # the BN's epsilon: sow x-hat (inference, BN before)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -112,7 +116,13 @@ class Block(nn.Module):
     if self.flatten_before_norm:
       h = h.reshape(h.shape[0], -1)
     if before:
+      raw = h
       h = self.norm(h, train)
+      if self.xhat_epsilon is not None and not train:
+        stats = self.variables["batch_stats"]["BatchNorm_0"]
+        xhat = (raw.astype(jnp.float32) - stats["mean"]) * jax.lax.rsqrt(
+            stats["var"] + self.xhat_epsilon)
+        self.sow("intermediates", f"xhat_{self.index}", xhat)
     self.sow("intermediates", f"preact_{self.index}", h)
     if self.pool and self.norm is None and self.activation in MONOTONE_ACTIVATIONS:
       return act(max_pool(h, self.pool))
@@ -200,6 +210,7 @@ class Classifier(nn.Module):
     x = images.astype(self.dtype or jnp.float32) * (1.0 / 255.0)
     init = kernel_initializer(self.kernel_init, self.init_std)
     norm = self.make_norm()
+    xhat = self.bn_epsilon if self.norm in BATCH_STAT_NORMS else None
     index = 0
     if self.conv:
       x = x.reshape(x.shape[0], 28, 28, 1)
@@ -212,14 +223,14 @@ class Classifier(nn.Module):
                 implementation=self.conv_implementation, dtype=self.dtype),
             self.activation, norm if has_bn else None, self.bn_position, index,
             flatten_before_norm=flat, pool=2 if pool else 0,
-            name=f"conv_block_{i}")(x, train)
+            xhat_epsilon=xhat if has_bn else None, name=f"conv_block_{i}")(x, train)
         index += 1
     x = x.reshape(x.shape[0], -1)
     for i, (width, has_bn) in enumerate(self.dense):
       x = Block(
           lambda b, w=width: nn.Dense(w, use_bias=b, kernel_init=init, dtype=self.dtype),
           self.activation, norm if has_bn else None, self.bn_position, index,
-          name=f"dense_block_{i}")(x, train)
+          xhat_epsilon=xhat if has_bn else None, name=f"dense_block_{i}")(x, train)
       index += 1
     logits = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype, name="logits")(x)
     return logits.astype(jnp.float32)  # the loss and accuracy in float32
@@ -434,9 +445,11 @@ def normalized_features(cfg) -> tuple[int, ...]:
 
 
 def pre_activation_names(name: str) -> tuple[str, ...]:
-  """The `preact_<i>` names a model sows, one per hidden block."""
+  """The names a model may sow, per hidden block: `preact_<i>`, then `xhat_<i>` (sown only
+  where a batch-statistics norm sits before the activation)."""
   blocks = {"paper_mlp": 3, "seed_cnn": 3, "seed1_mlp": 2, "seed1_cnn": 2}.get(name, 0)
-  return tuple(f"preact_{i}" for i in range(blocks))
+  return (tuple(f"preact_{i}" for i in range(blocks))
+          + tuple(f"xhat_{i}" for i in range(blocks)))
 
 
 def pre_activations(model: nn.Module, variables, images) -> dict[str, jax.Array]:

@@ -137,3 +137,50 @@ def test_conv_block_pooling_equals_activation_then_flax_max_pool(activation):
   cot = jax.random.normal(jax.random.key(3), reference(v["params"]).shape)
   grads = [jax.grad(lambda p, f=f: jnp.sum(f(p) * cot))(v["params"]) for f in (ours, reference)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
+
+
+@pytest.mark.parametrize("norm", ["batch", "flax_batch", "renorm", "none"])
+def test_xhat_is_the_input_normalised_with_the_running_statistics(norm, float32_matmuls):
+  """x-hat against a float64 reference: (preact - bias) / scale = (h - mean) / sqrt(var + eps),
+  with random scale, bias and running statistics; its percentiles as the engine records them."""
+  from bnlab import evaluation
+  cfg = model_cfg(name="paper_mlp", activation="sigmoid", norm=norm, bn_position="before")
+  model = models.build_model(cfg)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, (64, 28, 28)), jnp.uint8)
+  v = model.init(jax.random.key(0), x, train=False)
+  if norm == "none":
+    assert "xhat_2" not in models.sown_names(model)
+    return
+  assert "xhat_2" in models.pre_activation_names("paper_mlp")
+  scale = rng.uniform(0.5, 3.0, 100)
+  bias = rng.normal(0, 1, 100)
+  mean, var = rng.normal(0, 0.3, 100), rng.uniform(0.05, 2.0, 100)
+  params = jax.tree.map(lambda a: a, v["params"])
+  params["dense_block_2"]["BatchNorm_0"] = {"scale": jnp.asarray(scale, jnp.float32),
+                                           "bias": jnp.asarray(bias, jnp.float32)}
+  stats = jax.tree.map(lambda a: a, v["batch_stats"])
+  stats["dense_block_2"]["BatchNorm_0"] = {
+      **stats["dense_block_2"]["BatchNorm_0"], "mean": jnp.asarray(mean, jnp.float32),
+      "var": jnp.asarray(var, jnp.float32)}
+  variables = {"params": params, "batch_stats": stats}
+  sown = models.pre_activations(model, variables, x)
+  preact = np.asarray(sown["preact_2"], np.float64)
+  xhat = np.asarray(sown["xhat_2"], np.float64)
+  want = (preact - bias) / scale  # independent of mean, var and epsilon
+  np.testing.assert_allclose(xhat, want, rtol=1e-4, atol=1e-4)
+  # Layer 1's raw input h = x W (no bias before BN), in float64.
+  h = (np.asarray(x, np.float64).reshape(64, -1) / 255.0) @ np.asarray(
+      params["dense_block_0"]["Dense_0"]["kernel"], np.float64)
+  bn0 = stats["dense_block_0"]["BatchNorm_0"]
+  want0 = (h - np.asarray(bn0["mean"], np.float64)) / np.sqrt(
+      np.asarray(bn0["var"], np.float64) + cfg.bn.epsilon)
+  np.testing.assert_allclose(np.asarray(sown["xhat_0"], np.float64), want0, rtol=1e-5, atol=1e-5)
+  q = (15.0, 50.0, 85.0)
+  got = evaluation.activation_percentiles(model.apply, params, stats, x, layers=("xhat_2",),
+                                          units=(0, 7, 99), percentiles=q)["xhat_2"]
+  np.testing.assert_allclose(np.asarray(got), np.percentile(want[:, [0, 7, 99]], q, axis=0).T,
+                             rtol=1e-4, atol=1e-4)
+  # Train mode sows nothing new and the outputs and variables are unchanged by x-hat.
+  _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
+  assert not any(k.startswith("xhat") for b in state["intermediates"].values() for k in b)
