@@ -166,9 +166,20 @@ def validate(cfg) -> None:
     spec.pop("each", None)
     fn = _registry("claim rule", spec.pop("rule", ""), RULES)
     _check_params("claim rule", f"claims.{name}", fn, 1, kwargs=spec)
-    for m in (v for k, v in spec.items() if k in ("metric", "require", "fails", "trains")):
+    for m in claim_metrics(spec):
       if m not in names:
         raise config_lib.ConfigError(f"study config claims.{name}: unknown metric {m!r}")
+
+
+def claim_metrics(spec: dict) -> list[str]:
+  """The metric names a claim's parameters read (`metric`, `metrics`, `other`, ...)."""
+  out = []
+  for k, v in spec.items():
+    if k in ("metric", "other", "require", "fails", "trains") and v:
+      out.append(v)
+    elif k == "metrics":
+      out += list(v)
+  return out
 
 
 # -- runs and their metrics --------------------------------------------------------
@@ -556,6 +567,99 @@ def separated(cells, metric: str, a: str, b: str, higher: bool = True, require: 
   return "inconclusive", {**numbers, "reason": "the seed ranges overlap"}
 
 
+def paired_runs(cells, metric: str, a: str, b: str, other: str = ""):
+  """[(seed, a's `metric`, b's `other` or `metric`)] of the runs of cells a and b with the
+  same seed, or None when a or b is not one cell."""
+  ca, cb = one(cells, a), one(cells, b)
+  if ca is None or cb is None:
+    return None
+  by_seed = {r.get("seed"): r.get(other or metric) for r in cb["rows"]}
+  return [(r.get("seed"), r.get(metric), by_seed[r.get("seed")])
+          for r in ca["rows"] if r.get("seed") in by_seed]
+
+
+Z95 = 1.959963984540054  # the two-sided 95% point of the standard normal
+
+
+def call_difference(diffs: list[float], p_a: float, p_b: float, n_test: int | None,
+                    higher: bool = True) -> tuple[str, dict]:
+  """(verdict, numbers) of paired differences a - b: see `paired_interval`."""
+  mean, half = t_interval(diffs)
+  binom = (Z95 * math.sqrt(binomial_se(p_a, n_test) ** 2 + binomial_se(p_b, n_test) ** 2)
+           if n_test else 0.0)
+  numbers = {"difference": mean, "t95": half, "binomial95": binom if n_test else None}
+  if half is None:
+    return "inconclusive", {**numbers, "reason": "fewer than 2 seeds"}
+  bar, sign = max(half, binom), 1 if higher else -1
+  if sign * mean > bar:
+    return "supported", numbers
+  return ("refuted" if -sign * mean > bar else "inconclusive"), numbers
+
+
+def _n_test_of(cells, where: str, metric: str):
+  c = one(cells, where)
+  return None if c is None else c["stats"][metric].get("n_test")
+
+
+@register(RULES, "paired_interval")
+def paired_interval(cells, metric: str, a: str, b: str, other: str = "", higher: bool = True,
+                    from_step: int = 0):
+  """Runs of a and b paired by seed, d = a's `metric` - b's `other` (default: `metric`).
+  A difference is called only outside both noises: the 95% t interval on the seed mean of d
+  (t_0.975,n-1 x sd(d) / sqrt(n)) and, for test accuracies, the test set's binomial noise
+  1.96 x sqrt(se_a^2 + se_b^2), se = sqrt(p(1-p)/N) at each side's seed mean p. Supported
+  when mean d is beyond both in the claimed direction (above; below if not `higher`),
+  refuted when beyond both the other way, else inconclusive (also with < 2 seed pairs or a
+  missing value). A series is judged at every point from `from_step` that every pair has:
+  supported when every point is, refuted when any point is."""
+  pairs = paired_runs(cells, metric, a, b, other)
+  if not pairs or any(x is None or y is None for _, x, y in pairs):
+    return "inconclusive", {"missing": f"a pair of {metric} values of {a!r} and {b!r}"}
+  n_a, n_b = _n_test_of(cells, a, metric), _n_test_of(cells, b, other or metric)
+  n_test = n_a if n_a and n_a == n_b else None
+  seeds = [s for s, _, _ in pairs]
+
+  def call(xs, ys):
+    verdict, numbers = call_difference([x - y for x, y in zip(xs, ys)], sum(xs) / len(xs),
+                                       sum(ys) / len(ys), n_test, higher)
+    return verdict, {"mean_a": sum(xs) / len(xs), "mean_b": sum(ys) / len(ys), **numbers}
+
+  if not isinstance(pairs[0][1], list):
+    verdict, numbers = call([x for _, x, _ in pairs], [y for _, _, y in pairs])
+    return verdict, {"seeds": seeds, **numbers}
+  by_point: dict = {}
+  for _, x, y in pairs:
+    ys = dict((p, v) for p, v in y)
+    for p, v in x:
+      if p in ys:
+        by_point.setdefault(p, []).append((v, ys[p]))
+  points = {p: call(*zip(*v)) for p, v in sorted(by_point.items())
+            if len(v) == len(pairs) and p >= from_step}
+  if not points:
+    return "inconclusive", {"missing": "no point that every pair has"}
+  count = {v: [p for p, (w, _) in points.items() if w == v] for v in VERDICTS}
+  numbers = {"seeds": seeds, "points": len(points), **{v: len(count[v]) for v in VERDICTS},
+             **{f"{v}_at": count[v][:5] for v in VERDICTS[1:] if count[v]}}
+  if count["refuted"]:
+    return "refuted", numbers
+  return ("supported" if len(count["supported"]) == len(points) else "inconclusive"), numbers
+
+
+@register(RULES, "same_verdict")
+def same_verdict(cells, metrics, a: str, b: str, higher: bool = True):
+  """`paired_interval` of a against b once with each of `metrics` (e.g. test accuracy with
+  running averages, population and test-batch statistics): supported when all give the
+  same verdict, refuted when the choice of metric changes it; inconclusive when a metric
+  lacks a value."""
+  calls = {m: paired_interval(cells, m, a, b, higher=higher) for m in metrics}
+  numbers = {m: v for m, (v, _) in calls.items()}
+  numbers.update({f"{m} difference": n["difference"] for m, (_, n) in calls.items()
+                  if "difference" in n})
+  if any("missing" in n for _, n in calls.values()):
+    return "inconclusive", numbers
+  return ("supported" if len(set(numbers[m] for m in metrics)) == 1 else "refuted"), numbers
+
+
 def judge(claims: dict, cells: list[dict]) -> list[dict]:
   """Every claim's verdict(s): one per value combination of its `each` keys."""
   out = []
@@ -845,9 +949,35 @@ def _table(cells: list[dict], metrics, labels: dict, across: str = "") -> list[s
   return lines
 
 
-def _test_accuracy_metrics(metrics: dict) -> list[str]:
-  return [n for n, s in metrics.items() if len(s) > 1 and s[1] == "test_accuracy"
-          and s[0] in ("summary", "last", "max")]
+TEST_ACCURACIES = ("test_accuracy", "test_accuracy_population", "test_accuracy_batch")
+# What each recorded key's BN used; a claim's report line names the statistics its metrics read.
+STATISTICS = {
+    "test_accuracy": "running averages (inference mode)",
+    "test_loss": "running averages (inference mode)",
+    "full_train_accuracy": "running averages (inference mode)",
+    "full_train_loss": "running averages (inference mode)",
+    "test_accuracy_population": "population statistics recomputed over training images "
+                                "(Algorithm 2)",
+    "test_accuracy_batch": "each test batch's own statistics",
+    "train_loss": "batch statistics (train mode)",
+    "train_accuracy": "batch statistics (train mode)",
+}
+
+
+def _test_accuracy_metrics(metrics: dict, kinds=("summary", "last", "max")) -> list[str]:
+  return [n for n, s in metrics.items() if len(s) > 1 and s[1] in TEST_ACCURACIES
+          and s[0] in kinds]
+
+
+def statistics_of(metric: str, metrics: dict) -> list[str]:
+  """The BN statistics behind `metric` (through the metrics it derives from), as STATISTICS."""
+  spec = tuple(metrics.get(metric, ()))
+  if not spec:
+    return []
+  if spec[0] in DERIVED_METRICS:
+    return list(dict.fromkeys(s for r in _refs(spec) for s in statistics_of(r, metrics)))
+  keys = spec[1:3] if spec[0] == "summary_difference" else spec[1:2]
+  return list(dict.fromkeys(STATISTICS[k] for k in keys if k in STATISTICS))
 
 
 def _n_test(cell: dict, runs_by_name: dict) -> int:
@@ -911,17 +1041,41 @@ def analyse(study: Study, workdir: str):
   cells = make_cells(rows, cfg["cells"], list(cfg["metrics"]))
   runs_by_name = {r.name: r for r in runs}
   for c in cells:
-    for m in _test_accuracy_metrics(cfg["metrics"]):
-      if "mean" in c["stats"][m]:
+    for m in _test_accuracy_metrics(cfg["metrics"], ("summary", "last", "max", "series")):
+      if c["stats"][m]["n"]:
         c["stats"][m]["n_test"] = n = _n_test(c, runs_by_name)
-        c["stats"][m]["binomial_se"] = binomial_se(c["stats"][m]["mean"], n)
+        if "mean" in c["stats"][m]:
+          c["stats"][m]["binomial_se"] = binomial_se(c["stats"][m]["mean"], n)
   return runs, rows, cells, judge(cfg["claims"], cells)
 
 
-def _claim_lines(cfg: dict, workdir: str, verdicts: list[dict]) -> list[str]:
+def _noise_line(cfg: dict, cells: list[dict]) -> list[str]:
+  """The test set's binomial noise, stated before the verdicts when a claim reads test accuracy."""
+  used = {m for spec in cfg["claims"].values() for m in claim_metrics(spec)}
+  acc = set(_test_accuracy_metrics(cfg["metrics"], ("summary", "last", "max", "series")))
+  reads = set()
+  for m in used:  # a derived metric reads the test accuracy behind it
+    reads |= {m, *(r for r in _refs(tuple(cfg["metrics"][m])))}
+  n = next((c["stats"][m].get("n_test") for c in cells for m in acc & reads
+            if c["stats"][m].get("n_test")), None)
+  if not n:
+    return []
+  at = ", ".join(f"{100 * binomial_se(p, n):.2f} at p = {p}" for p in (0.99, 0.98, 0.9, 0.5))
+  return ["", f"Test-set noise: one accuracy p measured on the N = {n:,} test images has "
+              f"binomial standard error sqrt(p(1-p)/N), in points: {at}. Seeds share the test "
+              "set, so averaging seeds does not shrink it."]
+
+
+def _claim_lines(cfg: dict, workdir: str, verdicts: list[dict],
+                 cells: list[dict] = ()) -> list[str]:
   lines = ["## Claims, with the rule of each verdict (fixed before the runs)", ""]
   for name, spec in cfg["claims"].items():
     lines += [f"- **{name}**: {spec['statement']}", f"  Rule: {_rule_text(spec)}"]
+    stats = list(dict.fromkeys(s for m in claim_metrics(spec)
+                               for s in statistics_of(m, cfg["metrics"])))
+    if stats:
+      lines.append(f"  BN statistics behind it: {'; '.join(stats)}.")
+  lines += _noise_line(cfg, list(cells))
   if _read_json(os.path.join(workdir, "claims_registered.json"), cfg["claims"]) != cfg["claims"]:
     lines += ["", "**Note: these claims differ from those registered before the first run "
               "(claims_registered.json).**"]
@@ -981,7 +1135,7 @@ def report(study: Study, workdir: str) -> str:
     FIGURES[spec.pop("kind")](cells, os.path.join(workdir, "figures", f"{name}.png"),
                               cfg["labels"], **spec)
   _write_outputs(workdir, rows, cells, verdicts, stages, list(cfg["metrics"]))
-  lines = [f"# {cfg['title']}", "", study.doc, ""] + _claim_lines(cfg, workdir, verdicts)
+  lines = [f"# {cfg['title']}", "", study.doc, ""] + _claim_lines(cfg, workdir, verdicts, cells)
   lines += [""] + _result_lines(cfg, rows, cells)
   lines += ["## Time", ""] + _time_lines(runs, stages)
   lines += ["", "## Where and with which code it ran", ""] + _where_lines(stages)

@@ -8,7 +8,8 @@ Registered into `bnlab.study`'s registries when imported (study configs import i
   "bn_affine": median |scale| and |bias| of one BN layer in the final checkpoint;
   "ics_smoothness": `bnlab.analysis` internal covariate shift and gradient
   smoothness at initialisation and at every checkpoint, on fixed training batches.
-- RULES "every_seed", "paired_above", "selected_value", "mostly_lower".
+- RULES "every_seed", "paired_above", "selected_value", "mostly_lower"
+  (pairs by seed: `bnlab.study.paired_runs`).
 - FIGURES "unit_percentiles", "paired_difference", "per_checkpoint".
 """
 
@@ -182,16 +183,6 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
 # -- rules ----------------------------------------------------------------------------------
 
 
-def _pairs(cells, metric: str, a: str, b: str):
-  """[(seed, a's value, b's value)] of the runs of cells a and b with the same seed, or None."""
-  ca, cb = study.one(cells, a), study.one(cells, b)
-  if ca is None or cb is None:
-    return None
-  by_seed = {r.get("seed"): r.get(metric) for r in cb["rows"]}
-  return [(r.get("seed"), r.get(metric), by_seed[r.get("seed")])
-          for r in ca["rows"] if r.get("seed") in by_seed]
-
-
 @study.register(study.RULES, "every_seed")
 def every_seed(cells, metric: str, a: str):
   """Supported when every seed of cell a has the boolean `metric`; else refuted."""
@@ -219,7 +210,7 @@ def paired_above(cells, metrics, a: str, b: str, from_step: int = 0):
   of the same seed (a series: at every point from `from_step`); else refuted."""
   numbers, ok = {}, True
   for m in metrics:
-    pairs = _pairs(cells, m, a, b)
+    pairs = study.paired_runs(cells, m, a, b)
     if not pairs or any(x is None or y is None for _, x, y in pairs):
       return "inconclusive", {"missing": f"{m}: a pair of runs of {a!r} and {b!r}"}
     for seed, x, y in pairs:
@@ -245,20 +236,28 @@ def selected_value(cells, metric: str, along: str, where: str, expected, seed: i
 
 
 @study.register(study.RULES, "mostly_lower")
-def mostly_lower(cells, metric: str, a: str, b: str, fraction: float):
+def mostly_lower(cells, metric: str, a: str, b: str, fraction: float, per_seed: bool = False):
   """Compares a's and b's runs of the same seed element by element (lists of values):
   supported when a is lower in at least `fraction` of the pairs, refuted when a is
-  higher in at least `fraction` of them, inconclusive between."""
-  pairs = _pairs(cells, metric, a, b)
+  higher in at least `fraction` of them, inconclusive between. With `per_seed`, each
+  seed's pairs must meet the fraction on their own (the same way on every seed)."""
+  pairs = study.paired_runs(cells, metric, a, b)
   if not pairs or any(x is None or y is None for _, x, y in pairs):
     return "inconclusive", {"missing": f"a pair of runs of {a!r} and {b!r}"}
+  groups = [list(zip(x, y)) for _, x, y in pairs] if per_seed else []
   both = [(u, v) for _, x, y in pairs for u, v in zip(x, y)]
   lower, higher = sum(u < v for u, v in both), sum(u > v for u, v in both)
   numbers = {"lower": lower, "higher": higher, "of": len(both),
              "median_ratio": statistics.median(u / v for u, v in both)}
-  if lower >= fraction * len(both):
+  if per_seed:
+    numbers["lower_per_seed"] = {seed: sum(u < v for u, v in g)
+                                 for (seed, _, _), g in zip(pairs, groups)}
+
+  def holds(test):
+    return all(sum(test(u, v) for u, v in g) >= fraction * len(g) for g in groups or [both])
+  if holds(lambda u, v: u < v):
     return "supported", numbers
-  return ("refuted" if higher >= fraction * len(both) else "inconclusive"), numbers
+  return ("refuted" if holds(lambda u, v: u > v) else "inconclusive"), numbers
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -303,7 +302,7 @@ def paired_difference(cells, path, labels, metric: str, a: str, b: str, from_ste
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 3.8))
   late = [0.0]
-  for seed, x, y in _pairs(cells, metric, a, b) or []:
+  for seed, x, y in study.paired_runs(cells, metric, a, b) or []:
     ys = dict((s, v) for s, v in y)
     diff = [(s, v - ys[s]) for s, v in x if s in ys]
     ax.plot([s for s, _ in diff], [100 * d for _, d in diff], lw=1.2, label=f"seed {seed}")

@@ -96,6 +96,18 @@ def test_mostly_lower():
   assert sm.mostly_lower(c, "p", "norm=bn", "norm=gn", fraction=0.75)[0] == "inconclusive"
 
 
+def test_mostly_lower_per_seed():
+  c = cells([{"norm": n, "lr": 1, "seed": s, "p": p}
+             for n, s, p in (("bn", 0, [1, 1, 1, 1]), ("no", 0, [2, 2, 2, 2]),
+                             ("bn", 1, [1, 1, 3, 3]), ("no", 1, [2, 2, 2, 2]))])
+  # Pooled, 6 of 8 pairs lower (0.75); seed 1 alone, 2 of 4.
+  assert sm.mostly_lower(c, "p", "norm=bn", "norm=no", fraction=0.75)[0] == "supported"
+  verdict, numbers = sm.mostly_lower(c, "p", "norm=bn", "norm=no", fraction=0.75, per_seed=True)
+  assert verdict == "inconclusive" and numbers["lower_per_seed"] == {0: 4, 1: 2}
+  assert sm.mostly_lower(c, "p", "norm=bn", "norm=no", fraction=0.5, per_seed=True)[0] == \
+      "supported"
+
+
 def test_figures(tmp_path):
   pct = cells([{"norm": n, "lr": 1, "seed": s, "pct": [[0, PCT[0]], [5, PCT[1]], [10, PCT[2]]],
                 "unit": s, "acc": [[0, 0.1], [10, 0.5 + s / 10]], "ics": [[0, [0, 1, 2]],
@@ -128,6 +140,12 @@ def test_study_runs_end_to_end(name, idx_dir, tmp_path):
     assert verdicts[("selected_rate", "")] in ("supported", "refuted")
     assert ("bn_above", "init=lecun,optimizer.learning_rate=1") in verdicts
     assert all(r["typical_unit"] is not None for r in rows)
+    # x-hat is recorded with BN only; drift from step 0 has a step-0 record.
+    assert all((r["xhat_typical_unit"] is None) == (r["model.norm"] == "none") for r in rows)
+    assert ("xhat_rel_spread", "init=lecun,optimizer.learning_rate=1") in verdicts
+    first = [json.loads(line) for line in open(os.path.join(wd, "runs", rows[0]["name"],
+                                                            "metrics.jsonl"))][0]
+    assert first["step"] == 0 and "preact_2/percentiles" in first
   else:
     caches = [os.path.join(wd, "runs", r["name"], "measurements", "ics.json") for r in rows]
     # Series stay in the run's measurement cache: initialisation + 2 checkpoints.
