@@ -1,43 +1,54 @@
 """Study 2: Ioffe & Szegedy (2015), section 4.1, Figure 1: the sigmoid MLP with and without BN.
 
 784-100-100-100-10 sigmoid MLP (configs/paper_mlp.py), batch 60, 50,000 plain SGD
-steps, full MNIST; evaluation every 500 steps; the 15th/50th/85th percentiles of all
-100 sigmoid inputs of the last hidden layer (preact_2), inference mode, first 1,000
-test images. The paper leaves the learning rate and initialisation open; fixed by
-rule, not by outcome: LeCun normal N(0, 1/fan_in) init, and one rate for both
-networks, the rate of {0.01, 0.1, 1} at which the network WITHOUT BN reaches the
-lowest full training loss at seed 0. The two stages (the grid at seed 0, then seeds
-1 and 2 at the selected rate) are one sweep here: the grid, seeds 1-2 at lr 1 (the
-rate stage 1 selected, results/paper_figure1) and the reference pair (N(0, 1) init,
-lr 0.5, seed 0); the claim `selected_rate` re-checks the selection on these runs.
+steps, full MNIST, LeCun normal N(0, 1/fan_in) init; at lr 0.01, 0.1 and 1, 3 seeds
+each, plus the reference pair (N(0, 1) init, lr 0.5, seed 0). Evaluation at step 0 and
+every 500 steps: test accuracy (panel a) and the 15th/50th/85th percentiles of all 100
+sigmoid inputs of the last hidden layer (preact_2, panels b/c), inference mode, first
+1,000 test images; with BN also of its normalised input x-hat (xhat_2, before the
+learned scale and shift). configs/paper_mlp.py's lr 1 is the rate of {0.01, 0.1, 1} at
+which the network WITHOUT BN reaches the lowest full training loss (claim
+`selected_rate` re-checks it); the other two are where BN's effect lives.
 
 Run:    python -m bnlab.study --config=configs/studies/paper_figure1.py --workdir=runs/paper_figure1
-Smoke:  ...paper_figure1.py:runlocal (grid 0.1, 1; seeds 0-1 at lr 1; reference; 30 steps)
-Budget: 12 runs x 50,000 steps; 12.2 min on a 2-core CPU.
-Expected: selected_rate supported (lr 1); bn_975 supported; bn_above refuted at lr 1
-        (BN above in 80, 87, 18 of 91 evaluations), supported at lr 0.01; drift refuted
-        at lr 1 (the spread of both widens).
+Smoke:  ...paper_figure1.py:runlocal (lr 0.1 and 1, seeds 0-1; reference; 30 steps)
+Budget: 20 runs x 50,000 steps (18 grouped by rate); not yet measured (the 12 runs of
+        the earlier design took 12.2 min on a 2-core CPU, 211 s on an H200 beside four
+        other studies; ~20 min on CPU expected).
+Expected (written before the runs): selected_rate supported (lr 1); bn_975 supported;
+        bn_final_above and bn_above supported at lr 0.01, not at lr 1; drift claims not
+        yet measured at 3 seeds per rate; xhat_* supported where BN's learned scale grows.
 """
 
 from bnlab import study
 from bnlab import study_measurements  # noqa: F401  (registers unit_drift, paired_above, ...)
 from bnlab import sweep
 
-GRID, RATE, FROM_STEP = (0.01, 0.1, 1.0), 1.0, 5_000
+GRID, RATE, ABOVE_FROM = (0.01, 0.1, 1.0), 1.0, 5_000
 AT_RATE = f"init=lecun,optimizer.learning_rate={study.show(RATE)}"
 DRIFT = ("median_abs_dmedian", "median_abs_dspread", "median_rel_dspread",
          "median_spread_early", "median_spread_late", "typical_unit")
+XHAT = tuple(f"xhat_{k}" for k in DRIFT)
+LATE = tuple(f"late_{k}" for k in DRIFT)
 NOTES = f"""
-Definitions: *BN above* = strictly higher test accuracy (full 10,000-image test set) at
-an evaluation, BN minus no BN of the same seed. *Drift* of a sigmoid input: change of
-its median and of its 85-15 percentile spread from the first evaluation at or after
-step {FROM_STEP:,} to the last, median over the 100 units; the unit shown per run is
-the one whose |change of median| + |change of spread| is the median of the 100.
-The verdicts of record are those at {AT_RATE} (3 seeds); the other settings (seed 0
-only) are context. With BN the sigmoid input is scale x (normalised input) + bias,
-so its spread follows BN's learned scale (bn_scale; initialised at 1). N(0, 1) init
-(configs/paper_mlp.py's first setting) is not small for 784 inputs: first-layer
-sigmoid inputs start with standard deviation ~9.4, most sigmoids saturated.
+Definitions. *Drift* of a recorded input, per unit from step 0 (before training) to the
+last evaluation, then the median over the 100 units: **median** = |change of the unit's
+median| (median_abs_dmedian); **absolute spread** = |change of its 85-15 percentile
+spread| (median_abs_dspread); **relative spread** = that over the step-0 spread
+(median_rel_dspread, scale-free). Each drift claim names its one metric and is read per
+learning rate. With BN the sigmoid input is scale x x-hat + bias: its absolute spread
+follows BN's learned scale (bn_scale, initialised at 1), while x-hat (xhat_2, the input
+normalised with the running statistics, before scale and bias) has spread ~2 by
+construction; the xhat_* claims separate the two. At step 0 BN's running averages hold
+their initial values (mean 0, variance 1), so in inference mode BN's step-0 inputs are
+not yet normalised: the xhat_* claims therefore compare drift from the first evaluation
+after step 0 (step 500, after 500 running-average updates; late_* for the sigmoid input),
+like with like. The unit shown per run is the one whose |change of median| + |change of
+spread| is the median of the 100.
+*BN above* (bn_above): at every evaluation from step {ABOVE_FROM:,}, BN's seed-mean test
+accuracy is above no BN's beyond both noises (the rule's). The reference pair (N(0, 1)
+init, lr 0.5) has one seed, so its interval claims are inconclusive by rule; N(0, 1) is
+not small for 784 inputs: first-layer sigmoid inputs start with standard deviation ~9.4.
 """
 
 
@@ -45,62 +56,114 @@ def parse(arg):
   return study.parse_arg(arg, runlocal=False)
 
 
+def drift_claim(statement: str, metric: str, a: str, b: str, other: str = "") -> dict:
+  """A per-rate claim that a's `metric` is below b's (`other`), by `study.paired_interval`."""
+  return {"statement": statement, "rule": "paired_interval", "metric": metric, "a": a, "b": b,
+          "higher": False, "each": ("init", "optimizer.learning_rate"),
+          **({"other": other} if other else {})}
+
+
+def name(lr: float) -> str:
+  """A learning rate as a figure name holds it ("0.01" -> "0_01")."""
+  return study.show(lr).replace(".", "_")
+
+
 def get_config(arg=None):
-  steps, every, from_step = (30, 10, 10) if parse(arg).runlocal else (50_000, 500, FROM_STEP)
+  local = parse(arg).runlocal
+  steps, every, above_from = (30, 10, 10) if local else (50_000, 500, ABOVE_FROM)
   s = study.base_config()
   s.title = "Study 2: Ioffe & Szegedy (2015) Figure 1, sigmoid MLP with and without BN"
   s.run.config = "configs/paper_mlp.py"
-  s.run.overrides.train = {"num_steps": steps, "eval_every_steps": every,
+  s.run.overrides.train = {"num_steps": steps, "eval_every_steps": every, "eval_at_start": True,
                            "log_every_steps": every, "checkpoint_every_steps": 10 * every}
-  s.run.overrides.analysis = {"layers": ("preact_2",), "units": tuple(range(100))}
+  s.run.overrides.analysis = {"units": tuple(range(100))}  # layers: per norm (get_sweep)
   s.cells = ("init", "optimizer.learning_rate", "model.norm")
-  s.measurements = {"drift": {"kind": "unit_drift", "layer": "preact_2", "from_step": from_step},
+  s.measurements = {"drift": {"kind": "unit_drift", "layer": "preact_2", "from_step": 0},
+                    "late_drift": {"kind": "unit_drift", "layer": "preact_2",
+                                   "from_step": every},
+                    "xhat_drift": {"kind": "unit_drift", "layer": "xhat_2", "from_step": every},
                     "bn": {"kind": "bn_affine", "block": "dense_block_2"}}
   s.metrics = {"final_acc": ("summary", "test_accuracy"),
                "full_train_loss": ("summary", "full_train_loss"),
                "acc_975": ("at_least", "final_acc", 0.975),
                "test_acc_curve": ("series", "test_accuracy"),
                "pct": ("series", "preact_2/percentiles"),
+               "xhat_pct": ("series", "xhat_2/percentiles"),
                **{k: ("measured", "drift", k) for k in DRIFT},
+               **{x: ("measured", "xhat_drift", k) for x, k in zip(XHAT, DRIFT)},
+               **{x: ("measured", "late_drift", k) for x, k in zip(LATE, DRIFT)},
                "bn_scale": ("measured", "bn", "median_abs_scale"),
                "bn_bias": ("measured", "bn", "median_abs_bias")}
   s.labels = {"batch": "BN", "none": "no BN", "lecun": "LeCun normal", "n01": "N(0, 1)",
               "learning_rate": "lr", "test_acc_curve": "test accuracy",
-              "pct": "sigmoid input", "final_acc": "final test acc"}
+              "pct": "sigmoid input", "xhat_pct": "x-hat (BN's normalised input)",
+              "final_acc": "final test acc"}
   s.notes = NOTES
   s.tables = {"final and selection": {"metrics": ("final_acc", "full_train_loss", "bn_scale",
                                                   "bn_bias")},
-              "drift of the layer-3 sigmoid inputs": {"metrics": DRIFT[:5]}}
-  pair = {"rows": (f"{AT_RATE},model.norm=none", f"{AT_RATE},model.norm=batch"),
-          "from_step": from_step, "metric": "pct", "kind": "unit_percentiles"}
+              "drift of the layer-3 sigmoid inputs from step 0": {"metrics": DRIFT[:5]},
+              "drift of the sigmoid inputs from the first evaluation after step 0": {
+                  "metrics": LATE[:5]},
+              "drift of BN's normalised input x-hat (layer 3) from the first evaluation "
+              "after step 0": {"metrics": XHAT[:5]}}
+  rates = (0.1, RATE) if local else GRID
+  def at(lr, norm):
+    return f"init=lecun,optimizer.learning_rate={study.show(lr)},model.norm={norm}"
   s.figures = {
       "test_accuracy": {"kind": "curves", "metric": "test_acc_curve", "hue": ("model.norm",),
                         "panels": ("init", "optimizer.learning_rate")},
-      "percentiles_seeds": {**pair, "unit_metric": "typical_unit"},
-      "units_0_7": {**pair, "units": tuple(range(8))},
-      "accuracy_margin": {"kind": "paired_difference", "metric": "test_acc_curve",
-                          "a": f"{AT_RATE},model.norm=batch",
-                          "b": f"{AT_RATE},model.norm=none", "from_step": from_step}}
-  each = {"each": ("init", "optimizer.learning_rate")}
+      "xhat_percentiles": {"kind": "unit_percentiles", "metric": "xhat_pct",
+                           "rows": tuple(at(lr, "batch") for lr in rates),
+                           "unit_metric": "xhat_typical_unit"},
+      **{f"percentiles_lr_{name(lr)}": {
+          "kind": "unit_percentiles", "metric": "pct", "unit_metric": "typical_unit",
+          "rows": (at(lr, "none"), at(lr, "batch"))} for lr in rates},
+      **{f"accuracy_margin_lr_{name(lr)}": {
+          "kind": "paired_difference", "metric": "test_acc_curve", "a": at(lr, "batch"),
+          "b": at(lr, "none"), "from_step": above_from} for lr in rates},
+      "units_0_7": {"kind": "unit_percentiles", "metric": "pct", "units": tuple(range(8)),
+                    "rows": (at(RATE, "none"), at(RATE, "batch"))}}
+  bn, none = "model.norm=batch", "model.norm=none"
+  above = {"rule": "paired_interval", "a": bn, "b": none,
+           "each": ("init", "optimizer.learning_rate")}
   s.claims = {
       "selected_rate": {
           "statement": f"Of {{{', '.join(map(study.show, GRID))}}}, the network without BN "
                        f"reaches its lowest full training loss at seed 0 at lr "
-                       f"{study.show(RATE)}, the rate of the other seeds.",
+                       f"{study.show(RATE)} (configs/paper_mlp.py's rate).",
           "rule": "selected_value", "metric": "full_train_loss",
           "along": "optimizer.learning_rate", "where": "init=lecun,model.norm=none",
           "expected": RATE},
-      "bn_975": {"statement": "With BN, test accuracy at the last step is at least 97.5% on "
-                              "every seed.",
-                 "rule": "every_seed", "metric": "acc_975", "a": f"{AT_RATE},model.norm=batch"},
-      "bn_above": {**each, "statement": f"BN's test accuracy is above no BN's at every "
-                                        f"evaluation from step {from_step:,}, every seed.",
-                   "rule": "paired_above", "metrics": ("test_acc_curve",),
-                   "a": "model.norm=batch", "b": "model.norm=none", "from_step": from_step},
-      "drift": {**each, "statement": "Without BN the sigmoid inputs drift more than with BN, "
-                                     "in both median and spread, every seed.",
-                "rule": "paired_above", "metrics": ("median_abs_dmedian", "median_abs_dspread"),
-                "a": "model.norm=none", "b": "model.norm=batch"},
+      "bn_975": {"statement": f"With BN at lr {study.show(RATE)}, test accuracy at the last "
+                              "step is at least 97.5% on every seed.",
+                 "rule": "every_seed", "metric": "acc_975", "a": f"{AT_RATE},{bn}"},
+      "bn_final_above": {**above, "metric": "final_acc",
+                         "statement": "BN's final test accuracy is above no BN's."},
+      "bn_above": {**above, "metric": "test_acc_curve", "from_step": above_from,
+                   "statement": f"BN's test accuracy is above no BN's at every evaluation "
+                                f"from step {above_from:,}."},
+      "drift_median": drift_claim(
+          "Median: the sigmoid inputs' medians move less with BN than without "
+          "(median_abs_dmedian).", "median_abs_dmedian", bn, none),
+      "drift_abs_spread": drift_claim(
+          "Absolute spread: the sigmoid inputs' 85-15 spreads change less with BN than "
+          "without (median_abs_dspread).", "median_abs_dspread", bn, none),
+      "drift_rel_spread": drift_claim(
+          "Relative spread: the sigmoid inputs' spreads change less, relative to their step-0 "
+          "spread, with BN than without (median_rel_dspread).", "median_rel_dspread", bn, none),
+      "xhat_abs_spread": drift_claim(
+          "With BN, x-hat's absolute spread changes less than the sigmoid input's (the "
+          "difference is the learned scale's doing; median_abs_dspread of each, from the "
+          "first evaluation after step 0).", "xhat_median_abs_dspread", bn, bn,
+          other="late_median_abs_dspread"),
+      "xhat_rel_spread": drift_claim(
+          "With BN, x-hat's relative spread changes less than the sigmoid input's "
+          "(median_rel_dspread of each, from the first evaluation after step 0).",
+          "xhat_median_rel_dspread", bn, bn, other="late_median_rel_dspread"),
+      "xhat_vs_no_bn": drift_claim(
+          "BN's x-hat changes its relative spread less than no BN's sigmoid input does "
+          "(median_rel_dspread, from the first evaluation after step 0).",
+          "xhat_median_rel_dspread", bn, none, other="late_median_rel_dspread"),
   }
   return s
 
@@ -109,10 +172,12 @@ def get_sweep(arg=None):
   local = parse(arg).runlocal
   lecun = sweep.variants("init", {"lecun": {}})
   n01 = sweep.variants("init", {"n01": {"model.kernel_init": "normal", "model.init_std": 1.0}})
-  norms = sweep.axis("model.norm", ["none", "batch"])
+  # Only BN sows x-hat: the layers recorded depend on the norm.
+  norms = sweep.variants("model.norm", {
+      "none": {"model.norm": "none", "analysis.layers": ("preact_2",)},
+      "batch": {"model.norm": "batch", "analysis.layers": ("preact_2", "xhat_2")}})
   return (sweep.product(lecun, sweep.axis("optimizer.learning_rate", (0.1, RATE) if local
-                                          else GRID), norms, sweep.seeds(1))
-          + sweep.product(lecun, sweep.axis("optimizer.learning_rate", [RATE]), norms,
-                          sweep.axis("seed", (1,) if local else (1, 2)))
+                                          else GRID), norms,
+                        sweep.axis("seed", (0, 1) if local else (0, 1, 2)))
           + sweep.product(n01, sweep.axis("optimizer.learning_rate", [0.5]), norms,
                           sweep.seeds(1)))
