@@ -139,7 +139,11 @@ def member_bytes(cfg) -> int:
 
 
 def group_capacity(cfg, budget: int | None = None) -> int:
-  """How many members of `cfg`'s group fit `budget` bytes (default `memory_budget()`)."""
+  """How many members of `cfg`'s group fit `budget` bytes (default `memory_budget()`).
+
+  Of one device: where several share a group (`state.spread_members`), each
+  holds fewer.
+  """
   budget = memory_budget() if budget is None else budget
   num_data = (cfg.data.num_train or MNIST_TRAIN) + (cfg.data.num_test or 10_000)
   free = budget - num_data * (28 * 28 + 4)

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -140,7 +141,21 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
     state = MemberStates(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
                          values={k: jnp.asarray(v, jnp.float32) for k, v in values.items()},
                          model=model)
-  return state
+  return spread_members(state, len(cfgs))
+
+
+def spread_members(tree, num_members: int):
+  """`tree`'s member axis split over this process's devices, when they divide it evenly.
+
+  Each device then trains its share of the members (the step is vmapped over
+  them; the shared data is copied to every device). One device: unchanged.
+  """
+  devices = jax.local_devices()
+  if len(devices) == 1 or num_members % len(devices):
+    return tree
+  mesh = jax.sharding.Mesh(np.array(devices), ("members",))
+  return jax.device_put(tree, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("members")))
 
 
 def stack(trees):

@@ -61,3 +61,57 @@ def test_sharded_runs_on_4_and_8_devices_equal_one_device_run(tmp_path):
       for a, b in zip(one["leaves"], many["leaves"]):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=2e-4, atol=2e-5)
       assert abs(one["test_accuracy"] - many["test_accuracy"]) <= 1 / 64
+
+
+GROUP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    sys.path.insert(0, {tests!r})
+    import test_sweep
+    from bnlab import config as config_lib, loop, state as state_lib, sweep, train
+    assert len(jax.devices()) == 4, jax.devices()
+    cfgs = [sweep.apply_overrides(test_sweep.momenta_base({data!r}), o)
+            for o in test_sweep.MOMENTA + [{{"seed": 3}}]]
+    spread = []
+    create = state_lib.create_member_states
+    def watched(*args):
+      st = create(*args)
+      spread.append(len(st.params["logits"]["kernel"].sharding.device_set))
+      return st
+    state_lib.create_member_states = watched
+    with jax.default_matmul_precision("highest"):
+      train.train_group(cfgs, [{work!r} + f"/{{i}}" for i in range(4)], {work!r} + "/g")
+    print("RESULT" + json.dumps(spread))
+""")
+
+
+def test_group_members_spread_over_4_devices_equal_one_device_group(idx_dir, tmp_path):
+  import jax
+  import numpy as np
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import test_sweep  # pylint: disable=g-import-not-at-top
+  from bnlab import sweep, train  # pylint: disable=g-import-not-at-top
+  from run_files import final_state, read_jsonl  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "four"
+  script = GROUP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), data=idx_dir, work=str(work))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                     env=env, cwd=ROOT, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert json.loads(p.stdout.split("RESULT", 1)[1]) == [4]
+  cfgs = [sweep.apply_overrides(test_sweep.momenta_base(idx_dir), o)
+          for o in test_sweep.MOMENTA + [{"seed": 3}]]
+  one = tmp_path / "one"
+  with jax.default_matmul_precision("highest"):
+    train.train_group(cfgs, [str(one / str(i)) for i in range(4)], str(one / "g"))
+  for i in range(4):
+    a, b = read_jsonl(one / str(i) / "metrics.jsonl"), read_jsonl(work / str(i) / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+      for key in ("train_loss", "test_loss", "test_accuracy"):
+        if key in x:
+          np.testing.assert_allclose(y[key], x[key], rtol=1e-4, atol=1e-6)
+    _, sa = final_state(str(one / str(i)))
+    _, sb = final_state(str(work / str(i)))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), sa, sb)
