@@ -120,22 +120,24 @@ def _abstract_step_inputs(cfg, num_members: int, num_train: int):
           jax.ShapeDtypeStruct((num_members, num_train), jnp.int32))
 
 
+def _step_bytes(cfg, num_members: int, num_train: int) -> int:
+  """Bytes of the group step compiled for `num_members` (arguments, outputs, temporaries)."""
+  args = _abstract_step_inputs(cfg, num_members, num_train)
+  m = jax.jit(one_step, static_argnames=("batch_size",)).lower(
+      *args, batch_size=cfg.train.batch_size).compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
 def member_bytes(cfg) -> int:
   """The device memory one member adds to a group's train step (compiled, not run).
 
-  XLA's `memory_analysis()` of the step compiled for one member (its
-  arguments, outputs and temporaries), less the training images and labels
-  that all members share. Linear in the members: 240 paper MLPs use 1.04x
-  240 times this (CPU).
+  The growth of XLA's `memory_analysis()` of the step compiled for 1 and for
+  8 members, so that fixed costs (the shared data, a GPU's matrix-product
+  workspace) are left out.
   """
   num_train = cfg.data.num_train or MNIST_TRAIN
-  args = _abstract_step_inputs(cfg, 1, num_train)
-  compiled = jax.jit(one_step, static_argnames=("batch_size",)).lower(
-      *args, batch_size=cfg.train.batch_size).compile()
-  m = compiled.memory_analysis()
-  shared = num_train * (28 * 28 + 4)
-  return max(int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                 - m.alias_size_in_bytes) - shared, 1)
+  return max((_step_bytes(cfg, 8, num_train) - _step_bytes(cfg, 1, num_train)) // 7, 1)
 
 
 def group_capacity(cfg, budget: int | None = None) -> int:

@@ -30,7 +30,7 @@ def test_member_bytes_is_what_a_member_adds_to_the_compiled_step():
   cfg = paper_cfg()
   per_member = members_lib.member_bytes(cfg)
   # Parameters, their new values and gradients (~0.4 MB each) and a shuffle of 60,000.
-  assert 0.8e6 < per_member < 3e6
+  assert 0.8e6 < per_member < 4e6
   shared = (60_000 + 10_000) * (28 * 28 + 4)
   assert members_lib.group_capacity(cfg, budget=shared + 10 * per_member) == 10
   assert members_lib.group_capacity(cfg, budget=shared) == 1  # one member runs anyway
