@@ -12,6 +12,8 @@ Budget: 24 runs; 8.5 min on a 2-core CPU.
 Expected: after_higher supported for the MLP at lr 0.1, inconclusive elsewhere (overlapping
         seeds at lr 1; the CNN does not train on every seed); after_faster supported for
         the MLP at both rates, inconclusive for the CNN.
+Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite sharing the
+        machine): 2.1 min; as expected.
 """
 
 import os

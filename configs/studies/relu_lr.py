@@ -15,6 +15,9 @@ Budget: 42 runs x 50,000 steps, two vmapped groups of 21. Timed on a busy 2-core
         round) and compiles, ~15 min on CPU. One GPU: estimated under 5 min (not timed).
 Expected (written before any run): high_rates supported (without BN lr 3 blew up at step
         12 in an earlier run, with BN it reached 98.4%); high_rates_population supported.
+Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite sharing the
+        machine): 1.7 min; both supported (with BN 98.3% at lr 1 and 3 on every seed;
+        without BN at lr 1 one run collapsed, one never trained, one diverged).
 """
 
 from bnlab import study

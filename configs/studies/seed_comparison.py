@@ -15,6 +15,9 @@ Budget: 12 runs (4 cells x 3 seeds) x 20 epochs (37,500 steps each); not yet mea
 Expected (written before the 3-seed runs): seed_claim and matched_rates supported;
         test_above supported for the seed's pair (99.1% vs 96.8% at one seed) and not
         yet measured at matched rates (99.12% vs 98.69% at lr 0.01, one seed).
+Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite sharing the
+        machine): 2.6 min; every claim supported (test accuracy at matched rates
+        99.17% vs 98.54% at lr 0.01, 98.79% vs 96.75% at lr 0.001; 3 seeds).
 """
 
 from bnlab import study
