@@ -99,10 +99,11 @@ def test_table_head_has_one_column_per_peer():
 
 def test_sweep_line_reports_the_big_sweep_against_the_24():
   r = {"members": 24, "steps": 10_000, "grouped_s": 10.0, "solo_s": 250.0, "ratio": 25.0,
-       "worst_accuracy_gap": 0.0}
+       "grouped_warm_s": 5.0, "warm_ratio": 50.0, "worst_accuracy_gap": 0.0}
   big = {"members": 240, "steps": 10_000, "groups": 3, "grouped_s": 25.0, "failed": 0}
   text = benchmark.sweep_text(r, big)
   assert "**25.0x**" in text and "in 3 group(s)" in text and "**2.50x** the 24 grouped" in text
+  assert "compilation cache 5.0 s, **50.0x**" in text
   assert "failed" not in text
   assert "failed" in benchmark.sweep_text(r, dict(big, failed=2))
   assert "240" not in benchmark.sweep_text(r, None)
