@@ -52,19 +52,20 @@ def make_data(directory: str) -> str:
   return directory
 
 
-def cli_args(workdir: str, data_dir: str) -> list[str]:
+def cli_args(workdir: str, data_dir: str, overrides: dict | None = None) -> list[str]:
+  """The command of the soak's run (`overrides`: its config keys, default OVERRIDES)."""
   return [sys.executable, "-m", "bnlab.main", "--config=configs/seed1_mlp.py",
           f"--workdir={workdir}", "--config.data.source=idx", f"--config.data.dir={data_dir}",
-          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+          *(f"--config.{k}={v}" for k, v in (overrides or OVERRIDES).items())]
 
 
-def config(data_dir: str):
+def config(data_dir: str, overrides: dict | None = None):
   """The config `cli_args` runs, for an in-process reference."""
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import seed1_mlp  # pylint: disable=g-import-not-at-top
   c = seed1_mlp.get_config()
   c.data.source, c.data.dir = "idx", data_dir
-  for key, value in OVERRIDES.items():
+  for key, value in (overrides or OVERRIDES).items():
     section, name = key.split(".")
     c[section][name] = value
   return c
@@ -173,10 +174,11 @@ def run_to_completion(args: list[str], timeout: float = 600) -> str:
   return p.stderr
 
 
-def attempt(workdir: str, data_dir: str, delays: list[tuple[float, bool]]) -> dict:
+def attempt(workdir: str, data_dir: str, delays: list[tuple[float, bool]],
+            overrides: dict | None = None) -> dict:
   """Kills a fresh run once per (delay, after_training_starts), then finishes it."""
   shutil.rmtree(workdir, ignore_errors=True)
-  args = cli_args(workdir, data_dir)
+  args = cli_args(workdir, data_dir, overrides)
   kills = [kill_once(args, workdir, d, after) for d, after in delays]
   log = run_to_completion(args)
   return {"kills": sum(k["killed"] for k in kills),

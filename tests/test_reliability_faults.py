@@ -48,6 +48,22 @@ def test_killed_three_times_resumes_bit_identical(idx_dir, reference, tmp_path):
   assert kill_soak.leftovers(wd) == []
 
 
+def test_killed_under_the_checkpoint_interval_resumes_bit_identical(idx_dir, tmp_path):
+  # Checkpoints offered at every step, orbax's interval policy writing at most one per
+  # 0.2 s (which ones depends on timing): a resume from any of them ends the same.
+  overrides = {**kill_soak.OVERRIDES, "train.checkpoint_min_interval_secs": 0.2,
+               "train.checkpoint_every_steps": 0, "train.eval_every_steps": 1}
+  ref = str(tmp_path / "ref")
+  train.train_and_evaluate(kill_soak.config(idx_dir, overrides), ref)
+  wd = str(tmp_path / "killed")
+  rng = random.Random(1)
+  result = kill_soak.attempt(wd, idx_dir, [(rng.uniform(0.05, 0.6), True) for _ in range(3)],
+                             overrides)
+  assert result["kills"] >= 1, result
+  assert kill_soak.differences(kill_soak.snapshot(ref), kill_soak.snapshot(wd)) == []
+  assert kill_soak.leftovers(wd) == []
+
+
 def test_same_config_and_seed_are_bit_identical(idx_dir, reference, tmp_path):
   wd = str(tmp_path / "again")
   summary = train.train_and_evaluate(kill_soak.config(idx_dir), wd)
