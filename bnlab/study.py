@@ -582,7 +582,7 @@ Z95 = 1.959963984540054  # the two-sided 95% point of the standard normal
 
 
 def call_difference(diffs: list[float], p_a: float, p_b: float, n_test: int | None,
-                    higher: bool = True) -> tuple[str, dict]:
+                    higher: bool = True, margin: float = 0.0) -> tuple[str, dict]:
   """(verdict, numbers) of paired differences a - b: see `paired_interval`."""
   mean, half = t_interval(diffs)
   binom = (Z95 * math.sqrt(binomial_se(p_a, n_test) ** 2 + binomial_se(p_b, n_test) ** 2)
@@ -591,9 +591,9 @@ def call_difference(diffs: list[float], p_a: float, p_b: float, n_test: int | No
   if half is None:
     return "inconclusive", {**numbers, "reason": "fewer than 2 seeds"}
   bar, sign = max(half, binom), 1 if higher else -1
-  if sign * mean > bar:
+  if sign * mean - bar > margin:
     return "supported", numbers
-  return ("refuted" if -sign * mean > bar else "inconclusive"), numbers
+  return ("refuted" if sign * mean + bar < margin else "inconclusive"), numbers
 
 
 def _n_test_of(cells, where: str, metric: str):
@@ -603,14 +603,16 @@ def _n_test_of(cells, where: str, metric: str):
 
 @register(RULES, "paired_interval")
 def paired_interval(cells, metric: str, a: str, b: str, other: str = "", higher: bool = True,
-                    from_step: int = 0):
+                    from_step: int = 0, margin: float = 0.0):
   """Runs of a and b paired by seed, d = a's `metric` - b's `other` (default: `metric`).
   A difference is called only outside both noises: the 95% t interval on the seed mean of d
   (t_0.975,n-1 x sd(d) / sqrt(n)) and, for test accuracies, the test set's binomial noise
   1.96 x sqrt(se_a^2 + se_b^2), se = sqrt(p(1-p)/N) at each side's seed mean p. Supported
   when mean d is beyond both in the claimed direction (above; below if not `higher`),
   refuted when beyond both the other way, else inconclusive (also with < 2 seed pairs or a
-  missing value). A series is judged at every point from `from_step` that every pair has:
+  missing value). With `margin` m the claim is a difference of at least m: supported when
+  the difference less both noises exceeds m, refuted when it plus them stays below m. A
+  series is judged at every point from `from_step` that every pair has:
   supported when every point is, refuted when any point is."""
   pairs = paired_runs(cells, metric, a, b, other)
   if not pairs or any(x is None or y is None for _, x, y in pairs):
@@ -621,7 +623,7 @@ def paired_interval(cells, metric: str, a: str, b: str, other: str = "", higher:
 
   def call(xs, ys):
     verdict, numbers = call_difference([x - y for x, y in zip(xs, ys)], sum(xs) / len(xs),
-                                       sum(ys) / len(ys), n_test, higher)
+                                       sum(ys) / len(ys), n_test, higher, margin)
     return verdict, {"mean_a": sum(xs) / len(xs), "mean_b": sum(ys) / len(ys), **numbers}
 
   if not isinstance(pairs[0][1], list):

@@ -174,6 +174,18 @@ def test_paired_interval_calls_a_difference_only_outside_both_noises():
                                        "reason": "fewer than 2 seeds"})
   assert "missing" in study.paired_interval(seeded_cells((0.9, None), (0.5, 0.6)), "acc",
                                             "norm=a", "norm=b")[1]
+  # A margin: the claim is a difference of at least m (here 3 points at 98%, noise ~0.4).
+  a3, b3 = (0.99, 0.991, 0.992), (0.96, 0.962, 0.961)
+  cells3 = seeded_cells(a3, b3, 10_000)
+  mean, t95, b95 = reference_call([x - y for x, y in zip(a3, b3)], sum(a3) / 3, sum(b3) / 3,
+                                  10_000)
+  bar = max(t95, b95)
+  assert study.paired_interval(cells3, "acc", "norm=a", "norm=b",
+                               margin=mean - bar - 1e-4)[0] == "supported"
+  assert study.paired_interval(cells3, "acc", "norm=a", "norm=b",
+                               margin=mean - bar + 1e-4)[0] == "inconclusive"
+  assert study.paired_interval(cells3, "acc", "norm=a", "norm=b",
+                               margin=mean + bar + 1e-4)[0] == "refuted"
   # Another metric of the same cell: drift = 1 + acc, so acc - drift = -1 on every seed.
   verdict, numbers = study.paired_interval(seeded_cells(a, b), "acc", "norm=a", "norm=a",
                                            other="drift", higher=False)

@@ -119,7 +119,7 @@ def get_config(arg=None):
       "small_rates": {
           "statement": f"For the sigmoid MLP at lr 0.01, BN's mean final test accuracy is at "
                        f"least {LARGE_ADVANTAGE * 100:.0f} points above no BN's.",
-          "rule": "difference_at_least", "metric": "final_acc", "threshold": LARGE_ADVANTAGE,
+          "rule": "paired_interval", "metric": "final_acc", "margin": LARGE_ADVANTAGE,
           "a": "model=paper_mlp,model.norm=batch,optimizer.learning_rate=0.01",
           "b": "model=paper_mlp,model.norm=none,optimizer.learning_rate=0.01"},
       "statistics_change": {
