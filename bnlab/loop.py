@@ -17,6 +17,7 @@ from bnlab import distributed
 from bnlab import evaluation
 from bnlab import members as members_lib
 from bnlab import models
+from bnlab import state as state_lib
 from bnlab import steps as steps_lib
 from bnlab import timesplit
 from bnlab import workdir as workdir_lib
@@ -135,17 +136,18 @@ class StepCalls:
     self.loop = steps_lib.resolve_loop(cfg.train.loop, cfg.model)
     self.batch_size = cfg.train.batch_size
     self.unroll = cfg.train.unroll
-    self.eval_apply = eval_model.apply
+    self.eval_model, self.eval_apply = eval_model, eval_model.apply
     self.num_train = num_train
     self.stacked = stacked
     # train.eval_statistics besides the running averages (always evaluated).
     self.eval_statistics = tuple(s for s in cfg.train.eval_statistics if s != "running")
     self.population_examples = cfg.train.population_examples
-    self.population_apply = None
+    self.population_model = self.population_apply = None
     if "population" in self.eval_statistics:
-      self.population_apply = models.build_model(
+      self.population_model = models.build_model(
           evaluation.population_model_config(cfg.model),
-          dtype=models.compute_dtype(cfg.train.half_precision)).apply
+          dtype=models.compute_dtype(cfg.train.half_precision))
+      self.population_apply = self.population_model.apply
 
   def permutation(self, state, epoch: int):
     if self.stacked:
@@ -189,15 +191,29 @@ class StepCalls:
       return None
     return hyper["learning_rate"]
 
+  def eval_inputs(self, state):
+    """(apply, population apply, params) for evaluating `state`.
+
+    Members whose model values differ (`MemberStates`, e.g. BN's epsilon)
+    carry them in their params to a `MemberApply`; else the models' own apply.
+    """
+    values = state_lib.model_values(getattr(state, "values", {}) or {})
+    if not values:
+      return self.eval_apply, self.population_apply, state.params
+    return (state_lib.MemberApply(self.eval_model),
+            self.population_model and state_lib.MemberApply(self.population_model),
+            state_lib.with_member_values(state.params, values))
+
   def evaluate(self, state, images, labels, batch_size: int):
     fn = evaluation.evaluate_members if self.stacked else evaluation.evaluate
-    return fn(self.eval_apply, state.params, state.batch_stats, images, labels,
-              batch_size=batch_size)
+    apply, _, params = self.eval_inputs(state)
+    return fn(apply, params, state.batch_stats, images, labels, batch_size=batch_size)
 
   def evaluate_others(self, state, images, labels, train_images, batch_size: int) -> dict:
     """{kind: evaluation} with each of `train.eval_statistics` but the running averages."""
+    apply, population_apply, params = self.eval_inputs(state)
     return {kind: evaluation.evaluate_statistics(
-        kind, self.eval_apply, self.population_apply, state.params, state.batch_stats,
+        kind, apply, population_apply, params, state.batch_stats,
         images, labels, train_images, batch_size=batch_size,
         train_batch_size=self.batch_size, population_examples=self.population_examples,
         stacked=self.stacked) for kind in self.eval_statistics}
@@ -437,9 +453,10 @@ class Loop:
                                           self.eval_batch_size)}
     out.update(self.calls.evaluate_others(state, self.data.test_images, self.data.test_labels,
                                           self.data.train_images, self.eval_batch_size))
+    apply, _, params = self.calls.eval_inputs(state)
     out["analysis"] = evaluation.analysis_outputs(
-        self.cfg.analysis, self.calls.eval_apply, state.params, state.batch_stats,
-        self.data.test_images, self.calls.stacked)
+        self.cfg.analysis, apply, params, state.batch_stats, self.data.test_images,
+        self.calls.stacked)
     return out
 
   def _eval_records(self, host: dict) -> list[dict]:

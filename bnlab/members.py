@@ -25,10 +25,11 @@ def group_key(cfg) -> str:
   """Runs with equal keys can train as one group (`train_group`).
 
   Members may differ in `seed`, `optimizer.momentum`, `model.bn.momentum`
-  (of the built-in models) and, with a constant schedule and no warmup,
-  `optimizer.learning_rate` (it lives in the optimizer state); the momenta
-  are per-member inputs of the step (`state.MemberStates`). Everything else
-  shapes the compiled program and must match.
+  and `model.bn.epsilon` (of the built-in models) and, with a constant
+  schedule and no warmup, `optimizer.learning_rate` (it lives in the
+  optimizer state); the momenta and epsilon are per-member inputs of the step
+  and the evaluations (`state.MemberStates`, `state.MemberApply`). Everything
+  else shapes the compiled program and must match.
   """
   from bnlab import models  # pylint: disable=g-import-not-at-top
   d = json.loads(cfg.to_json_best_effort())
@@ -39,6 +40,7 @@ def group_key(cfg) -> str:
   d["optimizer"].pop("momentum")
   if not models.is_user_model(cfg.model.name):  # a user's model may read it anywhere
     d["model"]["bn"].pop("momentum")
+    d["model"]["bn"].pop("epsilon")
   return json.dumps(d, sort_keys=True)
 
 

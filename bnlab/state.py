@@ -44,7 +44,40 @@ def create_train_state(model, tx, rng: jax.Array, batch_size: int) -> TrainState
 
 # Keys whose value is a per-member input of a group's step (`MemberStates`);
 # the learning rate is one through the optimizer state.
-MEMBER_VALUE_KEYS = ("optimizer.momentum", "model.bn.momentum")
+MEMBER_VALUE_KEYS = ("optimizer.momentum", "model.bn.momentum", "model.bn.epsilon")
+# The built-in models' field of each model key of MEMBER_VALUE_KEYS.
+MODEL_FIELDS = {"model.bn.momentum": "bn_momentum", "model.bn.epsilon": "bn_epsilon"}
+# Where `MemberApply` finds a member's model values: a reserved key of its params.
+MEMBER_VALUES_PARAM = "__member_values__"
+
+
+class MemberApply(struct.PyTreeNode):
+  """`model.apply` with a member's model values (MODEL_FIELDS) read from its params.
+
+  For evaluations of stacked members, which map one `apply_fn` over each
+  member's params: `with_member_values` puts a member's values under the
+  reserved key MEMBER_VALUES_PARAM of its params; this apply takes them out
+  and applies the model cloned with them. Hashable, so it can be a static
+  argument of a jitted evaluation, like `model.apply`.
+  """
+
+  model: Any = struct.field(pytree_node=False)
+
+  def __call__(self, variables, *args, **kwargs):
+    params = dict(variables["params"])
+    values = params.pop(MEMBER_VALUES_PARAM)
+    model = self.model.clone(**{MODEL_FIELDS[k]: v for k, v in values.items()})
+    return model.apply({**variables, "params": params}, *args, **kwargs)
+
+
+def model_values(values: dict) -> dict:
+  """The model keys (MODEL_FIELDS) of a `MemberStates.values`."""
+  return {k: v for k, v in values.items() if k in MODEL_FIELDS}
+
+
+def with_member_values(params, values: dict):
+  """`params` with the members' model values (stacked like them) for `MemberApply`."""
+  return {**params, MEMBER_VALUES_PARAM: values}
 
 
 class MemberStates(TrainState):
@@ -67,9 +100,9 @@ class MemberStates(TrainState):
   def member_view(self) -> TrainState:
     """One (unstacked) member as a solo run's state, its values in its model and optimizer."""
     view = self.train_state()
-    if "model.bn.momentum" in self.values:
-      view = view.replace(
-          apply_fn=self.model.clone(bn_momentum=self.values["model.bn.momentum"]).apply)
+    fields = {MODEL_FIELDS[k]: v for k, v in model_values(self.values).items()}
+    if fields:
+      view = view.replace(apply_fn=self.model.clone(**fields).apply)
     if "optimizer.momentum" in self.values:  # read by `optim.make_optimizer`'s build
       hp = view.opt_state.hyperparams
       view = view.replace(opt_state=view.opt_state._replace(

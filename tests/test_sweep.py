@@ -206,6 +206,39 @@ def test_members_differing_in_momenta_group_and_equal_their_solo_runs(idx_dir, t
                               os.path.join(wd, name), str(tmp_path / name), 20)
 
 
+def test_members_differing_in_bn_epsilon_group_and_equal_their_solo_runs(idx_dir, tmp_path):
+  # Epsilon enters training and every evaluation (running, population and test-batch
+  # statistics, and the sown x-hat), so each member's must reach each of them.
+  base = momenta_base(idx_dir)
+  base.train.num_epochs = 1
+  base.train.eval_statistics = ("running", "population", "batch")
+  base.train.population_examples = 96
+  base.analysis.layers = ("xhat_0",)
+  base.analysis.num_examples = 50
+  overrides = sweep.axis("model.bn.epsilon", [1e-5, 0.5, 5.0])
+  members = sweep.resolve_members(base, overrides)
+  assert [len(g) for g in sweep.group_members(members)] == [3]
+  wd = str(tmp_path / "sw")
+  with jax.default_matmul_precision("highest"):
+    rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done"] * 3
+  assert len({r["test_loss"] for r in rows}) == 3
+  for i in (1, 2):
+    name = rows[i]["name"]
+    assert_member_equals_solo(sweep.apply_overrides(base, overrides[i]),
+                              os.path.join(wd, name), str(tmp_path / name), 10)
+    group = read_jsonl(os.path.join(wd, name, "metrics.jsonl"))
+    solo = read_jsonl(str(tmp_path / name / "metrics.jsonl"))
+    for x, y in zip(solo, group):
+      for key in ("test_accuracy_population", "test_accuracy_batch", "test_loss_population",
+                  "test_loss_batch"):
+        if key in x:
+          assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+      if "xhat_0/percentiles" in x:
+        np.testing.assert_allclose(y["xhat_0/percentiles"], x["xhat_0/percentiles"],
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_grouped_cnn_members_equal_their_solo_runs(idx_dir, tmp_path):
   # Grouping is off for CNNs on CPU (slower there), so the group is trained directly.
   base = momenta_base(idx_dir)
