@@ -189,17 +189,23 @@ MOMENTA = sweep.zip_(sweep.axis("optimizer.momentum", [0.9, 0.5, 0.0]),
                      sweep.axis("optimizer.learning_rate", [0.05, 0.1, 0.05]))
 
 
+def run_one_group(base, overrides, wd):
+  """The sweep of `overrides` over `base`, checked to train as one group of distinct members."""
+  members = sweep.resolve_members(base, overrides)
+  assert [len(g) for g in sweep.group_members(members)] == [len(overrides)]
+  with jax.default_matmul_precision("highest"):
+    rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done"] * len(overrides)
+  summaries = [json.load(open(os.path.join(wd, r["name"], "summary.json"))) for r in rows]
+  assert {s["group_size"] for s in summaries} == {len(overrides)}
+  assert len({r["test_loss"] for r in rows}) == len(overrides)
+  return rows
+
+
 def test_members_differing_in_momenta_group_and_equal_their_solo_runs(idx_dir, tmp_path):
   base = momenta_base(idx_dir)
-  members = sweep.resolve_members(base, MOMENTA)
-  assert [len(g) for g in sweep.group_members(members)] == [3]
   wd = str(tmp_path / "sw")
-  with jax.default_matmul_precision("highest"):
-    rows = sweep.run_sweep(base, MOMENTA, wd)
-  assert [r["status"] for r in rows] == ["done"] * 3
-  summaries = [json.load(open(os.path.join(wd, r["name"], "summary.json"))) for r in rows]
-  assert {s["group_size"] for s in summaries} == {3}
-  assert len({r["test_loss"] for r in rows}) == 3
+  rows = run_one_group(base, MOMENTA, wd)
   for i in (0, 2):
     name = rows[i]["name"]
     assert_member_equals_solo(sweep.apply_overrides(base, MOMENTA[i]),
@@ -216,13 +222,8 @@ def test_members_differing_in_bn_epsilon_group_and_equal_their_solo_runs(idx_dir
   base.analysis.layers = ("xhat_0",)
   base.analysis.num_examples = 50
   overrides = sweep.axis("model.bn.epsilon", [1e-5, 0.5, 5.0])
-  members = sweep.resolve_members(base, overrides)
-  assert [len(g) for g in sweep.group_members(members)] == [3]
   wd = str(tmp_path / "sw")
-  with jax.default_matmul_precision("highest"):
-    rows = sweep.run_sweep(base, overrides, wd)
-  assert [r["status"] for r in rows] == ["done"] * 3
-  assert len({r["test_loss"] for r in rows}) == 3
+  rows = run_one_group(base, overrides, wd)
   for i in (1, 2):
     name = rows[i]["name"]
     assert_member_equals_solo(sweep.apply_overrides(base, overrides[i]),
