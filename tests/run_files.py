@@ -43,6 +43,7 @@ def final_state(workdir):
   step = ocp.CheckpointManager(ckpt_dir).latest_step()
   path = os.path.join(ckpt_dir, str(step), "default")
   checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(path).item_metadata.tree
+  meta = checkpointer.metadata(path)
+  meta = getattr(meta, "item_metadata", meta).tree  # orbax 0.11.20: the tree metadata itself
   args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
   return step, checkpointer.restore(path, restore_args=args)["state"]
