@@ -315,6 +315,7 @@ class _Clock:
     self.first_step = first_step
     self.split = split
     self.run_start = split.start
+    self.loop_start = time.perf_counter()  # the progress lines' rate: steps since here
     # Train steps timed in the current log interval and their seconds
     # (StepCalls.train: calls that compiled are not timed).
     self.timed_steps, self.timed_seconds = 0, 0.0
@@ -549,7 +550,7 @@ class Loop:
 
   def _report_progress(self, records: list[dict], step: int, clock: _Clock) -> None:
     """The progress action: one log line with the position, latest metrics and ETA."""
-    seconds, steps_done = clock.elapsed(), step - clock.first_step
+    seconds, steps_done = time.perf_counter() - clock.loop_start, step - clock.first_step
     if self.calls.stacked:
       _log_group_progress(records, self.members, self.plan, seconds, steps_done, step)
     elif records:
