@@ -438,6 +438,12 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
       logging.error("Sweep members %s failed: %s", [m.name for m in group], message)
       for m in group:
         errors[m.name] = message
+    # Each group's programs are its own (its model is part of them): dropping them
+    # keeps a long sweep's compiled code, and its memory mappings, from growing
+    # without bound (XLA:CPU maps every executable; Linux allows ~65,000 mappings).
+    # The persistent compilation cache makes a program needed again cheap.
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.clear_caches()
     logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
   rows = [_result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
   write_results(workdir, rows)

@@ -256,6 +256,16 @@ def test_grouped_cnn_members_equal_their_solo_runs(idx_dir, tmp_path):
     assert_member_equals_solo(cfg, str(tmp_path / "g" / name), str(tmp_path / "solo" / name), 10)
 
 
+def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path):
+  # A long sweep in one process must not keep every group's compiled programs: on CPU
+  # each maps memory, and ~40 groups once exhausted Linux's 65,530 mappings.
+  from bnlab import loop  # pylint: disable=g-import-not-at-top
+  base = tiny_base(idx_dir)
+  base.train.num_epochs = 1
+  sweep.run_sweep(base, sweep.axis("model.norm", ["none", "batch"]), str(tmp_path / "sw"))
+  assert loop.run_steps._cache_size() == 0  # pylint: disable=protected-access
+
+
 def test_rerun_skips_finished_members(grouped_sweep):
   base, members, wd, rows = grouped_sweep
   done = [r["name"] for r in rows if r["status"] != "failed"]

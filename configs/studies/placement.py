@@ -13,7 +13,13 @@ Expected: after_higher supported for the MLP at lr 0.1, inconclusive elsewhere (
         seeds at lr 1; the CNN does not train on every seed); after_faster supported for
         the MLP at both rates, inconclusive for the CNN.
 Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite sharing the
-        machine): 2.1 min; as expected.
+        machine): 2.1 min; as expected, with the claims then read by `separated` (every
+        seed of one above every seed of the other). The claims now use `paired_interval`
+        (beyond the seed interval and, for accuracies, the test set's noise), registered
+        before the run of the committed report (2-core CPU, 3.3 min): after_faster
+        supported for the MLP at both rates (4,583 vs 9,083 and 2,417 vs 4,667 steps),
+        every other verdict inconclusive (the MLP at lr 0.1 ends 0.9 points higher with BN
+        after, within the seed interval of 1.8 points).
 """
 
 import os
@@ -43,13 +49,12 @@ def get_config(arg=None):
   s.claims = {
       "after_higher": {
           **CLAIM, "statement": "BN after the activation ends at a higher final test "
-                                "accuracy than before it: every 'after' seed above every "
-                                "'before' seed, with every seed trained.",
-          "rule": "separated", "metric": "final_acc", "require": "trained"},
+                                "accuracy than before it.",
+          "rule": "paired_interval", "metric": "final_acc"},
       "after_faster": {
           **CLAIM, "statement": "BN after the activation reaches 97% test accuracy in fewer "
-                                "steps: every 'after' seed before every 'before' seed.",
-          "rule": "separated", "metric": "steps_to_97", "higher": False},
+                                "steps than before it (a seed that never does: no verdict).",
+          "rule": "paired_interval", "metric": "steps_to_97", "higher": False},
   }
   return s
 
