@@ -16,7 +16,7 @@ Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite shar
         machine): 2.1 min; as expected, with the claims then read by `separated` (every
         seed of one above every seed of the other). The claims now use `paired_interval`
         (beyond the seed interval and, for accuracies, the test set's noise), registered
-        before the run of the committed report (2-core CPU, 3.3 min): after_faster
+        before the run of the committed report (2-core CPU, commit f605d80, 3.5 min): after_faster
         supported for the MLP at both rates (4,583 vs 9,083 and 2,417 vs 4,667 steps),
         every other verdict inconclusive (the MLP at lr 0.1 ends 0.9 points higher with BN
         after, within the seed interval of 1.8 points).

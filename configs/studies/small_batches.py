@@ -20,6 +20,10 @@ Expected (written before any run): group_beats_bn_at_2 supported, renorm_beats_b
         refuted (BN's gap is -5.0 points at batch 2), the last inconclusive. The claims
         now use `paired_interval` (beyond the seed interval and the test set's noise),
         registered before this run.
+Measured (2-core CPU, commit f605d80, 7.9 min): group_beats_bn_at_2 supported (92.9% vs
+        25.1%), renorm_beats_bn_at_4 supported (94.9% vs 91.8%), bn_gap_shrinks and
+        bn_at_least_layer_at_256 inconclusive (BN's gap at batch 2 is -5.0 points, its
+        seed interval +-12.4).
 """
 
 from bnlab import study
