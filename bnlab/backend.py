@@ -116,6 +116,16 @@ def enable_compilation_cache(directory: str) -> str | None:
   return directory
 
 
+def configure_run(cfg) -> None:
+  """A run config's backend set-up, before JAX starts: deterministic mode
+  (`train.deterministic`) and the compilation cache in <data cache dir>/jax
+  (`train.compilation_cache`)."""
+  configure(cfg.train.deterministic)
+  if cfg.train.compilation_cache:
+    from bnlab import data  # pylint: disable=g-import-not-at-top
+    enable_compilation_cache(os.path.join(cfg.data.cache_dir or data.default_cache_dir(), "jax"))
+
+
 def _gpu_started() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.default_backend() in ("gpu", "cuda", "rocm")

@@ -60,7 +60,7 @@ def execute(cfg, workdir: str) -> dict:
   from bnlab import train  # pylint: disable=g-import-not-at-top
   try:
     check_config(cfg)
-    backend.configure(cfg.train.deterministic)  # before JAX starts
+    backend.configure_run(cfg)  # before JAX starts
     # Starts jax.distributed first thing when the config asks for it.
     return train.train_and_evaluate(cfg, workdir)
   except USER_ERRORS as e:

@@ -871,7 +871,7 @@ def run_stage(study: Study, workdir: str) -> None:
   """Trains the members that are not finished; records the stage in stages.json."""
   from bnlab import backend, provenance  # pylint: disable=g-import-not-at-top
   # Deterministic mode is set before anything starts JAX (provenance does).
-  backend.configure(study.base_run_config().train.deterministic)
+  backend.configure_run(study.base_run_config())
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, "study.json"), study.to_json())
   registered = os.path.join(workdir, "claims_registered.json")

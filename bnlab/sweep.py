@@ -572,7 +572,7 @@ def main(argv):
           "return a list of override dicts)") from None
     # The command line's --config.KEY values, applied to every member last.
     overrides = dict(config_flags.get_override_values(f["config"]))
-    backend.configure(base.train.deterministic)  # before JAX starts
+    backend.configure_run(base)  # before JAX starts
     if f.dry_run:
       members, groups = plan(base, sweep, f.grouped, overrides, f.only, f.max_group_size)
       if os.path.isdir(f.workdir or ""):

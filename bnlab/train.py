@@ -63,8 +63,7 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
   """
   split = timesplit.TimeSplit()
   config_lib.validate(cfg)
-  backend.configure(cfg.train.deterministic)  # before anything starts JAX
-  _compilation_cache(cfg)
+  backend.configure_run(cfg)  # before anything starts JAX
   distributed.initialize(cfg.distributed)
   wd = workdir_lib.WorkDir(workdir, cfg)
   try:
@@ -93,8 +92,7 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
   for cfg in cfgs:
     config_lib.validate(cfg)
   keys = {group_key(c) for c in cfgs}
-  backend.configure(any(c.train.deterministic for c in cfgs))
-  _compilation_cache(cfgs[0])
+  backend.configure_run(cfgs[0])  # deterministic mode is the same for all (group_key)
   if len(keys) != 1:
     raise config_lib.ConfigError(
         f"a group's members may differ only in {GROUPABLE_KEYS} (learning rate with a "
@@ -119,13 +117,6 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
   finally:
     for wd in wds:
       wd.close()
-
-
-def _compilation_cache(cfg) -> None:
-  """JAX's persistent compilation cache under the data cache directory (`train.compilation_cache`)."""
-  if cfg.train.compilation_cache:
-    backend.enable_compilation_cache(
-        os.path.join(cfg.data.cache_dir or data_lib.default_cache_dir(), "jax"))
 
 
 def extends(summary: dict, cfg, workdir: str) -> bool:
