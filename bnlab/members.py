@@ -10,6 +10,10 @@ import os
 import jax
 import jax.numpy as jnp
 
+from bnlab import config as config_lib
+from bnlab import models
+from bnlab import optim
+from bnlab import state as state_lib
 from bnlab import steps
 from bnlab.state import MEMBER_VALUE_KEYS, MemberStates
 
@@ -31,7 +35,6 @@ def group_key(cfg) -> str:
   and the evaluations (`state.MemberStates`, `state.MemberApply`). Everything
   else shapes the compiled program and must match.
   """
-  from bnlab import models  # pylint: disable=g-import-not-at-top
   d = json.loads(cfg.to_json_best_effort())
   d.pop("seed")
   opt = cfg.optimizer
@@ -46,8 +49,6 @@ def group_key(cfg) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _has_convolutions(model_json: str) -> bool:
-  from bnlab import config as config_lib  # pylint: disable=g-import-not-at-top
-  from bnlab import models  # pylint: disable=g-import-not-at-top
   model_cfg = config_lib.base_config().model
   model_cfg.update(json.loads(model_json))
   try:
@@ -65,10 +66,8 @@ def has_convolutions(model_cfg) -> bool:
   Built-in networks by name; a user's model (`module:factory`) from the
   shapes of its parameters (traced, nothing computed).
   """
-  if model_cfg.name in ("seed_cnn", "seed1_cnn"):
-    return True
-  if model_cfg.name in ("paper_mlp", "seed1_mlp"):
-    return False
+  if model_cfg.name in models.MODELS:
+    return model_cfg.name in models.CNN_MODELS
   return _has_convolutions(model_cfg.to_json_best_effort())
 
 
@@ -107,9 +106,6 @@ def memory_budget(device=None) -> int:
 
 def _abstract_step_inputs(cfg, num_members: int, num_train: int):
   """Shapes of a group's step arguments (states, sums, images, labels, perms): nothing allocated."""
-  from bnlab import models  # pylint: disable=g-import-not-at-top
-  from bnlab import optim  # pylint: disable=g-import-not-at-top
-  from bnlab import state as state_lib  # pylint: disable=g-import-not-at-top
   model = models.build_model(cfg.model, dtype=models.compute_dtype(cfg.train.half_precision))
   tx = optim.make_optimizer(cfg.optimizer, max(cfg.train.num_steps, 1))
   bs = cfg.train.batch_size

@@ -43,6 +43,7 @@ from bnlab import norm_linen
 from bnlab.norm_linen import BatchNorm
 
 MODELS = ("paper_mlp", "seed_cnn", "seed1_mlp", "seed1_cnn")
+CNN_MODELS = ("seed_cnn", "seed1_cnn")  # the built-in networks with convolutions
 BATCH_STAT_NORMS = ("batch", "flax_batch", "renorm", "ghost", "noisy", "frozen")
 NORMS = ("none", *BATCH_STAT_NORMS, "layer", "group")
 BN_POSITIONS = ("before", "after")

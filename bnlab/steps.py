@@ -35,7 +35,7 @@ def resolve_loop(loop: str, model_cfg, backend: str | None = None) -> str:
   if loop != "auto":
     return loop
   backend = backend or jax.default_backend()
-  has_conv = model_cfg.name in ("seed_cnn", "seed1_cnn")
+  has_conv = model_cfg.name in models.CNN_MODELS
   impl = conv_lib.resolve_conv_implementation(model_cfg.conv_implementation)
   if backend == "cpu" and has_conv and impl == "xla":
     return "loop"
