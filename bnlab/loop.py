@@ -309,12 +309,11 @@ class Member:
 
 
 class _Clock:
-  """The run's wall time (split by `timesplit.TimeSplit`) and the log interval's train steps."""
+  """Wall time since the run started (`run_start`) and the log interval's train steps."""
 
-  def __init__(self, first_step: int, split: timesplit.TimeSplit):
+  def __init__(self, first_step: int, run_start: float):
     self.first_step = first_step
-    self.split = split
-    self.run_start = split.start
+    self.run_start = run_start
     self.loop_start = time.perf_counter()  # the progress lines' rate: steps since here
     # Train steps timed in the current log interval and their seconds
     # (StepCalls.train: calls that compiled are not timed).
@@ -397,7 +396,7 @@ class Loop:
     state, sums, step = self._resume(state)
     self.step = step
     split.mark_startup()
-    clock = _Clock(step, split)
+    clock = _Clock(step, split.start)
     if step == 0 and self.cfg.train.eval_at_start:
       self._record_start(state, clock)
     perm_epoch, perm = None, None
