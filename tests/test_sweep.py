@@ -169,10 +169,8 @@ def assert_member_equals_solo(cfg, group_dir, solo_dir, num_steps):
 
 def test_grouped_members_equal_their_solo_runs(grouped_sweep, tmp_path):
   base, members, wd, rows = grouped_sweep
-  for i in (0, 3):  # lr 0.1 seed 0, lr 1e9 seed 1
-    name = rows[i]["name"]
-    assert_member_equals_solo(sweep.apply_overrides(base, members[i]),
-                              os.path.join(wd, name), str(tmp_path / name), 30)
+  # lr 0.1 seed 0, lr 1e9 seed 1
+  assert_members_equal_solo(base, members, rows, wd, str(tmp_path), (0, 3), 30)
 
 
 def momenta_base(idx_dir):
@@ -202,14 +200,20 @@ def run_one_group(base, overrides, wd):
   return rows
 
 
+def assert_members_equal_solo(base, overrides, rows, wd, solo_root, indices, num_steps):
+  """`assert_member_equals_solo` for the sweep members `indices`; their names."""
+  names = [rows[i]["name"] for i in indices]
+  for i, name in zip(indices, names):
+    assert_member_equals_solo(sweep.apply_overrides(base, overrides[i]),
+                              os.path.join(wd, name), os.path.join(solo_root, name), num_steps)
+  return names
+
+
 def test_members_differing_in_momenta_group_and_equal_their_solo_runs(idx_dir, tmp_path):
   base = momenta_base(idx_dir)
   wd = str(tmp_path / "sw")
   rows = run_one_group(base, MOMENTA, wd)
-  for i in (0, 2):
-    name = rows[i]["name"]
-    assert_member_equals_solo(sweep.apply_overrides(base, MOMENTA[i]),
-                              os.path.join(wd, name), str(tmp_path / name), 20)
+  assert_members_equal_solo(base, MOMENTA, rows, wd, str(tmp_path), (0, 2), 20)
 
 
 def test_members_differing_in_bn_epsilon_group_and_equal_their_solo_runs(idx_dir, tmp_path):
@@ -224,10 +228,7 @@ def test_members_differing_in_bn_epsilon_group_and_equal_their_solo_runs(idx_dir
   overrides = sweep.axis("model.bn.epsilon", [1e-5, 0.5, 5.0])
   wd = str(tmp_path / "sw")
   rows = run_one_group(base, overrides, wd)
-  for i in (1, 2):
-    name = rows[i]["name"]
-    assert_member_equals_solo(sweep.apply_overrides(base, overrides[i]),
-                              os.path.join(wd, name), str(tmp_path / name), 10)
+  for name in assert_members_equal_solo(base, overrides, rows, wd, str(tmp_path), (1, 2), 10):
     group = read_jsonl(os.path.join(wd, name, "metrics.jsonl"))
     solo = read_jsonl(str(tmp_path / name / "metrics.jsonl"))
     for x, y in zip(solo, group):
