@@ -55,7 +55,7 @@ from absl import app, flags  # noqa: E402
 
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import data as data_lib  # noqa: E402
-from bnlab import models, train  # noqa: E402
+from bnlab import models, timesplit, train  # noqa: E402
 import sweep_speed  # noqa: E402
 import torch_peer  # noqa: E402
 from timing import interleaved_rates, median_rate  # noqa: E402
@@ -371,9 +371,6 @@ def mlp_floor_line(flax_rate: float) -> str:
           f"the Flax loop.\n")
 
 
-SPLIT_PARTS = ("startup", "compile", "train", "evaluate", "checkpoint", "log")
-
-
 def split_run(steps: int, images, labels) -> tuple[float, dict]:
   """(wall s, summary) of configs/paper_mlp.py cut to `steps`, via `train_and_evaluate`.
 
@@ -429,8 +426,8 @@ def split_text(steps: int, wall: float, summary: dict, bnlab_rate: float | None,
     return text + ("; the split is missing (summary.json has no 'time'"
                    + (f"; its wall_time {wall_time:.1f} s" if wall_time is not None else "")
                    + ").\n")
-  parts = [k for k in SPLIT_PARTS if k in split] + sorted(
-      k for k in split if k not in SPLIT_PARTS + ("total", "other"))
+  parts = [k for k in timesplit.PARTS if k in split] + sorted(
+      k for k in split if k not in timesplit.PARTS + ("total", "other"))
   total = split.get("total", wall)
   other = split.get("other", total - sum(split[k] for k in parts))
   return (text + ". Split (summary.json): " + ", ".join(f"{k} {split[k]:.2f} s" for k in parts)

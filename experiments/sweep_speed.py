@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from bnlab import sweep  # noqa: E402
+from bnlab import sweep, timesplit  # noqa: E402
 
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 BN_MOMENTA = (0.9, 0.99, 0.999)
@@ -67,10 +67,6 @@ def time_split(workdir: str, grouped: bool) -> dict[str, float]:
   return total
 
 
-def describe_split(split: dict[str, float]) -> str:
-  return ", ".join(f"{k} {v:.1f} s" for k, v in split.items() if k != "total")
-
-
 def timed_sweep(base, members, workdir: str, grouped: bool) -> tuple[float, list[dict]]:
   """(seconds, result rows) of `run_sweep` in a fresh `workdir`; prints where the time went."""
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -79,9 +75,10 @@ def timed_sweep(base, members, workdir: str, grouped: bool) -> tuple[float, list
   start = time.perf_counter()
   rows = sweep.run_sweep(base, members, workdir, grouped=grouped)
   seconds = time.perf_counter() - start
+  split = time_split(workdir, grouped)
   print(f"{'grouped' if grouped else 'solo'}: {len(members)} members x "
-        f"{base.train.num_steps} steps in {seconds:.1f} s "
-        f"({describe_split(time_split(workdir, grouped))})", flush=True)
+        f"{base.train.num_steps} steps in {seconds:.1f} s"
+        + (f" (their time split {timesplit.describe(split)})" if split else ""), flush=True)
   return seconds, rows
 
 
