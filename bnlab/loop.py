@@ -568,9 +568,12 @@ class Loop:
             min(self.cfg.train.eval_batch_size, self.calls.num_train)))
     if self.calls.stacked:  # each member's final state where a solo run keeps it
       with self.split.phase("checkpoint"):
+        # One transfer, then each member's part from the host copy (orbax writes
+        # host arrays 2x faster than device ones, and nothing is sliced on the device).
+        host = jax.device_get({"state": state, "sums": sums})
         for i in live:
-          self.members[i].wd.save(step, {"state": take(state, i), "sums": take(sums, i)},
-                                  force=True)
+          self.members[i].wd.save(
+              step, {"state": take(host["state"], i), "sums": take(host["sums"], i)}, force=True)
     with self.split.phase("log"):
       for i in live:
         self.on_stop(self.members[i], step,

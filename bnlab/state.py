@@ -200,4 +200,4 @@ def take(tree, i: int):
   """Member `i`'s part of a stacked (host or device) tree (of `MemberStates`: a `TrainState`)."""
   if isinstance(tree, MemberStates):
     tree = tree.train_state()
-  return jax.tree.map(lambda x: x[i], tree)
+  return jax.tree.map(lambda x: x[i, ...], tree)  # a host array's 0-d part stays an array

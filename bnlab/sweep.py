@@ -290,7 +290,8 @@ def group_members(members: Sequence[Member], grouped: bool = True,
   out = []
   for group in groups.values():
     capacity = max_group_size or (
-        len(group) if len(group) == 1 else members_lib.group_capacity(group[0].cfg))
+        len(group) if len(group) == 1
+        else members_lib.group_capacity(group[0].cfg, wanted=len(group)))
     out.extend(members_lib.chunks(group, capacity))
   return out
 

@@ -37,6 +37,31 @@ def test_member_bytes_is_what_a_member_adds_to_the_compiled_step():
   assert members_lib.memory_budget() > 0
 
 
+@pytest.mark.parametrize("model,batch", [("paper_mlp", 60), ("seed_cnn", 32)])
+def test_member_bytes_bound_is_above_the_compiled_estimate(model, batch):
+  cfg = paper_cfg()
+  cfg.model.name, cfg.train.batch_size = model, batch
+  compiled, bound = members_lib.member_bytes(cfg), members_lib.member_bytes_bound(cfg)
+  assert compiled < bound < 20 * compiled
+
+
+def test_capacity_skips_the_compiled_estimate_when_the_bound_fits(monkeypatch):
+  cfg = paper_cfg()
+  shared = (60_000 + 10_000) * (28 * 28 + 4)
+  bound = members_lib.member_bytes_bound(cfg)
+
+  def compiled(_):
+    raise AssertionError("compiled the estimate")
+
+  with monkeypatch.context() as m:
+    m.setattr(members_lib, "member_bytes", compiled)
+    assert members_lib.group_capacity(cfg, budget=shared + 24 * bound, wanted=24) == 24
+  # The bound does not fit 24: the compiled estimate decides.
+  budget = shared + 24 * members_lib.member_bytes(cfg)
+  assert members_lib.group_capacity(cfg, budget=budget, wanted=24) == 24
+  assert members_lib.group_capacity(cfg, budget=budget, wanted=48) == 24
+
+
 def test_groups_larger_than_memory_train_in_chunks(monkeypatch):
   members = sweep.resolve_members(paper_cfg(), sweep.product(
       sweep.axis("optimizer.learning_rate", [0.1, 0.2, 0.5]),
