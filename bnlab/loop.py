@@ -80,14 +80,24 @@ class Schedule:
 
 
 def make_schedule_plan(cfg, num_train: int) -> Schedule:
-  """The step schedule for the `train` config section over `num_train` examples."""
+  """The step schedule for the `train` config section over `num_train` examples.
+
+  `train.steps_per_call=0`: calls of the greatest common divisor of the
+  epoch, log, evaluation and checkpoint intervals when it is at least a
+  quarter epoch, so that every call but the last has one length and
+  compiles one program (epochs of 1,000 steps evaluated every 2,500: calls of
+  500, not of 1,000 and 500); else of an epoch.
+  """
   t = cfg.train
   spe = num_train // t.batch_size
   total = t.num_steps or t.num_epochs * spe
   eval_every = t.eval_every_steps or t.eval_every_epochs * spe
   log_every = t.log_every_steps or eval_every
   ckpt_every = t.checkpoint_every_steps or eval_every
-  per_call = t.steps_per_call or spe
+  per_call = t.steps_per_call
+  if not per_call:
+    common = math.gcd(spe, eval_every, log_every, ckpt_every)
+    per_call = common if common >= spe / 4 else spe
   return Schedule(total, spe, per_call, eval_every, log_every, ckpt_every)
 
 
@@ -135,7 +145,7 @@ class StepCalls:
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
     self.loop = steps_lib.resolve_loop(cfg.train.loop, cfg.model)
     self.batch_size = cfg.train.batch_size
-    self.unroll = cfg.train.unroll
+    self.unroll = steps_lib.resolve_unroll(cfg.train.unroll)
     self.eval_model, self.eval_apply = eval_model, eval_model.apply
     self.num_train = num_train
     self.stacked = stacked

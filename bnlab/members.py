@@ -112,7 +112,7 @@ def _abstract_step_inputs(cfg, num_members: int, num_train: int):
   states = jax.eval_shape(
       jax.vmap(lambda s: state_lib.create_train_state(model, tx, jax.random.key(s), bs)),
       jax.ShapeDtypeStruct((num_members,), jnp.uint32))
-  sums = jax.eval_shape(lambda: state_lib.stack([steps.metric_sums_zero()] * num_members))
+  sums = jax.eval_shape(lambda: steps.metric_sums_zero(num_members))
   return (states, sums, jax.ShapeDtypeStruct((num_train, 28, 28), jnp.uint8),
           jax.ShapeDtypeStruct((num_train,), jnp.int32),
           jax.ShapeDtypeStruct((num_members, num_train), jnp.int32))

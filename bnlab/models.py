@@ -279,14 +279,22 @@ def build_model(cfg, dtype=None) -> nn.Module:
       norm_num_groups=cfg.bn.num_groups, conv_implementation=cfg.conv_implementation,
       dtype=dtype)
   if cfg.name in ("paper_mlp", "seed1_mlp"):
-    return Classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
+    return _classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
   if cfg.name == "seed_cnn":
     # Conv32 relu, MaxPool 2, Conv64 relu, Flatten, BN, Dense64 relu, Dense10.
     c1, c2, d = _expect_widths(cfg, widths, 3)
-    return Classifier(conv=((c1, True, False), (c2, False, True)),
-                      dense=((d, False),), flatten_norm=True, **common)
+    return _classifier(conv=((c1, True, False), (c2, False, True)),
+                       dense=((d, False),), flatten_norm=True, **common)
   c1, c2 = _expect_widths(cfg, widths, 2)  # seed1_cnn: Conv32, Conv32, Dense10
-  return Classifier(conv=((c1, False, True), (c2, False, True)), dense=(), **common)
+  return _classifier(conv=((c1, False, True), (c2, False, True)), dense=(), **common)
+
+
+@functools.lru_cache(maxsize=128)
+def _classifier(**fields) -> Classifier:
+  """One `Classifier` per set of fields: runs of one model in a process share its
+  instance, and with it their compiled steps and evaluations (jit caches key on
+  the `apply` bound to it)."""
+  return Classifier(**fields)
 
 
 def _accepts(fn, name: str) -> bool:

@@ -152,7 +152,7 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
   (24 paper MLPs: 0.7 s instead of 2.5 s). Members that differ in a key of
   `MEMBER_VALUE_KEYS` get `MemberStates`.
   """
-  seeds = jnp.asarray([c.seed for c in cfgs], jnp.uint32)
+  seeds = np.asarray([c.seed for c in cfgs], np.uint32)
 
   # Unoptimized code generation: compiles several times faster, and an
   # initialization runs once.
@@ -165,14 +165,14 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
   opt = cfgs[0].optimizer
   if opt.schedule == "constant" and not opt.warmup_steps:  # the only case lrs may differ
     hp = state.opt_state.hyperparams
-    lrs = jnp.asarray([c.optimizer.learning_rate for c in cfgs],
-                      hp["learning_rate"].dtype)
+    lrs = jax.device_put(np.asarray([c.optimizer.learning_rate for c in cfgs],
+                                    hp["learning_rate"].dtype))
     state = state.replace(opt_state=state.opt_state._replace(
         hyperparams={**hp, "learning_rate": lrs}))
   values = member_values(cfgs)
   if values:
     state = MemberStates(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
-                         values={k: jnp.asarray(v, jnp.float32) for k, v in values.items()},
+                         values={k: jax.device_put(np.asarray(v, np.float32)) for k, v in values.items()},
                          model=model)
   return spread_members(state, len(cfgs))
 

@@ -413,14 +413,26 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
   """Trains the groups (the sweep's lock held); the rows of every member."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from bnlab import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from bnlab import members as members_lib  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
   datasets: dict[str, Any] = {}
+  programs = None  # what the compiled programs in memory were made for
   logging.info("Sweep of %d members, %d selected in %d groups, in %s", len(members),
                sum(len(g) for g in groups), len(groups), workdir)
   for group in groups:
     dirs = [os.path.join(workdir, m.name) for m in group]
     if all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs)):
       continue
+    # A group whose programs differ from the last one's (another model, or
+    # group size) first drops the compiled programs in memory: a long sweep's
+    # compiled code, and its memory mappings, would otherwise grow without
+    # bound (XLA:CPU maps every executable; Linux allows ~65,000 mappings).
+    # The persistent compilation cache makes a program needed again cheap;
+    # runs of one model one after another keep theirs.
+    if programs not in (None, (members_lib.group_key(group[0].cfg), len(group))):
+      jax.clear_caches()
+    programs = (members_lib.group_key(group[0].cfg), len(group))
     start = time.perf_counter()
     try:
       data_key = json.dumps(group[0].cfg.data.to_dict(), sort_keys=True) + str(
@@ -439,12 +451,6 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
       logging.error("Sweep members %s failed: %s", [m.name for m in group], message)
       for m in group:
         errors[m.name] = message
-    # Each group's programs are its own (its model is part of them): dropping them
-    # keeps a long sweep's compiled code, and its memory mappings, from growing
-    # without bound (XLA:CPU maps every executable; Linux allows ~65,000 mappings).
-    # The persistent compilation cache makes a program needed again cheap.
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.clear_caches()
     logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
   rows = [_result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
   write_results(workdir, rows)

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 from absl import logging
 
@@ -255,7 +256,7 @@ def _check_analysis_layers(cfg, model) -> None:
 
 def _run_info(cfg, ds, plan, calls, num_members: int, mesh) -> dict[str, Any]:
   """How a run executes (loop form, backend, data, sizes): logged and in its summary."""
-  info = {"loop": calls.loop, "backend": jax.default_backend(),
+  info = {"loop": calls.loop, "unroll": calls.unroll, "backend": jax.default_backend(),
           "conv_implementation": conv_lib.resolve_conv_implementation(
               cfg.model.conv_implementation),
           "data_source": ds.source, "data_verified": ds.verified,
@@ -275,11 +276,11 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
     # of one compile per operation of an eager init.
     init = jax.jit(lambda seed: state_lib.create_train_state(model, tx, jax.random.key(seed), bs),
                    compiler_options={"xla_backend_optimization_level": 0})
-    return init(jnp.uint32(members[0].cfg.seed)), steps_lib.metric_sums_zero()
+    return init(np.uint32(members[0].cfg.seed)), steps_lib.metric_sums_zero()
   # One update function for all; each member's hyperparameters (its learning
   # rate) live in its own optimizer state.
   state = state_lib.create_member_states(model, tx, [m.cfg for m in members], bs)
-  return state, state_lib.stack([steps_lib.metric_sums_zero()] * len(members))
+  return state, steps_lib.metric_sums_zero(len(members))
 
 
 def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,

@@ -56,6 +56,7 @@ from absl import app, flags  # noqa: E402
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import data as data_lib  # noqa: E402
 from bnlab import models, timesplit, train  # noqa: E402
+from bnlab import steps as steps_lib  # noqa: E402
 import sweep_speed  # noqa: E402
 import torch_peer  # noqa: E402
 from timing import interleaved_rates, median_rate  # noqa: E402
@@ -133,10 +134,12 @@ def flax_loop_runner(model_name, norm, batch, images, labels):
 
 
 def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", conv="auto",
-                 dtype=None):
-  """(run, steps, loop): `run(n)` trains n steps with bnlab's engine; n = `steps` is compiled.
+                 dtype=None, unroll=0):
+  """(run, steps, form): `run(n)` trains n steps with bnlab's engine; n = `steps` is compiled.
 
-  `steps` is capped at one epoch; `dtype`: the computation dtype (train.half_precision).
+  `steps` is capped at one epoch; `dtype`: the computation dtype
+  (train.half_precision); `unroll`: the scan's (0: `steps.resolve_unroll`'s
+  default). `form` names the loop form, with the unroll of a scan.
   """
   c = config_lib.base_config()
   c.model.name = model_name
@@ -146,6 +149,7 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
     c.model.activation, c.model.bn_position = "sigmoid", "before"
   c.train.batch_size = batch
   loop = train.resolve_loop(loop, c.model)
+  unroll = steps_lib.resolve_unroll(unroll)
   model = models.build_model(c.model, dtype=dtype)
   tx = train.make_optimizer(c.optimizer, steps)
   state = train.create_train_state(model, tx, jax.random.key(0), batch)
@@ -160,7 +164,8 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
     st, sums = carry
     st = st.replace(step=jnp.zeros((), jnp.int32))
     if loop == "scan":
-      st, sums = train.run_steps(st, sums, x, y, perm, length=n, batch_size=batch)
+      st, sums = train.run_steps(st, sums, x, y, perm, length=n, batch_size=batch,
+                                 unroll=unroll)
     else:
       for _ in range(n):
         st, sums = train.run_one_step(st, sums, x, y, perm, batch_size=batch)
@@ -168,7 +173,7 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
     carry[:] = [st, sums]
 
   run(steps)  # warm-up (compiles the timed program)
-  return run, steps, loop
+  return run, steps, f"scan, unroll {unroll}" if loop == "scan" else loop
 
 
 def bn_step_time_ratio(batch, steps, rounds, images, labels) -> float:
@@ -250,6 +255,9 @@ _STEPS_SCALE = flags.DEFINE_float(
 _DATA = flags.DEFINE_string("data", "embedded", "A data source, or 'random'.")
 _FORMS = flags.DEFINE_string("forms", "auto,scan,loop",
                              "bnlab loop forms to time besides 'auto'.")
+_UNROLLS = flags.DEFINE_list(
+    "unrolls", [], "Scan unroll factors to time as extra bnlab columns (e.g. 1,2,5,10); "
+    "'bnlab auto' uses train.unroll's default (bnlab.steps.resolve_unroll).")
 _OUT = flags.DEFINE_string("out", "results/benchmark.md", "Where the table is written.")
 _SWEEP_STEPS = flags.DEFINE_integer(
     "sweep_steps", 2000, "Steps per member of the 24-member sweep case (0: skip it).")
@@ -280,11 +288,12 @@ def platform_header() -> str:
           "after warm-up.")
 
 
-def table_head(peer_columns: list[str], forms: list[str]) -> list[str]:
+def table_head(peer_columns: list[str], forms: list[str], unrolls=()) -> list[str]:
   """The Markdown table's header and separator rows."""
   cols = ["case", "batch", "Flax loop"] + peer_columns + [
       "bnlab auto (form)", "vs Flax loop", "vs PyTorch", "vs fastest peer"] + [
-          f"bnlab {f}" for f in forms]
+          f"bnlab {f}" for f in forms] + [f"bnlab unroll {u} (vs fastest peer)"
+                                          for u in unrolls]
   return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
 
@@ -310,8 +319,11 @@ def peer_cell(value) -> str:
   return value if isinstance(value, str) else f"{value:,.0f}"
 
 
-def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file):
-  """Times one case; returns (its table row, {'flax': Flax loop rate, 'bnlab': bnlab auto's})."""
+def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file, unrolls=()):
+  """Times one case; returns (its table row, {'flax': Flax loop rate, 'bnlab': bnlab auto's}).
+
+  `unrolls`: scan unroll factors timed as extra bnlab columns (scanned models only).
+  """
   name, model_name, norm, batch, steps = case
   steps = max(5, int(steps * _STEPS_SCALE.value))
   # In-process runners timed round-robin; the Keras peers run in subprocesses.
@@ -321,6 +333,10 @@ def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file):
   runs["bnlab"], steps, form = bnlab_runner(model_name, norm, batch, steps, images, labels)
   for f in forms:
     runs[f] = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
+  scanned = form.startswith("scan")
+  for u in unrolls if scanned else ():
+    runs[f"unroll {u}"] = bnlab_runner(model_name, norm, batch, steps, images, labels,
+                                       unroll=u)[0]
   rates = interleaved_rates(runs, steps, batch, _REPS.value)
   base, auto = rates["flax"], rates["bnlab"]
   torch_peers = {k: rates.get(k, v) for k, v in torch_runs.items()}
@@ -333,11 +349,13 @@ def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file):
   cells = [f"{base:,.0f}"] + [peer_cell(v) for v in peers.values()] + [
       f"{auto:,.0f} ({form})", f"{auto / base:.2f}x",
       ratio_cell(auto, torch_peers, name_it=len(torch_peers) > 1),
-      ratio_cell(auto, peers, name_it=True)] + [f"{rates[f]:,.0f}" for f in forms]
+      ratio_cell(auto, peers, name_it=True)] + [f"{rates[f]:,.0f}" for f in forms] + [
+          f"{rates[f'unroll {u}']:,.0f} ({ratio_cell(rates[f'unroll {u}'], peers, False)})"
+          if scanned else "-" for u in unrolls]
   return f"| {name} | {batch} | " + " | ".join(cells) + " |", {"flax": base, "bnlab": auto}
 
 
-def case_rows(forms, keras_specs, keras_notes, images, labels):
+def case_rows(forms, keras_specs, keras_notes, images, labels, unrolls=()):
   """Times every case, printing each row as it comes; returns (rows, `case_row` rates per model)."""
   rows, rates = [], {}
   data_dir = tempfile.mkdtemp(prefix="bnlab_benchmark_")
@@ -346,7 +364,7 @@ def case_rows(forms, keras_specs, keras_notes, images, labels):
     np.savez(data_file, images=images, labels=labels)
   for case in CASES:
     row, rates[case[1]] = case_row(case, forms, keras_specs, keras_notes, images, labels,
-                                        data_file)
+                                   data_file, unrolls)
     rows.append(row)
     print(row, flush=True)
   shutil.rmtree(data_dir, ignore_errors=True)
@@ -486,10 +504,11 @@ def main(argv):
   keras_notes = {}
   peer_columns = torch_peer.columns(torch_peer.import_torch()) + [
       f"Keras {k.partition('=')[0]}" for k in keras_specs]
-  rows, rates = case_rows(forms, keras_specs, keras_notes, images, labels)
+  unrolls = [int(u) for u in _UNROLLS.value if u]
+  rows, rates = case_rows(forms, keras_specs, keras_notes, images, labels, unrolls)
   if keras_notes:
     header += " Keras: " + "; ".join(f"{k}: {v}" for k, v in keras_notes.items()) + "."
-  text = header + "\n\n" + "\n".join(table_head(peer_columns, forms) + rows) + "\n"
+  text = header + "\n\n" + "\n".join(table_head(peer_columns, forms, unrolls) + rows) + "\n"
   for line in lines_after_table(images, labels, rates["paper_mlp"]):
     print(line, flush=True)
     text += line

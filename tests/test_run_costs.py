@@ -111,3 +111,43 @@ def test_a_cache_directory_set_before_is_kept(tmp_path):
   assert backend.enable_compilation_cache(str(tmp_path / "other")) == current
   assert jax.config.jax_compilation_cache_dir == current
   assert not os.path.exists(tmp_path / "other")
+
+
+def test_auto_unroll_is_one_on_cpu_and_more_on_accelerators():
+  from bnlab import steps
+  assert steps.resolve_unroll(0, "cpu") == 1
+  assert steps.resolve_unroll(0, "gpu") == steps.resolve_unroll(0, "tpu") > 1
+  assert steps.resolve_unroll(3, "gpu") == steps.resolve_unroll(3, "cpu") == 3
+
+
+def test_a_run_recorded_with_the_unroll_auto_resolves_to_resumes(idx_dir, tmp_path):
+  c = tiny_config(idx_dir)
+  c.train.unroll = 1  # what train.unroll=0 resolves to on CPU (a run before "auto")
+  wd = str(tmp_path / "run")
+  c.train.num_steps = 4
+  first = train.train_and_evaluate(c, wd)
+  assert first["unroll"] == 1
+  c.train.unroll, c.train.num_steps = 0, 8  # the default now, and longer
+  assert train.train_and_evaluate(c, wd)["final_step"] == 8
+  c.train.unroll, c.train.num_steps = 2, 12
+  with pytest.raises(Exception, match="train.unroll"):
+    train.train_and_evaluate(c, wd)
+
+
+def test_calls_have_one_length_when_the_intervals_share_a_divisor():
+  from bnlab import config as config_lib
+  from bnlab import loop
+  c = config_lib.base_config()
+  c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 60, 10_000, 2_500
+  plan = loop.make_schedule_plan(c, 60_000)  # epochs of 1,000 steps
+  lengths, step = set(), 0
+  while step < plan.total_steps:
+    end = plan.next_boundary(step)
+    lengths.add(end - step)
+    step = end
+  assert lengths == {500}
+  # A divisor under a quarter epoch: epoch-long calls, as before.
+  c.train.batch_size, c.train.eval_every_steps = 128, 500  # epochs of 468 steps
+  assert loop.make_schedule_plan(c, 60_000).steps_per_call == 468
+  c.train.steps_per_call = 100  # the user's choice wins
+  assert loop.make_schedule_plan(c, 60_000).steps_per_call == 100

@@ -257,14 +257,26 @@ def test_grouped_cnn_members_equal_their_solo_runs(idx_dir, tmp_path):
     assert_member_equals_solo(cfg, str(tmp_path / "g" / name), str(tmp_path / "solo" / name), 10)
 
 
-def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path):
+def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
   # A long sweep in one process must not keep every group's compiled programs: on CPU
   # each maps memory, and ~40 groups once exhausted Linux's 65,530 mappings.
   from bnlab import loop  # pylint: disable=g-import-not-at-top
   base = tiny_base(idx_dir)
   base.train.num_epochs = 1
-  sweep.run_sweep(base, sweep.axis("model.norm", ["none", "batch"]), str(tmp_path / "sw"))
-  assert loop.run_steps._cache_size() == 0  # pylint: disable=protected-access
+  jax.clear_caches()
+  sweep.run_sweep(base, sweep.axis("model.norm", ["batch"]), str(tmp_path / "one"))
+  one_model = loop.run_steps._cache_size()  # pylint: disable=protected-access
+  clears = []
+  real_clear = jax.clear_caches
+  monkeypatch.setattr(jax, "clear_caches", lambda: (clears.append(1), real_clear()))
+  sweep.run_sweep(base, sweep.axis("model.norm", ["none", "layer", "batch"]),
+                  str(tmp_path / "sw"))
+  assert len(clears) == 2  # before each model but the first
+  assert loop.run_steps._cache_size() == one_model  # pylint: disable=protected-access
+  # Runs of one model one after another keep their programs.
+  clears.clear()
+  sweep.run_sweep(base, sweep.seeds(3), str(tmp_path / "seeds"), grouped=False)
+  assert not clears
 
 
 def test_rerun_skips_finished_members(grouped_sweep):
