@@ -96,11 +96,14 @@ def enable_compilation_cache(directory: str) -> str | None:
   A rerun, a resumed run or another run of the same programs then reads its
   compiled programs from disk instead of compiling them. Every program is
   cached (`jax_persistent_cache_min_compile_time_secs=0`; bnlab's programs
-  compile in well under JAX's default threshold of a second). A cache
-  directory already set (`jax_compilation_cache_dir`, $JAX_COMPILATION_CACHE_DIR)
-  is kept: that one is returned. Takes effect from the next compilation.
+  compile in well under JAX's default threshold of a second), unless
+  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS sets it. A cache directory
+  already set (`jax_compilation_cache_dir`, $JAX_COMPILATION_CACHE_DIR) is
+  kept: that one is returned. Takes effect from the next compilation.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   current = jax.config.jax_compilation_cache_dir
   if current:
     return current
@@ -112,7 +115,6 @@ def enable_compilation_cache(directory: str) -> str | None:
         "set config.data.cache_dir (or $BNLAB_CACHE_DIR) to a writable directory, or "
         "config.train.compilation_cache=False") from None
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return directory
 
 

@@ -72,10 +72,8 @@ def resume_refusal(old: dict, new: dict) -> tuple[list[str], str | None]:
   """(the keys that forbid resuming, a reason or None), for flattened configs.
 
   A key may carry a "shared." prefix (a group's directory records its members'
-  shared config under it). No key and no reason: the run may resume. An
-  automatic value (`train.unroll=0`) is compared as what it resolves to here.
+  shared config under it). No key and no reason: the run may resume.
   """
-  old, new = _resolved(old), _resolved(new)
   changed = sorted(k for k in old if old.get(k) != new.get(k)
                    and not k.startswith("distributed."))
 
@@ -94,15 +92,6 @@ def resume_refusal(old: dict, new: dict) -> tuple[list[str], str | None]:
         "a run of another length has another learning rate at the steps already trained; "
         "use a new --workdir (runs with a 'constant' or 'step' schedule can be extended)")
   return [], None
-
-
-def _resolved(flat: dict) -> dict:
-  """`flat` with `train.unroll=0` replaced by the unroll it runs with on this backend."""
-  keys = [k for k in ("train.unroll", "shared.train.unroll") if flat.get(k) == 0]
-  if not keys:
-    return flat
-  from bnlab import steps  # pylint: disable=g-import-not-at-top
-  return {**flat, **{k: steps.resolve_unroll(0) for k in keys}}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -171,8 +160,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 2
   c.train.num_steps = 0  # > 0 overrides num_epochs
   c.train.loop = "auto"  # auto | scan | loop (see bnlab.train.resolve_loop)
-  c.train.steps_per_call = 0  # scan: max steps per compiled call; 0 -> auto (loop.make_schedule_plan)
-  c.train.unroll = 0  # scan unroll factor; 0 -> auto (bnlab.steps.resolve_unroll)
+  c.train.steps_per_call = 0  # scan: max steps per call; 0 -> loop.make_schedule_plan's
+  c.train.unroll = 1  # scan unroll factor (GPU trade-off: results/README.md)
   c.train.num_devices = 1  # data-parallel over this many devices; 0 = all visible
   c.train.log_every_steps = 0  # 0 -> every eval
   c.train.eval_every_steps = 0  # > 0 overrides eval_every_epochs
@@ -326,8 +315,8 @@ def _validate_train(c) -> None:
   for key in ("steps_per_call", "log_every_steps", "eval_every_steps", "eval_every_epochs",
               "checkpoint_every_steps"):
     _check(isinstance(t[key], int) and t[key] >= 0, f"train.{key}", t[key], "an integer >= 0")
-  _check(isinstance(t.unroll, int) and t.unroll >= 0, "train.unroll", t.unroll,
-         "an integer >= 0 (0 = auto)")
+  _check(isinstance(t.unroll, int) and t.unroll >= 1, "train.unroll", t.unroll,
+         "an integer >= 1")
   _check(isinstance(t.num_devices, int) and t.num_devices >= 0, "train.num_devices",
          t.num_devices, "an integer >= 0 (0 = every visible device)")
   _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "an integer > 0")

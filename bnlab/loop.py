@@ -145,7 +145,7 @@ class StepCalls:
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
     self.loop = steps_lib.resolve_loop(cfg.train.loop, cfg.model)
     self.batch_size = cfg.train.batch_size
-    self.unroll = steps_lib.resolve_unroll(cfg.train.unroll)
+    self.unroll = cfg.train.unroll
     self.eval_model, self.eval_apply = eval_model, eval_model.apply
     self.num_train = num_train
     self.stacked = stacked

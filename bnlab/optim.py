@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
+import ml_collections
 import optax
 
 
@@ -43,3 +47,26 @@ def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
 
   return optax.inject_hyperparams(build)(
       learning_rate=learning_rate_schedule(opt, total_steps))
+
+
+def constant_learning_rate(opt) -> bool:
+  """Whether `opt`'s learning rate is one value for the whole run (no schedule, no warmup)."""
+  return opt.schedule == "constant" and not opt.warmup_steps
+
+
+def shared_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
+  """`make_optimizer`, one object for all `opt` that differ only in a constant learning rate.
+
+  Its initial state holds learning rate 0: give each run its own with
+  `state.set_learning_rates`. Runs one after another in a process then share
+  the optimizer, and with it their compiled steps (jit caches key on it).
+  """
+  d = opt.to_dict()
+  if constant_learning_rate(opt):
+    d["learning_rate"] = 0.0
+  return _cached_optimizer(json.dumps(d, sort_keys=True), total_steps)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_optimizer(opt_json: str, total_steps: int) -> optax.GradientTransformation:
+  return make_optimizer(ml_collections.ConfigDict(json.loads(opt_json)), total_steps)

@@ -12,6 +12,8 @@ import numpy as np
 import optax
 from flax import struct
 
+from bnlab import optim
+
 
 class TrainState(struct.PyTreeNode):
   """Everything that changes during training (and is checkpointed)."""
@@ -161,20 +163,30 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
     return jax.vmap(
         lambda s: create_train_state(model, tx, jax.random.key(s), batch_size))(seeds)
 
-  state = init(seeds)
-  opt = cfgs[0].optimizer
-  if opt.schedule == "constant" and not opt.warmup_steps:  # the only case lrs may differ
-    hp = state.opt_state.hyperparams
-    lrs = jax.device_put(np.asarray([c.optimizer.learning_rate for c in cfgs],
-                                    hp["learning_rate"].dtype))
-    state = state.replace(opt_state=state.opt_state._replace(
-        hyperparams={**hp, "learning_rate": lrs}))
+  state = set_learning_rates(init(seeds), cfgs)
   values = member_values(cfgs)
   if values:
     state = MemberStates(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
                          values={k: jax.device_put(np.asarray(v, np.float32)) for k, v in values.items()},
                          model=model)
   return spread_members(state, len(cfgs))
+
+
+def set_learning_rates(state: TrainState, cfgs) -> TrainState:
+  """`state` (one run's, or stacked members') with each config's constant learning rate.
+
+  Only a constant schedule without warmup keeps its rate as a plain value in
+  the optimizer state (`optim.shared_optimizer`); other states are returned as
+  they are.
+  """
+  opt = cfgs[0].optimizer
+  if not optim.constant_learning_rate(opt):
+    return state
+  hp = state.opt_state.hyperparams
+  lrs = np.asarray([c.optimizer.learning_rate for c in cfgs], hp["learning_rate"].dtype)
+  lrs = lrs.reshape(hp["learning_rate"].shape)
+  return state.replace(opt_state=state.opt_state._replace(
+      hyperparams={**hp, "learning_rate": jax.device_put(lrs)}))
 
 
 def spread_members(tree, num_members: int):

@@ -48,24 +48,6 @@ def resolve_loop(loop: str, model_cfg, backend: str | None = None) -> str:
   return "scan"
 
 
-# `train.unroll=0` on an accelerator: steps per scan iteration (`resolve_unroll`).
-ACCELERATOR_UNROLL = 5
-
-
-def resolve_unroll(unroll: int, backend: str | None = None) -> int:
-  """The scan's unroll factor: `unroll`, or for 0 (auto) 1 on CPU and
-  `ACCELERATOR_UNROLL` on GPUs and TPUs.
-
-  On a GPU a step of these small models is dozens of short kernels, and each
-  scan iteration adds the loop's own overhead, which unrolling amortises
-  (paper MLP on an H200: 1.13x at 5, results/README.md). On CPU the loop
-  costs nothing measurable and unrolling only lengthens compiles.
-  """
-  if unroll:
-    return unroll
-  return 1 if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_UNROLL
-
-
 def train_step(state: TrainState, sums, images, labels) -> tuple[TrainState, dict]:
   """One SGD step on a batch (uint8 images), with BN in train mode."""
 

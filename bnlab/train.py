@@ -191,7 +191,7 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   model = models.build_model(cfg.model, dtype=dtype)
   eval_model = models.build_model(eval_model_config(cfg.model), dtype=dtype)
   _check_analysis_layers(cfg, model)
-  tx = optim.make_optimizer(cfg.optimizer, plan.total_steps)
+  tx = optim.shared_optimizer(cfg.optimizer, plan.total_steps)
   bs = cfg.train.batch_size
   mesh = None if stacked else data_parallel_mesh(cfg.train.num_devices)
   if mesh is not None and bs % mesh.size:
@@ -272,15 +272,22 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
   """(initial train state, zeroed metric sums) of a solo run or of a group's stacked members."""
   bs = members[0].cfg.train.batch_size
   if not stacked:
-    # One compiled program (unoptimized code generation: it runs once) instead
-    # of one compile per operation of an eager init.
-    init = jax.jit(lambda seed: state_lib.create_train_state(model, tx, jax.random.key(seed), bs),
-                   compiler_options={"xla_backend_optimization_level": 0})
-    return init(np.uint32(members[0].cfg.seed)), steps_lib.metric_sums_zero()
+    state = _solo_init(model, tx, bs)(np.uint32(members[0].cfg.seed))
+    return state_lib.set_learning_rates(state, [members[0].cfg]), steps_lib.metric_sums_zero()
   # One update function for all; each member's hyperparameters (its learning
   # rate) live in its own optimizer state.
   state = state_lib.create_member_states(model, tx, [m.cfg for m in members], bs)
   return state, steps_lib.metric_sums_zero(len(members))
+
+
+@functools.lru_cache(maxsize=16)
+def _solo_init(model, tx, batch_size: int):
+  """A run's initial state from its seed: one compiled program (unoptimized code
+  generation: it runs once) instead of one compile per operation of an eager
+  init, shared by the runs of one model and optimizer in a process."""
+  return jax.jit(lambda seed: state_lib.create_train_state(
+      model, tx, jax.random.key(seed), batch_size),
+                 compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,

@@ -56,7 +56,6 @@ from absl import app, flags  # noqa: E402
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import data as data_lib  # noqa: E402
 from bnlab import models, timesplit, train  # noqa: E402
-from bnlab import steps as steps_lib  # noqa: E402
 import sweep_speed  # noqa: E402
 import torch_peer  # noqa: E402
 from timing import interleaved_rates, median_rate  # noqa: E402
@@ -134,12 +133,12 @@ def flax_loop_runner(model_name, norm, batch, images, labels):
 
 
 def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", conv="auto",
-                 dtype=None, unroll=0):
+                 dtype=None, unroll=1):
   """(run, steps, form): `run(n)` trains n steps with bnlab's engine; n = `steps` is compiled.
 
   `steps` is capped at one epoch; `dtype`: the computation dtype
-  (train.half_precision); `unroll`: the scan's (0: `steps.resolve_unroll`'s
-  default). `form` names the loop form, with the unroll of a scan.
+  (train.half_precision); `unroll`: the scan's (`train.unroll`). `form` names
+  the loop form, with the unroll of a scan.
   """
   c = config_lib.base_config()
   c.model.name = model_name
@@ -149,7 +148,6 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
     c.model.activation, c.model.bn_position = "sigmoid", "before"
   c.train.batch_size = batch
   loop = train.resolve_loop(loop, c.model)
-  unroll = steps_lib.resolve_unroll(unroll)
   model = models.build_model(c.model, dtype=dtype)
   tx = train.make_optimizer(c.optimizer, steps)
   state = train.create_train_state(model, tx, jax.random.key(0), batch)
@@ -256,8 +254,8 @@ _DATA = flags.DEFINE_string("data", "embedded", "A data source, or 'random'.")
 _FORMS = flags.DEFINE_string("forms", "auto,scan,loop",
                              "bnlab loop forms to time besides 'auto'.")
 _UNROLLS = flags.DEFINE_list(
-    "unrolls", [], "Scan unroll factors to time as extra bnlab columns (e.g. 1,2,5,10); "
-    "'bnlab auto' uses train.unroll's default (bnlab.steps.resolve_unroll).")
+    "unrolls", [], "Scan unroll factors (train.unroll) to time as extra bnlab columns, e.g. "
+    "5,10; 'bnlab auto' uses the default, 1.")
 _OUT = flags.DEFINE_string("out", "results/benchmark.md", "Where the table is written.")
 _SWEEP_STEPS = flags.DEFINE_integer(
     "sweep_steps", 2000, "Steps per member of the 24-member sweep case (0: skip it).")

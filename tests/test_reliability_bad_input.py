@@ -298,7 +298,7 @@ CASES = [
     ("step_schedule_no_decay", "api", _set(optimizer__schedule="step"), "config.optimizer.decay_every_steps", "--config.optimizer.decay_every_steps="),
     ("no_eval_interval", "api", _set(train__eval_every_epochs=0), "config.train.eval_every_epochs", "eval_every_steps"),
     ("keep_zero_checkpoints", "api", _set(train__keep_checkpoints=0), "config.train.keep_checkpoints", "--config.train.keep_checkpoints="),
-    ("unroll_negative", "api", _set(train__unroll=-1), "config.train.unroll", "--config.train.unroll="),
+    ("unroll_zero", "api", _set(train__unroll=0), "config.train.unroll", "--config.train.unroll="),
     ("eval_batch_zero", "api", _set(train__eval_batch_size=0), "config.train.eval_batch_size", "--config.train.eval_batch_size="),
     ("analysis_layer_unknown", "api", _set(analysis__layers=("nope",)), "config.analysis.layers", "--config.analysis.layers="),
     ("percentile_150", "api", _set(analysis__percentiles=(150.0,)), "config.analysis.percentiles", "--config.analysis.percentiles="),

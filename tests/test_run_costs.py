@@ -89,8 +89,11 @@ print({k.rsplit("/", 1)[1]: v for k, v in events.items() if "compilation_cache/c
 """
 
 
-def _probe(idx_dir, cache, wd):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+def _probe(idx_dir, cache, wd, jax_cache_dir=None):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE",
+                                                                   "JAX_PERSISTENT_CACHE"))}
+  if jax_cache_dir:  # the user's own cache directory
+    env["JAX_COMPILATION_CACHE_DIR"] = jax_cache_dir
   out = subprocess.run([sys.executable, "-c", PROBE, idx_dir, cache, wd], env=env, check=True,
                        capture_output=True, text=True, cwd=TESTS).stdout
   return eval(out.strip().splitlines()[-1])  # pylint: disable=eval-used
@@ -105,33 +108,21 @@ def test_a_second_process_reads_every_program_from_the_cache(idx_dir, tmp_path):
   assert second == {"cache_hits": first["cache_misses"]}
 
 
+def test_a_cache_directory_of_the_users_also_gets_every_program(idx_dir, tmp_path):
+  own = str(tmp_path / "own")
+  first = _probe(idx_dir, str(tmp_path / "cache"), str(tmp_path / "a"), jax_cache_dir=own)
+  assert first.get("cache_misses", 0) > 0
+  assert not os.path.exists(tmp_path / "cache" / "jax")  # the user's directory is kept
+  second = _probe(idx_dir, str(tmp_path / "cache"), str(tmp_path / "b"), jax_cache_dir=own)
+  assert second == {"cache_hits": first["cache_misses"]}
+
+
 def test_a_cache_directory_set_before_is_kept(tmp_path):
   current = jax.config.jax_compilation_cache_dir
   assert current  # conftest set one
   assert backend.enable_compilation_cache(str(tmp_path / "other")) == current
   assert jax.config.jax_compilation_cache_dir == current
   assert not os.path.exists(tmp_path / "other")
-
-
-def test_auto_unroll_is_one_on_cpu_and_more_on_accelerators():
-  from bnlab import steps
-  assert steps.resolve_unroll(0, "cpu") == 1
-  assert steps.resolve_unroll(0, "gpu") == steps.resolve_unroll(0, "tpu") > 1
-  assert steps.resolve_unroll(3, "gpu") == steps.resolve_unroll(3, "cpu") == 3
-
-
-def test_a_run_recorded_with_the_unroll_auto_resolves_to_resumes(idx_dir, tmp_path):
-  c = tiny_config(idx_dir)
-  c.train.unroll = 1  # what train.unroll=0 resolves to on CPU (a run before "auto")
-  wd = str(tmp_path / "run")
-  c.train.num_steps = 4
-  first = train.train_and_evaluate(c, wd)
-  assert first["unroll"] == 1
-  c.train.unroll, c.train.num_steps = 0, 8  # the default now, and longer
-  assert train.train_and_evaluate(c, wd)["final_step"] == 8
-  c.train.unroll, c.train.num_steps = 2, 12
-  with pytest.raises(Exception, match="train.unroll"):
-    train.train_and_evaluate(c, wd)
 
 
 def test_calls_have_one_length_when_the_intervals_share_a_divisor():
