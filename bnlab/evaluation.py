@@ -149,6 +149,18 @@ def evaluate_batch_statistics(apply_fn, params, batch_stats, images, labels, *,
   return {"loss": loss / n, "accuracy": correct / n}
 
 
+def _per_member(fn, params, batch_stats, stacked: bool):
+  """`fn((params, batch_stats))` of one state, or of each stacked member in turn (`lax.map`)."""
+  if stacked:
+    return jax.lax.map(fn, (params, batch_stats))
+  return fn((params, batch_stats))
+
+
+# One compiled program per evaluation kind and model, reused at every
+# evaluation (an eager `lax.map` of a new closure would trace and lower anew).
+@functools.partial(jax.jit, static_argnames=(
+    "kind", "apply_fn", "population_apply", "batch_size", "train_batch_size",
+    "population_examples", "stacked"))
 def evaluate_statistics(kind: str, apply_fn, population_apply, params, batch_stats, images,
                         labels, train_images, *, batch_size: int, train_batch_size: int,
                         population_examples: int, stacked: bool):
@@ -173,9 +185,7 @@ def evaluate_statistics(kind: str, apply_fn, population_apply, params, batch_sta
       return evaluate(apply_fn, pb[0], stats, images, labels, batch_size=batch_size)
   else:
     raise ValueError(f"evaluation statistics {kind!r}; expected one of {EVAL_STATISTICS[1:]}")
-  if stacked:
-    return jax.lax.map(fn, (params, batch_stats))
-  return fn((params, batch_stats))
+  return _per_member(fn, params, batch_stats, stacked)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "layers", "units", "percentiles"))
@@ -200,14 +210,21 @@ def analysis_outputs(acfg, apply_fn, params, batch_stats, test_images, stacked: 
   """
   if not acfg.layers:
     return {}
-  kwargs = dict(layers=tuple(acfg.layers), units=tuple(acfg.units),
-                percentiles=tuple(float(q) for q in acfg.percentiles))
-  images = test_images[:acfg.num_examples]
-  if stacked:
-    return jax.lax.map(
-        lambda pb: activation_percentiles(apply_fn, pb[0], pb[1], images, **kwargs),
-        (params, batch_stats))
-  return activation_percentiles(apply_fn, params, batch_stats, images, **kwargs)
+  return _analysis_outputs(apply_fn, params, batch_stats, test_images,
+                           num_examples=acfg.num_examples, layers=tuple(acfg.layers),
+                           units=tuple(acfg.units),
+                           percentiles=tuple(float(q) for q in acfg.percentiles),
+                           stacked=stacked)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_examples", "layers", "units",
+                                             "percentiles", "stacked"))
+def _analysis_outputs(apply_fn, params, batch_stats, test_images, *, num_examples: int,
+                      layers, units, percentiles, stacked: bool):
+  images = test_images[:num_examples]
+  return _per_member(lambda pb: activation_percentiles(
+      apply_fn, pb[0], pb[1], images, layers=layers, units=units, percentiles=percentiles),
+                     params, batch_stats, stacked)
 
 
 def analysis_records(outputs, n: int, stacked: bool) -> list[dict]:
