@@ -142,3 +142,30 @@ def test_calls_have_one_length_when_the_intervals_share_a_divisor():
   assert loop.make_schedule_plan(c, 60_000).steps_per_call == 468
   c.train.steps_per_call = 100  # the user's choice wins
   assert loop.make_schedule_plan(c, 60_000).steps_per_call == 100
+
+
+def test_a_groups_evaluations_compile_once_however_many_there_are(idx_dir, tmp_path):
+  """Population, batch-statistics and analysis evaluations of members reuse their programs."""
+  from jax import monitoring
+  from bnlab import sweep
+  from test_sweep import tiny_base
+  lowered = []
+  monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **_: lowered.append(event)
+      if event.endswith("jaxpr_to_mlir_module_duration") else None)
+
+  def lowerings(num_epochs: int) -> int:
+    base = tiny_base(idx_dir)
+    base.model.norm = "batch"
+    base.train.num_epochs, base.train.eval_every_epochs = num_epochs, 1
+    base.train.eval_statistics = ("running", "population", "batch")
+    base.train.population_examples = 64
+    base.analysis.layers = ("preact_0",)
+    cfgs = [sweep.apply_overrides(base, {"seed": s}) for s in (0, 1)]
+    jax.clear_caches()
+    before = len(lowered)
+    d = tmp_path / f"epochs{num_epochs}"
+    train.train_group(cfgs, [str(d / "a"), str(d / "b")], str(d / "g"))
+    return len(lowered) - before
+
+  assert lowerings(2) == lowerings(5)
