@@ -59,6 +59,22 @@ USER_MODULE = textwrap.dedent('''
       return TinyNet()
 
 
+    class ListNet(nn.Module):
+      """A list attribute: Flax cannot hash this module."""
+      widths: list
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0
+        for w in self.widths:
+          x = nn.relu(bnlab.BatchNorm(use_running_average=not train)(nn.Dense(w)(x)))
+        return nn.Dense(10)(x)
+
+
+    def make_list_net():
+      return ListNet([16])
+
+
     class TinyNNX(nnx.Module):
       def __init__(self, *, rngs):
         self.hidden = nnx.Linear(784, 16, use_bias=False, rngs=rngs)
@@ -150,7 +166,7 @@ def test_user_model_trains_and_resumes_bit_identical(idx_dir, tmp_path, user_mod
 
 
 def test_a_linen_class_and_an_nnx_class_train(idx_dir, tmp_path, user_module):
-  for target in ("TinyNet", "make_default", "TinyNNX"):
+  for target in ("TinyNet", "make_default", "TinyNNX", "make_list_net"):
     cfg = user_config(idx_dir, f"{user_module}:{target}", num_epochs=1)
     summary = train.train_and_evaluate(cfg, str(tmp_path / target))
     assert summary["final_step"] == 10 and summary["test_accuracy"] > 0.3, target
