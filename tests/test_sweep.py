@@ -273,10 +273,17 @@ def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
                   str(tmp_path / "sw"))
   assert len(clears) == 2  # before each model but the first
   assert loop.run_steps._cache_size() == one_model  # pylint: disable=protected-access
-  # Runs of one model one after another keep their programs.
+  # Runs of one model one after another keep their programs, and share them
+  # across constant learning rates (one optimizer: optim.shared_optimizer).
   clears.clear()
-  sweep.run_sweep(base, sweep.seeds(3), str(tmp_path / "seeds"), grouped=False)
+  real_clear()
+  sweep.run_sweep(base, sweep.axis("optimizer.learning_rate", [0.05]), str(tmp_path / "lr1"),
+                  grouped=False)
+  one_run = loop.run_steps._cache_size()  # pylint: disable=protected-access
+  sweep.run_sweep(base, sweep.product(sweep.axis("optimizer.learning_rate", [0.1, 0.2]),
+                                      sweep.seeds(2)), str(tmp_path / "lrs"), grouped=False)
   assert not clears
+  assert loop.run_steps._cache_size() == one_run  # pylint: disable=protected-access
 
 
 def test_rerun_skips_finished_members(grouped_sweep):
