@@ -166,9 +166,9 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
   state = set_learning_rates(init(seeds), cfgs)
   values = member_values(cfgs)
   if values:
+    values = {k: jax.device_put(np.asarray(v, np.float32)) for k, v in values.items()}
     state = MemberStates(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
-                         values={k: jax.device_put(np.asarray(v, np.float32)) for k, v in values.items()},
-                         model=model)
+                         values=values, model=model)
   return spread_members(state, len(cfgs))
 
 
