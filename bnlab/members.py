@@ -37,8 +37,7 @@ def group_key(cfg) -> str:
   """
   d = json.loads(cfg.to_json_best_effort())
   d.pop("seed")
-  opt = cfg.optimizer
-  if opt.schedule == "constant" and not opt.warmup_steps:
+  if optim.constant_learning_rate(cfg.optimizer):
     d["optimizer"].pop("learning_rate")
   d["optimizer"].pop("momentum")
   if not models.is_user_model(cfg.model.name):  # a user's model may read it anywhere

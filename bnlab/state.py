@@ -203,11 +203,6 @@ def spread_members(tree, num_members: int):
       mesh, jax.sharding.PartitionSpec("members")))
 
 
-def stack(trees):
-  """Equal-shaped trees stacked along a new leading (member) axis."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def take(tree, i: int):
   """Member `i`'s part of a stacked (host or device) tree (of `MemberStates`: a `TrainState`)."""
   if isinstance(tree, MemberStates):

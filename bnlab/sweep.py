@@ -16,7 +16,7 @@ A sweep config file defines `get_config()` (the base run config) and
 Each member runs in `DIR/<name>` (its overrides, e.g.
 `norm=none,learning_rate=0.01,seed=2`) exactly like `bnlab.main` would.
 Members whose configs differ only in `seed`, constant learning rate,
-`optimizer.momentum` and `model.bn.momentum` train together as one vmapped
+`optimizer.momentum`, `model.bn.momentum` and `model.bn.epsilon` train together as one vmapped
 program (`bnlab.train.train_group`, group checkpoints in `DIR/_groups/`), in
 chunks of as many members as fit the device's memory (`--max_group_size`
 caps them). Finished members are skipped on rerun (a member made
@@ -430,9 +430,10 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
     # bound (XLA:CPU maps every executable; Linux allows ~65,000 mappings).
     # The persistent compilation cache makes a program needed again cheap;
     # runs of one model one after another keep theirs.
-    if programs not in (None, (members_lib.group_key(group[0].cfg), len(group))):
+    made_for = (members_lib.group_key(group[0].cfg), len(group))
+    if programs not in (None, made_for):
       jax.clear_caches()
-    programs = (members_lib.group_key(group[0].cfg), len(group))
+    programs = made_for
     start = time.perf_counter()
     try:
       data_key = json.dumps(group[0].cfg.data.to_dict(), sort_keys=True) + str(

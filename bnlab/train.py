@@ -45,7 +45,6 @@ from bnlab.members import GROUPABLE_KEYS, group_key, grouping_helps
 from bnlab.optim import learning_rate_schedule, make_optimizer
 from bnlab.provenance import versions
 from bnlab.state import TrainState, create_member_states, create_train_state
-from bnlab.state import stack as _stack
 from bnlab.state import take as _take
 from bnlab.steps import epoch_permutation, metric_sums_zero, resolve_loop, train_step
 # pylint: enable=unused-import

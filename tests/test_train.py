@@ -200,7 +200,7 @@ def test_member_states_equal_stacked_solo_states(schedule):
     cfgs.append(c)
   model = models.build_model(cfgs[0].model)
   tx = train.make_optimizer(cfgs[0].optimizer, 100)
-  want = train._stack([
+  want = jax.tree.map(lambda *xs: jnp.stack(xs), *[
       train.create_train_state(model, train.make_optimizer(c.optimizer, 100),
                                jax.random.key(c.seed), 8).replace(tx=tx) for c in cfgs])
   got = train.create_member_states(model, tx, cfgs, 8)
