@@ -150,9 +150,11 @@ def test_a_groups_evaluations_compile_once_however_many_there_are(idx_dir, tmp_p
   from bnlab import sweep
   from test_sweep import tiny_base
   lowered = []
-  monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **_: lowered.append(event)
-      if event.endswith("jaxpr_to_mlir_module_duration") else None)
+
+  def on_duration(event, duration, **_):
+    del duration
+    if event.endswith("jaxpr_to_mlir_module_duration"):
+      lowered.append(event)
 
   def lowerings(num_epochs: int) -> int:
     base = tiny_base(idx_dir)
@@ -168,4 +170,8 @@ def test_a_groups_evaluations_compile_once_however_many_there_are(idx_dir, tmp_p
     train.train_group(cfgs, [str(d / "a"), str(d / "b")], str(d / "g"))
     return len(lowered) - before
 
-  assert lowerings(2) == lowerings(5)
+  monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    assert lowerings(2) == lowerings(5)
+  finally:  # the rest of this process's tests do not feed it
+    monitoring.unregister_event_duration_listener(on_duration)
