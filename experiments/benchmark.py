@@ -1,7 +1,8 @@
 """Training speed: bnlab's engine against the conventional Flax loop, side by side.
 
   python experiments/benchmark.py [--steps_scale=1.0] [--sweep_steps=2000] \
-      [--split_steps=50000] [--big_sweep] [--keras=jax,tensorflow] [--out=results/benchmark.md]
+      [--split_steps=50000] [--big_sweep] [--keras=jax,tensorflow] [--unrolls=5,10] \
+      [--convs=gemm,im2col] [--out=results/benchmark.md]
 
 For each case (seed CNN with/without BN at batch 32 and 128, paper MLP with BN
 at batch 60) it times training examples per second, median of --reps timed
@@ -19,7 +20,9 @@ spell of the machine falls on all of them), of:
     `--keras=tensorflow=/path/to/python`), one subprocess per case and backend
     (experiments/keras_peer.py);
   - bnlab: bnlab's engine (device-resident data, the loop form and convolution
-    `auto` resolves to on this platform), plus each explicit form for insight.
+    `auto` resolves to on this platform), plus each explicit form for insight,
+    and, as extra columns with their ratio to the fastest peer, each scan unroll
+    of --unrolls and each convolution implementation of --convs (seed CNN).
 "vs PyTorch" is against the fastest PyTorch column, "vs fastest peer" against
 the fastest of all peer columns. Below the table: BN's cost in the seed CNN,
 the paper MLP's matmul floor, where the wall time of one --split_steps-step
@@ -256,6 +259,10 @@ _FORMS = flags.DEFINE_string("forms", "auto,scan,loop",
 _UNROLLS = flags.DEFINE_list(
     "unrolls", [], "Scan unroll factors (train.unroll) to time as extra bnlab columns, e.g. "
     "5,10; 'bnlab auto' uses the default, 1.")
+_CONVS = flags.DEFINE_list(
+    "convs", [], "Convolution implementations (model.conv_implementation) to time as extra "
+    "bnlab columns of the seed-CNN cases, e.g. gemm,im2col; 'bnlab auto' uses 'auto' (xla "
+    "on GPUs and TPUs, gemm on CPUs).")
 _OUT = flags.DEFINE_string("out", "results/benchmark.md", "Where the table is written.")
 _SWEEP_STEPS = flags.DEFINE_integer(
     "sweep_steps", 2000, "Steps per member of the 24-member sweep case (0: skip it).")
@@ -286,12 +293,26 @@ def platform_header() -> str:
           "after warm-up.")
 
 
-def table_head(peer_columns: list[str], forms: list[str], unrolls=()) -> list[str]:
-  """The Markdown table's header and separator rows."""
+def extra_columns(unrolls=(), convs=()) -> list[tuple[str, dict]]:
+  """The extra bnlab columns: (label, `bnlab_runner` keywords) per scan unroll and per
+  convolution implementation."""
+  return ([(f"unroll {u}", {"unroll": int(u)}) for u in unrolls]
+          + [(f"conv {c}", {"conv": c}) for c in convs])
+
+
+def column_applies(kwargs: dict, model_name: str, scanned: bool) -> bool:
+  """Whether an extra column's setting exists for a case: unrolls for scanned models,
+  convolution implementations for the seed CNN."""
+  return ("unroll" not in kwargs or scanned) and ("conv" not in kwargs
+                                                   or model_name == "seed_cnn")
+
+
+def table_head(peer_columns: list[str], forms: list[str], extras=()) -> list[str]:
+  """The Markdown table's header and separator rows (`extras`: `extra_columns`)."""
   cols = ["case", "batch", "Flax loop"] + peer_columns + [
       "bnlab auto (form)", "vs Flax loop", "vs PyTorch", "vs fastest peer"] + [
-          f"bnlab {f}" for f in forms] + [f"bnlab unroll {u} (vs fastest peer)"
-                                          for u in unrolls]
+          f"bnlab {f}" for f in forms] + [f"bnlab {label} (vs fastest peer)"
+                                          for label, _ in extras]
   return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
 
@@ -317,10 +338,10 @@ def peer_cell(value) -> str:
   return value if isinstance(value, str) else f"{value:,.0f}"
 
 
-def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file, unrolls=()):
+def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file, extras=()):
   """Times one case; returns (its table row, {'flax': Flax loop rate, 'bnlab': bnlab auto's}).
 
-  `unrolls`: scan unroll factors timed as extra bnlab columns (scanned models only).
+  `extras`: the extra bnlab columns (`extra_columns`), "-" where `column_applies` says no.
   """
   name, model_name, norm, batch, steps = case
   steps = max(5, int(steps * _STEPS_SCALE.value))
@@ -332,9 +353,9 @@ def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file, u
   for f in forms:
     runs[f] = bnlab_runner(model_name, norm, batch, steps, images, labels, loop=f)[0]
   scanned = form.startswith("scan")
-  for u in unrolls if scanned else ():
-    runs[f"unroll {u}"] = bnlab_runner(model_name, norm, batch, steps, images, labels,
-                                       unroll=u)[0]
+  for column, kw in extras:
+    if column_applies(kw, model_name, scanned):
+      runs[column] = bnlab_runner(model_name, norm, batch, steps, images, labels, **kw)[0]
   rates = interleaved_rates(runs, steps, batch, _REPS.value)
   base, auto = rates["flax"], rates["bnlab"]
   torch_peers = {k: rates.get(k, v) for k, v in torch_runs.items()}
@@ -348,12 +369,12 @@ def case_row(case, forms, keras_specs, keras_notes, images, labels, data_file, u
       f"{auto:,.0f} ({form})", f"{auto / base:.2f}x",
       ratio_cell(auto, torch_peers, name_it=len(torch_peers) > 1),
       ratio_cell(auto, peers, name_it=True)] + [f"{rates[f]:,.0f}" for f in forms] + [
-          f"{rates[f'unroll {u}']:,.0f} ({ratio_cell(rates[f'unroll {u}'], peers, False)})"
-          if scanned else "-" for u in unrolls]
+          f"{rates[column]:,.0f} ({ratio_cell(rates[column], peers, False)})"
+          if column in rates else "-" for column, _ in extras]
   return f"| {name} | {batch} | " + " | ".join(cells) + " |", {"flax": base, "bnlab": auto}
 
 
-def case_rows(forms, keras_specs, keras_notes, images, labels, unrolls=()):
+def case_rows(forms, keras_specs, keras_notes, images, labels, extras=()):
   """Times every case, printing each row as it comes; returns (rows, `case_row` rates per model)."""
   rows, rates = [], {}
   data_dir = tempfile.mkdtemp(prefix="bnlab_benchmark_")
@@ -362,7 +383,7 @@ def case_rows(forms, keras_specs, keras_notes, images, labels, unrolls=()):
     np.savez(data_file, images=images, labels=labels)
   for case in CASES:
     row, rates[case[1]] = case_row(case, forms, keras_specs, keras_notes, images, labels,
-                                   data_file, unrolls)
+                                   data_file, extras)
     rows.append(row)
     print(row, flush=True)
   shutil.rmtree(data_dir, ignore_errors=True)
@@ -502,11 +523,11 @@ def main(argv):
   keras_notes = {}
   peer_columns = torch_peer.columns(torch_peer.import_torch()) + [
       f"Keras {k.partition('=')[0]}" for k in keras_specs]
-  unrolls = [int(u) for u in _UNROLLS.value if u]
-  rows, rates = case_rows(forms, keras_specs, keras_notes, images, labels, unrolls)
+  extras = extra_columns([u for u in _UNROLLS.value if u], [c for c in _CONVS.value if c])
+  rows, rates = case_rows(forms, keras_specs, keras_notes, images, labels, extras)
   if keras_notes:
     header += " Keras: " + "; ".join(f"{k}: {v}" for k, v in keras_notes.items()) + "."
-  text = header + "\n\n" + "\n".join(table_head(peer_columns, forms, unrolls) + rows) + "\n"
+  text = header + "\n\n" + "\n".join(table_head(peer_columns, forms, extras) + rows) + "\n"
   for line in lines_after_table(images, labels, rates["paper_mlp"]):
     print(line, flush=True)
     text += line

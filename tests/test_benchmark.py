@@ -97,6 +97,19 @@ def test_table_head_has_one_column_per_peer():
   assert sep.count("---") == head.count("|") - 1
 
 
+def test_extra_columns_are_headed_in_order_and_apply_only_where_their_setting_exists():
+  extras = benchmark.extra_columns(["5"], ["gemm", "im2col"])
+  assert extras == [("unroll 5", {"unroll": 5}), ("conv gemm", {"conv": "gemm"}),
+                    ("conv im2col", {"conv": "im2col"})]
+  head, _ = benchmark.table_head([torch_peer.EAGER], [], extras)
+  assert head.endswith("| bnlab unroll 5 (vs fastest peer) | bnlab conv gemm (vs fastest peer) "
+                       "| bnlab conv im2col (vs fastest peer) |")
+  assert benchmark.column_applies({"conv": "gemm"}, "seed_cnn", scanned=True)
+  assert not benchmark.column_applies({"conv": "gemm"}, "paper_mlp", scanned=True)
+  assert benchmark.column_applies({"unroll": 5}, "paper_mlp", scanned=True)
+  assert not benchmark.column_applies({"unroll": 5}, "seed_cnn", scanned=False)
+
+
 def test_sweep_line_reports_the_big_sweep_against_the_24():
   r = {"members": 24, "steps": 10_000, "grouped_s": 10.0, "solo_s": 250.0, "ratio": 25.0,
        "grouped_warm_s": 5.0, "warm_ratio": 50.0, "worst_accuracy_gap": 0.0}
