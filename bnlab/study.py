@@ -513,7 +513,10 @@ def below_everywhere(cells, metric: str, a: str, b: str):
 
 @register(RULES, "difference_at_least")
 def difference_at_least(cells, metric: str, a: str, b: str, threshold: float):
-  """Supported when mean(a) - mean(b) >= threshold (means over the cells' seeds); else refuted."""
+  """Supported when mean(a) - mean(b) >= threshold (means over the cells' seeds); else refuted.
+
+  A comparison of two means without their noise: for seeded results, `paired_interval` with
+  `margin` makes the same claim with error bars."""
   ma, mb = _mean(one(cells, a), metric), _mean(one(cells, b), metric)
   if ma is None or mb is None:
     return "inconclusive", {"mean_a": ma, "mean_b": mb}
