@@ -12,7 +12,7 @@ which the network WITHOUT BN reaches the lowest full training loss (claim
 
 Run:    python -m bnlab.study --config=configs/studies/paper_figure1.py --workdir=runs/paper_figure1
 Smoke:  ...paper_figure1.py:runlocal (lr 0.1 and 1, seeds 0-1; reference; 30 steps)
-Budget: 24 runs x 50,000 steps (grouped by init, rate and norm); the 20 runs with a
+Budget: 24 runs x 50,000 steps (one vmapped group per init and norm); the 20 runs with a
         one-seed reference pair: 2.5 min on an H200 (below); the reference pair's seeds
         1 and 2 (4 runs) added on the 2-core CPU.
 Expected (written before the runs): selected_rate supported (lr 1); bn_975 supported;
