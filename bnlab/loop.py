@@ -485,12 +485,16 @@ class Loop:
     return results
 
   def _record_start(self, state, clock: _Clock) -> None:
-    """The evaluation before training (`train.eval_at_start`), recorded as step 0."""
+    """The evaluation before training (`train.eval_at_start`), recorded as step 0 by each
+    recording member (a finished member carried along in a group keeps its records)."""
+    if not any(m.recording for m in self.members):
+      return
     with self.split.phase("evaluate"):
       evals = self._eval_records(jax.device_get(self._evaluate(state)))
     with self.split.phase("log"):
       for m, e in zip(self.members, evals):
-        m.wd.write_metrics({"step": 0, "epoch": 0.0, **e, "wall_time": clock.elapsed()})
+        if m.recording:
+          m.wd.write_metrics({"step": 0, "epoch": 0.0, **e, "wall_time": clock.elapsed()})
 
   def _log(self, step: int, state, sums, clock: _Clock) -> None:
     """The log action: records the interval's training metrics (and an evaluation when due).

@@ -17,8 +17,11 @@ from bnlab import state as state_lib
 from bnlab import steps
 from bnlab.state import MEMBER_VALUE_KEYS, MemberStates
 
+# Keys that only choose the initial parameters: members that differ in them share
+# a train step (each part of a group is initialized with its own model).
+INIT_KEYS = ("model.kernel_init", "model.init_std")
 # Keys that may differ between members of a group (see `group_key`).
-GROUPABLE_KEYS = ("seed", "optimizer.learning_rate") + MEMBER_VALUE_KEYS
+GROUPABLE_KEYS = ("seed", "optimizer.learning_rate") + MEMBER_VALUE_KEYS + INIT_KEYS
 # The share of a device's memory a group's train step may fill (`group_capacity`).
 MEMORY_FRACTION = 0.8
 # MNIST's training set: the size assumed when `data.num_train` is 0.
@@ -28,12 +31,14 @@ MNIST_TRAIN = 60_000
 def group_key(cfg) -> str:
   """Runs with equal keys can train as one group (`train_group`).
 
-  Members may differ in `seed`, `optimizer.momentum`, `model.bn.momentum`
-  and `model.bn.epsilon` (of the built-in models) and, with a constant
-  schedule and no warmup, `optimizer.learning_rate` (it lives in the
-  optimizer state); the momenta and epsilon are per-member inputs of the step
-  and the evaluations (`state.MemberStates`, `state.MemberApply`). Everything
-  else shapes the compiled program and must match.
+  Members may differ in `seed`, `optimizer.momentum`, `model.bn.momentum`,
+  `model.bn.epsilon`, `model.kernel_init` and `model.init_std` (of the
+  built-in models) and, with a constant schedule and no warmup,
+  `optimizer.learning_rate` (it lives in the optimizer state); the momenta
+  and epsilon are per-member inputs of the step and the evaluations
+  (`state.MemberStates`, `state.MemberApply`), the initializers only choose
+  initial parameters (`init_models`). Everything else shapes the compiled
+  program and must match.
   """
   d = json.loads(cfg.to_json_best_effort())
   d.pop("seed")
@@ -43,7 +48,22 @@ def group_key(cfg) -> str:
   if not models.is_user_model(cfg.model.name):  # a user's model may read it anywhere
     d["model"]["bn"].pop("momentum")
     d["model"]["bn"].pop("epsilon")
+    for key in INIT_KEYS:
+      d["model"].pop(key.split(".")[1])
   return json.dumps(d, sort_keys=True)
+
+
+def init_models(cfgs, dtype=None):
+  """Each member's model for its initialization where the members' `INIT_KEYS` differ
+  (one model per distinct initializer), else None: all start from the group's model."""
+  init_of = [tuple(c.model[k.split(".")[1]] for k in INIT_KEYS) for c in cfgs]
+  if len(set(init_of)) == 1:
+    return None
+  built = {}
+  for key, c in zip(init_of, cfgs):
+    if key not in built:
+      built[key] = models.build_model(c.model, dtype=dtype)
+  return [built[key] for key in init_of]
 
 
 @functools.lru_cache(maxsize=64)

@@ -144,7 +144,7 @@ def member_values(cfgs) -> dict[str, list[float]]:
   return out
 
 
-def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
+def create_member_states(model, tx, cfgs, batch_size: int, init_models=None) -> TrainState:
   """The stacked initial states of a group's members, from one vmapped init.
 
   Member i equals `create_train_state(model, own_i, key(seed_i), batch_size)`
@@ -152,18 +152,30 @@ def create_member_states(model, tx, cfgs, batch_size: int) -> TrainState:
   holds its own learning rate; `tx` is the update function they share. One
   compiled init for the whole group instead of one traced init per member
   (24 paper MLPs: 0.7 s instead of 2.5 s). Members that differ in a key of
-  `MEMBER_VALUE_KEYS` get `MemberStates`.
+  `MEMBER_VALUE_KEYS` get `MemberStates`. `init_models` (`members.init_models`):
+  each member's model, where members differ in their initializers; one vmapped
+  init per distinct model, every state then applied with `model`.
   """
   seeds = np.asarray([c.seed for c in cfgs], np.uint32)
 
-  # Unoptimized code generation: compiles several times faster, and an
-  # initialization runs once.
-  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-  def init(seeds):
-    return jax.vmap(
-        lambda s: create_train_state(model, tx, jax.random.key(s), batch_size))(seeds)
+  def init(init_model, seeds):
+    # Unoptimized code generation: compiles several times faster, and an
+    # initialization runs once.
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    def run(seeds):
+      return jax.vmap(
+          lambda s: create_train_state(init_model, tx, jax.random.key(s), batch_size))(seeds)
+    return run(seeds).replace(apply_fn=model.apply)
 
-  state = set_learning_rates(init(seeds), cfgs)
+  if init_models is None:
+    state = init(model, seeds)
+  else:  # one init per distinct model, the parts put back in member order on the host
+    distinct = list({id(m): m for m in init_models}.values())
+    which = [[i for i, m in enumerate(init_models) if m is d] for d in distinct]
+    parts = [jax.device_get(init(d, seeds[idx])) for d, idx in zip(distinct, which)]
+    order = np.argsort(np.concatenate(which))
+    state = jax.tree.map(lambda *xs: jax.device_put(np.concatenate(xs)[order]), *parts)
+  state = set_learning_rates(state, cfgs)
   values = member_values(cfgs)
   if values:
     values = {k: jax.device_put(np.asarray(v, np.float32)) for k, v in values.items()}

@@ -16,7 +16,8 @@ A sweep config file defines `get_config()` (the base run config) and
 Each member runs in `DIR/<name>` (its overrides, e.g.
 `norm=none,learning_rate=0.01,seed=2`) exactly like `bnlab.main` would.
 Members whose configs differ only in `seed`, constant learning rate,
-`optimizer.momentum`, `model.bn.momentum` and `model.bn.epsilon` train together as one vmapped
+`optimizer.momentum`, `model.bn.momentum`, `model.bn.epsilon` and the
+initializer (`model.kernel_init`, `model.init_std`) train together as one vmapped
 program (`bnlab.train.train_group`, group checkpoints in `DIR/_groups/`), in
 chunks of as many members as fit the device's memory (`--max_group_size`
 caps them). Finished members are skipped on rerun (a member made

@@ -41,7 +41,7 @@ from bnlab.evaluation import (activation_percentiles, eval_model_config, evaluat
 from bnlab.loop import (Schedule, data_parallel_mesh, group_permutations,
                         make_schedule_plan, run_one_step, run_one_step_group, run_steps,
                         run_steps_group)
-from bnlab.members import GROUPABLE_KEYS, group_key, grouping_helps
+from bnlab.members import GROUPABLE_KEYS, group_key, grouping_helps, init_models
 from bnlab.optim import learning_rate_schedule, make_optimizer
 from bnlab.provenance import versions
 from bnlab.state import TrainState, create_member_states, create_train_state
@@ -275,7 +275,10 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
     return state_lib.set_learning_rates(state, [members[0].cfg]), steps_lib.metric_sums_zero()
   # One update function for all; each member's hyperparameters (its learning
   # rate) live in its own optimizer state.
-  state = state_lib.create_member_states(model, tx, [m.cfg for m in members], bs)
+  cfgs = [m.cfg for m in members]
+  state = state_lib.create_member_states(
+      model, tx, cfgs, bs, init_models(
+          cfgs, models.compute_dtype(cfgs[0].train.half_precision)))
   return state, steps_lib.metric_sums_zero(len(members))
 
 

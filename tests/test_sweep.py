@@ -241,6 +241,20 @@ def test_members_differing_in_bn_epsilon_group_and_equal_their_solo_runs(idx_dir
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_members_differing_in_initializer_group_and_equal_their_solo_runs(idx_dir, tmp_path):
+  # Interleaved initializers: each part is initialized with its own model, then put back
+  # in member order; the initial parameters must be each solo run's.
+  base = momenta_base(idx_dir)
+  base.train.num_epochs = 1
+  overrides = sweep.product(sweep.seeds(2), sweep.zip_(
+      sweep.axis("model.kernel_init", ["normal", "lecun_normal"]),
+      sweep.axis("model.init_std", [0.5, 0.01])))
+  assert [o["model.kernel_init"] for o in overrides] == ["normal", "lecun_normal"] * 2
+  wd = str(tmp_path / "sw")
+  rows = run_one_group(base, overrides, wd)
+  assert_members_equal_solo(base, overrides, rows, wd, str(tmp_path), (1, 2), 10)
+
+
 def test_grouped_cnn_members_equal_their_solo_runs(idx_dir, tmp_path):
   # Grouping is off for CNNs on CPU (slower there), so the group is trained directly.
   base = momenta_base(idx_dir)
@@ -255,6 +269,23 @@ def test_grouped_cnn_members_equal_their_solo_runs(idx_dir, tmp_path):
     train.train_group(cfgs, [str(tmp_path / "g" / n) for n in names], str(tmp_path / "g" / "_g"))
   for cfg, name in zip(cfgs, names):
     assert_member_equals_solo(cfg, str(tmp_path / "g" / name), str(tmp_path / "solo" / name), 10)
+
+
+def test_a_finished_member_carried_in_a_new_group_keeps_its_records(idx_dir, tmp_path):
+  # A rerun may group a finished member with unfinished ones (another --max_group_size, or
+  # grouping rules that changed): the new group starts at step 0 and carries it along.
+  base = tiny_base(idx_dir)
+  base.train.num_epochs = 1
+  assert base.train.eval_at_start
+  cfgs = [sweep.apply_overrides(base, o) for o in sweep.seeds(2)]
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  train.train_and_evaluate(cfgs[0], dirs[0])
+  files = ("metrics.jsonl", "summary.json")
+  before = {f: open(os.path.join(dirs[0], f), "rb").read() for f in files}
+  train.train_group(cfgs, dirs, str(tmp_path / "_g"))
+  assert {f: open(os.path.join(dirs[0], f), "rb").read() for f in files} == before
+  steps = [r["step"] for r in read_jsonl(os.path.join(dirs[1], "metrics.jsonl"))]
+  assert steps == sorted(steps) and steps.count(0) == 1
 
 
 def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
