@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -77,6 +78,12 @@ class Schedule:
 
   def is_checkpoint(self, step: int) -> bool:
     return self.due(step, self.checkpoint_every)
+
+  def last_log_at_or_before(self, step: int) -> int:
+    """The last step up to `step` with a record (`is_log`); 0 if none."""
+    return max(step // self.log_every * self.log_every,
+               step // self.eval_every * self.eval_every,
+               step if step == self.total_steps else 0)
 
 
 def make_schedule_plan(cfg, num_train: int) -> Schedule:
@@ -441,13 +448,15 @@ class Loop:
     if restored is not None:
       state, sums = restored["state"], restored["sums"]
     step = int(np.max(jax.device_get(state.step)))
-    if restored is not None:
-      logging.info("Resumed from step %d in %s", step, self.ckpt_wd.path)
     if step > self.plan.total_steps:
       raise config_lib.ConfigError(
           f"the run in {self.ckpt_wd.path} is at step {step}, beyond the "
           f"{self.plan.total_steps} steps of this config's train.num_steps/num_epochs: a run "
           "can be extended, not shortened; raise them back, or use a new --workdir")
+    if step > 0:
+      self._check_records_reach(step)
+    if restored is not None:
+      logging.info("Resumed from step %d in %s", step, self.ckpt_wd.path)
     for m in self.members:
       if m.recording:  # a fresh start (step 0) keeps no records at all
         m.wd.truncate_metrics_after(step if step > 0 else -1)
@@ -456,6 +465,35 @@ class Loop:
           if r.get("collapsed") and m.collapsed_at is None:
             m.collapsed_at, m.collapse_reason = r["collapsed_at_step"], r.get("collapse_reason")
     return state, sums, step
+
+  def _check_records_reach(self, step: int) -> None:
+    """WorkDirError when a recording member's records stop before the checkpoint at `step`.
+
+    Its metrics.jsonl was deleted, cut short, or its directory made anew (e.g. a
+    finished member's removed to redo it): resuming would leave those steps out of
+    its records for good. A member that stopped (diverged, or collapsed with
+    `train.stop_on_collapse`) has its last record where it stopped.
+    """
+    want = self.plan.last_log_at_or_before(step)
+    for m in self.members:
+      if not m.recording:
+        continue
+      records = m.wd.read_metrics()
+      last = records[-1] if records else {}
+      if "diverged_at_step" in last or (last.get("collapsed")
+                                         and self.cfg.train.stop_on_collapse):
+        continue
+      have = last.get("step", -1)
+      if have < want:
+        where = f"records up to step {have}" if records else "no records"
+        raise workdir_lib.WorkDirError(
+            f"{m.wd.metrics_path} holds {where}, but the run resumes from its "
+            f"checkpoint at step {step} in {self.ckpt_wd.path}: the records between are "
+            "gone (the file removed or cut short, or the directory made anew) and resuming "
+            "would leave them out. Put the records back, or move "
+            f"{os.path.join(self.ckpt_wd.path, 'checkpoints')} aside to retrain from step "
+            "0" + (" (members already finished keep their results)" if self.calls.stacked
+                   else ""))
 
   def _evaluate(self, state) -> dict:
     """The evaluations of every member, on the device: {"running": .., kind: .., "analysis": ..}."""

@@ -315,7 +315,7 @@ def _group_id(group: Sequence[Member]) -> str:
 
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
-  return f"{type(e).__name__}: {text}"[:500]
+  return f"{type(e).__name__}: {text}"[:2000]
 
 
 def plan(base, sweep: Sequence[dict], grouped: bool = True, overrides: dict | None = None,
@@ -450,8 +450,10 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
                           os.path.join(workdir, "_groups", _group_id(group)), data)
     except Exception as e:  # pylint: disable=broad-except
       message = _one_line(e)
-      logging.error("Sweep members %s failed: %s", [m.name for m in group], message)
-      for m in group:
+      # A member that finished before keeps its results.
+      failed = [m for m, d in zip(group, dirs) if not train.is_complete(m.cfg, d)]
+      logging.error("Sweep members %s failed: %s", [m.name for m in failed], message)
+      for m in failed:
         errors[m.name] = message
     logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
   rows = [_result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]

@@ -23,7 +23,9 @@ and orbax publishes a checkpoint only once it is complete.
 What is kept, and what is refused:
   - No record is dropped silently. A line of metrics.jsonl that is not a
     record (a torn write) is moved to metrics.jsonl.damaged-<time>, every other
-    record is kept, and a warning names the file and the line numbers.
+    record is kept, and a warning names the file and the line numbers. A
+    resume whose records stop before the checkpoint it resumes from (the file
+    removed or cut short) is refused (`bnlab.loop`), naming the fix.
   - bnlab never writes through a symbolic link: a link where one of its files
     or directories belongs stops the run with an error naming it (the link's
     target is left alone).

@@ -274,6 +274,22 @@ def _workdir_file(name, how, interrupted_at=4):
   return setup
 
 
+def _metrics_cut_short(c):
+  """A run killed at step 4 whose metrics.jsonl lost its last record."""
+  c.copy_finished(4)
+  path = os.path.join(c.wd, "metrics.jsonl")
+  lines = open(path).read().splitlines()
+  open(path, "w").write("\n".join(lines[:-1]) + "\n")
+
+
+def _damaged_first_record(c):
+  """A run killed at step 4 whose first record is garbage (the records after it intact)."""
+  c.copy_finished(4)
+  path = os.path.join(c.wd, "metrics.jsonl")
+  lines = open(path).read().splitlines()
+  open(path, "w").write("\n".join(["\0garbage{"] + lines[1:]) + "\n")
+
+
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 # (id, via, setup, problem, fix)
@@ -369,6 +385,8 @@ CASES = [
     ("wd_config_json_symlink", "api", _workdir_file("config.json", "symlink"), "config.json is a symbolic link", "remove the link"),
     ("wd_metrics_jsonl_directory", "api", _workdir_file("metrics.jsonl", "directory"), "metrics.jsonl failed (Is a directory)", "move it aside"),
     ("wd_metrics_jsonl_symlink", "api", _workdir_file("metrics.jsonl", "symlink"), "metrics.jsonl is a symbolic link", "remove the link"),
+    ("wd_metrics_jsonl_missing", "api", _workdir_file("metrics.jsonl", "missing"), "metrics.jsonl holds no records, but the run resumes from its checkpoint at step 4", "aside to retrain from step 0"),
+    ("wd_metrics_jsonl_cut_short", "api", _metrics_cut_short, "metrics.jsonl holds records up to step 2, but the run resumes from its checkpoint at step 4", "Put the records back"),
     ("wd_summary_json_damaged", "api", _workdir_file("summary.json", "damaged", None), "summary.json is unreadable", "delete it and rerun"),
     ("wd_summary_json_directory", "api", _workdir_file("summary.json", "directory", None), "summary.json is unreadable", "delete it and rerun"),
     ("wd_summary_json_symlink", "api", _workdir_file("summary.json", "symlink", None), "summary.json is a symbolic link", "remove the link"),
@@ -434,8 +452,7 @@ def test_bad_input(env, holder, tmp_path, monkeypatch, capsys, case):
 # (id, setup, what happens, check(work dir) -> bool)
 HANDLED = [
     ("wd_config_json_missing", _workdir_file("config.json", "missing"), "restored from the newest checkpoint's copy", lambda wd: json.load(open(os.path.join(wd, "config.json")))["optimizer"]["learning_rate"] == 0.1),
-    ("wd_metrics_jsonl_damaged", _workdir_file("metrics.jsonl", "damaged"), "the damaged line is moved aside, not dropped", lambda wd: any(n.startswith("metrics.jsonl.damaged-") for n in os.listdir(wd))),
-    ("wd_metrics_jsonl_missing", _workdir_file("metrics.jsonl", "missing"), "the records from the resumed step on are written", lambda wd: json.loads(open(os.path.join(wd, "metrics.jsonl")).readlines()[-1])["step"] == 10),
+    ("wd_metrics_jsonl_damaged", _damaged_first_record, "the damaged line is moved aside, not dropped", lambda wd: any(n.startswith("metrics.jsonl.damaged-") for n in os.listdir(wd))),
     ("wd_summary_json_missing", _workdir_file("summary.json", "missing", None), "the final evaluation is redone from the last checkpoint", lambda wd: os.path.isfile(os.path.join(wd, "summary.json"))),
     ("wd_data_json_damaged", _workdir_file("data.json", "damaged"), "the newest checkpoint's copy of the data identity is compared", lambda wd: True),
     ("wd_data_json_directory", _workdir_file("data.json", "directory"), "the newest checkpoint's copy of the data identity is compared", lambda wd: True),

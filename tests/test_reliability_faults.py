@@ -76,6 +76,17 @@ def test_same_config_and_seed_are_bit_identical(idx_dir, reference, tmp_path):
   assert versions["optax"] == optax.__version__
 
 
+def _files(wd):
+  """{relative path: bytes} of every file under `wd`."""
+  out = {}
+  for dirpath, _, names in os.walk(wd):
+    for name in names:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, wd)] = f.read()
+  return out
+
+
 def _interrupted_copy(reference, wd, at):
   shutil.copytree(reference, wd)
   os.remove(os.path.join(wd, "summary.json"))
@@ -155,6 +166,29 @@ def test_damaged_metrics_line_loses_no_record(idx_dir, reference, tmp_path, capl
   assert got == ref[:6] + ref[7:]  # all but the damaged one, which is kept aside
   (aside,) = [n for n in os.listdir(wd) if n.startswith("metrics.jsonl.damaged-")]
   assert open(os.path.join(wd, aside)).read() == lines[6] + "\n"
+
+
+@pytest.mark.parametrize("keep", [0, 5])
+def test_records_missing_before_the_checkpoint_stop_the_resume_and_name_the_fix(
+    idx_dir, reference, tmp_path, keep):
+  """metrics.jsonl removed (keep=0) or cut short: resuming would lose those records for good."""
+  wd = str(tmp_path / "lost")
+  _interrupted_copy(reference, wd, at=20)
+  path = os.path.join(wd, "metrics.jsonl")
+  lines = open(path).read().splitlines()
+  with open(path, "w") as f:
+    f.write("".join(line + "\n" for line in lines[:keep]))
+  before = _files(wd)
+  with pytest.raises(workdir_lib.WorkDirError) as e:
+    train.train_and_evaluate(kill_soak.config(idx_dir), wd)
+  held = f"records up to step {json.loads(lines[keep - 1])['step']}" if keep else "no records"
+  assert (f"{path} holds {held}, but the run resumes from its checkpoint at step 20" in
+          str(e.value))
+  assert f"move {os.path.join(wd, 'checkpoints')} aside to retrain from step 0" in str(e.value)
+  assert _files(wd) == before  # nothing written
+  shutil.move(os.path.join(wd, "checkpoints"), str(tmp_path / "aside"))
+  train.train_and_evaluate(kill_soak.config(idx_dir), wd)  # the fix it names
+  assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
 
 
 def test_checkpoint_cut_off_mid_write_is_discarded_and_run_resumes_exactly(

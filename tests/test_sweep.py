@@ -288,6 +288,33 @@ def test_a_finished_member_carried_in_a_new_group_keeps_its_records(idx_dir, tmp
   assert steps == sorted(steps) and steps.count(0) == 1
 
 
+def test_a_removed_member_of_a_finished_group_fails_alone_until_the_group_restarts(
+    idx_dir, tmp_path):
+  # The group's checkpoint is at its last step; the removed member's records from step 0
+  # are gone, so it cannot resume there. It alone is reported failed, naming the fix;
+  # the others keep their results.
+  base = tiny_base(idx_dir)
+  base.train.num_epochs = 1
+  overrides = sweep.seeds(3)
+  wd = str(tmp_path / "sw")
+  rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done"] * 3
+  removed = os.path.join(wd, rows[1]["name"])
+  shutil.rmtree(removed)
+  rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done", "failed", "done"]
+  (group,) = os.listdir(os.path.join(wd, "_groups"))
+  checkpoints = os.path.join(wd, "_groups", group, "checkpoints")
+  assert "metrics.jsonl holds no records" in rows[1]["error"]
+  assert f"move {checkpoints} aside to retrain from step 0" in rows[1]["error"]
+  shutil.move(checkpoints, str(tmp_path / "aside"))
+  with jax.default_matmul_precision("highest"):
+    rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done"] * 3
+  assert_member_equals_solo(sweep.apply_overrides(base, overrides[1]), removed,
+                            str(tmp_path / "solo"), 10)
+
+
 def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
   # A long sweep in one process must not keep every group's compiled programs: on CPU
   # each maps memory, and ~40 groups once exhausted Linux's 65,530 mappings.

@@ -138,6 +138,14 @@ def test_schedule_boundaries_are_a_function_of_the_step():
     assert plan.next_boundary(s) == ends[i + 1]
 
 
+def test_last_record_at_or_before_a_step_is_the_last_log_or_evaluation_step():
+  plan = train.Schedule(total_steps=95, steps_per_epoch=30, steps_per_call=7,
+                        eval_every=20, log_every=15, checkpoint_every=25)
+  for step in range(96):
+    want = max([t for t in range(1, step + 1) if plan.is_log(t)], default=0)
+    assert plan.last_log_at_or_before(step) == want, step
+
+
 def test_resolve_loop():
   c = config_lib.base_config().model
   c.name = "seed_cnn"
