@@ -9,6 +9,18 @@ import numpy as np
 from bnlab import workdir as workdir_lib
 
 
+def files(wd):
+  """{relative path: bytes} of every file under `wd` ({} if it is not a directory)."""
+  out = {}
+  if os.path.isdir(wd):
+    for dirpath, _, names in os.walk(wd):
+      for name in names:
+        path = os.path.join(dirpath, name)
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, wd)] = f.read()
+  return out
+
+
 def read_jsonl(path):
   """The records of a .jsonl file, non-finite numbers restored (see bnlab.workdir)."""
   with open(path) as f:

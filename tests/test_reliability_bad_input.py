@@ -27,6 +27,7 @@ from bnlab import config as config_lib
 from bnlab import data as data_lib
 from bnlab import main as main_lib
 from bnlab import workdir as workdir_lib
+from run_files import files
 import tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,17 +403,6 @@ CASES = [
 ]
 
 
-def _files(wd):
-  out = {}
-  if os.path.isdir(wd):
-    for dirpath, _, files in os.walk(wd):
-      for name in files:
-        path = os.path.join(dirpath, name)
-        with open(path, "rb") as f:
-          out[os.path.relpath(path, wd)] = f.read()
-  return out
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(env, holder, tmp_path, monkeypatch, capsys, case):
   name, via, setup, problem, fix = case
@@ -420,7 +410,7 @@ def test_bad_input(env, holder, tmp_path, monkeypatch, capsys, case):
   c.args = ["--config=configs/seed1_mlp.py", "--config.data.source=idx",
             f"--config.data.dir={env['idx']}", "--config.train.num_epochs=1"]
   setup(c)
-  before = _files(c.wd) if os.path.isdir(c.wd) else None
+  before = files(c.wd) if os.path.isdir(c.wd) else None
   if via == "cli":
     p = subprocess.run([sys.executable, "-m", "bnlab.main", f"--workdir={c.wd}", *c.args],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -437,7 +427,7 @@ def test_bad_input(env, holder, tmp_path, monkeypatch, capsys, case):
   assert problem in errors[0], errors[0]
   assert fix in errors[0], errors[0]
   if before is not None:
-    after = _files(c.wd)
+    after = files(c.wd)
     for path, content in before.items():
       if path == ".lock" and c.wd != holder[0]:
         continue

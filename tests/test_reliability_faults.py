@@ -16,7 +16,7 @@ import pytest
 from bnlab import sweep
 from bnlab import train
 from bnlab import workdir as workdir_lib
-from run_files import damage_checkpoint_payload
+from run_files import damage_checkpoint_payload, files
 import tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,17 +74,6 @@ def test_same_config_and_seed_are_bit_identical(idx_dir, reference, tmp_path):
   assert versions["jaxlib"] == jaxlib.__version__
   assert versions["flax"] == flax.__version__
   assert versions["optax"] == optax.__version__
-
-
-def _files(wd):
-  """{relative path: bytes} of every file under `wd`."""
-  out = {}
-  for dirpath, _, names in os.walk(wd):
-    for name in names:
-      path = os.path.join(dirpath, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, wd)] = f.read()
-  return out
 
 
 def _interrupted_copy(reference, wd, at):
@@ -178,14 +167,14 @@ def test_records_missing_before_the_checkpoint_stop_the_resume_and_name_the_fix(
   lines = open(path).read().splitlines()
   with open(path, "w") as f:
     f.write("".join(line + "\n" for line in lines[:keep]))
-  before = _files(wd)
+  before = files(wd)
   with pytest.raises(workdir_lib.WorkDirError) as e:
     train.train_and_evaluate(kill_soak.config(idx_dir), wd)
   held = f"records up to step {json.loads(lines[keep - 1])['step']}" if keep else "no records"
   assert (f"{path} holds {held}, but the run resumes from its checkpoint at step 20" in
           str(e.value))
   assert f"move {os.path.join(wd, 'checkpoints')} aside to retrain from step 0" in str(e.value)
-  assert _files(wd) == before  # nothing written
+  assert files(wd) == before  # nothing written
   shutil.move(os.path.join(wd, "checkpoints"), str(tmp_path / "aside"))
   train.train_and_evaluate(kill_soak.config(idx_dir), wd)  # the fix it names
   assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
