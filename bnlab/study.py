@@ -193,8 +193,9 @@ class Run:
   key: dict  # the member's overrides (a Variant by its label)
   cfg: dict | None  # config.json
   records: list  # metrics.jsonl
-  summary: dict | None  # summary.json; None while unfinished
+  summary: dict | None  # summary.json; None while unfinished or its records cut short
   values: dict = dataclasses.field(default_factory=dict)
+  error: str | None = None  # why a run with a summary is not read (`sweep.records_cut_short`)
   measured: dict = dataclasses.field(default_factory=dict)
 
 
@@ -381,9 +382,14 @@ def read_run(path: str, name: str, key: dict) -> Run:
       return None
     with open(p) as f:
       return json.load(f)
-  return Run(name, path, key, load("config.json"),
-             sweep._read_jsonl(os.path.join(path, "metrics.jsonl")),  # pylint: disable=protected-access
-             load("summary.json"))
+  records = sweep._read_jsonl(os.path.join(path, "metrics.jsonl"))  # pylint: disable=protected-access
+  summary = load("summary.json")
+  error = summary and sweep.records_cut_short(path, summary, records)
+  if error:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("Run %s is left out: %s", name, error)
+  return Run(name, path, key, load("config.json"), records, None if error else summary,
+             error=error or None)
 
 
 def _refs(spec) -> tuple:
@@ -909,12 +915,13 @@ def result_rows(runs: list[Run], errors: dict) -> list[dict]:
   """One row per run: name, status, its overrides, its metric values."""
   rows = []
   for r in runs:
+    error = r.error or errors.get(r.name)
     status = ("unfinished" if r.summary is None else
               "diverged" if r.summary.get("diverged") else "done")
-    if r.summary is None and errors.get(r.name):
+    if r.summary is None and error:
       status = "failed"
     rows.append({"name": r.name, "status": status, **r.key, **r.values,
-                 "wall_time": (r.summary or {}).get("wall_time"), "error": errors.get(r.name)})
+                 "wall_time": (r.summary or {}).get("wall_time"), "error": error})
   return rows
 
 

@@ -469,6 +469,22 @@ def steps_to_accuracy(records: Iterable[dict], target: float = TARGET_ACCURACY):
   return None
 
 
+def records_cut_short(path: str, summary: dict, records: list[dict]) -> str | None:
+  """Why a finished run's records in `path` cannot be read as its history, or None.
+
+  A run's last record is at the step it finished (or stopped) at, summary.json's
+  `final_step`; records ending before it were cut short, replaced or removed.
+  """
+  final = summary.get("final_step")
+  last = records[-1].get("step") if records else None
+  if final is None or last == final:
+    return None
+  held = f"ends at step {last}" if records else "holds no records"
+  return (f"{os.path.join(path, 'metrics.jsonl')} {held}, but the run finished at step "
+          f"{final} (summary.json): its records were cut short or replaced; put them back, "
+          "or move the run's directory aside and rerun to train it again")
+
+
 def _read_jsonl(path: str) -> list[dict]:
   """The records of a metrics.jsonl, NaN/inf restored (stored as null: bnlab.workdir)."""
   from bnlab import workdir  # pylint: disable=g-import-not-at-top
@@ -497,6 +513,9 @@ def _result_row(m: Member, path: str, error: str | None) -> dict:
           summary_path, "; delete it and rerun to redo the final evaluation")
     except workdir.WorkDirError as e:
       error = error or str(e)
+  records = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+  if summary is not None:
+    error = error or records_cut_short(path, summary, records)
   if error is not None or summary is None:
     row["status"] = "failed" if error else "unfinished"
     row.update({k: None for k in RESULT_FIELDS})
@@ -505,7 +524,7 @@ def _result_row(m: Member, path: str, error: str | None) -> dict:
     for key in RESULT_FIELDS:
       value = summary.get(key)
       row[key] = None if isinstance(value, float) and not math.isfinite(value) else value
-    row["steps_to_97"] = steps_to_accuracy(_read_jsonl(os.path.join(path, "metrics.jsonl")))
+    row["steps_to_97"] = steps_to_accuracy(records)
   row["error"] = error
   return row
 

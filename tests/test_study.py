@@ -344,6 +344,22 @@ def test_study_runs_end_to_end(name, idx_dir, local_runs):
   assert run_local(name, idx_dir, wd, stage="report") == text  # rebuilt from the files alone
 
 
+def test_a_run_whose_records_were_cut_short_is_left_out_and_named(idx_dir, tmp_path):
+  wd = str(tmp_path / "study")
+  run_local("bn_batch_size", idx_dir, wd)
+  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
+  damaged = os.path.join(wd, "runs", rows[0]["name"], "metrics.jsonl")
+  lines = open(damaged).read().splitlines()
+  open(damaged, "w").write(lines[0] + "\n")  # e.g. a partial copy
+  text = run_local("bn_batch_size", idx_dir, wd, stage="report")
+  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
+  assert rows[0]["status"] == "failed" and rows[0]["final_acc"] is None
+  assert f"{damaged} ends at step {json.loads(lines[0])['step']}, but the run finished at step" \
+      in rows[0]["error"] and "move the run's directory aside and rerun" in rows[0]["error"]
+  assert all(r["status"] == "done" for r in rows[1:])
+  assert f"{len(rows)} runs: {len(rows) - 1} done, 1 failed" in text
+
+
 def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):
   wd, text = local_runs("seed_comparison")
   # One seed at :runlocal: no seed interval, so no difference is called.

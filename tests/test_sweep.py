@@ -315,6 +315,22 @@ def test_a_removed_member_of_a_finished_group_fails_alone_until_the_group_restar
                             str(tmp_path / "solo"), 10)
 
 
+def test_a_finished_member_whose_records_were_cut_short_is_reported_failed(idx_dir, tmp_path):
+  base = tiny_base(idx_dir)
+  base.train.num_epochs = 1
+  wd = str(tmp_path / "sw")
+  rows = sweep.run_sweep(base, sweep.seeds(2), wd)
+  path = os.path.join(wd, rows[0]["name"], "metrics.jsonl")
+  records = read_jsonl(path)
+  with open(path, "w") as f:
+    f.write(json.dumps(records[0]) + "\n")
+  rows = sweep.run_sweep(base, sweep.seeds(2), wd)  # nothing left to train
+  assert [r["status"] for r in rows] == ["failed", "done"]
+  assert rows[0]["test_accuracy"] is None
+  assert (f"{path} ends at step {records[0]['step']}, but the run finished at step "
+          f"{records[-1]['step']}") in rows[0]["error"]
+
+
 def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
   # A long sweep in one process must not keep every group's compiled programs: on CPU
   # each maps memory, and ~40 groups once exhausted Linux's 65,530 mappings.
