@@ -623,9 +623,10 @@ class Loop:
         # One transfer, then each member's part from the host copy (orbax writes
         # host arrays 2x faster than device ones, and nothing is sliced on the device).
         host = jax.device_get({"state": state, "sums": sums})
-        for i in live:
+        for i in live:  # a killed attempt may have written some of them already
           self.members[i].wd.save(
-              step, {"state": take(host["state"], i), "sums": take(host["sums"], i)}, force=True)
+              step, {"state": take(host["state"], i), "sums": take(host["sums"], i)},
+              force=True, replace=True)
     with self.split.phase("log"):
       for i in live:
         self.on_stop(self.members[i], step,

@@ -977,15 +977,18 @@ class WorkDir:
                   _dumps(summary, indent=2, sort_keys=True) + "\n")
 
   # -- checkpoints ----------------------------------------------------------
-  def save(self, step: int, target, force: bool = False) -> None:
+  def save(self, step: int, target, force: bool = False, replace: bool = False) -> None:
     """Starts writing checkpoint `step` if the save policy wants it, or `force`.
 
     Orbax publishes a checkpoint only once complete. The checkpoints written
     before are finished first (orbax would wait for them anyway) and sealed
-    with their checksums.
+    with their checksums. `replace`: a checkpoint `step` already there (from
+    an attempt killed before it finished the run) is written anew.
     """
     self.wait()
     try:
+      if replace and step in self._manager.all_steps():
+        self._manager.delete(step)
       if self._manager.save(
           step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)),
           force=force):

@@ -14,6 +14,7 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab import train
+from bnlab import workdir as workdir_lib
 from run_files import final_state, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,6 +330,38 @@ def test_a_finished_member_whose_records_were_cut_short_is_reported_failed(idx_d
   assert rows[0]["test_accuracy"] is None
   assert (f"{path} ends at step {records[0]['step']}, but the run finished at step "
           f"{records[-1]['step']}") in rows[0]["error"]
+
+
+def _without_times(records):
+  return [{k: v for k, v in r.items() if k not in ("wall_time", "examples_per_sec")}
+          for r in records]
+
+
+def test_a_group_stopped_between_its_final_checkpoints_and_summaries_finishes_on_rerun(
+    idx_dir, tmp_path, monkeypatch):
+  # Every member's final checkpoint is written, then the attempt stops after one summary
+  # (a kill there leaves the same): the rerun writes those checkpoints again.
+  base = tiny_base(idx_dir)
+  base.train.num_epochs = 1
+  clean = sweep.run_sweep(base, sweep.seeds(3), str(tmp_path / "clean"))
+  real, written = workdir_lib.WorkDir.write_summary, []
+
+  def stop_after_one(self, summary):
+    if written:
+      raise OSError("stopped")
+    written.append(real(self, summary))
+  monkeypatch.setattr(workdir_lib.WorkDir, "write_summary", stop_after_one)
+  wd = str(tmp_path / "sw")
+  assert [r["status"] for r in sweep.run_sweep(base, sweep.seeds(3), wd)] == [
+      "done", "failed", "failed"]
+  monkeypatch.undo()
+  rows = sweep.run_sweep(base, sweep.seeds(3), wd)
+  assert [r["status"] for r in rows] == ["done"] * 3
+  for a, b in zip(clean, rows):
+    assert (a["test_accuracy"], a["test_loss"]) == (b["test_accuracy"], b["test_loss"])
+    assert _without_times(read_jsonl(os.path.join(wd, b["name"], "metrics.jsonl"))) == \
+        _without_times(read_jsonl(os.path.join(str(tmp_path / "clean"), a["name"],
+                                               "metrics.jsonl")))
 
 
 def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
