@@ -460,11 +460,27 @@ class Loop:
     for m in self.members:
       if m.recording:  # a fresh start (step 0) keeps no records at all
         m.wd.truncate_metrics_after(step if step > 0 else -1)
-        for r in m.wd.read_metrics() if step > 0 else ():  # the collapse watch's history
+        records = m.wd.read_metrics() if step > 0 else []
+        for r in records:  # the collapse watch's history
           m.watch.update(r)
           if r.get("collapsed") and m.collapsed_at is None:
             m.collapsed_at, m.collapse_reason = r["collapsed_at_step"], r.get("collapse_reason")
+        if records:
+          self._stop_if_stopped(m, records[-1])
     return state, sums, step
+
+  def _stop_if_stopped(self, m: Member, last: dict) -> None:
+    """A member whose last record stopped it (diverged, or collapsed with
+    `train.stop_on_collapse`) but has no summary (the attempt ended before it was
+    written, or it was removed) stops there again, its summary written from its records."""
+    if "diverged_at_step" in last:
+      m.diverged_at = last["diverged_at_step"]
+    elif last.get("collapsed") and self.cfg.train.stop_on_collapse:
+      m.stopped_on_collapse = True
+    else:
+      return
+    m.recording = False
+    self.on_stop(m, last["step"], None, self.split)
 
   def _check_records_reach(self, step: int) -> None:
     """WorkDirError when a recording member's records stop before the checkpoint at `step`.

@@ -364,6 +364,24 @@ def test_a_group_stopped_between_its_final_checkpoints_and_summaries_finishes_on
                                                "metrics.jsonl")))
 
 
+def test_a_diverged_member_without_its_summary_gets_the_same_summary_again(idx_dir, tmp_path):
+  # Its summary removed (or the attempt ended before writing it) while the group went on:
+  # its last record says where it stopped, and the rerun writes that summary again.
+  base = tiny_base(idx_dir)
+  base.train.num_epochs = 1
+  overrides = sweep.axis("optimizer.learning_rate", [0.1, 1e9])
+  wd = str(tmp_path / "sw")
+  rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done", "diverged"]
+  path = os.path.join(wd, rows[1]["name"], "summary.json")
+  volatile = ("time", "wall_time", "environment")
+  before = {k: v for k, v in json.load(open(path)).items() if k not in volatile}
+  os.remove(path)
+  again = sweep.run_sweep(base, overrides, wd)
+  assert [{**r, "wall_time": None} for r in again] == [{**r, "wall_time": None} for r in rows]
+  assert {k: v for k, v in json.load(open(path)).items() if k not in volatile} == before
+
+
 def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
   # A long sweep in one process must not keep every group's compiled programs: on CPU
   # each maps memory, and ~40 groups once exhausted Linux's 65,530 mappings.
