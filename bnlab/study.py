@@ -360,17 +360,19 @@ def percentile_drift(run_dir: str, run_cfg: dict, spec: dict) -> dict:
 
 
 def _measure(run: Run, name: str, spec: dict) -> dict:
-  """A measurement of one finished run, computed once and cached next to the run."""
+  """A measurement of one finished run, computed once and cached next to the run (again
+  when the spec changed, or the run was made longer since)."""
   path = os.path.join(run.path, "measurements", f"{name}.json")
+  final_step = run.summary.get("final_step")
   if os.path.exists(path):
     with open(path) as f:
       cached = json.load(f)
-    if cached.get("spec") == spec:
+    if cached.get("spec") == spec and cached.get("final_step") == final_step:
       return cached["values"]
   values = MEASUREMENTS[spec["kind"]](run.path, run.cfg, spec)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    json.dump({"spec": spec, "values": values}, f)
+    json.dump({"spec": spec, "final_step": final_step, "values": values}, f)
   return values
 
 
