@@ -216,7 +216,7 @@ def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
   """
   if not sweep:
     raise config_lib.ConfigError("the sweep has no members")
-  members, seen = [], {}
+  members, seen, same = [], {}, {}
   for i, member_overrides in enumerate(sweep):
     if not isinstance(member_overrides, dict):
       raise config_lib.ConfigError(
@@ -243,6 +243,13 @@ def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
       config_lib.validate(cfg)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"{where}: {e}") from None
+    resolved = json.dumps(json.loads(cfg.to_json_best_effort()), sort_keys=True)
+    if resolved in same:  # e.g. the same overrides in another order: one run, twice
+      j = same[resolved]
+      raise config_lib.ConfigError(
+          f"{where} has the same config as member {j} ({members[j].name}): the two would be "
+          "one run counted twice; remove one")
+    same[resolved] = i
     members.append(Member(i, name, dict(member_overrides), cfg))
   return members
 

@@ -151,6 +151,10 @@ def test_member_error_wins_over_an_old_summary_and_a_corrupt_summary_is_a_failed
     ([{"data.dir": "a/b"}, {"data.dir": "a_b"}],
      r"members 0 and 1 both get the directory name 'dir=a_b'.*Variant"),
     ([{"seed": 1}, {"seed": 1}], r"member 1 .* same name as member 0: it repeats"),
+    ([{"seed": 1, "optimizer.learning_rate": 0.1}, {"optimizer.learning_rate": 0.1, "seed": 1}],
+     r"member 1 \(learning_rate=0.1,seed=1\) has the same config as member 0 "
+     r"\(seed=1,learning_rate=0.1\): .* counted twice"),
+    ([{"seed": 0}, {"model.norm": _base().model.norm}], r"member 1 .* same config as member 0"),
 ])
 def test_bad_sweep_members_are_named(bad, message):
   with pytest.raises(config_lib.ConfigError, match=message):
