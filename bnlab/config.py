@@ -46,9 +46,12 @@ class ConfigError(ValueError):
 
 # What may change when a run resumes (`bnlab.workdir.WorkDir` compares a rerun's
 # config with the run's config.json). Only keys that cannot alter the trained
-# parameters: what is evaluated and recorded, how many checkpoints are kept,
+# parameters: which evaluations are recorded, how many checkpoints are kept,
 # and the device layout (a checkpoint restores onto any layout; another layout
-# changes only the float rounding of the batch reductions). Keys that move the
+# changes only the float rounding of the batch reductions). Keys that change
+# what a recorded series means (the `analysis` section: which units,
+# percentiles and examples; `train.population_examples`) are not here: a run's
+# records would hold two definitions under one name. Keys that move the
 # boundaries of the compiled train calls (train.log_every_steps,
 # eval_every_*, checkpoint_every_steps, steps_per_call, loop, unroll) are not
 # here: the same steps compiled into other calls can round differently, and a
@@ -57,9 +60,8 @@ RESUME_SAFE_KEYS = (
     "train.eval_batch_size", "train.eval_at_start", "train.final_train_eval",
     "train.keep_checkpoints", "train.num_devices", "train.compilation_cache",
     "train.checkpoint_min_interval_secs",
-    "train.eval_statistics", "train.population_examples", "train.collapse_loss_factor",
-    "train.collapse_accuracy", "train.collapse_trained_accuracy",
-    "analysis.layers", "analysis.units", "analysis.percentiles", "analysis.num_examples")
+    "train.eval_statistics", "train.collapse_loss_factor",
+    "train.collapse_accuracy", "train.collapse_trained_accuracy")
 # The run's length. Raising it continues a finished run from its last
 # checkpoint, unless the learning rate schedule is spread over the run's length
 # (LENGTH_SCHEDULES): a longer run then has another learning rate at the steps

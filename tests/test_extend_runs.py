@@ -122,6 +122,19 @@ def test_changes_that_alter_the_model_are_still_refused(idx_dir, tmp_path):
   assert config_lib.RESUME_SAFE_KEYS  # documented in one place
 
 
+def test_changes_to_what_a_record_means_are_refused(idx_dir, tmp_path):
+  # Records before and after would hold two definitions under one name.
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(tiny(idx_dir, num_epochs=1), wd)
+  for key, value in (("analysis.percentiles", (5.0, 50.0, 95.0)),
+                     ("analysis.num_examples", 7), ("train.population_examples", 64)):
+    cfg = tiny(idx_dir, num_epochs=2)
+    section, name = key.rsplit(".", 1)
+    cfg[section][name] = value
+    with pytest.raises(config_lib.ConfigError, match=f"different config \\({key}"):
+      train.train_and_evaluate(cfg, wd)
+
+
 def test_eval_batch_size_may_change_on_resume(idx_dir, tmp_path, three_epochs):
   ref_wd, ref = three_epochs
   wd = str(tmp_path / "run")
