@@ -376,8 +376,13 @@ def _measure(run: Run, name: str, spec: dict) -> dict:
   return values
 
 
-def read_run(path: str, name: str, key: dict) -> Run:
-  """A member's files: config.json, metrics.jsonl, summary.json (those that exist)."""
+def read_run(path: str, name: str, key: dict, configured: dict | None = None) -> Run:
+  """A member's files: config.json, metrics.jsonl, summary.json (those that exist).
+
+  A finished run is left out (`Run.error`) when its records end before its last
+  step, or when its config differs from `configured` (the study's config of
+  this member, flattened) in a key other than the resume-safe ones.
+  """
   def load(file):
     p = os.path.join(path, file)
     if not os.path.exists(p):
@@ -385,13 +390,45 @@ def read_run(path: str, name: str, key: dict) -> Run:
     with open(p) as f:
       return json.load(f)
   records = sweep._read_jsonl(os.path.join(path, "metrics.jsonl"))  # pylint: disable=protected-access
-  summary = load("summary.json")
-  error = summary and sweep.records_cut_short(path, summary, records)
+  summary, cfg = load("summary.json"), load("config.json")
+  error = summary and (sweep.records_cut_short(path, summary, records)
+                       or _configured_otherwise(path, cfg, configured))
   if error:
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.warning("Run %s is left out: %s", name, error)
-  return Run(name, path, key, load("config.json"), records, None if error else summary,
-             error=error or None)
+  return Run(name, path, key, cfg, records, None if error else summary, error=error or None)
+
+
+def _configured_otherwise(path: str, ran: dict | None, configured: dict | None) -> str | None:
+  """Why a run's config.json is not the study's config of it (resume-safe keys aside)."""
+  if ran is None or configured is None:
+    return None
+  ran = config_lib.flatten(ran)
+  changed = [k for k in sorted(ran) if ran[k] != configured.get(k)
+             and k not in config_lib.RESUME_SAFE_KEYS and not k.startswith("distributed.")]
+  if not changed:
+    return None
+  k = changed[0]
+  more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+  return (f"{os.path.join(path, 'config.json')} differs from the study's config of this run "
+          f"in {k} ({ran[k]!r} -> {configured.get(k)!r}){more}: it ran as another study; run "
+          "the study without --stage=report to train it as configured (a longer "
+          "train.num_steps continues it), or use a new --workdir")
+
+
+def member_configs(study: "Study") -> dict[str, dict]:
+  """{member name: its config as the study gives it now, flattened}; {} if it cannot be
+  built here (the study's run config file is missing), with a warning."""
+  if study.sweep is None:
+    return {}
+  try:
+    members = sweep.resolve_members(study.base_run_config(), study.sweep)
+  except (config_lib.ConfigError, OSError) as e:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("The runs' configs are not compared with the study's: %s", e)
+    return {}
+  return {m.name: config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
+          for m in members}
 
 
 def _refs(spec) -> tuple:
@@ -908,8 +945,9 @@ def run_stage(study: Study, workdir: str) -> None:
 def collect(study: Study, workdir: str) -> list[Run]:
   """Every member's files, with its measurements and metrics."""
   runs_dir = os.path.join(workdir, "runs")
-  cfg = study.config
-  return [evaluate_metrics(read_run(os.path.join(runs_dir, m["name"]), m["name"], m["key"]),
+  cfg, configured = study.config, member_configs(study)
+  return [evaluate_metrics(read_run(os.path.join(runs_dir, m["name"]), m["name"], m["key"],
+                                    configured.get(m["name"])),
                            cfg["metrics"], cfg["measurements"]) for m in study.members]
 
 

@@ -300,10 +300,13 @@ def test_study_configs_are_valid_and_small():
 
 # -- end to end ------------------------------------------------------------------------
 
-def run_local(name, idx_dir, workdir, stage="all"):
+def run_local(name, idx_dir, workdir, stage="all", num_steps=None):
+  """Study `name` at :runlocal on the IDX files (with `num_steps`, that long)."""
   path = os.path.join("configs", "studies", f"{name}.py")
   cfg = sweep.load_config_file(os.path.join(ROOT, path)).get_config("runlocal")
   cfg.data.source, cfg.data.dir = "idx", idx_dir
+  if num_steps:
+    cfg.run.overrides.train.num_steps = num_steps
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
@@ -358,6 +361,19 @@ def test_a_run_whose_records_were_cut_short_is_left_out_and_named(idx_dir, tmp_p
       in rows[0]["error"] and "move the run's directory aside and rerun" in rows[0]["error"]
   assert all(r["status"] == "done" for r in rows[1:])
   assert f"{len(rows)} runs: {len(rows) - 1} done, 1 failed" in text
+
+
+def test_a_report_leaves_out_runs_made_with_another_config(idx_dir, tmp_path):
+  # --stage=report after the study's run config changed: the runs are not this study's.
+  wd = str(tmp_path / "study")
+  run_local("bn_batch_size", idx_dir, wd)
+  run_local("bn_batch_size", idx_dir, wd, stage="report", num_steps=40)
+  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
+  assert all(r["status"] == "failed" and "differs from the study's config of this run in "
+             "train.num_steps (30 -> 40)" in r["error"] for r in rows)
+  run_local("bn_batch_size", idx_dir, wd, num_steps=40)  # trains them on to 40 steps
+  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
+  assert all(r["status"] == "done" for r in rows)
 
 
 def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):

@@ -160,18 +160,8 @@ def test_measurements_follow_a_study_made_longer(idx_dir, tmp_path):
   # The cached measurements of 30-step runs must not stand for the same runs at 40 steps.
   wd = str(tmp_path / "f1")
   test_study.run_local("paper_figure1", idx_dir, wd)
-  path = os.path.join("configs", "studies", "paper_figure1.py")
-  cfg = sweep.load_config_file(os.path.join(test_study.ROOT, path)).get_config("runlocal")
-  cfg.data.source, cfg.data.dir = "idx", idx_dir
-  cfg.run.overrides.train.num_steps = 40
-  cwd = os.getcwd()
-  os.chdir(test_study.ROOT)
-  try:
-    def run(stage):
-      return study.run_study(study.Study.from_file(path, "runlocal", cfg), wd, stage)
-    longer = run("all")
-    for cache in glob.glob(os.path.join(wd, "runs", "*", "measurements")):
-      shutil.rmtree(cache)
-    assert run("report") == longer  # measured afresh: the same report
-  finally:
-    os.chdir(cwd)
+  longer = test_study.run_local("paper_figure1", idx_dir, wd, num_steps=40)
+  for cache in glob.glob(os.path.join(wd, "runs", "*", "measurements")):
+    shutil.rmtree(cache)
+  # Measured afresh: the same report.
+  assert test_study.run_local("paper_figure1", idx_dir, wd, "report", num_steps=40) == longer
