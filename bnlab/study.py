@@ -926,8 +926,13 @@ def run_stage(study: Study, workdir: str) -> None:
   if not os.path.exists(registered):
     _write_json(registered, study.config["claims"])
   runs_dir = os.path.join(workdir, "runs")
-  done = lambda m: os.path.exists(os.path.join(runs_dir, m["name"], "summary.json"))  # noqa: E731
-  before = {m["name"] for m in study.members if done(m)}
+
+  def written(m):  # when the run's summary was written (a run made longer writes it again)
+    try:
+      return os.stat(os.path.join(runs_dir, m["name"], "summary.json")).st_mtime_ns
+    except OSError:
+      return None
+  before = {m["name"]: written(m) for m in study.members}
   stage = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
            "environment": provenance.environment(backend.deterministic()), "interrupted": True}
   start = time.perf_counter()
@@ -937,7 +942,7 @@ def run_stage(study: Study, workdir: str) -> None:
     stage["interrupted"] = False
   finally:
     stage["wall_s"] = time.perf_counter() - start
-    stage["trained"] = sum(done(m) for m in study.members if m["name"] not in before)
+    stage["trained"] = sum(written(m) not in (None, before[m["name"]]) for m in study.members)
     stages = _read_json(os.path.join(workdir, "stages.json"), [])
     _write_json(os.path.join(workdir, "stages.json"), stages + [stage])
 

@@ -374,6 +374,8 @@ def test_a_report_leaves_out_runs_made_with_another_config(idx_dir, tmp_path):
   run_local("bn_batch_size", idx_dir, wd, num_steps=40)  # trains them on to 40 steps
   rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
   assert all(r["status"] == "done" for r in rows)
+  stages = json.load(open(os.path.join(wd, "stages.json")))
+  assert [s["trained"] for s in stages] == [len(rows)] * 2  # made longer counts as trained
 
 
 def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):
