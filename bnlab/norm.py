@@ -3,13 +3,14 @@
 `batch_norm` normalizes with batch statistics (train) or running statistics
 (inference) and returns the output with the new running statistics. The
 variance is numerically robust by default: a one-pass *shifted* formula,
-Var[x] = E[(x - k)^2] - E[x - k]^2 with k a per-feature sample of the batch,
-which reads the batch once, like the fast E[x^2] - E[x]^2, but keeps full
-precision when |mean| >> std.
+Var[x] = E[(x - k)^2] - E[x - k]^2 with k a per-feature mean of the batch's
+first examples, which reads the batch once, like the fast E[x^2] - E[x]^2,
+but keeps full precision when |mean| >> std.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -73,10 +74,14 @@ def batch_moments(
   per-feature shift k (a constant for autodiff: the moments do not depend on
   it). They differ in k:
 
-  - "shifted" (default): k = the first example of the batch (averaged over the
-    other reduced axes). One pass over `x`; the cancellation costs a factor
-    1 + (mean - k)^2 / var, of order one since k is a sample. Falls back to
-    "two_pass" under a mask (the first example might be masked out).
+  - "shifted" (default): k = the mean of the batch's first examples, enough of
+    them for `SHIFT_VALUES` values per feature (one image of a conv layer, 16
+    rows of a dense one). One pass over `x`; the cancellation costs a factor
+    1 + (mean - k)^2 / var, of order one since k is a sample mean (a single
+    example far out in a feature's tail moves it 1/16 as far). Falls back to
+    "two_pass" under a mask (the first examples might be masked out), with no
+    reduced axis, and where a reduced axis is sharded in `x`'s type (JAX's
+    explicit sharding: its first examples cannot be sliced out).
   - "two_pass": k = sum(x)/n from a first pass; the corrected two-pass
     algorithm (Chan, Golub & LeVeque 1983): exact mean and variance.
   - "fast": k = 0, i.e. E[x^2] - E[x]^2 as in Flax's default; loses all
@@ -91,18 +96,22 @@ def batch_moments(
     axis_name, axis_index_groups: named mapped axis (pmap / shard_map) over
       which the statistics are global: sums and counts are psum-ed, so unequal
       masks per device are weighted exactly.
-    dtype: dtype of the reductions; at least float32 by default. None keeps
-      the input's dtype.
+    dtype: dtype of the moments; at least float32 by default. None keeps the
+      input's dtype. The sums and the count accumulate in at least float32
+      whatever it is (a float16 count reaches inf at 65,536 values).
 
   Returns:
     `Moments` with per-feature arrays (feature axes in order) and the count
-    of reduced elements.
+    of reduced elements. For complex `x` the variance is E|x - mean|^2 (real).
   """
   if variance not in VARIANCE_METHODS:
     raise ValueError(f"variance={variance!r}; expected one of {VARIANCE_METHODS}")
   axes = canonicalize_axes(x.ndim, reduction_axes)
   dtype = x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype)
+  out_dtype, dtype = dtype, jnp.promote_types(dtype, jnp.float32)
   x = jnp.asarray(x, dtype)
+  if variance == "shifted" and (not axes or _sharded_in_type(x, axes)):
+    variance = "two_pass"
   if mask is not None:
     mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
     # Zero the left-out entries so that padding (even inf or NaN) can reach
@@ -129,21 +138,51 @@ def batch_moments(
     shift = jnp.zeros(count.shape, dtype)
   elif variance == "two_pass":
     s0, count = psum(jnp.stack([total(x), count]))
+    count = jnp.real(count)
     shift = lax.stop_gradient(s0 / jnp.maximum(count, 1))
   else:
-    first = lax.slice_in_dim(x, 0, 1, axis=axes[0])
+    per_example = math.prod(x.shape[a] for a in axes[1:])
+    rows = min(x.shape[axes[0]], -(-SHIFT_VALUES // per_example))
+    first = lax.slice_in_dim(x, 0, rows, axis=axes[0])
     shift = lax.stop_gradient(jnp.mean(first, axes))
     if axis_name is not None:  # the same k on every device
       shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
   d = x - jnp.expand_dims(shift, axes)
   if variance == "two_pass":
-    s1, s2 = psum(jnp.stack([total(d), total(d * d)]))
+    s1, s2 = psum(jnp.stack([total(d), total(_abs_squared(d))]))
   else:
-    s1, s2, count = psum(jnp.stack([total(d), total(d * d), count]))
+    s1, s2, count = psum(jnp.stack([total(d), total(_abs_squared(d)), count]))
+  count = jnp.real(count)  # in the accumulation dtype's real part: exact to 2**24 or 2**53
   safe = jnp.maximum(count, 1)
   centered = s1 / safe
-  var = jnp.maximum(s2 / safe - centered * centered, 0.0)
-  return Moments(shift, centered, var, count)
+  var = jnp.maximum(jnp.real(s2) / safe - _abs_squared(centered), 0.0)
+  return Moments(jnp.asarray(shift, out_dtype), jnp.asarray(centered, out_dtype),
+                 jnp.asarray(var, jnp.finfo(out_dtype).dtype), count)
+
+
+def any_counted(mask, axis_name: Any = None, axis_index_groups: Any = None) -> jax.Array:
+  """Whether a batch has an entry its statistics count (on any device of `axis_name`)."""
+  if mask is None:
+    return jnp.asarray(True)
+  n = jnp.sum(jnp.asarray(mask, jnp.int32))
+  if axis_name is not None:
+    n = lax.psum(n, axis_name, axis_index_groups=axis_index_groups)
+  return n > 0
+
+
+# Values per feature the "shifted" variance averages into its shift.
+SHIFT_VALUES = 16
+
+
+def _abs_squared(v):
+  return jnp.real(v * jnp.conj(v)) if jnp.iscomplexobj(v) else v * v
+
+
+def _sharded_in_type(x, axes) -> bool:
+  """Whether one of `axes` of `x` is sharded in its type (JAX's explicit sharding)."""
+  typeof = getattr(jax, "typeof", None)
+  spec = getattr(getattr(typeof(x), "sharding", None), "spec", None) if typeof else None
+  return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
 
 
 def batch_norm(
@@ -255,7 +294,10 @@ def running_statistics(m: Moments, mean, var, *, momentum, unbiased_running_var:
   seen = m.count > 0
   new_mean = jnp.where(seen, momentum * mean + (1 - momentum) * m.mean, mean)
   new_var = jnp.where(seen, momentum * var + (1 - momentum) * update, var)
-  return (lax.stop_gradient(new_mean.astype(mean.dtype)),
+  # A complex input's mean stays complex (as in Flax); the variance is real.
+  mean_dtype = (jnp.result_type(mean.dtype, new_mean.dtype) if jnp.iscomplexobj(new_mean)
+                else mean.dtype)
+  return (lax.stop_gradient(new_mean.astype(mean_dtype)),
           lax.stop_gradient(new_var.astype(var.dtype)))
 
 

@@ -19,7 +19,7 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from bnlab import variants
-from bnlab.norm import Axes, BatchNormOutput, batch_norm, canonicalize_axes
+from bnlab.norm import Axes, BatchNormOutput, any_counted, batch_norm, canonicalize_axes
 
 
 class BatchNorm(nn.Module):
@@ -66,7 +66,8 @@ class BatchNorm(nn.Module):
       default, which loses all precision when |mean| >> std; the default
       False uses the shifted one-pass formula.
     force_float32_reductions: compute the statistics and store the running
-      ones in float32 whatever the input and parameter dtypes.
+      ones in float32 whatever the input and parameter dtypes; False computes
+      them in at least `dtype` (the input's when None), as Flax does.
     variance: "shifted", "two_pass" or "fast" (see `bnlab.batch_moments`);
       overrides `use_fast_variance` when set.
     unbiased_running_var: fold m/(m-1) times the batch variance into the
@@ -145,7 +146,7 @@ class BatchNorm(nn.Module):
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=self.dtype,
-        stats_dtype=jnp.float32 if self.force_float32_reductions else None,
+        stats_dtype=jnp.float32 if self.force_float32_reductions else self.dtype,
     )
     if updating:
       ra_mean.value = out.mean
@@ -213,12 +214,14 @@ class BatchNormVariant(BatchNorm):
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=self.axis_index_groups,
         dtype=self.dtype,
-        stats_dtype=jnp.float32 if self.force_float32_reductions else None,
+        stats_dtype=jnp.float32 if self.force_float32_reductions else self.dtype,
     )
     if updating:
       if population:
         stats = variants.population_average(
-            ra_mean.value, ra_var.value, num_batches.value, out.mean, out.var)
+            ra_mean.value, ra_var.value, num_batches.value, out.mean, out.var,
+            any_counted(mask, None if initializing else self.axis_name,
+                        self.axis_index_groups))
         ra_mean.value, ra_var.value, num_batches.value = stats
       else:
         ra_mean.value = out.mean

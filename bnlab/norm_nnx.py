@@ -18,7 +18,7 @@ from flax.nnx import initializers
 from flax.nnx.nn import dtypes
 
 from bnlab import variants
-from bnlab.norm import Axes, BatchNormOutput, batch_norm
+from bnlab.norm import Axes, BatchNormOutput, any_counted, batch_norm
 
 
 class BatchNorm(nnx.Module):
@@ -249,7 +249,8 @@ class BatchNormVariant(BatchNorm):
     if train:
       if population:
         stats = variants.population_average(
-            self.mean[...], self.var[...], self.num_batches[...], out.mean, out.var)
+            self.mean[...], self.var[...], self.num_batches[...], out.mean, out.var,
+            any_counted(mask, self.axis_name, self.axis_index_groups))
         self._store(stats.mean, stats.var)
         self.num_batches[...] = stats.num_batches
       else:

@@ -270,7 +270,7 @@ class PopulationStats(NamedTuple):
 
 def population_average(
     mean: jax.Array, var: jax.Array, num_batches: jax.Array,
-    batch_mean: jax.Array, batch_var: jax.Array,
+    batch_mean: jax.Array, batch_var: jax.Array, counted: Any = True,
 ) -> PopulationStats:
   """Fold one batch into the averages over every batch seen (Algorithm 2).
 
@@ -278,10 +278,13 @@ def population_average(
   m/(m-1) * sigma_B^2 (pass the corrected `batch_var`), kept as running
   averages, a_k = a_{k-1} + (b_k - a_{k-1}) / k: sums divided by the count,
   without a large float32 sum. The first batch replaces the initial values.
+  A batch with no counted entry (`counted` False, see `norm.any_counted`)
+  changes nothing.
   """
   num_batches = jnp.asarray(num_batches)
-  k = num_batches + 1
-  w = 1.0 / k.astype(mean.dtype)
+  counted = jnp.asarray(counted)
+  k = num_batches + counted.astype(num_batches.dtype)
+  w = jnp.where(counted, 1.0 / jnp.maximum(k, 1).astype(mean.dtype), 0.0).astype(mean.dtype)
   new_mean = mean + (batch_mean.astype(mean.dtype) - mean) * w
   new_var = var + (batch_var.astype(var.dtype) - var) * w
   return PopulationStats(lax.stop_gradient(new_mean), lax.stop_gradient(new_var), k)

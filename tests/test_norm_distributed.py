@@ -110,6 +110,21 @@ SCRIPT = textwrap.dedent(r'''
                 np.testing.assert_allclose(v[d], var, rtol=1e-4)
                 np.testing.assert_allclose(y[d], (x[d] - mu) / np.sqrt(var + 1e-5),
                                            rtol=1e-4, atol=1e-4)
+    # 5. a batch sharded in its type (JAX's explicit sharding), under jit with no axis name
+    # (conv-shaped: the shifted variance's first image cannot be sliced off a sharded axis)
+    x = rng.normal(50.0, 2.0, (32, 4, 4, F)).astype(np.float32)
+    mu, var = ref(x)
+    for variance in ("shifted", "two_pass", "fast"):
+        y, m, v = map(np.asarray, jax.jit(lambda x: tuple(bnlab.batch_norm(
+            x, scale, bias, mean0, var0, train=True, momentum=0.5, variance=variance)))(shard(x)))
+        tol = 1e-3 if variance == "fast" else 1e-5
+        np.testing.assert_allclose(m, 0.5 * mean0 + 0.5 * mu, rtol=1e-5)
+        np.testing.assert_allclose(v, 0.5 * var0 + 0.5 * var, rtol=tol)
+    module = bnlab.BatchNorm(use_running_average=False)
+    vs = module.init(jax.random.key(0), x)
+    y, s = jax.jit(lambda vs, x: module.apply(vs, x, mutable=["batch_stats"]))(vs, shard(x))
+    np.testing.assert_allclose(np.asarray(y), (x - mu) / np.sqrt(var + 1e-5), rtol=1e-4,
+                               atol=1e-4)
     print("OK")
 ''')
 

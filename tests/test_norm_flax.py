@@ -147,6 +147,50 @@ def test_linen_param_dtype_and_float32_reductions():
     np.testing.assert_allclose(np.float32(y_ours), np.float32(y_theirs), rtol=2e-2, atol=2e-2)
 
 
+def test_low_precision_statistics_neither_overflow_nor_drop_the_layer_dtype():
+  # float16 in float16: 65,536 values per feature made a float16 count inf (NaN outputs).
+  x = jax.random.normal(jax.random.key(0), (64, 32, 32, 2), jnp.float16)
+  mean, var = bnlab.batch_moments(x, (0, 1, 2), dtype=None)[1:3]
+  ref = np.asarray(x, np.float64).reshape(-1, 2)
+  np.testing.assert_allclose(np.float32(var), ref.var(0), rtol=2e-3)
+  m = bnlab.BatchNorm(use_running_average=False, force_float32_reductions=False)
+  y, _ = m.apply(m.init(jax.random.key(1), x), x, mutable=["batch_stats"])
+  assert np.isfinite(np.float32(y)).all()
+  # With float32 reductions off, `dtype` is the statistics' least precision, as in Flax.
+  x = (jax.random.normal(jax.random.key(2), (256, 4)) * 3 + 1).astype(jnp.bfloat16)
+  kw = dict(use_running_average=False, force_float32_reductions=False, dtype=jnp.float32,
+            momentum=0.0)
+  got = [M(**kw).apply(M(**kw).init(jax.random.key(1), x), x, mutable=["batch_stats"])[1]
+         for M in (bnlab.BatchNorm, nn.BatchNorm)]
+  np.testing.assert_allclose(got[0]["batch_stats"]["var"], got[1]["batch_stats"]["var"],
+                             rtol=1e-6)
+  assert rel_err(got[0]["batch_stats"]["var"], np.asarray(x, np.float64).var(0)) < 1e-6
+
+
+@pytest.mark.parametrize("shape, axis", [((5,), -1), ((3, 4), (0, 1))])
+def test_no_reduced_axis_normalizes_to_the_bias_like_flax(shape, axis):
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) + 1.0
+  out = [M(use_running_average=False, axis=axis).apply(
+      M(use_running_average=False, axis=axis).init(jax.random.key(0), x), x,
+      mutable=["batch_stats"]) for M in (bnlab.BatchNorm, nn.BatchNorm)]
+  assert_trees_close(out[0], out[1])
+  np.testing.assert_array_equal(out[0][0], np.zeros(shape))
+  bn = bnlab.nnx.BatchNorm(shape[-1], rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(bn(x.reshape(-1)[-shape[-1]:]), np.zeros(shape[-1]))
+
+
+def test_complex_input_matches_flax():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 3)) + 2j * rng.normal(size=(8, 3)), jnp.complex64)
+  kw = dict(use_running_average=False, use_scale=False, use_bias=False, momentum=0.0)
+  out = [M(**kw).apply(M(**kw).init(jax.random.key(0), x), x, mutable=["batch_stats"])
+         for M in (bnlab.BatchNorm, nn.BatchNorm)]
+  assert_trees_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+  xn = np.asarray(x, np.complex128)
+  np.testing.assert_allclose(out[0][1]["batch_stats"]["var"],
+                             (np.abs(xn - xn.mean(0)) ** 2).mean(0), rtol=1e-5)
+
+
 @pytest.mark.parametrize("direction", ["flax_to_bnlab", "bnlab_to_flax"])
 def test_checkpoints_carry_over(direction):
   class Net(nn.Module):

@@ -9,6 +9,7 @@ through the model configs.
 from __future__ import annotations
 
 import flax
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -317,6 +318,25 @@ def test_population_average_over_a_sequence_of_batches(layer):
   # Inference normalizes with them.
   y = layer.apply({**v, "batch_stats": stats}, batches[0], use_running_average=True)
   np.testing.assert_allclose(y, (batches[0] - mean) / np.sqrt(var + EPS), rtol=1e-4, atol=1e-5)
+
+
+def test_population_average_skips_a_batch_with_nothing_counted():
+  # An all-False mask counts nothing: the population averages and their count stay.
+  x = 5.0 + np.arange(4.0, dtype=np.float32)[:, None] * np.ones((4, 2), np.float32)
+  layer = BatchNormVariant(running_average="population")
+  v = layer.init(jax.random.key(0), x, use_running_average=False)
+  _, upd = layer.apply(v, x, use_running_average=False, mask=np.zeros((4, 2), bool),
+                       mutable=["batch_stats"])
+  _, upd = layer.apply({**v, **upd}, x, use_running_average=False, mutable=["batch_stats"])
+  stats = upd["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], [6.5, 6.5])
+  np.testing.assert_allclose(stats["var"], [5.0 / 3.0] * 2, rtol=1e-6)  # m/(m-1) * 1.25
+  assert int(stats["num_batches"]) == 1
+  bn = bnlab.nnx.BatchNormVariant(2, running_average="population", rngs=nnx.Rngs(0))
+  bn(x, mask=np.zeros((4, 2), bool))
+  bn(x)
+  np.testing.assert_allclose(bn.mean[...], [6.5, 6.5])
+  assert int(bn.num_batches[...]) == 1
 
 
 def test_population_average_function_is_the_running_mean():
