@@ -83,6 +83,13 @@ def population_model_config(model_cfg):
   return cfg
 
 
+def _has_counts(tree) -> bool:
+  """Whether `batch_stats` keeps a `num_batches` count (population-average layers)."""
+  if not hasattr(tree, "items"):
+    return False
+  return "num_batches" in tree or any(_has_counts(v) for v in tree.values())
+
+
 def _with_counts(tree, count):
   """`batch_stats` with `num_batches` (= count) beside every mean/var, or without (None)."""
   if not isinstance(tree, dict) and not hasattr(tree, "items"):
@@ -116,7 +123,8 @@ def population_statistics(population_apply, params, batch_stats, images, *, batc
     return updates["batch_stats"], None
 
   stats, _ = jax.lax.scan(body, stats, jnp.arange(num_batches))
-  return _with_counts(stats, None)
+  # The run's own layers may keep counts too (model.bn.running_average="population").
+  return stats if _has_counts(batch_stats) else _with_counts(stats, None)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))

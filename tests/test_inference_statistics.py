@@ -94,6 +94,14 @@ def test_default_records_running_only_and_no_bn_agrees(idx_dir, tmp_path):
   assert summary["test_accuracy_population"] == summary["test_accuracy"]
 
 
+def test_population_statistics_of_a_model_that_keeps_population_averages(idx_dir, tmp_path):
+  # Its own BN layers keep num_batches: the recomputed statistics keep the run's structure.
+  cfg = tiny_config(idx_dir, ("running", "population"))
+  cfg.model.bn.running_average = "population"
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  assert 0.0 <= summary["test_accuracy_population"] <= 1.0
+
+
 def test_config_checks_eval_statistics():
   c = config_lib.base_config()
   c.train.eval_statistics = ("running", "median")
