@@ -953,13 +953,6 @@ class WorkDir:
     except OSError as e:
       raise _io_error("writing TensorBoard events to", tb_dir, e) from e
 
-  def last_metrics(self) -> dict | None:
-    """The latest value of every metric over the run's records."""
-    merged: dict = {}
-    for r in self.read_metrics():
-      merged.update(r)
-    return merged or None
-
   def read_summary(self) -> dict | None:
     if self._summary is not None:
       return dict(self._summary)

@@ -135,6 +135,16 @@ def test_changes_to_what_a_record_means_are_refused(idx_dir, tmp_path):
       train.train_and_evaluate(cfg, wd)
 
 
+def test_a_statistic_left_out_on_resume_has_no_final_value(idx_dir, tmp_path):
+  # eval_statistics may change on resume; the summary reports the last evaluation's only.
+  wd = str(tmp_path / "run")
+  cfg = tiny(idx_dir, num_epochs=1, eval_statistics=("running", "batch"))
+  assert "test_accuracy_batch" in train.train_and_evaluate(cfg, wd)
+  summary = train.train_and_evaluate(tiny(idx_dir, num_epochs=2), wd)
+  assert summary["final_step"] > 0 and "test_accuracy" in summary
+  assert not any(k.startswith(("test_accuracy_", "test_loss_")) for k in summary)
+
+
 def test_eval_batch_size_may_change_on_resume(idx_dir, tmp_path, three_epochs):
   ref_wd, ref = three_epochs
   wd = str(tmp_path / "run")
