@@ -255,7 +255,9 @@ class CollapseWatch:
     minimum is not a collapse; `loss_factor=0` turns this rule off;
   - accuracy: a test accuracy <= `chance_accuracy` after an earlier one was
     >= `trained_accuracy` (the run had trained, then fell back near chance).
-  `update` returns the reason of a collapse at that record, else None.
+  `update` returns the reason of a collapse at that record, else None. The
+  evaluation before training (step 0) is not part of the run's history: a run
+  and the same run resumed see the same records.
   """
 
   loss_factor: float = 10.0
@@ -270,6 +272,8 @@ class CollapseWatch:
                train_cfg.collapse_trained_accuracy)
 
   def update(self, record: dict) -> str | None:
+    if record.get("step") == 0:
+      return None
     reason = None
     loss = record.get("train_loss")
     if isinstance(loss, (int, float)) and math.isfinite(loss):

@@ -40,6 +40,13 @@ def test_first_collapse(losses, accs, expected):
   assert (found and found[0]) == expected or found is None is expected
 
 
+def test_the_evaluation_before_training_is_not_history():
+  # A model that starts good (e.g. pretrained) and stays near chance is not a collapse:
+  # the live watch never sees step 0, and a resumed run's replay must not either.
+  rec = [{"step": 0, "test_accuracy": 0.9}] + records((2.3, 2.3), (0.1, 0.1))
+  assert loop.first_collapse(rec) is None
+
+
 def test_thresholds_and_off_switch():
   rec = records((2.3, 0.1, 3.0))
   assert loop.first_collapse(rec)[0] == 30
