@@ -57,15 +57,18 @@ keep their records in memory, and call the checkpoint manager with the primary
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -512,6 +515,27 @@ def release_lock(lock_path: str, fd: int) -> None:
   except OSError:
     pass
   os.close(fd)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+  """Ctrl-C (SIGINT) held until the block ends, then raised (main thread only).
+
+  An orbax save interrupted midway leaves its threads waiting on each other
+  (for minutes, with tracebacks) before the process can exit; a checkpoint
+  finishes in moments, so Ctrl-C stops the run just after it instead.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught = []
+  previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if caught:
+      raise KeyboardInterrupt
 
 
 def save_decision_policy(train_cfg):
@@ -980,19 +1004,21 @@ class WorkDir:
     """
     self.wait()
     try:
-      if replace and step in self._manager.all_steps():
-        self._manager.delete(step)
-      if self._manager.save(
-          step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)),
-          force=force):
-        self._unsealed.append(step)
+      with interrupts_deferred():
+        if replace and step in self._manager.all_steps():
+          self._manager.delete(step)
+        if self._manager.save(
+            step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)),
+            force=force):
+          self._unsealed.append(step)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error([step], e) from e
 
   def wait(self) -> None:
     """Waits for the checkpoints being written, then writes their checksums."""
     try:
-      self._manager.wait_until_finished()
+      with interrupts_deferred():
+        self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(self._unsealed, e) from e
     self._seal()

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -210,6 +211,25 @@ def test_checkpoints_carry_checksums_of_every_file(tmp_path):
     assert manifest["step"] == step and manifest["files"]
     assert any("/d/" in rel for rel in manifest["files"])
     assert workdir_lib._verify_checkpoint(str(step_dir))  # pylint: disable=protected-access
+
+
+def test_ctrl_c_during_a_checkpoint_write_stops_just_after_it(tmp_path, monkeypatch):
+  # Interrupted midway, orbax's save threads waited on each other for ~300 s before exit.
+  real = workdir_lib.ocp.CheckpointManager.save
+
+  def save_interrupted(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+    return real(self, *args, **kwargs)
+  monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, "save", save_interrupted)
+  wd = _open(tmp_path, _cfg(keep_checkpoints=10))
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      wd.save(1, _tree(1.0))
+  finally:
+    wd.close()
+  step_dir = str(tmp_path / "checkpoints" / "1")
+  assert workdir_lib._verify_checkpoint(step_dir)  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_damaged_checkpoint_payload_is_unreadable_and_an_older_one_is_used(tmp_path, caplog):
