@@ -486,10 +486,15 @@ def records_cut_short(path: str, summary: dict, records: list[dict]) -> str | No
   last = records[-1].get("step") if records else None
   if final is None or last == final:
     return None
+  metrics = os.path.join(path, "metrics.jsonl")
+  if records and last > final:
+    return (f"{metrics} goes on to step {last}, past the step {final} the run finished at "
+            "(summary.json): a longer run was started there and stopped; rerun it with "
+            "that length to finish it")
   held = f"ends at step {last}" if records else "holds no records"
-  return (f"{os.path.join(path, 'metrics.jsonl')} {held}, but the run finished at step "
-          f"{final} (summary.json): its records were cut short or replaced; put them back, "
-          "or move the run's directory aside and rerun to train it again")
+  return (f"{metrics} {held}, but the run finished at step {final} (summary.json): its "
+          "records were cut short or replaced; put them back, or move the run's directory "
+          "aside and rerun to train it again")
 
 
 def _read_jsonl(path: str) -> list[dict]:

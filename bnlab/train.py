@@ -68,7 +68,7 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
   wd = workdir_lib.WorkDir(workdir, cfg)
   try:
     done = wd.read_summary()
-    if done is not None and not extends(done, cfg, workdir):
+    if done is not None and not extends(done, cfg, workdir, _last_record_step(wd)):
       logging.info("Run in %s is complete; nothing to do.", workdir)
       return done
     _train([loop_lib.Member(cfg, wd)], wd, data, stacked=False, split=split)
@@ -102,8 +102,8 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
     for cfg, path in zip(cfgs, workdirs):
       wds.append(workdir_lib.WorkDir(path, cfg))
     summaries = [wd.read_summary() for wd in wds]
-    finished = [s is not None and not extends(s, c, p)
-                for s, c, p in zip(summaries, cfgs, workdirs)]
+    finished = [s is not None and not extends(s, c, p, _last_record_step(w))
+                for s, c, p, w in zip(summaries, cfgs, workdirs, wds)]
     if all(finished):
       return summaries
     gwd = workdir_lib.WorkDir(group_dir, _group_config(cfgs, workdirs))
@@ -119,11 +119,14 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
       wd.close()
 
 
-def extends(summary: dict, cfg, workdir: str) -> bool:
+def extends(summary: dict, cfg, workdir: str, reached: int | None = None) -> bool:
   """Whether `cfg` makes the finished run of `summary` longer (it then continues).
 
-  A diverged run, and one stopped at a collapse, stays finished. Raises ConfigError when `cfg` is shorter than
-  what the run already trained: a run can be extended, not shortened.
+  A diverged run, and one stopped at a collapse, stays finished. Raises
+  ConfigError when `cfg` is shorter than what the run already trained: a run
+  can be extended, not shortened. `reached`: the step of the run's last record,
+  past the summary's when an extension was started and stopped; `cfg` must
+  then reach that step too.
   """
   spe, final = summary.get("steps_per_epoch"), summary.get("final_step")
   if (summary.get("diverged") or summary.get("stopped_on_collapse")
@@ -131,15 +134,26 @@ def extends(summary: dict, cfg, workdir: str) -> bool:
     return False
   t = cfg.train
   total = t.num_steps or t.num_epochs * spe
+  key = "num_steps" if t.num_steps else "num_epochs"
   if total < final:
-    key = "num_steps" if t.num_steps else "num_epochs"
     raise config_lib.ConfigError(
         f"config.train.{key}={t[key]} makes the run {total} steps long, but the run in "
         f"{workdir} finished at step {final}: a finished run can be extended, not "
         "shortened; use a new --workdir")
+  if reached is not None and total < reached:
+    raise config_lib.ConfigError(
+        f"config.train.{key}={t[key]} makes the run {total} steps long, but the run in "
+        f"{workdir} was being made longer and is at step {reached} (its summary says "
+        f"{final}): rerun with a length of at least {reached} steps to finish that, or use "
+        "a new --workdir")
   if total > final:
     logging.info("Extending the finished run in %s from step %d to %d.", workdir, final, total)
   return total > final
+
+
+def _last_record_step(wd: workdir_lib.WorkDir) -> int | None:
+  records = wd.read_metrics()
+  return records[-1]["step"] if records else None
 
 
 def is_complete(cfg, workdir: str) -> bool:

@@ -562,6 +562,7 @@ class WorkDir:
                          "--workdir=DIR (use --workdir=. for the current directory)")
     self.path = os.path.abspath(path)
     self._config_json: dict | None = None  # the run's config, copied into each checkpoint
+    self._pending_config: dict | None = None  # config.json to write at the run's first write
     self._data_identity: dict | None = None  # and the data's (check_data)
     self._lock_fd = None
     self._manager = None
@@ -781,8 +782,11 @@ class WorkDir:
       if not refused:
         if diff:
           logging.info("Resuming the run in %s with %s", self.path, shown)
-        if self.primary:
-          _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+        if self.primary and restored:
+          _atomic_write(path, json.dumps(old, indent=2, sort_keys=True) + "\n")
+        # The new config replaces config.json with the run's first write: a run refused
+        # before it (e.g. made shorter) leaves the file as it was.
+        self._pending_config = new if diff else None
         return
       if self.primary:
         self._replace_config(shown)
@@ -924,8 +928,16 @@ class WorkDir:
         "a write cut off by a kill" if last_only else "damaged",
         "them" if len(bad) > 1 else "it", dest, len(good))
 
+  def _write_pending_config(self) -> None:
+    """config.json of a resumed run whose config changed (`_check_config`), once it writes."""
+    config, self._pending_config = self._pending_config, None
+    if config is not None and self.primary:
+      _atomic_write(os.path.join(self.path, "config.json"),
+                    json.dumps(config, indent=2, sort_keys=True) + "\n")
+
   def truncate_metrics_after(self, step: int) -> None:
     """Keeps the records up to `step` (the checkpoint resumed from), each step once."""
+    self._write_pending_config()
     records, last = [], None
     for r in self.read_metrics():
       if r["step"] > step:
@@ -940,6 +952,7 @@ class WorkDir:
     _atomic_write(self.metrics_path, "".join(_dumps(r) + "\n" for r in records))
 
   def write_metrics(self, record: dict) -> None:
+    self._write_pending_config()
     if not self.primary:
       if self._records is None:
         self._records = self.read_metrics()
@@ -987,6 +1000,7 @@ class WorkDir:
         path, "; delete it and rerun to redo the final evaluation from the last checkpoint"))
 
   def write_summary(self, summary: dict) -> None:
+    self._write_pending_config()
     if not self.primary:
       self._summary = dict(summary)
       return
@@ -1003,6 +1017,7 @@ class WorkDir:
     an attempt killed before it finished the run) is written anew.
     """
     self.wait()
+    self._write_pending_config()
     try:
       with interrupts_deferred():
         if replace and step in self._manager.all_steps():

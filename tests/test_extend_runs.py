@@ -135,6 +135,22 @@ def test_changes_to_what_a_record_means_are_refused(idx_dir, tmp_path):
       train.train_and_evaluate(cfg, wd)
 
 
+def test_a_stopped_extension_is_not_undone_by_the_shorter_command(idx_dir, tmp_path):
+  # Made longer, stopped midway, then the old command: the run is past its summary's step.
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(tiny(idx_dir, num_epochs=1), wd)
+  config_before = open(os.path.join(wd, "config.json")).read()
+  with pytest.raises(config_lib.ConfigError, match="can be extended, not shortened"):
+    train.train_and_evaluate(tiny(idx_dir, num_epochs=1, num_steps=3), wd)
+  assert open(os.path.join(wd, "config.json")).read() == config_before  # refused: unchanged
+  records = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+  with open(os.path.join(wd, "metrics.jsonl"), "a") as f:  # what the stopped extension wrote
+    f.write(json.dumps({**records[-1], "step": records[-1]["step"] + 5}) + "\n")
+  with pytest.raises(config_lib.ConfigError, match=f"was being made longer and is at step "
+                     f"{records[-1]['step'] + 5}"):
+    train.train_and_evaluate(tiny(idx_dir, num_epochs=1), wd)
+
+
 def test_a_statistic_left_out_on_resume_has_no_final_value(idx_dir, tmp_path):
   # eval_statistics may change on resume; the summary reports the last evaluation's only.
   wd = str(tmp_path / "run")
