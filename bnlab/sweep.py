@@ -521,8 +521,7 @@ def _result_row(m: Member, path: str, error: str | None) -> dict:
   if os.path.exists(summary_path):
     from bnlab import workdir  # pylint: disable=g-import-not-at-top
     try:
-      summary = workdir.read_json_object(
-          summary_path, "; delete it and rerun to redo the final evaluation")
+      summary = workdir.read_summary_file(summary_path)
     except workdir.WorkDirError as e:
       error = error or str(e)
   records = _read_jsonl(os.path.join(path, "metrics.jsonl"))

@@ -206,6 +206,17 @@ def read_json_object(path: str, consequence: str) -> dict:
   return value
 
 
+def read_summary_file(path: str) -> dict:
+  """A run's summary.json; WorkDirError naming the fix when it is unreadable or holds no
+  final step (e.g. `{}`), which would otherwise stand for a finished run."""
+  fix = "; delete it and rerun to redo the final evaluation from the last checkpoint"
+  summary = read_json_object(path, fix)
+  final = summary.get("final_step")
+  if not isinstance(final, int) or isinstance(final, bool) or final < 0:
+    raise WorkDirError(f"{path} is unreadable (its final_step is {final!r}, not a step){fix}")
+  return decode_nonfinite(summary)
+
+
 def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without importing torch.
 
@@ -996,8 +1007,7 @@ class WorkDir:
     path = os.path.join(self.path, "summary.json")
     if not os.path.exists(path):
       return None
-    return decode_nonfinite(read_json_object(
-        path, "; delete it and rerun to redo the final evaluation from the last checkpoint"))
+    return read_summary_file(path)
 
   def write_summary(self, summary: dict) -> None:
     self._write_pending_config()

@@ -376,6 +376,7 @@ CASES = [
     ("data_changed_on_resume", "api", _data_changed, "differs from the data the run", "use a new --workdir"),
     ("corrupt_config_json", "api", lambda c: (c.copy_finished(4), open(os.path.join(c.wd, "config.json"), "w").write("{\"seed\": ")), "config.json is unreadable", "use a new --workdir"),
     ("corrupt_summary_json", "api", lambda c: (c.copy_finished(), open(os.path.join(c.wd, "summary.json"), "w").write("[1, 2")), "summary.json is unreadable", "delete it and rerun"),
+    ("summary_json_without_final_step", "api", lambda c: (c.copy_finished(), open(os.path.join(c.wd, "summary.json"), "w").write("{}")), "summary.json is unreadable (its final_step is None, not a step)", "delete it and rerun"),
     ("lock_is_a_directory", "api", _lock_is_dir, ".lock failed", "rerun"),
     ("checkpoints_is_a_file", "api", _ckpt_is_file, "checkpoints is not a directory", "move it aside"),
     ("all_checkpoints_corrupt", "api", _corrupt_all_checkpoints, "no checkpoint in", "move that directory aside"),
