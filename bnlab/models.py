@@ -397,7 +397,42 @@ def user_model(cfg, dtype=None) -> nn.Module:
     raise UserModelError(
         f"{type(module).__name__}.__call__ takes no `train` argument; give it "
         "`__call__(self, x, train: bool)` (BN uses batch statistics when train is True)")
+  try:
+    problem = _cached_output_problem(module)
+  except TypeError:  # a module Flax cannot hash (e.g. a list attribute)
+    problem = _output_problem(module)
+  if problem:
+    raise UserModelError(f"{type(module).__name__} {problem}")
   return module
+
+
+def _output_problem(module: nn.Module) -> str | None:
+  """What keeps `module` from training as bnlab runs it, traced on 2 images (nothing
+  computed): init in inference mode, then a train-mode apply with the "noise" and
+  "dropout" streams and `batch_stats` mutable, returning (batch, 10) float logits."""
+  x, key = jnp.zeros((2, 28, 28), jnp.uint8), jax.random.key(0)
+  try:
+    variables = jax.eval_shape(lambda: module.init(key, x, train=False))
+  except Exception as e:  # pylint: disable=broad-except
+    return (f"fails to initialize on (batch, 28, 28) uint8 images ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]})")
+  try:
+    logits, _ = jax.eval_shape(lambda v: module.apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"noise": key, "dropout": key}),
+                               variables)
+  except Exception as e:  # pylint: disable=broad-except
+    return (f"fails in train mode ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            "bnlab's train step gives it the RNG streams 'noise' and 'dropout' and lets it "
+            "update only `batch_stats`")
+  if (not hasattr(logits, "shape") or tuple(logits.shape) != (2, 10)
+      or not jnp.issubdtype(logits.dtype, jnp.floating)):
+    got = (f"{getattr(logits, 'dtype', type(logits).__name__)}"
+           f"{list(getattr(logits, 'shape', []))}")
+    return f"returns {got} for 2 images; return float logits of shape (batch, 10)"
+  return None
+
+
+_cached_output_problem = functools.lru_cache(maxsize=64)(_output_problem)
 
 
 def _no_dtype(name: str) -> str:

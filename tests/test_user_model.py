@@ -22,7 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A module outside the package: a linen factory reading its own settings from
 # config.model.options, a linen class, an NNX class, and things that are no model.
 USER_MODULE = textwrap.dedent('''
+    import math
+
     import flax.linen as nn
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -99,6 +102,40 @@ USER_MODULE = textwrap.dedent('''
 
     def make_no_train():
       return NoTrain()
+
+
+    class Logits(nn.Module):
+      """Returns `shape` logits (per example) of `dtype`, reading RNG `stream` in train mode."""
+      shape: tuple = (10,)
+      dtype: object = jnp.float32
+      stream: str = ""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        h = nn.Dense(math.prod(self.shape))(x.reshape(x.shape[0], -1) / 255.0)
+        if train and self.stream:
+          h = h + jax.random.uniform(self.make_rng(self.stream), (), h.dtype)
+        return h.reshape((x.shape[0],) + self.shape).astype(self.dtype)
+
+
+    def make_five_classes():
+      return Logits(shape=(5,))
+
+
+    def make_extra_axis():
+      return Logits(shape=(1, 10))
+
+
+    def make_int_logits():
+      return Logits(dtype=jnp.int32)
+
+
+    def make_own_stream():
+      return Logits(stream="mystream")
+
+
+    def make_dropout_stream():
+      return Logits(stream="dropout")
 
 
     def make_nothing():
@@ -184,6 +221,11 @@ def test_a_linen_class_and_an_nnx_class_train(idx_dir, tmp_path, user_module):
     ("{m}:make_broken", "raised AttributeError"),
     ("{m}:make_nnx_instance", "flax.nnx.bridge.to_linen(TinyNNX"),
     ("{m}:", "expected 'package.module:target'"),
+    ("{m}:make_five_classes", "returns float32[2, 5] for 2 images; return float logits of "
+                              "shape (batch, 10)"),
+    ("{m}:make_extra_axis", "returns float32[2, 1, 10]"),
+    ("{m}:make_int_logits", "returns int32[2, 10]"),
+    ("{m}:make_own_stream", "fails in train mode (InvalidRngError"),
 ])
 def test_a_bad_user_model_is_one_config_error_naming_the_key(idx_dir, user_module, target,
                                                              needle):
@@ -193,6 +235,10 @@ def test_a_bad_user_model_is_one_config_error_naming_the_key(idx_dir, user_modul
   message = str(e.value)
   assert message.startswith("config.model.name=") and needle in message, message
   assert "\n" not in message
+
+
+def test_a_user_model_reading_the_dropout_stream_is_accepted(idx_dir, user_module):
+  config_lib.validate(user_config(idx_dir, f"{user_module}:make_dropout_stream"))
 
 
 def test_half_precision_needs_a_factory_taking_dtype(idx_dir, user_module):
