@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -869,6 +870,7 @@ class Study:
   config: dict
   members: list[dict]  # {"name": ..., "key": {override: value}}
   sweep: list | None = None  # the members' overrides, when loaded from the file
+  flags: tuple[str, ...] = ()  # the command line's --config.KEY=VALUE overrides, as given
 
   @classmethod
   def from_file(cls, path: str, arg: str, cfg) -> "Study":
@@ -890,7 +892,8 @@ class Study:
 
   def command(self, workdir: str) -> str:
     arg = f":{self.arg}" if self.arg else ""
-    return f"python -m bnlab.study --config={self.path}{arg} --workdir={workdir}"
+    flags = "".join(f" {shlex.quote(f)}" for f in self.flags)
+    return f"python -m bnlab.study --config={self.path}{arg}{flags} --workdir={workdir}"
 
   def base_run_config(self):
     run = self.config["run"]
@@ -1247,6 +1250,15 @@ def run_study(study: Study, workdir: str, stage: str = "all", out: str = "") -> 
 
 # -- command line ----------------------------------------------------------------------
 
+def config_overrides(argv: list[str]) -> tuple[str, ...]:
+  """The --config.KEY=VALUE (or --config.KEY VALUE) flags of a command line, in order."""
+  out: list[str] = []
+  for i, a in enumerate(argv):
+    if a.startswith("--config."):
+      out.append(a if "=" in a or i + 1 == len(argv) else f"{a}={argv[i + 1]}")
+  return tuple(out)
+
+
 def main(argv):
   """`python -m bnlab.study`: see the module docstring."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
@@ -1263,6 +1275,7 @@ def main(argv):
     cfg = main_lib.loaded_config()
     try:
       study = Study.from_file(path, arg, cfg)
+      study.flags = config_overrides(sys.argv[1:])
     except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError):
       raise
     except Exception as e:  # pylint: disable=broad-except  # get_config/get_sweep raised

@@ -378,6 +378,11 @@ def test_a_report_leaves_out_runs_made_with_another_config(idx_dir, tmp_path):
   assert [s["trained"] for s in stages] == [len(rows)] * 2  # made longer counts as trained
 
 
+def test_config_overrides_of_a_command_line():
+  argv = ["--config=s.py:runlocal", "--config.a.b=1", "--config.c", "2", "--stage=report"]
+  assert study.config_overrides(argv) == ("--config.a.b=1", "--config.c=2")
+
+
 def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):
   wd, text = local_runs("seed_comparison")
   # One seed at :runlocal: no seed interval, so no difference is called.
@@ -391,7 +396,11 @@ def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):
   proc = subprocess.run(cmd + ["--stage=report"], cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert open(os.path.join(wd, "report.md")).read() == text
+  # The same report, its command with the overrides it was given.
+  given = "configs/studies/seed_comparison.py:runlocal"
+  assert open(os.path.join(wd, "report.md")).read() == text.replace(
+      f"--config={given} --workdir",
+      f"--config={given} --config.data.source=idx --config.data.dir={idx_dir} --workdir")
   proc = subprocess.run(cmd + ["--stage=run"], cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
