@@ -70,14 +70,19 @@ LENGTH_KEYS = ("train.num_steps", "train.num_epochs")
 LENGTH_SCHEDULES = ("cosine", "warmup_cosine")
 
 
+def changed_keys(old: dict, new: dict) -> list[str]:
+  """The keys of flattened config `old` whose value `new` changes, sorted; `distributed`
+  keys aside (how a launch is spread over processes, not what it computes)."""
+  return sorted(k for k in old if old.get(k) != new.get(k) and not k.startswith("distributed."))
+
+
 def resume_refusal(old: dict, new: dict) -> tuple[list[str], str | None]:
   """(the keys that forbid resuming, a reason or None), for flattened configs.
 
   A key may carry a "shared." prefix (a group's directory records its members'
   shared config under it). No key and no reason: the run may resume.
   """
-  changed = sorted(k for k in old if old.get(k) != new.get(k)
-                   and not k.startswith("distributed."))
+  changed = changed_keys(old, new)
 
   def bare(key):
     return key[len("shared."):] if key.startswith("shared.") else key

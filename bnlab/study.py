@@ -405,8 +405,8 @@ def _configured_otherwise(path: str, ran: dict | None, configured: dict | None) 
   if ran is None or configured is None:
     return None
   ran = config_lib.flatten(ran)
-  changed = [k for k in sorted(ran) if ran[k] != configured.get(k)
-             and k not in config_lib.RESUME_SAFE_KEYS and not k.startswith("distributed.")]
+  changed = [k for k in config_lib.changed_keys(ran, configured)
+             if k not in config_lib.RESUME_SAFE_KEYS]
   if not changed:
     return None
   k = changed[0]

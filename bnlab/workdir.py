@@ -79,7 +79,7 @@ from absl import logging
 from bnlab import data as data_lib
 from bnlab import distributed
 from bnlab.data import _sha256_file  # pylint: disable=protected-access
-from bnlab.config import ConfigError, flatten, resume_refusal
+from bnlab.config import ConfigError, changed_keys, flatten, resume_refusal
 
 
 class _QuietLibraries:
@@ -768,12 +768,10 @@ class WorkDir:
     if old is not None:
       a, b = flatten(old), flatten(new)
       # Keys the snapshot lacks were added to bnlab after the run started; a
-      # resumed run takes their defaults, so they do not count as a change.
-      # `distributed` says how this launch is spread over processes, not what
-      # it computes: a run may resume with other processes or addresses.
-      # RESUME_SAFE_KEYS and the run's length may change (bnlab.config).
-      diff = sorted(k for k in a if a.get(k) != b.get(k)
-                    and not k.startswith("distributed."))
+      # resumed run takes their defaults, so they do not count as a change; nor
+      # do `distributed` keys (`changed_keys`): a run may resume with other
+      # processes or addresses. RESUME_SAFE_KEYS and the run's length may change.
+      diff = changed_keys(a, b)
       if not diff and not restored:
         return
       refused, reason = resume_refusal(a, b)
