@@ -870,7 +870,7 @@ class Study:
   config: dict
   members: list[dict]  # {"name": ..., "key": {override: value}}
   sweep: list | None = None  # the members' overrides, when loaded from the file
-  flags: tuple[str, ...] = ()  # the command line's --config.KEY=VALUE overrides, as given
+  flags: tuple[str, ...] = ()  # the command line's --config.KEY=VALUE overrides
 
   @classmethod
   def from_file(cls, path: str, arg: str, cfg) -> "Study":
@@ -1250,18 +1250,10 @@ def run_study(study: Study, workdir: str, stage: str = "all", out: str = "") -> 
 
 # -- command line ----------------------------------------------------------------------
 
-def config_overrides(argv: list[str]) -> tuple[str, ...]:
-  """The --config.KEY=VALUE (or --config.KEY VALUE) flags of a command line, in order."""
-  out: list[str] = []
-  for i, a in enumerate(argv):
-    if a.startswith("--config."):
-      out.append(a if "=" in a or i + 1 == len(argv) else f"{a}={argv[i + 1]}")
-  return tuple(out)
-
-
 def main(argv):
   """`python -m bnlab.study`: see the module docstring."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
   from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -1275,7 +1267,8 @@ def main(argv):
     cfg = main_lib.loaded_config()
     try:
       study = Study.from_file(path, arg, cfg)
-      study.flags = config_overrides(sys.argv[1:])
+      study.flags = tuple(f"--config.{k}={v}" for k, v in
+                          config_flags.get_override_values(f["config"]).items())
     except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError):
       raise
     except Exception as e:  # pylint: disable=broad-except  # get_config/get_sweep raised

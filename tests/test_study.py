@@ -378,11 +378,6 @@ def test_a_report_leaves_out_runs_made_with_another_config(idx_dir, tmp_path):
   assert [s["trained"] for s in stages] == [len(rows)] * 2  # made longer counts as trained
 
 
-def test_config_overrides_of_a_command_line():
-  argv = ["--config=s.py:runlocal", "--config.a.b=1", "--config.c", "2", "--stage=report"]
-  assert study.config_overrides(argv) == ("--config.a.b=1", "--config.c=2")
-
-
 def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):
   wd, text = local_runs("seed_comparison")
   # One seed at :runlocal: no seed interval, so no difference is called.
