@@ -473,16 +473,21 @@ class Loop:
           self._stop_if_stopped(m, records[-1])
     return state, sums, step
 
+  def _stopped_by(self, record: dict) -> bool:
+    """Whether `record` stopped its member: diverged, or collapsed with `train.stop_on_collapse`."""
+    return "diverged_at_step" in record or bool(
+        record.get("collapsed") and self.cfg.train.stop_on_collapse)
+
   def _stop_if_stopped(self, m: Member, last: dict) -> None:
-    """A member whose last record stopped it (diverged, or collapsed with
-    `train.stop_on_collapse`) but has no summary (the attempt ended before it was
-    written, or it was removed) stops there again, its summary written from its records."""
+    """A member whose last record stopped it (`_stopped_by`) but has no summary (the
+    attempt ended before it was written, or it was removed) stops there again, its
+    summary written from its records."""
+    if not self._stopped_by(last):
+      return
     if "diverged_at_step" in last:
       m.diverged_at = last["diverged_at_step"]
-    elif last.get("collapsed") and self.cfg.train.stop_on_collapse:
-      m.stopped_on_collapse = True
     else:
-      return
+      m.stopped_on_collapse = True
     m.recording = False
     self.on_stop(m, last["step"], None, self.split)
 
@@ -491,8 +496,8 @@ class Loop:
 
     Its metrics.jsonl was deleted, cut short, or its directory made anew (e.g. a
     finished member's removed to redo it): resuming would leave those steps out of
-    its records for good. A member that stopped (diverged, or collapsed with
-    `train.stop_on_collapse`) has its last record where it stopped.
+    its records for good. A member that stopped (`_stopped_by`) has its last
+    record where it stopped.
     """
     want = self.plan.last_log_at_or_before(step)
     for m in self.members:
@@ -500,8 +505,7 @@ class Loop:
         continue
       records = m.wd.read_metrics()
       last = records[-1] if records else {}
-      if "diverged_at_step" in last or (last.get("collapsed")
-                                         and self.cfg.train.stop_on_collapse):
+      if self._stopped_by(last):
         continue
       have = last.get("step", -1)
       if have < want:
