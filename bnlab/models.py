@@ -397,15 +397,31 @@ def user_model(cfg, dtype=None) -> nn.Module:
     raise UserModelError(
         f"{type(module).__name__}.__call__ takes no `train` argument; give it "
         "`__call__(self, x, train: bool)` (BN uses batch statistics when train is True)")
-  try:
-    problem = _cached_output_problem(module)
-  except TypeError:  # a module Flax cannot hash (e.g. a list attribute)
-    problem = _output_problem(module)
+  problem = _output_problem(module)
   if problem:
     raise UserModelError(f"{type(module).__name__} {problem}")
   return module
 
 
+def per_module_cache(maxsize: int):
+  """Decorator: the function cached on its arguments (a Flax module among them), so that
+  runs of one model in a process share what it made; called uncached where an argument
+  cannot be hashed (a user's module with a list attribute)."""
+  def wrap(fn):
+    cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+      try:
+        hash(args)
+      except TypeError:
+        return fn(*args)
+      return cached(*args)
+    return call
+  return wrap
+
+
+@per_module_cache(64)
 def _output_problem(module: nn.Module) -> str | None:
   """What keeps `module` from training as bnlab runs it, traced on 2 images (nothing
   computed): init in inference mode, then a train-mode apply with the "noise" and
@@ -431,8 +447,6 @@ def _output_problem(module: nn.Module) -> str | None:
     return f"returns {got} for 2 images; return float logits of shape (batch, 10)"
   return None
 
-
-_cached_output_problem = functools.lru_cache(maxsize=64)(_output_problem)
 
 
 def _no_dtype(name: str) -> str:

@@ -296,24 +296,14 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
   return state, steps_lib.metric_sums_zero(len(members))
 
 
+@models.per_module_cache(16)
 def _solo_init(model, tx, batch_size: int):
   """A run's initial state from its seed: one compiled program (unoptimized code
   generation: it runs once) instead of one compile per operation of an eager
-  init, shared by the runs of one model and optimizer in a process (not for
-  a user's model that Flax cannot hash, e.g. one with a list attribute)."""
-  try:
-    return _shared_solo_init(model, tx, batch_size)
-  except TypeError:
-    return _make_solo_init(model, tx, batch_size)
-
-
-def _make_solo_init(model, tx, batch_size: int):
+  init, shared by the runs of one model and optimizer in a process."""
   return jax.jit(lambda seed: state_lib.create_train_state(
       model, tx, jax.random.key(seed), batch_size),
                  compiler_options={"xla_backend_optimization_level": 0})
-
-
-_shared_solo_init = functools.lru_cache(maxsize=16)(_make_solo_init)
 
 
 def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
