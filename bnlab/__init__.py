@@ -4,15 +4,15 @@ Layers: `batch_norm` / `batch_moments` (pure functions), `BatchNorm`
 (flax.linen, drop-in for `flax.linen.BatchNorm`), `nnx.BatchNorm` (Flax NNX),
 and the variants `BatchRenorm`, `GhostBatchNorm`, `NoisyBatchNorm`,
 `BatchNormVariant` (frozen statistics, population averages; linen here, NNX
-under `bnlab.nnx`) over the pure functions in `bnlab.variants`.
+under `bnlab.nnx`) over the pure functions in `bnlab.layers.variants`.
 """
 
 from bnlab import data
-from bnlab import norm_nnx as nnx
-from bnlab import variants
-from bnlab.norm import BatchNormOutput, Moments, batch_moments, batch_norm
-from bnlab.norm_linen import (BatchNorm, BatchNormVariant, BatchRenorm, GhostBatchNorm,
-                              NoisyBatchNorm)
+from bnlab.layers import nnx
+from bnlab.layers import variants
+from bnlab.layers.functional import BatchNormOutput, Moments, batch_moments, batch_norm
+from bnlab.layers.linen import (BatchNorm, BatchNormVariant, BatchRenorm, GhostBatchNorm,
+                                NoisyBatchNorm)
 
 __all__ = ["data", "nnx", "variants", "BatchNorm", "BatchNormOutput", "BatchNormVariant",
            "BatchRenorm", "GhostBatchNorm", "Moments", "NoisyBatchNorm", "batch_moments",

@@ -16,7 +16,7 @@ Everything is jit-compatible.
   effective beta-smoothness max_eta ||grad L(w - eta g) - grad L(w)|| / ||eta g||.
 
 A layer is a top-level entry of the params tree (`conv_block_i`,
-`dense_block_i`, `logits` in a `bnlab.models.Classifier`); its weight is its
+`dense_block_i`, `logits` in a `bnlab.models.networks.Classifier`); its weight is its
 kernel. Updating a layer updates all of its parameters (kernel, bias, BN
 scale and shift).
 """
@@ -79,7 +79,7 @@ def classifier_loss(apply_fn: Callable, variables: Mapping[str, Any], images, la
   """params -> mean softmax cross-entropy on (images, labels), BN on batch statistics.
 
   `variables`: every collection but "params" (e.g. `batch_stats`) is held
-  fixed. `rngs`: e.g. `bnlab.models.train_rngs(rng, step)` for norm="noisy";
+  fixed. `rngs`: e.g. `bnlab.models.networks.train_rngs(rng, step)` for norm="noisy";
   the same noise is drawn at every call.
   """
   others = {k: v for k, v in variables.items() if k != "params"}

@@ -12,11 +12,12 @@ import math
 
 import ml_collections
 
-from bnlab import conv
+from bnlab.models import conv
 from bnlab import data as data_lib
-from bnlab import distributed
-from bnlab import models
-from bnlab.variants import RUNNING_AVERAGES
+from bnlab.engine import distributed
+from bnlab.models import networks as models
+from bnlab.errors import ConfigError
+from bnlab.layers.variants import RUNNING_AVERAGES
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
@@ -40,11 +41,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-class ConfigError(ValueError):
-  """A config key has a bad value; the message names the key and the fix."""
-
-
-# What may change when a run resumes (`bnlab.workdir.WorkDir` compares a rerun's
+# What may change when a run resumes (`bnlab.rundir.workdir.WorkDir` compares a rerun's
 # config with the run's config.json). Only keys that cannot alter the trained
 # parameters: which evaluations are recorded, how many checkpoints are kept,
 # and the device layout (a checkpoint restores onto any layout; another layout
@@ -118,10 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_test = 0  # 0 -> all 10,000 test examples
 
   c.model = ml_collections.ConfigDict()
-  # A built-in network (bnlab.models.MODELS) or your own Flax model,
-  # "package.module:target" (see bnlab.models.user_model).
+  # A built-in network (bnlab.models.networks.MODELS) or your own Flax model,
+  # "package.module:target" (see bnlab.models.networks.user_model).
   c.model.name = "seed_cnn"
-  c.model.norm = "batch"  # one of bnlab.models.NORMS
+  c.model.norm = "batch"  # one of bnlab.models.networks.NORMS
   c.model.bn_position = "after"
   c.model.activation = "relu"
   c.model.widths = ()  # () -> the model's own widths
@@ -166,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32
   c.train.num_epochs = 2
   c.train.num_steps = 0  # > 0 overrides num_epochs
-  c.train.loop = "auto"  # auto | scan | loop (see bnlab.train.resolve_loop)
+  c.train.loop = "auto"  # auto | scan | loop (see bnlab.engine.train.resolve_loop)
   c.train.steps_per_call = 0  # scan: max steps per call; 0 -> loop.make_schedule_plan's
   c.train.unroll = 1  # scan unroll factor (GPU trade-off: results/README.md)
   c.train.num_devices = 1  # data-parallel over this many devices; 0 = all visible
@@ -183,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.eval_at_start = True  # also evaluate (and record analysis) at step 0
   c.train.final_train_eval = True  # evaluate the whole train set at the end
-  # Collapse (bnlab.loop.CollapseWatch): a finite train loss above
+  # Collapse (bnlab.engine.loop.CollapseWatch): a finite train loss above
   # collapse_loss_factor x its running minimum and above chance (ln 10), or a
   # test accuracy <= collapse_accuracy after one >= collapse_trained_accuracy.
   # Recorded (collapsed, collapsed_at_step); the run goes on (a collapse may
@@ -193,13 +190,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.collapse_trained_accuracy = 0.5
   c.train.stop_on_collapse = False
   # The BN statistics each evaluation's test accuracy is measured with
-  # (bnlab.evaluation.EVAL_STATISTICS): "running" (the running averages:
+  # (bnlab.engine.evaluation.EVAL_STATISTICS): "running" (the running averages:
   # test_accuracy), "population" (recomputed over the first population_examples
   # training images, Algorithm 2: test_accuracy_population), "batch" (each test
   # batch's own statistics: test_accuracy_batch).
   c.train.eval_statistics = ("running",)
   c.train.population_examples = 10000
-  # Bit-identical results run to run on every backend (bnlab.backend): on a GPU,
+  # Bit-identical results run to run on every backend (bnlab.engine.backend): on a GPU,
   # XLA's deterministic reductions and scatters, set before JAX starts.
   c.train.deterministic = True
   # bfloat16 computation (the model's dtype), float32 parameters, optimizer state
@@ -217,7 +214,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.percentiles = (15.0, 50.0, 85.0)
   c.analysis.num_examples = 1000
 
-  # Several processes (hosts) in one data-parallel run (bnlab.distributed): each
+  # Several processes (hosts) in one data-parallel run (bnlab.engine.distributed): each
   # process gets the same config except process_id. "" / 0 / -1: single process.
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # "host:port" of process 0, the same for all
@@ -225,7 +222,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = -1  # this process: 0..num_processes-1; -1 = detected
   c.distributed.local_device_ids = ()  # this host's devices to use; () = all (or detected)
   # "" = no detection; "auto" = SLURM, Open MPI or Cloud TPU from the environment
-  # (plus $JAX_COORDINATOR_ADDRESS); or one method of bnlab.distributed.CLUSTER_DETECTION.
+  # (plus $JAX_COORDINATOR_ADDRESS); or one method of bnlab.engine.distributed.CLUSTER_DETECTION.
   c.distributed.cluster_detection = ""
   c.distributed.initialization_timeout = 300  # seconds to wait for every process
   # Seconds without a heartbeat after which a process counts as dead and the

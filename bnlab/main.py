@@ -1,7 +1,7 @@
 """Command line: `python -m bnlab.main --config=configs/NAME.py --workdir=DIR`.
 
 Any config field can be overridden, e.g. `--config.optimizer.learning_rate=0.1`.
-This module only parses flags; `bnlab.train.train_and_evaluate` does the work.
+This module only parses flags; `bnlab.engine.train.train_and_evaluate` does the work.
 Every problem that is the user's to fix ends the run with exit status 2 and
 one line `error: <problem>; <fix>` on stderr; `--verbosity=1` adds the traceback.
 
@@ -21,11 +21,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bnlab import backend
+from bnlab.engine import backend
 from bnlab import config as config_lib
 from bnlab import data as data_lib
-from bnlab import distributed
-from bnlab import workdir as workdir_lib
+from bnlab.engine import distributed
+from bnlab.rundir import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -57,7 +57,7 @@ def check_config(cfg) -> None:
 
 def execute(cfg, workdir: str) -> dict:
   """Validates `cfg` and runs it in `workdir`; a user error exits with one line."""
-  from bnlab import train  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   try:
     check_config(cfg)
     backend.configure_run(cfg)  # before JAX starts

@@ -26,7 +26,7 @@ spell of the machine falls on all of them), of:
 "vs PyTorch" is against the fastest PyTorch column, "vs fastest peer" against
 the fastest of all peer columns. Below the table: BN's cost in the seed CNN,
 the paper MLP's matmul floor, where the wall time of one --split_steps-step
-paper-MLP run through `bnlab.train.train_and_evaluate` goes (summary.json's
+paper-MLP run through `bnlab.engine.train.train_and_evaluate` goes (summary.json's
 time split), and the 24-member paper-MLP sweep (8 learning rates x 3 seeds)
 grouped into one vmapped program against the same runs one after another,
 then 240 members (x 10 seeds x 3 BN momenta) grouped
@@ -58,7 +58,9 @@ from absl import app, flags  # noqa: E402
 
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import data as data_lib  # noqa: E402
-from bnlab import models, timesplit, train  # noqa: E402
+from bnlab.models import networks as models  # noqa: E402
+from bnlab.engine import timesplit  # noqa: E402
+from bnlab.engine import train  # noqa: E402
 import sweep_speed  # noqa: E402
 import torch_peer  # noqa: E402
 from timing import interleaved_rates, median_rate  # noqa: E402

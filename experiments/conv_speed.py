@@ -46,7 +46,7 @@ from absl import app, flags, logging
 from flax import linen as nn
 from jax import lax
 
-from bnlab.conv import Conv, max_pool
+from bnlab.models.conv import Conv, max_pool
 
 
 def flax_max_pool(x):

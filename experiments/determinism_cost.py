@@ -36,9 +36,9 @@ CASES = (("seed CNN + BN, b32", "seed_cnn", "batch", 32),
 
 def time_here(mode: str) -> dict:
   """Examples/s of each case in this process, deterministic mode `mode`."""
-  from bnlab import backend  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
   backend.configure(mode == "on")  # before JAX starts
-  from bnlab import provenance  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
   images, labels = benchmark.load_images(flags.FLAGS.data)
   rates = {}
   for label, model, norm, batch in CASES:

@@ -31,7 +31,8 @@ CASES = (("seed CNN + BN, b32", "seed_cnn", "batch", 32),
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from bnlab import backend, provenance  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
   backend.configure(True)  # before JAX starts, as every bnlab run
   images, labels = benchmark.load_images(flags.FLAGS.data)
   print(f"Machine: {provenance.describe(provenance.environment(backend.deterministic()))}\n")

@@ -50,7 +50,8 @@ def measure(unrolls, steps: int, reps: int, source: str) -> dict:
 
   import benchmark  # pylint: disable=g-import-not-at-top
   from bnlab import config as config_lib  # pylint: disable=g-import-not-at-top
-  from bnlab import models, train  # pylint: disable=g-import-not-at-top
+  from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   from timing import median_rate  # pylint: disable=g-import-not-at-top
 
   images, labels = benchmark.load_images(source)

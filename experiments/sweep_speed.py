@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from bnlab import sweep, timesplit  # noqa: E402
+from bnlab import sweep  # noqa: E402
+from bnlab.engine import timesplit  # noqa: E402
 
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 BN_MOMENTA = (0.9, 0.99, 0.999)

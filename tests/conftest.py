@@ -5,7 +5,7 @@ import os
 import jax
 import pytest
 
-from bnlab import backend
+from bnlab.engine import backend
 from bnlab import data
 import tiny_mnist
 

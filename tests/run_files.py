@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from bnlab import workdir as workdir_lib
+from bnlab.rundir import workdir as workdir_lib
 
 
 def files(wd):
@@ -22,7 +22,7 @@ def files(wd):
 
 
 def read_jsonl(path):
-  """The records of a .jsonl file, non-finite numbers restored (see bnlab.workdir)."""
+  """The records of a .jsonl file, non-finite numbers restored (see bnlab.rundir.workdir)."""
   with open(path) as f:
     return [workdir_lib.decode_nonfinite(json.loads(line)) for line in f]
 

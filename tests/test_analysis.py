@@ -7,7 +7,7 @@ import pytest
 
 from bnlab import analysis
 from bnlab import config as config_lib
-from bnlab import models
+from bnlab.models import networks as models
 
 
 def _linear_problem(seed=0, n=8, d=5, h=4, k=3):

@@ -1,4 +1,4 @@
-"""Deterministic mode (bnlab.backend) and run provenance (bnlab.provenance)."""
+"""Deterministic mode (bnlab.engine.backend) and run provenance (bnlab.engine.provenance)."""
 
 import json
 import os
@@ -10,18 +10,18 @@ import jax
 import ml_collections
 import pytest
 
-from bnlab import backend
+from bnlab.engine import backend
 from bnlab import config as config_lib
-from bnlab import provenance
+from bnlab.engine import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ON_GPU = jax.default_backend() in ("gpu", "cuda", "rocm")
 
-# Runs in a fresh interpreter: what bnlab.backend.configure leaves in XLA_FLAGS
+# Runs in a fresh interpreter: what bnlab.engine.backend.configure leaves in XLA_FLAGS
 # before JAX starts, and whether the backend then starts and computes.
 PROBE = """
 import json, os, sys
-from bnlab import backend
+from bnlab.engine import backend
 if sys.argv[1] == "gpu":
   backend.gpu_backend_possible = lambda: True
 backend.configure(sys.argv[2] == "on")

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from bnlab import config as config_lib
-from bnlab import loop
-from bnlab import train
+from bnlab.engine import loop
+from bnlab.engine import train
 from run_files import read_jsonl
 
 

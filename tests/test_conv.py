@@ -1,4 +1,4 @@
-"""Tests for bnlab.conv: im2col/taps convolutions and reshape max pooling."""
+"""Tests for bnlab.models.conv: im2col/taps convolutions and reshape max pooling."""
 
 from functools import partial
 
@@ -13,7 +13,7 @@ try:  # jax >= 0.9 moved it to the top level
 except ImportError:
   from jax.experimental import enable_x64
 
-from bnlab import conv as bconv
+from bnlab.models import conv as bconv
 
 # Unoptimized backend codegen: compiles ~4x faster, same numerics here.
 _jit = partial(jax.jit,

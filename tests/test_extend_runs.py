@@ -13,7 +13,7 @@ import pytest
 
 from bnlab import config as config_lib
 from bnlab import sweep
-from bnlab import train
+from bnlab.engine import train
 from run_files import final_state, read_jsonl
 from test_train import tiny_config
 
@@ -200,7 +200,8 @@ MOVE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import tiny_mnist
     from run_files import final_state
-    from bnlab import config as config_lib, train
+    from bnlab import config as config_lib
+    from bnlab.engine import train
     assert len(jax.devices()) == 4, jax.devices()
     tiny_mnist.write_mnist_dir({data!r}, num_train=256, num_test=64)
 

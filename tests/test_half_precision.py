@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bnlab import config as config_lib
-from bnlab import models
-from bnlab import train
+from bnlab.models import networks as models
+from bnlab.engine import train
 from run_files import final_state
 
 

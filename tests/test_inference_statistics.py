@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bnlab import config as config_lib
-from bnlab import train
+from bnlab.engine import train
 from run_files import final_state, read_jsonl
 
 EPS = 1e-5

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from bnlab import config as config_lib
-from bnlab import members as members_lib
+from bnlab.engine import members as members_lib
 from bnlab import sweep
 from test_sweep import tiny_base
 

@@ -16,8 +16,8 @@ from flax import nnx
 
 import bnlab
 from bnlab import config as config_lib
-from bnlab import models
-from bnlab.norm_linen import load_batch_norm_checkpoint
+from bnlab.models import networks as models
+from bnlab.layers.linen import load_batch_norm_checkpoint
 
 NOISE = {"noise": jax.random.key(7)}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bnlab import config as config_lib
-from bnlab import models
+from bnlab.models import networks as models
 
 
 def model_cfg(**kw):
@@ -143,7 +143,7 @@ def test_conv_block_pooling_equals_activation_then_flax_max_pool(activation):
 def test_xhat_is_the_input_normalised_with_the_running_statistics(norm, float32_matmuls):
   """x-hat against a float64 reference: (preact - bias) / scale = (h - mean) / sqrt(var + eps),
   with random scale, bias and running statistics; its percentiles as the engine records them."""
-  from bnlab import evaluation
+  from bnlab.engine import evaluation
   cfg = model_cfg(name="paper_mlp", activation="sigmoid", norm=norm, bn_position="before")
   model = models.build_model(cfg)
   rng = np.random.default_rng(0)

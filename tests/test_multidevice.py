@@ -13,7 +13,8 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     import tiny_mnist
-    from bnlab import config as config_lib, train
+    from bnlab import config as config_lib
+    from bnlab.engine import train
     assert len(jax.devices()) == 8, jax.devices()
     tiny_mnist.write_mnist_dir({data!r}, num_train=256, num_test=64)
     out = {{}}
@@ -68,7 +69,10 @@ GROUP_SCRIPT = textwrap.dedent("""
     import jax
     sys.path.insert(0, {tests!r})
     import test_sweep
-    from bnlab import config as config_lib, loop, state as state_lib, sweep, train
+    from bnlab import config as config_lib, sweep
+    from bnlab.engine import loop
+    from bnlab.engine import state as state_lib
+    from bnlab.engine import train
     assert len(jax.devices()) == 4, jax.devices()
     cfgs = [sweep.apply_overrides(test_sweep.momenta_base({data!r}), o)
             for o in test_sweep.MOMENTA + [{{"seed": 3}}]]
@@ -90,7 +94,8 @@ def test_group_members_spread_over_4_devices_equal_one_device_group(idx_dir, tmp
   import numpy as np
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import test_sweep  # pylint: disable=g-import-not-at-top
-  from bnlab import sweep, train  # pylint: disable=g-import-not-at-top
+  from bnlab import sweep  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   from run_files import final_state, read_jsonl  # pylint: disable=g-import-not-at-top
   work = tmp_path / "four"
   script = GROUP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), data=idx_dir, work=str(work))

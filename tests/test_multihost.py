@@ -24,7 +24,7 @@ import pytest
 import tiny_mnist
 from run_files import final_state, read_jsonl
 from bnlab import config as config_lib
-from bnlab import train
+from bnlab.engine import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = 240  # per launch; a healthy one takes ~25 s on a 2-core CPU

@@ -2,7 +2,7 @@
 
 The references below are written from the paper (Ioffe & Szegedy 2015,
 Algorithm 1 for training, running statistics for inference) and from the
-closed-form backward pass, independently of `bnlab.norm`.
+closed-form backward pass, independently of `bnlab.layers.functional`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnlab
-from bnlab.norm import canonicalize_axes
+from bnlab.layers.functional import canonicalize_axes
 
 VARIANCES = ("shifted", "two_pass", "fast")
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)

@@ -26,7 +26,7 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import data as data_lib
 from bnlab import main as main_lib
-from bnlab import workdir as workdir_lib
+from bnlab.rundir import workdir as workdir_lib
 from run_files import files
 import tiny_mnist
 
@@ -54,7 +54,7 @@ def env(tmp_path_factory):
   idx = str(root / "idx")
   tiny_mnist.write_mnist_dir(idx, num_train=320, num_test=100)
   run = str(root / "finished")
-  from bnlab import train
+  from bnlab.engine import train
   train.train_and_evaluate(tiny_config(idx), run)
   return {"idx": idx, "finished": run, "root": root}
 
@@ -184,7 +184,8 @@ def _corrupt_all_checkpoints(c):
 def _foreign_checkpoint(c):
   """Checkpoints of another model (wider layers) under this run's config."""
   import jax
-  from bnlab import models, train
+  from bnlab.models import networks as models
+  from bnlab.engine import train
   c.copy_finished(interrupted_at=0)
   ck = os.path.join(c.wd, "checkpoints")
   for name in os.listdir(ck):

@@ -14,8 +14,8 @@ import jax
 import pytest
 
 from bnlab import sweep
-from bnlab import train
-from bnlab import workdir as workdir_lib
+from bnlab.engine import train
+from bnlab.rundir import workdir as workdir_lib
 from run_files import damage_checkpoint_payload, files
 import tiny_mnist
 

@@ -13,10 +13,10 @@ import pytest
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
-from bnlab import loop as loop_lib
+from bnlab.engine import loop as loop_lib
 from bnlab import main as main_lib
 from bnlab import sweep
-from bnlab import workdir as workdir_lib
+from bnlab.rundir import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_A = {"source": "idx:/d", "num_train": 320, "num_test": 100, "sha256": "a" * 64}
@@ -193,7 +193,7 @@ def test_sweep_cli_get_sweep_raising_is_one_error_line(tmp_path):
 
 def test_ctrl_c_during_training_names_the_step(tmp_path, monkeypatch, capsys):
   import tiny_mnist
-  from bnlab import train
+  from bnlab.engine import train
   idx = str(tmp_path / "idx")
   tiny_mnist.write_mnist_dir(idx, num_train=96, num_test=32)
   c = config_lib.base_config()

@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FULL_AT_STEP = """
 import resource, signal, sys
-from bnlab import main, workdir
+from bnlab import main
+from bnlab.rundir import workdir
 full_at = int(sys.argv.pop(1))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 real_save = workdir.WorkDir.save

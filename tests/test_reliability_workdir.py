@@ -17,7 +17,7 @@ import pytest
 
 from bnlab import config as config_lib
 from bnlab import sweep
-from bnlab import workdir as workdir_lib
+from bnlab.rundir import workdir as workdir_lib
 from run_files import damage_checkpoint_payload, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -381,7 +381,8 @@ def test_finished_directory_still_refuses_another_config(tmp_path):
 
 FULL_DISK = """
 import os, resource, signal, sys
-from bnlab import config, workdir
+from bnlab import config
+from bnlab.rundir import workdir
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import pytest
 from absl import logging
 
-from bnlab import backend
-from bnlab import timesplit
-from bnlab import train
+from bnlab.engine import backend
+from bnlab.engine import timesplit
+from bnlab.engine import train
 from test_train import tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -79,7 +79,8 @@ import collections, sys
 from jax import monitoring
 events = collections.Counter()
 monitoring.register_event_listener(lambda event, **_: events.update([event]))
-from bnlab import config as config_lib, train
+from bnlab import config as config_lib
+from bnlab.engine import train
 idx, cache, wd = sys.argv[1:4]
 c = config_lib.base_config()
 c.data.source, c.data.dir, c.data.cache_dir = "idx", idx, cache
@@ -127,7 +128,7 @@ def test_a_cache_directory_set_before_is_kept(tmp_path):
 
 def test_calls_have_one_length_when_the_intervals_share_a_divisor():
   from bnlab import config as config_lib
-  from bnlab import loop
+  from bnlab.engine import loop
   c = config_lib.base_config()
   c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 60, 10_000, 2_500
   plan = loop.make_schedule_plan(c, 60_000)  # epochs of 1,000 steps

@@ -1,4 +1,4 @@
-"""bnlab.study_measurements: measurements, rules and figures against hand-computed values;
+"""bnlab.study.measurements: measurements, rules and figures against hand-computed values;
 the paper_figure1 and why_bn studies end to end at :runlocal on the tiny MNIST fixture."""
 
 import glob
@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from bnlab import study
-from bnlab import study_measurements as sm
+from bnlab.study import measurements as sm
 from bnlab import sweep
 import test_study
 

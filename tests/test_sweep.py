@@ -13,8 +13,8 @@ import pytest
 
 from bnlab import config as config_lib
 from bnlab import sweep
-from bnlab import train
-from bnlab import workdir as workdir_lib
+from bnlab.engine import train
+from bnlab.rundir import workdir as workdir_lib
 from run_files import final_state, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -385,7 +385,7 @@ def test_a_diverged_member_without_its_summary_gets_the_same_summary_again(idx_d
 def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
   # A long sweep in one process must not keep every group's compiled programs: on CPU
   # each maps memory, and ~40 groups once exhausted Linux's 65,530 mappings.
-  from bnlab import loop  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import loop  # pylint: disable=g-import-not-at-top
   base = tiny_base(idx_dir)
   base.train.num_epochs = 1
   jax.clear_caches()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bnlab import config as config_lib
-from bnlab import train
+from bnlab.engine import train
 from run_files import final_state, read_jsonl
 
 
@@ -112,7 +112,7 @@ def test_divergence_is_recorded_not_raised(idx_dir, tmp_path):
 
 def test_eval_covers_every_test_example(idx_dir):
   """An eval batch that does not divide the test set still counts every example."""
-  from bnlab import models
+  from bnlab.models import networks as models
   cfg = tiny_config(idx_dir)
   model = models.build_model(cfg.model)
   images = jax.random.randint(jax.random.key(0), (103, 28, 28), 0, 255).astype(jnp.uint8)
@@ -169,7 +169,7 @@ def test_activation_percentiles_are_recorded_at_each_eval(idx_dir, tmp_path):
     assert pct.shape == (2, 3)  # units x (15, 50, 85)
     assert np.all(np.diff(pct, axis=1) >= 0)  # percentiles are ordered
   # Independent check at the end: numpy percentiles of the same activations.
-  from bnlab import models
+  from bnlab.models import networks as models
   step, saved = final_state(wd)
   model = models.build_model(cfg.model)
   from bnlab import data as data_lib
@@ -197,7 +197,7 @@ def test_variants_train_through_the_engine(idx_dir, tmp_path, norm):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_member_states_equal_stacked_solo_states(schedule):
-  from bnlab import models  # pylint: disable=g-import-not-at-top
+  from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
   cfgs = []
   for seed, lr in ((0, 0.1), (1, 0.1), (0, 0.5)):
     c = config_lib.base_config()

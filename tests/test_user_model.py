@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from bnlab import config as config_lib
-from bnlab import models
+from bnlab.models import networks as models
 from bnlab import sweep
-from bnlab import train
+from bnlab.engine import train
 from run_files import final_state, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,9 +18,10 @@ import pytest
 
 import bnlab
 from bnlab import config as config_lib
-from bnlab import models, variants
-from bnlab.norm_linen import (BatchNorm, BatchNormVariant, BatchRenorm, GhostBatchNorm,
-                              NoisyBatchNorm)
+from bnlab.models import networks as models
+from bnlab.layers import variants
+from bnlab.layers.linen import (BatchNorm, BatchNormVariant, BatchRenorm, GhostBatchNorm,
+                                NoisyBatchNorm)
 
 EPS = 1e-3
 MOMENTUM = 0.9

@@ -7,7 +7,7 @@ ReLUs at lr 0.1 (as configs/studies/relu_lr.py), each with BN, without BN and wi
 noisy BN (BN, then a random per-activation scale U(1, 1.5) and shift U(-0.5, 0.5)
 redrawn every step), 3 seeds, plain SGD, 3,000 steps, a checkpoint every 750. At
 initialisation and at every checkpoint the measurement `ics_smoothness`
-(bnlab.study_measurements) takes `bnlab.analysis`'s ICS per layer and gradient
+(bnlab.study.measurements) takes `bnlab.analysis`'s ICS per layer and gradient
 smoothness over 7 step sizes eta from lr/4 to 4 lr, mean over 8 fixed training
 batches; cached in runs/<member>/measurements/ics.json.
 
@@ -32,7 +32,7 @@ Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite shar
 """
 
 from bnlab import study
-from bnlab import study_measurements  # noqa: F401  (registers ics_smoothness, mostly_lower, ...)
+from bnlab.study import measurements as study_measurements  # noqa: F401  (registers ics_smoothness, mostly_lower, ...)
 from bnlab import sweep
 
 QUANTITIES = ("ics_l2", "ics_cos", "ics_rel")

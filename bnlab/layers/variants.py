@@ -1,4 +1,4 @@
-"""Batch Normalization variants as pure functions over `bnlab.norm`.
+"""Batch Normalization variants as pure functions over `bnlab.layers.functional`.
 
 - `batch_renorm`: Batch Renormalization (Ioffe 2017), with `renorm_limits`
   for the r_max / d_max ramp over training steps.
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnlab.norm import (Axes, BatchNormOutput, batch_moments, batch_norm, canonicalize_axes,
-                        layer_dtypes_and_axes, running_statistics)
+from bnlab.layers.functional import (Axes, BatchNormOutput, batch_moments, batch_norm, canonicalize_axes,
+                                     layer_dtypes_and_axes, running_statistics)
 
 RUNNING_AVERAGES = ("ema", "population")
 

@@ -22,31 +22,31 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bnlab import backend
+from bnlab.engine import backend
 from bnlab import config as config_lib
-from bnlab import conv as conv_lib
+from bnlab.models import conv as conv_lib
 from bnlab import data as data_lib
-from bnlab import distributed
-from bnlab import loop as loop_lib
-from bnlab import models
-from bnlab import optim
-from bnlab import provenance
-from bnlab import state as state_lib
-from bnlab import steps as steps_lib
-from bnlab import timesplit
-from bnlab import workdir as workdir_lib
+from bnlab.engine import distributed
+from bnlab.engine import loop as loop_lib
+from bnlab.models import networks as models
+from bnlab.engine import optim
+from bnlab.engine import provenance
+from bnlab.engine import state as state_lib
+from bnlab.engine import steps as steps_lib
+from bnlab.engine import timesplit
+from bnlab.rundir import workdir as workdir_lib
 # pylint: disable=unused-import
-from bnlab.evaluation import (activation_percentiles, eval_model_config, evaluate,
-                              evaluate_members)
-from bnlab.loop import (Schedule, data_parallel_mesh, group_permutations,
-                        make_schedule_plan, run_one_step, run_one_step_group, run_steps,
-                        run_steps_group)
-from bnlab.members import GROUPABLE_KEYS, group_key, grouping_helps, init_models
-from bnlab.optim import learning_rate_schedule, make_optimizer
-from bnlab.provenance import versions
-from bnlab.state import TrainState, create_member_states, create_train_state
-from bnlab.state import take as _take
-from bnlab.steps import epoch_permutation, metric_sums_zero, resolve_loop, train_step
+from bnlab.engine.evaluation import (activation_percentiles, eval_model_config, evaluate,
+                                     evaluate_members)
+from bnlab.engine.loop import (Schedule, data_parallel_mesh, group_permutations,
+                               make_schedule_plan, run_one_step, run_one_step_group, run_steps,
+                               run_steps_group)
+from bnlab.engine.members import GROUPABLE_KEYS, group_key, grouping_helps, init_models
+from bnlab.engine.optim import learning_rate_schedule, make_optimizer
+from bnlab.engine.provenance import versions
+from bnlab.engine.state import TrainState, create_member_states, create_train_state
+from bnlab.engine.state import take as _take
+from bnlab.engine.steps import epoch_permutation, metric_sums_zero, resolve_loop, train_step
 # pylint: enable=unused-import
 
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bnlab import conv as conv_lib
-from bnlab import models
-from bnlab.state import TrainState
+from bnlab.models import conv as conv_lib
+from bnlab.models import networks as models
+from bnlab.engine.state import TrainState
 
 
 def metric_sums_zero(num_members: int | None = None) -> dict[str, jax.Array]:

@@ -25,7 +25,7 @@ What is kept, and what is refused:
     record (a torn write) is moved to metrics.jsonl.damaged-<time>, every other
     record is kept, and a warning names the file and the line numbers. A
     resume whose records stop before the checkpoint it resumes from (the file
-    removed or cut short) is refused (`bnlab.loop`), naming the fix.
+    removed or cut short) is refused (`bnlab.engine.loop`), naming the fix.
   - bnlab never writes through a symbolic link: a link where one of its files
     or directories belongs stops the run with an error naming it (the link's
     target is left alone).
@@ -48,7 +48,7 @@ entry is a list of [path, kind] pairs, path being the indices/keys within the
 value). A reader that ignores "nonfinite" sees null (no value); `decode_nonfinite`
 restores the floats (read_metrics and read_summary do).
 
-In a multi-process run (bnlab.distributed) every process opens the same
+In a multi-process run (bnlab.engine.distributed) every process opens the same
 directory: process 0 (the primary) holds the lock and writes config.json,
 metrics, TensorBoard events, checksums and the summary; the others only read,
 keep their records in memory, and call the checkpoint manager with the primary
@@ -77,7 +77,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from bnlab import data as data_lib
-from bnlab import distributed
+from bnlab.engine import distributed
 from bnlab.data import _sha256_file  # pylint: disable=protected-access
 from bnlab.config import ConfigError, changed_keys, flatten, resume_refusal
 

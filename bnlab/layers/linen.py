@@ -1,5 +1,5 @@
 """flax.linen modules: `BatchNorm` (a drop-in replacement for `flax.linen.BatchNorm`)
-and the variants over `bnlab.variants`: `BatchNormVariant` (frozen statistics,
+and the variants over `bnlab.layers.variants`: `BatchNormVariant` (frozen statistics,
 population running average), `BatchRenorm`, `GhostBatchNorm`, `NoisyBatchNorm`.
 
 `load_batch_norm_checkpoint` loads the variables of a model with `BatchNorm`
@@ -18,8 +18,8 @@ from flax import traverse_util
 from flax.linen import initializers
 from flax.linen.module import merge_param
 
-from bnlab import variants
-from bnlab.norm import Axes, BatchNormOutput, any_counted, batch_norm, canonicalize_axes
+from bnlab.layers import variants
+from bnlab.layers.functional import Axes, BatchNormOutput, any_counted, batch_norm, canonicalize_axes
 
 
 class BatchNorm(nn.Module):
@@ -35,7 +35,7 @@ class BatchNorm(nn.Module):
   Differences, all deliberate:
 
   - `use_fast_variance` defaults to False: the variance is the robust one-pass
-    shifted formula (see `bnlab.norm`), exact where Flax's default loses all
+    shifted formula (see `bnlab.layers.functional`), exact where Flax's default loses all
     precision (inputs with |mean| >> std).
   - `axis_name` statistics psum sums and counts, so masks with different
     counts per device give exactly the global statistics.

@@ -18,7 +18,7 @@ Each member runs in `DIR/<name>` (its overrides, e.g.
 Members whose configs differ only in `seed`, constant learning rate,
 `optimizer.momentum`, `model.bn.momentum`, `model.bn.epsilon` and the
 initializer (`model.kernel_init`, `model.init_std`) train together as one vmapped
-program (`bnlab.train.train_group`, group checkpoints in `DIR/_groups/`), in
+program (`bnlab.engine.train.train_group`, group checkpoints in `DIR/_groups/`), in
 chunks of as many members as fit the device's memory (`--max_group_size`
 caps them). Finished members are skipped on rerun (a member made
 longer by a raised `train.num_steps` continues). `DIR/results.csv` and
@@ -279,15 +279,15 @@ def select(members: Sequence[Member], only: str | None) -> list[Member]:
 
 def group_members(members: Sequence[Member], grouped: bool = True,
                   max_group_size: int | None = None) -> list[list[Member]]:
-  """Members that can train together (`bnlab.members.group_key`), in sweep order.
+  """Members that can train together (`bnlab.engine.members.group_key`), in sweep order.
 
-  Members whose model does not gain from grouping here (`bnlab.members.grouping_helps`)
+  Members whose model does not gain from grouping here (`bnlab.engine.members.grouping_helps`)
   run alone. A group larger than `max_group_size` members (None or 0: as many
-  as fit the device's memory, `bnlab.members.group_capacity`) trains in the
+  as fit the device's memory, `bnlab.engine.members.group_capacity`) trains in the
   fewest near-equal chunks, each its own group; the same sweep on the same
   device (or with the same `max_group_size`) always chunks alike.
   """
-  from bnlab import members as members_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
   if not grouped:
     return [[m] for m in members]
   groups: dict[str, list[Member]] = {}
@@ -352,8 +352,8 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   cover every member.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from bnlab import train  # pylint: disable=g-import-not-at-top
-  from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   members, groups = plan(base, sweep, grouped, overrides, only, max_group_size)
   make_sweep_dir(workdir)
   lock_path = os.path.join(workdir, ".sweep-lock")
@@ -367,7 +367,7 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
 
 def make_sweep_dir(workdir: str) -> None:
   """Creates the sweep's directory; WorkDirError (one line) when it cannot be."""
-  from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if not isinstance(workdir, str) or not workdir.strip():
     raise workdir_lib.WorkDirError(
         f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
@@ -420,9 +420,9 @@ def check_members_config(members: Sequence[Member], workdir: str) -> None:
 def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
   """Trains the groups (the sweep's lock held); the rows of every member."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from bnlab import train  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from bnlab import members as members_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
   datasets: dict[str, Any] = {}
   programs = None  # what the compiled programs in memory were made for
@@ -498,8 +498,8 @@ def records_cut_short(path: str, summary: dict, records: list[dict]) -> str | No
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  """The records of a metrics.jsonl, NaN/inf restored (stored as null: bnlab.workdir)."""
-  from bnlab import workdir  # pylint: disable=g-import-not-at-top
+  """The records of a metrics.jsonl, NaN/inf restored (stored as null: bnlab.rundir.workdir)."""
+  from bnlab.rundir import workdir  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     return []
   out = []
@@ -519,7 +519,7 @@ def _result_row(m: Member, path: str, error: str | None) -> dict:
   summary = None
   summary_path = os.path.join(path, "summary.json")
   if os.path.exists(summary_path):
-    from bnlab import workdir  # pylint: disable=g-import-not-at-top
+    from bnlab.rundir import workdir  # pylint: disable=g-import-not-at-top
     try:
       summary = workdir.read_summary_file(summary_path)
     except workdir.WorkDirError as e:
@@ -566,7 +566,7 @@ def load_results(workdir: str) -> list[dict]:
 def dry_run_listing(members: Sequence[Member], groups: Sequence[Sequence[Member]],
                     workdir: str) -> tuple[str, dict]:
   """(a table, a JSON-able object) of the selected members: group, name, status."""
-  from bnlab import train  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   group_of = {m.name: i for i, g in enumerate(groups) for m in g}
   entries = []
   for m in members:
@@ -590,10 +590,10 @@ def main(argv):
   --dry_run, --only."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from bnlab import backend  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
-  from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir_lib.quiet_library_logs()
@@ -667,9 +667,3 @@ def run():
   for name in ("config", "workdir", "grouped", "max_group_size", "dry_run", "only"):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   app.run(main, flags_parser=main_lib.parse_flags)
-
-
-if __name__ == "__main__":
-  # Through the imported module, so sweep files and the runner share its classes.
-  from bnlab import sweep as _sweep  # pylint: disable=g-import-not-at-top
-  _sweep.run()

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from bnlab import config as config_lib
-from bnlab import models
-from bnlab import optim
-from bnlab import state as state_lib
-from bnlab import steps
-from bnlab.state import MEMBER_VALUE_KEYS, MemberStates
+from bnlab.models import networks as models
+from bnlab.engine import optim
+from bnlab.engine import state as state_lib
+from bnlab.engine import steps
+from bnlab.engine.state import MEMBER_VALUE_KEYS, MemberStates
 
 # Keys that only choose the initial parameters: members that differ in them share
 # a train step (each part of a group is initialized with its own model).

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from bnlab import optim
+from bnlab.engine import optim
 
 
 class TrainState(struct.PyTreeNode):

@@ -80,7 +80,7 @@ def configure(deterministic: bool) -> None:
     if deterministic and not current and _gpu_started():
       raise BackendError(
           "train.deterministic=True but JAX's GPU backend started without "
-          f"{GPU_DETERMINISM_FLAG}=true; call bnlab.backend.configure(True) before the "
+          f"{GPU_DETERMINISM_FLAG}=true; call bnlab.engine.backend.configure(True) before the "
           "first JAX computation (or export XLA_FLAGS="
           f"{GPU_DETERMINISM_FLAG}=true), or set train.deterministic=False")
     return

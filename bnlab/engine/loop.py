@@ -14,15 +14,15 @@ import numpy as np
 from absl import logging
 
 from bnlab import config as config_lib
-from bnlab import distributed
-from bnlab import evaluation
-from bnlab import members as members_lib
-from bnlab import models
-from bnlab import state as state_lib
-from bnlab import steps as steps_lib
-from bnlab import timesplit
-from bnlab import workdir as workdir_lib
-from bnlab.state import take
+from bnlab.engine import distributed
+from bnlab.engine import evaluation
+from bnlab.engine import members as members_lib
+from bnlab.models import networks as models
+from bnlab.engine import state as state_lib
+from bnlab.engine import steps as steps_lib
+from bnlab.engine import timesplit
+from bnlab.rundir import workdir as workdir_lib
+from bnlab.engine.state import take
 
 # -- compiled forms: the one place where the step functions are jitted -------
 
@@ -113,7 +113,7 @@ def make_schedule_plan(cfg, num_train: int) -> Schedule:
 def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
   """A 1-D mesh ("batch") over `num_devices` devices (0: all), or None for one.
 
-  The devices of every process of a multi-process run (`bnlab.distributed`),
+  The devices of every process of a multi-process run (`bnlab.engine.distributed`),
   the same number from each.
   """
   devices = distributed.mesh_devices(num_devices)

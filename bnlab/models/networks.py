@@ -6,7 +6,7 @@ norm's shift replaces) or "after" it. Norms:
 
 - "batch": `bnlab.BatchNorm` ("flax_batch": Flax's own, as a reference);
 - "renorm", "ghost", "noisy": Batch Renormalization, ghost batches, BN with
-  per-activation noise (see `bnlab.norm_linen`); "noisy" needs a `noise` RNG
+  per-activation noise (see `bnlab.layers.linen`); "noisy" needs a `noise` RNG
   in train mode;
 - "frozen": BN that always uses, and never updates, its running statistics;
 - "layer", "group": Flax's LayerNorm (over every non-batch axis) and
@@ -38,9 +38,9 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from bnlab.conv import Conv, max_pool
-from bnlab import norm_linen
-from bnlab.norm_linen import BatchNorm
+from bnlab.models.conv import Conv, max_pool
+from bnlab.layers import linen as norm_linen
+from bnlab.layers.linen import BatchNorm
 
 MODELS = ("paper_mlp", "seed_cnn", "seed1_mlp", "seed1_cnn")
 CNN_MODELS = ("seed_cnn", "seed1_cnn")  # the built-in networks with convolutions

@@ -21,7 +21,7 @@ Behaviour is looked up by name in four registries, each of small functions:
 
 Stages (each idempotent): *run* trains what is missing through
 `bnlab.sweep.run_sweep` (grouping, resuming; members in `DIR/runs/`) and
-records the stage's wall time and `bnlab.provenance.environment()` in
+records the stage's wall time and `bnlab.engine.provenance.environment()` in
 `DIR/stages.json`; *report* reads only the files (`DIR/study.json` and the run
 directories) and writes `report.md`, `results.json`, `results.csv` (one row per
 run, its reduced values; series stay in the run's metrics.jsonl), `cells.csv`, `claims.json` and `figures/`. A cell pools the runs that
@@ -52,7 +52,7 @@ import ml_collections
 from bnlab import config as config_lib
 from bnlab import sweep
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VERDICTS = ("supported", "refuted", "inconclusive")
 
 
@@ -292,7 +292,7 @@ def diverged_at(run: Run):
 def collapsed(run: Run):
   """Whether the run collapsed: a finite loss that exploded or accuracy back near chance.
 
-  `bnlab.loop.CollapseWatch`; a run that collapsed may have recovered (see its
+  `bnlab.engine.loop.CollapseWatch`; a run that collapsed may have recovered (see its
   final accuracy) unless it stopped there (`train.stop_on_collapse`).
   """
   return bool(run.summary.get("collapsed")) if run.summary else None
@@ -920,7 +920,8 @@ def _write_json(path: str, value) -> None:
 
 def run_stage(study: Study, workdir: str) -> None:
   """Trains the members that are not finished; records the stage in stages.json."""
-  from bnlab import backend, provenance  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
   # Deterministic mode is set before anything starts JAX (provenance does).
   backend.configure_run(study.base_run_config())
   os.makedirs(workdir, exist_ok=True)
@@ -1065,7 +1066,7 @@ def _rule_text(spec: dict) -> str:
 
 
 def _time_lines(runs: list[Run], stages: list[dict]) -> list[str]:
-  from bnlab import train  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   done = [r for r in runs if r.summary]
   groups: dict[str, float] = {}
   for r in done:
@@ -1083,7 +1084,7 @@ def _time_lines(runs: list[Run], stages: list[dict]) -> list[str]:
 
 
 def _where_lines(stages: list[dict]) -> list[str]:
-  from bnlab import provenance  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
   if not stages:
     return ["- No run stage of this command is recorded: the runs were made before it."]
   return [f"- {s['started']}, {s['wall_s'] / 60:.1f} min, {s['trained']} run(s) trained"
@@ -1256,7 +1257,7 @@ def main(argv):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
-  from bnlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir_lib.quiet_library_logs()
@@ -1319,9 +1320,3 @@ def run():
                     "run: train what is missing; report: rebuild the report from the files.")
   flags.DEFINE_string("out", "", "Also copy the report, tables and figures here.")
   app.run(main, flags_parser=main_lib.parse_flags)
-
-
-if __name__ == "__main__":
-  # Through the imported module, so study files and the runner share its registries.
-  from bnlab import study as _study  # pylint: disable=g-import-not-at-top
-  _study.run()

@@ -34,6 +34,8 @@ from typing import Any, Callable, TypeVar
 import jax
 import numpy as np
 
+from bnlab.errors import ConfigError
+
 T = TypeVar("T")
 
 # jax.distributed's cluster auto-detection methods (jax/_src/clusters/): Open MPI,
@@ -86,7 +88,7 @@ def initialize(dcfg) -> bool:
   except Exception as e:  # pylint: disable=broad-except
     detail = " ".join(str(e).split())[:300]
     if "must be called before" in detail:
-      fix = ("call bnlab.distributed.initialize(config.distributed) at the start of your "
+      fix = ("call bnlab.engine.distributed.initialize(config.distributed) at the start of your "
              "script, before any JAX computation (train.train_and_evaluate does)")
     else:
       fix = ("check config.distributed.* (every process needs the same coordinator_address "
@@ -167,7 +169,6 @@ def mesh_devices(num_devices: int) -> list:
   devices = jax.devices()
   n = len(devices) if num_devices == 0 else num_devices
   if n > len(devices):
-    from bnlab.config import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(
         f"config.train.num_devices={num_devices} but only {len(devices)} "
         f"{jax.default_backend()} devices are visible; lower it (0 = all)")
@@ -177,7 +178,6 @@ def mesh_devices(num_devices: int) -> list:
   per_process = [[d for d in devices if d.process_index == p] for p in range(procs)]
   fewest = min(len(p) for p in per_process)
   if n % procs or n // procs > fewest:
-    from bnlab.config import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(
         f"config.train.num_devices={num_devices} cannot be split evenly over the {procs} "
         f"processes of this run (at least {fewest} devices each); set 0 (all "

@@ -114,7 +114,8 @@ def summarize_checkpoints(rows: list[dict], mid: int) -> dict:
 def _measure_fn(model, lr: float, etas, noisy: bool):
   """(params, batch_stats, rng, step, images, labels) -> per-batch ICS and smoothness."""
   import jax  # pylint: disable=g-import-not-at-top
-  from bnlab import analysis, models  # pylint: disable=g-import-not-at-top
+  from bnlab import analysis  # pylint: disable=g-import-not-at-top
+  from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def measure(params, batch_stats, rng, step, images, labels):
@@ -146,7 +147,9 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from bnlab import analysis, models, train  # pylint: disable=g-import-not-at-top
+  from bnlab import analysis  # pylint: disable=g-import-not-at-top
+  from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(run_cfg)
   lr, batch = cfg.optimizer.learning_rate, cfg.train.batch_size
   ds = train.load_data(cfg)

@@ -2,8 +2,8 @@
 
 `BatchRenorm`, `GhostBatchNorm`, `NoisyBatchNorm` and `BatchNormVariant`
 (frozen statistics, population averages) mirror the linen modules of
-`bnlab.norm_linen`: same fields, same extra variables (`steps`,
-`num_batches`), same pure functions from `bnlab.variants` underneath.
+`bnlab.layers.linen`: same fields, same extra variables (`steps`,
+`num_batches`), same pure functions from `bnlab.layers.variants` underneath.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flax import nnx
 from flax.nnx import initializers
 from flax.nnx.nn import dtypes
 
-from bnlab import variants
-from bnlab.norm import Axes, BatchNormOutput, any_counted, batch_norm
+from bnlab.layers import variants
+from bnlab.layers.functional import Axes, BatchNormOutput, any_counted, batch_norm
 
 
 class BatchNorm(nnx.Module):
@@ -189,7 +189,7 @@ class BatchNorm(nnx.Module):
 class BatchNormVariant(BatchNorm):
   """`BatchNorm` with a choice of running statistics; the base of the variants.
 
-  As `bnlab.norm_linen.BatchNormVariant`: `running_average="ema"` (`momentum`)
+  As `bnlab.layers.linen.BatchNormVariant`: `running_average="ema"` (`momentum`)
   or `"population"` (the average of every batch's mean and m/(m-1)-corrected
   variance, Ioffe & Szegedy 2015, Algorithm 2; adds the `num_batches`
   `nnx.BatchStat`), and `frozen=True` to normalize with the running
@@ -304,7 +304,7 @@ class BatchRenorm(BatchNormVariant):
 
 
 class GhostBatchNorm(BatchNormVariant):
-  """`bnlab.norm_linen.GhostBatchNorm` for NNX: `variants.ghost_batch_norm` per call.
+  """`bnlab.layers.linen.GhostBatchNorm` for NNX: `variants.ghost_batch_norm` per call.
 
   Attributes:
     ghost_size: examples per ghost batch; the batch size must be a multiple
