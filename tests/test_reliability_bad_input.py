@@ -63,7 +63,7 @@ def env(tmp_path_factory):
 def holder(env):
   """A live process holding the lock of a work directory (a real bnlab WorkDir)."""
   wd = str(env["root"] / "held")
-  code = ("import sys, time\nfrom bnlab import config, workdir\n"
+  code = ("import sys, time\nfrom bnlab import config\nfrom bnlab.rundir import workdir\n"
           "w = workdir.WorkDir(sys.argv[1], config.base_config())\n"
           "print('locked', flush=True)\ntime.sleep(300)\n")
   p = subprocess.Popen([sys.executable, "-c", code, wd], cwd=ROOT, stdout=subprocess.PIPE,

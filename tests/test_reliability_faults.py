@@ -233,7 +233,7 @@ def test_failed_start_then_the_fix_runs_in_the_same_directory(idx_dir, reference
 
 # -- one writer per work directory ------------------------------------------------
 
-HOLD = ("import sys, time\nfrom bnlab import config, workdir\n"
+HOLD = ("import sys, time\nfrom bnlab import config\nfrom bnlab.rundir import workdir\n"
         "w = workdir.WorkDir(sys.argv[1], config.base_config())\n"
         "print('locked', flush=True)\ntime.sleep(300)\n")
 
