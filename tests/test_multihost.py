@@ -255,3 +255,47 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(idx_dir, 
   rc, _, err = results[0]
   assert rc not in (0, -signal.SIGKILL), f"process 0 exited {rc}:\n{err[-3000:]}"
   assert "heartbeat" in err, err[-3000:]
+
+
+# -- a missing coordinator ends in one line -----------------------------------------
+
+def _args(idx, wd):
+  """A one-process run of the tiny MLP; it stops at the coordinator, before training."""
+  return ["--config=configs/seed1_mlp.py", f"--workdir={wd}", "--config.data.source=idx",
+          f"--config.data.dir={idx}"]
+
+
+@pytest.mark.parametrize("address", ["localhost:{port}", "127.0.0.1:{port}"])
+def test_missing_coordinator_is_one_line(tmp_path, address):
+  idx = str(tmp_path / "idx")
+  tiny_mnist.write_mnist_dir(idx, num_train=320, num_test=100)
+  address = address.format(port=free_port())
+  start = time.monotonic()
+  p = subprocess.run(
+      [sys.executable, "-m", "bnlab.main", *_args(idx, tmp_path / "wd"),
+       "--config.train.num_devices=0", f"--config.distributed.coordinator_address={address}",
+       "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
+       "--config.distributed.initialization_timeout=3"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-3000:]
+  lines = [x for x in p.stderr.splitlines() if not x.startswith("I")]
+  assert len(lines) == 1, p.stderr[-3000:]
+  assert lines[0].startswith(f"error: the coordinator at config.distributed.coordinator_address="
+                             f"'{address}' did not answer within 3 s"), lines[0]
+  assert "start process 0" in lines[0], lines[0]
+  assert time.monotonic() - start < 120
+
+
+def test_unresolvable_coordinator_host_is_one_line(tmp_path):
+  idx = str(tmp_path / "idx")
+  tiny_mnist.write_mnist_dir(idx, num_train=320, num_test=100)
+  p = subprocess.run(
+      [sys.executable, "-m", "bnlab.main", *_args(idx, tmp_path / "wd"),
+       "--config.train.num_devices=0",
+       "--config.distributed.coordinator_address=no-such-host.invalid:12345",
+       "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
+       "--config.distributed.initialization_timeout=3"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-3000:]
+  lines = [x for x in p.stderr.splitlines() if not x.startswith("I")]
+  assert len(lines) == 1 and "cannot be resolved" in lines[0], p.stderr[-3000:]

@@ -27,7 +27,7 @@ def test_configs_are_valid_and_short():
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_new_study_runs_end_to_end(name, idx_dir, tmp_path):
+def test_relu_lr_and_small_batches_run_end_to_end(name, idx_dir, tmp_path):
   wd = str(tmp_path / name)
   text = run_local(name, idx_dir, wd)
   rows = json.load(open(os.path.join(wd, "results.json")))["rows"]

@@ -4,19 +4,18 @@ One table, one test: every case sets something up, runs `bnlab.main` (in-process
 through `bnlab.main.execute`, or end to end through `python -m bnlab.main`),
 and checks: exit status 2, exactly one `error:` line holding the problem and
 the fix, no traceback, and every file already in the work directory unchanged
-(metrics.jsonl may only grow).
+(metrics.jsonl may only grow). The study command line's bad file or work
+directory is checked the same way at the end.
 """
 
 import builtins
 import errno
 import gzip
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 import ml_collections
 import numpy as np
@@ -491,3 +490,23 @@ def test_verbosity_shows_the_traceback(env, tmp_path):
                       f"--workdir={tmp_path / 'wd'}", "--config.train.batch_size=0",
                       "--verbosity=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode != 0 and "Traceback" in p.stderr and "config.train.batch_size" in p.stderr
+
+
+@pytest.mark.parametrize("sweep_body, workdir, message", [
+    ("raise ValueError('no members today')", "wd",
+     "failed to load (ValueError: no members today); fix the file"),
+    ("return [{}]", "FILE", "is a file, not a directory; choose another --workdir"),
+])
+def test_study_cli_bad_file_or_workdir_is_one_error_line(tmp_path, sweep_body, workdir, message):
+  path = tmp_path / "study_cfg.py"
+  path.write_text("from bnlab import study\n\ndef get_config(arg=None):\n"
+                  f"  return study.base_config()\n\ndef get_sweep(arg=None):\n  {sweep_body}\n")
+  workdir = tmp_path / workdir
+  if workdir.name == "FILE":
+    workdir.write_text("x")
+  p = subprocess.run([sys.executable, "-m", "bnlab.study", f"--config={path}",
+                      f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert len(errors) == 1 and message in errors[0], p.stderr

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnlab
-from test_norm import ref_batch_norm, rel_err
+from test_layers_functional import ref_batch_norm, rel_err
 
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 
