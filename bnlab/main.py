@@ -8,7 +8,7 @@ one line `error: <problem>; <fix>` on stderr; `--verbosity=1` adds the traceback
 Several processes (one per host, or several on one machine) run one
 data-parallel training when the config's `distributed` section says so: each
 process runs this same command with its own `--config.distributed.process_id`
-(or none, on a cluster JAX detects); see README.md, "Multi-device training".
+(or none, on a cluster JAX detects); see docs/multi-device.md.
 """
 
 from __future__ import annotations

@@ -292,10 +292,10 @@ def test_study_configs_are_valid_and_small():
   with open(os.path.join(ROOT, "configs", "studies", "bn_batch_size.py")) as f:
     example = f.read()
   assert len(example.splitlines()) < 60
-  with open(os.path.join(ROOT, "README.md")) as f:
-    readme = f.read().split("#### Writing a study", 1)[1]
-  shown = readme.split("```python\n", 1)[1].split("```", 1)[0]
-  assert example.endswith(shown)  # the README shows the config file as it is, less its docstring
+  with open(os.path.join(ROOT, "docs", "studies.md")) as f:
+    page = f.read().split("## Writing a study", 1)[1]
+  shown = page.split("```python\n", 1)[1].split("```", 1)[0]
+  assert example.endswith(shown)  # the docs show the config file as it is, less its docstring
 
 
 # -- end to end ------------------------------------------------------------------------
