@@ -16,6 +16,7 @@ from bnlab.models import conv
 from bnlab import data as data_lib
 from bnlab.engine import distributed
 from bnlab.models import networks as models
+from bnlab.models import user as user_models
 from bnlab.errors import ConfigError
 from bnlab.layers.variants import RUNNING_AVERAGES
 
@@ -116,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   # A built-in network (bnlab.models.networks.MODELS) or your own Flax model,
-  # "package.module:target" (see bnlab.models.networks.user_model).
+  # "package.module:target" (see bnlab.models.user).
   c.model.name = "seed_cnn"
   c.model.norm = "batch"  # one of bnlab.models.networks.NORMS
   c.model.bn_position = "after"
@@ -409,7 +410,7 @@ def _validate_model_name(c) -> None:
     return
   try:
     models.build_model(c.model, dtype=models.compute_dtype(c.train.half_precision))
-  except models.UserModelError as e:
+  except user_models.UserModelError as e:
     if "half_precision" in str(e):
       raise ConfigError(f"config.train.half_precision=True with config.model.name={name!r}: "
                         f"{e}") from None

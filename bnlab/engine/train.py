@@ -29,6 +29,7 @@ from bnlab import data as data_lib
 from bnlab.engine import distributed
 from bnlab.engine import loop as loop_lib
 from bnlab.models import networks as models
+from bnlab.models import user as user_models
 from bnlab.engine import optim
 from bnlab.engine import provenance
 from bnlab.engine import state as state_lib
@@ -296,7 +297,7 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
   return state, steps_lib.metric_sums_zero(len(members))
 
 
-@models.per_module_cache(16)
+@user_models.per_module_cache(16)
 def _solo_init(model, tx, batch_size: int):
   """A run's initial state from its seed: one compiled program (unoptimized code
   generation: it runs once) instead of one compile per operation of an eager

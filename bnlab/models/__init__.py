@@ -1,1 +1,2 @@
-"""The networks bnlab's experiments train (`networks`) and the convolutions they use (`conv`)."""
+"""The networks bnlab's experiments train (`networks`), the convolutions they use (`conv`), and
+your own model by name (`user`)."""
