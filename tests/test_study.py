@@ -12,6 +12,7 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import study
 from bnlab import sweep
+from bnlab.study import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = ("seed_comparison", "lr_sweep", "placement", "bn_batch_size")
@@ -72,7 +73,8 @@ def test_cell_statistics():
   assert study.describe_values([0.5])["ci"] is None
   assert study.describe_values([True, False, True]) == {"n": 3, "of": 3, "count": 2}
   assert study.binomial_se(0.98, 10_000) == pytest.approx(0.0014)
-  assert study._fmt(study.describe_values([4000, 4500, None])).endswith("[4,000..4,500] (2/3)")
+  assert report_lib._fmt(study.describe_values([4000, 4500, None])).endswith(
+      "[4,000..4,500] (2/3)")
 
 
 # -- claim rules -----------------------------------------------------------------------
@@ -227,12 +229,12 @@ def test_statistics_and_noise_are_stated_before_the_verdicts():
   assert study.statistics_of("gap", metrics) == ["batch statistics (train mode)",
                                                  "running averages (inference mode)"]
   assert study.statistics_of("ics", metrics) == []
-  assert study._test_accuracy_metrics(metrics) == ["acc", "pop"]
+  assert report_lib._test_accuracy_metrics(metrics) == ["acc", "pop"]
   cfg = {"claims": {"c": {"statement": "s", "rule": "separated", "metric": "ok", "a": "x=1",
                          "b": "x=2"}},
          "metrics": metrics, "notes": ""}
   cells = [{"stats": {"acc": {"n_test": 10_000}, "pop": {"n_test": 10_000}}}]
-  lines = study._claim_lines(cfg, "/nonexistent", [], cells)
+  lines = report_lib._claim_lines(cfg, "/nonexistent", [], cells)
   said = "\n".join(lines)
   assert "BN statistics behind it: population statistics" in said
   assert "0.14 at p = 0.98" in said  # sqrt(0.98 * 0.02 / 10,000) = 0.0014

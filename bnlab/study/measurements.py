@@ -9,7 +9,7 @@ Registered into `bnlab.study`'s registries when imported (study configs import i
   "ics_smoothness": `bnlab.analysis` internal covariate shift and gradient
   smoothness at initialisation and at every checkpoint, on fixed training batches.
 - RULES "every_seed", "paired_above", "selected_value", "mostly_lower"
-  (pairs by seed: `bnlab.study.paired_runs`).
+  (pairs by seed: `bnlab.study.rules.paired_runs`).
 - FIGURES "unit_percentiles", "paired_difference", "per_checkpoint".
 """
 
@@ -18,8 +18,11 @@ from __future__ import annotations
 import os
 import statistics
 
-from bnlab import study
 from bnlab import sweep
+from bnlab.study import cells as cells_lib
+from bnlab.study import figures as figures_lib
+from bnlab.study import registry
+from bnlab.study import rules as rules_lib
 
 # -- measurements -------------------------------------------------------------------------
 
@@ -52,7 +55,7 @@ def drift_of(steps: list[int], pct: list, from_step: int) -> dict:
           "median_abs_median_late": med(abs(u[mid]) for u in p1)}
 
 
-@study.register(study.MEASUREMENTS, "unit_drift")
+@registry.register(registry.MEASUREMENTS, "unit_drift")
 def unit_drift(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   """`drift_of` the `{spec["layer"]}/percentiles` records from `spec["from_step"]`."""
   del run_cfg
@@ -76,7 +79,7 @@ def _steps_saved(run_dir: str) -> list[int]:
   return sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
 
 
-@study.register(study.MEASUREMENTS, "bn_affine")
+@registry.register(registry.MEASUREMENTS, "bn_affine")
 def bn_affine(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   """Median |scale| and |bias| of the BN in `spec["block"]` at the last checkpoint ({} without)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -132,7 +135,7 @@ def _measure_fn(model, lr: float, etas, noisy: bool):
   return measure
 
 
-@study.register(study.MEASUREMENTS, "ics_smoothness")
+@registry.register(registry.MEASUREMENTS, "ics_smoothness")
 def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   """ICS (Santurkar et al. 2018, Def. 2.1) and smoothness along the gradient, per checkpoint.
 
@@ -186,10 +189,10 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
 # -- rules ----------------------------------------------------------------------------------
 
 
-@study.register(study.RULES, "every_seed")
+@registry.register(registry.RULES, "every_seed")
 def every_seed(cells, metric: str, a: str):
   """Supported when every seed of cell a has the boolean `metric`; else refuted."""
-  c = study.one(cells, a)
+  c = cells_lib.one(cells, a)
   if c is None or not c["values"][metric]:
     return "inconclusive", {"missing": a}
   values = c["values"][metric]
@@ -207,13 +210,13 @@ def _above(x, y, from_step: int) -> dict:
           "min_margin_step": low[0], "mean_margin": round(sum(d for _, d in diff) / len(diff), 4)}
 
 
-@study.register(study.RULES, "paired_above")
+@registry.register(registry.RULES, "paired_above")
 def paired_above(cells, metrics, a: str, b: str, from_step: int = 0):
   """Supported when, for every seed and each of `metrics`, a's run is strictly above b's run
   of the same seed (a series: at every point from `from_step`); else refuted."""
   numbers, ok = {}, True
   for m in metrics:
-    pairs = study.paired_runs(cells, m, a, b)
+    pairs = rules_lib.paired_runs(cells, m, a, b)
     if not pairs or any(x is None or y is None for _, x, y in pairs):
       return "inconclusive", {"missing": f"{m}: a pair of runs of {a!r} and {b!r}"}
     for seed, x, y in pairs:
@@ -223,12 +226,12 @@ def paired_above(cells, metrics, a: str, b: str, from_step: int = 0):
   return ("supported" if ok else "refuted", numbers)
 
 
-@study.register(study.RULES, "selected_value")
+@registry.register(registry.RULES, "selected_value")
 def selected_value(cells, metric: str, along: str, where: str, expected, seed: int = 0):
   """Supported when, among the cells `where`, the `along` value whose seed-`seed` run has the
   lowest `metric` (a missing value counting as highest) is `expected`; else refuted."""
   scores = {}
-  for c in study.select(cells, where):
+  for c in cells_lib.select(cells, where):
     v = next((r.get(metric) for r in c["rows"] if r.get("seed") == seed), None)
     scores[c["key"][along]] = v
   if not scores:
@@ -238,13 +241,13 @@ def selected_value(cells, metric: str, along: str, where: str, expected, seed: i
           {"selected": chosen, "expected": expected, metric: scores})
 
 
-@study.register(study.RULES, "mostly_lower")
+@registry.register(registry.RULES, "mostly_lower")
 def mostly_lower(cells, metric: str, a: str, b: str, fraction: float, per_seed: bool = False):
   """Compares a's and b's runs of the same seed element by element (lists of values):
   supported when a is lower in at least `fraction` of the pairs, refuted when a is
   higher in at least `fraction` of them, inconclusive between. With `per_seed`, each
   seed's pairs must meet the fraction on their own (the same way on every seed)."""
-  pairs = study.paired_runs(cells, metric, a, b)
+  pairs = rules_lib.paired_runs(cells, metric, a, b)
   if not pairs or any(x is None or y is None for _, x, y in pairs):
     return "inconclusive", {"missing": f"a pair of runs of {a!r} and {b!r}"}
   groups = [list(zip(x, y)) for _, x, y in pairs] if per_seed else []
@@ -277,18 +280,18 @@ def _percentile_panel(ax, series, unit: int, color: str, title: str, from_step: 
   ax.grid(alpha=0.3)
 
 
-@study.register(study.FIGURES, "unit_percentiles")
+@registry.register(registry.FIGURES, "unit_percentiles")
 def unit_percentiles(cells, path, labels, metric: str, rows, units=(), unit_metric: str = "",
                      from_step: int = 0):
   """One row per cell of `rows` (where-strings); columns: the fixed `units` of its first run,
   or each run (seed) at the unit its `unit_metric` names. Band: lowest..highest percentile."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  picked = [study.one(cells, w) for w in rows]
+  picked = [cells_lib.one(cells, w) for w in rows]
   cols = max(len(units) or len(c["rows"]) for c in picked)
   fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.4 * len(rows)),
                            sharey=True, squeeze=False)
   for i, (c, color) in enumerate(zip(picked, ("tab:red", "tab:blue", "tab:green"))):
-    name = study._cell_label(c, [k for k in c["key"]], labels)  # pylint: disable=protected-access
+    name = cells_lib.cell_label(c, [k for k in c["key"]], labels)
     panels = ([(c["rows"][0], u) for u in units] if units else
               [(r, r.get(unit_metric)) for r in c["rows"]])
     for j, (r, u) in enumerate(panels):
@@ -296,16 +299,16 @@ def unit_percentiles(cells, path, labels, metric: str, rows, units=(), unit_metr
                         f"{name}\nseed {r.get('seed')}, unit {u}", from_step)
   for ax in axes[-1]:
     ax.set_xlabel("step")
-  study._save(fig, path)  # pylint: disable=protected-access
+  figures_lib.save(fig, path)
 
 
-@study.register(study.FIGURES, "paired_difference")
+@registry.register(registry.FIGURES, "paired_difference")
 def paired_difference(cells, path, labels, metric: str, a: str, b: str, from_step: int = 0):
   """a's minus b's series, one line per seed; the y axis scaled to the points from `from_step`."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 3.8))
   late = [0.0]
-  for seed, x, y in study.paired_runs(cells, metric, a, b) or []:
+  for seed, x, y in rules_lib.paired_runs(cells, metric, a, b) or []:
     ys = dict((s, v) for s, v in y)
     diff = [(s, v - ys[s]) for s, v in x if s in ys]
     ax.plot([s for s, _ in diff], [100 * d for _, d in diff], lw=1.2, label=f"seed {seed}")
@@ -313,14 +316,14 @@ def paired_difference(cells, path, labels, metric: str, a: str, b: str, from_ste
   ax.axhline(0, color="k", lw=0.8)
   ax.axvline(from_step, color="0.6", lw=0.8)
   ax.set_ylim(-1.3 * max(late) - 1e-9, 1.3 * max(late) + 1e-9)
-  ax.set(xlabel="step", ylabel=f"{study._label(labels, metric)}: a - b (points)",  # pylint: disable=protected-access
+  ax.set(xlabel="step", ylabel=f"{cells_lib.label(labels, metric)}: a - b (points)",
          title=f"a = {a}, b = {b}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  study._save(fig, path)  # pylint: disable=protected-access
+  figures_lib.save(fig, path)
 
 
-@study.register(study.FIGURES, "per_checkpoint")
+@registry.register(registry.FIGURES, "per_checkpoint")
 def per_checkpoint(cells, path, labels, metric: str, hue=(), panels=(), first: int = 0,
                    logy: bool = False):
   """A series metric whose points are numbers or per-layer lists: one row per value of
@@ -328,24 +331,24 @@ def per_checkpoint(cells, path, labels, metric: str, hue=(), panels=(), first: i
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups: dict = {}
   for c in cells:
-    groups.setdefault(study._cell_label(c, panels, labels), []).append(c)  # pylint: disable=protected-access
+    groups.setdefault(cells_lib.cell_label(c, panels, labels), []).append(c)
   width = max(len(s[0][1]) if isinstance(s[0][1], list) else 1
               for c in cells for s in c["values"][metric] if s)
   cols = max(width - first, 1)
   fig, axes = plt.subplots(len(groups), cols, figsize=(3.6 * cols, 2.8 * len(groups)),
                            squeeze=False)
   for row, (title, group) in enumerate(groups.items()):
-    for c, color in zip(group, study._COLORS):  # pylint: disable=protected-access
+    for c, color in zip(group, figures_lib.COLORS):
       s = c["values"][metric][0]
       for j in range(cols if isinstance(s[0][1], list) else 1):
         ys = [v[first + j] if isinstance(v, list) else v for _, v in s]
         axes[row, j].plot([p for p, _ in s], ys, "o-", ms=3, color=color,
-                          label=study._cell_label(c, hue, labels))  # pylint: disable=protected-access
+                          label=cells_lib.cell_label(c, hue, labels))
         axes[row, j].set_title(f"{title}" + (f", layer {first + j + 1}" if cols > 1 else ""),
                                fontsize=9)
     for ax in axes[row]:
-      ax.set(xlabel="step", ylabel=study._label(labels, metric),  # pylint: disable=protected-access
+      ax.set(xlabel="step", ylabel=cells_lib.label(labels, metric),
              yscale="log" if logy else "linear")
       ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
-  study._save(fig, path)  # pylint: disable=protected-access
+  figures_lib.save(fig, path)

@@ -1,0 +1,85 @@
+"""The command line, `python -m bnlab.study`: its flags, and errors as one-line fixes.
+
+Apart from the runner so that programs and tests call `run_study` without absl's flags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from bnlab import config as config_lib
+from bnlab.study import config as study_config
+from bnlab.study import runner
+
+
+def main(argv):
+  """`python -m bnlab.study`: see the docstring of `bnlab.study`."""
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
+  from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir_lib.quiet_library_logs()
+  f = flags.FLAGS
+  study, path = None, ""
+  try:
+    path, _, arg = f["config"].config_filename.partition(":")
+    cfg = main_lib.loaded_config()
+    try:
+      study = study_config.Study.from_file(path, arg, cfg)
+      study.flags = tuple(f"--config.{k}={v}" for k, v in
+                          config_flags.get_override_values(f["config"]).items())
+    except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # get_config/get_sweep raised
+      detail = " ".join(str(e).split())[:200]
+      raise config_lib.ConfigError(
+          f"study config {path} failed to load ({type(e).__name__}: {detail}); fix the "
+          "file (its get_config() and get_sweep())") from None
+    workdir = f.workdir or ""
+    if not workdir.strip():
+      raise workdir_lib.WorkDirError(
+          f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise workdir_lib.WorkDirError(
+          f"--workdir={workdir} is a file, not a directory; choose another --workdir")
+    text = runner.run_study(study, workdir, f.stage, f.out)
+  except KeyboardInterrupt:
+    if study is None:
+      print("error: interrupted before the study started; rerun the same command",
+            file=sys.stderr)
+    else:
+      print(f"interrupted: rerun the same command to resume ({study.command(f.workdir)})",
+            file=sys.stderr)
+    sys.exit(130)
+  except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError) as e:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    print(f"error: {study_fix(' '.join(str(e).split()), path)}", file=sys.stderr)
+    sys.exit(2)
+  print(text or f"runs are in {os.path.join(f.workdir, 'runs')}")
+
+
+def study_fix(message: str, path: str) -> str:
+  """`message` with a run-config flag it suggests (not a study flag) replaced by the study's fix."""
+  flag = re.search(r"Set it with --config\.([\w.]+)=\.\.\.", message)
+  if flag is None or flag.group(1) in config_lib.flatten(study_config.base_config().to_dict()):
+    return message
+  return message.replace(flag.group(0), (
+      f"The study sets config.{flag.group(1)} of its runs: change it through the study's "
+      f"arguments (after ':' in --config={path}:...) or its run.overrides"))
+
+
+def run():
+  """The entry point: bnlab.main's --config and --workdir, plus --stage and --out."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
+  flags.FLAGS["config"].help = "Study config file (configs/studies/*.py)[:ARGS]."
+  flags.DEFINE_enum("stage", "all", ["all", "run", "report"],
+                    "run: train what is missing; report: rebuild the report from the files.")
+  flags.DEFINE_string("out", "", "Also copy the report, tables and figures here.")
+  app.run(main, flags_parser=main_lib.parse_flags)

@@ -1,0 +1,231 @@
+"""The study config: its fields, their checks, and the study a config file defines.
+
+Checked once, before any run is trained or read, so a mistyped key, metric or rule
+fails at the start and not in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import shlex
+import types
+from typing import Callable
+
+import ml_collections
+
+from bnlab import config as config_lib
+from bnlab import sweep
+from bnlab.study import registry
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# -- the study config ---------------------------------------------------------------
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a study config may set; `validate` rejects any other."""
+  s = ml_collections.ConfigDict()
+  s.title = ""  # the report's heading; "" -> the config file's name
+  s.run = ml_collections.ConfigDict()
+  s.run.config = ""  # run config file the members override; "" -> bnlab.config.base_config()
+  s.run.arg = ""  # its get_config argument, e.g. "nobn"
+  s.run.overrides = ml_collections.ConfigDict()  # nested, e.g. {"train": {"num_steps": 50}}
+  s.data = ml_collections.ConfigDict()  # set on every run when not ""
+  s.data.source = ""
+  s.data.dir = ""
+  s.grouped = True  # train members that can share one vmapped program together
+  s.cells = ()  # the keys that define a cell; the others (seed) replicate within it
+  s.metrics = {}  # name -> (kind, *args), kind in METRICS
+  s.measurements = {}  # name -> {"kind": ..., ...}, kind in MEASUREMENTS
+  s.tables = {}  # name -> {"metrics": (...), "by": (...), "across": key}
+  s.figures = {}  # name -> {"kind": ..., ...}, kind in FIGURES
+  s.claims = {}  # name -> {"statement": ..., "rule": ..., "each": (...), **params}
+  s.labels = {}  # value or metric name -> what the report calls it
+  s.notes = ""  # Markdown after the claims: definitions, budgets, context
+  return s
+
+
+def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
+  """`"epochs=2,runlocal"` as typed fields; a bare name means True; unknown names fail."""
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, eq, text = part.partition("=")
+    if key not in defaults:
+      raise config_lib.ConfigError(
+          f"unknown study argument {key!r}; this study takes {sorted(defaults)}")
+    kind = type(defaults[key])
+    try:
+      if kind is bool:
+        value = (text.lower() not in ("false", "0", "no")) if eq else True
+        if eq and text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+          raise ValueError(text)
+      else:
+        value = kind(text)
+    except ValueError:
+      raise config_lib.ConfigError(
+          f"study argument {key}={text!r} is not a {kind.__name__}") from None
+    out[key] = value
+  return types.SimpleNamespace(**out)
+
+
+def load_run_config(path: str, arg: str = ""):
+  """The run config of a config file (path relative to the repository or the cwd)."""
+  if not path:
+    return config_lib.base_config()
+  full = path if os.path.exists(path) else os.path.join(REPO_ROOT, path)
+  module = sweep.load_config_file(full)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def config_variant(path: str, overrides: dict | None = None, arg: str = "") -> dict:
+  """The dotted overrides that turn the base run config into `path`'s, plus `overrides`.
+
+  For `sweep.variants("model", {"mlp": config_variant("configs/paper_mlp.py", ...)})`.
+  """
+  return {**sweep.config_overrides(load_run_config(path, arg)), **(overrides or {})}
+
+
+def _lookup(kind: str, name: str, table: dict) -> Callable:
+  if name not in table:
+    raise config_lib.ConfigError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
+  return table[name]
+
+
+def _check_params(kind: str, where: str, fn: Callable, skip: int, args=(), kwargs=None) -> None:
+  params = list(inspect.signature(fn).parameters.values())[skip:]
+  try:
+    inspect.Signature(params).bind(*args, **(kwargs or {}))
+  except TypeError as e:
+    raise config_lib.ConfigError(f"study config {where}: {e} for the {kind}") from None
+
+
+def validate(cfg) -> None:
+  """Checks the study config against `base_config()` and the registries (ConfigError)."""
+  base = base_config()
+  for section in (None, "run", "data"):
+    have, want = (cfg, base) if section is None else (cfg[section], base[section])
+    for key in have.keys():
+      if key not in want:
+        dotted = key if section is None else f"{section}.{key}"
+        raise config_lib.ConfigError(
+            f"study config: unknown key {dotted!r}; the keys are those of "
+            "bnlab.study.base_config()")
+  names = metric_order(cfg.metrics)
+  for name in names:
+    spec = tuple(cfg.metrics[name])
+    _check_params("metric", f"metrics.{name}={spec}", registry.METRICS[spec[0]], 1, spec[1:])
+  for name, spec in cfg.measurements.items():
+    _lookup("measurement", spec["kind"], registry.MEASUREMENTS)
+  for name, spec in cfg.figures.items():
+    spec = dict(spec)
+    fn = _lookup("figure kind", spec.pop("kind"), registry.FIGURES)
+    _check_params("figure kind", f"figures.{name}", fn, 3, kwargs=spec)
+  for name, spec in cfg.tables.items():
+    unknown = [m for m in spec["metrics"] if m not in names]
+    if unknown:
+      raise config_lib.ConfigError(f"study config tables.{name}: unknown metrics {unknown}")
+  for name, spec in cfg.claims.items():
+    spec = dict(spec)
+    if not spec.pop("statement", ""):
+      raise config_lib.ConfigError(f"study config claims.{name} has no statement")
+    spec.pop("each", None)
+    fn = _lookup("claim rule", spec.pop("rule", ""), registry.RULES)
+    _check_params("claim rule", f"claims.{name}", fn, 1, kwargs=spec)
+    for m in claim_metrics(spec):
+      if m not in names:
+        raise config_lib.ConfigError(f"study config claims.{name}: unknown metric {m!r}")
+
+
+def claim_metrics(spec: dict) -> list[str]:
+  """The metric names a claim's parameters read (`metric`, `metrics`, `other`, ...)."""
+  out = []
+  for k, v in spec.items():
+    if k in ("metric", "other", "require", "fails", "trains") and v:
+      out.append(v)
+    elif k == "metrics":
+      out += list(v)
+  return out
+
+
+DERIVED_METRICS = ("at_least", "below", "any")
+
+
+def metric_refs(spec) -> tuple:
+  """The metrics a derived metric reads (`("at_least", "final_acc", 0.9)` -> ("final_acc",))."""
+  return () if spec[0] not in DERIVED_METRICS else spec[1:] if spec[0] == "any" else spec[1:2]
+
+
+def metric_order(metrics: dict) -> list[str]:
+  """Metric names, each after the metrics it reads; ConfigError for unknown kinds or names."""
+  order: list[str] = []
+  pending = dict(metrics)
+  for name, spec in metrics.items():
+    _lookup("metric", tuple(spec)[0], registry.METRICS)
+    for ref in metric_refs(tuple(spec)):
+      if ref not in metrics:
+        raise config_lib.ConfigError(f"study config metrics.{name}: no metric named {ref!r}")
+  while pending:
+    ready = [n for n, s in pending.items() if all(r in order for r in metric_refs(tuple(s)))]
+    if not ready:
+      raise config_lib.ConfigError(f"study config metrics {sorted(pending)} read each other")
+    order += ready
+    for n in ready:
+      del pending[n]
+  return order
+
+
+# -- loading a study -------------------------------------------------------------------
+
+def _jsonable(value):
+  """A sweep value as study.json keeps it (a Variant by its label)."""
+  if isinstance(value, sweep.Variant):
+    return value.label
+  return list(value) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass
+class Study:
+  """A study as data: its config (a plain dict), docstring and members."""
+
+  path: str
+  arg: str
+  doc: str
+  config: dict
+  members: list[dict]  # {"name": ..., "key": {override: value}}
+  sweep: list | None = None  # the members' overrides, when loaded from the file
+  flags: tuple[str, ...] = ()  # the command line's --config.KEY=VALUE overrides
+
+  @classmethod
+  def from_file(cls, path: str, arg: str, cfg) -> "Study":
+    validate(cfg)
+    module = sweep.load_config_file(path)
+    if not hasattr(module, "get_sweep"):
+      raise config_lib.ConfigError(f"study config {path} defines no get_sweep()")
+    members = module.get_sweep(arg) if arg else module.get_sweep()
+    config = json.loads(json.dumps(cfg.to_dict()))
+    if not config["title"]:
+      config["title"] = os.path.splitext(os.path.basename(path))[0]
+    return cls(path, arg, inspect.cleandoc(module.__doc__ or ""), config,
+               [{"name": sweep.member_name(m), "key": {k: _jsonable(v) for k, v in m.items()}}
+                for m in members], members)
+
+  def to_json(self) -> dict:
+    return {"path": self.path, "arg": self.arg, "doc": self.doc, "config": self.config,
+            "members": self.members}
+
+  def command(self, workdir: str) -> str:
+    arg = f":{self.arg}" if self.arg else ""
+    flags = "".join(f" {shlex.quote(f)}" for f in self.flags)
+    return f"python -m bnlab.study --config={self.path}{arg}{flags} --workdir={workdir}"
+
+  def base_run_config(self):
+    run = self.config["run"]
+    cfg = load_run_config(run["config"], run["arg"])
+    overrides = config_lib.flatten(run["overrides"])
+    overrides.update({f"data.{k}": v for k, v in self.config["data"].items() if v != ""})
+    cfg = sweep.apply_overrides(cfg, overrides, "study config run.overrides")
+    config_lib.validate(cfg)
+    return cfg

@@ -1,0 +1,22 @@
+"""Which function each metric, measurement, figure or claim rule name means.
+
+One table of each kind, below every other module: the config's checks look names up
+here and the modules that define kinds register into it, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+METRICS: dict[str, Callable] = {}
+MEASUREMENTS: dict[str, Callable] = {}
+FIGURES: dict[str, Callable] = {}
+RULES: dict[str, Callable] = {}
+
+
+def register(table: dict, name: str):
+  """Decorator: `@register(METRICS, "last")` adds the function under that name."""
+  def add(fn):
+    table[name] = fn
+    return fn
+  return add

@@ -1,0 +1,93 @@
+"""A study's runs: each member's files read back, checked against the study, and reduced to rows.
+
+Only files are read, so a finished run reads the same however and wherever it trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from bnlab import config as config_lib
+from bnlab import sweep
+from bnlab.study import config as study_config
+from bnlab.study import metrics as metrics_lib
+
+
+def read_run(path: str, name: str, key: dict, configured: dict | None = None) -> metrics_lib.Run:
+  """A member's files: config.json, metrics.jsonl, summary.json (those that exist).
+
+  A finished run is left out (`Run.error`) when its records end before its last
+  step, or when its config differs from `configured` (the study's config of
+  this member, flattened) in a key other than the resume-safe ones.
+  """
+  def load(file):
+    p = os.path.join(path, file)
+    if not os.path.exists(p):
+      return None
+    with open(p) as f:
+      return json.load(f)
+  records = sweep._read_jsonl(os.path.join(path, "metrics.jsonl"))  # pylint: disable=protected-access
+  summary, cfg = load("summary.json"), load("config.json")
+  error = summary and (sweep.records_cut_short(path, summary, records)
+                       or _configured_otherwise(path, cfg, configured))
+  if error:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("Run %s is left out: %s", name, error)
+  return metrics_lib.Run(name, path, key, cfg, records, None if error else summary,
+                         error=error or None)
+
+
+def _configured_otherwise(path: str, ran: dict | None, configured: dict | None) -> str | None:
+  """Why a run's config.json is not the study's config of it (resume-safe keys aside)."""
+  if ran is None or configured is None:
+    return None
+  ran = config_lib.flatten(ran)
+  changed = [k for k in config_lib.changed_keys(ran, configured)
+             if k not in config_lib.RESUME_SAFE_KEYS]
+  if not changed:
+    return None
+  k = changed[0]
+  more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+  return (f"{os.path.join(path, 'config.json')} differs from the study's config of this run "
+          f"in {k} ({ran[k]!r} -> {configured.get(k)!r}){more}: it ran as another study; run "
+          "the study without --stage=report to train it as configured (a longer "
+          "train.num_steps continues it), or use a new --workdir")
+
+
+def member_configs(study: study_config.Study) -> dict[str, dict]:
+  """{member name: its config as the study gives it now, flattened}; {} if it cannot be
+  built here (the study's run config file is missing), with a warning."""
+  if study.sweep is None:
+    return {}
+  try:
+    members = sweep.resolve_members(study.base_run_config(), study.sweep)
+  except (config_lib.ConfigError, OSError) as e:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("The runs' configs are not compared with the study's: %s", e)
+    return {}
+  return {m.name: config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
+          for m in members}
+
+
+def collect(study: study_config.Study, workdir: str) -> list[metrics_lib.Run]:
+  """Every member's files, with its measurements and metrics."""
+  runs_dir = os.path.join(workdir, "runs")
+  cfg, configured = study.config, member_configs(study)
+  return [metrics_lib.evaluate_metrics(
+      read_run(os.path.join(runs_dir, m["name"]), m["name"], m["key"], configured.get(m["name"])),
+      cfg["metrics"], cfg["measurements"]) for m in study.members]
+
+
+def result_rows(runs: list[metrics_lib.Run], errors: dict) -> list[dict]:
+  """One row per run: name, status, its overrides, its metric values."""
+  rows = []
+  for r in runs:
+    error = r.error or errors.get(r.name)
+    status = ("unfinished" if r.summary is None else
+              "diverged" if r.summary.get("diverged") else "done")
+    if r.summary is None and error:
+      status = "failed"
+    rows.append({"name": r.name, "status": status, **r.key, **r.values,
+                 "wall_time": (r.summary or {}).get("wall_time"), "error": error})
+  return rows
