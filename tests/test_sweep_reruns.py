@@ -11,6 +11,7 @@ import pytest
 
 from bnlab import config as config_lib
 from bnlab import sweep
+from bnlab.sweep import results as sweep_results
 from bnlab.rundir import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +47,10 @@ def test_sweep_rerun_after_its_base_config_changed_is_refused(tmp_path):
 def test_member_error_wins_over_an_old_summary_and_a_corrupt_summary_is_a_failed_row(tmp_path):
   (m,) = sweep.resolve_members(_base(), sweep.seeds(1))
   _finished_member(str(tmp_path), m)
-  row = sweep._result_row(m, str(tmp_path / m.name), "WorkDirError: in use")  # pylint: disable=protected-access
+  row = sweep_results._result_row(m, str(tmp_path / m.name), "WorkDirError: in use")  # pylint: disable=protected-access
   assert row["status"] == "failed" and row["error"] == "WorkDirError: in use"
   (tmp_path / m.name / "summary.json").write_text("{\"final_step\": ")
-  row = sweep._result_row(m, str(tmp_path / m.name), None)  # pylint: disable=protected-access
+  row = sweep_results._result_row(m, str(tmp_path / m.name), None)  # pylint: disable=protected-access
   assert row["status"] == "failed" and "summary.json is unreadable" in row["error"]
 
 

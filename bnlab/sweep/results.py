@@ -1,0 +1,113 @@
+"""A sweep's results: each member's row, read from its directory, and the results files.
+
+Apart from the running: `bnlab.study` reads and checks its runs' records with
+the same functions, and runs nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Iterable
+
+from bnlab.sweep.combinators import Variant, _format_value  # pylint: disable=protected-access
+from bnlab.sweep.groups import Member
+
+TARGET_ACCURACY = 0.97
+RESULT_FIELDS = ("test_accuracy", "test_loss", "train_loss", "diverged", "diverged_at_step",
+                 "steps_to_97", "final_step", "wall_time")
+
+
+def steps_to_accuracy(records: Iterable[dict], target: float = TARGET_ACCURACY):
+  """The first step whose test accuracy is >= `target`, or None."""
+  for r in records:
+    if r.get("test_accuracy") is not None and r["test_accuracy"] >= target:
+      return r["step"]
+  return None
+
+
+def records_cut_short(path: str, summary: dict, records: list[dict]) -> str | None:
+  """Why a finished run's records in `path` cannot be read as its history, or None.
+
+  A run's last record is at the step it finished (or stopped) at, summary.json's
+  `final_step`; records ending before it were cut short, replaced or removed.
+  """
+  final = summary.get("final_step")
+  last = records[-1].get("step") if records else None
+  if final is None or last == final:
+    return None
+  metrics = os.path.join(path, "metrics.jsonl")
+  if records and last > final:
+    return (f"{metrics} goes on to step {last}, past the step {final} the run finished at "
+            "(summary.json): a longer run was started there and stopped; rerun it with "
+            "that length to finish it")
+  held = f"ends at step {last}" if records else "holds no records"
+  return (f"{metrics} {held}, but the run finished at step {final} (summary.json): its "
+          "records were cut short or replaced; put them back, or move the run's directory "
+          "aside and rerun to train it again")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, NaN/inf restored (stored as null: bnlab.rundir.workdir)."""
+  from bnlab.rundir import workdir  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(workdir.decode_nonfinite(json.loads(line)))
+      except json.JSONDecodeError:
+        break
+  return out
+
+
+def _result_row(m: Member, path: str, error: str | None) -> dict:
+  row: dict[str, Any] = {"name": m.name}
+  for key, value in m.overrides.items():
+    row[key] = _format_value(value) if isinstance(value, Variant) else value
+  summary = None
+  summary_path = os.path.join(path, "summary.json")
+  if os.path.exists(summary_path):
+    from bnlab.rundir import workdir  # pylint: disable=g-import-not-at-top
+    try:
+      summary = workdir.read_summary_file(summary_path)
+    except workdir.WorkDirError as e:
+      error = error or str(e)
+  records = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+  if summary is not None:
+    error = error or records_cut_short(path, summary, records)
+  if error is not None or summary is None:
+    row["status"] = "failed" if error else "unfinished"
+    row.update({k: None for k in RESULT_FIELDS})
+  else:
+    row["status"] = "diverged" if summary.get("diverged") else "done"
+    for key in RESULT_FIELDS:
+      value = summary.get(key)
+      row[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    row["steps_to_97"] = steps_to_accuracy(records)
+  row["error"] = error
+  return row
+
+
+def write_results(workdir: str, rows: list[dict]) -> None:
+  """`results.json` (a list of rows) and `results.csv` (empty cells for None)."""
+  columns: list[str] = []
+  for row in rows:
+    columns.extend(k for k in row if k not in columns)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+    f.write("\n")
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+
+
+def load_results(workdir: str) -> list[dict]:
+  """The rows of a sweep's results.json."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)

@@ -1,0 +1,165 @@
+"""Running a sweep: its directory and lock, then each group trained in turn, failures kept.
+
+The members' rows come from `bnlab.sweep.results` once every group has had
+its turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Sequence
+
+from bnlab import config as config_lib
+from bnlab.sweep.groups import Member, plan
+from bnlab.sweep.results import _result_row, write_results  # pylint: disable=protected-access
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return f"{type(e).__name__}: {text}"[:2000]
+
+
+def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
+              overrides: dict | None = None, only: str | None = None,
+              max_group_size: int | None = None) -> list[dict]:
+  """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
+
+  Every member is validated before anything trains. A member that raises is
+  recorded as failed (its error on one line) and the others go on.
+  `overrides` win over the members' own (see `bnlab.sweep`'s docstring); `only`
+  selects the members to run (`select`); `max_group_size` caps a group's
+  members (`group_members`; default: what fits the device's memory). The rows
+  cover every member.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  members, groups = plan(base, sweep, grouped, overrides, only, max_group_size)
+  make_sweep_dir(workdir)
+  lock_path = os.path.join(workdir, ".sweep-lock")
+  lock = workdir_lib.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory")
+  try:
+    check_members_config(members, workdir)
+    return _run_groups(members, groups, workdir)
+  finally:
+    workdir_lib.release_lock(lock_path, lock)
+
+
+def make_sweep_dir(workdir: str) -> None:
+  """Creates the sweep's directory; WorkDirError (one line) when it cannot be."""
+  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if not isinstance(workdir, str) or not workdir.strip():
+    raise workdir_lib.WorkDirError(
+        f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise workdir_lib.WorkDirError(
+        f"--workdir={workdir} is a file, not a directory; choose another --workdir")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise workdir_lib.WorkDirError(
+        f"sweep directory {workdir} cannot be created ({e.strerror or e}); "
+        "choose another --workdir") from None
+
+
+def check_members_config(members: Sequence[Member], workdir: str) -> None:
+  """ConfigError when a member's directory holds a run of another config than its own now.
+
+  A finished member would otherwise be reported done with the results of the
+  old config (the sweep file or its base config changed since).
+  """
+  stale = []
+  for m in members:
+    d = os.path.join(workdir, m.name)
+    try:
+      ran = os.path.exists(os.path.join(d, "summary.json")) or any(
+          n.isdigit() for n in os.listdir(os.path.join(d, "checkpoints")))
+    except OSError:
+      ran = False
+    if not ran:
+      continue
+    try:
+      with open(os.path.join(d, "config.json")) as f:
+        old = json.load(f)
+      a = config_lib.flatten(old)
+    except (OSError, ValueError, AttributeError):
+      continue  # training the member reports it
+    b = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
+    refused, _ = config_lib.resume_refusal(a, b)
+    if refused:
+      k = refused[0]
+      stale.append(f"{m.name} ({k}: {a.get(k)!r} -> {b.get(k)!r})")
+  if stale:
+    raise config_lib.ConfigError(
+        f"{len(stale)} member(s) in {workdir} ran with another config than the sweep gives "
+        f"them now (the sweep or its base config changed): {'; '.join(stale[:3])}"
+        f"{'; ...' if len(stale) > 3 else ''}; use a new --workdir for the changed sweep, "
+        "or move those members' directories aside to rerun them")
+
+
+def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
+  """Trains the groups (the sweep's lock held); the rows of every member."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
+  errors: dict[str, str] = {}
+  datasets: dict[str, Any] = {}
+  programs = None  # what the compiled programs in memory were made for
+  logging.info("Sweep of %d members, %d selected in %d groups, in %s", len(members),
+               sum(len(g) for g in groups), len(groups), workdir)
+  for group in groups:
+    dirs = [os.path.join(workdir, m.name) for m in group]
+    if all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs)):
+      continue
+    # A group whose programs differ from the last one's (another model, or
+    # group size) first drops the compiled programs in memory: a long sweep's
+    # compiled code, and its memory mappings, would otherwise grow without
+    # bound (XLA:CPU maps every executable; Linux allows ~65,000 mappings).
+    # The persistent compilation cache makes a program needed again cheap;
+    # runs of one model one after another keep theirs.
+    made_for = (members_lib.group_key(group[0].cfg), len(group))
+    if programs not in (None, made_for):
+      jax.clear_caches()
+    programs = made_for
+    start = time.perf_counter()
+    try:
+      data_key = json.dumps(group[0].cfg.data.to_dict(), sort_keys=True) + str(
+          group[0].cfg.train.batch_size)
+      if data_key not in datasets:
+        datasets.clear()
+        datasets[data_key] = train.load_data(group[0].cfg)
+      data = datasets[data_key]
+      if len(group) == 1:
+        train.train_and_evaluate(group[0].cfg, dirs[0], data)
+      else:
+        train.train_group([m.cfg for m in group], dirs,
+                          os.path.join(workdir, "_groups", _group_id(group)), data)
+    except Exception as e:  # pylint: disable=broad-except
+      message = _one_line(e)
+      # A member that finished before keeps its results.
+      failed = [m for m, d in zip(group, dirs) if not train.is_complete(m.cfg, d)]
+      logging.error("Sweep members %s failed: %s", [m.name for m in failed], message)
+      for m in failed:
+        errors[m.name] = message
+    logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
+  rows = [_result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
+  write_results(workdir, rows)
+  return rows
+
+
+def _group_id(group: Sequence[Member]) -> str:
+  """The group's directory name: its members and configs, less what may change on resume.
+
+  So a group resumes in the same directory after its length (or another key of
+  `config.RESUME_SAFE_KEYS`) changed; its config check decides whether it may.
+  """
+  changeable = config_lib.RESUME_SAFE_KEYS + config_lib.LENGTH_KEYS
+  parts = []
+  for m in group:
+    flat = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
+    parts.append([m.name, {k: v for k, v in sorted(flat.items()) if k not in changeable}])
+  return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
