@@ -165,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 2
   c.train.num_steps = 0  # > 0 overrides num_epochs
   c.train.loop = "auto"  # auto | scan | loop (see bnlab.engine.train.resolve_loop)
-  c.train.steps_per_call = 0  # scan: max steps per call; 0 -> loop.make_schedule_plan's
+  c.train.steps_per_call = 0  # scan: max steps per call; 0 -> schedule.make_schedule_plan's
   c.train.unroll = 1  # scan unroll factor (GPU trade-off: results/README.md)
   c.train.num_devices = 1  # data-parallel over this many devices; 0 = all visible
   c.train.log_every_steps = 0  # 0 -> every eval
@@ -181,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.eval_at_start = True  # also evaluate (and record analysis) at step 0
   c.train.final_train_eval = True  # evaluate the whole train set at the end
-  # Collapse (bnlab.engine.loop.CollapseWatch): a finite train loss above
+  # Collapse (bnlab.engine.collapse.CollapseWatch): a finite train loss above
   # collapse_loss_factor x its running minimum and above chance (ln 10), or a
   # test accuracy <= collapse_accuracy after one >= collapse_trained_accuracy.
   # Recorded (collapsed, collapsed_at_step); the run goes on (a collapse may

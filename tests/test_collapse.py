@@ -7,7 +7,7 @@ import os
 import pytest
 
 from bnlab import config as config_lib
-from bnlab.engine import loop
+from bnlab.engine import collapse
 from bnlab.engine import train
 from run_files import read_jsonl
 
@@ -36,7 +36,7 @@ def records(losses=(), accs=()):
     ((2.3, float("nan")), (0.9, None), None),  # NaN: divergence, not collapse
 ])
 def test_first_collapse(losses, accs, expected):
-  found = loop.first_collapse(records(losses, accs))
+  found = collapse.first_collapse(records(losses, accs))
   assert (found and found[0]) == expected or found is None is expected
 
 
@@ -44,19 +44,19 @@ def test_the_evaluation_before_training_is_not_history():
   # A model that starts good (e.g. pretrained) and stays near chance is not a collapse:
   # the live watch never sees step 0, and a resumed run's replay must not either.
   rec = [{"step": 0, "test_accuracy": 0.9}] + records((2.3, 2.3), (0.1, 0.1))
-  assert loop.first_collapse(rec) is None
+  assert collapse.first_collapse(rec) is None
 
 
 def test_thresholds_and_off_switch():
   rec = records((2.3, 0.1, 3.0))
-  assert loop.first_collapse(rec)[0] == 30
-  assert "train loss 3 > 10 x its minimum 0.1" in loop.first_collapse(rec)[1]
-  assert loop.first_collapse(rec, loss_factor=50.0) is None
-  assert loop.first_collapse(rec, loss_factor=0.0) is None
+  assert collapse.first_collapse(rec)[0] == 30
+  assert "train loss 3 > 10 x its minimum 0.1" in collapse.first_collapse(rec)[1]
+  assert collapse.first_collapse(rec, loss_factor=50.0) is None
+  assert collapse.first_collapse(rec, loss_factor=0.0) is None
   acc = records((), (0.6, 0.25))
-  assert loop.first_collapse(acc) is None
-  assert loop.first_collapse(acc, chance_accuracy=0.3)[0] == 20
-  assert loop.first_collapse(acc, chance_accuracy=0.3, trained_accuracy=0.7) is None
+  assert collapse.first_collapse(acc) is None
+  assert collapse.first_collapse(acc, chance_accuracy=0.3)[0] == 20
+  assert collapse.first_collapse(acc, chance_accuracy=0.3, trained_accuracy=0.7) is None
 
 
 def test_config_checks_collapse_keys():

@@ -128,10 +128,10 @@ def test_a_cache_directory_set_before_is_kept(tmp_path):
 
 def test_calls_have_one_length_when_the_intervals_share_a_divisor():
   from bnlab import config as config_lib
-  from bnlab.engine import loop
+  from bnlab.engine import schedule
   c = config_lib.base_config()
   c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 60, 10_000, 2_500
-  plan = loop.make_schedule_plan(c, 60_000)  # epochs of 1,000 steps
+  plan = schedule.make_schedule_plan(c, 60_000)  # epochs of 1,000 steps
   lengths, step = set(), 0
   while step < plan.total_steps:
     end = plan.next_boundary(step)
@@ -140,9 +140,9 @@ def test_calls_have_one_length_when_the_intervals_share_a_divisor():
   assert lengths == {500}
   # A divisor under a quarter epoch: epoch-long calls, as before.
   c.train.batch_size, c.train.eval_every_steps = 128, 500  # epochs of 468 steps
-  assert loop.make_schedule_plan(c, 60_000).steps_per_call == 468
+  assert schedule.make_schedule_plan(c, 60_000).steps_per_call == 468
   c.train.steps_per_call = 100  # the user's choice wins
-  assert loop.make_schedule_plan(c, 60_000).steps_per_call == 100
+  assert schedule.make_schedule_plan(c, 60_000).steps_per_call == 100
 
 
 def test_a_groups_evaluations_compile_once_however_many_there_are(idx_dir, tmp_path):

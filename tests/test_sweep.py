@@ -385,30 +385,30 @@ def test_a_diverged_member_without_its_summary_gets_the_same_summary_again(idx_d
 def test_a_sweep_drops_each_groups_programs(idx_dir, tmp_path, monkeypatch):
   # A long sweep in one process must not keep every group's compiled programs: on CPU
   # each maps memory, and ~40 groups once exhausted Linux's 65,530 mappings.
-  from bnlab.engine import loop  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import calls  # pylint: disable=g-import-not-at-top
   base = tiny_base(idx_dir)
   base.train.num_epochs = 1
   jax.clear_caches()
   sweep.run_sweep(base, sweep.axis("model.norm", ["batch"]), str(tmp_path / "one"))
-  one_model = loop.run_steps._cache_size()  # pylint: disable=protected-access
+  one_model = calls.run_steps._cache_size()  # pylint: disable=protected-access
   clears = []
   real_clear = jax.clear_caches
   monkeypatch.setattr(jax, "clear_caches", lambda: (clears.append(1), real_clear()))
   sweep.run_sweep(base, sweep.axis("model.norm", ["none", "layer", "batch"]),
                   str(tmp_path / "sw"))
   assert len(clears) == 2  # before each model but the first
-  assert loop.run_steps._cache_size() == one_model  # pylint: disable=protected-access
+  assert calls.run_steps._cache_size() == one_model  # pylint: disable=protected-access
   # Runs of one model one after another keep their programs, and share them
   # across constant learning rates (one optimizer: optim.shared_optimizer).
   clears.clear()
   real_clear()
   sweep.run_sweep(base, sweep.axis("optimizer.learning_rate", [0.05]), str(tmp_path / "lr1"),
                   grouped=False)
-  one_run = loop.run_steps._cache_size()  # pylint: disable=protected-access
+  one_run = calls.run_steps._cache_size()  # pylint: disable=protected-access
   sweep.run_sweep(base, sweep.product(sweep.axis("optimizer.learning_rate", [0.1, 0.2]),
                                       sweep.seeds(2)), str(tmp_path / "lrs"), grouped=False)
   assert not clears
-  assert loop.run_steps._cache_size() == one_run  # pylint: disable=protected-access
+  assert calls.run_steps._cache_size() == one_run  # pylint: disable=protected-access
 
 
 def test_rerun_skips_finished_members(grouped_sweep):

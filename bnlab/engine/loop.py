@@ -1,305 +1,31 @@
-"""The step loop shared by solo runs and groups: schedule plan, trigger predicate, periodic actions."""
+"""The step loop shared by solo runs and groups: train, log, evaluate, checkpoint, stop members.
+
+When things happen is `schedule`'s, how a call runs is `calls`'s, what a
+collapse is `collapse`'s and the progress line `progress`'s; the loop runs
+them in order, resumes, and keeps each member's records.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from absl import logging
 
 from bnlab import config as config_lib
-from bnlab.engine import distributed
 from bnlab.engine import evaluation
-from bnlab.engine import members as members_lib
-from bnlab.models import networks as models
-from bnlab.engine import state as state_lib
-from bnlab.engine import steps as steps_lib
 from bnlab.engine import timesplit
 from bnlab.rundir import workdir as workdir_lib
+from bnlab.engine.calls import DeviceData, StepCalls
+# CollapseWatch is named as bnlab.engine.loop.CollapseWatch in configs/studies' texts.
+from bnlab.engine.collapse import CollapseWatch
+from bnlab.engine.progress import _Clock, _log_group_progress, _log_progress  # pylint: disable=protected-access
+from bnlab.engine.schedule import Schedule
 from bnlab.engine.state import take
-
-# -- compiled forms: the one place where the step functions are jitted -------
-
-run_steps = jax.jit(steps_lib.scan_steps,
-                    static_argnames=("length", "batch_size", "unroll", "batch_sharding"))
-run_one_step = jax.jit(steps_lib.one_step, static_argnames=("batch_size", "batch_sharding"))
-run_permutation = jax.jit(steps_lib.permutation, static_argnames=("num_examples",))
-group_permutations = jax.jit(members_lib.permutations, static_argnames=("num_examples",))
-run_steps_group = jax.jit(members_lib.scan_steps,
-                          static_argnames=("length", "batch_size", "unroll"))
-run_one_step_group = jax.jit(members_lib.one_step, static_argnames=("batch_size",))
-
-
-# -- the schedule plan and its trigger ---------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-  """Where a run's steps are grouped into compiled calls and what happens after.
-
-  Call boundaries are a fixed function of the absolute step (epoch ends,
-  log/eval/checkpoint steps, `steps_per_call` multiples), so a resumed run
-  executes exactly the same compiled programs on the same data as an
-  uninterrupted one and ends bit-identical on the same platform.
-  """
-
-  total_steps: int
-  steps_per_epoch: int
-  steps_per_call: int
-  eval_every: int
-  log_every: int
-  checkpoint_every: int
-
-  def next_boundary(self, step: int) -> int:
-    """The first step after `step` at which a call ends."""
-    candidates = [self.total_steps]
-    for every in (self.steps_per_epoch, self.eval_every, self.log_every,
-                  self.checkpoint_every):
-      candidates.append((step // every + 1) * every)
-    epoch_start = step // self.steps_per_epoch * self.steps_per_epoch
-    k = self.steps_per_call
-    candidates.append(epoch_start + ((step - epoch_start) // k + 1) * k)
-    return min(candidates)
-
-  def due(self, step: int, every: int) -> bool:
-    """The trigger of all periodic work: every `every` steps, and at the final step."""
-    return step % every == 0 or step == self.total_steps
-
-  def is_eval(self, step: int) -> bool:
-    return self.due(step, self.eval_every)
-
-  def is_log(self, step: int) -> bool:
-    return self.due(step, self.log_every) or self.is_eval(step)
-
-  def is_checkpoint(self, step: int) -> bool:
-    return self.due(step, self.checkpoint_every)
-
-  def last_log_at_or_before(self, step: int) -> int:
-    """The last step up to `step` with a record (`is_log`); 0 if none."""
-    return max(step // self.log_every * self.log_every,
-               step // self.eval_every * self.eval_every,
-               step if step == self.total_steps else 0)
-
-
-def make_schedule_plan(cfg, num_train: int) -> Schedule:
-  """The step schedule for the `train` config section over `num_train` examples.
-
-  `train.steps_per_call=0`: calls of the greatest common divisor of the
-  epoch, log, evaluation and checkpoint intervals when it is at least a
-  quarter epoch, so that every call but the last has one length and
-  compiles one program (epochs of 1,000 steps evaluated every 2,500: calls of
-  500, not of 1,000 and 500); else of an epoch.
-  """
-  t = cfg.train
-  spe = num_train // t.batch_size
-  total = t.num_steps or t.num_epochs * spe
-  eval_every = t.eval_every_steps or t.eval_every_epochs * spe
-  log_every = t.log_every_steps or eval_every
-  ckpt_every = t.checkpoint_every_steps or eval_every
-  per_call = t.steps_per_call
-  if not per_call:
-    common = math.gcd(spe, eval_every, log_every, ckpt_every)
-    per_call = common if common >= spe / 4 else spe
-  return Schedule(total, spe, per_call, eval_every, log_every, ckpt_every)
-
-
-# -- the pieces the loop runs ------------------------------------------------
-
-def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
-  """A 1-D mesh ("batch") over `num_devices` devices (0: all), or None for one.
-
-  The devices of every process of a multi-process run (`bnlab.engine.distributed`),
-  the same number from each.
-  """
-  devices = distributed.mesh_devices(num_devices)
-  if len(devices) == 1:
-    return None
-  return jax.sharding.Mesh(np.array(devices), ("batch",))
-
-
-class DeviceData(NamedTuple):
-  """The dataset on the device(s), labels as int32."""
-
-  train_images: jax.Array
-  train_labels: jax.Array
-  test_images: jax.Array
-  test_labels: jax.Array
-
-  @classmethod
-  def place(cls, ds, mesh=None) -> DeviceData:
-    """`ds` on the device, or replicated over `mesh` (on every process's devices)."""
-    place = functools.partial(distributed.replicate, mesh=mesh)
-    return cls(place(ds.train_images), place(ds.train_labels.astype(np.int32)),
-               place(ds.test_images), place(ds.test_labels.astype(np.int32)))
-
-
-def _cache_size(fn) -> int:
-  """How many programs the jitted `fn` has compiled (-1 where JAX does not say)."""
-  size = getattr(fn, "_cache_size", None)
-  return size() if callable(size) else -1
-
-
-class StepCalls:
-  """The compiled calls of a run: one state, or a stack of members (`stacked`)."""
-
-  def __init__(self, cfg, eval_model, num_train: int, stacked: bool, mesh=None):
-    self.batch_sharding = (None if mesh is None else
-                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
-    self.loop = steps_lib.resolve_loop(cfg.train.loop, cfg.model)
-    self.batch_size = cfg.train.batch_size
-    self.unroll = cfg.train.unroll
-    self.eval_model, self.eval_apply = eval_model, eval_model.apply
-    self.num_train = num_train
-    self.stacked = stacked
-    # train.eval_statistics besides the running averages (always evaluated).
-    self.eval_statistics = tuple(s for s in cfg.train.eval_statistics if s != "running")
-    self.population_examples = cfg.train.population_examples
-    self.population_model = self.population_apply = None
-    if "population" in self.eval_statistics:
-      self.population_model = models.build_model(
-          evaluation.population_model_config(cfg.model),
-          dtype=models.compute_dtype(cfg.train.half_precision))
-      self.population_apply = self.population_model.apply
-
-  def permutation(self, state, epoch: int):
-    if self.stacked:
-      return group_permutations(state.rng, epoch, num_examples=self.num_train)
-    return run_permutation(state.rng, epoch, num_examples=self.num_train)
-
-  def train(self, state, sums, images, labels, perm, length: int):
-    """`length` train steps: (state, sums, steps timed, their seconds).
-
-    The timed steps are those of calls that compiled nothing (a call that
-    compiled is left out of the measure), each timed until its results are
-    ready: the rate of training proper, without compiles, evaluations or
-    checkpoints.
-    """
-    sharded = {} if self.batch_sharding is None else {"batch_sharding": self.batch_sharding}
-    if self.loop == "scan":
-      fn = run_steps_group if self.stacked else run_steps
-      compiled, start = _cache_size(fn), time.perf_counter()
-      state, sums = fn(state, sums, images, labels, perm, length=length,
-                       batch_size=self.batch_size, unroll=self.unroll, **sharded)
-      jax.block_until_ready((state, sums))
-      if _cache_size(fn) != compiled:
-        return state, sums, 0, 0.0
-      return state, sums, length, time.perf_counter() - start
-    fn = run_one_step_group if self.stacked else run_one_step
-    timed, start = length, time.perf_counter()
-    for i in range(length):
-      compiled = _cache_size(fn)
-      state, sums = fn(state, sums, images, labels, perm, batch_size=self.batch_size,
-                       **sharded)
-      if _cache_size(fn) != compiled:  # time the steps after the compile
-        jax.block_until_ready((state, sums))
-        timed, start = length - i - 1, time.perf_counter()
-    jax.block_until_ready((state, sums))
-    return state, sums, timed, time.perf_counter() - start
-
-  def learning_rates(self, state):
-    """The learning rate of the last step, per member (or of the one state), on the device."""
-    hyper = getattr(state.opt_state, "hyperparams", None)
-    if not hyper or "learning_rate" not in hyper:
-      return None
-    return hyper["learning_rate"]
-
-  def eval_inputs(self, state):
-    """(apply, population apply, params) for evaluating `state`.
-
-    Members whose model values differ (`MemberStates`, e.g. BN's epsilon)
-    carry them in their params to a `MemberApply`; else the models' own apply.
-    """
-    values = state_lib.model_values(getattr(state, "values", {}) or {})
-    if not values:
-      return self.eval_apply, self.population_apply, state.params
-    return (state_lib.MemberApply(self.eval_model),
-            self.population_model and state_lib.MemberApply(self.population_model),
-            state_lib.with_member_values(state.params, values))
-
-  def evaluate(self, state, images, labels, batch_size: int):
-    fn = evaluation.evaluate_members if self.stacked else evaluation.evaluate
-    apply, _, params = self.eval_inputs(state)
-    return fn(apply, params, state.batch_stats, images, labels, batch_size=batch_size)
-
-  def evaluate_others(self, state, images, labels, train_images, batch_size: int) -> dict:
-    """{kind: evaluation} with each of `train.eval_statistics` but the running averages."""
-    apply, population_apply, params = self.eval_inputs(state)
-    return {kind: evaluation.evaluate_statistics(
-        kind, apply, population_apply, params, state.batch_stats,
-        images, labels, train_images, batch_size=batch_size,
-        train_batch_size=self.batch_size, population_examples=self.population_examples,
-        stacked=self.stacked) for kind in self.eval_statistics}
-
-  def member(self, tree, i: int):
-    """Member `i`'s part of a (host or device) tree."""
-    return take(tree, i) if self.stacked else tree
-
-
-# The train loss of always predicting the uniform distribution over 10 classes.
-CHANCE_LOSS = math.log(10)
-
-
-@dataclasses.dataclass
-class CollapseWatch:
-  """Detects a collapse in a run's metrics records, one record at a time (pure, host-side).
-
-  A collapse is a run that blows up without its loss turning NaN/inf:
-  - loss: a log interval's mean train loss above `loss_factor` x the smallest
-    interval loss before it, and above chance (ln 10 = 2.30: worse than
-    predicting the uniform distribution), so that noise after a very small
-    minimum is not a collapse; `loss_factor=0` turns this rule off;
-  - accuracy: a test accuracy <= `chance_accuracy` after an earlier one was
-    >= `trained_accuracy` (the run had trained, then fell back near chance).
-  `update` returns the reason of a collapse at that record, else None. The
-  evaluation before training (step 0) is not part of the run's history: a run
-  and the same run resumed see the same records.
-  """
-
-  loss_factor: float = 10.0
-  chance_accuracy: float = 0.2
-  trained_accuracy: float = 0.5
-  min_loss: float = math.inf
-  best_accuracy: float = -math.inf
-
-  @classmethod
-  def of(cls, train_cfg) -> CollapseWatch:
-    return cls(train_cfg.collapse_loss_factor, train_cfg.collapse_accuracy,
-               train_cfg.collapse_trained_accuracy)
-
-  def update(self, record: dict) -> str | None:
-    if record.get("step") == 0:
-      return None
-    reason = None
-    loss = record.get("train_loss")
-    if isinstance(loss, (int, float)) and math.isfinite(loss):
-      if (self.loss_factor > 0 and loss > self.loss_factor * self.min_loss
-          and loss > CHANCE_LOSS):
-        reason = (f"train loss {loss:.4g} > {self.loss_factor:g} x its minimum "
-                  f"{self.min_loss:.4g} and > chance ({CHANCE_LOSS:.2f})")
-      self.min_loss = min(self.min_loss, loss)
-    acc = record.get("test_accuracy")
-    if isinstance(acc, (int, float)) and math.isfinite(acc):
-      if (reason is None and self.best_accuracy >= self.trained_accuracy
-          and acc <= self.chance_accuracy):
-        reason = (f"test accuracy {acc:.4f} <= {self.chance_accuracy:g} after "
-                  f"{self.best_accuracy:.4f} >= {self.trained_accuracy:g}")
-      self.best_accuracy = max(self.best_accuracy, acc)
-    return reason
-
-
-def first_collapse(records, **thresholds) -> tuple[int, str] | None:
-  """(step, reason) of the first collapse in a sequence of metrics records, or None."""
-  watch = CollapseWatch(**thresholds)
-  for r in records:
-    reason = watch.update(r)
-    if reason is not None:
-      return r["step"], reason
-  return None
 
 
 @dataclasses.dataclass
@@ -327,34 +53,6 @@ class Member:
       return False
     self.collapsed_at, self.collapse_reason = record["step"], reason
     return True
-
-
-class _Clock:
-  """Wall time since the run started (`run_start`) and the log interval's train steps."""
-
-  def __init__(self, first_step: int, run_start: float):
-    self.first_step = first_step
-    self.run_start = run_start
-    self.loop_start = time.perf_counter()  # the progress lines' rate: steps since here
-    # Train steps timed in the current log interval and their seconds
-    # (StepCalls.train: calls that compiled are not timed).
-    self.timed_steps, self.timed_seconds = 0, 0.0
-
-  def elapsed(self) -> float:
-    return time.perf_counter() - self.run_start
-
-  def add(self, steps: int, seconds: float) -> None:
-    self.timed_steps += steps
-    self.timed_seconds += seconds
-
-  def examples_per_sec(self, batch_size: int) -> float | None:
-    """Training examples per second over the interval's timed steps (None: none timed)."""
-    if not self.timed_steps:
-      return None
-    return self.timed_steps * batch_size / max(self.timed_seconds, 1e-9)
-
-  def next_interval(self) -> None:
-    self.timed_steps, self.timed_seconds = 0, 0.0
 
 
 # -- the loop ----------------------------------------------------------------
@@ -655,41 +353,3 @@ class Loop:
       for i in live:
         self.on_stop(self.members[i], step,
                      None if full is None else self.calls.member(full, i), self.split)
-
-
-# -- progress lines ----------------------------------------------------------
-
-def _position(label: str, plan: Schedule, step: int) -> str:
-  return f"{label} {step}/{plan.total_steps} ({100 * step / plan.total_steps:.0f}%)"
-
-
-def _eta(plan: Schedule, seconds: float, steps_done: int, step: int) -> str:
-  """Time left at the rate so far, as H:MM:SS."""
-  left = int(max(seconds / max(steps_done, 1) * (plan.total_steps - step), 0))
-  return f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
-
-
-def _log_group_progress(records, members, plan: Schedule, seconds: float, steps_done: int,
-                        step: int) -> None:
-  live = sum(m.recording for m in members)
-  parts = [_position("group step", plan, step), f"{live}/{len(members)} members training"]
-  accs = [r["test_accuracy"] for r in records if "test_accuracy" in r]
-  if accs:
-    parts.append(f"test acc {min(accs):.4f}..{max(accs):.4f}")
-  if records and records[0].get("examples_per_sec") is not None:
-    parts.append(f"{records[0]['examples_per_sec'] * len(members):,.0f} ex/s")
-  parts.append(_eta(plan, seconds, steps_done, step))
-  logging.info(" | ".join(parts))
-
-
-def _log_progress(record, plan: Schedule, seconds: float, steps_done: int,
-                  step: int) -> None:
-  parts = [_position("step", plan, step), f"epoch {record['epoch']:.2f}"]
-  if "train_loss" in record:
-    parts.append(f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}")
-  if "test_accuracy" in record:
-    parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}")
-  if record.get("examples_per_sec") is not None:
-    parts.append(f"{record['examples_per_sec']:,.0f} ex/s")
-  parts.append(_eta(plan, seconds, steps_done, step))
-  logging.info(" | ".join(parts))

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from bnlab.engine import backend
+from bnlab.engine import calls as calls_lib
 from bnlab import config as config_lib
 from bnlab.models import conv as conv_lib
 from bnlab import data as data_lib
@@ -37,14 +38,14 @@ from bnlab.engine import steps as steps_lib
 from bnlab.engine import timesplit
 from bnlab.rundir import workdir as workdir_lib
 # pylint: disable=unused-import
+from bnlab.engine.calls import (data_parallel_mesh, group_permutations, run_one_step,
+                                run_one_step_group, run_steps, run_steps_group)
 from bnlab.engine.evaluation import (activation_percentiles, eval_model_config, evaluate,
                                      evaluate_members)
-from bnlab.engine.loop import (Schedule, data_parallel_mesh, group_permutations,
-                               make_schedule_plan, run_one_step, run_one_step_group, run_steps,
-                               run_steps_group)
 from bnlab.engine.members import GROUPABLE_KEYS, group_key, grouping_helps, init_models
 from bnlab.engine.optim import learning_rate_schedule, make_optimizer
 from bnlab.engine.provenance import versions
+from bnlab.engine.schedule import Schedule, make_schedule_plan
 from bnlab.engine.state import TrainState, create_member_states, create_train_state
 from bnlab.engine.state import take as _take
 from bnlab.engine.steps import epoch_permutation, metric_sums_zero, resolve_loop, train_step
@@ -212,7 +213,7 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
     raise config_lib.ConfigError(
         f"config.train.batch_size={bs} does not split over {mesh.size} devices; make it a "
         f"multiple of {mesh.size} or set train.num_devices")
-  calls = loop_lib.StepCalls(cfg, eval_model, num_train, stacked, mesh)
+  calls = calls_lib.StepCalls(cfg, eval_model, num_train, stacked, mesh)
   state, zero_sums = _initial_state(model, tx, members, stacked)
   info = _run_info(cfg, ds, plan, calls, len(members), mesh)
   logging.info("Run: %s", json.dumps(info))
@@ -221,7 +222,7 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   # Data, state and metric sums live on the device(s); with a mesh, replicated
   # (on every process's devices); a checkpoint is restored into that placement.
   place = functools.partial(distributed.replicate, mesh=mesh)
-  run = loop_lib.Loop(members, ckpt_wd, plan, calls, loop_lib.DeviceData.place(ds, mesh),
+  run = loop_lib.Loop(members, ckpt_wd, plan, calls, calls_lib.DeviceData.place(ds, mesh),
                       place(zero_sums), functools.partial(_write_summary, info), split)
   run.run(place(state))
 
