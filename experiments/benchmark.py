@@ -56,6 +56,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from bnlab.engine import steps as steps_lib
+from bnlab.engine import state as state_lib
+from bnlab.engine import optim as optim_lib
+from bnlab.engine import calls as calls_lib
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import data as data_lib  # noqa: E402
 from bnlab.models import networks as models  # noqa: E402
@@ -152,26 +156,26 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
   if model_name == "paper_mlp":
     c.model.activation, c.model.bn_position = "sigmoid", "before"
   c.train.batch_size = batch
-  loop = train.resolve_loop(loop, c.model)
+  loop = steps_lib.resolve_loop(loop, c.model)
   model = models.build_model(c.model, dtype=dtype)
-  tx = train.make_optimizer(c.optimizer, steps)
-  state = train.create_train_state(model, tx, jax.random.key(0), batch)
+  tx = optim_lib.make_optimizer(c.optimizer, steps)
+  state = state_lib.create_train_state(model, tx, jax.random.key(0), batch)
   x, y = jax.device_put(images), jax.device_put(labels.astype(np.int32))
   n = (len(labels) // batch) * batch
-  perm = train.epoch_permutation(state, 0, n)
+  perm = steps_lib.epoch_permutation(state, 0, n)
   x, y = x[:n], y[:n]
-  carry = [state, train.metric_sums_zero()]
+  carry = [state, steps_lib.metric_sums_zero()]
   steps = min(steps, n // batch)
 
   def run(n):
     st, sums = carry
     st = st.replace(step=jnp.zeros((), jnp.int32))
     if loop == "scan":
-      st, sums = train.run_steps(st, sums, x, y, perm, length=n, batch_size=batch,
+      st, sums = calls_lib.run_steps(st, sums, x, y, perm, length=n, batch_size=batch,
                                  unroll=unroll)
     else:
       for _ in range(n):
-        st, sums = train.run_one_step(st, sums, x, y, perm, batch_size=batch)
+        st, sums = calls_lib.run_one_step(st, sums, x, y, perm, batch_size=batch)
     jax.block_until_ready(sums)
     carry[:] = [st, sums]
 

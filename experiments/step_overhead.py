@@ -16,6 +16,10 @@ unroll or XLA's command buffers (CUDA graphs of the loop body) remove.
 from __future__ import annotations
 
 import json
+from bnlab.engine import steps as steps_lib
+from bnlab.engine import state as state_lib
+from bnlab.engine import optim as optim_lib
+from bnlab.engine import calls as calls_lib
 import os
 import subprocess
 import sys
@@ -51,7 +55,6 @@ def measure(unrolls, steps: int, reps: int, source: str) -> dict:
   import benchmark  # pylint: disable=g-import-not-at-top
   from bnlab import config as config_lib  # pylint: disable=g-import-not-at-top
   from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
-  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   from timing import median_rate  # pylint: disable=g-import-not-at-top
 
   images, labels = benchmark.load_images(source)
@@ -59,17 +62,17 @@ def measure(unrolls, steps: int, reps: int, source: str) -> dict:
   c.model.name, c.model.activation, c.model.bn_position = "paper_mlp", "sigmoid", "before"
   batch = c.train.batch_size = 60
   model = models.build_model(c.model)
-  tx = train.make_optimizer(c.optimizer, steps)
-  state0 = train.create_train_state(model, tx, jax.random.key(0), batch)
+  tx = optim_lib.make_optimizer(c.optimizer, steps)
+  state0 = state_lib.create_train_state(model, tx, jax.random.key(0), batch)
   x, y = jax.device_put(images), jax.device_put(labels.astype(np.int32))
-  perm = train.epoch_permutation(state0, 0, len(labels) // batch * batch)
+  perm = steps_lib.epoch_permutation(state0, 0, len(labels) // batch * batch)
   out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
   for unroll in unrolls:
-    carry = [state0, train.metric_sums_zero()]
+    carry = [state0, steps_lib.metric_sums_zero()]
 
     def run(n, unroll=unroll, carry=carry):
       st, sums = carry
-      st, sums = train.run_steps(st.replace(step=jnp.zeros((), jnp.int32)), sums, x, y, perm,
+      st, sums = calls_lib.run_steps(st.replace(step=jnp.zeros((), jnp.int32)), sums, x, y, perm,
                                  length=n, batch_size=batch, unroll=unroll)
       jax.block_until_ready(sums)
       carry[:] = [st, sums]

@@ -22,6 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from bnlab.engine import steps as steps_lib
+from bnlab.engine import state as state_lib
+from bnlab.engine import optim as optim_lib
 from bnlab import config as config_lib
 from bnlab import data as data_lib
 from bnlab import main as main_lib
@@ -184,19 +187,18 @@ def _foreign_checkpoint(c):
   """Checkpoints of another model (wider layers) under this run's config."""
   import jax
   from bnlab.models import networks as models
-  from bnlab.engine import train
   c.copy_finished(interrupted_at=0)
   ck = os.path.join(c.wd, "checkpoints")
   for name in os.listdir(ck):
     shutil.rmtree(os.path.join(ck, name))
   other = c.cfg.copy_and_resolve_references()
   other.model.widths = (64, 64)
-  tx = train.make_optimizer(other.optimizer, 10)
-  state = train.create_train_state(models.build_model(other.model), tx, jax.random.key(0), 32)
+  tx = optim_lib.make_optimizer(other.optimizer, 10)
+  state = state_lib.create_train_state(models.build_model(other.model), tx, jax.random.key(0), 32)
   import flax
   mngr = ocp.CheckpointManager(ck)
   mngr.save(4, args=ocp.args.StandardSave(flax.serialization.to_state_dict(
-      {"state": state, "sums": train.metric_sums_zero()})))
+      {"state": state, "sums": steps_lib.metric_sums_zero()})))
   mngr.wait_until_finished()
   mngr.close()
 

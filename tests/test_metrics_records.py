@@ -97,7 +97,7 @@ def test_nonfinite_numbers_are_written_as_null_and_named(tmp_path):
   assert "nonfinite" not in records[0]
   assert summary == {"train_loss_before_divergence": -math.inf, "final_step": 4}
   # The other readers of these files cope.
-  swept = sweep_results._read_jsonl(str(tmp_path / "metrics.jsonl"))  # pylint: disable=protected-access
+  swept = sweep_results.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert sweep.steps_to_accuracy(swept) == 4 and math.isnan(swept[0]["train_loss"])
   assert math.isnan(read_jsonl(tmp_path / "metrics.jsonl")[0]["train_loss"])
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from bnlab.engine import members as members_lib
 from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab.engine import train
@@ -264,7 +265,7 @@ def test_grouped_cnn_members_equal_their_solo_runs(idx_dir, tmp_path):
   base.train.num_epochs = 1
   overrides = MOMENTA[:2]
   cfgs = [sweep.apply_overrides(base, o) for o in overrides]
-  assert len({train.group_key(c) for c in cfgs}) == 1
+  assert len({members_lib.group_key(c) for c in cfgs}) == 1
   names = ["a", "b"]
   with jax.default_matmul_precision("highest"):
     train.train_group(cfgs, [str(tmp_path / "g" / n) for n in names], str(tmp_path / "g" / "_g"))

@@ -9,6 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnlab.engine import steps as steps_lib
+from bnlab.engine import state as state_lib
+from bnlab.engine import schedule as schedule_lib
+from bnlab.engine import optim as optim_lib
+from bnlab.engine import evaluation as evaluation_lib
 from bnlab import config as config_lib
 from bnlab.engine import train
 from run_files import final_state, read_jsonl
@@ -118,14 +123,14 @@ def test_eval_covers_every_test_example(idx_dir):
   images = jax.random.randint(jax.random.key(0), (103, 28, 28), 0, 255).astype(jnp.uint8)
   labels = jnp.arange(103) % 10
   v = model.init(jax.random.key(1), images)
-  full = train.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=103)
-  split = train.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=10)
+  full = evaluation_lib.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=103)
+  split = evaluation_lib.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=10)
   np.testing.assert_allclose(full["loss"], split["loss"], rtol=1e-5)
   assert full["accuracy"] == split["accuracy"]
 
 
 def test_schedule_boundaries_are_a_function_of_the_step():
-  plan = train.Schedule(total_steps=95, steps_per_epoch=30, steps_per_call=7,
+  plan = schedule_lib.Schedule(total_steps=95, steps_per_epoch=30, steps_per_call=7,
                         eval_every=20, log_every=10, checkpoint_every=25)
   step, ends = 0, []
   while step < plan.total_steps:
@@ -139,7 +144,7 @@ def test_schedule_boundaries_are_a_function_of_the_step():
 
 
 def test_last_record_at_or_before_a_step_is_the_last_log_or_evaluation_step():
-  plan = train.Schedule(total_steps=95, steps_per_epoch=30, steps_per_call=7,
+  plan = schedule_lib.Schedule(total_steps=95, steps_per_epoch=30, steps_per_call=7,
                         eval_every=20, log_every=15, checkpoint_every=25)
   for step in range(96):
     want = max([t for t in range(1, step + 1) if plan.is_log(t)], default=0)
@@ -150,11 +155,11 @@ def test_resolve_loop():
   c = config_lib.base_config().model
   c.name = "seed_cnn"
   c.conv_implementation = "xla"
-  assert train.resolve_loop("auto", c, "cpu") == "loop"
-  assert train.resolve_loop("auto", c, "gpu") == "scan"
+  assert steps_lib.resolve_loop("auto", c, "cpu") == "loop"
+  assert steps_lib.resolve_loop("auto", c, "gpu") == "scan"
   c.conv_implementation = "im2col"
-  assert train.resolve_loop("auto", c, "cpu") == "scan"
-  assert train.resolve_loop("loop", c, "cpu") == "loop"
+  assert steps_lib.resolve_loop("auto", c, "cpu") == "scan"
+  assert steps_lib.resolve_loop("loop", c, "cpu") == "loop"
 
 
 def test_activation_percentiles_are_recorded_at_each_eval(idx_dir, tmp_path):
@@ -207,11 +212,11 @@ def test_member_states_equal_stacked_solo_states(schedule):
       c.optimizer.learning_rate = lr
     cfgs.append(c)
   model = models.build_model(cfgs[0].model)
-  tx = train.make_optimizer(cfgs[0].optimizer, 100)
+  tx = optim_lib.make_optimizer(cfgs[0].optimizer, 100)
   want = jax.tree.map(lambda *xs: jnp.stack(xs), *[
-      train.create_train_state(model, train.make_optimizer(c.optimizer, 100),
+      state_lib.create_train_state(model, optim_lib.make_optimizer(c.optimizer, 100),
                                jax.random.key(c.seed), 8).replace(tx=tx) for c in cfgs])
-  got = train.create_member_states(model, tx, cfgs, 8)
+  got = state_lib.create_member_states(model, tx, cfgs, 8)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   # Same values up to float rounding (the group's init is compiled, a solo init is not).
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)

@@ -2,8 +2,7 @@
 
 Each validates its configs, opens the work directories, skips what is
 complete, loads the data, builds the pieces (model, optimizer, initial state,
-compiled calls), runs `loop.Loop` and writes each run's summary. The names
-below the entry points are re-exported from the modules that hold them.
+compiled calls), runs `loop.Loop` and writes each run's summary.
 """
 
 from __future__ import annotations
@@ -37,19 +36,10 @@ from bnlab.engine import state as state_lib
 from bnlab.engine import steps as steps_lib
 from bnlab.engine import timesplit
 from bnlab.rundir import workdir as workdir_lib
-# pylint: disable=unused-import
-from bnlab.engine.calls import (data_parallel_mesh, group_permutations, run_one_step,
-                                run_one_step_group, run_steps, run_steps_group)
-from bnlab.engine.evaluation import (activation_percentiles, eval_model_config, evaluate,
-                                     evaluate_members)
-from bnlab.engine.members import GROUPABLE_KEYS, group_key, grouping_helps, init_models
-from bnlab.engine.optim import learning_rate_schedule, make_optimizer
-from bnlab.engine.provenance import versions
-from bnlab.engine.schedule import Schedule, make_schedule_plan
-from bnlab.engine.state import TrainState, create_member_states, create_train_state
-from bnlab.engine.state import take as _take
-from bnlab.engine.steps import epoch_permutation, metric_sums_zero, resolve_loop, train_step
-# pylint: enable=unused-import
+from bnlab.engine.calls import data_parallel_mesh
+from bnlab.engine.evaluation import eval_model_config
+from bnlab.engine.members import GROUPABLE_KEYS, group_key, init_models
+from bnlab.engine.schedule import make_schedule_plan
 
 
 def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None

@@ -60,7 +60,7 @@ def make_cells(rows: list[dict], keys, metrics) -> list[dict]:
 
 
 def show(value) -> str:
-  return sweep._format_value(value)  # pylint: disable=protected-access
+  return sweep.format_value(value)
 
 
 def select(cells: list[dict], where: str) -> list[dict]:

@@ -60,7 +60,7 @@ def unit_drift(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   """`drift_of` the `{spec["layer"]}/percentiles` records from `spec["from_step"]`."""
   del run_cfg
   key = f"{spec['layer']}/percentiles"
-  records = [r for r in sweep._read_jsonl(os.path.join(run_dir, "metrics.jsonl"))  # pylint: disable=protected-access
+  records = [r for r in sweep.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
              if key in r]
   if not any(r["step"] >= spec["from_step"] for r in records):
     return {}
@@ -152,6 +152,8 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bnlab import analysis  # pylint: disable=g-import-not-at-top
   from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import optim as optim_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import state as state_lib  # pylint: disable=g-import-not-at-top
   from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(run_cfg)
   lr, batch = cfg.optimizer.learning_rate, cfg.train.batch_size
@@ -163,8 +165,8 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   model = models.build_model(cfg.model)
   etas = analysis.eta_grid(lr, num=spec["num_etas"])
   measure = _measure_fn(model, lr, etas, cfg.model.norm == "noisy")
-  init = train.create_train_state(model, train.make_optimizer(cfg.optimizer, cfg.train.num_steps),
-                                  jax.random.key(cfg.seed), batch)
+  tx = optim_lib.make_optimizer(cfg.optimizer, cfg.train.num_steps)
+  init = state_lib.create_train_state(model, tx, jax.random.key(cfg.seed), batch)
   states = [(0, init.params, init.batch_stats, init.rng)]
   for step in _steps_saved(run_dir):
     st = _restore(run_dir, step)

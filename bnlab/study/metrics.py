@@ -161,7 +161,7 @@ def percentile_drift(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   `{layer}/spread_drift`: mean over units of the change of (highest - lowest percentile).
   """
   del run_cfg
-  records = sweep._read_jsonl(os.path.join(run_dir, "metrics.jsonl"))  # pylint: disable=protected-access
+  records = sweep.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
   out = {}
   for key in sorted({k for r in records for k in r if k.endswith("/percentiles")}):
     evals = [r[key] for r in records if key in r and r["step"] >= spec.get("from_step", 0)]

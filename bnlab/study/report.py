@@ -113,11 +113,11 @@ def _rule_text(spec: dict) -> str:
 
 
 def _time_lines(runs: list[metrics_lib.Run], stages: list[dict]) -> list[str]:
-  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
   done = [r for r in runs if r.summary]
   groups: dict[str, float] = {}
   for r in done:
-    key = (train.group_key(ml_collections.ConfigDict(r.cfg)) if r.summary.get("group_size")
+    key = (members_lib.group_key(ml_collections.ConfigDict(r.cfg)) if r.summary.get("group_size")
            and r.cfg else r.name)
     groups[key] = max(groups.get(key, 0.0), r.summary.get("wall_time", 0.0))
   wall = sum(s["wall_s"] for s in stages)

@@ -27,7 +27,7 @@ def read_run(path: str, name: str, key: dict, configured: dict | None = None) ->
       return None
     with open(p) as f:
       return json.load(f)
-  records = sweep._read_jsonl(os.path.join(path, "metrics.jsonl"))  # pylint: disable=protected-access
+  records = sweep.read_jsonl(os.path.join(path, "metrics.jsonl"))
   summary, cfg = load("summary.json"), load("config.json")
   error = summary and (sweep.records_cut_short(path, summary, records)
                        or _configured_otherwise(path, cfg, configured))

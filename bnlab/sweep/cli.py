@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from bnlab import config as config_lib
-from bnlab.sweep.combinators import Variant, _format_value  # pylint: disable=protected-access
+from bnlab.sweep.combinators import Variant, format_value
 from bnlab.sweep.groups import Member, plan
 from bnlab.sweep.runner import _one_line, check_members_config, run_sweep  # pylint: disable=protected-access
 
@@ -42,7 +42,7 @@ def dry_run_listing(members: Sequence[Member], groups: Sequence[Sequence[Member]
     done = train.is_complete(m.cfg, os.path.join(workdir, m.name))
     entries.append({"name": m.name, "group": group_of[m.name],
                     "status": "done" if done else "to train",
-                    "overrides": {k: _format_value(v) if isinstance(v, Variant) else v
+                    "overrides": {k: format_value(v) if isinstance(v, Variant) else v
                                   for k, v in m.overrides.items()}})
   width = max(len("member"), *(len(e["name"]) for e in entries))
   lines = [f"{'group':>5}  {'member':<{width}}  status"]

@@ -74,7 +74,7 @@ def config_overrides(cfg, base=None) -> dict[str, Any]:
   return {k: v for k, v in a.items() if b.get(k, object()) != v}
 
 
-def _format_value(v) -> str:
+def format_value(v) -> str:
   if isinstance(v, Variant):
     return v.label
   if isinstance(v, bool):
@@ -83,7 +83,7 @@ def _format_value(v) -> str:
     s = f"{v:g}"
     return s if float(s) == v else repr(v)
   if isinstance(v, (tuple, list)):
-    return "-".join(_format_value(x) for x in v)
+    return "-".join(format_value(x) for x in v)
   return str(v)
 
 
@@ -101,7 +101,7 @@ def member_name(overrides: dict) -> str:
       parts.append(value.label)
     else:
       shown = last if lasts.count(last) == 1 else key
-      parts.append(f"{shown}={_format_value(value)}")
+      parts.append(f"{shown}={format_value(value)}")
   name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
   if len(name) > MAX_NAME:  # a directory name holds at most 255 bytes
     digest = hashlib.sha1(",".join(parts).encode()).hexdigest()[:12]

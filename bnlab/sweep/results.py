@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Iterable
 
-from bnlab.sweep.combinators import Variant, _format_value  # pylint: disable=protected-access
+from bnlab.sweep.combinators import Variant, format_value
 from bnlab.sweep.groups import Member
 
 TARGET_ACCURACY = 0.97
@@ -49,7 +49,7 @@ def records_cut_short(path: str, summary: dict, records: list[dict]) -> str | No
           "aside and rerun to train it again")
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
   """The records of a metrics.jsonl, NaN/inf restored (stored as null: bnlab.rundir.workdir)."""
   from bnlab.rundir import workdir  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
@@ -67,7 +67,7 @@ def _read_jsonl(path: str) -> list[dict]:
 def _result_row(m: Member, path: str, error: str | None) -> dict:
   row: dict[str, Any] = {"name": m.name}
   for key, value in m.overrides.items():
-    row[key] = _format_value(value) if isinstance(value, Variant) else value
+    row[key] = format_value(value) if isinstance(value, Variant) else value
   summary = None
   summary_path = os.path.join(path, "summary.json")
   if os.path.exists(summary_path):
@@ -76,7 +76,7 @@ def _result_row(m: Member, path: str, error: str | None) -> dict:
       summary = workdir.read_summary_file(summary_path)
     except workdir.WorkDirError as e:
       error = error or str(e)
-  records = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+  records = read_jsonl(os.path.join(path, "metrics.jsonl"))
   if summary is not None:
     error = error or records_cut_short(path, summary, records)
   if error is not None or summary is None:

@@ -34,8 +34,6 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   members (`group_members`; default: what fits the device's memory). The rows
   cover every member.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   members, groups = plan(base, sweep, grouped, overrides, only, max_group_size)
   make_sweep_dir(workdir)
