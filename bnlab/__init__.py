@@ -5,6 +5,9 @@ Layers: `batch_norm` / `batch_moments` (pure functions), `BatchNorm`
 and the variants `BatchRenorm`, `GhostBatchNorm`, `NoisyBatchNorm`,
 `BatchNormVariant` (frozen statistics, population averages; linen here, NNX
 under `bnlab.nnx`) over the pure functions in `bnlab.layers.variants`.
+
+Experiments: `train_and_evaluate(config, workdir)` (`bnlab.engine.train`), imported
+on first use so that a model using only the layers never loads the engine.
 """
 
 from bnlab import data
@@ -18,3 +21,10 @@ __all__ = ["data", "nnx", "variants", "BatchNorm", "BatchNormOutput", "BatchNorm
            "BatchRenorm", "GhostBatchNorm", "Moments", "NoisyBatchNorm", "batch_moments",
            "batch_norm"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  if name == "train_and_evaluate":
+    from bnlab.engine.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+    return train_and_evaluate
+  raise AttributeError(f"module 'bnlab' has no attribute {name!r}")
