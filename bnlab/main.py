@@ -25,7 +25,8 @@ from bnlab.engine import backend
 from bnlab import config as config_lib
 from bnlab import data as data_lib
 from bnlab.engine import distributed
-from bnlab.rundir import workdir as workdir_lib
+from bnlab.rundir import errors as rundir_errors
+from bnlab.rundir import logs as rundir_logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -33,7 +34,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: one line, no traceback (unless --verbosity>=1).
-USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
+USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, rundir_errors.WorkDirError,
                distributed.DistributedError, backend.BackendError)
 
 
@@ -85,7 +86,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: every option is a --flag=value "
           "(see --helpfull)")
-  workdir_lib.quiet_library_logs()
+  rundir_logs.quiet_library_logs()
   try:
     cfg = loaded_config()
   except config_lib.ConfigError as e:

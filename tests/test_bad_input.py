@@ -28,6 +28,8 @@ from bnlab.engine import optim as optim_lib
 from bnlab import config as config_lib
 from bnlab import data as data_lib
 from bnlab import main as main_lib
+from bnlab.rundir import files as files_lib
+from bnlab.rundir import records as records_lib
 from bnlab.rundir import workdir as workdir_lib
 from run_files import files
 import tiny_mnist
@@ -401,8 +403,8 @@ CASES = [
     ("wd_tensorboard_symlink", "api", _workdir_file("tensorboard", "symlink"), "tensorboard is a symbolic link", "remove the link"),
     ("disk_full_saving_checkpoint", "api", lambda c: (c.copy_finished(4), c.fail(ocp.CheckpointManager, "save", ENOSPC)), "saving checkpoint 6", "free space on that disk"),
     ("disk_full_async_checkpoint", "api", lambda c: (c.copy_finished(4), c.fail(ocp.CheckpointManager, "wait_until_finished", ValueError("RESOURCE_EXHAUSTED: write failed: No space left on device"))), "saving a checkpoint", "free space on that disk"),
-    ("disk_full_metrics", "api", lambda c: (c.copy_finished(4), c.fail(workdir_lib, "open", ENOSPC, lambda p, *a, **k: str(p).endswith("metrics.jsonl") and a[:1] == ("a",))), "appending to", "free space on that disk"),
-    ("disk_full_summary", "api", lambda c: (c.copy_finished(8), c.fail(workdir_lib.os, "replace", ENOSPC, lambda s, d, *a, **k: str(d).endswith("summary.json"))), "summary.json failed (No space left on device)", "free space on that disk"),
+    ("disk_full_metrics", "api", lambda c: (c.copy_finished(4), c.fail(records_lib, "open", ENOSPC, lambda p, *a, **k: str(p).endswith("metrics.jsonl") and a[:1] == ("a",))), "appending to", "free space on that disk"),
+    ("disk_full_summary", "api", lambda c: (c.copy_finished(8), c.fail(files_lib.os, "replace", ENOSPC, lambda s, d, *a, **k: str(d).endswith("summary.json"))), "summary.json failed (No space left on device)", "free space on that disk"),
 ]
 
 

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from bnlab.rundir import checkpoints as checkpoints_lib
 from bnlab.rundir import workdir as workdir_lib
 from run_files import damage_checkpoint_payload
 from rundirs import strict_json as _strict
@@ -36,7 +37,7 @@ def test_checkpoints_carry_checksums_of_every_file(tmp_path):
     manifest = _strict((step_dir / workdir_lib.CHECKSUMS).read_text())
     assert manifest["step"] == step and manifest["files"]
     assert any("/d/" in rel for rel in manifest["files"])
-    assert workdir_lib._verify_checkpoint(str(step_dir))  # pylint: disable=protected-access
+    assert checkpoints_lib._verify_checkpoint(str(step_dir))  # pylint: disable=protected-access
 
 
 def test_damaged_checkpoint_payload_is_unreadable_and_an_older_one_is_used(tmp_path, caplog):

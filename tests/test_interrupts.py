@@ -10,6 +10,7 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import main as main_lib
 from bnlab.engine import loop as loop_lib
+from bnlab.rundir import checkpoints as checkpoints_lib
 from bnlab.rundir import workdir as workdir_lib
 from rundirs import config as _cfg, open_workdir as _open, tree as _tree
 
@@ -43,12 +44,12 @@ def test_ctrl_c_during_training_names_the_step(tmp_path, monkeypatch, capsys):
 
 def test_ctrl_c_during_a_checkpoint_write_stops_just_after_it(tmp_path, monkeypatch):
   # Interrupted midway, orbax's save threads waited on each other for ~300 s before exit.
-  real = workdir_lib.ocp.CheckpointManager.save
+  real = checkpoints_lib.ocp.CheckpointManager.save
 
   def save_interrupted(self, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
     return real(self, *args, **kwargs)
-  monkeypatch.setattr(workdir_lib.ocp.CheckpointManager, "save", save_interrupted)
+  monkeypatch.setattr(checkpoints_lib.ocp.CheckpointManager, "save", save_interrupted)
   wd = _open(tmp_path, _cfg(keep_checkpoints=10))
   try:
     with pytest.raises(KeyboardInterrupt):
@@ -56,5 +57,5 @@ def test_ctrl_c_during_a_checkpoint_write_stops_just_after_it(tmp_path, monkeypa
   finally:
     wd.close()
   step_dir = str(tmp_path / "checkpoints" / "1")
-  assert workdir_lib._verify_checkpoint(step_dir)  # pylint: disable=protected-access
+  assert checkpoints_lib._verify_checkpoint(step_dir)  # pylint: disable=protected-access
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -230,8 +230,8 @@ def test_tensorboard_writer_does_not_import_torch(tmp_path):
   code = (
       "import sys, os\n"
       f"sys.path.insert(0, {str(tmp_path)!r})\n"
-      "from bnlab.rundir import workdir\n"
-      f"w = workdir._summary_writer_class()({str(tmp_path / 'tb')!r})\n"
+      "from bnlab.rundir import records\n"
+      f"w = records._summary_writer_class()({str(tmp_path / 'tb')!r})\n"
       "w.add_scalar('loss', 1.5, 3); w.flush()\n"
       f"assert not os.path.exists({str(tmp_path / 'imported')!r}), 'torch imported'\n"
       "import torch\n"  # still importable afterwards

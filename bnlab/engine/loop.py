@@ -19,6 +19,7 @@ from absl import logging
 from bnlab import config as config_lib
 from bnlab.engine import evaluation
 from bnlab.engine import timesplit
+from bnlab.rundir import errors as rundir_errors
 from bnlab.rundir import workdir as workdir_lib
 from bnlab.engine.calls import DeviceData, StepCalls
 # CollapseWatch is named as bnlab.engine.loop.CollapseWatch in configs/studies' texts.
@@ -208,7 +209,7 @@ class Loop:
       have = last.get("step", -1)
       if have < want:
         where = f"records up to step {have}" if records else "no records"
-        raise workdir_lib.WorkDirError(
+        raise rundir_errors.WorkDirError(
             f"{m.wd.metrics_path} holds {where}, but the run resumes from its "
             f"checkpoint at step {step} in {self.ckpt_wd.path}: the records between are "
             "gone (the file removed or cut short, or the directory made anew) and resuming "
