@@ -1,9 +1,11 @@
-"""How bnlab writes a run's files: never through a link, never half-written.
+"""How bnlab reads and writes a run's files: never through a link, never half-written.
 
-A kill at any moment leaves either the old file or the new (`atomic_write`,
-whose temporary `.tmp-*` files the next run removes); a symbolic link where
-bnlab's file belongs is refused, not followed (`refuse_link`, `no_follow`);
-what bnlab replaces or cannot read is moved aside, not deleted (`aside_path`).
+A kill at any moment leaves the old file or the new, never a part
+(`atomic_write`; the next run removes its `.tmp-*` temporaries); a symbolic
+link where bnlab's file belongs is refused, not followed (`refuse_link`,
+`no_follow`); what bnlab replaces or finds damaged is moved aside, not deleted
+(`aside_path`); a JSON file it cannot read is an error that says what that
+costs (`read_json_object`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Library log filters: a run's progress log without checkpointing's chatter.
 
-orbax, etils and jax log INFO lines at every checkpoint, and after a failed
-write (a full disk) orbax, tensorstore, asyncio and tensorboardX each print
-tracebacks of it from their threads; bnlab reports that failure in one line
-(`bnlab.rundir.errors`), so these filters drop the echoes.
-`--verbosity` at debug level shows everything.
+orbax and etils log INFO lines at every checkpoint (jax some at start-up), and
+after a failed write (a full disk) orbax, tensorstore, asyncio and tensorboardX
+each print tracebacks of it from their threads; bnlab reports that failure in
+one line (`bnlab.rundir.errors`), so these filters drop the echoes.
+`--verbosity=1` (debug) shows everything.
 """
 
 from __future__ import annotations

@@ -206,13 +206,7 @@ class WorkDir:
       self.close_lock()
 
   def check_data(self, identity: dict) -> None:
-    """Compares the data's identity with the run's (data.json); records it.
-
-    `identity`: what names the data (source, sizes, sha256 of its arrays). A
-    run that holds a checkpoint or summary resumes only on the same data;
-    without data.json, its newest checkpoint's copy counts. Raises DataError
-    naming what changed.
-    """
+    """Compares the data with the run's (data.json) and records it (`RunIdentity.check_data`)."""
     self._identity.check_data(identity)
 
   # -- records (each write first writes the config.json of a changed config) ---
