@@ -20,10 +20,11 @@ def main(argv):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
-  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import errors as rundir_errors  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import logs as rundir_logs  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdir_lib.quiet_library_logs()
+  rundir_logs.quiet_library_logs()
   f = flags.FLAGS
   study, path = None, ""
   try:
@@ -33,7 +34,7 @@ def main(argv):
       study = study_config.Study.from_file(path, arg, cfg)
       study.flags = tuple(f"--config.{k}={v}" for k, v in
                           config_flags.get_override_values(f["config"]).items())
-    except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError):
+    except (config_lib.ConfigError, data_lib.DataError, rundir_errors.WorkDirError):
       raise
     except Exception as e:  # pylint: disable=broad-except  # get_config/get_sweep raised
       detail = " ".join(str(e).split())[:200]
@@ -42,10 +43,10 @@ def main(argv):
           "file (its get_config() and get_sweep())") from None
     workdir = f.workdir or ""
     if not workdir.strip():
-      raise workdir_lib.WorkDirError(
+      raise rundir_errors.WorkDirError(
           f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise workdir_lib.WorkDirError(
+      raise rundir_errors.WorkDirError(
           f"--workdir={workdir} is a file, not a directory; choose another --workdir")
     text = runner.run_study(study, workdir, f.stage, f.out)
   except KeyboardInterrupt:
@@ -56,7 +57,7 @@ def main(argv):
       print(f"interrupted: rerun the same command to resume ({study.command(f.workdir)})",
             file=sys.stderr)
     sys.exit(130)
-  except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError) as e:
+  except (config_lib.ConfigError, data_lib.DataError, rundir_errors.WorkDirError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
     print(f"error: {study_fix(' '.join(str(e).split()), path)}", file=sys.stderr)

@@ -60,10 +60,11 @@ def main(argv):
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
   from bnlab import data as data_lib  # pylint: disable=g-import-not-at-top
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
-  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import errors as rundir_errors  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import logs as rundir_logs  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdir_lib.quiet_library_logs()
+  rundir_logs.quiet_library_logs()
   f = flags.FLAGS
   path = f["config"].config_filename
   try:
@@ -91,7 +92,7 @@ def main(argv):
       return
     rows = run_sweep(base, sweep, f.workdir, grouped=f.grouped,
                      overrides=overrides, only=f.only, max_group_size=f.max_group_size)
-  except (config_lib.ConfigError, data_lib.DataError, workdir_lib.WorkDirError,
+  except (config_lib.ConfigError, data_lib.DataError, rundir_errors.WorkDirError,
           backend.BackendError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
       raise

@@ -51,14 +51,14 @@ def records_cut_short(path: str, summary: dict, records: list[dict]) -> str | No
 
 def read_jsonl(path: str) -> list[dict]:
   """The records of a metrics.jsonl, NaN/inf restored (stored as null: bnlab.rundir.workdir)."""
-  from bnlab.rundir import workdir  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import strict_json  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     return []
   out = []
   with open(path) as f:
     for line in f:
       try:
-        out.append(workdir.decode_nonfinite(json.loads(line)))
+        out.append(strict_json.decode_nonfinite(json.loads(line)))
       except json.JSONDecodeError:
         break
   return out
@@ -71,10 +71,11 @@ def _result_row(m: Member, path: str, error: str | None) -> dict:
   summary = None
   summary_path = os.path.join(path, "summary.json")
   if os.path.exists(summary_path):
-    from bnlab.rundir import workdir  # pylint: disable=g-import-not-at-top
+    from bnlab.rundir import errors as rundir_errors  # pylint: disable=g-import-not-at-top
+    from bnlab.rundir import records as rundir_records  # pylint: disable=g-import-not-at-top
     try:
-      summary = workdir.read_summary_file(summary_path)
-    except workdir.WorkDirError as e:
+      summary = rundir_records.read_summary_file(summary_path)
+    except rundir_errors.WorkDirError as e:
       error = error or str(e)
   records = read_jsonl(os.path.join(path, "metrics.jsonl"))
   if summary is not None:

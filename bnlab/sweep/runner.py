@@ -34,31 +34,31 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   members (`group_members`; default: what fits the device's memory). The rows
   cover every member.
   """
-  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
   members, groups = plan(base, sweep, grouped, overrides, only, max_group_size)
   make_sweep_dir(workdir)
   lock_path = os.path.join(workdir, ".sweep-lock")
-  lock = workdir_lib.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory")
+  lock = locks.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory")
   try:
     check_members_config(members, workdir)
     return _run_groups(members, groups, workdir)
   finally:
-    workdir_lib.release_lock(lock_path, lock)
+    locks.release_lock(lock_path, lock)
 
 
 def make_sweep_dir(workdir: str) -> None:
   """Creates the sweep's directory; WorkDirError (one line) when it cannot be."""
-  from bnlab.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import errors as rundir_errors  # pylint: disable=g-import-not-at-top
   if not isinstance(workdir, str) or not workdir.strip():
-    raise workdir_lib.WorkDirError(
+    raise rundir_errors.WorkDirError(
         f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise workdir_lib.WorkDirError(
+    raise rundir_errors.WorkDirError(
         f"--workdir={workdir} is a file, not a directory; choose another --workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise workdir_lib.WorkDirError(
+    raise rundir_errors.WorkDirError(
         f"sweep directory {workdir} cannot be created ({e.strerror or e}); "
         "choose another --workdir") from None
 
