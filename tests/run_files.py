@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from bnlab.rundir import workdir as workdir_lib
+from bnlab.rundir import strict_json
 
 
 def files(wd):
@@ -24,7 +24,7 @@ def files(wd):
 def read_jsonl(path):
   """The records of a .jsonl file, non-finite numbers restored (see bnlab.rundir.workdir)."""
   with open(path) as f:
-    return [workdir_lib.decode_nonfinite(json.loads(line)) for line in f]
+    return [strict_json.decode_nonfinite(json.loads(line)) for line in f]
 
 
 def damage_checkpoint_payload(step_dir):

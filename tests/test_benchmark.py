@@ -41,7 +41,6 @@ import contextlib  # noqa: E402
 import types  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import benchmark  # noqa: E402

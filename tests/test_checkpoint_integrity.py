@@ -34,7 +34,7 @@ def test_checkpoints_carry_checksums_of_every_file(tmp_path):
   _saved(tmp_path, [1, 2])
   for step in (1, 2):
     step_dir = tmp_path / "checkpoints" / str(step)
-    manifest = _strict((step_dir / workdir_lib.CHECKSUMS).read_text())
+    manifest = _strict((step_dir / checkpoints_lib.CHECKSUMS).read_text())
     assert manifest["step"] == step and manifest["files"]
     assert any("/d/" in rel for rel in manifest["files"])
     assert checkpoints_lib._verify_checkpoint(str(step_dir))  # pylint: disable=protected-access
@@ -65,11 +65,11 @@ def test_unverifiable_checkpoint_is_unreadable(tmp_path, damage, caplog):
   _saved(tmp_path, [1, 2])
   step_dir = tmp_path / "checkpoints" / "2"
   if damage == "unreadable":
-    (step_dir / workdir_lib.CHECKSUMS).write_text('{"files": ')
+    (step_dir / checkpoints_lib.CHECKSUMS).write_text('{"files": ')
   elif damage == "extra_file":
     (step_dir / "default" / "stray").write_text("x")
   else:
-    manifest = json.loads((step_dir / workdir_lib.CHECKSUMS).read_text())
+    manifest = json.loads((step_dir / checkpoints_lib.CHECKSUMS).read_text())
     os.remove(step_dir / sorted(manifest["files"])[-1])
   restored = _restore(tmp_path, caplog)
   np.testing.assert_array_equal(restored["b"], _tree(1.0)["b"])
@@ -79,7 +79,7 @@ def test_unverifiable_checkpoint_is_unreadable(tmp_path, damage, caplog):
 def test_checkpoint_without_checksums_restores_with_a_warning(tmp_path, caplog):
   """As bnlab wrote them before checksums: restored, but said to be unverified."""
   _saved(tmp_path, [1, 2])
-  for path in glob.glob(str(tmp_path / "checkpoints" / "*" / workdir_lib.CHECKSUMS)):
+  for path in glob.glob(str(tmp_path / "checkpoints" / "*" / checkpoints_lib.CHECKSUMS)):
     os.remove(path)
   restored = _restore(tmp_path, caplog)
   np.testing.assert_array_equal(restored["w"], _tree(2.0)["w"])

@@ -16,6 +16,7 @@ import pytest
 
 from bnlab import sweep
 from bnlab.engine import train
+from bnlab.rundir import checkpoints as checkpoints_lib
 from bnlab.rundir import workdir as workdir_lib
 from run_files import damage_checkpoint_payload, files
 
@@ -128,13 +129,13 @@ def test_checkpoints_without_checksums_resume_exactly(idx_dir, reference, tmp_pa
   wd = str(tmp_path / "unsealed")
   _interrupted_copy(reference, wd, at=19)  # keeps 19 only
   for step in os.listdir(os.path.join(wd, "checkpoints")):
-    os.remove(os.path.join(wd, "checkpoints", step, workdir_lib.CHECKSUMS))
+    os.remove(os.path.join(wd, "checkpoints", step, checkpoints_lib.CHECKSUMS))
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(kill_soak.config(idx_dir), wd)
   assert any("unverified" in r.getMessage() for r in caplog.records)
   assert kill_soak.differences(kill_soak.snapshot(reference), kill_soak.snapshot(wd)) == []
   assert kill_soak.leftovers(wd) == []
-  assert os.path.exists(os.path.join(wd, "checkpoints", "20", workdir_lib.CHECKSUMS))
+  assert os.path.exists(os.path.join(wd, "checkpoints", "20", checkpoints_lib.CHECKSUMS))
 
 
 def test_damaged_metrics_line_loses_no_record(idx_dir, reference, tmp_path, caplog):

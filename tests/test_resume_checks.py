@@ -12,6 +12,7 @@ import pytest
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
+from bnlab.rundir import checkpoints as checkpoints_lib
 from bnlab.rundir import workdir as workdir_lib
 from run_files import read_jsonl
 from rundirs import config as _cfg, open_workdir as _open, saved as _saved, warnings_of as _warnings
@@ -46,7 +47,7 @@ def _run_with_checkpoint(path, cfg=None, data=DATA_A):
 
 def test_checkpoint_carries_the_config_and_the_data_identity(tmp_path):
   _run_with_checkpoint(tmp_path)
-  manifest = json.load(open(tmp_path / "checkpoints" / "2" / workdir_lib.CHECKSUMS))
+  manifest = json.load(open(tmp_path / "checkpoints" / "2" / checkpoints_lib.CHECKSUMS))
   assert manifest["config"]["optimizer"]["learning_rate"] == 0.01
   assert manifest["data"] == DATA_A
   assert json.load(open(tmp_path / "data.json")) == DATA_A
@@ -66,7 +67,7 @@ def test_missing_config_json_is_compared_with_the_checkpoints_copy(tmp_path):
 def test_missing_config_json_without_any_copy_is_refused(tmp_path):
   _run_with_checkpoint(tmp_path)
   os.remove(tmp_path / "config.json")
-  path = tmp_path / "checkpoints" / "2" / workdir_lib.CHECKSUMS
+  path = tmp_path / "checkpoints" / "2" / checkpoints_lib.CHECKSUMS
   manifest = json.load(open(path))
   del manifest["config"]  # as an older bnlab wrote it
   path.write_text(json.dumps(manifest))

@@ -12,6 +12,7 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab.sweep import results as sweep_results
+from bnlab.rundir import locks as locks_lib
 from bnlab.rundir import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,9 +97,9 @@ def test_sweep_cli_get_sweep_raising_is_one_error_line(tmp_path):
   assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
   assert len(errors) == 1 and "get_sweep() failed (ValueError: no members today)" in errors[0]
 def test_second_sweep_on_one_directory_fails(tmp_path):
-  lock = workdir_lib.acquire_lock(str(tmp_path / ".sweep-lock"), str(tmp_path), "sweep directory")
+  lock = locks_lib.acquire_lock(str(tmp_path / ".sweep-lock"), str(tmp_path), "sweep directory")
   try:
     with pytest.raises(workdir_lib.WorkDirError, match="sweep directory .* is in use by process"):
       sweep.run_sweep(_base(), sweep.seeds(1), str(tmp_path))
   finally:
-    workdir_lib.release_lock(str(tmp_path / ".sweep-lock"), lock)
+    locks_lib.release_lock(str(tmp_path / ".sweep-lock"), lock)

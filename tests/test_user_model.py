@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from bnlab import config as config_lib
-from bnlab.models import networks as models
 from bnlab import sweep
 from bnlab.engine import train
 from run_files import final_state, read_jsonl

@@ -42,7 +42,7 @@ from bnlab.data.tfds_source import (TFDS_BNLAB, TFDS_OFFICIAL, TFDS_SPLITS, TFDS
                                     bnlab_mnist_builder_class, build_bnlab_mnist, load_tfds,
                                     tfds_data_dir)
 # bnlab.rundir.workdir hashes files with it.
-from bnlab.data.embedded import _sha256_file  # pylint: disable=protected-access
+from bnlab.data.embedded import sha256_file
 
 
 def load_mnist(

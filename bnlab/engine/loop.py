@@ -1,14 +1,14 @@
 """The step loop shared by solo runs and groups: train, log, evaluate, checkpoint, stop members.
 
 When things happen is `schedule`'s, how a call runs is `calls`'s, what a
-collapse is `collapse`'s and the progress line `progress`'s; the loop runs
-them in order, resumes, and keeps each member's records.
+collapse is `collapse`'s, the progress line `progress`'s and where a resumed
+run picks up `resume`'s; the loop runs them in order and keeps each member's
+records.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable
 
@@ -18,13 +18,12 @@ from absl import logging
 
 from bnlab import config as config_lib
 from bnlab.engine import evaluation
+from bnlab.engine import resume
 from bnlab.engine import timesplit
-from bnlab.rundir import errors as rundir_errors
 from bnlab.rundir import workdir as workdir_lib
 from bnlab.engine.calls import DeviceData, StepCalls
-# CollapseWatch is named as bnlab.engine.loop.CollapseWatch in configs/studies' texts.
 from bnlab.engine.collapse import CollapseWatch
-from bnlab.engine.progress import _Clock, _log_group_progress, _log_progress  # pylint: disable=protected-access
+from bnlab.engine.progress import Clock, log_group_progress, log_progress
 from bnlab.engine.schedule import Schedule
 from bnlab.engine.state import take
 
@@ -116,7 +115,7 @@ class Loop:
     state, sums, step = self._resume(state)
     self.step = step
     split.mark_startup()
-    clock = _Clock(step, split.start)
+    clock = Clock(step, split.start)
     if step == 0 and self.cfg.train.eval_at_start:
       self._record_start(state, clock)
     perm_epoch, perm = None, None
@@ -156,67 +155,29 @@ class Loop:
           f"the run in {self.ckpt_wd.path} is at step {step}, beyond the "
           f"{self.plan.total_steps} steps of this config's train.num_steps/num_epochs: a run "
           "can be extended, not shortened; raise them back, or use a new --workdir")
+    stop_on_collapse = self.cfg.train.stop_on_collapse
     if step > 0:
-      self._check_records_reach(step)
+      resume.check_records_reach(self.members, self.plan.last_log_at_or_before(step), step,
+                                 self.ckpt_wd.path, self.calls.stacked, stop_on_collapse)
     if restored is not None:
       logging.info("Resumed from step %d in %s", step, self.ckpt_wd.path)
     for m in self.members:
-      if m.recording:  # a fresh start (step 0) keeps no records at all
-        m.wd.truncate_metrics_after(step if step > 0 else -1)
-        records = m.wd.read_metrics() if step > 0 else []
-        for r in records:  # the collapse watch's history
-          m.watch.update(r)
-          if r.get("collapsed") and m.collapsed_at is None:
-            m.collapsed_at, m.collapse_reason = r["collapsed_at_step"], r.get("collapse_reason")
-        if records:
-          self._stop_if_stopped(m, records[-1])
+      if m.recording:
+        last = resume.replay_records(m, step)
+        if last is not None and resume.stopped_by(last, stop_on_collapse):
+          self._stop_again(m, last)
     return state, sums, step
 
-  def _stopped_by(self, record: dict) -> bool:
-    """Whether `record` stopped its member: diverged, or collapsed with `train.stop_on_collapse`."""
-    return "diverged_at_step" in record or bool(
-        record.get("collapsed") and self.cfg.train.stop_on_collapse)
-
-  def _stop_if_stopped(self, m: Member, last: dict) -> None:
-    """A member whose last record stopped it (`_stopped_by`) but has no summary (the
-    attempt ended before it was written, or it was removed) stops there again, its
-    summary written from its records."""
-    if not self._stopped_by(last):
-      return
+  def _stop_again(self, m: Member, last: dict) -> None:
+    """A member whose last record stopped it but has no summary (the attempt ended before
+    it was written, or it was removed) stops there again, its summary written from its
+    records."""
     if "diverged_at_step" in last:
       m.diverged_at = last["diverged_at_step"]
     else:
       m.stopped_on_collapse = True
     m.recording = False
     self.on_stop(m, last["step"], None, self.split)
-
-  def _check_records_reach(self, step: int) -> None:
-    """WorkDirError when a recording member's records stop before the checkpoint at `step`.
-
-    Its metrics.jsonl was deleted, cut short, or its directory made anew (e.g. a
-    finished member's removed to redo it): resuming would leave those steps out of
-    its records for good. A member that stopped (`_stopped_by`) has its last
-    record where it stopped.
-    """
-    want = self.plan.last_log_at_or_before(step)
-    for m in self.members:
-      if not m.recording:
-        continue
-      records = m.wd.read_metrics()
-      last = records[-1] if records else {}
-      if self._stopped_by(last):
-        continue
-      have = last.get("step", -1)
-      if have < want:
-        where = f"records up to step {have}" if records else "no records"
-        raise rundir_errors.WorkDirError(
-            f"{m.wd.metrics_path} holds {where}, but the run resumes from its "
-            f"checkpoint at step {step} in {self.ckpt_wd.path}: the records between are "
-            "gone (the file removed or cut short, or the directory made anew) and resuming "
-            "would leave them out. Put the records back, or move "
-            f"{os.path.join(self.ckpt_wd.path, 'checkpoints')} aside to retrain from step "
-            "0" + (" (members already finished keep their results)" if self.calls.stacked
-                   else ""))
 
   def _evaluate(self, state) -> dict:
     """The evaluations of every member, on the device: {"running": .., kind: .., "analysis": ..}."""
@@ -245,7 +206,7 @@ class Loop:
       results.append({**result, **analysis[i]})
     return results
 
-  def _record_start(self, state, clock: _Clock) -> None:
+  def _record_start(self, state, clock: Clock) -> None:
     """The evaluation before training (`train.eval_at_start`), recorded as step 0 by each
     recording member (a finished member carried along in a group keeps its records)."""
     if not any(m.recording for m in self.members):
@@ -257,7 +218,7 @@ class Loop:
         if m.recording:
           m.wd.write_metrics({"step": 0, "epoch": 0.0, **e, "wall_time": clock.elapsed()})
 
-  def _log(self, step: int, state, sums, clock: _Clock) -> None:
+  def _log(self, step: int, state, sums, clock: Clock) -> None:
     """The log action: records the interval's training metrics (and an evaluation when due).
 
     The interval's metric sums, learning rates and evaluations come to the
@@ -276,7 +237,7 @@ class Loop:
       self._report_progress(records, step, clock)
     clock.next_interval()
 
-  def _write_records(self, step: int, host, lrs, evals, clock: _Clock) -> list[dict]:
+  def _write_records(self, step: int, host, lrs, evals, clock: Clock) -> list[dict]:
     """Each recording member's metrics record; stops the members that diverged."""
     bs = self.cfg.train.batch_size
     records = []
@@ -322,15 +283,15 @@ class Loop:
           self.on_stop(m, step, None, self.split)
     return records
 
-  def _report_progress(self, records: list[dict], step: int, clock: _Clock) -> None:
+  def _report_progress(self, records: list[dict], step: int, clock: Clock) -> None:
     """The progress action: one log line with the position, latest metrics and ETA."""
     seconds, steps_done = time.perf_counter() - clock.loop_start, step - clock.first_step
     if self.calls.stacked:
-      _log_group_progress(records, self.members, self.plan, seconds, steps_done, step)
+      log_group_progress(records, self.members, self.plan, seconds, steps_done, step)
     elif records:
-      _log_progress(records[0], self.plan, seconds, steps_done, step)
+      log_progress(records[0], self.plan, seconds, steps_done, step)
 
-  def _finish(self, step: int, state, sums, clock: _Clock) -> None:
+  def _finish(self, step: int, state, sums, clock: Clock) -> None:
     """The members still recording at the end: full-train evaluation, final state, stop."""
     live = [i for i, m in enumerate(self.members) if m.recording]
     if not live:

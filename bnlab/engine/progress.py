@@ -12,7 +12,7 @@ from absl import logging
 from bnlab.engine.schedule import Schedule
 
 
-class _Clock:
+class Clock:
   """Wall time since the run started (`run_start`) and the log interval's train steps."""
 
   def __init__(self, first_step: int, run_start: float):
@@ -50,7 +50,7 @@ def _eta(plan: Schedule, seconds: float, steps_done: int, step: int) -> str:
   return f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
 
-def _log_group_progress(records, members, plan: Schedule, seconds: float, steps_done: int,
+def log_group_progress(records, members, plan: Schedule, seconds: float, steps_done: int,
                         step: int) -> None:
   live = sum(m.recording for m in members)
   parts = [_position("group step", plan, step), f"{live}/{len(members)} members training"]
@@ -63,7 +63,7 @@ def _log_group_progress(records, members, plan: Schedule, seconds: float, steps_
   logging.info(" | ".join(parts))
 
 
-def _log_progress(record, plan: Schedule, seconds: float, steps_done: int,
+def log_progress(record, plan: Schedule, seconds: float, steps_done: int,
                   step: int) -> None:
   parts = [_position("step", plan, step), f"epoch {record['epoch']:.2f}"]
   if "train_loss" in record:

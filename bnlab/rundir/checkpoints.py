@@ -20,7 +20,7 @@ import flax.serialization
 import orbax.checkpoint as ocp
 from absl import logging
 
-from bnlab.data import _sha256_file  # pylint: disable=protected-access
+from bnlab.data import sha256_file
 from bnlab.engine import distributed
 from bnlab.rundir.errors import WorkDirError, io_error
 from bnlab.rundir.files import atomic_write, refuse_link
@@ -49,7 +49,7 @@ def _checkpoint_files(step_dir: str) -> dict[str, str]:
 
 
 def _checksums(step_dir: str) -> dict:
-  return {rel: {"size": os.path.getsize(path), "sha256": _sha256_file(path)}
+  return {rel: {"size": os.path.getsize(path), "sha256": sha256_file(path)}
           for rel, path in sorted(_checkpoint_files(step_dir).items())}
 
 
@@ -78,7 +78,7 @@ def _verify_checkpoint(step_dir: str) -> bool:
       raise ValueError(f"{rel} is not listed in {CHECKSUMS}")
     want = expected[rel]
     if not isinstance(want, dict) or os.path.getsize(files[rel]) != want.get("size") or \
-        _sha256_file(files[rel]) != want.get("sha256"):
+        sha256_file(files[rel]) != want.get("sha256"):
       raise ValueError(f"{rel} does not match its checksum in {CHECKSUMS}: damaged")
   return True
 

@@ -66,18 +66,7 @@ from bnlab.rundir import records as records_lib
 from bnlab.rundir.errors import WorkDirError
 from bnlab.rundir.files import no_follow, refuse_link
 from bnlab.rundir.locks import acquire_lock, release_lock
-# Importable from here too, as bnlab.rundir.workdir.X, where they were defined before
-# the package was split by concern; new code imports them from the module named.
-# pylint: disable=unused-import,g-bad-import-order
-from bnlab.rundir.checkpoints import CHECKSUMS, save_decision_policy
-from bnlab.rundir.errors import is_storage_full
-from bnlab.rundir.files import read_json_object
-from bnlab.rundir.logs import quiet_library_logs
-from bnlab.rundir.records import (HPARAM_METRICS, TENSORBOARD_TAGS, hparams_of,
-                                  read_summary_file, tensorboard_tag)
-from bnlab.rundir.signals import interrupts_deferred
-from bnlab.rundir.strict_json import decode_nonfinite, encode_nonfinite
-# pylint: enable=unused-import,g-bad-import-order
+from bnlab.rundir.records import hparams_of
 
 
 class WorkDir:

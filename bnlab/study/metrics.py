@@ -108,7 +108,7 @@ def diverged_at(run: Run):
 def collapsed(run: Run):
   """Whether the run collapsed: a finite loss that exploded or accuracy back near chance.
 
-  `bnlab.engine.loop.CollapseWatch`; a run that collapsed may have recovered (see its
+  `bnlab.engine.collapse.CollapseWatch`; a run that collapsed may have recovered (see its
   final accuracy) unless it stopped there (`train.stop_on_collapse`).
   """
   return bool(run.summary.get("collapsed")) if run.summary else None

@@ -3,7 +3,7 @@
 The paper MLP (784-100-100-100-10, batch 60, LeCun normal init) with ReLU, BN before
 every activation vs none, plain SGD at a constant rate, 50,000 steps, 3 seeds. A run
 *fails* when it diverges (NaN/inf loss), collapses (a finite loss > 10x its minimum and
-above chance, or test accuracy <= 0.2 after >= 0.5: bnlab.engine.loop.CollapseWatch) or ends
+above chance, or test accuracy <= 0.2 after >= 0.5: bnlab.engine.collapse.CollapseWatch) or ends
 below 0.2. BN is evaluated with its running averages and with population statistics
 recomputed over 10,000 training images (Algorithm 2).
 
