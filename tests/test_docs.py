@@ -300,3 +300,29 @@ def test_readme_is_a_front_page_linking_every_docs_page():
   missing = [p for p in PAGES[1:] if p not in linked]
   assert not missing, f"README.md links no {missing}"
   assert "results/README.md" in linked
+
+
+def test_readme_layout_names_every_module():
+  """The README's layout table matches the folders: each row's folder lists every module in
+  it, every module at the top of the package has a row, and every file a row names exists."""
+  rows = [line for line in read("README.md").splitlines() if line.startswith("| `bnlab/")]
+  missing, stale = [], []
+  for folder, _, files in os.walk(os.path.join(ROOT, "bnlab")):
+    rel = os.path.relpath(folder, ROOT).replace(os.sep, "/")
+    if "__pycache__" in rel:
+      continue
+    for name in sorted(f for f in files if f.endswith(".py")):
+      if name in ("__init__.py", "__main__.py"):
+        continue
+      top = rel == "bnlab"
+      named = any((f"`bnlab/{name}`" in row or f"`{name}`" in row) if top else
+                  (row.startswith(f"| `{rel}/`") and f"`{name}`" in row) for row in rows)
+      if not named:
+        missing.append(f"{rel}/{name}")
+  for row in rows:
+    first = re.match(r"\| `(bnlab/[\w./]*)`", row).group(1).rstrip("/")
+    base = first if os.path.isdir(os.path.join(ROOT, first)) else os.path.dirname(first)
+    for name in re.findall(r"`(\w+\.py)`", row):
+      if not os.path.exists(os.path.join(ROOT, base, name)):
+        stale.append(f"{base}/{name}")
+  assert not missing and not stale, f"not in the layout table: {missing}; gone: {stale}"
