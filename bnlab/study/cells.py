@@ -13,15 +13,18 @@ from typing import Any
 from bnlab import sweep
 
 
-def t_interval(values: list[float]) -> tuple[float, float | None]:
-  """(mean, half-width of the 95% Student t interval on the mean); None for n < 2."""
+def t_interval(values: list[float], quantile: float = 0.975) -> tuple[float, float | None]:
+  """(mean, half-width of the 95% Student t interval on the mean); None for n < 2.
+
+  `quantile` 0.95 gives the 90% interval that two one-sided tests at 0.05 read.
+  """
   from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
   n = len(values)
   mean = sum(values) / n
   if n < 2:
     return mean, None
   sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-  return mean, float(scipy_stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+  return mean, float(scipy_stats.t.ppf(quantile, n - 1)) * sd / math.sqrt(n)
 
 
 def describe_values(values: list) -> dict:

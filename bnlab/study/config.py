@@ -132,7 +132,11 @@ def validate(cfg) -> None:
     if not spec.pop("statement", ""):
       raise config_lib.ConfigError(f"study config claims.{name} has no statement")
     spec.pop("each", None)
-    fn = _lookup("claim rule", spec.pop("rule", ""), registry.RULES)
+    rule = spec.pop("rule", "")
+    fn = _lookup("claim rule", rule, registry.RULES)
+    problem = registry.RULE_CHECKS[rule](spec) if rule in registry.RULE_CHECKS else ""
+    if problem:
+      raise config_lib.ConfigError(f"study config claims.{name}: {problem}")
     _check_params("claim rule", f"claims.{name}", fn, 1, kwargs=spec)
     for m in claim_metrics(spec):
       if m not in names:

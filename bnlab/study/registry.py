@@ -12,6 +12,9 @@ METRICS: dict[str, Callable] = {}
 MEASUREMENTS: dict[str, Callable] = {}
 FIGURES: dict[str, Callable] = {}
 RULES: dict[str, Callable] = {}
+# Rule name -> fn(params) -> why those parameter values cannot be judged, or "": the ranges a
+# signature does not state (e.g. a margin > 0), checked by the config before any run.
+RULE_CHECKS: dict[str, Callable] = {}
 
 
 def register(table: dict, name: str):
