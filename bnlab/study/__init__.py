@@ -41,19 +41,20 @@ from bnlab.study.figures import percentiles
 from bnlab.study.metrics import (
     Run, diverged, diverged_at, epoch_means, evaluate_metrics, first_step_at_least, last, max_,
     mean_over_last_epoch, percentile_drift, series, summary_value)
-from bnlab.study.registry import FIGURES, MEASUREMENTS, METRICS, RULES, register
+from bnlab.study.registry import FIGURES, MEASUREMENTS, METRICS, RULE_CHECKS, RULES, register
 from bnlab.study.report import STATISTICS, statistics_of
 from bnlab.study.rules import (
-    VERDICTS, below_everywhere, difference_at_least, judge, paired_interval, same_verdict,
-    separated, wins_above_best)
+    VERDICTS, below_everywhere, difference_at_least, equivalent, judge, paired_interval,
+    same_verdict, separated, wins_above_best)
 from bnlab.study.runner import run_stage, run_study
 
 __all__ = [
     "base_config", "below_everywhere", "binomial_se", "config_variant", "describe_values",
-    "difference_at_least", "diverged", "diverged_at", "epoch_means", "evaluate_metrics", "FIGURES",
-    "first_step_at_least", "judge", "last", "load_run_config", "make_cells", "max_",
-    "mean_over_last_epoch", "MEASUREMENTS", "metric_order", "METRICS", "paired_interval",
-    "parse_arg", "percentile_drift", "percentiles", "register", "RULES", "run", "Run", "run_stage",
-    "run_study", "same_verdict", "separated", "series", "show", "STATISTICS", "statistics_of",
-    "Study", "study_fix", "summary_value", "validate", "VERDICTS", "wins_above_best",
+    "difference_at_least", "diverged", "diverged_at", "epoch_means", "equivalent",
+    "evaluate_metrics", "FIGURES", "first_step_at_least", "judge", "last", "load_run_config",
+    "make_cells", "max_", "mean_over_last_epoch", "MEASUREMENTS", "metric_order", "METRICS",
+    "paired_interval", "parse_arg", "percentile_drift", "percentiles", "register", "RULE_CHECKS",
+    "RULES", "run", "Run", "run_stage", "run_study", "same_verdict", "separated", "series", "show",
+    "STATISTICS", "statistics_of", "Study", "study_fix", "summary_value", "validate", "VERDICTS",
+    "wins_above_best",
 ]

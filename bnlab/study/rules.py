@@ -112,12 +112,22 @@ def paired_runs(cells, metric: str, a: str, b: str, other: str = ""):
 Z95 = 1.959963984540054  # the two-sided 95% point of the standard normal
 
 
+def binomial95(p_a: float, p_b: float, n_test: int | None) -> float:
+  """The test set's noise on a difference of accuracies p_a - p_b: 1.96 x sqrt(se_a^2 + se_b^2).
+
+  0 without n_test (a metric that is no test accuracy, or sides measured on different sets).
+  """
+  if not n_test:
+    return 0.0
+  return Z95 * math.sqrt(cells_lib.binomial_se(p_a, n_test) ** 2
+                         + cells_lib.binomial_se(p_b, n_test) ** 2)
+
+
 def call_difference(diffs: list[float], p_a: float, p_b: float, n_test: int | None,
                     higher: bool = True, margin: float = 0.0) -> tuple[str, dict]:
   """(verdict, numbers) of paired differences a - b: see `paired_interval`."""
   mean, half = cells_lib.t_interval(diffs)
-  binom = (Z95 * math.sqrt(cells_lib.binomial_se(p_a, n_test) ** 2
-                           + cells_lib.binomial_se(p_b, n_test) ** 2) if n_test else 0.0)
+  binom = binomial95(p_a, p_b, n_test)
   numbers = {"difference": mean, "t95": half, "binomial95": binom if n_test else None}
   if half is None:
     return "inconclusive", {**numbers, "reason": "fewer than 2 seeds"}
@@ -130,6 +140,12 @@ def call_difference(diffs: list[float], p_a: float, p_b: float, n_test: int | No
 def _n_test_of(cells, where: str, metric: str):
   c = cells_lib.one(cells, where)
   return None if c is None else c["stats"][metric].get("n_test")
+
+
+def _shared_n_test(cells, metric: str, a: str, b: str, other: str = ""):
+  """The test-set size of both sides' accuracies; None when either has none or they differ."""
+  n_a, n_b = _n_test_of(cells, a, metric), _n_test_of(cells, b, other or metric)
+  return n_a if n_a and n_a == n_b else None
 
 
 @registry.register(registry.RULES, "paired_interval")
@@ -148,8 +164,7 @@ def paired_interval(cells, metric: str, a: str, b: str, other: str = "", higher:
   pairs = paired_runs(cells, metric, a, b, other)
   if not pairs or any(x is None or y is None for _, x, y in pairs):
     return "inconclusive", {"missing": f"a pair of {metric} values of {a!r} and {b!r}"}
-  n_a, n_b = _n_test_of(cells, a, metric), _n_test_of(cells, b, other or metric)
-  n_test = n_a if n_a and n_a == n_b else None
+  n_test = _shared_n_test(cells, metric, a, b, other)
   seeds = [s for s, _, _ in pairs]
 
   def call(xs, ys):
@@ -176,6 +191,66 @@ def paired_interval(cells, metric: str, a: str, b: str, other: str = "", higher:
   if count["refuted"]:
     return "refuted", numbers
   return ("supported" if len(count["supported"]) == len(points) else "inconclusive"), numbers
+
+
+@registry.register(registry.RULE_CHECKS, "equivalent")
+def margin_problem(params: dict) -> str:
+  """Why a claim's `equivalent` parameters cannot be judged, or "": the margin must be > 0."""
+  m = params.get("margin")
+  if not isinstance(m, bool) and isinstance(m, (int, float)) and 0 < m < math.inf:
+    return ""
+  return ("rule 'equivalent' needs margin > 0, the largest difference a - b in the metric's "
+          "units that counts as no difference (e.g. margin=0.005: half a point of accuracy); "
+          f"got {'none' if 'margin' not in params else repr(m)}")
+
+
+def _finite(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@registry.register(registry.RULES, "equivalent")
+def equivalent(cells, metric: str, a: str, b: str, other: str = "", *, margin: float):
+  """Supported when mean(a - b)'s 90% interval is inside ±margin, refuted when wholly outside it.
+
+  Two one-sided tests at level 0.05 on runs of a and b paired by seed, d = a's `metric` - b's
+  `other` (default: `metric`), `margin` in the metric's units. The interval is mean d ± the
+  larger of the 90% t half-width t_0.95,n-1 x sd(d) / sqrt(n) and, for test accuracies, the
+  test set's noise as `paired_interval` takes it, 1.96 x sqrt(se_a^2 + se_b^2): at its 95%
+  width, not TOST's 90% (1.645), so never narrower than there. Supported (equivalent) when
+  the interval lies in (-margin, margin); refuted (a difference of at least the margin) when
+  it lies at or beyond +margin, or at or beyond -margin; else inconclusive, also with < 2
+  seed pairs or a missing or non-finite value (named)."""
+  problem = margin_problem({"margin": margin})
+  if problem:
+    raise ValueError(problem)
+  pairs = paired_runs(cells, metric, a, b, other)
+  missing = {"missing": f"a pair of {metric} values of {a!r} and {b!r}"}
+  if not pairs:
+    return "inconclusive", missing
+  if any(isinstance(v, list) for _, x, y in pairs for v in (x, y)):
+    return "inconclusive", {"reason": f"{metric} is a series; equivalent reads one value a run"}
+  bad = [f"{m} of {w!r} at seed {s} is {v}" for s, x, y in pairs
+         for w, m, v in ((a, metric, x), (b, other or metric, y)) if not _finite(v)]
+  if bad:  # e.g. a diverged run's accuracy
+    return "inconclusive", {**missing, "reason": "; ".join(bad)}
+  xs, ys = [x for _, x, _ in pairs], [y for _, _, y in pairs]
+  mean_a, mean_b = sum(xs) / len(xs), sum(ys) / len(ys)
+  mean, half = cells_lib.t_interval([x - y for x, y in zip(xs, ys)], quantile=0.95)
+  n_test = _shared_n_test(cells, metric, a, b, other)
+  binom = binomial95(mean_a, mean_b, n_test)
+  numbers = {"seeds": [s for s, _, _ in pairs], "mean_a": mean_a, "mean_b": mean_b,
+             "difference": mean, "t90": half, "binomial95": binom if n_test else None}
+  if half is None:
+    return "inconclusive", {**numbers, "interval": None, "margin": margin, "n": len(pairs),
+                            "reason": "fewer than 2 seeds"}
+  lo, hi = mean - max(half, binom), mean + max(half, binom)
+  numbers.update(interval=[lo, hi], margin=margin, n=len(pairs))
+  if -margin < lo and hi < margin:
+    return "supported", numbers
+  if lo >= margin or hi <= -margin:
+    return "refuted", numbers
+  crossed = [f"{sign}{margin}" for sign, out in (("-", lo <= -margin), ("+", hi >= margin)) if out]
+  return "inconclusive", {**numbers, "reason": f"the interval crosses {' and '.join(crossed)}"}
 
 
 @registry.register(registry.RULES, "same_verdict")
