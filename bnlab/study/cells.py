@@ -14,9 +14,10 @@ from bnlab import sweep
 
 
 def t_interval(values: list[float], quantile: float = 0.975) -> tuple[float, float | None]:
-  """(mean, half-width of the 95% Student t interval on the mean); None for n < 2.
+  """(mean, half-width of the two-sided Student t interval on the mean); None for n < 2.
 
-  `quantile` 0.95 gives the 90% interval that two one-sided tests at 0.05 read.
+  `quantile` 0.975 (default) is the 95% interval; 0.95 the 90% interval that two
+  one-sided tests at 0.05 read.
   """
   from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
   n = len(values)
