@@ -50,12 +50,18 @@ def test_ctrl_c_during_a_checkpoint_write_stops_just_after_it(tmp_path, monkeypa
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
     return real(self, *args, **kwargs)
   monkeypatch.setattr(checkpoints_lib.ocp.CheckpointManager, "save", save_interrupted)
-  wd = _open(tmp_path, _cfg(keep_checkpoints=10))
+  # Python's own Ctrl-C handler, as in a terminal: a shell that starts the tests in the
+  # background has SIGINT ignored, and the deferral rightly restores that instead.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    with pytest.raises(KeyboardInterrupt):
-      wd.save(1, _tree(1.0))
+    wd = _open(tmp_path, _cfg(keep_checkpoints=10))
+    try:
+      with pytest.raises(KeyboardInterrupt):
+        wd.save(1, _tree(1.0))
+    finally:
+      wd.close()
+    step_dir = str(tmp_path / "checkpoints" / "1")
+    assert checkpoints_lib._verify_checkpoint(step_dir)  # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   finally:
-    wd.close()
-  step_dir = str(tmp_path / "checkpoints" / "1")
-  assert checkpoints_lib._verify_checkpoint(step_dir)  # pylint: disable=protected-access
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, previous)
