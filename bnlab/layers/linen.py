@@ -99,8 +99,15 @@ class BatchNorm(nn.Module):
   unbiased_running_var: bool = False
   update_stats: bool = True
 
+  @nn.nowrap
   def _variables(self, x):
-    """Feature axes, running mean and variance variables, scale and bias (or None)."""
+    """Feature axes, running mean and variance variables, scale and bias (or None).
+
+    This and the other helpers are `nn.nowrap`: Flax's method wrapper would
+    make each call a module call of its own, which `tabulate` lists as an
+    extra row and re-runs alone (outside `__call__`'s compact scope) for
+    `compute_flops`.
+    """
     feature_axes = canonicalize_axes(x.ndim, self.axis)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -112,6 +119,7 @@ class BatchNorm(nn.Module):
             if self.use_bias else None)
     return feature_axes, ra_mean, ra_var, scale, bias
 
+  @nn.nowrap
   def _updating(self, train: bool) -> bool:
     """Whether this call writes the running statistics.
 
@@ -159,7 +167,8 @@ class BatchNormVariant(BatchNorm):
 
   Same variables as `BatchNorm`, plus `batch_stats/num_batches` with the
   population average. Subclasses change `normalize` (and may add variables
-  there). Train mode needs a mutable `batch_stats`, as `BatchNorm` does,
+  there; it runs in `__call__`'s compact scope, never wrapped by Flax as a
+  module method of its own, so `tabulate` shows one row per layer). Train mode needs a mutable `batch_stats`, as `BatchNorm` does,
   unless `frozen` or `update_stats=False`.
 
   Attributes:
@@ -178,6 +187,14 @@ class BatchNormVariant(BatchNorm):
   running_average: str = "ema"
   frozen: bool = False
 
+  def __init_subclass__(cls, **kwargs):
+    # A subclass's `normalize` is a helper of `__call__` too: mark it before
+    # Flax's own hook wraps the new class's methods.
+    if "normalize" in cls.__dict__:
+      nn.nowrap(cls.__dict__["normalize"])
+    super().__init_subclass__(**kwargs)
+
+  @nn.nowrap
   def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
                 **kwargs) -> BatchNormOutput:
     """The output and new running statistics; `kwargs` are `batch_norm`'s."""
