@@ -181,7 +181,14 @@ class BatchNorm(nnx.Module):
     return x, (scale, bias, mean, var), dtype
 
   def set_view(self, use_running_average: bool | None = None):
-    """Lets `nnx.view(model, use_running_average=...)` switch modes."""
+    """Lets `nnx.view(model, use_running_average=...)` switch modes.
+
+    `nnx.view_info` prints each argument's description from `Args:`.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
