@@ -30,20 +30,21 @@ X = jnp.linspace(-1.0, 1.0, 4 * 3).reshape(4, 3)
 RNGS = {"params": jax.random.key(0), "noise": jax.random.key(1)}
 WIDE = {"width": 250}  # no class name elided in the rendered table
 
-LINEN = {
-    "BatchNorm": bl.BatchNorm,
-    "BatchRenorm": bl.BatchRenorm,
-    "GhostBatchNorm": functools.partial(bl.GhostBatchNorm, ghost_size=2),
-    "NoisyBatchNorm": bl.NoisyBatchNorm,
-    "BatchNormVariant": functools.partial(bl.BatchNormVariant, running_average="population"),
-}
-NNX = {
-    "BatchNorm": bx.BatchNorm,
-    "BatchRenorm": bx.BatchRenorm,
-    "GhostBatchNorm": functools.partial(bx.GhostBatchNorm, ghost_size=2),
-    "NoisyBatchNorm": bx.NoisyBatchNorm,
-    "BatchNormVariant": functools.partial(bx.BatchNormVariant, running_average="population"),
-}
+
+def layers(module):
+  """bnlab's layer and variants in `module` (linen or NNX), small enough for X."""
+  return {
+      "BatchNorm": module.BatchNorm,
+      "BatchRenorm": module.BatchRenorm,
+      "GhostBatchNorm": functools.partial(module.GhostBatchNorm, ghost_size=2),
+      "NoisyBatchNorm": module.NoisyBatchNorm,
+      "BatchNormVariant": functools.partial(module.BatchNormVariant,
+                                            running_average="population"),
+  }
+
+
+LINEN, NNX = layers(bl), layers(bx)
+
 # tabulate's options: show_repeated x compute_flops, the vjp flops, depth and mutable.
 TABULATE_OPTIONS = [
     {"show_repeated": repeated, "compute_flops": flops}
