@@ -99,8 +99,15 @@ class BatchNorm(nn.Module):
   unbiased_running_var: bool = False
   update_stats: bool = True
 
+  @nn.nowrap
   def _variables(self, x):
-    """Feature axes, running mean and variance variables, scale and bias (or None)."""
+    """Feature axes, running mean and variance variables, scale and bias (or None).
+
+    This and the other helpers are `nn.nowrap`: Flax's method wrapper would
+    make each call a module call of its own, which `tabulate` lists as an
+    extra row and re-runs alone (outside `__call__`'s compact scope) for
+    `compute_flops`.
+    """
     feature_axes = canonicalize_axes(x.ndim, self.axis)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -112,6 +119,7 @@ class BatchNorm(nn.Module):
             if self.use_bias else None)
     return feature_axes, ra_mean, ra_var, scale, bias
 
+  @nn.nowrap
   def _updating(self, train: bool) -> bool:
     """Whether this call writes the running statistics.
 
@@ -158,9 +166,11 @@ class BatchNormVariant(BatchNorm):
   """`BatchNorm` with a choice of running statistics; the base of the variants.
 
   Same variables as `BatchNorm`, plus `batch_stats/num_batches` with the
-  population average. Subclasses change `normalize` (and may add variables
-  there). Train mode needs a mutable `batch_stats`, as `BatchNorm` does,
-  unless `frozen` or `update_stats=False`.
+  population average. Subclasses override `_normalize` (and may add variables
+  there: it runs in `__call__`'s compact scope, never wrapped by Flax as a
+  module method of its own, so `tabulate` shows one row per layer). Train
+  mode needs a mutable `batch_stats`, as `BatchNorm` does, unless `frozen` or
+  `update_stats=False`.
 
   Attributes:
     running_average: "ema" (the exponential average of `BatchNorm`, with
@@ -178,8 +188,16 @@ class BatchNormVariant(BatchNorm):
   running_average: str = "ema"
   frozen: bool = False
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                **kwargs) -> BatchNormOutput:
+  def __init_subclass__(cls, **kwargs):
+    # A subclass's `_normalize` is a helper of `__call__` too: mark it before
+    # Flax's own hook wraps the new class's methods.
+    if "_normalize" in cls.__dict__:
+      nn.nowrap(cls.__dict__["_normalize"])
+    super().__init_subclass__(**kwargs)
+
+  @nn.nowrap
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 **kwargs) -> BatchNormOutput:
     """The output and new running statistics; `kwargs` are `batch_norm`'s."""
     del updating
     return batch_norm(x, scale, bias, mean, var, train=train, **kwargs)
@@ -201,7 +219,7 @@ class BatchNormVariant(BatchNorm):
     initializing = self.is_initializing()
     train = not use_running_average and not self.frozen
     updating = self._updating(train)
-    out = self.normalize(
+    out = self._normalize(
         x, scale, bias, ra_mean.value, ra_var.value,
         train=train,
         updating=updating,
@@ -266,8 +284,8 @@ class BatchRenorm(BatchNormVariant):
   r_max_steps: int = 40000
   d_max_steps: int = 25000
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                **kwargs) -> BatchNormOutput:
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 **kwargs) -> BatchNormOutput:
     if updating or self.has_variable("batch_stats", "steps") or self.is_initializing():
       steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
       count = steps.value
@@ -298,8 +316,8 @@ class GhostBatchNorm(BatchNormVariant):
 
   ghost_size: int = 16
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                **kwargs) -> BatchNormOutput:
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 **kwargs) -> BatchNormOutput:
     del updating
     return variants.ghost_batch_norm(
         x, scale, bias, mean, var, train=train, ghost_size=self.ghost_size, **kwargs)
@@ -325,8 +343,8 @@ class NoisyBatchNorm(BatchNormVariant):
   noise_shift_max: float = 0.5
   noise_scale_max: float = 1.5
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                **kwargs) -> BatchNormOutput:
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 **kwargs) -> BatchNormOutput:
     del updating
     key = None
     if train and not self.is_initializing():  # noise changes no variable

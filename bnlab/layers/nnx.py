@@ -181,7 +181,14 @@ class BatchNorm(nnx.Module):
     return x, (scale, bias, mean, var), dtype
 
   def set_view(self, use_running_average: bool | None = None):
-    """Lets `nnx.view(model, use_running_average=...)` switch modes."""
+    """Lets `nnx.view(model, use_running_average=...)` switch modes.
+
+    `nnx.view_info` prints each argument's description from `Args:`.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
@@ -193,8 +200,9 @@ class BatchNormVariant(BatchNorm):
   or `"population"` (the average of every batch's mean and m/(m-1)-corrected
   variance, Ioffe & Szegedy 2015, Algorithm 2; adds the `num_batches`
   `nnx.BatchStat`), and `frozen=True` to normalize with the running
-  statistics and never update them, in train mode too. Subclasses change
-  `normalize`.
+  statistics and never update them, in train mode too. Subclasses override
+  `_normalize` (private, so `nnx.tabulate` shows one row per layer, as for
+  Flax's own).
 
   Attributes:
     running_average: "ema" (`momentum`) or "population" (counted in the
@@ -217,8 +225,8 @@ class BatchNormVariant(BatchNorm):
     if running_average == "population":
       self.num_batches = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                **kwargs) -> BatchNormOutput:
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 **kwargs) -> BatchNormOutput:
     """The output and new running statistics; `kwargs` are `batch_norm`'s."""
     del updating
     return batch_norm(x, scale, bias, mean, var, train=train, **kwargs)
@@ -227,11 +235,11 @@ class BatchNormVariant(BatchNorm):
     return self._forward(x, use_running_average, mask)
 
   def _forward(self, x, use_running_average, mask, **extra):
-    """Normalizes (`extra` goes to `normalize`) and updates the running statistics."""
+    """Normalizes (`extra` goes to `_normalize`) and updates the running statistics."""
     train = not self._mode(use_running_average) and not self.frozen
     x, operands, dtype = self._operands(x, train)
     population = self.running_average == "population"
-    out = self.normalize(
+    out = self._normalize(
         x, *operands,
         train=train,
         updating=train,
@@ -290,8 +298,8 @@ class BatchRenorm(BatchNormVariant):
         warmup_steps, r_max_steps, d_max_steps)
     self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                **kwargs) -> BatchNormOutput:
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 **kwargs) -> BatchNormOutput:
     limits = variants.renorm_limits(
         self.steps[...], r_max=self.r_max, d_max=self.d_max,
         warmup_steps=self.warmup_steps, r_max_steps=self.r_max_steps,
@@ -321,8 +329,8 @@ class GhostBatchNorm(BatchNormVariant):
                        "is not supported")
     self.ghost_size = ghost_size
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                **kwargs) -> BatchNormOutput:
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 **kwargs) -> BatchNormOutput:
     del updating
     return variants.ghost_batch_norm(
         x, scale, bias, mean, var, train=train, ghost_size=self.ghost_size, **kwargs)
@@ -359,8 +367,8 @@ class NoisyBatchNorm(BatchNormVariant):
       rngs = _noise_stream(rngs)()
     return self._forward(x, use_running_average, mask, noise_key=rngs)
 
-  def normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
-                noise_key: jax.Array | None = None, **kwargs) -> BatchNormOutput:
+  def _normalize(self, x, scale, bias, mean, var, *, train: bool, updating: bool,
+                 noise_key: jax.Array | None = None, **kwargs) -> BatchNormOutput:
     del updating
     key = (self.noise_rngs() if noise_key is None else noise_key) if train else None
     return variants.noisy_batch_norm(
