@@ -224,7 +224,9 @@ def batch_norm(
       batch statistics (they are still normalized). An all-False mask leaves
       the running statistics unchanged.
     variance: "shifted" (default, robust one pass), "two_pass" or "fast";
-      see `batch_moments`.
+      see `batch_moments`. In train mode "fast" repeats Flax's computation
+      op for op (bit-identical results and gradients) except with a mask
+      under `axis_name` or for complex `x`.
     unbiased_running_var: fold m/(m-1) * batch variance into the running
       variance (the paper's Algorithm 2); the batch itself is normalized with
       the biased variance either way.
