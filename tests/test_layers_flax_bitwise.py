@@ -24,6 +24,14 @@ AFFINE = [dict(), dict(use_scale=False), dict(use_bias=False),
 FIELDS = dict(momentum=0.9, epsilon=1e-3)
 
 
+def every_case(test):
+  """Parametrizes `test` over SHAPES, AFFINE, masked and train (linen and NNX alike)."""
+  for name, values in (("shape", SHAPES), ("affine", AFFINE), ("masked", [False, True]),
+                       ("train", [True, False])):
+    test = pytest.mark.parametrize(name, values)(test)
+  return test
+
+
 def data(shape, seed=0, masked=False):
   """Input, output cotangent and (optionally) a per-example mask."""
   rng = np.random.default_rng(seed)
@@ -70,10 +78,7 @@ def linen_step(module, variables, x, dy, mask, train, axis_name=None):
   return step(x, variables.get("params", {}))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("affine", AFFINE)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("train", [True, False])
+@every_case
 def test_linen_bitwise_equal_to_flax(shape, affine, masked, train):
   x, dy, mask = data(shape, masked=masked)
   theirs = nn.BatchNorm(**FIELDS, **affine)
@@ -129,10 +134,7 @@ def nnx_pair(features, seed=1, **kw):
   return ours, theirs
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("affine", AFFINE)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("train", [True, False])
+@every_case
 def test_nnx_bitwise_equal_to_flax(shape, affine, masked, train):
   x, dy, mask = data(shape, masked=masked)
   ours, theirs = nnx_pair(shape[-1], **FIELDS, **affine)
