@@ -224,7 +224,9 @@ def batch_norm(
       batch statistics (they are still normalized). An all-False mask leaves
       the running statistics unchanged.
     variance: "shifted" (default, robust one pass), "two_pass" or "fast";
-      see `batch_moments`.
+      see `batch_moments`. In train mode "fast" repeats Flax's computation
+      op for op (bit-identical results and gradients) except with a mask
+      under `axis_name` or for complex `x`.
     unbiased_running_var: fold m/(m-1) * batch variance into the running
       variance (the paper's Algorithm 2); the batch itself is normalized with
       the biased variance either way.
@@ -244,7 +246,13 @@ def batch_norm(
   def expand(v):
     return jnp.expand_dims(v, reduction_axes)
 
-  if train:
+  if train and variance == "fast" and _flax_can_match(x, mask, axis_name):
+    m, y = _flax_fast_variance_normalize(
+        jnp.asarray(x, compute_dtype), scale, bias, mask, reduction_axes=reduction_axes,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, epsilon=epsilon)
+    new_mean, new_var = running_statistics(
+        m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
+  elif train:
     m, y = _normalize_with_batch_moments(
         x, scale, bias, mask, reduction_axes=reduction_axes, variance=variance,
         axis_name=axis_name, axis_index_groups=axis_index_groups, stats_dtype=stats_dtype,
@@ -307,6 +315,59 @@ def _scale_and_shift(centered, var, scale, bias, epsilon, expand):
     mul = mul * scale
   y = centered * expand(mul)
   return y if bias is None else y + expand(bias)
+
+
+def _flax_can_match(x, mask, axis_name) -> bool:
+  """Whether the "fast" variance can repeat Flax's computation op for op.
+
+  Not for complex inputs, nor for a mask together with `axis_name`: there
+  Flax's pmean of per-device means weighs devices equally, while bnlab's
+  psum-ed sums and counts give the global masked statistics.
+  """
+  return not jnp.iscomplexobj(x) and (mask is None or axis_name is None)
+
+
+def _flax_fast_variance_normalize(x, scale, bias, mask, *, reduction_axes, axis_name,
+                                  axis_index_groups, epsilon):
+  """Flax's fast-variance BN in train mode, op for op: bit-identical outputs and gradients.
+
+  The same jnp/lax operations in the same order as `_compute_stats` (mean of
+  x and of lax.square(x), a stacked pmean over `axis_name`, then
+  max(0, E[x^2] - E[x]^2)) and `_normalize` ((x - mean) * (rsqrt(var + eps)
+  * scale) + bias) of flax.linen.normalization, so XLA compiles the same
+  reductions and autodiff the same backward pass. It is neither
+  rematerialized nor behind an optimization barrier, as Flax's layer is not.
+  One deliberate difference: a feature with no counted entry gets mean and
+  variance 0 (0/1), not NaN (0/0), so the running statistics keep their
+  values (`running_statistics`) and the output stays finite.
+  """
+  sq = lax.square(x)
+  if mask is None:
+    count = jnp.full(
+        [d for i, d in enumerate(x.shape) if i not in reduction_axes],
+        math.prod(x.shape[a] for a in reduction_axes), x.dtype)
+    mu = jnp.mean(x, reduction_axes)
+    mu2 = jnp.mean(sq, reduction_axes)
+  else:  # jnp.mean(x, where=mask) with the count kept from 0
+    mask = jnp.asarray(mask, bool)
+    count = jnp.sum(jnp.broadcast_to(mask, x.shape), reduction_axes, dtype=x.dtype)
+    safe = jnp.maximum(count, 1)
+    mu = jnp.sum(x, reduction_axes, dtype=x.dtype, where=mask) / safe
+    mu2 = jnp.sum(sq, reduction_axes, dtype=x.dtype, where=mask) / safe
+  if axis_name is not None:
+    mus = lax.pmean(jnp.stack((mu, mu2), axis=0), axis_name,
+                    axis_index_groups=axis_index_groups)
+    mu, mu2 = mus[0], mus[1]
+  var = jnp.maximum(0.0, mu2 - lax.square(mu))
+  feature_shape = [1 if i in reduction_axes else d for i, d in enumerate(x.shape)]
+  y = x - jnp.expand_dims(mu, reduction_axes)
+  mul = lax.rsqrt(jnp.expand_dims(var, reduction_axes) + epsilon)
+  if scale is not None:
+    mul = mul * scale.reshape(feature_shape)
+  y = y * mul
+  if bias is not None:
+    y = y + bias.reshape(feature_shape)
+  return Moments(jnp.zeros_like(mu), mu, var, count), y
 
 
 _MOMENTS = "bn_batch_moments"

@@ -38,7 +38,9 @@ class BatchNorm(nn.Module):
     shifted formula (see `bnlab.layers.functional`), exact where Flax's default loses all
     precision (inputs with |mean| >> std).
   - `axis_name` statistics psum sums and counts, so masks with different
-    counts per device give exactly the global statistics.
+    counts per device give exactly the global statistics (with
+    `use_fast_variance=True` only when masked: unmasked, it pmeans the means
+    as Flax does).
 
   Attributes:
     use_running_average: True normalizes with the running statistics stored in
@@ -63,8 +65,9 @@ class BatchNorm(nn.Module):
     axis_index_groups: subsets of the devices along `axis_name` that share
       statistics (see `jax.lax.psum`).
     use_fast_variance: compute the variance as E[x^2] - E[x]^2, Flax's
-      default, which loses all precision when |mean| >> std; the default
-      False uses the shifted one-pass formula.
+      default, which loses all precision when |mean| >> std; op for op as
+      Flax, so bit-identical to its layer. The default False uses the
+      shifted one-pass formula.
     force_float32_reductions: compute the statistics and store the running
       ones in float32 whatever the input and parameter dtypes; False computes
       them in at least `dtype` (the input's when None), as Flax does.

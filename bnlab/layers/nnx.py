@@ -54,8 +54,9 @@ class BatchNorm(nnx.Module):
     axis_index_groups: subsets of the devices along `axis_name` that share
       statistics (see `jax.lax.psum`).
     use_fast_variance: compute the variance as E[x^2] - E[x]^2 (Flax's
-      default, imprecise when |mean| >> std); the default False uses the
-      shifted one-pass formula.
+      default, imprecise when |mean| >> std), op for op as Flax, so
+      bit-identical to its layer; the default False uses the shifted
+      one-pass formula.
     variance: "shifted", "two_pass" or "fast" (see `bnlab.batch_moments`);
       overrides `use_fast_variance` when set.
     unbiased_running_var: fold m/(m-1) times the batch variance into the
