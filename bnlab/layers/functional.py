@@ -221,8 +221,11 @@ def batch_norm(
       convention).
     epsilon: added to the variance.
     mask: boolean, broadcastable to `x`; False entries do not count in the
-      batch statistics (they are still normalized). An all-False mask leaves
-      the running statistics unchanged.
+      batch statistics (they are still normalized). In train mode a feature
+      with no counted entry keeps its running statistics (a later batch that
+      counts it updates them) and its output is NaN, as in Flax: it has no
+      batch statistics, and x / sqrt(epsilon) would pass for a normalized
+      value (see `uncounted_to_nan`).
     variance: "shifted" (default, robust one pass), "two_pass" or "fast";
       see `batch_moments`. In train mode "fast" repeats Flax's computation
       op for op (bit-identical results and gradients) except with a mask
@@ -246,23 +249,23 @@ def batch_norm(
   def expand(v):
     return jnp.expand_dims(v, reduction_axes)
 
-  if train and variance == "fast" and _flax_can_match(x, mask, axis_name):
+  if not train:
+    centered = jnp.asarray(x, compute_dtype) - expand(mean.astype(compute_dtype))
+    y = _scale_and_shift(centered, var.astype(compute_dtype), scale, bias, epsilon, expand)
+    return BatchNormOutput(jnp.asarray(y, dtype), mean, var)
+  if variance == "fast" and _flax_can_match(x, mask, axis_name):
     m, y = _flax_fast_variance_normalize(
         jnp.asarray(x, compute_dtype), scale, bias, mask, reduction_axes=reduction_axes,
         axis_name=axis_name, axis_index_groups=axis_index_groups, epsilon=epsilon)
-    new_mean, new_var = running_statistics(
-        m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
-  elif train:
+  else:
     m, y = _normalize_with_batch_moments(
         x, scale, bias, mask, reduction_axes=reduction_axes, variance=variance,
         axis_name=axis_name, axis_index_groups=axis_index_groups, stats_dtype=stats_dtype,
         compute_dtype=compute_dtype, epsilon=epsilon)
-    new_mean, new_var = running_statistics(
-        m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
-  else:
-    centered = jnp.asarray(x, compute_dtype) - expand(mean.astype(compute_dtype))
-    y = _scale_and_shift(centered, var.astype(compute_dtype), scale, bias, epsilon, expand)
-    new_mean, new_var = mean, var
+  new_mean, new_var = running_statistics(
+      m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
+  if mask is not None:
+    y = uncounted_to_nan(y, m.count, reduction_axes)
   return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
 
 
@@ -309,6 +312,19 @@ def running_statistics(m: Moments, mean, var, *, momentum, unbiased_running_var:
           lax.stop_gradient(new_var.astype(var.dtype)))
 
 
+def uncounted_to_nan(y, count, reduction_axes):
+  """`y` with NaN for every feature whose `count` of counted entries is 0.
+
+  Such a feature has no batch statistics: normalized with mean and variance 0
+  it would come out as x / sqrt(epsilon), hundreds of times the input, easy to
+  take for an activation. NaN (Flax's 0/0) cannot be. It is a constant in the
+  unselected branch, so a loss that drops the masked entries (e.g.
+  `jnp.where(mask, y, 0)`) back-propagates zeros through it, never NaN, and the
+  other features' values and gradients are unchanged.
+  """
+  return jnp.where(jnp.expand_dims(count > 0, reduction_axes), y, jnp.nan)
+
+
 def _scale_and_shift(centered, var, scale, bias, epsilon, expand):
   mul = lax.rsqrt(var + epsilon)
   if scale is not None:
@@ -339,7 +355,8 @@ def _flax_fast_variance_normalize(x, scale, bias, mask, *, reduction_axes, axis_
   rematerialized nor behind an optimization barrier, as Flax's layer is not.
   One deliberate difference: a feature with no counted entry gets mean and
   variance 0 (0/1), not NaN (0/0), so the running statistics keep their
-  values (`running_statistics`) and the output stays finite.
+  values (`running_statistics`); `batch_norm` then sets its output to NaN
+  (`uncounted_to_nan`), as Flax's 0/0 does.
   """
   sq = lax.square(x)
   if mask is None:

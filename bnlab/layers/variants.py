@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnlab.layers.functional import (Axes, BatchNormOutput, batch_moments, batch_norm, canonicalize_axes,
-                                     layer_dtypes_and_axes, running_statistics)
+                                     layer_dtypes_and_axes, running_statistics,
+                                     uncounted_to_nan)
 
 RUNNING_AVERAGES = ("ema", "population")
 
@@ -96,7 +97,8 @@ def batch_renorm(
   and variance (Flax's `momentum`), as in `batch_norm`; the paper averages
   sigma instead of the variance, a difference of order var(sigma_B).
   `r_max` and `d_max` may be traced scalars (see `renorm_limits`); the other
-  arguments are those of `batch_norm`.
+  arguments are those of `batch_norm`, and a feature with no counted entry
+  gets NaN outputs and keeps its running statistics, as there.
   """
   if not train:
     return batch_norm(
@@ -124,6 +126,8 @@ def batch_renorm(
   if bias is not None:
     add = add + bias
   y = centered * expand(mul) + expand(add)
+  if mask is not None:
+    y = uncounted_to_nan(y, m.count, reduction_axes)
   new_mean, new_var = running_statistics(
       m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
   return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
@@ -157,8 +161,11 @@ def ghost_batch_norm(
   means and of the ghost variances: the statistics the layer normalized with
   during training (the full-batch variance would add the spread of the ghost
   means). With `unbiased_running_var`, each ghost variance gets its own
-  m/(m-1). A ghost batch with no unmasked entries contributes the running
-  statistics unchanged. Inference normalizes with the running statistics.
+  m/(m-1). A ghost batch with no counted entry for a feature contributes
+  that feature's running statistics unchanged, and its output for the
+  feature is NaN (see `batch_norm`); a feature counted in no ghost batch
+  keeps its running statistics exactly. Inference normalizes with the
+  running statistics.
 
   Raises ValueError if axis 0 is a feature axis, the batch size is not a
   multiple of `ghost_size`, or `axis_name` is given (ghost statistics are per
@@ -193,10 +200,14 @@ def ghost_batch_norm(
       train=True, axis=(0,) + tuple(a + 1 for a in feature_axes), momentum=momentum,
       epsilon=epsilon, mask=mask, variance=variance,
       unbiased_running_var=unbiased_running_var, dtype=dtype, stats_dtype=stats_dtype)
-  return BatchNormOutput(
-      out.y.reshape(x.shape),
-      jnp.mean(out.mean, 0).astype(mean.dtype),
-      jnp.mean(out.var, 0).astype(var.dtype))
+  new_mean = jnp.mean(out.mean, 0).astype(mean.dtype)
+  new_var = jnp.mean(out.var, 0).astype(var.dtype)
+  if mask is not None:
+    # The mean of k equal values may round away from them (k not a power of 2).
+    counted = jnp.any(mask, tuple(i for i in range(mask.ndim) if i - 1 not in feature_axes))
+    new_mean = jnp.where(counted, new_mean, mean)
+    new_var = jnp.where(counted, new_var, var)
+  return BatchNormOutput(out.y.reshape(x.shape), new_mean, new_var)
 
 
 def noisy_batch_norm(
