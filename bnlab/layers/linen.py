@@ -41,6 +41,9 @@ class BatchNorm(nn.Module):
     counts per device give exactly the global statistics (with
     `use_fast_variance=True` only when masked: unmasked, it pmeans the means
     as Flax does).
+  - A feature with no counted entry (`mask`) in a train-mode batch keeps its
+    running statistics, where Flax's become NaN (0/0) for good; its output is
+    NaN in both.
 
   Attributes:
     use_running_average: True normalizes with the running statistics stored in

@@ -289,8 +289,11 @@ def population_average(
   m/(m-1) * sigma_B^2 (pass the corrected `batch_var`), kept as running
   averages, a_k = a_{k-1} + (b_k - a_{k-1}) / k: sums divided by the count,
   without a large float32 sum. The first batch replaces the initial values.
-  A batch with no counted entry (`counted` False, see `norm.any_counted`)
-  changes nothing.
+  A batch with no counted entry (`counted` False, see `any_counted`)
+  changes nothing. `num_batches` is one count for all features: a feature
+  with no counted entry in a counted batch keeps its averages (its
+  `batch_mean` is then the running one) but the batch still counts, so
+  later batches weigh 1/k for it too.
   """
   num_batches = jnp.asarray(num_batches)
   counted = jnp.asarray(counted)
