@@ -332,7 +332,9 @@ def main(argv):
         runs[mode][file] = result
         print(f"{mode} {file}: {len(result['outcomes'])} cases, "
               f"{sum(o == 'failed' for o in result['outcomes'].values())} failed, "
-              f"swapped {result['swapped']}", flush=True)
+              f"swapped {result['swapped']}"
+              + "".join(f"; not run: {missing_module(t) or t[:200]}"
+                        for t in result["not_run"].values()), flush=True)
   report = table(version, selected, runs)
   print(report)
   if _OUT.value:
