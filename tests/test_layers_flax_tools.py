@@ -20,6 +20,7 @@ from flax.linen import summary as linen_summary
 from flax.nnx import bridge
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bnlab.layers import linen as bl
@@ -310,3 +311,33 @@ def test_bridge_round_trip(name):
   nnx.update(back, nnx.State(variables["params"]), nnx.State(variables["batch_stats"]))
   assert jnp.allclose(back(X), y)
   assert jnp.allclose(nnx_layer(NNX[name])(X, use_running_average=True), y)
+
+
+@pytest.mark.parametrize("serialized", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_jax_export_round_trip(train, serialized):
+  """A model with bnlab's layer exports with `jax.export` (StableHLO, no TensorFlow), and
+  the exported program (serialized and read back too, where jax's optional flatbuffers is
+  installed) computes what the model does."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  if serialized:
+    pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = nn.Dense(8, use_bias=False)(x)
+      return bl.BatchNorm(use_running_average=not train)(x)
+
+  model, x = Net(), jnp.arange(48, dtype=jnp.float32).reshape(6, 8) / 7.0
+  variables = model.init(jax.random.key(0), x, train=False)
+
+  def f(v, x):
+    return model.apply(v, x, train=train, mutable=["batch_stats"] if train else False)
+
+  exported = export.export(jax.jit(f))(variables, x)
+  if serialized:
+    exported = export.deserialize(exported.serialize())
+  got, want = exported.call(variables, x), jax.jit(f)(variables, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
