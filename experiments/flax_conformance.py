@@ -18,7 +18,10 @@ loaded with `-p` replaces, before the tests import anything, every
   - none: Flax's own layers (the baseline);
   - bnlab: `bnlab.BatchNorm` and `bnlab.nnx.BatchNorm` (robust variance);
   - bnlab_fast: the same with `use_fast_variance=True` by default, Flax's own
-    default, which makes bnlab's train-mode computation Flax's op for op.
+    default, which makes bnlab's train-mode computation Flax's op for op;
+  - bnlab_fast_linen, bnlab_fast_nnx (not run by default): only the linen or
+    only the NNX layer swapped, so tests comparing the two APIs compare
+    bnlab's layer with Flax's.
 The swapped classes keep the name `BatchNorm`, so linen auto-names and
 reprs match. Flax's pytest configuration (warnings are errors) applies. A
 file that cannot import is reported as "not run (missing X)", never as
@@ -63,15 +66,11 @@ FILES = (
     "examples/imagenet/train_test.py",
     "examples/gemma/helpers_test.py",
 )
-MODES = ("none", "bnlab", "bnlab_fast")
+# bnlab_fast_linen / bnlab_fast_nnx swap one API only: a test that compares a linen layer with an
+# NNX one then compares bnlab with Flax, bit for bit.
+MODES = ("none", "bnlab", "bnlab_fast", "bnlab_fast_linen", "bnlab_fast_nnx")
+DEFAULT_MODES = ("none", "bnlab", "bnlab_fast")
 
-_SWAP = flags.DEFINE_string("swap", ",".join(MODES), "comma-separated modes: " + ", ".join(MODES))
-_FILES = flags.DEFINE_list("files", list(FILES), "Flax test files, relative to its source root")
-_CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", os.path.expanduser("~/.cache/bnlab/flax-conformance"),
-    "where the source distribution is downloaded and unpacked")
-_TIMEOUT = flags.DEFINE_integer("timeout", 1800, "seconds allowed to one pytest run (one file)")
-_OUT = flags.DEFINE_string("out", None, "also write the Markdown table here")
 
 # The plugin pytest loads with `-p`: it swaps the layers before the test files are
 # imported, keeps only the BatchNorm cases and writes each case's outcome as JSON.
@@ -98,9 +97,10 @@ SWAPPED = []
 if SWAP != "none":
   import bnlab
 
+  ONLY = {"bnlab_fast_linen": "linen", "bnlab_fast_nnx": "nnx"}.get(SWAP)
   if SWAP == "bnlab":
     LINEN, NNX = bnlab.BatchNorm, bnlab.nnx.BatchNorm
-  elif SWAP == "bnlab_fast":
+  elif SWAP.startswith("bnlab_fast"):
     class BatchNorm(bnlab.BatchNorm):  # keeps the class name: linen auto-names BatchNorm_0
       use_fast_variance: bool = True
 
@@ -117,10 +117,10 @@ if SWAP != "none":
     if name.split(".")[0] != "flax" or module is None:
       continue
     current = getattr(module, "BatchNorm", None)
-    if current is FLAX_LINEN:
+    if current is FLAX_LINEN and ONLY != "nnx":
       module.BatchNorm = LINEN
       SWAPPED.append(f"{name}.BatchNorm")
-    elif current is FLAX_NNX:
+    elif current is FLAX_NNX and ONLY != "linen":
       module.BatchNorm = NNX
       SWAPPED.append(f"{name}.BatchNorm")
 
@@ -309,13 +309,25 @@ def table(version: str, selected: dict, runs: dict) -> str:
   return "\n".join(lines + [""] + [f"- {d}" for d in details]) + "\n"
 
 
+def define_flags():
+  """The command's flags, defined when it runs (not on import: tests import it beside other
+  experiments whose flags share names)."""
+  flags.DEFINE_string("swap", ",".join(DEFAULT_MODES),
+                      "comma-separated modes: " + ", ".join(MODES))
+  flags.DEFINE_list("files", list(FILES), "Flax test files, relative to its source root")
+  flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/bnlab/flax-conformance"),
+                      "where the source distribution is downloaded and unpacked")
+  flags.DEFINE_integer("timeout", 1800, "seconds allowed to one pytest run (one file)")
+  flags.DEFINE_string("out", None, "also write the Markdown table here")
+
+
 def main(argv):
   del argv
   import flax  # pylint: disable=g-import-not-at-top
   version = flax.__version__
-  src_root = download(version, _CACHE_DIR.value)
-  selected = select(src_root, _FILES.value)
-  modes = [m for m in _SWAP.value.split(",") if m]
+  src_root = download(version, flags.FLAGS.cache_dir)
+  selected = select(src_root, flags.FLAGS.files)
+  modes = [m for m in flags.FLAGS.swap.split(",") if m]
   for mode in modes:
     if mode not in MODES:
       raise app.UsageError(f"--swap: unknown mode {mode!r}; one of {', '.join(MODES)}")
@@ -328,7 +340,7 @@ def main(argv):
       for file, cases in selected.items():
         if not cases:
           continue
-        result = run_file(src_root, file, cases, mode, plugin_dir, _TIMEOUT.value)
+        result = run_file(src_root, file, cases, mode, plugin_dir, flags.FLAGS.timeout)
         runs[mode][file] = result
         print(f"{mode} {file}: {len(result['outcomes'])} cases, "
               f"{sum(o == 'failed' for o in result['outcomes'].values())} failed, "
@@ -337,10 +349,11 @@ def main(argv):
                         for t in result["not_run"].values()), flush=True)
   report = table(version, selected, runs)
   print(report)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, "w") as f:
       f.write(report)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
