@@ -1,5 +1,5 @@
-"""Sweeps rerun after their config changed or run twice at once, member errors beside old summaries, and sweep
-inputs that must end in one error line.
+"""Sweeps rerun after their config changed or run twice at once, member errors beside old
+summaries, and sweep inputs that must end in one error line.
 """
 
 import json
@@ -48,10 +48,10 @@ def test_sweep_rerun_after_its_base_config_changed_is_refused(tmp_path):
 def test_member_error_wins_over_an_old_summary_and_a_corrupt_summary_is_a_failed_row(tmp_path):
   (m,) = sweep.resolve_members(_base(), sweep.seeds(1))
   _finished_member(str(tmp_path), m)
-  row = sweep_results._result_row(m, str(tmp_path / m.name), "WorkDirError: in use")  # pylint: disable=protected-access
+  row = sweep_results.result_row(m, str(tmp_path / m.name), "WorkDirError: in use")
   assert row["status"] == "failed" and row["error"] == "WorkDirError: in use"
   (tmp_path / m.name / "summary.json").write_text("{\"final_step\": ")
-  row = sweep_results._result_row(m, str(tmp_path / m.name), None)  # pylint: disable=protected-access
+  row = sweep_results.result_row(m, str(tmp_path / m.name), None)
   assert row["status"] == "failed" and "summary.json is unreadable" in row["error"]
 
 

@@ -123,8 +123,9 @@ def test_eval_covers_every_test_example(idx_dir):
   images = jax.random.randint(jax.random.key(0), (103, 28, 28), 0, 255).astype(jnp.uint8)
   labels = jnp.arange(103) % 10
   v = model.init(jax.random.key(1), images)
-  full = evaluation_lib.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=103)
-  split = evaluation_lib.evaluate(model.apply, v["params"], v["batch_stats"], images, labels, batch_size=10)
+  params, stats = v["params"], v["batch_stats"]
+  full = evaluation_lib.evaluate(model.apply, params, stats, images, labels, batch_size=103)
+  split = evaluation_lib.evaluate(model.apply, params, stats, images, labels, batch_size=10)
   np.testing.assert_allclose(full["loss"], split["loss"], rtol=1e-5)
   assert full["accuracy"] == split["accuracy"]
 

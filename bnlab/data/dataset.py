@@ -87,7 +87,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str, fix: str) -> None
       fail(f"{split} has {n_images} images but {n_labels} labels")
 
 
-def _make_dataset(arrays: Mapping[str, np.ndarray], source: str, verified: bool) -> Dataset:
+def make_dataset(arrays: Mapping[str, np.ndarray], source: str, verified: bool) -> Dataset:
   frozen = {}
   for name in ARRAY_NAMES:
     array = np.ascontiguousarray(arrays[name])
@@ -96,7 +96,7 @@ def _make_dataset(arrays: Mapping[str, np.ndarray], source: str, verified: bool)
   return Dataset(**frozen, source=source, verified=verified)
 
 
-def _check_pins(arrays: Mapping[str, np.ndarray], pins: MnistPins, where: str, fix: str) -> None:
+def check_pins(arrays: Mapping[str, np.ndarray], pins: MnistPins, where: str, fix: str) -> None:
   for name in ARRAY_NAMES:
     found = array_sha256(arrays[name])
     if found != pins.arrays[name]:

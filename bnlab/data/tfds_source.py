@@ -17,7 +17,7 @@ import numpy as np
 from bnlab.data import embedded
 from bnlab.data.dataset import (DIR_FLAG, IMAGE_SHAPE, NUM_CLASSES, SOURCE_FLAG, DataError,
                                 Dataset, check_arrays, default_cache_dir)
-from bnlab.data.dataset import _check_pins, _make_dataset  # pylint: disable=protected-access
+from bnlab.data.dataset import check_pins, make_dataset
 
 TFDS_SUBDIR = "tfds"  # default TFDS data dir: cache_dir/tfds
 TFDS_OFFICIAL = "mnist"  # TFDS' own builder, read when prepared (array_record without TF)
@@ -119,7 +119,7 @@ def load_tfds(data_dir: str | None = None, *, cache_dir: str | None = None,
            f"--file_format=array_record --data_dir={root}), or move it away so that bnlab "
            f"builds {TFDS_BNLAB} there")
     arrays = _read_tfds(official, where, fix)
-    return _make_dataset(arrays, f"tfds:{TFDS_OFFICIAL}", embedded.matches_pins(arrays))
+    return make_dataset(arrays, f"tfds:{TFDS_OFFICIAL}", embedded.matches_pins(arrays))
 
   builder_cls = bnlab_mnist_builder_class()
   fix = f"rm -r {os.path.join(root, TFDS_BNLAB)} and rerun (it is rebuilt from the embedded MNIST)"
@@ -133,8 +133,8 @@ def load_tfds(data_dir: str | None = None, *, cache_dir: str | None = None,
     builder = builder_cls(data_dir=root)
   where = f"TFDS {TFDS_BNLAB} in {builder.data_dir}"
   arrays = _read_tfds(builder, where, fix)
-  _check_pins(arrays, embedded.MNIST_PINS, where, fix)
-  return _make_dataset(arrays, f"tfds:{TFDS_BNLAB}", True)
+  check_pins(arrays, embedded.MNIST_PINS, where, fix)
+  return make_dataset(arrays, f"tfds:{TFDS_BNLAB}", True)
 
 
 def _prepared_builder(tfds, name: str, root: str, fix: str | None = None):

@@ -121,10 +121,7 @@ def batch_moments(
     if variance == "shifted":
       variance = "two_pass"
   else:
-    n = 1
-    for a in axes:
-      n *= x.shape[a]
-    count = jnp.full([d for i, d in enumerate(x.shape) if i not in axes], n, dtype)
+    count = _full_count(x, axes, dtype)
 
   def total(v):
     return jnp.sum(v, axes, where=mask)
@@ -172,6 +169,12 @@ def any_counted(mask, axis_name: Any = None, axis_index_groups: Any = None) -> j
 
 # Values per feature the "shifted" variance averages into its shift.
 SHIFT_VALUES = 16
+
+
+def _full_count(x, axes, dtype) -> jax.Array:
+  """The count of every feature of an unmasked `x` reduced over `axes`, in `dtype`."""
+  return jnp.full([d for i, d in enumerate(x.shape) if i not in axes],
+                  math.prod(x.shape[a] for a in axes), dtype)
 
 
 def _abs_squared(v):
@@ -360,9 +363,7 @@ def _flax_fast_variance_normalize(x, scale, bias, mask, *, reduction_axes, axis_
   """
   sq = lax.square(x)
   if mask is None:
-    count = jnp.full(
-        [d for i, d in enumerate(x.shape) if i not in reduction_axes],
-        math.prod(x.shape[a] for a in reduction_axes), x.dtype)
+    count = _full_count(x, reduction_axes, x.dtype)
     mu = jnp.mean(x, reduction_axes)
     mu2 = jnp.mean(sq, reduction_axes)
   else:  # jnp.mean(x, where=mask) with the count kept from 0

@@ -19,7 +19,8 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from bnlab.layers import variants
-from bnlab.layers.functional import Axes, BatchNormOutput, any_counted, batch_norm, canonicalize_axes
+from bnlab.layers.functional import (Axes, BatchNormOutput, any_counted, batch_norm,
+                                     canonicalize_axes)
 
 
 class BatchNorm(nn.Module):

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnlab.layers.functional import (Axes, BatchNormOutput, batch_moments, batch_norm, canonicalize_axes,
-                                     layer_dtypes_and_axes, running_statistics,
-                                     uncounted_to_nan)
+from bnlab.layers.functional import (Axes, BatchNormOutput, batch_moments, batch_norm,
+                                     canonicalize_axes, layer_dtypes_and_axes,
+                                     running_statistics, uncounted_to_nan)
 
 RUNNING_AVERAGES = ("ema", "population")
 

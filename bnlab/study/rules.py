@@ -193,19 +193,19 @@ def paired_interval(cells, metric: str, a: str, b: str, other: str = "", higher:
   return ("supported" if len(count["supported"]) == len(points) else "inconclusive"), numbers
 
 
+def _is_finite_number(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 @registry.register(registry.RULE_CHECKS, "equivalent")
 def margin_problem(params: dict) -> str:
   """Why a claim's `equivalent` parameters cannot be judged, or "": the margin must be > 0."""
   m = params.get("margin")
-  if not isinstance(m, bool) and isinstance(m, (int, float)) and 0 < m < math.inf:
+  if _is_finite_number(m) and m > 0:
     return ""
   return ("rule 'equivalent' needs margin > 0, the largest difference a - b in the metric's "
           "units that counts as no difference (e.g. margin=0.005: half a point of accuracy); "
           f"got {'none' if 'margin' not in params else repr(m)}")
-
-
-def _finite(v) -> bool:
-  return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @registry.register(registry.RULES, "equivalent")
@@ -230,7 +230,7 @@ def equivalent(cells, metric: str, a: str, b: str, other: str = "", *, margin: f
   if any(isinstance(v, list) for _, x, y in pairs for v in (x, y)):
     return "inconclusive", {"reason": f"{metric} is a series; equivalent reads one value a run"}
   bad = [f"{m} of {w!r} at seed {s} is {v}" for s, x, y in pairs
-         for w, m, v in ((a, metric, x), (b, other or metric, y)) if not _finite(v)]
+         for w, m, v in ((a, metric, x), (b, other or metric, y)) if not _is_finite_number(v)]
   if bad:  # e.g. a diverged run's accuracy
     return "inconclusive", {**missing, "reason": "; ".join(bad)}
   xs, ys = [x for _, x, _ in pairs], [y for _, _, y in pairs]

@@ -16,7 +16,7 @@ from typing import Sequence
 from bnlab import config as config_lib
 from bnlab.sweep.combinators import Variant, format_value
 from bnlab.sweep.groups import Member, plan
-from bnlab.sweep.runner import _one_line, check_members_config, run_sweep  # pylint: disable=protected-access
+from bnlab.sweep.runner import error_line, check_members_config, run_sweep
 
 
 def load_config_file(path: str):
@@ -77,7 +77,7 @@ def main(argv):
       sweep = list(sweep)
     except Exception as e:  # pylint: disable=broad-except
       raise config_lib.ConfigError(
-          f"{path}: get_sweep() failed ({_one_line(e)[:300]}); fix the sweep file (it must "
+          f"{path}: get_sweep() failed ({error_line(e)[:300]}); fix the sweep file (it must "
           "return a list of override dicts)") from None
     # The command line's --config.KEY values, applied to every member last.
     overrides = dict(config_flags.get_override_values(f["config"]))

@@ -64,7 +64,7 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
-def _result_row(m: Member, path: str, error: str | None) -> dict:
+def result_row(m: Member, path: str, error: str | None) -> dict:
   row: dict[str, Any] = {"name": m.name}
   for key, value in m.overrides.items():
     row[key] = format_value(value) if isinstance(value, Variant) else value

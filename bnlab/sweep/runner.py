@@ -14,10 +14,11 @@ from typing import Any, Sequence
 
 from bnlab import config as config_lib
 from bnlab.sweep.groups import Member, plan
-from bnlab.sweep.results import _result_row, write_results  # pylint: disable=protected-access
+from bnlab.sweep.results import result_row, write_results
 
 
-def _one_line(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
+  """A member's error as one line of a results row (or a message), its type first."""
   text = " ".join(str(e).split()) or type(e).__name__
   return f"{type(e).__name__}: {text}"[:2000]
 
@@ -137,14 +138,14 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
         train.train_group([m.cfg for m in group], dirs,
                           os.path.join(workdir, "_groups", _group_id(group)), data)
     except Exception as e:  # pylint: disable=broad-except
-      message = _one_line(e)
+      message = error_line(e)
       # A member that finished before keeps its results.
       failed = [m for m, d in zip(group, dirs) if not train.is_complete(m.cfg, d)]
       logging.error("Sweep members %s failed: %s", [m.name for m in failed], message)
       for m in failed:
         errors[m.name] = message
     logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
-  rows = [_result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
+  rows = [result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
   write_results(workdir, rows)
   return rows
 
