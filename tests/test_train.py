@@ -90,7 +90,7 @@ def test_resume_is_bit_identical(idx_dir, tmp_path, loop):
   rb = read_jsonl(os.path.join(part, "metrics.jsonl"))
   assert [r["step"] for r in ra] == [r["step"] for r in rb]
   for x, y in zip(ra, rb):
-    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_correct"):
       assert x.get(key) == y.get(key)
 
 

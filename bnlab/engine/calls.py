@@ -143,10 +143,12 @@ class StepCalls:
             self.population_model and state_lib.MemberApply(self.population_model),
             state_lib.with_member_values(state.params, values))
 
-  def evaluate(self, state, images, labels, batch_size: int):
+  def evaluate(self, state, images, labels, batch_size: int, per_image: bool = True):
+    """`evaluation.evaluate` of the state or each member; "correct" only with `per_image`."""
     fn = evaluation.evaluate_members if self.stacked else evaluation.evaluate
     apply, _, params = self.eval_inputs(state)
-    return fn(apply, params, state.batch_stats, images, labels, batch_size=batch_size)
+    return fn(apply, params, state.batch_stats, images, labels, batch_size=batch_size,
+              per_image=per_image)
 
   def evaluate_others(self, state, images, labels, train_images, batch_size: int) -> dict:
     """{kind: evaluation} with each of `train.eval_statistics` but the running averages."""

@@ -1,4 +1,5 @@
-"""Evaluation: test loss and accuracy of a state or of stacked members, and activation percentiles."""
+"""Evaluation: test loss, accuracy and per-image results of a state or of stacked members, and
+activation percentiles."""
 
 from __future__ import annotations
 
@@ -26,18 +27,22 @@ def eval_model_config(model_cfg):
 
 
 def _summed_loss_and_correct(logits, labels, mask):
-  """Summed cross-entropy and number of correct predictions over the examples `mask` selects."""
+  """(summed cross-entropy, number of correct predictions) over the examples `mask` selects,
+  and which of the batch's examples were predicted correctly (masked ones False)."""
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = jnp.argmax(logits, -1) == labels
-  return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(mask & correct)
+  correct = mask & (jnp.argmax(logits, -1) == labels)
+  return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(correct), correct
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
-def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "per_image"))
+def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int,
+             per_image: bool = True):
   """Mean loss and accuracy over every example, BN with running averages.
 
   Runs in batches of `batch_size`; the last batch is padded and its padding
-  masked out, so no example is dropped.
+  masked out, so no example is dropped. With `per_image`, also "correct":
+  whether each example (in order, n of them) was classified correctly; its sum
+  is the count behind "accuracy".
   """
   n = images.shape[0]
   num_batches = -(-n // batch_size)
@@ -51,23 +56,28 @@ def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
     y = jax.lax.dynamic_slice_in_dim(labels, i * batch_size, batch_size)
     w = jax.lax.dynamic_slice_in_dim(valid, i * batch_size, batch_size)
     logits = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
-    loss, correct = _summed_loss_and_correct(logits, y, w)
-    return (carry[0] + loss, carry[1] + correct), None
+    loss, count, correct = _summed_loss_and_correct(logits, y, w)
+    return (carry[0] + loss, carry[1] + count), correct if per_image else None
 
-  (loss, correct), _ = jax.lax.scan(
+  (loss, count), correct = jax.lax.scan(
       body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(num_batches))
-  return {"loss": loss / n, "accuracy": correct / n}
+  out = {"loss": loss / n, "accuracy": count / n}
+  if per_image:  # the batches in order, the padding cut off
+    out["correct"] = correct.reshape(-1)[:n]
+  return out
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
-def evaluate_members(apply_fn, params, batch_stats, images, labels, *, batch_size: int):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "per_image"))
+def evaluate_members(apply_fn, params, batch_stats, images, labels, *, batch_size: int,
+                     per_image: bool = True):
   """`evaluate` of each stacked member, one after another in one program.
 
   Sequential (`lax.map`) rather than vmapped: evaluation is compute-bound, and
   each member then sees exactly the batches (and memory) of a solo run.
   """
   return jax.lax.map(lambda pb: evaluate(apply_fn, pb[0], pb[1], images, labels,
-                                         batch_size=batch_size), (params, batch_stats))
+                                         batch_size=batch_size, per_image=per_image),
+                     (params, batch_stats))
 
 
 # The BN statistics an evaluation can use (`train.eval_statistics`): the running
@@ -136,7 +146,8 @@ def evaluate_batch_statistics(apply_fn, params, batch_stats, images, labels, *,
   (the updates are discarded). Every batch holds `batch_size` real images
   (no padding, which would enter the statistics): the last one is the last
   `batch_size` images, counting only those not counted before. Needs
-  `images.shape[0] >= batch_size`.
+  `images.shape[0] >= batch_size`. "correct": whether each image (in order)
+  was classified correctly in the batch that counted it.
   """
   n = images.shape[0]
   num_batches = -(-n // batch_size)
@@ -149,12 +160,16 @@ def evaluate_batch_statistics(apply_fn, params, batch_stats, images, labels, *,
     new = start + jnp.arange(batch_size) >= i * batch_size
     logits, _ = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=True,
                          mutable=["batch_stats"], rngs=rngs)
-    loss, correct = _summed_loss_and_correct(logits, y, new)
-    return (carry[0] + loss, carry[1] + correct), None
+    loss, count, correct = _summed_loss_and_correct(logits, y, new)
+    return (carry[0] + loss, carry[1] + count), correct
 
-  (loss, correct), _ = jax.lax.scan(
+  (loss, count), correct = jax.lax.scan(
       body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(num_batches))
-  return {"loss": loss / n, "accuracy": correct / n}
+  # Batch i < last covers images [i*b, (i+1)*b), all new; the last covers [n-b, n), of
+  # which its last n - (num_batches-1)*b are new (the images its `new` mask counts).
+  last_new = n - (num_batches - 1) * batch_size
+  correct = jnp.concatenate([correct[:-1].reshape(-1), correct[-1, batch_size - last_new:]])
+  return {"loss": loss / n, "accuracy": count / n, "correct": correct}
 
 
 def _per_member(fn, params, batch_stats, stacked: bool):

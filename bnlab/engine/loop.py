@@ -20,6 +20,7 @@ from bnlab import config as config_lib
 from bnlab.engine import evaluation
 from bnlab.engine import resume
 from bnlab.engine import timesplit
+from bnlab.rundir import per_image
 from bnlab.rundir import workdir as workdir_lib
 from bnlab.engine.calls import DeviceData, StepCalls
 from bnlab.engine.collapse import CollapseWatch
@@ -192,7 +193,8 @@ class Loop:
     return out
 
   def _eval_records(self, host: dict) -> list[dict]:
-    """Each member's test loss, accuracy and analysis recordings from `_evaluate`'s host copy."""
+    """Each member's test loss, accuracy, per-image results (`per_image`: which test images
+    it classified correctly) and analysis recordings from `_evaluate`'s host copy."""
     analysis = evaluation.analysis_records(host.pop("analysis"), len(self.members),
                                            self.calls.stacked)
     results = []
@@ -202,7 +204,8 @@ class Loop:
         e = self.calls.member(e, i)
         suffix = "" if kind == "running" else f"_{kind}"
         result.update({f"test_loss{suffix}": float(e["loss"]),
-                       f"test_accuracy{suffix}": float(e["accuracy"])})
+                       f"test_accuracy{suffix}": float(e["accuracy"]),
+                       f"test_correct{suffix}": per_image.encode(np.asarray(e["correct"]))})
       results.append({**result, **analysis[i]})
     return results
 
@@ -301,7 +304,7 @@ class Loop:
       with self.split.phase("evaluate"):
         full = jax.device_get(self.calls.evaluate(
             state, self.data.train_images, self.data.train_labels,
-            min(self.cfg.train.eval_batch_size, self.calls.num_train)))
+            min(self.cfg.train.eval_batch_size, self.calls.num_train), per_image=False))
     if self.calls.stacked:  # each member's final state where a solo run keeps it
       with self.split.phase("checkpoint"):
         # One transfer, then each member's part from the host copy (orbax writes

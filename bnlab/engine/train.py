@@ -308,10 +308,12 @@ def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
              "stopped_on_collapse": m.stopped_on_collapse, "final_step": step, **info}
   records = m.wd.read_metrics()
   last = {k: v for r in records for k, v in r.items()}  # each metric's latest value
-  # The other statistics' results of the last evaluation only: a statistic left out of
+  # The other statistics' results, and which test images were classified correctly
+  # (test_correct*, `per_image`), of the last evaluation only: a statistic left out of
   # it (train.eval_statistics changed on resume) has no final value.
   last_eval = next((r for r in reversed(records) if "test_accuracy" in r), {})
-  others = tuple(k for k in last_eval if k.startswith(("test_loss_", "test_accuracy_")))
+  others = tuple(k for k in last_eval
+                 if k.startswith(("test_loss_", "test_accuracy_", "test_correct")))
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy") + others:
     if key in last:
       # A diverged run has no final accuracy: its last evaluation predates the blow-up.

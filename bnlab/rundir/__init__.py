@@ -10,6 +10,7 @@ modules, one concern each:
   files        safe writes: atomic, never through a link, moved aside
   errors       WorkDirError, and the words of a failed read or write
   strict_json  NaN and infinity in strict JSON
+  per_image    which test images an evaluation got right, as record text
   locks        one process at a time on a directory
   signals      Ctrl-C held off while a checkpoint is written
   logs         other libraries' log chatter filtered out
