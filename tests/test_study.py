@@ -12,6 +12,7 @@ import pytest
 from bnlab import config as config_lib
 from bnlab import study
 from bnlab import sweep
+from bnlab.study import published
 from bnlab.study import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,72 +141,6 @@ def seeded_cells(acc_a, acc_b, n_test=None, curve=None):
   return cells
 
 
-def reference_call(d, pa, pb, n_test):
-  """The paired_interval bar from first principles: t quantile and normal quantile by scipy."""
-  from scipy import stats
-  n, mean = len(d), sum(d) / len(d)
-  sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-  t95 = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-  b95 = stats.norm.ppf(0.975) * math.sqrt(pa * (1 - pa) / n_test + pb * (1 - pb) / n_test)
-  return mean, t95, b95
-
-
-def test_paired_interval_calls_a_difference_only_outside_both_noises():
-  a, b = (0.9830, 0.9836, 0.9840), (0.9800, 0.9805, 0.9811)
-  mean, t95, b95 = reference_call([x - y for x, y in zip(a, b)], sum(a) / 3, sum(b) / 3, 10_000)
-  assert t95 < mean < b95  # outside the seed interval, inside the test set's noise
-  verdict, numbers = study.paired_interval(seeded_cells(a, b, 10_000), "acc", "norm=a", "norm=b")
-  assert verdict == "inconclusive"
-  assert numbers["difference"] == pytest.approx(mean)
-  assert (numbers["t95"], numbers["binomial95"]) == (pytest.approx(t95), pytest.approx(b95))
-  # Without the binomial noise (a metric that is no test accuracy) the seeds decide.
-  assert study.paired_interval(seeded_cells(a, b), "acc", "norm=a", "norm=b")[0] == "supported"
-  assert study.paired_interval(seeded_cells(a, b), "acc", "norm=b", "norm=a")[0] == "refuted"
-  assert study.paired_interval(seeded_cells(a, b), "acc", "norm=b", "norm=a",
-                               higher=False)[0] == "supported"
-  # A difference beyond both: 3 points at 98% on 10,000 images.
-  big = study.paired_interval(seeded_cells((0.99, 0.991, 0.992), (0.96, 0.962, 0.961), 10_000),
-                              "acc", "norm=a", "norm=b")
-  assert big[0] == "supported"
-  # Seeds that disagree: inside the t interval.
-  noisy = seeded_cells((0.99, 0.93, 0.99), (0.95, 0.96, 0.95))
-  assert study.paired_interval(noisy, "acc", "norm=a", "norm=b")[0] == "inconclusive"
-  one_seed = study.paired_interval(seeded_cells((0.99,), (0.5,)), "acc", "norm=a", "norm=b")
-  assert one_seed == ("inconclusive", {"seeds": [0], "mean_a": 0.99, "mean_b": 0.5,
-                                       "difference": 0.49, "t95": None, "binomial95": None,
-                                       "reason": "fewer than 2 seeds"})
-  assert "missing" in study.paired_interval(seeded_cells((0.9, None), (0.5, 0.6)), "acc",
-                                            "norm=a", "norm=b")[1]
-  # A margin: the claim is a difference of at least m (here 3 points at 98%, noise ~0.4).
-  a3, b3 = (0.99, 0.991, 0.992), (0.96, 0.962, 0.961)
-  cells3 = seeded_cells(a3, b3, 10_000)
-  mean, t95, b95 = reference_call([x - y for x, y in zip(a3, b3)], sum(a3) / 3, sum(b3) / 3,
-                                  10_000)
-  bar = max(t95, b95)
-  assert study.paired_interval(cells3, "acc", "norm=a", "norm=b",
-                               margin=mean - bar - 1e-4)[0] == "supported"
-  assert study.paired_interval(cells3, "acc", "norm=a", "norm=b",
-                               margin=mean - bar + 1e-4)[0] == "inconclusive"
-  assert study.paired_interval(cells3, "acc", "norm=a", "norm=b",
-                               margin=mean + bar + 1e-4)[0] == "refuted"
-  # Another metric of the same cell: drift = 1 + acc, so acc - drift = -1 on every seed.
-  verdict, numbers = study.paired_interval(seeded_cells(a, b), "acc", "norm=a", "norm=a",
-                                           other="drift", higher=False)
-  assert verdict == "supported" and numbers["difference"] == pytest.approx(-1.0)
-  assert numbers["t95"] == pytest.approx(0.0, abs=1e-12)
-
-
-def test_paired_interval_on_series():
-  def curve(norm, seed, v):  # a above b from step 10 by 0.2; at step 0 level
-    return [[0, 0.1 + seed / 100], [10, v + (0.2 if norm == "a" else 0) + seed / 100]]
-  cells = seeded_cells((0.5, 0.6, 0.7), (0.5, 0.6, 0.7), 10_000, curve)
-  verdict, numbers = study.paired_interval(cells, "curve", "norm=a", "norm=b")
-  assert verdict == "inconclusive" and numbers["inconclusive_at"] == [0]
-  verdict, numbers = study.paired_interval(cells, "curve", "norm=a", "norm=b", from_step=5)
-  assert verdict == "supported" and numbers["points"] == 1
-  assert study.paired_interval(cells, "curve", "norm=b", "norm=a", from_step=5)[0] == "refuted"
-
-
 def test_same_verdict_reports_where_the_statistics_change_it():
   rows = [{"norm": n, "lr": 1, "seed": i, "running": r, "population": p}
           for i in range(3) for n, r, p in (("bn", 0.88 + i / 1000, 0.96 + i / 1000),
@@ -219,7 +154,7 @@ def test_same_verdict_reports_where_the_statistics_change_it():
   assert study.same_verdict(cells, ("running",), "norm=bn", "norm=gn")[0] == "inconclusive"
 
 
-def test_statistics_and_noise_are_stated_before_the_verdicts():
+def test_the_statistics_behind_a_metric_are_named():
   metrics = {"acc": ("summary", "test_accuracy"), "pop": ("summary", "test_accuracy_population"),
              "ok": ("at_least", "pop", 0.9), "gap": ("summary_difference", "train_accuracy",
                                                      "full_train_accuracy"),
@@ -229,16 +164,7 @@ def test_statistics_and_noise_are_stated_before_the_verdicts():
   assert study.statistics_of("gap", metrics) == ["batch statistics (train mode)",
                                                  "running averages (inference mode)"]
   assert study.statistics_of("ics", metrics) == []
-  assert report_lib._test_accuracy_metrics(metrics) == ["acc", "pop"]
-  cfg = {"claims": {"c": {"statement": "s", "rule": "separated", "metric": "ok", "a": "x=1",
-                         "b": "x=2"}},
-         "metrics": metrics, "notes": ""}
-  cells = [{"stats": {"acc": {"n_test": 10_000}, "pop": {"n_test": 10_000}}}]
-  lines = report_lib._claim_lines(cfg, "/nonexistent", [], cells)
-  said = "\n".join(lines)
-  assert "BN statistics behind it: population statistics" in said
-  assert "0.14 at p = 0.98" in said  # sqrt(0.98 * 0.02 / 10,000) = 0.0014
-  assert said.index("Test-set noise") < said.index("## Verdicts")
+  assert published.test_accuracy_metrics(metrics) == ["acc", "pop"]
 
 
 def test_measurement_and_percentile_figure(tmp_path):

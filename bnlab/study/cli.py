@@ -11,6 +11,7 @@ import sys
 
 from bnlab import config as config_lib
 from bnlab.study import config as study_config
+from bnlab.study import figures
 from bnlab.study import runner
 
 
@@ -42,13 +43,17 @@ def main(argv):
           f"study config {path} failed to load ({type(e).__name__}: {detail}); fix the "
           "file (its get_config() and get_sweep())") from None
     workdir = f.workdir or ""
-    if not workdir.strip():
+    if not workdir.strip() and not (f.stage == "verify" and f.out):
       raise rundir_errors.WorkDirError(
           f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise rundir_errors.WorkDirError(
           f"--workdir={workdir} is a file, not a directory; choose another --workdir")
-    text = runner.run_study(study, workdir, f.stage, f.out)
+    try:
+      formats = figures.parse_formats(f.figure_format)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"--figure_format: {e}") from None
+    text = runner.run_study(study, workdir, f.stage, f.out, formats)
   except KeyboardInterrupt:
     if study is None:
       print("error: interrupted before the study started; rerun the same command",
@@ -80,7 +85,11 @@ def run():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
   flags.FLAGS["config"].help = "Study config file (configs/studies/*.py)[:ARGS]."
-  flags.DEFINE_enum("stage", "all", ["all", "run", "report"],
-                    "run: train what is missing; report: rebuild the report from the files.")
-  flags.DEFINE_string("out", "", "Also copy the report, tables and figures here.")
+  flags.DEFINE_enum("stage", "all", ["all", "register", "run", "report", "verify"],
+                    "register: fix the claims before training (run and all do it first); "
+                    "run: train what is missing; report: rebuild the report from the files; "
+                    "verify: recompute every verdict from the published files (--out, or "
+                    "--workdir) alone.")
+  flags.DEFINE_string("out", "", "Publish the report, data, registration and figures here.")
+  flags.DEFINE_string("figure_format", "png", "Figure files to write: any of png,pdf,svg.")
   app.run(main, flags_parser=main_lib.parse_flags)

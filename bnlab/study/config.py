@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   s.measurements = {}  # name -> {"kind": ..., ...}, kind in MEASUREMENTS
   s.tables = {}  # name -> {"metrics": (...), "by": (...), "across": key}
   s.figures = {}  # name -> {"kind": ..., ...}, kind in FIGURES
-  s.claims = {}  # name -> {"statement": ..., "rule": ..., "each": (...), **params}
+  # name -> {"statement": ..., "rule": ..., "each": (...), "primary": bool, **params}; the
+  # primary claims (tests: registry.TESTS) are corrected together for multiplicity (Holm).
+  s.claims = {}
   s.labels = {}  # value or metric name -> what the report calls it
   s.notes = ""  # Markdown after the claims: definitions, budgets, context
   return s
@@ -134,6 +136,14 @@ def validate(cfg) -> None:
     spec.pop("each", None)
     rule = spec.pop("rule", "")
     fn = _lookup("claim rule", rule, registry.RULES)
+    primary = spec.pop("primary", False)
+    if not isinstance(primary, bool):
+      raise config_lib.ConfigError(
+          f"study config claims.{name}.primary={primary!r}: give True or False")
+    if primary and rule not in registry.TESTS:
+      raise config_lib.ConfigError(
+          f"study config claims.{name} is primary but its rule {rule!r} gives no p-value to "
+          f"correct for multiplicity; use one of {sorted(registry.TESTS)} or make it secondary")
     problem = registry.RULE_CHECKS[rule](spec) if rule in registry.RULE_CHECKS else ""
     if problem:
       raise config_lib.ConfigError(f"study config claims.{name}: {problem}")

@@ -19,9 +19,9 @@ def read_json(path: str, default):
 
 
 def write_json(path: str, value) -> None:
-  with open(path, "w") as f:
-    json.dump(value, f, indent=1, default=str)
-    f.write("\n")
+  """Written whole or not at all (a temporary file renamed over `path`)."""
+  from bnlab.rundir import files as rundir_files  # pylint: disable=g-import-not-at-top
+  rundir_files.atomic_write(path, json.dumps(value, indent=1, default=str) + "\n")
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -29,6 +29,7 @@ class Run:
   values: dict = dataclasses.field(default_factory=dict)
   error: str | None = None  # why a run with a summary is not read (`sweep.records_cut_short`)
   measured: dict = dataclasses.field(default_factory=dict)
+  per_image: dict = dataclasses.field(default_factory=dict)  # metric -> `per_image_of`
 
 
 def _finite(v):
@@ -193,6 +194,31 @@ def _measure(run: Run, name: str, spec: dict) -> dict:
   return values
 
 
+def correct_key(accuracy_key: str) -> str | None:
+  """The record key of a test accuracy's per-image results (`test_accuracy_batch` ->
+  `test_correct_batch`), or None for a key that is no test accuracy."""
+  if not accuracy_key.startswith("test_accuracy"):
+    return None
+  return "test_correct" + accuracy_key[len("test_accuracy"):]
+
+
+def per_image_of(run: Run, spec: tuple):
+  """A test-accuracy metric's per-image results (`bnlab.rundir.per_image` text), or None:
+  for `summary` and `last` the final evaluation's, for `series` [[step, text], ...]."""
+  key = correct_key(spec[1]) if len(spec) > 1 and isinstance(spec[1], str) else None
+  if key is None or run.summary is None:
+    return None
+  if spec[0] == "summary":
+    return (run.summary or {}).get(key)
+  if spec[0] == "last":
+    return next((r[key] for r in reversed(run.records) if r.get(spec[1]) is not None
+                 and key in r), None)
+  if spec[0] == "series" and spec[2:] in ((), ("step",)):
+    points = [[r["step"], r[key]] for r in run.records if r.get(spec[1]) is not None]
+    return points if all(key in r for r in run.records if r.get(spec[1]) is not None) else None
+  return None
+
+
 def evaluate_metrics(run: Run, metrics: dict, measurements: dict) -> Run:
   """Fills `run.measured` and `run.values` (all None while the run is unfinished)."""
   if run.summary is not None:
@@ -201,4 +227,5 @@ def evaluate_metrics(run: Run, metrics: dict, measurements: dict) -> Run:
     spec = tuple(metrics[name])
     run.values[name] = None if run.summary is None else registry.METRICS[spec[0]](run, *spec[1:])
   run.values = {n: run.values[n] for n in metrics}
+  run.per_image = {n: v for n in metrics if (v := per_image_of(run, tuple(metrics[n])))}
   return run

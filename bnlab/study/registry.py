@@ -15,6 +15,9 @@ RULES: dict[str, Callable] = {}
 # Rule name -> fn(params) -> why those parameter values cannot be judged, or "": the ranges a
 # signature does not state (e.g. a margin > 0), checked by the config before any run.
 RULE_CHECKS: dict[str, Callable] = {}
+# The rules that are tests: their numbers carry the p-value of the verdict, so a primary
+# claim (corrected with the others for multiplicity) must use one.
+TESTS: set[str] = set()
 
 
 def register(table: dict, name: str):

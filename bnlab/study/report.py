@@ -11,12 +11,15 @@ import os
 
 import ml_collections
 
+from bnlab.rundir import files as rundir_files
 from bnlab.study import cells as cells_lib
 from bnlab.study import config as study_config
+from bnlab.study import figures
 from bnlab.study import files
 from bnlab.study import metrics as metrics_lib
+from bnlab.study import published
+from bnlab.study import registration
 from bnlab.study import registry
-from bnlab.study import rules as rules_lib
 from bnlab.study import runs as runs_lib
 
 
@@ -56,7 +59,6 @@ def _table(cells: list[dict], metrics, labels: dict, across: str = "") -> list[s
   return lines
 
 
-TEST_ACCURACIES = ("test_accuracy", "test_accuracy_population", "test_accuracy_batch")
 # What each recorded key's BN used; a claim's report line names the statistics its metrics read.
 STATISTICS = {
     "test_accuracy": "running averages (inference mode)",
@@ -71,11 +73,6 @@ STATISTICS = {
 }
 
 
-def _test_accuracy_metrics(metrics: dict, kinds=("summary", "last", "max")) -> list[str]:
-  return [n for n, s in metrics.items() if len(s) > 1 and s[1] in TEST_ACCURACIES
-          and s[0] in kinds]
-
-
 def statistics_of(metric: str, metrics: dict) -> list[str]:
   """The BN statistics behind `metric` (through the metrics it derives from), as STATISTICS."""
   spec = tuple(metrics.get(metric, ()))
@@ -86,12 +83,6 @@ def statistics_of(metric: str, metrics: dict) -> list[str]:
                               for s in statistics_of(r, metrics)))
   keys = spec[1:3] if spec[0] == "summary_difference" else spec[1:2]
   return list(dict.fromkeys(STATISTICS[k] for k in keys if k in STATISTICS))
-
-
-def _n_test(cell: dict, runs_by_name: dict) -> int:
-  cfg = next((runs_by_name[r["name"]].cfg for r in cell["rows"] if runs_by_name[r["name"]].cfg),
-             None)
-  return (cfg or {}).get("data", {}).get("num_test") or 10_000  # 0: MNIST's whole test set
 
 
 def _numbers(numbers: dict) -> str:
@@ -105,7 +96,7 @@ def _numbers(numbers: dict) -> str:
 
 
 def _rule_text(spec: dict) -> str:
-  params = {k: v for k, v in spec.items() if k not in ("statement", "rule", "each")}
+  params = {k: v for k, v in spec.items() if k not in ("statement", "rule", "each", "primary")}
   doc = " ".join((registry.RULES[spec["rule"]].__doc__ or "").split())
   each = f" For each {', '.join(spec['each'])}." if spec.get("each") else ""
   return (f"`{spec['rule']}({', '.join(f'{k}={v!r}' for k, v in params.items())})`: "
@@ -140,61 +131,89 @@ def _where_lines(stages: list[dict]) -> list[str]:
 
 
 def analyse(study: study_config.Study, workdir: str):
-  """(runs, rows, cells, verdicts) from the files: metrics per run, statistics per cell, claims."""
+  """(runs, rows, cells, data, verdicts) from the files: metrics per run, statistics per cell,
+  the published data, and the claims judged from that data alone (as `verify` judges them)."""
   cfg = study.config
   runs = runs_lib.collect(study, workdir)
   errors = {r["name"]: r.get("error")
             for r in files.read_json(os.path.join(workdir, "runs", "results.json"), [])}
   rows = runs_lib.result_rows(runs, errors)
-  cells = cells_lib.make_cells(rows, cfg["cells"], list(cfg["metrics"]))
-  runs_by_name = {r.name: r for r in runs}
-  for c in cells:
-    for m in _test_accuracy_metrics(cfg["metrics"], ("summary", "last", "max", "series")):
-      if c["stats"][m]["n"]:
-        c["stats"][m]["n_test"] = n = _n_test(c, runs_by_name)
-        if "mean" in c["stats"][m]:
-          c["stats"][m]["binomial_se"] = cells_lib.binomial_se(c["stats"][m]["mean"], n)
-  return runs, rows, cells, rules_lib.judge(cfg["claims"], cells)
+  cells = published.annotate_test_sets(
+      cells_lib.make_cells(rows, cfg["cells"], list(cfg["metrics"])), cfg["metrics"])
+  data = published.data_of(rows, cfg, study.members)
+  return runs, rows, cells, data, published.verdicts(cfg, data)
 
 
-def _noise_line(cfg: dict, cells: list[dict]) -> list[str]:
-  """The test set's binomial noise, stated before the verdicts when a claim reads test accuracy."""
-  used = {m for spec in cfg["claims"].values() for m in study_config.claim_metrics(spec)}
-  acc = set(_test_accuracy_metrics(cfg["metrics"], ("summary", "last", "max", "series")))
-  reads = set()
-  for m in used:  # a derived metric reads the test accuracy behind it
-    reads |= {m, *(r for r in study_config.metric_refs(tuple(cfg["metrics"][m])))}
-  n = next((c["stats"][m].get("n_test") for c in cells for m in acc & reads
-            if c["stats"][m].get("n_test")), None)
-  if not n:
+def _method_lines(cfg: dict, verdicts: list[dict]) -> list[str]:
+  """How the verdicts weigh noise and multiplicity, stated once before them."""
+  tests = [v for v in verdicts if "p" in v["numbers"]]
+  if not tests:
     return []
-  at = ", ".join(f"{100 * cells_lib.binomial_se(p, n):.2f} at p = {p}"
-                 for p in (0.99, 0.98, 0.9, 0.5))
-  return ["", f"Test-set noise: one accuracy p measured on the N = {n:,} test images has "
-              f"binomial standard error sqrt(p(1-p)/N), in points: {at}. Seeds share the test "
-              "set, so averaging seeds does not shrink it."]
+  noises = sorted({v["numbers"]["noise"] for v in tests if v["numbers"].get("noise")})
+  primaries = [v for v in verdicts if v["primary"]]
+  lines = ["", "**Method.** Runs are paired by seed; d = a - b per pair. Two noises add as "
+           "variances: the seeds' sd(d)/sqrt(n) and the test set's, from per-image results "
+           "paired across the two models (per image, the seed-mean difference of right "
+           "answers; its sd / sqrt(N)) or, where a metric has none, two unpaired binomials. "
+           "Intervals and p-values use Student t with Welch-Satterthwaite degrees of "
+           "freedom; a series is averaged over the claim's window of evaluations first. "
+           f"Test-set noise here: {'; '.join(noises)}. *detectable*: the smallest true "
+           "difference the design finds with 80% power at the 5% level (for an equivalence, "
+           "the smallest margin it establishes at a true difference of 0)."]
+  if primaries:
+    lines.append(f"The {len(primaries)} verdict(s) of the primary claims form one family, "
+                 "corrected by Holm's step-down at family level 0.05 (*Holm*); the other "
+                 "claims are secondary and uncorrected: read them as exploratory.")
+  else:
+    lines.append("No claim is primary: every verdict is uncorrected for multiplicity; read "
+                 "them as exploratory.")
+  return lines
 
 
-def _claim_lines(cfg: dict, workdir: str, verdicts: list[dict],
-                 cells: list[dict] = ()) -> list[str]:
-  lines = ["## Claims, with the rule of each verdict (fixed before the runs)", ""]
+def _brief(verdicts: list[dict]) -> list[str]:
+  """One line per claim, made from its verdicts only."""
+  lines, by_claim = [], {}
+  for v in verdicts:
+    by_claim.setdefault(v["claim"], []).append(v)
+  for name, vs in by_claim.items():
+    groups: dict[str, list[str]] = {}
+    for v in vs:
+      final = v.get("corrected", v["verdict"])
+      groups.setdefault(final, []).append(v["where"] or "all")
+    text = "; ".join(f"{verdict} at {', '.join(w)}" if w != ["all"] else verdict
+                     for verdict, w in groups.items())
+    lines.append(f"- {name} ({'primary, Holm-corrected' if vs[0]['primary'] else 'secondary'})"
+                 f": {text}.")
+  return lines
+
+
+def _claim_lines(cfg: dict, workdir: str, verdicts: list[dict], stages: list[dict]) -> list[str]:
+  reg_lines, marks = registration.describe(workdir, cfg["claims"], stages)
+  lines = ["## Registration", ""] + reg_lines + ["", "## Claims, with the rule of each verdict",
+                                                   ""]
   for name, spec in cfg["claims"].items():
-    lines += [f"- **{name}**: {spec['statement']}", f"  Rule: {_rule_text(spec)}"]
+    kind = "primary" if spec.get("primary") else "secondary"
+    lines += [f"- **{name}** ({kind}): {spec['statement']}", f"  Rule: {_rule_text(spec)}"]
     stats = list(dict.fromkeys(s for m in study_config.claim_metrics(spec)
                                for s in statistics_of(m, cfg["metrics"])))
     if stats:
       lines.append(f"  BN statistics behind it: {'; '.join(stats)}.")
-  lines += _noise_line(cfg, list(cells))
-  registered = files.read_json(os.path.join(workdir, "claims_registered.json"), cfg["claims"])
-  if registered != cfg["claims"]:
-    lines += ["", "**Note: these claims differ from those registered before the first run "
-              "(claims_registered.json).**"]
+    if name in marks:
+      lines.append(f"  **Registration: {marks[name]}.**")
+  lines += _method_lines(cfg, verdicts)
   if cfg["notes"]:
     lines += ["", inspect.cleandoc(cfg["notes"])]
-  lines += ["", "## Verdicts", "", "| claim | where | verdict | numbers behind it |",
-            "|---|---|---|---|"]
+  lines += ["", "## Verdicts in brief", ""] + _brief(verdicts)
+  lines += ["", "## Verdicts", "", "| claim | where | verdict | Holm | detectable | numbers "
+            "behind it |", "|---|---|---|---|---|---|"]
   return lines + [f"| {v['claim']} | {v['where'] or 'all'} | **{v['verdict']}** | "
-                  f"{_numbers(v['numbers'])} |" for v in verdicts]
+                  f"{v.get('corrected', '-')} | {_fmt_number(v['numbers'].get('detectable'))} | "
+                  f"{_numbers({k: x for k, x in v['numbers'].items() if k != 'detectable'})} |"
+                  for v in verdicts]
+
+
+def _fmt_number(v) -> str:
+  return "-" if v is None else f"{v:.4g}"
 
 
 def _result_lines(cfg: dict, rows: list[dict], cells: list[dict]) -> list[str]:
@@ -220,7 +239,7 @@ def _result_lines(cfg: dict, rows: list[dict], cells: list[dict]) -> list[str]:
       sub = [{**c, "key": {k: v for k, v in c["key"].items() if k not in by}} for c in group]
       lines += [f"### {name}" + (f": {title}" if title else ""), ""]
       lines += _table(sub, spec["metrics"], labels, spec.get("across", "")) + [""]
-  for m in _test_accuracy_metrics(cfg["metrics"]):
+  for m in published.test_accuracy_metrics(cfg["metrics"]):
     se = [(c["stats"][m]["mean"], c["stats"][m]["binomial_se"], c["stats"][m]["n_test"])
           for c in cells if "binomial_se" in c["stats"][m]]
     if se:
@@ -229,34 +248,41 @@ def _result_lines(cfg: dict, rows: list[dict], cells: list[dict]) -> list[str]:
                 f"images has binomial standard error sqrt(p(1-p)/N): {lo[1]:.4f} at p = "
                 f"{lo[0]:.4f} to {hi[1]:.4f} at p = {hi[0]:.4f} (N = {hi[2]:,}; per cell in "
                 "cells.csv).", ""]
-  return lines + [f"![{name}](figures/{name}.png)\n" for name in cfg["figures"]]
+  return lines
 
 
-def report(study: study_config.Study, workdir: str) -> str:
+def _figure_lines(drawn: list[dict]) -> list[str]:
+  return [line for d in drawn for line in
+          (f"### Figure: {d['name']}", "", f"![{d['name']}](figures/{d['name']}.png)", "",
+           d["caption"], "")]
+
+
+def report(study: study_config.Study, workdir: str, formats: tuple = ("png",)) -> str:
   """Writes report.md, results.json/csv, cells.csv, claims.json and figures/; returns the report.
 
   Reads only the files under `workdir`: the report depends on nothing else.
   """
   cfg = study.config
-  runs, rows, cells, verdicts = analyse(study, workdir)
+  runs, rows, cells, data, verdicts = analyse(study, workdir)
   stages = files.read_json(os.path.join(workdir, "stages.json"), [])
   os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-  for name, spec in cfg["figures"].items():
-    spec = dict(spec)
-    registry.FIGURES[spec.pop("kind")](cells, os.path.join(workdir, "figures", f"{name}.png"),
-                                       cfg["labels"], **spec)
+  drawn = figures.draw_all(cfg["figures"], cells, cfg["labels"],
+                           os.path.join(workdir, "figures"), formats)
+  published.write(os.path.join(workdir, published.DATA), data)
   _write_outputs(workdir, rows, cells, verdicts, stages, list(cfg["metrics"]))
-  lines = [f"# {cfg['title']}", "", study.doc, ""] + _claim_lines(cfg, workdir, verdicts, cells)
-  lines += [""] + _result_lines(cfg, rows, cells)
+  lines = [f"# {cfg['title']}", "", study.doc, ""] + _claim_lines(cfg, workdir, verdicts, stages)
+  lines += [""] + _result_lines(cfg, rows, cells) + _figure_lines(drawn)
   lines += ["## Time", ""] + _time_lines(runs, stages)
   lines += ["", "## Where and with which code it ran", ""] + _where_lines(stages)
   lines += ["", f"Command: `{study.command(workdir)}`", "",
             "Files: `results.csv`/`results.json` (one row per run), `cells.csv` (the cell "
-            "statistics), `claims.json` (verdicts and their numbers), `runs/` (each run's "
-            "config, metrics and summary)."]
+            "statistics), `claims.json` (verdicts and their numbers), `data.json.gz` "
+            "(everything the verdicts read, per run: values, series and per-image results), "
+            "`registration.json`, `study.json` (the study config), `runs/` (each run's "
+            "config, metrics and summary). `--stage=verify` recomputes every verdict from the "
+            "published files alone."]
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(text)
+  rundir_files.atomic_write(os.path.join(workdir, "report.md"), text)
   return text
 
 
@@ -264,7 +290,7 @@ def _write_outputs(workdir, rows, cells, verdicts, stages, metrics) -> None:
   scalar = [m for m in metrics if _scalar(cells, m)]
   # One row per run of reduced values; series (curves, percentiles over
   # training) stay in each run's metrics.jsonl, and the figures draw them.
-  flat = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
+  flat = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
   files.write_json(os.path.join(workdir, "results.json"), {"rows": flat, "stages": stages})
   files.write_json(os.path.join(workdir, "claims.json"), verdicts)
   files.write_csv(os.path.join(workdir, "results.csv"), flat)

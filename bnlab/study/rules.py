@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 
+from bnlab.rundir import per_image
 from bnlab.study import cells as cells_lib
+from bnlab.study import intervals
 from bnlab.study import registry
 
 VERDICTS = ("supported", "refuted", "inconclusive")
+# The rules whose numbers carry the p-value of their verdict: a primary claim uses one.
+registry.TESTS.update({"paired_interval", "equivalent"})
 
 
 def _mean(cell: dict | None, metric: str):
@@ -101,40 +105,23 @@ def separated(cells, metric: str, a: str, b: str, higher: bool = True, require: 
 def paired_runs(cells, metric: str, a: str, b: str, other: str = ""):
   """[(seed, a's `metric`, b's `other` or `metric`)] of the runs of cells a and b with the
   same seed, or None when a or b is not one cell."""
+  pairs = paired_rows(cells, a, b)
+  return None if pairs is None else [(s, ra.get(metric), rb.get(other or metric))
+                                     for s, ra, rb in pairs]
+
+
+def paired_rows(cells, a: str, b: str):
+  """[(seed, a's row, b's row)] of the runs of cells a and b with the same seed, or None."""
   ca, cb = cells_lib.one(cells, a), cells_lib.one(cells, b)
   if ca is None or cb is None:
     return None
-  by_seed = {r.get("seed"): r.get(other or metric) for r in cb["rows"]}
-  return [(r.get("seed"), r.get(metric), by_seed[r.get("seed")])
-          for r in ca["rows"] if r.get("seed") in by_seed]
+  by_seed = {r.get("seed"): r for r in cb["rows"]}
+  return [(r.get("seed"), r, by_seed[r.get("seed")]) for r in ca["rows"]
+          if r.get("seed") in by_seed]
 
 
-Z95 = 1.959963984540054  # the two-sided 95% point of the standard normal
-
-
-def binomial95(p_a: float, p_b: float, n_test: int | None) -> float:
-  """The test set's noise on a difference of accuracies p_a - p_b: 1.96 x sqrt(se_a^2 + se_b^2).
-
-  0 without n_test (a metric that is no test accuracy, or sides measured on different sets).
-  """
-  if not n_test:
-    return 0.0
-  return Z95 * math.sqrt(cells_lib.binomial_se(p_a, n_test) ** 2
-                         + cells_lib.binomial_se(p_b, n_test) ** 2)
-
-
-def call_difference(diffs: list[float], p_a: float, p_b: float, n_test: int | None,
-                    higher: bool = True, margin: float = 0.0) -> tuple[str, dict]:
-  """(verdict, numbers) of paired differences a - b: see `paired_interval`."""
-  mean, half = cells_lib.t_interval(diffs)
-  binom = binomial95(p_a, p_b, n_test)
-  numbers = {"difference": mean, "t95": half, "binomial95": binom if n_test else None}
-  if half is None:
-    return "inconclusive", {**numbers, "reason": "fewer than 2 seeds"}
-  bar, sign = max(half, binom), 1 if higher else -1
-  if sign * mean - bar > margin:
-    return "supported", numbers
-  return ("refuted" if sign * mean + bar < margin else "inconclusive"), numbers
+def _is_finite_number(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _n_test_of(cells, where: str, metric: str):
@@ -148,53 +135,110 @@ def _shared_n_test(cells, metric: str, a: str, b: str, other: str = ""):
   return n_a if n_a and n_a == n_b else None
 
 
+def _reduce(row: dict, metric: str, window: tuple):
+  """(the run's value of `metric`, its per-image results or None): a series is averaged
+  over the window (from_step, to_step), its per-image results with it."""
+  value, images = row.get(metric), (row.get("per_image") or {}).get(metric)
+  if not isinstance(value, list):
+    return value, None if images is None else per_image.decode(images)
+  return (intervals.window_mean(value, *window),
+          None if images is None else intervals.window_bits(images, *window))
+
+
+def _window_steps(value, window: tuple):
+  return [s for s, _ in value if s >= window[0] and (not window[1] or s <= window[1])]
+
+
+def paired_values(cells, metric: str, a: str, b: str, other: str = "", fails: str = "",
+                  window: tuple = (0, 0)) -> dict:
+  """Runs of a and b paired by seed, reduced to one number each: {"seeds", "xs", "ys",
+  "a_images", "b_images", "failed"} or {"missing": why}. A pair with a run that `fails`
+  (a boolean metric: diverged, collapsed) is left out and counted in "failed"."""
+  pairs = paired_rows(cells, a, b)
+  what = f"a pair of {metric} values of {a!r} and {b!r}"
+  if not pairs:
+    return {"missing": what}
+  out = {"seeds": [], "xs": [], "ys": [], "a_images": [], "b_images": [], "failed": None}
+  if fails:
+    out["failed"] = {"a": sum(bool(ra.get(fails)) for _, ra, _ in pairs),
+                     "b": sum(bool(rb.get(fails)) for _, _, rb in pairs), "pairs_left_out": []}
+  bad = []
+  for seed, ra, rb in pairs:
+    if fails and (ra.get(fails) or rb.get(fails)):
+      out["failed"]["pairs_left_out"].append(seed)
+      continue
+    va, vb = ra.get(metric), rb.get(other or metric)
+    if isinstance(va, list) != isinstance(vb, list) or (
+        isinstance(va, list) and _window_steps(va, window) != _window_steps(vb, window)):
+      bad.append(f"seed {seed}'s two series have different steps in the window")
+      continue
+    (x, xi), (y, yi) = _reduce(ra, metric, window), _reduce(rb, other or metric, window)
+    bad += [f"{m} of {w!r} at seed {seed} is {v}" for w, m, v in
+            ((a, metric, x), (b, other or metric, y)) if not _is_finite_number(v)]
+    out["seeds"].append(seed)
+    out["xs"].append(x)
+    out["ys"].append(y)
+    out["a_images"].append(xi)
+    out["b_images"].append(yi)
+  if bad:  # e.g. a diverged run's accuracy, without `fails` to count it
+    return {"missing": what, "reason": "; ".join(bad)}
+  return out
+
+
+def test_set_noise(pv: dict, n_test) -> tuple[float, str]:
+  """(the test set's standard error on mean(a - b), how it was found)."""
+  if pv["xs"] and all(i is not None for i in pv["a_images"] + pv["b_images"]):
+    return intervals.image_se(pv["a_images"], pv["b_images"]), "per-image, paired"
+  if n_test:
+    mean_a, mean_b = (sum(v) / len(v) for v in (pv["xs"], pv["ys"]))
+    return intervals.binomial_se(mean_a, mean_b, n_test), "binomial, unpaired"
+  return 0.0, "none (not a test accuracy)"
+
+
+def _paired_numbers(cells, metric, a, b, other, fails, window):
+  """(numbers, combined statistics or None) shared by `paired_interval` and `equivalent`."""
+  pv = paired_values(cells, metric, a, b, other, fails, window)
+  if "missing" in pv:
+    return pv, None
+  se_image, noise = test_set_noise(pv, _shared_n_test(cells, metric, a, b, other))
+  diffs = [x - y for x, y in zip(pv["xs"], pv["ys"])]
+  c = intervals.combine(diffs, se_image)
+  numbers = {"seeds": pv["seeds"], "n": len(diffs),
+             "mean_a": sum(pv["xs"]) / len(diffs) if diffs else None,
+             "mean_b": sum(pv["ys"]) / len(diffs) if diffs else None,
+             "difference": c["mean"] if c else (diffs[0] if diffs else None),
+             "se_seed": c and c["se_seed"], "se_image": se_image, "noise": noise,
+             "df": c and c["df"]}
+  if pv["failed"] is not None:
+    numbers["failed"] = pv["failed"]
+  if c is None:
+    numbers["reason"] = f"fewer than 2 seed pairs{' that trained' if fails else ''}"
+  return numbers, c
+
+
 @registry.register(registry.RULES, "paired_interval")
 def paired_interval(cells, metric: str, a: str, b: str, other: str = "", higher: bool = True,
-                    from_step: int = 0, margin: float = 0.0):
-  """Runs of a and b paired by seed, d = a's `metric` - b's `other` (default: `metric`).
-  A difference is called only outside both noises: the 95% t interval on the seed mean of d
-  (t_0.975,n-1 x sd(d) / sqrt(n)) and, for test accuracies, the test set's binomial noise
-  1.96 x sqrt(se_a^2 + se_b^2), se = sqrt(p(1-p)/N) at each side's seed mean p. Supported
-  when mean d is beyond both in the claimed direction (above; below if not `higher`),
-  refuted when beyond both the other way, else inconclusive (also with < 2 seed pairs or a
-  missing value). With `margin` m the claim is a difference of at least m: supported when
-  the difference less both noises exceeds m, refuted when it plus them stays below m. A
-  series is judged at every point from `from_step` that every pair has:
-  supported when every point is, refuted when any point is."""
-  pairs = paired_runs(cells, metric, a, b, other)
-  if not pairs or any(x is None or y is None for _, x, y in pairs):
-    return "inconclusive", {"missing": f"a pair of {metric} values of {a!r} and {b!r}"}
-  n_test = _shared_n_test(cells, metric, a, b, other)
-  seeds = [s for s, _, _ in pairs]
-
-  def call(xs, ys):
-    verdict, numbers = call_difference([x - y for x, y in zip(xs, ys)], sum(xs) / len(xs),
-                                       sum(ys) / len(ys), n_test, higher, margin)
-    return verdict, {"mean_a": sum(xs) / len(xs), "mean_b": sum(ys) / len(ys), **numbers}
-
-  if not isinstance(pairs[0][1], list):
-    verdict, numbers = call([x for _, x, _ in pairs], [y for _, _, y in pairs])
-    return verdict, {"seeds": seeds, **numbers}
-  by_point: dict = {}
-  for _, x, y in pairs:
-    ys = dict((p, v) for p, v in y)
-    for p, v in x:
-      if p in ys:
-        by_point.setdefault(p, []).append((v, ys[p]))
-  points = {p: call(*zip(*v)) for p, v in sorted(by_point.items())
-            if len(v) == len(pairs) and p >= from_step}
-  if not points:
-    return "inconclusive", {"missing": "no point that every pair has"}
-  count = {v: [p for p, (w, _) in points.items() if w == v] for v in VERDICTS}
-  numbers = {"seeds": seeds, "points": len(points), **{v: len(count[v]) for v in VERDICTS},
-             **{f"{v}_at": count[v][:5] for v in VERDICTS[1:] if count[v]}}
-  if count["refuted"]:
-    return "refuted", numbers
-  return ("supported" if len(count["supported"]) == len(points) else "inconclusive"), numbers
-
-
-def _is_finite_number(v) -> bool:
-  return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                    from_step: int = 0, to_step: int = 0, margin: float = 0.0, fails: str = ""):
+  """Runs of a and b paired by seed, d = a's `metric` - b's `other` (default: `metric`); a
+  series is first averaged over its evaluations from `from_step` to `to_step` (0: the last).
+  Seed and test-set noise add as variances (see the report's method line): 95% interval
+  mean d +- t_0.975,df x sqrt(se_seed^2 + se_image^2). Supported when the interval lies
+  wholly beyond `margin` in the claimed direction (above; below if not `higher`), refuted
+  when wholly short of it, else inconclusive; p is the two-sided p-value of d = margin.
+  With `fails` (a boolean metric such as diverged or collapsed), a pair with a failed run is
+  left out and counted, and the verdict is on the pairs that trained; without it, a missing
+  or non-finite value makes the claim inconclusive."""
+  numbers, c = _paired_numbers(cells, metric, a, b, other, fails, (from_step, to_step))
+  if c is None:
+    return "inconclusive", numbers
+  sign = 1 if higher else -1
+  half = intervals.quantile(1 - intervals.ALPHA / 2, c["df"]) * c["se"]
+  numbers.update(interval=[c["mean"] - half, c["mean"] + half], margin=margin,
+                 p=intervals.two_sided_p(sign * c["mean"], c["se"], c["df"], margin),
+                 detectable=intervals.detectable(c["se"], c["df"]))
+  if sign * c["mean"] - half > margin:
+    return "supported", numbers
+  return ("refuted" if sign * c["mean"] + half < margin else "inconclusive"), numbers
 
 
 @registry.register(registry.RULE_CHECKS, "equivalent")
@@ -209,48 +253,40 @@ def margin_problem(params: dict) -> str:
 
 
 @registry.register(registry.RULES, "equivalent")
-def equivalent(cells, metric: str, a: str, b: str, other: str = "", *, margin: float):
+def equivalent(cells, metric: str, a: str, b: str, other: str = "", from_step: int = 0,
+               to_step: int = 0, fails: str = "", *, margin: float):
   """Supported when mean(a - b)'s 90% interval is inside ±margin, refuted when wholly outside it.
 
-  Two one-sided tests at level 0.05 on runs of a and b paired by seed, d = a's `metric` - b's
-  `other` (default: `metric`), `margin` in the metric's units. The interval is mean d ± the
-  larger of the 90% t half-width t_0.95,n-1 x sd(d) / sqrt(n) and, for test accuracies, the
-  test set's noise as `paired_interval` takes it, 1.96 x sqrt(se_a^2 + se_b^2): at its 95%
-  width, not TOST's 90% (1.645), so never narrower than there. Supported (equivalent) when
-  the interval lies in (-margin, margin); refuted (a difference of at least the margin) when
-  it lies at or beyond +margin, or at or beyond -margin; else inconclusive, also with < 2
-  seed pairs or a missing or non-finite value (named)."""
+  Two one-sided tests at level 0.05 on runs of a and b paired by seed, d = a's `metric` -
+  b's `other` (default: `metric`), `margin` in the metric's units; the noise, series windows
+  and `fails` as in `paired_interval`, the interval mean d +- t_0.95,df x se. Supported
+  (equivalent) when it lies in (-margin, margin); refuted (a difference of at least the
+  margin) when it lies at or beyond +margin, or at or beyond -margin; else inconclusive, also
+  with < 2 seed pairs or a missing or non-finite value (named). p: the larger one-sided
+  p-value (the equivalence test's); detectable: the smallest margin the design establishes
+  with 80% power when the true difference is 0."""
   problem = margin_problem({"margin": margin})
   if problem:
     raise ValueError(problem)
-  pairs = paired_runs(cells, metric, a, b, other)
-  missing = {"missing": f"a pair of {metric} values of {a!r} and {b!r}"}
-  if not pairs:
-    return "inconclusive", missing
-  if any(isinstance(v, list) for _, x, y in pairs for v in (x, y)):
-    return "inconclusive", {"reason": f"{metric} is a series; equivalent reads one value a run"}
-  bad = [f"{m} of {w!r} at seed {s} is {v}" for s, x, y in pairs
-         for w, m, v in ((a, metric, x), (b, other or metric, y)) if not _is_finite_number(v)]
-  if bad:  # e.g. a diverged run's accuracy
-    return "inconclusive", {**missing, "reason": "; ".join(bad)}
-  xs, ys = [x for _, x, _ in pairs], [y for _, _, y in pairs]
-  mean_a, mean_b = sum(xs) / len(xs), sum(ys) / len(ys)
-  mean, half = cells_lib.t_interval([x - y for x, y in zip(xs, ys)], quantile=0.95)
-  n_test = _shared_n_test(cells, metric, a, b, other)
-  binom = binomial95(mean_a, mean_b, n_test)
-  numbers = {"seeds": [s for s, _, _ in pairs], "mean_a": mean_a, "mean_b": mean_b,
-             "difference": mean, "t90": half, "binomial95": binom if n_test else None}
-  if half is None:
-    return "inconclusive", {**numbers, "interval": None, "margin": margin, "n": len(pairs),
-                            "reason": "fewer than 2 seeds"}
-  lo, hi = mean - max(half, binom), mean + max(half, binom)
-  numbers.update(interval=[lo, hi], margin=margin, n=len(pairs))
+  numbers, c = _paired_numbers(cells, metric, a, b, other, fails, (from_step, to_step))
+  numbers["margin"] = margin
+  if c is None:
+    return "inconclusive", {**numbers, "interval": None}
+  mean, se, df = c["mean"], c["se"], c["df"]
+  half = intervals.quantile(1 - intervals.ALPHA, df) * se
+  lo, hi = mean - half, mean + half
+  p_equal = max(intervals.p_above(intervals.statistic(mean, se, -margin), df),
+                intervals.p_above(-intervals.statistic(mean, se, margin), df))
+  p_differ = min(intervals.p_above(intervals.statistic(mean, se, margin), df),
+                 intervals.p_above(-intervals.statistic(mean, se, -margin), df))
+  numbers.update(interval=[lo, hi], detectable=intervals.equivalence_detectable(se, df))
   if -margin < lo and hi < margin:
-    return "supported", numbers
+    return "supported", {**numbers, "p": p_equal}
   if lo >= margin or hi <= -margin:
-    return "refuted", numbers
+    return "refuted", {**numbers, "p": p_differ}
   crossed = [f"{sign}{margin}" for sign, out in (("-", lo <= -margin), ("+", hi >= margin)) if out]
-  return "inconclusive", {**numbers, "reason": f"the interval crosses {' and '.join(crossed)}"}
+  return "inconclusive", {**numbers, "p": p_equal,
+                          "reason": f"the interval crosses {' and '.join(crossed)}"}
 
 
 @registry.register(registry.RULES, "same_verdict")
@@ -269,11 +305,13 @@ def same_verdict(cells, metrics, a: str, b: str, higher: bool = True):
 
 
 def judge(claims: dict, cells: list[dict]) -> list[dict]:
-  """Every claim's verdict(s): one per value combination of its `each` keys."""
+  """Every claim's verdict(s), one per value combination of its `each` keys, and for the
+  primary claims' verdicts together the Holm-corrected verdict (`corrected`)."""
   out = []
   for name, spec in claims.items():
     spec = dict(spec)
     statement, rule, each = spec.pop("statement"), spec.pop("rule"), tuple(spec.pop("each", ()))
+    primary = bool(spec.pop("primary", False))
     groups = list(dict.fromkeys(",".join(f"{k}={cells_lib.show(c['key'][k])}" for k in each)
                                 for c in cells)) if each else [""]
     for where in groups:
@@ -282,5 +320,17 @@ def judge(claims: dict, cells: list[dict]) -> list[dict]:
       verdict, numbers = registry.RULES[rule](
           cells_lib.select(cells, where) if where else cells, **params)
       out.append({"claim": name, "statement": statement, "where": where, "rule": rule,
-                  "params": spec, "verdict": verdict, "numbers": numbers})
-  return out
+                  "params": spec, "primary": primary, "verdict": verdict, "numbers": numbers})
+  return correct_primaries(out)
+
+
+def correct_primaries(verdicts: list[dict]) -> list[dict]:
+  """The primary verdicts corrected together by Holm's step-down at family level 0.05: a
+  verdict whose p-value the procedure does not reject becomes inconclusive."""
+  family = [v for v in verdicts if v["primary"]]
+  p = [v["numbers"].get("p", 1.0) if v["verdict"] != "inconclusive" else
+       max(v["numbers"].get("p", 1.0), intervals.ALPHA) for v in family]
+  for v, rejected in zip(family, intervals.holm(p)):
+    v["corrected"] = v["verdict"] if rejected else "inconclusive"
+    v["family"] = len(family)
+  return verdicts

@@ -89,5 +89,16 @@ def result_rows(runs: list[metrics_lib.Run], errors: dict) -> list[dict]:
     if r.summary is None and error:
       status = "failed"
     rows.append({"name": r.name, "status": status, **r.key, **r.values,
-                 "wall_time": (r.summary or {}).get("wall_time"), "error": error})
+                 "wall_time": (r.summary or {}).get("wall_time"), "error": error,
+                 "n_test": n_test(r), "per_image": r.per_image})
   return rows
+
+
+def n_test(run: metrics_lib.Run) -> int:
+  """How many test images the run's accuracies are measured on."""
+  for v in run.per_image.values():
+    text = v if isinstance(v, str) else v[-1][1] if v else ""
+    if text:
+      return int(text.partition(":")[0])
+  return ((run.cfg or {}).get("data", {}).get("num_test")
+          or 10_000)  # 0: MNIST's whole test set
