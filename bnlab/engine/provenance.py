@@ -45,7 +45,8 @@ def code_version() -> dict[str, Any]:
   `{"commit": "unknown", "dirty": None}` outside a git checkout (an installed wheel).
   Cached: the answer is fixed for the life of the process.
   """
-  if not os.path.isdir(os.path.join(_REPO_ROOT, ".git")):
+  # A directory in a clone, a file in a `git worktree` checkout.
+  if not os.path.exists(os.path.join(_REPO_ROOT, ".git")):
     return {"commit": "unknown", "dirty": None}
   commit = _git("rev-parse", "HEAD")
   if commit is None:
