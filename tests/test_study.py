@@ -180,7 +180,7 @@ def test_measurement_and_percentile_figure(tmp_path):
       {"drift": {"kind": "percentile_drift"}})
   assert run.values["d"] == 10.0 and os.path.exists(tmp_path / "measurements" / "drift.json")
   cells = study.make_cells([{"norm": "bn", "p": run.values["p"]}], ("norm",), ["p"])
-  study.percentiles(cells, str(tmp_path / "p.png"), {}, "p")
+  assert study.percentiles(cells, str(tmp_path / "p"), study.FigureContext(), "p")
   assert os.path.getsize(tmp_path / "p.png") > 0
 
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from bnlab import study
+from bnlab.study import figure_kinds
 from bnlab.study import measurements as sm
 from bnlab import sweep
 import test_study
@@ -115,15 +116,16 @@ def test_figures(tmp_path):
                 "unit": s, "acc": [[0, 0.1], [10, 0.5 + s / 10]], "ics": [[0, [0, 1, 2]],
                                                                          [10, [0, 2, 3]]]}
                for n in ("no", "bn") for s in (0, 1)])
-  figures = {"u.png": (sm.unit_percentiles, {"metric": "pct", "rows": ("norm=no", "norm=bn"),
-                                             "unit_metric": "unit", "from_step": 5}),
-             "f.png": (sm.unit_percentiles, {"metric": "pct", "rows": ("norm=bn",),
-                                             "units": (0, 1)}),
-             "d.png": (sm.paired_difference, {"metric": "acc", "a": "norm=bn", "b": "norm=no"}),
-             "c.png": (sm.per_checkpoint, {"metric": "ics", "hue": ("norm",), "first": 1})}
+  figures = {"u": (figure_kinds.unit_percentiles, {"metric": "pct", "rows": ("norm=no", "norm=bn"),
+                                                   "unit_metric": "unit", "from_step": 5}),
+             "f": (figure_kinds.unit_percentiles, {"metric": "pct", "rows": ("norm=bn",),
+                                                   "units": (0, 1)}),
+             "d": (figure_kinds.paired_difference, {"metric": "acc", "a": "norm=bn",
+                                                    "b": "norm=no"}),
+             "c": (figure_kinds.per_checkpoint, {"metric": "ics", "hue": ("norm",), "first": 1})}
   for name, (fn, spec) in figures.items():
-    fn(pct, str(tmp_path / name), {}, **spec)
-    assert os.path.getsize(tmp_path / name) > 0
+    assert fn(pct, str(tmp_path / name), study.FigureContext(), **spec)  # its caption
+    assert os.path.getsize(tmp_path / f"{name}.png") > 0
 
 
 @pytest.mark.parametrize("name", ["paper_figure1", "why_bn"])

@@ -15,7 +15,11 @@ Behaviour is looked up by name in four registries, each of small functions:
   does not record (e.g. from the run's checkpoints); cached per run in
   `runs/<member>/measurements/NAME.json`; the metric `("measured", NAME, KEY)`
   reads one of its values.
-- FIGURES: `fn(cells, path, labels, **spec)` draws the cells into a PNG.
+- FIGURES: `fn(cells, path, ctx, **spec) -> caption` draws the cells into `path.FORMAT`
+  for each of `ctx.formats` (a `FigureContext`: the study's labels, one line style per
+  compared method shared by all its figures, the formats) and returns what its lines,
+  dots and bands mean; `draw_all` draws a study's figures (bnlab/study/figures.py; the
+  kinds in bnlab/study/figure_kinds.py).
 - RULES: `fn(cells, **params) -> (verdict, numbers)`, verdict one of
   supported / refuted / inconclusive, for each claim.
 
@@ -32,12 +36,15 @@ set's binomial standard error sqrt(p(1-p)/N).
 
 # Re-exported: the names study configs, tests and new registrations use as `study.NAME`.
 # Each module imports only those below it: cli -> runner -> report -> runs, rules, figures
-# -> metrics, cells, files -> config -> registry. Importing the package registers every kind.
+# -> metrics, cells, files -> config -> registry (figure_kinds -> figures, rules). Importing
+# the package registers every kind.
 from bnlab.study.cells import binomial_se, describe_values, make_cells, show
 from bnlab.study.cli import run, study_fix
 from bnlab.study.config import (
     Study, base_config, config_variant, load_run_config, metric_order, parse_arg, validate)
-from bnlab.study.figures import percentiles
+from bnlab.study.figure_kinds import percentiles  # importing it registers every figure kind
+from bnlab.study.figures import (
+    FORMATS, FigureContext, Style, draw_all, mean_by_step, parse_formats)
 from bnlab.study.metrics import (
     Run, diverged, diverged_at, epoch_means, evaluate_metrics, first_step_at_least, last, max_,
     mean_over_last_epoch, percentile_drift, series, summary_value)
@@ -50,11 +57,12 @@ from bnlab.study.runner import run_stage, run_study
 
 __all__ = [
     "base_config", "below_everywhere", "binomial_se", "config_variant", "describe_values",
-    "difference_at_least", "diverged", "diverged_at", "epoch_means", "equivalent",
-    "evaluate_metrics", "FIGURES", "first_step_at_least", "judge", "last", "load_run_config",
-    "make_cells", "max_", "mean_over_last_epoch", "MEASUREMENTS", "metric_order", "METRICS",
-    "paired_interval", "parse_arg", "percentile_drift", "percentiles", "register", "RULE_CHECKS",
-    "RULES", "run", "Run", "run_stage", "run_study", "same_verdict", "separated", "series", "show",
-    "STATISTICS", "statistics_of", "Study", "study_fix", "summary_value", "validate", "VERDICTS",
+    "difference_at_least", "diverged", "diverged_at", "draw_all", "epoch_means", "equivalent",
+    "evaluate_metrics", "FigureContext", "FIGURES", "first_step_at_least", "FORMATS", "judge",
+    "last", "load_run_config", "make_cells", "max_", "mean_by_step", "mean_over_last_epoch",
+    "MEASUREMENTS", "metric_order", "METRICS", "paired_interval", "parse_arg", "parse_formats",
+    "percentile_drift", "percentiles", "register", "RULE_CHECKS", "RULES", "Run", "run",
+    "run_stage", "run_study", "same_verdict", "separated", "series", "show", "STATISTICS",
+    "statistics_of", "Study", "study_fix", "Style", "summary_value", "validate", "VERDICTS",
     "wins_above_best",
 ]

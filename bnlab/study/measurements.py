@@ -20,7 +20,6 @@ import statistics
 
 from bnlab import sweep
 from bnlab.study import cells as cells_lib
-from bnlab.study import figures as figures_lib
 from bnlab.study import registry
 from bnlab.study import rules as rules_lib
 
@@ -267,90 +266,3 @@ def mostly_lower(cells, metric: str, a: str, b: str, fraction: float, per_seed: 
     return "supported", numbers
   return ("refuted" if holds(lambda u, v: u > v) else "inconclusive"), numbers
 
-
-# -- figures --------------------------------------------------------------------------------
-
-
-def _percentile_panel(ax, series, unit: int, color: str, title: str, from_step: int) -> None:
-  steps = [s for s, _ in series]
-  band = [[p[unit][q] for _, p in series] for q in range(len(series[0][1][unit]))]
-  ax.fill_between(steps, band[0], band[-1], color=color, alpha=0.15, lw=0)
-  for q, line in enumerate(band):
-    ax.plot(steps, line, color=color, lw=1.3, ls=(":", "-", "--")[min(q, 2)])
-  ax.axvline(from_step, color="0.6", lw=0.8)
-  ax.set_title(title, fontsize=8)
-  ax.grid(alpha=0.3)
-
-
-@registry.register(registry.FIGURES, "unit_percentiles")
-def unit_percentiles(cells, path, labels, metric: str, rows, units=(), unit_metric: str = "",
-                     from_step: int = 0):
-  """One row per cell of `rows` (where-strings); columns: the fixed `units` of its first run,
-  or each run (seed) at the unit its `unit_metric` names. Band: lowest..highest percentile."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  picked = [cells_lib.one(cells, w) for w in rows]
-  cols = max(len(units) or len(c["rows"]) for c in picked)
-  fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.4 * len(rows)),
-                           sharey=True, squeeze=False)
-  for i, (c, color) in enumerate(zip(picked, ("tab:red", "tab:blue", "tab:green"))):
-    name = cells_lib.cell_label(c, [k for k in c["key"]], labels)
-    panels = ([(c["rows"][0], u) for u in units] if units else
-              [(r, r.get(unit_metric)) for r in c["rows"]])
-    for j, (r, u) in enumerate(panels):
-      _percentile_panel(axes[i, j], r[metric], u, color,
-                        f"{name}\nseed {r.get('seed')}, unit {u}", from_step)
-  for ax in axes[-1]:
-    ax.set_xlabel("step")
-  figures_lib.save(fig, path)
-
-
-@registry.register(registry.FIGURES, "paired_difference")
-def paired_difference(cells, path, labels, metric: str, a: str, b: str, from_step: int = 0):
-  """a's minus b's series, one line per seed; the y axis scaled to the points from `from_step`."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 3.8))
-  late = [0.0]
-  for seed, x, y in rules_lib.paired_runs(cells, metric, a, b) or []:
-    ys = dict((s, v) for s, v in y)
-    diff = [(s, v - ys[s]) for s, v in x if s in ys]
-    ax.plot([s for s, _ in diff], [100 * d for _, d in diff], lw=1.2, label=f"seed {seed}")
-    late += [abs(100 * d) for s, d in diff if s >= from_step]
-  ax.axhline(0, color="k", lw=0.8)
-  ax.axvline(from_step, color="0.6", lw=0.8)
-  ax.set_ylim(-1.3 * max(late) - 1e-9, 1.3 * max(late) + 1e-9)
-  ax.set(xlabel="step", ylabel=f"{cells_lib.label(labels, metric)}: a - b (points)",
-         title=f"a = {a}, b = {b}")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  figures_lib.save(fig, path)
-
-
-@registry.register(registry.FIGURES, "per_checkpoint")
-def per_checkpoint(cells, path, labels, metric: str, hue=(), panels=(), first: int = 0,
-                   logy: bool = False):
-  """A series metric whose points are numbers or per-layer lists: one row per value of
-  `panels`, one column per list index from `first`, one line per cell (first seed)."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  groups: dict = {}
-  for c in cells:
-    groups.setdefault(cells_lib.cell_label(c, panels, labels), []).append(c)
-  width = max(len(s[0][1]) if isinstance(s[0][1], list) else 1
-              for c in cells for s in c["values"][metric] if s)
-  cols = max(width - first, 1)
-  fig, axes = plt.subplots(len(groups), cols, figsize=(3.6 * cols, 2.8 * len(groups)),
-                           squeeze=False)
-  for row, (title, group) in enumerate(groups.items()):
-    for c, color in zip(group, figures_lib.COLORS):
-      s = c["values"][metric][0]
-      for j in range(cols if isinstance(s[0][1], list) else 1):
-        ys = [v[first + j] if isinstance(v, list) else v for _, v in s]
-        axes[row, j].plot([p for p, _ in s], ys, "o-", ms=3, color=color,
-                          label=cells_lib.cell_label(c, hue, labels))
-        axes[row, j].set_title(f"{title}" + (f", layer {first + j + 1}" if cols > 1 else ""),
-                               fontsize=9)
-    for ax in axes[row]:
-      ax.set(xlabel="step", ylabel=cells_lib.label(labels, metric),
-             yscale="log" if logy else "linear")
-      ax.grid(alpha=0.3)
-  axes[0, 0].legend(fontsize=8)
-  figures_lib.save(fig, path)

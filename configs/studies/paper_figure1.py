@@ -127,7 +127,7 @@ def get_config(arg=None):
                         "panels": ("init", "optimizer.learning_rate")},
       "xhat_percentiles": {"kind": "unit_percentiles", "metric": "xhat_pct",
                            "rows": tuple(at(lr, "batch") for lr in rates),
-                           "unit_metric": "xhat_typical_unit"},
+                           "unit_metric": "xhat_typical_unit", "hue": ("model.norm",)},
       **{f"percentiles_lr_{name(lr)}": {
           "kind": "unit_percentiles", "metric": "pct", "unit_metric": "typical_unit",
           "rows": (at(lr, "none"), at(lr, "batch"))} for lr in rates},

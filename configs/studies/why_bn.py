@@ -109,7 +109,11 @@ def get_config(arg=None):
                **{m: ("measured", "ics", m) for m in (*per_layer, *SMOOTHNESS, *pooled,
                                                       "ics_cos/series")}}
   s.labels = {"batch": "BN", "none": "no BN", "noisy": "noisy BN", "final_acc": "final test acc",
-              "sigmoid_mlp": "paper MLP, sigmoid, lr 0.1", "relu_mlp": "paper MLP, ReLU, lr 0.1"}
+              "sigmoid_mlp": "paper MLP, sigmoid, lr 0.1", "relu_mlp": "paper MLP, ReLU, lr 0.1",
+              "train_loss": "training loss", "ics_l2/series": "ICS ||G - G'||",
+              "ics_cos/series": "ICS cos(G, G')", "grad_change/series": "gradient change",
+              "beta_max/series": "beta-smoothness (max over eta)",
+              "loss_range/series": "loss range along the gradient"}
   s.notes = NOTES
   s.tables = {"internal covariate shift": {"metrics": tuple(per_layer)},
               "smoothness and training": {"metrics": ("final_acc", *SMOOTHNESS)}}
