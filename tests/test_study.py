@@ -311,7 +311,7 @@ def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):
   # One seed at :runlocal: no seed interval, so no difference is called.
   assert "| seed_claim | all | **inconclusive** |" in text
   assert "| matched_rates | optimizer.learning_rate=0.01 | **inconclusive** |" in text
-  assert "reason: fewer than 2 seeds" in text
+  assert "reason: fewer than 2 seed pairs" in text
   cmd = [sys.executable, "-m", "bnlab.study", f"--workdir={wd}",
          "--config=configs/studies/seed_comparison.py:runlocal",
          "--config.data.source=idx", f"--config.data.dir={idx_dir}"]

@@ -1,7 +1,8 @@
 """Studies: a config names a sweep, its cells, metrics, figures and claims; this runs and reports it.
 
   python -m bnlab.study --config=configs/studies/NAME.py[:ARGS] --workdir=DIR \
-      [--config.KEY=VALUE] [--stage=all|run|report] [--out=results/NAME]
+      [--config.KEY=VALUE] [--stage=all|register|run|report|verify] [--out=results/NAME]
+      [--figure_format=png,pdf,svg]
 
 A study config module exports `get_config(arg=None)`, a `base_config()` with a
 few fields set (pure data: strings, numbers, tuples, dicts), and
@@ -21,23 +22,29 @@ Behaviour is looked up by name in four registries, each of small functions:
   dots and bands mean; `draw_all` draws a study's figures (bnlab/study/figures.py; the
   kinds in bnlab/study/figure_kinds.py).
 - RULES: `fn(cells, **params) -> (verdict, numbers)`, verdict one of
-  supported / refuted / inconclusive, for each claim.
+  supported / refuted / inconclusive, for each claim. The tests among them
+  (`registry.TESTS`: `paired_interval`, `equivalent`) add seed and test-set noise
+  as variances (`intervals`) and give a p-value; a claim marked `primary` must
+  use one, and the primaries are corrected together (Holm).
 
-Stages (each idempotent): *run* trains what is missing through
+Stages (each idempotent): *register* writes `DIR/registration.json` (claims,
+rules, seeds, config hash, time, commit; later changes appended as amendments)
+before anything trains; *run* registers, then trains what is missing through
 `bnlab.sweep.run_sweep` (grouping, resuming; members in `DIR/runs/`) and
 records the stage's wall time and `bnlab.engine.provenance.environment()` in
-`DIR/stages.json`; *report* reads only the files (`DIR/study.json` and the run
-directories) and writes `report.md`, `results.json`, `results.csv` (one row per
-run, its reduced values; series stay in the run's metrics.jsonl), `cells.csv`, `claims.json` and `figures/`. A cell pools the runs that
-agree on `config.cells` (normally all but the seed): n, mean, a 95% Student t
-interval on the seed mean, min and max; for test accuracies also the test
-set's binomial standard error sqrt(p(1-p)/N).
+`DIR/stages.json`; *report* reads only the files and writes `report.md`,
+`results.json`/`results.csv` (one row per run), `cells.csv`, `claims.json`,
+`data.json.gz` (everything the verdicts read: `published`) and `figures/`. The
+verdicts are judged from `data.json.gz` alone, so *verify* re-judges a published
+directory and fails on any difference. A cell pools the runs that agree on
+`config.cells` (normally all but the seed): n, mean, a 95% Student t interval on
+the seed mean, min and max.
 """
 
 # Re-exported: the names study configs, tests and new registrations use as `study.NAME`.
-# Each module imports only those below it: cli -> runner -> report -> runs, rules, figures
-# -> metrics, cells, files -> config -> registry (figure_kinds -> figures, rules). Importing
-# the package registers every kind.
+# Each module imports only those below it: cli -> runner -> report -> published,
+# registration, runs, figures -> rules -> intervals, metrics, cells, files -> config ->
+# registry (figure_kinds -> figures, rules). Importing the package registers every kind.
 from bnlab.study.cells import binomial_se, describe_values, make_cells, show
 from bnlab.study.cli import run, study_fix
 from bnlab.study.config import (

@@ -50,7 +50,8 @@ def main(argv):
       raise rundir_errors.WorkDirError(
           f"--workdir={workdir} is a file, not a directory; choose another --workdir")
     try:
-      formats = figures.parse_formats(f.figure_format)
+      # The report embeds the PNG, so it is always drawn.
+      formats = tuple(dict.fromkeys(("png",) + figures.parse_formats(f.figure_format)))
     except ValueError as e:
       raise config_lib.ConfigError(f"--figure_format: {e}") from None
     text = runner.run_study(study, workdir, f.stage, f.out, formats)

@@ -1,4 +1,4 @@
-"""Measurements, rules and figures of the studies that compare runs seed by seed.
+"""Measurements and rules of the studies that compare runs seed by seed.
 
 Registered into `bnlab.study`'s registries when imported (study configs import it):
 
@@ -9,8 +9,8 @@ Registered into `bnlab.study`'s registries when imported (study configs import i
   "ics_smoothness": `bnlab.analysis` internal covariate shift and gradient
   smoothness at initialisation and at every checkpoint, on fixed training batches.
 - RULES "every_seed", "paired_above", "selected_value", "mostly_lower"
-  (pairs by seed: `bnlab.study.rules.paired_runs`).
-- FIGURES "unit_percentiles", "paired_difference", "per_checkpoint".
+  (pairs by seed: `bnlab.study.rules.paired_runs`); they count or compare values and give
+  no p-value, so a claim that uses one is secondary.
 """
 
 from __future__ import annotations

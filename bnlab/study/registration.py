@@ -121,7 +121,7 @@ def describe(workdir: str, claims: dict, stages: list[dict]) -> tuple[list[str],
                                         ".")],
             {name: "not registered" for name in claims})
   first = reg["registered"]
-  lines = [f"Registered {_when(first)} ({len(first['claims'])} claims; "
+  lines = [f"Registered {_when(first)} ({len(first['claims'])} claim(s); "
            f"config sha256 {first['config_sha256'][:12]}; {FILE})."]
   altered = _altered(reg)
   if altered:

@@ -146,9 +146,10 @@ def analyse(study: study_config.Study, workdir: str):
 
 def _method_lines(cfg: dict, verdicts: list[dict]) -> list[str]:
   """How the verdicts weigh noise and multiplicity, stated once before them."""
-  tests = [v for v in verdicts if "p" in v["numbers"]]
+  tests = [v for v in verdicts if v["rule"] in registry.TESTS]
   if not tests:
-    return []
+    return ["", "No claim is a test with a p-value (registry.TESTS): every verdict follows its "
+                "rule as stated, without intervals or a correction for multiplicity."]
   noises = sorted({v["numbers"]["noise"] for v in tests if v["numbers"].get("noise")})
   primaries = [v for v in verdicts if v["primary"]]
   lines = ["", "**Method.** Runs are paired by seed; d = a - b per pair. Two noises add as "

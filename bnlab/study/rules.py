@@ -187,7 +187,9 @@ def paired_values(cells, metric: str, a: str, b: str, other: str = "", fails: st
 
 def test_set_noise(pv: dict, n_test) -> tuple[float, str]:
   """(the test set's standard error on mean(a - b), how it was found)."""
-  if pv["xs"] and all(i is not None for i in pv["a_images"] + pv["b_images"]):
+  if not pv["xs"]:
+    return 0.0, "none (no pair to compare)"
+  if all(i is not None for i in pv["a_images"] + pv["b_images"]):
     return intervals.image_se(pv["a_images"], pv["b_images"]), "per-image, paired"
   if n_test:
     mean_a, mean_b = (sum(v) / len(v) for v in (pv["xs"], pv["ys"]))
