@@ -275,6 +275,35 @@ def test_study_runs_end_to_end(name, idx_dir, local_runs):
   assert run_local(name, idx_dir, wd, stage="report") == text  # rebuilt from the files alone
 
 
+def test_a_published_study_verifies_from_its_files_alone(idx_dir, local_runs, tmp_path):
+  wd, text = local_runs("bn_batch_size")
+  out = str(tmp_path / "published")
+  path = os.path.join("configs", "studies", "bn_batch_size.py")
+  cfg = sweep.load_config_file(os.path.join(ROOT, path)).get_config("runlocal")
+  cfg.data.source, cfg.data.dir = "idx", idx_dir
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    assert study.run_study(study.Study.from_file(path, "runlocal", cfg), wd, "report",
+                           out=out) == text
+  finally:
+    os.chdir(cwd)
+  for name in ("report.md", "claims.json", "study.json", "data.json.gz", "registration.json",
+               "figures/final_acc.png"):
+    assert os.path.exists(os.path.join(out, name)), name
+  assert "## Registration" in text and "**Method.**" in text and "| Holm |" in text
+  cmd = [sys.executable, "-m", "bnlab.study", "--stage=verify", f"--workdir={out}",
+         f"--config={path}:runlocal"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"verified: 1 verdicts recomputed from {out} alone, all as published" in proc.stdout
+  claims = json.load(open(os.path.join(out, "claims.json")))
+  claims[0]["verdict"] = "supported" if claims[0]["verdict"] != "supported" else "refuted"
+  json.dump(claims, open(os.path.join(out, "claims.json"), "w"))
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "verdict published" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_run_whose_records_were_cut_short_is_left_out_and_named(idx_dir, tmp_path):
   wd = str(tmp_path / "study")
   run_local("bn_batch_size", idx_dir, wd)

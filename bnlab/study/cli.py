@@ -43,7 +43,7 @@ def main(argv):
           f"study config {path} failed to load ({type(e).__name__}: {detail}); fix the "
           "file (its get_config() and get_sweep())") from None
     workdir = f.workdir or ""
-    if not workdir.strip() and not (f.stage == "verify" and f.out):
+    if not workdir.strip():
       raise rundir_errors.WorkDirError(
           f"the work directory is empty ({workdir!r}); give one with --workdir=DIR")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
