@@ -123,11 +123,14 @@ def _time_lines(runs: list[metrics_lib.Run], stages: list[dict]) -> list[str]:
 
 def _where_lines(stages: list[dict]) -> list[str]:
   from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
+  code = provenance.code_version()
+  made = (f"- This report was made by bnlab {code['commit'][:12]}"
+          + (" with uncommitted changes" if code["dirty"] else "") + " from the files.")
   if not stages:
-    return ["- No run stage of this command is recorded: the runs were made before it."]
+    return ["- No run stage of this command is recorded: the runs were made before it.", made]
   return [f"- {s['started']}, {s['wall_s'] / 60:.1f} min, {s['trained']} run(s) trained"
-          + (" (interrupted)" if s["interrupted"] else "") + f": {provenance.describe(s['environment'])}"
-          for s in stages]
+          + (" (interrupted)" if s["interrupted"] else "")
+          + f": {provenance.describe(s['environment'])}" for s in stages] + [made]
 
 
 def analyse(study: study_config.Study, workdir: str):
