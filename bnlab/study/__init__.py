@@ -39,16 +39,24 @@ verdicts are judged from `data.json.gz` alone, so *verify* re-judges a published
 directory and fails on any difference. A cell pools the runs that agree on
 `config.cells` (normally all but the seed): n, mean, a 95% Student t interval on
 the seed mean, min and max.
+
+Before any stage, `Study.from_file` checks the config whole against its sweep
+(`check_study`; `checks`): every metric, cell key and where-string value a claim,
+figure or table names exists, every parameter has its signature's type, and each
+cell holds one run per seed (a swept key that varies within a cell must be in
+`cells`, or in `config.pooled` to pool it on purpose), so paired rules pair right.
 """
 
 # Re-exported: the names study configs, tests and new registrations use as `study.NAME`.
 # Each module imports only those below it: cli -> runner -> report -> published,
 # registration, runs, figures -> rules -> intervals, metrics, cells, files -> config ->
-# registry (figure_kinds -> figures, rules). Importing the package registers every kind.
+# checks -> cells, registry (figure_kinds -> figures, rules). Importing the package registers
+# every kind.
 from bnlab.study.cells import binomial_se, describe_values, make_cells, show
 from bnlab.study.cli import run, study_fix
 from bnlab.study.config import (
-    Study, base_config, config_variant, load_run_config, metric_order, parse_arg, validate)
+    Study, base_config, check_study, config_variant, load_run_config, metric_order, parse_arg,
+    validate)
 from bnlab.study.figure_kinds import percentiles  # importing it registers every figure kind
 from bnlab.study.figures import (
     FORMATS, FigureContext, Style, draw_all, mean_by_step, parse_formats)
@@ -63,7 +71,8 @@ from bnlab.study.rules import (
 from bnlab.study.runner import run_stage, run_study
 
 __all__ = [
-    "base_config", "below_everywhere", "binomial_se", "config_variant", "describe_values",
+    "base_config", "below_everywhere", "binomial_se", "check_study", "config_variant",
+    "describe_values",
     "difference_at_least", "diverged", "diverged_at", "draw_all", "epoch_means", "equivalent",
     "evaluate_metrics", "FigureContext", "FIGURES", "first_step_at_least", "FORMATS", "judge",
     "last", "load_run_config", "make_cells", "max_", "mean_by_step", "mean_over_last_epoch",

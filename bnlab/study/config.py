@@ -18,6 +18,7 @@ import ml_collections
 
 from bnlab import config as config_lib
 from bnlab import sweep
+from bnlab.study import checks
 from bnlab.study import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   s.data.dir = ""
   s.grouped = True  # train members that can share one vmapped program together
   s.cells = ()  # the keys that define a cell; the others (seed) replicate within it
+  # Member keys besides the seed that a cell pools on purpose (they vary within a cell, each
+  # run of which still has its own seed); any other swept key must be in `cells` or follow
+  # from them. Left out of study.json when empty.
+  s.pooled = ()
   s.metrics = {}  # name -> (kind, *args), kind in METRICS
   s.measurements = {}  # name -> {"kind": ..., ...}, kind in MEASUREMENTS
   s.tables = {}  # name -> {"metrics": (...), "by": (...), "across": key}
@@ -105,7 +110,11 @@ def _check_params(kind: str, where: str, fn: Callable, skip: int, args=(), kwarg
 
 
 def validate(cfg) -> None:
-  """Checks the study config against `base_config()` and the registries (ConfigError)."""
+  """Checks the study config (a ConfigDict, or a plain dict as `Study.config`) against
+  `base_config()`, the registries and the signatures of its rules and figure kinds
+  (ConfigError); `check_study` checks it against the sweep's members too."""
+  if isinstance(cfg, dict):
+    cfg = ml_collections.ConfigDict(cfg)
   base = base_config()
   for section in (None, "run", "data"):
     have, want = (cfg, base) if section is None else (cfg[section], base[section])
@@ -115,25 +124,46 @@ def validate(cfg) -> None:
         raise config_lib.ConfigError(
             f"study config: unknown key {dotted!r}; the keys are those of "
             "bnlab.study.base_config()")
+  for key in ("cells", "pooled"):
+    value = cfg.get(key, ())
+    if not isinstance(value, (tuple, list)) or not all(isinstance(k, str) for k in value):
+      raise config_lib.ConfigError(
+          f"study config {key}={value!r}: give a tuple of member keys, e.g. ('model.norm',)")
   names = metric_order(cfg.metrics)
   for name in names:
     spec = tuple(cfg.metrics[name])
     _check_params("metric", f"metrics.{name}={spec}", registry.METRICS[spec[0]], 1, spec[1:])
   for name, spec in cfg.measurements.items():
-    _lookup("measurement", spec["kind"], registry.MEASUREMENTS)
+    _lookup("measurement", _kind(f"measurements.{name}", spec), registry.MEASUREMENTS)
   for name, spec in cfg.figures.items():
     spec = dict(spec)
-    fn = _lookup("figure kind", spec.pop("kind"), registry.FIGURES)
+    kind = _kind(f"figures.{name}", spec.pop("kind", None))
+    fn = _lookup("figure kind", kind, registry.FIGURES)
     _check_params("figure kind", f"figures.{name}", fn, 3, kwargs=spec)
+    checks.check_params(f"study config figures.{name}", f"figure kind {kind!r}", fn, 3, spec)
+    _known_metrics(f"figures.{name}", [v for k, v in spec.items()
+                                       if k in checks.METRIC_PARAMS and v], names)
   for name, spec in cfg.tables.items():
-    unknown = [m for m in spec["metrics"] if m not in names]
-    if unknown:
-      raise config_lib.ConfigError(f"study config tables.{name}: unknown metrics {unknown}")
+    spec = dict(spec)
+    unknown = sorted(set(spec) - {"metrics", "by", "across"})
+    if unknown or not spec.get("metrics"):
+      raise config_lib.ConfigError(
+          f"study config tables.{name}: " + (f"unknown keys {unknown}" if unknown else
+                                              "no metrics") +
+          "; a table is {'metrics': (...), 'by': (cell keys), 'across': a cell key}")
+    for key, value in spec.items():
+      problem = checks.param_problem(key, value, what="a table")
+      if problem:
+        raise config_lib.ConfigError(f"study config tables.{name}.{key}={value!r} {problem}")
+    _known_metrics(f"tables.{name}", spec["metrics"], names)
   for name, spec in cfg.claims.items():
     spec = dict(spec)
     if not spec.pop("statement", ""):
       raise config_lib.ConfigError(f"study config claims.{name} has no statement")
-    spec.pop("each", None)
+    each = spec.pop("each", ())
+    problem = checks.param_problem("each", each, what="a claim")
+    if problem:
+      raise config_lib.ConfigError(f"study config claims.{name}.each={each!r} {problem}")
     rule = spec.pop("rule", "")
     fn = _lookup("claim rule", rule, registry.RULES)
     primary = spec.pop("primary", False)
@@ -148,9 +178,34 @@ def validate(cfg) -> None:
     if problem:
       raise config_lib.ConfigError(f"study config claims.{name}: {problem}")
     _check_params("claim rule", f"claims.{name}", fn, 1, kwargs=spec)
+    checks.check_params(f"study config claims.{name}", f"rule {rule!r}", fn, 1, spec)
     for m in claim_metrics(spec):
       if m not in names:
         raise config_lib.ConfigError(f"study config claims.{name}: unknown metric {m!r}")
+
+
+def _kind(where: str, spec) -> str:
+  """The `kind` of a figure or measurement spec (or the kind itself); ConfigError without one."""
+  kind = spec.get("kind") if isinstance(spec, (dict, ml_collections.ConfigDict)) else spec
+  if not isinstance(kind, str) or not kind:
+    raise config_lib.ConfigError(f"study config {where} has no kind; give 'kind': NAME")
+  return kind
+
+
+def _known_metrics(where: str, used, names: list[str]) -> None:
+  unknown = [m for m in used if m not in names]
+  if unknown:
+    raise config_lib.ConfigError(
+        f"study config {where}: unknown metrics {unknown}; the metrics are {', '.join(names)}")
+
+
+def check_study(config: dict, members: list[dict]) -> None:
+  """The whole check of a study before anything trains: `validate(config)`, then its names,
+  values and cells against the sweep's `members` ({"name": ..., "key": {override: value}};
+  `bnlab.study.checks.against_members`). ConfigError naming the first problem."""
+  validate(config)
+  checks.against_members(json.loads(json.dumps(
+      config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)), members)
 
 
 def claim_metrics(spec: dict) -> list[str]:
@@ -200,6 +255,12 @@ def _jsonable(value):
   return list(value) if isinstance(value, tuple) else value
 
 
+def _keyed(members: list[dict]) -> list[dict]:
+  """Sweep members as `Study.members` keeps them: {"name": ..., "key": {override: value}}."""
+  return [{"name": sweep.member_name(m), "key": {k: _jsonable(v) for k, v in m.items()}}
+          for m in members]
+
+
 @dataclasses.dataclass
 class Study:
   """A study as data: its config (a plain dict), docstring and members."""
@@ -222,9 +283,22 @@ class Study:
     config = json.loads(json.dumps(cfg.to_dict()))
     if not config["title"]:
       config["title"] = os.path.splitext(os.path.basename(path))[0]
-    return cls(path, arg, inspect.cleandoc(module.__doc__ or ""), config,
-               [{"name": sweep.member_name(m), "key": {k: _jsonable(v) for k, v in m.items()}}
-                for m in members], members)
+    if not config["pooled"]:  # so that registrations made before it existed stay unchanged
+      del config["pooled"]
+    keyed, design = _keyed(members), None
+    if arg:  # the argument may reduce the sweep (e.g. runlocal): its cells are the whole one's
+      try:
+        design = _keyed(module.get_sweep())
+      except Exception:  # pylint: disable=broad-except  # needs its argument: none to compare
+        design = None
+    absent = checks.against_members(config, keyed, design)
+    if absent:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      entries = list(dict.fromkeys(at.rsplit(".", 1)[0] for at, _ in absent))
+      logging.warning("%s:%s has no run in cells that only its whole sweep has (e.g. %s), named "
+                      "by %s: they are inconclusive or left out here", path, arg, absent[0][1],
+                      ", ".join(entries))
+    return cls(path, arg, inspect.cleandoc(module.__doc__ or ""), config, keyed, members)
 
   def to_json(self) -> dict:
     return {"path": self.path, "arg": self.arg, "doc": self.doc, "config": self.config,

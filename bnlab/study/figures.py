@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 from bnlab.study import cells as cells_lib
+from bnlab.study import files
 from bnlab.study import registry
 
 FORMATS = ("png", "pdf", "svg")
@@ -191,7 +192,7 @@ def draw_all(figures_cfg: dict, cells: list[dict], labels: dict, out_dir: str,
   "caption"}; every figure shares one Style, so a method looks the same in all of them.
   """
   ctx = FigureContext(dict(labels), study_style(figures_cfg, cells, labels), tuple(formats))
-  os.makedirs(out_dir, exist_ok=True)
+  files.make_dir(out_dir)
   out = []
   for fig_name, spec in figures_cfg.items():
     spec = dict(spec)
@@ -296,15 +297,19 @@ def legend(fig, style: Style, names, title: str | None = None, more: dict | None
 
 
 def save(fig, path: str, ctx: FigureContext) -> list[str]:
-  """Writes `path.FORMAT` for each of the context's formats (PNG at DPI); closes the figure."""
+  """Writes `path.FORMAT` for each of the context's formats (PNG at DPI), each whole or not
+  at all; closes the figure."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  files = []
-  for fmt in ctx.formats:
-    files.append(f"{path}.{fmt}")
-    fig.savefig(files[-1], format=fmt, dpi=DPI, metadata=METADATA[fmt], bbox_inches="tight",
-                pad_inches=0.03)
-  plt.close(fig)
-  return files
+  written = []
+  try:
+    for fmt in ctx.formats:
+      written.append(f"{path}.{fmt}")
+      with files.replacing(written[-1]) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=METADATA[fmt], bbox_inches="tight",
+                    pad_inches=0.03)
+  finally:
+    plt.close(fig)
+  return written
 
 
 def panel_groups(cells: list[dict], panels) -> list[tuple[dict, list[dict]]]:

@@ -7,12 +7,12 @@ new metric is one function; `measured` reads a measurement cached next to the ru
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 from bnlab import sweep
 from bnlab.study import config as study_config
+from bnlab.study import files
 from bnlab.study import registry
 
 
@@ -179,18 +179,24 @@ def percentile_drift(run_dir: str, run_cfg: dict, spec: dict) -> dict:
 
 def _measure(run: Run, name: str, spec: dict) -> dict:
   """A measurement of one finished run, computed once and cached next to the run (again
-  when the spec changed, or the run was made longer since)."""
+  when the spec changed, the run was made longer since, or the cache is damaged: with a
+  warning)."""
   path = os.path.join(run.path, "measurements", f"{name}.json")
   final_step = run.summary.get("final_step")
   if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if cached.get("spec") == spec and cached.get("final_step") == final_step:
+    problem = files.damage(path)
+    cached = {} if problem else files.read_json(path, {})
+    if not problem and not (isinstance(cached, dict) and isinstance(cached.get("values"), dict)):
+      problem = "it holds no values"
+    if problem:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("The cached measurement %s is damaged (%s): measuring it again", path,
+                      problem)
+    elif cached.get("spec") == spec and cached.get("final_step") == final_step:
       return cached["values"]
   values = registry.MEASUREMENTS[spec["kind"]](run.path, run.cfg, spec)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump({"spec": spec, "final_step": final_step, "values": values}, f)
+  files.make_dir(os.path.dirname(path))
+  files.write_json(path, {"spec": spec, "final_step": final_step, "values": values})
   return values
 
 

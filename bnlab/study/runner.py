@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import time
 
 from bnlab import sweep
+from bnlab.rundir import errors as rundir_errors
 from bnlab.study import config as study_config
 from bnlab.study import files
 from bnlab.study import published
@@ -25,6 +25,8 @@ def run_stage(study: study_config.Study, workdir: str) -> None:
   # Deterministic mode is set before anything starts JAX (provenance does).
   backend.configure_run(study.base_run_config())
   register_stage(study, workdir)
+  stages_path = os.path.join(workdir, "stages.json")
+  files.read_json(stages_path, [])  # damaged: stop before anything trains
   runs_dir = os.path.join(workdir, "runs")
 
   def written(m):  # when the run's summary was written (a run made longer writes it again)
@@ -43,13 +45,13 @@ def run_stage(study: study_config.Study, workdir: str) -> None:
   finally:
     stage["wall_s"] = time.perf_counter() - start
     stage["trained"] = sum(written(m) not in (None, before[m["name"]]) for m in study.members)
-    stages = files.read_json(os.path.join(workdir, "stages.json"), [])
-    files.write_json(os.path.join(workdir, "stages.json"), stages + [stage])
+    stages = files.read_json(stages_path, [])
+    files.write_json(stages_path, stages + [stage])
 
 
 def register_stage(study: study_config.Study, workdir: str) -> str:
   """Writes study.json and registers the claims (or amends them) before anything trains."""
-  os.makedirs(workdir, exist_ok=True)
+  files.make_dir(workdir)
   files.write_json(os.path.join(workdir, "study.json"), study.to_json())
   return registration.register(study, workdir)
 
@@ -61,29 +63,73 @@ PUBLISHED = ("report.md", "results.json", "results.csv", "cells.csv", "claims.js
 
 def run_study(study: study_config.Study, workdir: str, stage: str = "all", out: str = "",
               formats: tuple = ("png",)) -> str:
-  """The stages of `study` in `workdir`; returns the report ("" for --stage=run/register)."""
+  """The stages of `study` in `workdir`; returns the report ("" for --stage=run/register).
+
+  Where the report or `out` cannot be written (`out` is the work directory, a file stands
+  where a directory belongs) it stops before anything trains, with a WorkDirError."""
   if stage == "verify":
     return verify_stage(out or workdir)
+  if stage in ("report", "all"):
+    _check_destinations(workdir, out)
   if stage == "register":
     return f"{register_stage(study, workdir)}: {os.path.join(workdir, registration.FILE)}"
   if stage in ("run", "all"):
     run_stage(study, workdir)
   if stage == "run":
     return ""
-  text = report_lib.report(study, workdir, formats)
+  files.make_dir(os.path.join(workdir, "figures"))
+  try:
+    text = report_lib.report(study, workdir, formats)
+  except OSError as e:  # a file the report opens itself (e.g. writing data.json.gz)
+    raise rundir_errors.io_error("reading or writing", e.filename or workdir, e) from None
   if out:
-    os.makedirs(out, exist_ok=True)
-    for name in PUBLISHED:
-      if os.path.exists(os.path.join(workdir, name)):
-        shutil.copy(os.path.join(workdir, name), os.path.join(out, name))
-    shutil.copytree(os.path.join(workdir, "figures"), os.path.join(out, "figures"),
-                    dirs_exist_ok=True)
+    publish(workdir, out)
   return text
+
+
+def _check_destinations(workdir: str, out: str) -> None:
+  """WorkDirError when the report or its publication in `out` could not be written."""
+  if out and os.path.realpath(out) == os.path.realpath(workdir):
+    raise rundir_errors.WorkDirError(
+        f"--out={out} is the work directory, where the report is written anyway; publish "
+        "into another directory (e.g. --out=results/NAME), or leave --out out")
+  for path in [os.path.join(workdir, "figures")] + (
+      [out, os.path.join(out, "figures")] if out else []):
+    if os.path.lexists(path) and not os.path.isdir(path):
+      raise rundir_errors.WorkDirError(
+          f"{path} is a file, where the study writes a directory; move it aside, then rerun")
+
+
+def publish(workdir: str, out: str) -> None:
+  """Copies what a reader needs to check the report (PUBLISHED, figures/) into `out`, each
+  file whole or not at all."""
+  files.make_dir(out)
+  for name in PUBLISHED:
+    if os.path.exists(os.path.join(workdir, name)):
+      files.copy_file(os.path.join(workdir, name), os.path.join(out, name))
+  figures = os.path.join(workdir, "figures")
+  for folder, _, names in os.walk(figures):
+    target = files.make_dir(os.path.join(out, "figures", os.path.relpath(folder, figures)))
+    for name in (n for n in names if not n.startswith(".tmp-")):  # a killed write's leftover
+      files.copy_file(os.path.join(folder, name), os.path.join(target, name))
 
 
 def verify_stage(directory: str) -> str:
   """Recomputes every published verdict in `directory`; ConfigError naming any difference."""
   from bnlab import config as config_lib  # pylint: disable=g-import-not-at-top
+  again = "publish the study again with --out"
+  study_json = files.read_json(os.path.join(directory, "study.json"), {}, again)
+  if study_json and not isinstance(study_json.get("config"), dict):
+    raise rundir_errors.WorkDirError(
+        f"{os.path.join(directory, 'study.json')} is damaged (it holds no config); {again}")
+  files.read_json(os.path.join(directory, "claims.json"), [], again)
+  data = os.path.join(directory, published.DATA)
+  if os.path.exists(data):
+    try:
+      published.read(data)
+    except (OSError, EOFError, ValueError) as e:
+      raise rundir_errors.WorkDirError(
+          f"{data} is damaged ({' '.join(str(e).split())[:120]}); {again}") from None
   checked, problems = published.verify(directory)
   if problems:
     raise config_lib.ConfigError(

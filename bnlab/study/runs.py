@@ -11,6 +11,7 @@ import os
 from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab.study import config as study_config
+from bnlab.study import files
 from bnlab.study import metrics as metrics_lib
 
 
@@ -19,16 +20,12 @@ def read_run(path: str, name: str, key: dict, configured: dict | None = None) ->
 
   A finished run is left out (`Run.error`) when its records end before its last
   step, or when its config differs from `configured` (the study's config of
-  this member, flattened) in a key other than the resume-safe ones.
+  this member, flattened) in a key other than the resume-safe ones. A damaged
+  summary.json or config.json is a WorkDirError naming it and the fix.
   """
-  def load(file):
-    p = os.path.join(path, file)
-    if not os.path.exists(p):
-      return None
-    with open(p) as f:
-      return json.load(f)
   records = sweep.read_jsonl(os.path.join(path, "metrics.jsonl"))
-  summary, cfg = load("summary.json"), load("config.json")
+  summary, cfg = (files.read_json(os.path.join(path, f), None)
+                  for f in ("summary.json", "config.json"))
   error = summary and (sweep.records_cut_short(path, summary, records)
                        or _configured_otherwise(path, cfg, configured))
   if error:
