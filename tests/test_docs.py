@@ -295,7 +295,8 @@ def resolves(dotted):
 
 def test_readme_is_a_front_page_linking_every_docs_page():
   readme = read("README.md")
-  assert len(readme.splitlines()) <= 260
+  # A front page: the manual holds the rest. 280 since it shows one verdict recomputed.
+  assert len(readme.splitlines()) <= 280
   linked = {os.path.normpath(m.group(1).partition("#")[0]) for m in LINK.finditer(readme)}
   missing = [p for p in PAGES[1:] if p not in linked]
   assert not missing, f"README.md links no {missing}"

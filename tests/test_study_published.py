@@ -133,3 +133,22 @@ def test_every_published_study_verifies_or_says_it_predates_publishing(name):
   else:
     text = open(os.path.join(directory, "report.md")).read()
     assert "## Registration" not in text and "data.json.gz" not in text
+
+
+def test_the_readmes_recomputation_gives_the_published_verdict(capsys, monkeypatch):
+  """The README's numpy-only recomputation of one Figure 1 verdict, run from the repository
+  root, prints the report's difference and interval."""
+  text = open(os.path.join(ROOT, "README.md")).read()
+  code = text.split("**Recompute a verdict yourself**", 1)[1]
+  code = code.split("```python no-run\n", 1)[1].split("```", 1)[0]
+  monkeypatch.chdir(ROOT)
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  printed = capsys.readouterr().out
+  [v] = [v for v in json.load(open(os.path.join(RESULTS, "paper_figure1", "claims.json")))
+         if v["claim"] == "bn_final_above" and v["where"].endswith("learning_rate=0.1")]
+  n = v["numbers"]
+  from scipy import stats
+  assert stats.t.ppf(0.975, n["df"]) == pytest.approx(1.9944, abs=1e-4)  # the README's table value
+  lo, hi = n["interval"]
+  assert printed.strip() == (f"df {n['df']:.1f}: {100 * n['difference']:+.2f} points "
+                             f"[{100 * lo:.2f}, {100 * hi:.2f}]")

@@ -25,7 +25,7 @@ Measured (2-core CPU, commit 116de25, run stage 40.0 min beside other work; regi
         before the runs): every primary verdict supported after Holm. Final test accuracy,
         BN - no BN, 95% interval in points: lr 0.01 +6.46 [5.97, 6.94], lr 0.1 +0.55
         [0.35, 0.75], lr 1 +0.27 [0.08, 0.47], N(0, 1) lr 0.5 +2.26 [2.06, 2.46]; averaged
-        over the evaluations from step 5,000: +20.9, +1.21, +0.22, +2.00. selected_rate
+        over the evaluations from step 5,000: +20.94, +1.21, +0.22, +2.00. selected_rate
         and bn_975 supported; from step 0 the spread drift claims are refuted at every rate
         and drift_median is supported at lr 0.1 and 1 (see the notes on step 0); xhat_*
         supported everywhere.
