@@ -5,10 +5,11 @@ Smoke:  ...bn_batch_size.py:runlocal (batch 8 and 32, 1 seed, 30 steps)
 Budget: 2 norms x 4 batch sizes x 10 seeds x 2,000 steps of the sigmoid MLP at lr 1.
 Primary: bn_helps_at_batch_8 (the one test).
 Expected (written before any run): bn_helps_at_batch_8 supported.
-Measured (2-core CPU, commit bd95221, 34 s): inconclusive. BN leads by 4.0 points at
-        batch 8 (89.3% vs 85.3%), but the 95% seed interval of the difference is +-5.6
-        points (no BN's seeds: 83.5-87.8%); a bare difference of means would have said
-        supported.
+Measured (2-core CPU, commit 116de25, 10 seeds, run stage 2.0 min beside another study;
+        registered before the runs): inconclusive. BN leads by 2.47 points at batch 8
+        (88.9% vs 86.4%); the 95% interval [0.45, 4.49] puts BN ahead but does not exclude
+        a lead under the claimed 1 point. At 3 seeds (commit bd95221) the interval was
+        +-5.6 points around a 4.0-point lead.
 """
 
 from bnlab import study
