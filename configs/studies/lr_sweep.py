@@ -151,6 +151,7 @@ def get_config(arg=None):
       **{f"cnn_bn_below_at_lr_0_3_{kind}": {
           "statement": f"The CNN at lr 0.3: BN's final test accuracy with {said} is below no "
                        f"BN's.", "rule": "paired_interval", "metric": metric, "higher": False,
+          "fails": "failed",
           "a": "model=seed_cnn,model.norm=batch,optimizer.learning_rate=0.3",
           "b": "model=seed_cnn,model.norm=none,optimizer.learning_rate=0.3"}
          for kind, said, metric in zip(STATISTICS, ("its running averages",
