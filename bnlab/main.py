@@ -4,6 +4,9 @@ Any config field can be overridden, e.g. `--config.optimizer.learning_rate=0.1`.
 This module only parses flags; `bnlab.engine.train.train_and_evaluate` does the work.
 Every problem that is the user's to fix ends the run with exit status 2 and
 one line `error: <problem>; <fix>` on stderr; `--verbosity=1` adds the traceback.
+SIGTERM and SIGUSR1 (preemption) stop the run at the next step boundary with a
+checkpoint there, and one line `preempted: ...; resume with: <this command>`
+(exit status 143 and 138; see bnlab/rundir/signals.py).
 
 Several processes (one per host, or several on one machine) run one
 data-parallel training when the config's `distributed` section says so: each
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 import sys
 
 import ml_collections
@@ -27,6 +31,7 @@ from bnlab import data as data_lib
 from bnlab.engine import distributed
 from bnlab.rundir import errors as rundir_errors
 from bnlab.rundir import logs as rundir_logs
+from bnlab.rundir import signals
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -68,18 +73,30 @@ def execute(cfg, workdir: str) -> dict:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
     _fail(e)
-  except KeyboardInterrupt as e:  # Ctrl-C: what was checkpointed is kept
+  except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGUSR1: what was checkpointed is kept
     if logging.get_verbosity() >= logging.DEBUG:
       raise
     interrupted(e)
 
 
 def interrupted(e: KeyboardInterrupt) -> None:
-  """Ends the process after Ctrl-C with one line (exit status 130, as a shell's)."""
+  """Ends the process after Ctrl-C with one line (exit status 130, as a shell's); after
+  SIGTERM or SIGUSR1 (`signals.Preempted`), with `preempted(e)`."""
+  if isinstance(e, signals.Preempted):
+    preempted(e)
   text = str(e) if str(e).startswith("interrupted") else (
       "interrupted; rerun the same command to resume from the last checkpoint")
   print(f"error: {text}", file=sys.stderr)
   sys.exit(130)
+
+
+def preempted(e: signals.Preempted, command: str | None = None) -> None:
+  """Ends the process after SIGTERM or SIGUSR1 with one line naming the command that
+  resumes (`command`, default this process's own), exit status 128 + the signal's number
+  (SIGTERM 143, SIGUSR1 138)."""
+  command = command or shlex.join(sys.orig_argv)
+  print(f"preempted: {e.what}; resume with: {command}", file=sys.stderr)
+  sys.exit(e.exit_status)
 
 
 def main(argv):

@@ -274,6 +274,13 @@ def _agree(what: str, error: BaseException | None, me: int, among: set[int] | No
   return statuses
 
 
+def agreed_max(value: int) -> int:
+  """The largest of every process's `value` (a small non-negative int; single process: it)."""
+  if process_count() == 1:
+    return value
+  return int(_gather(np.asarray([value], np.int32)).max())
+
+
 def barrier(name: str) -> None:
   """Waits until every process gets here (single process: returns at once)."""
   if process_count() > 1:

@@ -17,10 +17,12 @@ import numpy as np
 from absl import logging
 
 from bnlab import config as config_lib
+from bnlab.engine import distributed
 from bnlab.engine import evaluation
 from bnlab.engine import resume
 from bnlab.engine import timesplit
 from bnlab.rundir import per_image
+from bnlab.rundir import signals
 from bnlab.rundir import workdir as workdir_lib
 from bnlab.engine.calls import DeviceData, StepCalls
 from bnlab.engine.collapse import CollapseWatch
@@ -102,11 +104,14 @@ class Loop:
     """Trains `state` (resumed from the latest checkpoint, if any) to the end.
 
     Ctrl-C (KeyboardInterrupt) comes out as `Interrupted`, naming the step.
+    SIGTERM or SIGUSR1, caught while `signals.stop_signals_caught` holds (the
+    entry points in `train` hold it), stops the loop at the next step
+    boundary with a checkpoint there (`_stop_if_requested`): `signals.Preempted`.
     """
     self.step = None
     try:
       self._run(state)
-    except Interrupted:
+    except (Interrupted, signals.Preempted):
       raise
     except KeyboardInterrupt:
       raise Interrupted(self.step) from None
@@ -115,12 +120,15 @@ class Loop:
     split = self.split
     state, sums, step = self._resume(state)
     self.step = step
+    saved = step  # the newest checkpoint's step (0: none yet, nothing to keep)
     split.mark_startup()
     clock = Clock(step, split.start)
+    self._stop_if_requested(step, state, sums, saved)  # came during the start-up
     if step == 0 and self.cfg.train.eval_at_start:
       self._record_start(state, clock)
     perm_epoch, perm = None, None
     while step < self.plan.total_steps:
+      self._stop_if_requested(step, state, sums, saved)
       end = self.plan.next_boundary(step)
       with split.phase("train"):
         epoch = step // self.plan.steps_per_epoch
@@ -137,12 +145,37 @@ class Loop:
         break
       if self.plan.is_checkpoint(step):
         with split.phase("checkpoint"):
-          self.ckpt_wd.save(step, {"state": state, "sums": sums},
-                            force=step == self.plan.total_steps)
+          if self.ckpt_wd.save(step, {"state": state, "sums": sums},
+                               force=step == self.plan.total_steps):
+            saved = step
     with split.phase("checkpoint"):
       self.ckpt_wd.wait()
     self._finish(step, state, sums, clock)
     logging.info("Wall time %s", timesplit.describe(split.as_dict()))
+
+  def _stop_if_requested(self, step: int, state, sums, saved: int) -> None:
+    """At a step boundary: when SIGTERM or SIGUSR1 came (on any process), a checkpoint
+    of this step (unless `saved`, the newest, is at it), then `signals.Preempted`.
+
+    The checkpoint holds what a periodic one does (the state and the metric sums
+    of the interval not yet logged), and the call boundaries depend on the step
+    alone, so the resumed run ends bit-identical. The records are written up to
+    the last log step; the checkpoint is sealed with its checksums before the
+    exception leaves.
+    """
+    signum = signals.stop_requested() or 0
+    if distributed.process_count() > 1:  # every process stops at the same step
+      signum = distributed.agreed_max(signum)
+    if not signum:
+      return
+    stop = signals.Preempted(signum, step)
+    logging.warning("%s received: stopping at step %d%s.", stop.signal_name, step,
+                    " after writing its checkpoint" if step > saved else "")
+    with self.split.phase("checkpoint"):
+      if step > saved:
+        self.ckpt_wd.save(step, {"state": state, "sums": sums}, force=True)
+      self.ckpt_wd.wait()
+    raise stop
 
   def _resume(self, state):
     """(state, metric sums, step) from the latest checkpoint, or from the start."""

@@ -35,6 +35,7 @@ from bnlab.engine import provenance
 from bnlab.engine import state as state_lib
 from bnlab.engine import steps as steps_lib
 from bnlab.engine import timesplit
+from bnlab.rundir import signals
 from bnlab.rundir import workdir as workdir_lib
 from bnlab.engine.calls import data_parallel_mesh
 from bnlab.engine.evaluation import eval_model_config
@@ -52,21 +53,30 @@ def train_and_evaluate(cfg, workdir: str, data: data_lib.Dataset | None = None
   unless `cfg` makes it longer (`train.num_steps`/`num_epochs` raised): then
   it continues from its last checkpoint and its summary is replaced at the end.
   `data`: the already loaded dataset of `cfg.data` (else it is loaded).
+
+  SIGTERM or SIGUSR1 (preemption) stops it at the next step boundary with a
+  checkpoint there and raises `signals.Preempted` (a KeyboardInterrupt):
+  calling it again resumes, bit-identical. The caller's handlers of those
+  signals are put back when it returns (`signals.stop_signals_caught`).
   """
   split = timesplit.TimeSplit()
   config_lib.validate(cfg)
   backend.configure_run(cfg)  # before anything starts JAX
   distributed.initialize(cfg.distributed)
-  wd = workdir_lib.WorkDir(workdir, cfg)
-  try:
-    done = wd.read_summary()
-    if done is not None and not extends(done, cfg, workdir, _last_record_step(wd)):
-      logging.info("Run in %s is complete; nothing to do.", workdir)
-      return done
-    _train([loop_lib.Member(cfg, wd)], wd, data, stacked=False, split=split)
-    return wd.read_summary()
-  finally:
-    wd.close()
+  # After jax.distributed starts: its preemption notifier takes SIGTERM (and keeps
+  # it from ending the process); bnlab's handlers replace it while the run trains,
+  # and every process stops at the same step (`loop.Loop._stop_if_requested`).
+  with signals.stop_signals_caught():
+    wd = workdir_lib.WorkDir(workdir, cfg)
+    try:
+      done = wd.read_summary()
+      if done is not None and not extends(done, cfg, workdir, _last_record_step(wd)):
+        logging.info("Run in %s is complete; nothing to do.", workdir)
+        return done
+      _train([loop_lib.Member(cfg, wd)], wd, data, stacked=False, split=split)
+      return wd.read_summary()
+    finally:
+      wd.close()
 
 
 def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = None
@@ -77,8 +87,15 @@ def train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None = 
   workdir gets what `train_and_evaluate` leaves (metrics, summary, its final
   checkpoint). `group_dir` holds the group's checkpoints; rerunning resumes
   there. Members whose summary.json exists are carried along but not
-  recorded. Returns the members' summaries.
+  recorded. Returns the members' summaries. SIGTERM and SIGUSR1 stop it as
+  they stop `train_and_evaluate`, the checkpoint in `group_dir`.
   """
+  with signals.stop_signals_caught():
+    return _train_group(cfgs, workdirs, group_dir, data)
+
+
+def _train_group(cfgs, workdirs, group_dir: str, data: data_lib.Dataset | None
+                 ) -> list[dict[str, Any]]:
   split = timesplit.TimeSplit()
   cfgs = list(cfgs)
   for cfg in cfgs:

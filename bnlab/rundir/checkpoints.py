@@ -191,18 +191,21 @@ class Checkpoints:
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(self._unsealed, e) from e
 
-  def save(self, step: int, target, force: bool = False, replace: bool = False) -> None:
-    """Starts writing checkpoint `step` (`WorkDir.save` says when), once `wait` sealed the last."""
+  def save(self, step: int, target, force: bool = False, replace: bool = False) -> bool:
+    """Starts writing checkpoint `step` (`WorkDir.save` says when), once `wait` sealed the
+    last; whether orbax started it (its save policy may skip it)."""
     try:
       with interrupts_deferred():
         if replace and step in self._manager.all_steps():
           self._manager.delete(step)
-        if self._manager.save(
+        started = bool(self._manager.save(
             step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(target)),
-            force=force):
+            force=force))
+        if started:
           self._unsealed.append(step)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error([step], e) from e
+    return started
 
   def wait(self) -> None:
     """Waits for the checkpoints being written, then writes their checksums."""

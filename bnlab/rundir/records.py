@@ -96,6 +96,10 @@ class Records:
     self._records: list[dict] | None = None
     self._summary: dict | None = None
     self._tb = None
+    # The first step whose TensorBoard events, left by an earlier attempt, TensorBoard
+    # is to discard (set when a resume cuts the records back; None: nothing to discard).
+    self._tb_purge_step: int | None = None
+    self._tb_suffix = ""
 
   def _scan_metrics(self) -> tuple[list[dict], list[tuple[int, bytes]],
                                    list[tuple[int, bytes]]]:
@@ -155,7 +159,25 @@ class Records:
         "them" if len(bad) > 1 else "it", dest, len(good))
 
   def truncate_metrics_after(self, step: int) -> None:
-    """Keeps the records up to `step` (the checkpoint resumed from), each step once."""
+    """Keeps the records up to `step` (the checkpoint resumed from), each step once.
+
+    TensorBoard's events after `step` cannot be cut out of its files in the
+    same way; the writer opened next marks them to be discarded instead
+    (`_write_tensorboard`).
+    """
+    tb_dir = os.path.join(self.path, "tensorboard")
+    try:
+      earlier = len(os.listdir(tb_dir))
+    except OSError:
+      earlier = 0
+    if earlier:
+      self._tb_purge_step = max(step + 1, 0)
+      # tensorboardX names its file by the second and the host, and truncates a file
+      # of that name: a new attempt's file gets a suffix that also sorts it last.
+      self._tb_suffix = f".{earlier:04d}"
+      if self._tb is not None:
+        self._tb.close()
+        self._tb = None
     records, last = [], None
     for r in self.read_metrics():
       if r["step"] > step:
@@ -192,7 +214,11 @@ class Records:
     tb_dir = os.path.join(self.path, "tensorboard")
     try:
       if self._tb is None:
-        self._tb = _summary_writer_class()(tb_dir)
+        # purge_step: the new event file starts with a SessionLog START at that step,
+        # on which TensorBoard discards the events of that step and later read before
+        # it, i.e. those of an attempt that was stopped after its last checkpoint.
+        self._tb = _summary_writer_class()(tb_dir, purge_step=self._tb_purge_step,
+                                           filename_suffix=self._tb_suffix)
       if first and self.hparams:
         # Written into the run's own event file (tensorboardX's add_hparams would
         # open a sub-directory), so the HParams dashboard pairs them with its scalars.

@@ -223,8 +223,8 @@ class WorkDir:
     self._records.write_summary(summary)
 
   # -- checkpoints ----------------------------------------------------------
-  def save(self, step: int, target, force: bool = False, replace: bool = False) -> None:
-    """Starts writing checkpoint `step` if the save policy wants it, or `force`.
+  def save(self, step: int, target, force: bool = False, replace: bool = False) -> bool:
+    """Starts writing checkpoint `step` if the save policy wants it, or `force`; whether it did.
 
     Orbax publishes a checkpoint only once complete. The checkpoints written
     before are finished first (orbax would wait for them anyway) and sealed
@@ -233,7 +233,7 @@ class WorkDir:
     """
     self.wait()
     self._identity.write_pending_config()
-    self._checkpoints.save(step, target, force=force, replace=replace)
+    return self._checkpoints.save(step, target, force=force, replace=replace)
 
   def wait(self) -> None:
     """Waits for the checkpoints being written, then writes their checksums."""

@@ -10,6 +10,7 @@ import re
 import sys
 
 from bnlab import config as config_lib
+from bnlab.rundir import signals
 from bnlab.study import config as study_config
 from bnlab.study import figures
 from bnlab.study import runner
@@ -55,7 +56,9 @@ def main(argv):
     except ValueError as e:
       raise config_lib.ConfigError(f"--figure_format: {e}") from None
     text = runner.run_study(study, workdir, f.stage, f.out, formats)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
+    if isinstance(e, signals.Preempted):  # SIGTERM, SIGUSR1: stages.json says interrupted
+      main_lib.preempted(e)
     if study is None:
       print("error: interrupted before the study started; rerun the same command",
             file=sys.stderr)

@@ -29,20 +29,26 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
 
   Every member is validated before anything trains. A member that raises is
-  recorded as failed (its error on one line) and the others go on.
+  recorded as failed (its error on one line) and the others go on. SIGTERM or
+  SIGUSR1 stops the sweep (`signals.Preempted`): the member or group in
+  progress is checkpointed, the rest untouched; a rerun continues.
   `overrides` win over the members' own (see `bnlab.sweep`'s docstring); `only`
   selects the members to run (`select`); `max_group_size` caps a group's
   members (`group_members`; default: what fits the device's memory). The rows
   cover every member.
   """
   from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
   members, groups = plan(base, sweep, grouped, overrides, only, max_group_size)
   make_sweep_dir(workdir)
   lock_path = os.path.join(workdir, ".sweep-lock")
   lock = locks.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory")
   try:
     check_members_config(members, workdir)
-    return _run_groups(members, groups, workdir)
+    # SIGTERM or SIGUSR1 stops the group in progress with a checkpoint, or the sweep
+    # before its next group: signals.Preempted; a rerun trains what is missing.
+    with signals.stop_signals_caught():
+      return _run_groups(members, groups, workdir)
   finally:
     locks.release_lock(lock_path, lock)
 
@@ -105,12 +111,14 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
   from bnlab.engine import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
   datasets: dict[str, Any] = {}
   programs = None  # what the compiled programs in memory were made for
   logging.info("Sweep of %d members, %d selected in %d groups, in %s", len(members),
                sum(len(g) for g in groups), len(groups), workdir)
   for group in groups:
+    signals.raise_if_stop_requested()  # came while the last group finished
     dirs = [os.path.join(workdir, m.name) for m in group]
     if all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs)):
       continue
