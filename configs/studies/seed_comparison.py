@@ -1,4 +1,4 @@
-"""Study 1: does BN lower the seed CNN's training loss at every epoch?
+"""Study 1: does BN lower the seed CNN's training loss over its epochs?
 
 The Keras tutorial CNN (Conv32-MaxPool-Conv64-Flatten-[BN]-Dense64-Dense10),
 SGD, batch 32, full MNIST, Keras' initialisers and BN defaults
@@ -11,7 +11,8 @@ Smoke:  ...seed_comparison.py:runlocal (the pair, 1 seed, 40 steps each)
 Args:   epochs=20, fair=true, seeds=5, runlocal.
 Primary: seed_claim and test_above_seed_pair (the seed's own pair; 2 tests,
         Holm-corrected); the matched-rate claims are secondary.
-Budget: 20 runs (4 cells x 5 seeds; at 3 seeds: 12 runs) x 20 epochs (37,500 steps each); not yet measured
+Budget: 20 runs (4 cells x 5 seeds; at 3 seeds: 12 runs) x 20 epochs (37,500 steps
+        each); not yet measured
         (one seed of the 4 cells: 41.6 min on a 2-core CPU, 69 s on an H200 beside four
         other studies; 3 seeds: ~2 h on that CPU).
 Expected (written before the 3-seed runs): seed_claim and matched_rates supported;
