@@ -12,7 +12,8 @@ Budget: 5 norms x 8 batch sizes x 10 seeds = 400 runs of 10,000 steps (40 vmappe
         of 10 seeds; at 3 seeds, 120 runs: 7.9 min on a 2-core CPU).
 Primary: group_beats_bn_at_2, renorm_beats_bn_at_4, bn_at_least_layer_at_256 (3 tests,
         Holm-corrected); bn_gap_shrinks is secondary. A run that diverged or collapsed
-        (`failed`) is counted, its pair left out, not averaged. Timed on a busy 2-core CPU (600 steps, full MNIST): batch 2 ~7,500
+        (`failed`) is counted, its pair left out, not averaged. Timed on a busy 2-core CPU
+        (600 steps, full MNIST): batch 2 ~7,500
         group steps/s, batch 256 ~100 (BN and BRN alike); ~3.5 min per norm over the
         sizes plus compiles and evaluations: ~25 min on CPU. One GPU: estimated 5-10
         min (compile-bound; not timed).
@@ -23,10 +24,14 @@ Expected (written before any run): group_beats_bn_at_2 supported, renorm_beats_b
         refuted (BN's gap is -5.0 points at batch 2), the last inconclusive. The claims
         now use `paired_interval` (beyond the seed interval and the test set's noise),
         registered before this run.
-Measured (2-core CPU, commit f605d80, 7.9 min): group_beats_bn_at_2 supported (92.9% vs
-        25.1%), renorm_beats_bn_at_4 supported (94.9% vs 91.8%), bn_gap_shrinks and
-        bn_at_least_layer_at_256 inconclusive (BN's gap at batch 2 is -5.0 points, its
-        seed interval +-12.4).
+Measured (2-core CPU, commit 116de25, 10 seeds, run stage 68.1 min beside other work;
+        registered before the runs): group_beats_bn_at_2 supported after Holm (92.3% vs
+        25.8%: +66.6 points [63.6, 69.6]), renorm_beats_bn_at_4 supported (+2.61
+        [1.99, 3.23]), bn_at_least_layer_at_256 inconclusive (-0.04 [-0.16, 0.08]; level
+        would need an `equivalent` claim); bn_gap_shrinks refuted (BN's gap at batch 2
+        minus at 256: -5.59 points [-8.03, -3.15]: the gap is negative at batch 2).
+Earlier, 3 seeds (commit f605d80, 7.9 min, the method before registration): the first two
+        supported, the last two inconclusive.
 """
 
 from bnlab import study
