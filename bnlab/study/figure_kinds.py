@@ -91,25 +91,36 @@ def final_vs(cells, path, ctx, metric: str, x: str, hue=(), panels=(), logx: boo
          if shifted else "") + ".")
 
 
+def _series_panels(plt, cells, ctx, metric: str, keys, panels, draw):
+  """A panel per value of `panels` with a line per value of `keys`, each drawn by
+  `draw(ax, runs' series, style)`; (figure, axes, panel groups, runs per line)."""
+  groups = fig_lib.panel_groups(cells, panels)
+  titles = [fig_lib.panel_title(first, panels, ctx.labels) for first, _ in groups]
+  fig, axes = fig_lib.grid(plt, len(groups), sharey=True, titles=titles)
+  counts = []
+  for ax, title, (_, group) in zip(axes.flat, titles, groups):
+    for line_name, line in fig_lib.by_line(group, keys, ctx.labels).items():
+      runs = [s for c in line for s in c["values"][metric] if s]
+      counts.append(len(runs))
+      if runs:
+        draw(ax, runs, ctx.style.of(line_name))
+    ax.set_title(title)
+    if not any(s for c in group for s in c["values"][metric]):
+      fig_lib.no_values(ax)
+  return fig, axes, groups, counts
+
+
 @registry.register(registry.FIGURES, "curves")
 def curves(cells, path, ctx, metric: str, hue=(), panels=(), logy: bool = False,
            xlabel: str = "step") -> str:
   """A series metric over training: each seed thin, the seed mean by step thick, min..max band."""
-  labels, keys, counts = ctx.labels, fig_lib.hue_keys(cells, hue, panels), []
+  labels, keys = ctx.labels, fig_lib.hue_keys(cells, hue, panels)
   with fig_lib.drawing() as plt:
-    groups = fig_lib.panel_groups(cells, panels)
-    titles = [fig_lib.panel_title(first, panels, labels) for first, _ in groups]
-    fig, axes = fig_lib.grid(plt, len(groups), sharey=True, titles=titles)
-    for ax, title, (_, group) in zip(axes.flat, titles, groups):
-      for line_name, line in fig_lib.by_line(group, keys, labels).items():
-        runs = [s for c in line for s in c["values"][metric] if s]
-        counts.append(len(runs))
-        if runs:
-          fig_lib.series_band(ax, runs, ctx.style.of(line_name))
-      ax.set(title=title, yscale="log" if logy else "linear")
-      if not any(s for c in group for s in c["values"][metric]):
-        fig_lib.no_values(ax)
-      if logy:
+    fig, axes, groups, counts = _series_panels(plt, cells, ctx, metric, keys, panels,
+                                               fig_lib.series_band)
+    if logy:
+      for ax in axes.flat[:len(groups)]:
+        ax.set_yscale("log")
         fig_lib.log_axis(ax.yaxis)
     fig_lib.label_outer(axes, fig_lib.name(labels, xlabel), fig_lib.name(labels, metric))
     _legend(fig, ctx, groups, keys)
@@ -125,20 +136,11 @@ def curves(cells, path, ctx, metric: str, hue=(), panels=(), logy: bool = False,
 def percentiles(cells, path, ctx, metric: str, unit: int = 0, hue=(), panels=()) -> str:
   """Percentiles over training of one unit (a series metric of `{layer}/percentiles`
   records: [[step, [[p, ...] per unit]], ...]); seed means by step."""
-  labels, keys, counts = ctx.labels, fig_lib.hue_keys(cells, hue, panels), []
+  labels, keys = ctx.labels, fig_lib.hue_keys(cells, hue, panels)
   with fig_lib.drawing() as plt:
-    groups = fig_lib.panel_groups(cells, panels)
-    titles = [fig_lib.panel_title(first, panels, labels) for first, _ in groups]
-    fig, axes = fig_lib.grid(plt, len(groups), sharey=True, titles=titles)
-    for ax, title, (_, group) in zip(axes.flat, titles, groups):
-      for line_name, line in fig_lib.by_line(group, keys, labels).items():
-        runs = [s for c in line for s in c["values"][metric] if s]
-        counts.append(len(runs))
-        if runs:
-          fig_lib.percentile_lines(ax, runs, unit, ctx.style.of(line_name))
-      ax.set_title(title)
-      if not any(s for c in group for s in c["values"][metric]):
-        fig_lib.no_values(ax)
+    fig, axes, groups, counts = _series_panels(
+        plt, cells, ctx, metric, keys, panels,
+        lambda ax, runs, style: fig_lib.percentile_lines(ax, runs, unit, style))
     fig_lib.label_outer(axes, "step", f"{fig_lib.name(labels, metric)}, unit {unit}")
     _legend(fig, ctx, groups, keys)
     fig_lib.save(fig, path, ctx)
