@@ -48,15 +48,21 @@ def _last_step(path) -> int:
 
 def signal_mid_training(args, metrics_path, signum, after_step=5, timeout=240):
   """Runs `args`, sends `signum` once `metrics_path` records step `after_step`; returns
-  (exit status, stderr, the step recorded when the signal was sent)."""
+  (exit status, stderr, the step recorded when the signal was sent). `metrics_path` may be
+  a function giving the path once it is known (None before)."""
+  where = metrics_path if callable(metrics_path) else lambda: metrics_path
+
+  def last_step():
+    path = where()
+    return -1 if path is None else _last_step(path)
   with tempfile.TemporaryFile("w+") as err:  # a pipe could fill up and stall the run
     p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + timeout
     try:
-      while p.poll() is None and _last_step(metrics_path) < after_step:
+      while p.poll() is None and last_step() < after_step:
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.005)
-      seen = _last_step(metrics_path)
+      seen = last_step()
       assert p.poll() is None, "the run ended before the signal"
       p.send_signal(signum)
       p.wait(timeout=120)
@@ -214,27 +220,15 @@ def test_sigterm_stops_a_study_and_records_its_stage_interrupted(idx_dir, tmp_pa
           "--config.data.source=idx", f"--config.data.dir={idx_dir}",
           "--config.run.overrides.train.num_steps=5000",
           "--config.run.overrides.train.log_every_steps=1"]
-  metrics = None
-  deadline = time.monotonic() + 240
-  with tempfile.TemporaryFile("w+") as err:
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-      while metrics is None or _last_step(metrics) < 2:
-        assert p.poll() is None and time.monotonic() < deadline, "no progress"
-        runs = wd / "runs"
-        found = [runs / n / "metrics.jsonl" for n in (os.listdir(runs) if runs.is_dir()
-                                                       else []) if not n.startswith((".", "_"))]
-        metrics = next((m for m in found if m.exists()), None)
-        time.sleep(0.01)
-      p.send_signal(signal.SIGTERM)
-      p.wait(timeout=120)
-    finally:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    err.seek(0)
-    stderr = err.read()
-  assert p.returncode == 143, stderr[-3000:]
+
+  def member_metrics():  # the member in training, once it has records
+    runs = wd / "runs"
+    found = [runs / n / "metrics.jsonl" for n in (os.listdir(runs) if runs.is_dir()
+                                                   else []) if not n.startswith((".", "_"))]
+    return next((m for m in found if m.exists()), None)
+  rc, stderr, _ = signal_mid_training(args, member_metrics, signal.SIGTERM, after_step=2)
+  metrics = member_metrics()
+  assert rc == 143, stderr[-3000:]
   (line,) = preempted_lines(stderr)
   assert line.startswith("preempted: SIGTERM at step ") and line.endswith(
       f"; resume with: {shlex.join(args)}")
@@ -401,24 +395,16 @@ def tensorboard_scalars(directory):
   """
   event_pb2 = pytest.importorskip(
       "tensorboardX.proto.event_pb2", reason="reading event files needs tensorboardX")
-  import struct  # pylint: disable=g-import-not-at-top
+  from test_main import read_events  # pylint: disable=g-import-not-at-top
   scalars = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event()
-      event.ParseFromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      if event.HasField("session_log") and event.session_log.status == \
-          event_pb2.SessionLog.START:
-        scalars = {tag: [(s, v) for s, v in points if s < event.step]
-                   for tag, points in scalars.items()}
-      for v in event.summary.value:
-        if v.HasField("simple_value"):
-          scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+  for event in read_events(directory):  # in file-name order, as TensorBoard reads them
+    if event.HasField("session_log") and event.session_log.status == \
+        event_pb2.SessionLog.START:
+      scalars = {tag: [(s, v) for s, v in points if s < event.step]
+                 for tag, points in scalars.items()}
+    for v in event.summary.value:
+      if v.HasField("simple_value"):
+        scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
   return scalars
 
 
