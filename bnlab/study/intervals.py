@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from bnlab.rundir import per_image
+from bnlab.study import cells as cells_lib
 
 ALPHA = 0.05  # every interval's and test's level
 POWER = 0.8  # the power at which a design's detectable effect is stated
@@ -35,8 +36,9 @@ def image_se(a_bits: list, b_bits: list) -> float:
 
 
 def binomial_se(p_a: float, p_b: float, n_test: int) -> float:
-  """The unpaired fallback: sqrt(p_a(1-p_a)/N + p_b(1-p_b)/N)."""
-  return math.sqrt((p_a * (1 - p_a) + p_b * (1 - p_b)) / n_test)
+  """The unpaired fallback: sqrt(p_a(1-p_a)/N + p_b(1-p_b)/N), two accuracies' standard
+  errors (`cells.binomial_se`) added as variances."""
+  return math.hypot(cells_lib.binomial_se(p_a, n_test), cells_lib.binomial_se(p_b, n_test))
 
 
 def combine(diffs: list[float], se_image: float = 0.0) -> dict | None:
