@@ -333,3 +333,18 @@ def test_a_broken_config_is_one_error_line_and_nothing_is_written(tmp_path):
       "error: study config cells: no member has the key 'model.nrom'; the members' keys are "
       "model.norm, optimizer.learning_rate, seed"], p.stderr
   assert not os.path.exists(tmp_path / "wd")
+
+
+def test_a_claims_within_names_cells_that_exist():
+  """`within` keeps a claim's `each` to some cells; each where-string in it is checked."""
+  s = make_study(each=["optimizer.learning_rate"], a="model.norm=batch", b="model.norm=none",
+                 within=("optimizer.learning_rate=0.01", "optimizer.learning_rate=1"))
+  study.validate(s.config)
+  check(s)
+  verdicts = study.judge(s.config["claims"], [])  # no cells: no group to judge
+  assert verdicts == []
+  s.config["claims"]["small_rates"]["within"] = ("optimizer.learning_rate=0.3",)
+  fails(s, r"claims.small_rates.within\[0\]: no cell has optimizer.learning_rate=0.3")
+  s.config["claims"]["small_rates"]["within"] = 3
+  with pytest.raises(ConfigError, match="within=3: give the cells"):
+    study.validate(s.config)

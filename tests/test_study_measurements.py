@@ -29,6 +29,35 @@ def test_drift_of():
   assert d["typical_unit"] == 1  # scores 3 (unit 0) and 2 (unit 1): the lower middle one
 
 
+def test_drift_windows_on_synthetic_activations():
+  """Units whose inputs drift in a known way, percentiles taken by numpy, the drift measures
+  recomputed independently with numpy from the same percentiles."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  steps = list(range(0, 5001, 500))
+  z = rng.standard_normal((2000, 6))
+  loc = lambda s: np.linspace(-1, 1, 6) * s / 5000  # noqa: E731  medians move linearly
+  scale = lambda s: 0.03 + 2 * min(s, 500) / 500 + np.sin(s / 800) ** 2  # noqa: E731
+  pct = [np.percentile(loc(s) + scale(s) * z, [15, 50, 85], axis=0).T.tolist() for s in steps]
+  d = sm.drift_of(steps, pct, from_step=500, window=1000)
+  p = np.asarray(pct)  # (evaluation, unit, percentile)
+  spread = p[:, :, 2] - p[:, :, 0]
+  edges = [1, 2, 4, 6, 8, 10]  # step 500, then the multiples of 1,000 (the last is one)
+  win = [(np.median(np.abs(p[j, :, 1] - p[i, :, 1])),
+          np.median(np.abs(spread[j] - spread[i]))) for i, j in zip(edges, edges[1:])]
+  assert [w[:2] for w in d["windows"]] == [[steps[i], steps[j]]
+                                           for i, j in zip(edges, edges[1:])]
+  assert np.allclose([w[2:] for w in d["windows"]], win, rtol=1e-12)
+  assert d["window_abs_dmedian"] == pytest.approx(np.mean([w[0] for w in win]))
+  assert d["window_abs_dspread"] == pytest.approx(np.mean([w[1] for w in win]))
+  norm = np.abs(spread[-1] - spread[1]) / spread[1:].mean(axis=0)
+  assert d["median_norm_dspread"] == pytest.approx(np.median(norm))
+  # From step 0 the ratio to the near-zero start is huge; the normalised change is not.
+  d0 = sm.drift_of(steps, pct, from_step=0)
+  assert d0["median_rel_dspread"] > 30 and d0["median_norm_dspread"] < 2
+  assert "windows" not in d0
+
+
 def test_unit_drift_reads_the_records(tmp_path):
   with open(tmp_path / "metrics.jsonl", "w") as f:
     for s, p in zip((0, 5, 10), PCT):
@@ -37,6 +66,48 @@ def test_unit_drift_reads_the_records(tmp_path):
   assert sm.unit_drift(str(tmp_path), {}, spec) == sm.drift_of([0, 5, 10], PCT, 4)
   assert sm.unit_drift(str(tmp_path), {}, {**spec, "from_step": 11}) == {}
   assert sm.bn_affine(str(tmp_path), {"model": {"norm": "batch"}}, {"block": "b"}) == {}
+
+
+def test_reaches_sooner_counts_censored_runs():
+  """Steps to a target paired by seed; None: never reached (censored, kept, not dropped)."""
+  from scipy import stats
+  a = [500, 1000, 1500, None, 700, 800, 900, 600, 1000, 400]
+  b = [900, None, 2000, None, 700, 1200, 1100, None, 800, 3000]
+  c = cells([{"norm": n, "lr": 1, "seed": s, "t": v}
+             for n, vs in (("bn", a), ("no", b)) for s, v in enumerate(vs)])
+  verdict, n = study.reaches_sooner(c, "t", "norm=bn", "norm=no")
+  # seed 3: neither reached (undecided); seed 4: a tie; seed 8: b sooner; 7 pairs a sooner.
+  assert (n["a_sooner"], n["b_sooner"], n["ties"], n["undecided"]) == (7, 1, 1, 1)
+  assert (n["reached_a"], n["reached_b"]) == (9, 7)
+  assert n["p"] == pytest.approx(stats.binomtest(7, 8).pvalue)  # 0.0703
+  assert verdict == "inconclusive"
+  # Kaplan-Meier medians with every censored run at the end: a's sorted times
+  # 400 500 600 700 800 | 900 ...: (800 + 900) / 2; b's: 700 800 900 1100 1200 | 2000.
+  assert (n["median_a"], n["median_b"], n["difference"]) == (850, 1600, -750)
+  b2 = [None if v is None else v + 1000 for v in b[:8]] + [2000, 3000]
+  c2 = cells([{"norm": n, "lr": 1, "seed": s, "t": v}
+              for n, vs in (("bn", a), ("no", b2)) for s, v in enumerate(vs)])
+  verdict, n = study.reaches_sooner(c2, "t", "norm=bn", "norm=no")
+  assert (n["a_sooner"], n["b_sooner"]) == (9, 0) and verdict == "supported"
+  assert n["p"] == pytest.approx(stats.binomtest(9, 9).pvalue)
+  assert study.reaches_sooner(c2, "t", "norm=no", "norm=bn")[0] == "refuted"
+  assert study.reaches_sooner(c2, "t", "norm=bn", "norm=gn")[0] == "inconclusive"
+
+
+def test_censored_median_and_sign_test():
+  from bnlab.study import intervals
+  assert intervals.censored_median([3, None, 1]) == 3
+  assert intervals.censored_median([3, None, None, 1]) is None  # half never reached
+  assert intervals.censored_median([4, 2, 1, 3]) == 2.5
+  assert intervals.sign_test_p(0, 0) == 1.0 and intervals.sign_test_p(5, 5) == 1.0
+  assert intervals.sign_test_p(6, 0) == pytest.approx(2 / 64)
+
+
+def test_first_step_at_most():
+  run = study.Run(name="r", path="", key={}, cfg={}, summary={},
+                  records=[{"step": 0, "loss": 2.0}, {"step": 5}, {"step": 10, "loss": 0.1}])
+  assert study.first_step_at_most(run, "loss", 0.1) == 10
+  assert study.first_step_at_most(run, "loss", 0.05) is None
 
 
 def test_summarize_checkpoints():
@@ -146,7 +217,10 @@ def test_study_runs_end_to_end(name, idx_dir, tmp_path):
     assert all(r["typical_unit"] is not None for r in rows)
     # x-hat is recorded with BN only; drift from step 0 has a step-0 record.
     assert all((r["xhat_typical_unit"] is None) == (r["model.norm"] == "none") for r in rows)
-    assert ("xhat_rel_spread", "init=lecun,optimizer.learning_rate=1") in verdicts
+    assert ("xhat_abs_spread", "init=lecun,optimizer.learning_rate=1") in verdicts
+    # Drift from step 500 with its windows, and steps to 97% (censored here: never reached).
+    assert all(r["late_window_abs_dspread"] is not None for r in rows)
+    assert verdicts[("sooner_97", "init=lecun,optimizer.learning_rate=1")] == "inconclusive"
     first = [json.loads(line) for line in open(os.path.join(wd, "runs", rows[0]["name"],
                                                             "metrics.jsonl"))][0]
     assert first["step"] == 0 and "preact_2/percentiles" in first

@@ -324,3 +324,19 @@ def test_validate_accepts_a_margin_and_the_rule_refuses_none():
     study.validate(claim_config(margin=0.005, higher=False))
   with pytest.raises(ValueError, match="needs margin > 0"):
     judge(B, B, 0.0)
+
+
+def test_within_keeps_each_to_the_named_cells():
+  """A claim `within` two of three rates is judged at those two only, and its family of
+  primaries is only those verdicts."""
+  cells = study.make_cells(
+      [{"norm": n, "lr": lr, "seed": s, "acc": 0.9 + (0.01 * s if n == "bn" else 0) + lr / 100}
+       for n in ("bn", "no") for lr in (1, 10, 100) for s in range(4)],
+      ("norm", "lr"), ["acc"])
+  claim = {"statement": "BN above.", "rule": "paired_interval", "metric": "acc",
+           "a": "norm=bn", "b": "norm=no", "each": ("lr",), "primary": True}
+  every = study.judge({"c": claim}, cells)
+  some = study.judge({"c": {**claim, "within": ("lr=1", "lr=100")}}, cells)
+  assert [v["where"] for v in every] == ["lr=1", "lr=10", "lr=100"]
+  assert [v["where"] for v in some] == ["lr=1", "lr=100"] and some[0]["family"] == 2
+  assert [v["numbers"] for v in some] == [every[0]["numbers"], every[2]["numbers"]]

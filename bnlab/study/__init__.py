@@ -62,23 +62,24 @@ from bnlab.study.figures import (
     FORMATS, FigureContext, Style, draw_all, mean_by_step, parse_formats)
 from bnlab.study import measurements  # noqa: F401  (registers its measurements and rules)
 from bnlab.study.metrics import (
-    Run, diverged, diverged_at, epoch_means, evaluate_metrics, first_step_at_least, last, max_,
-    mean_over_last_epoch, percentile_drift, series, summary_value)
+    Run, diverged, diverged_at, epoch_means, evaluate_metrics, first_step_at_least,
+    first_step_at_most, last, max_, mean_over_last_epoch, percentile_drift, series, summary_value)
 from bnlab.study.registry import FIGURES, MEASUREMENTS, METRICS, RULE_CHECKS, RULES, register
 from bnlab.study.report import STATISTICS, statistics_of
 from bnlab.study.rules import (
     VERDICTS, below_everywhere, difference_at_least, equivalent, judge, paired_interval,
-    same_verdict, separated, wins_above_best)
+    reaches_sooner, same_verdict, separated, wins_above_best)
 from bnlab.study.runner import run_stage, run_study
 
 __all__ = [
     "base_config", "below_everywhere", "binomial_se", "check_study", "config_variant",
     "describe_values",
     "difference_at_least", "diverged", "diverged_at", "draw_all", "epoch_means", "equivalent",
-    "evaluate_metrics", "FigureContext", "FIGURES", "first_step_at_least", "FORMATS", "judge",
+    "evaluate_metrics", "FigureContext", "FIGURES", "first_step_at_least", "first_step_at_most",
+    "FORMATS", "judge",
     "last", "load_run_config", "make_cells", "max_", "mean_by_step", "mean_over_last_epoch",
     "MEASUREMENTS", "metric_order", "METRICS", "paired_interval", "parse_arg", "parse_formats",
-    "percentile_drift", "percentiles", "register", "RULE_CHECKS", "RULES", "Run", "run",
+    "percentile_drift", "percentiles", "reaches_sooner", "register", "RULE_CHECKS", "RULES", "Run", "run",
     "run_stage", "run_study", "same_verdict", "separated", "series", "show", "STATISTICS",
     "statistics_of", "Study", "study_fix", "Style", "summary_value", "validate", "VERDICTS",
     "wins_above_best",

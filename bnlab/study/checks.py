@@ -248,6 +248,9 @@ class _Members:
           self.key(f"{at}.{p}", k)
       elif p in WHERE_PARAMS:
         self.where(f"{at}.{p}", v)
+      elif p == "within":  # a claim's: one where-string or a tuple of them
+        for i, w in enumerate([v] if isinstance(v, str) else v):
+          self.where(f"{at}.{p}" + ("" if isinstance(v, str) else f"[{i}]"), w)
       elif p in WHERE_LISTS:
         for i, w in enumerate(v):
           self.where(f"{at}.{p}[{i}]", w)

@@ -47,8 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   s.measurements = {}  # name -> {"kind": ..., ...}, kind in MEASUREMENTS
   s.tables = {}  # name -> {"metrics": (...), "by": (...), "across": key}
   s.figures = {}  # name -> {"kind": ..., ...}, kind in FIGURES
-  # name -> {"statement": ..., "rule": ..., "each": (...), "primary": bool, **params}; the
-  # primary claims (tests: registry.TESTS) are corrected together for multiplicity (Holm).
+  # name -> {"statement": ..., "rule": ..., "each": (...), "within": "key=value,...",
+  # "primary": bool, **params}; `within` (a where-string or a tuple of them, matching any)
+  # keeps a claim and its `each` to the cells it names;
+  # the primary claims (tests: registry.TESTS) are corrected together for multiplicity (Holm).
   s.claims = {}
   s.labels = {}  # value or metric name -> what the report calls it
   s.notes = ""  # Markdown after the claims: definitions, budgets, context
@@ -164,6 +166,12 @@ def validate(cfg) -> None:
     problem = checks.param_problem("each", each, what="a claim")
     if problem:
       raise config_lib.ConfigError(f"study config claims.{name}.each={each!r} {problem}")
+    within = spec.pop("within", "")
+    if not isinstance(within, str) and not (
+        isinstance(within, (tuple, list)) and within and all(isinstance(w, str) for w in within)):
+      raise config_lib.ConfigError(
+          f"study config claims.{name}.within={within!r}: give the cells as "
+          "'key=value,key=value' (a string), or a tuple of such strings (cells matching any)")
     rule = spec.pop("rule", "")
     fn = _lookup("claim rule", rule, registry.RULES)
     primary = spec.pop("primary", False)

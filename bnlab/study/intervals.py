@@ -104,6 +104,30 @@ def window_bits(series: list, from_step: int = 0, to_step: int = 0):
   return np.mean(bits, axis=0) if bits else None
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+  """Two-sided exact sign test: the probability, with wins and losses equally likely, of a
+  split at least as uneven as `wins` : `losses` (ties left out before the call)."""
+  n, k = wins + losses, min(wins, losses)
+  if n == 0:
+    return 1.0
+  return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def censored_median(values: list, cap: float = math.inf) -> float | None:
+  """The median time of `values` where None is censored (not reached by the end, `cap`).
+
+  All runs stop at the same step, after every time reached, so Kaplan-Meier's median is
+  the plain median with the censored values ranked last: None when half or more are
+  censored (the median is not reached).
+  """
+  times = sorted(math.inf if v is None else v for v in values)
+  n = len(times)
+  if not n:
+    return None
+  m = (times[(n - 1) // 2] + times[n // 2]) / 2
+  return None if not math.isfinite(m) or m >= cap else m
+
+
 def holm(p_values: list[float], alpha: float = ALPHA) -> list[bool]:
   """Which of the hypotheses Holm's step-down procedure rejects at family level `alpha`."""
   order = sorted(range(len(p_values)), key=lambda i: p_values[i])

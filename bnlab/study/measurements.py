@@ -4,7 +4,8 @@ Registered into `bnlab.study`'s registries when imported (study configs import i
 
 - MEASUREMENTS "unit_drift": per unit of one recorded layer, how far the
   percentiles moved from the first evaluation at or after `from_step` to the
-  last (median over units), and the unit of median drift;
+  last (median over units), and within windows of `window` steps, and the unit of
+  median drift;
   "bn_affine": median |scale| and |bias| of one BN layer in the final checkpoint;
   "ics_smoothness": `bnlab.analysis` internal covariate shift and gradient
   smoothness at initialisation and at every checkpoint, on fixed training batches.
@@ -26,13 +27,16 @@ from bnlab.study import rules as rules_lib
 # -- measurements -------------------------------------------------------------------------
 
 
-def drift_of(steps: list[int], pct: list, from_step: int) -> dict:
+def drift_of(steps: list[int], pct: list, from_step: int, window: int = 0) -> dict:
   """Per-unit change of the median and of the (highest - lowest) percentile spread.
 
   `pct[i][unit]` holds the percentiles (ascending) at evaluation `steps[i]`;
   changes run from the first evaluation at or after `from_step` to the last.
   "typical_unit": the unit whose |change of median| + |change of spread| is the
   median of all units' (the lower middle one for an even count).
+  "median_norm_dspread": |change of spread| over the unit's mean spread across the
+  evaluations compared, so scale-free without dividing by a start that may be near 0.
+  With `window` > 0, also `window_drift` of the same evaluations.
   """
   i0 = next(i for i, s in enumerate(steps) if s >= from_step)
   p0, p1 = pct[i0], pct[-1]
@@ -44,14 +48,46 @@ def drift_of(steps: list[int], pct: list, from_step: int) -> dict:
   score = [abs(m) + abs(s) for m, s in zip(d_med, d_spread)]
   order = sorted(range(len(score)), key=lambda u: score[u])
   med = statistics.median
-  return {"from_step": steps[i0], "to_step": steps[-1],
-          "typical_unit": order[(len(order) - 1) // 2],
-          "median_abs_dmedian": med(abs(x) for x in d_med),
-          "median_abs_dspread": med(abs(x) for x in d_spread),
-          "median_rel_dspread": med(abs(d) / s for d, s in zip(d_spread, spread0)),
-          "median_spread_early": med(spread0), "median_spread_late": med(spread1),
-          "median_abs_median_early": med(abs(u[mid]) for u in p0),
-          "median_abs_median_late": med(abs(u[mid]) for u in p1)}
+  mean_spread = [statistics.fmean(p[u][-1] - p[u][0] for p in pct[i0:])
+                 for u in range(len(p0))]
+  out = {"from_step": steps[i0], "to_step": steps[-1],
+         "typical_unit": order[(len(order) - 1) // 2],
+         "median_abs_dmedian": med(abs(x) for x in d_med),
+         "median_abs_dspread": med(abs(x) for x in d_spread),
+         "median_rel_dspread": med(abs(d) / s for d, s in zip(d_spread, spread0)),
+         "median_norm_dspread": med(abs(d) / s if s > 0 else 0.0
+                                    for d, s in zip(d_spread, mean_spread)),
+         "median_spread_early": med(spread0), "median_spread_late": med(spread1),
+         "median_abs_median_early": med(abs(u[mid]) for u in p0),
+         "median_abs_median_late": med(abs(u[mid]) for u in p1)}
+  if window:
+    out.update(window_drift(steps[i0:], pct[i0:], window))
+  return out
+
+
+def window_drift(steps: list[int], pct: list, window: int) -> dict:
+  """How far the units move within each window of `window` steps, not only end to end.
+
+  Window edges: the first evaluation, every evaluation at a multiple of `window` after
+  it, and the last. Per window, the median over units of |change of median| and of
+  |change of spread|; "window_abs_dmedian" and "window_abs_dspread" average them over
+  the windows (a drift that comes and goes counts; an end-to-end change can hide it),
+  and "windows" lists [start, end, median |d median|, median |d spread|] of each.
+  """
+  edges = [0] + [i for i, s in enumerate(steps)
+                 if 0 < i < len(steps) - 1 and s % window == 0 and s > steps[0]]
+  edges.append(len(steps) - 1)
+  mid = len(pct[0][0]) // 2
+  rows = []
+  for i, j in zip(edges, edges[1:]):
+    a, b = pct[i], pct[j]
+    rows.append([steps[i], steps[j],
+                 statistics.median(abs(v[mid] - u[mid]) for u, v in zip(a, b)),
+                 statistics.median(abs((v[-1] - v[0]) - (u[-1] - u[0])) for u, v in zip(a, b))])
+  if not rows:
+    return {}
+  return {"window_abs_dmedian": statistics.fmean(r[2] for r in rows),
+          "window_abs_dspread": statistics.fmean(r[3] for r in rows), "windows": rows}
 
 
 @registry.register(registry.MEASUREMENTS, "unit_drift")
@@ -63,7 +99,8 @@ def unit_drift(run_dir: str, run_cfg: dict, spec: dict) -> dict:
              if key in r]
   if not any(r["step"] >= spec["from_step"] for r in records):
     return {}
-  return drift_of([r["step"] for r in records], [r[key] for r in records], spec["from_step"])
+  return drift_of([r["step"] for r in records], [r[key] for r in records], spec["from_step"],
+                  spec.get("window", 0))
 
 
 def _restore(run_dir: str, step: int) -> dict:

@@ -67,6 +67,13 @@ def first_step_at_least(run: Run, key: str, threshold: float):
                if r.get(key) is not None and r[key] >= threshold), None)
 
 
+@registry.register(registry.METRICS, "first_step_at_most")
+def first_step_at_most(run: Run, key: str, threshold: float):
+  """The first step whose `key` is <= threshold (e.g. a training loss reaching 0.1), or None."""
+  return next((r["step"] for r in run.records
+               if r.get(key) is not None and r[key] <= threshold), None)
+
+
 @registry.register(registry.METRICS, "series")
 def series(run: Run, key: str, x: str = "step"):
   """[[x, value], ...] of every record with `key`."""

@@ -96,9 +96,13 @@ def _numbers(numbers: dict) -> str:
 
 
 def _rule_text(spec: dict) -> str:
-  params = {k: v for k, v in spec.items() if k not in ("statement", "rule", "each", "primary")}
+  params = {k: v for k, v in spec.items()
+            if k not in ("statement", "rule", "each", "primary", "within")}
   doc = " ".join((registry.RULES[spec["rule"]].__doc__ or "").split())
   each = f" For each {', '.join(spec['each'])}." if spec.get("each") else ""
+  within = spec.get("within") or ()
+  each += f" Within {within if isinstance(within, str) else ' or '.join(within)}." \
+      if within else ""
   return (f"`{spec['rule']}({', '.join(f'{k}={v!r}' for k, v in params.items())})`: "
           f"{doc}{each}")
 
@@ -164,6 +168,12 @@ def _method_lines(cfg: dict, verdicts: list[dict]) -> list[str]:
            f"Test-set noise here: {'; '.join(noises)}. *detectable*: the smallest true "
            "difference the design finds with 80% power at the 5% level (for an equivalence, "
            "the smallest margin it establishes at a true difference of 0)."]
+  if any(v["rule"] == "reaches_sooner" for v in tests):
+    lines.append("Steps to a target (*reaches_sooner*): per seed pair, which run reached it "
+                 "first; a run that never reached it is censored at its last step, not "
+                 "dropped (it loses to any run that reached it; two that never did are "
+                 "undecided). p: the exact two-sided sign test over the decided pairs, ties "
+                 "left out; medians: Kaplan-Meier's (none when half the runs never reached).")
   if primaries:
     lines.append(f"The {len(primaries)} verdict(s) of the primary claims form one family, "
                  "corrected by Holm's step-down at family level 0.05 (*Holm*); the other "

@@ -15,7 +15,7 @@ from bnlab.study import registry
 
 VERDICTS = ("supported", "refuted", "inconclusive")
 # The rules whose numbers carry the p-value of their verdict: a primary claim uses one.
-registry.TESTS.update({"paired_interval", "equivalent"})
+registry.TESTS.update({"paired_interval", "equivalent", "reaches_sooner"})
 
 
 def _mean(cell: dict | None, metric: str):
@@ -291,6 +291,45 @@ def equivalent(cells, metric: str, a: str, b: str, other: str = "", from_step: i
                           "reason": f"the interval crosses {' and '.join(crossed)}"}
 
 
+@registry.register(registry.RULES, "reaches_sooner")
+def reaches_sooner(cells, metric: str, a: str, b: str):
+  """Whether a's runs reach a target in fewer steps than b's, paired by seed; `metric` is the
+  step a run first reached it, None where it never did (censored at the run's end, kept).
+
+  Per seed pair: a sooner, b sooner, a tie, or undecided (neither reached). The exact
+  two-sided sign test on the decided pairs gives p (ties and undecided pairs left out, a
+  pair where only one run reached counting for it); supported when p < 0.05 with a sooner
+  more often, refuted when p < 0.05 the other way, else inconclusive. The medians are
+  Kaplan-Meier's (`intervals.censored_median`): None when half or more never reached.
+  """
+  pairs = paired_rows(cells, a, b)
+  if not pairs:
+    return "inconclusive", {"missing": f"a pair of {metric} values of {a!r} and {b!r}"}
+  inf = math.inf
+  xs = [ra.get(metric) for _, ra, _ in pairs]
+  ys = [rb.get(metric) for _, _, rb in pairs]
+  bad = [v for v in xs + ys if v is not None and not _is_finite_number(v)]
+  if bad:
+    return "inconclusive", {"missing": f"{metric} values", "reason": f"not steps: {bad[:3]}"}
+  tx, ty = ([inf if v is None else v for v in vs] for vs in (xs, ys))
+  a_sooner = sum(x < y for x, y in zip(tx, ty))
+  b_sooner = sum(y < x for x, y in zip(tx, ty))
+  undecided = sum(x == y == inf for x, y in zip(tx, ty))
+  med_a, med_b = intervals.censored_median(xs), intervals.censored_median(ys)
+  numbers = {"seeds": [s for s, _, _ in pairs], "n": len(pairs), "a_steps": xs, "b_steps": ys,
+             "reached_a": sum(v is not None for v in xs),
+             "reached_b": sum(v is not None for v in ys),
+             "a_sooner": a_sooner, "b_sooner": b_sooner,
+             "ties": len(pairs) - a_sooner - b_sooner - undecided, "undecided": undecided,
+             "median_a": med_a, "median_b": med_b,
+             "difference": None if med_a is None or med_b is None else med_a - med_b,
+             "p": intervals.sign_test_p(a_sooner, b_sooner)}
+  if numbers["p"] < intervals.ALPHA:
+    return ("supported" if a_sooner > b_sooner else "refuted"), numbers
+  return "inconclusive", {**numbers, "reason": f"{a_sooner} pair(s) a sooner, {b_sooner} b "
+                                                f"sooner: the sign test's p is {numbers['p']:.3g}"}
+
+
 @registry.register(registry.RULES, "same_verdict")
 def same_verdict(cells, metrics, a: str, b: str, higher: bool = True):
   """`paired_interval` of a against b once with each of `metrics` (e.g. test accuracy with
@@ -307,20 +346,25 @@ def same_verdict(cells, metrics, a: str, b: str, higher: bool = True):
 
 
 def judge(claims: dict, cells: list[dict]) -> list[dict]:
-  """Every claim's verdict(s), one per value combination of its `each` keys, and for the
-  primary claims' verdicts together the Holm-corrected verdict (`corrected`)."""
+  """Every claim's verdict(s), one per value combination of its `each` keys among the cells
+  its `within` names (all by default), and for the primary claims' verdicts together the
+  Holm-corrected verdict (`corrected`)."""
   out = []
   for name, spec in claims.items():
     spec = dict(spec)
     statement, rule, each = spec.pop("statement"), spec.pop("rule"), tuple(spec.pop("each", ()))
     primary = bool(spec.pop("primary", False))
+    within = spec.pop("within", "")
+    pool = [c for c in cells if any(c in cells_lib.select(cells, w) for w in
+                                    ([within] if isinstance(within, str) else within))
+            ] if within else cells
     groups = list(dict.fromkeys(",".join(f"{k}={cells_lib.show(c['key'][k])}" for k in each)
-                                for c in cells)) if each else [""]
+                                for c in pool)) if each else [""]
     for where in groups:
       params = {k: (f"{where},{v}" if k in ("a", "b", "treat", "base") and where else v)
                 for k, v in spec.items()}
       verdict, numbers = registry.RULES[rule](
-          cells_lib.select(cells, where) if where else cells, **params)
+          cells_lib.select(pool, where) if where else pool, **params)
       out.append({"claim": name, "statement": statement, "where": where, "rule": rule,
                   "params": spec, "primary": primary, "verdict": verdict, "numbers": numbers})
   return correct_primaries(out)
