@@ -26,6 +26,7 @@ USER_MODULE = textwrap.dedent('''
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     import bnlab
@@ -146,6 +147,63 @@ USER_MODULE = textwrap.dedent('''
 
 
     NOT_CALLABLE = 3
+
+
+    # Right for the 2 images the check once traced, wrong as a run uses them.
+    class FixedBatch(nn.Module):
+      """Flattens to a hard-coded batch size (a reshape that only fits `batch`)."""
+      batch: int = 2
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        return nn.Dense(10)(x.reshape(self.batch, 784) / 255.0)
+
+
+    def make_two_images_only():
+      return FixedBatch(batch=2)
+
+
+    def make_train_batch_only():  # user_config's train.batch_size, not the evaluations'
+      return FixedBatch(batch=32)
+
+
+    class TwoRows(nn.Module):
+      """Always returns 2 rows of logits, whatever the batch."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        return nn.Dense(10)(x.reshape(2, -1) / 255.0)
+
+
+    class EvalBroken(nn.Module):
+      """Initializes and trains, but its inference path raises."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        h = nn.Dense(10)(x.reshape(x.shape[0], -1) / 255.0)
+        if not train and not self.is_initializing():
+          raise NotImplementedError("the inference path is not written yet")
+        return h
+
+
+    class HostLogits(nn.Module):
+      """Its logits pass through a host callback, which has no gradient rule."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        h = nn.Dense(10)(x.reshape(x.shape[0], -1) / 255.0)
+        return jax.pure_callback(np.tanh, jax.ShapeDtypeStruct(h.shape, h.dtype), h)
+
+
+    class TooBig(nn.Module):
+      """Stands for a model too large at the real batch size: raises XLA's words at init."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        if self.is_initializing() and x.shape[0] > 2:
+          raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                             "81.00GiB.")
+        return nn.Dense(10)(x.reshape(x.shape[0], -1) / 255.0)
 ''')
 
 
@@ -220,11 +278,29 @@ def test_a_linen_class_and_an_nnx_class_train(idx_dir, tmp_path, user_module):
     ("{m}:make_broken", "raised AttributeError"),
     ("{m}:make_nnx_instance", "flax.nnx.bridge.to_linen(TinyNNX"),
     ("{m}:", "expected 'package.module:target'"),
-    ("{m}:make_five_classes", "returns float32[2, 5] for 2 images; return float logits of "
-                              "shape (batch, 10)"),
-    ("{m}:make_extra_axis", "returns float32[2, 1, 10]"),
-    ("{m}:make_int_logits", "returns int32[2, 10]"),
-    ("{m}:make_own_stream", "fails in train mode (InvalidRngError"),
+    ("{m}:make_five_classes", "returns float32[32, 5] in train mode at batch 32 "
+                              "(train.batch_size); return float logits of shape (batch, 10)"),
+    ("{m}:make_extra_axis", "returns float32[32, 1, 10]"),
+    ("{m}:make_int_logits", "returns int32[32, 10]"),
+    ("{m}:make_own_stream", "fails in train mode (train=True) at batch 32 (train.batch_size) "
+                            "(InvalidRngError"),
+    # What a run does with the model, traced at its own batch sizes (nothing computed):
+    ("{m}:make_two_images_only", "FixedBatch fails to initialize (model.init, "
+                                 "train=False) at batch 32 (train.batch_size) (TypeError: "
+                                 "cannot reshape"),
+    ("{m}:TwoRows", "TwoRows returns float32[2, 10] in train mode at batch 32"),
+    ("{m}:make_train_batch_only", "FixedBatch fails in eval mode (train=False) at batch 2000 "
+                                  "(train.eval_batch_size"),
+    ("{m}:EvalBroken", "EvalBroken fails in eval mode (train=False) at batch 2000 "
+                       "(train.eval_batch_size, at most the examples evaluated) "
+                       "(NotImplementedError: the inference path is not written yet)"),
+    ("{m}:HostLogits", "HostLogits is not differentiable: jax.grad of the loss fails in "
+                       "train mode at batch 32 (train.batch_size) (ValueError: Pure "
+                       "callbacks do not support JVP"),
+    ("{m}:TooBig", "TooBig runs out of memory (model.init, train=False) at batch 32 "
+                   "(train.batch_size) (RuntimeError: RESOURCE_EXHAUSTED: Out of memory "
+                   "while trying to allocate 81.00GiB.); lower train.batch_size (now 32) or "
+                   "train.eval_batch_size; in a sweep, also --max_group_size"),
 ])
 def test_a_bad_user_model_is_one_config_error_naming_the_key(idx_dir, user_module, target,
                                                              needle):
