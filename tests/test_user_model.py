@@ -363,3 +363,78 @@ def test_cli_trains_a_model_from_the_working_directory(idx_dir, tmp_path):
                      capture_output=True, text=True, timeout=300, env=env)
   assert p.returncode == 2 and p.stderr.count("\n") == 1
   assert p.stderr.startswith("error: config.model.name='my_models:nope' is unusable")
+
+
+def test_a_sweep_member_whose_model_fails_is_recorded_failed_and_the_others_train(
+    idx_dir, tmp_path, user_module):
+  # Before, a model wrong at the real batch size crashed the plan (and --dry_run) with a
+  # traceback while sizing its group, and an eval-mode bug was "to train" in the dry run.
+  base = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
+  nets = [sweep.Variant(label, {"model.name": f"{user_module}:{target}"})
+          for label, target in (("tiny", "make_model"), ("two", "make_two_images_only"),
+                                ("eval", "EvalBroken"))]
+  overrides = sweep.product(sweep.axis("net", nets), sweep.seeds(2))
+  wd = str(tmp_path / "sw")
+  members, groups = sweep.plan(base, overrides)
+  assert [len(g) for g in groups] == [2, 1, 1, 1, 1]  # the failing members alone, unsized
+  table, listing = sweep.dry_run_listing(members, groups, wd)
+  assert [e["status"] for e in listing["list"]] == ["to train"] * 2 + ["failed"] * 4
+  assert listing["to_train"] == 2 and listing["failed"] == 4
+  assert "FixedBatch fails to initialize" in listing["list"][2]["error"]
+  assert "EvalBroken fails in eval mode" in table.splitlines()[5]
+
+  rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done"] * 2 + ["failed"] * 4
+  assert rows[0]["test_accuracy"] > 0.3
+  for row, entry in zip(rows[2:], listing["list"][2:]):
+    assert row["error"] == entry["error"]  # the dry run said what the sweep recorded
+    assert row["error"].startswith(f"UnusableModelError: config.model.name='{user_module}:")
+    assert "\n" not in row["error"] and not os.path.exists(os.path.join(wd, row["name"]))
+  assert "EvalBroken fails in eval mode (train=False)" in rows[4]["error"]
+  again = sweep.dry_run_listing(*sweep.plan(base, overrides), wd)[1]
+  assert [e["status"] for e in again["list"]] == [r["status"] for r in rows]
+
+
+def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(
+    idx_dir, tmp_path, user_module, monkeypatch):
+  from bnlab.engine import calls as calls_lib
+  oom = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.")
+
+  def first_step_fails(*args, **kwargs):
+    raise oom
+  monkeypatch.setattr(calls_lib.StepCalls, "train", first_step_fails)
+  cfg = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
+  run = str(tmp_path / "run")
+  with pytest.raises(config_lib.UnusableModelError) as e:
+    train.train_and_evaluate(cfg, run)
+  assert str(e.value) == (
+      f"config.model.name='{user_module}:make_model' ran out of device memory at batch 32 "
+      "(JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+      "81.00GiB.); lower train.batch_size (now 32) or train.eval_batch_size; in a sweep, "
+      "also --max_group_size")
+  cfgs = [sweep.apply_overrides(cfg, {"seed": s}) for s in (0, 1)]
+  with pytest.raises(config_lib.UnusableModelError,
+                     match="training 2 members at batch 32 .* or the sweep's --max_group_size"):
+    train.train_group(cfgs, [str(tmp_path / f"m{s}") for s in (0, 1)], str(tmp_path / "g"))
+  monkeypatch.undo()
+  cfg.train.batch_size = 16  # it failed before its first checkpoint: the directory accepts it
+  assert train.train_and_evaluate(cfg, run)["final_step"] == 20
+
+
+def test_cli_refuses_a_model_that_fails_at_the_real_batch_size_in_one_line(idx_dir, tmp_path):
+  code = tmp_path / "project"
+  code.mkdir()
+  (code / "my_models.py").write_text(USER_MODULE)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+  p = subprocess.run(
+      [sys.executable, "-m", "bnlab.main", f"--config={ROOT}/configs/seed1_mlp.py",
+       f"--workdir={tmp_path / 'run'}", "--config.data.source=idx",
+       f"--config.data.dir={idx_dir}", "--config.train.num_epochs=1",
+       "--config.model.name=my_models:make_two_images_only"],
+      cwd=code, capture_output=True, text=True, timeout=300, env=env)
+  assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+  assert p.stderr.startswith(
+      "error: config.model.name='my_models:make_two_images_only' is unusable: FixedBatch fails "
+      "to initialize (model.init, train=False) at batch 32 (train.batch_size)"), p.stderr
