@@ -265,11 +265,12 @@ def data_identity(ds: data_lib.Dataset) -> dict[str, Any]:
           "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
 
 
-def _sown_units(model) -> dict[str, int]:
-  """{name: units per example} of what `model` sows into `intermediates` (nothing compiled)."""
+def _sown_units(model, batch_size: int) -> dict[str, int]:
+  """{name: units per example} of what `model` sows into `intermediates` (nothing compiled),
+  traced at the run's batch size: a user's model need not work at any other."""
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((2, 28, 28), jnp.uint8), train=False,
-                         mutable=True))
+      lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 28, 28), jnp.uint8),
+                         train=False, mutable=True))
   out = {}
   for block in variables.get("intermediates", {}).values():
     if isinstance(block, dict):
@@ -284,7 +285,7 @@ def _check_analysis_layers(cfg, model) -> None:
   layers = tuple(cfg.analysis.layers)
   if not layers:
     return
-  sizes = _sown_units(model)
+  sizes = _sown_units(model, cfg.train.batch_size)
   missing = [layer for layer in layers if layer not in sizes]
   if missing:
     raise config_lib.ConfigError(

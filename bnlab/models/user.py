@@ -223,9 +223,10 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
       "; it is initialized on (batch, 28, 28) uint8 images", batch_size)
   if problem:
     return problem
-  # The variables go in as arguments (abstract values), never as constants.
+  # What the engine keeps of them (`state.create_train_state`), as arguments (abstract
+  # values), never as constants.
   params = variables.get("params", {})
-  others = {k: v for k, v in variables.items() if k != "params"}
+  others = {"batch_stats": variables.get("batch_stats", {})}
 
   def train_apply(p, o, x):
     return module.apply({**o, "params": p}, x, train=True, mutable=["batch_stats"], rngs=rngs)
@@ -256,7 +257,8 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
     at_eval = f"at batch {b} (train.eval_batch_size, at most the examples evaluated)"
     out, problem = _traced(
         lambda x=eval_images: jax.eval_shape(
-            lambda v, x: module.apply(v, x, train=False), variables, x),
+            lambda p, o, x: module.apply({**o, "params": p}, x, train=False), params, others,
+            x),
         "fails", f"in eval mode (train=False) {at_eval}",
         "; evaluations apply it with train=False to its params and batch_stats", batch_size)
     problem = problem or _bad_logits(out, b, f"in eval mode {at_eval}")
