@@ -17,7 +17,7 @@ from bnlab import data as data_lib
 from bnlab.engine import distributed
 from bnlab.models import networks as models
 from bnlab.models import user as user_models
-from bnlab.errors import ConfigError
+from bnlab.errors import ConfigError, UnusableModelError
 from bnlab.layers.variants import RUNNING_AVERAGES
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -255,6 +255,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_train(c)
   _validate_analysis(c)
   _validate_distributed(c)
+  # Last: a sweep records a member whose model fails here (UnusableModelError) as
+  # failed, and that member's every other value must have been checked by then.
+  check_model_runs(c)
 
 
 def _validate_seed_and_data(c) -> None:
@@ -415,6 +418,29 @@ def _validate_model_name(c) -> None:
       raise ConfigError(f"config.train.half_precision=True with config.model.name={name!r}: "
                         f"{e}") from None
     raise ConfigError(f"config.model.name={name!r} is unusable: {e}") from None
+
+
+def check_model_runs(c, num_train: int | None = None, num_test: int | None = None) -> None:
+  """UnusableModelError when a user's model fails, traced as the run of `c` will use it
+  (`bnlab.models.user.run_problem`: nothing computed); nothing for the built-in networks.
+
+  At train.batch_size, and at the evaluations' batch size: train.eval_batch_size, at
+  most the examples evaluated, `num_test` (and `num_train` with train.final_train_eval)
+  once the data is loaded, before that data.num_test / data.num_train where set.
+  """
+  name = c.model.name
+  if not models.is_user_model(name):
+    return
+  module = models.build_model(c.model, dtype=models.compute_dtype(c.train.half_precision))
+  e = c.train.eval_batch_size
+  counts = [num_test or c.data.num_test]
+  if c.train.final_train_eval:
+    counts.append(num_train or c.data.num_train)
+  problem = user_models.run_problem(module, c.train.batch_size,
+                                    [min(e, n) if n else e for n in counts],
+                                    "batch" in tuple(c.train.eval_statistics))
+  if problem:
+    raise UnusableModelError(f"config.model.name={name!r} is unusable: {problem}")
 
 
 def _validate_norm_variant(c) -> None:

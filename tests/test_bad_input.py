@@ -297,6 +297,51 @@ def _damaged_first_record(c):
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
+# Users' models, each wrong only where a check on 2 images does not look.
+USER_MODELS = """
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+class Net(nn.Module):
+  fixed_batch: int = 0  # a hard-coded batch size
+  eval_raises: bool = False
+  host_logits: bool = False  # a callback without a gradient
+  init_oom: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.init_oom and self.is_initializing() and x.shape[0] > 2:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.")
+    if self.eval_raises and not train and not self.is_initializing():
+      raise NotImplementedError("no inference path")
+    h = nn.Dense(10)(x.reshape(self.fixed_batch or x.shape[0], 784) / 255.0)
+    if self.host_logits:
+      h = jax.pure_callback(np.tanh, jax.ShapeDtypeStruct(h.shape, h.dtype), h)
+    return h
+"""
+
+
+def _user_model(**fields):
+  """The config's model: `Net` of USER_MODELS with `fields`, importable from a temporary dir."""
+  def setup(c):
+    d = c.tmp / "user_code"
+    d.mkdir(exist_ok=True)
+    (d / "bnlab_catalogue_models.py").write_text(
+        USER_MODELS + "\n\ndef make():\n  return Net(" +
+        ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")\n")
+    c.monkeypatch.syspath_prepend(str(d))
+    c.monkeypatch.delitem(sys.modules, "bnlab_catalogue_models", raising=False)
+    c.cfg.model.name = "bnlab_catalogue_models:make"
+  return setup
+
+
+def _out_of_device_memory(c):
+  from bnlab.engine import calls as calls_lib
+  c.fail(calls_lib.StepCalls, "train", __import__("jax").errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB."))
+
 # (id, via, setup, problem, fix)
 CASES = [
     # -- config values --------------------------------------------------------------
@@ -340,6 +385,12 @@ CASES = [
     ("momentum_is_string", "api", _raw_config(lambda d: d["optimizer"].update(momentum="0.9")), "config.optimizer.momentum='0.9'", "--config.optimizer.momentum="),
     ("lr_is_inf", "api", _raw_config(lambda d: d["optimizer"].update(learning_rate=float("inf"))), "config.optimizer.learning_rate=inf", "a finite number"),
     ("flag_is_int", "api", _raw_config(lambda d: d["train"].update(final_train_eval=1)), "config.train.final_train_eval=1", "True or False"),
+    # -- your own model: traced at the run's batch sizes before any step compiles ------
+    ("user_model_fixed_batch", "api", _user_model(fixed_batch=2), "fails to initialize (model.init, train=False) at batch 32 (train.batch_size)", "initialized on (batch, 28, 28) uint8 images"),
+    ("user_model_eval_mode_raises", "api", _user_model(eval_raises=True), "fails in eval mode (train=False) at batch 2000 (train.eval_batch_size", "evaluations apply it with train=False"),
+    ("user_model_not_differentiable", "api", _user_model(host_logits=True), "is not differentiable: jax.grad of the loss fails", "jax.custom_jvp"),
+    ("user_model_out_of_memory", "api", _user_model(init_oom=True), "runs out of memory (model.init, train=False) at batch 32", "lower train.batch_size (now 32)"),
+    ("out_of_device_memory", "api", _out_of_device_memory, "config.model.name='seed1_mlp' ran out of device memory at batch 32", "lower train.batch_size (now 32)"),
     # -- flags and config files (end to end) -----------------------------------------
     ("cli_unknown_key", "cli", lambda c: c.args.append("--config.optimizer.nonsense=1"), "--config.optimizer.nonsense names no key", "check its spelling"),
     ("cli_bad_type", "cli", lambda c: c.args.append("--config.train.batch_size=big"), "--config.train.batch_size", "big"),

@@ -135,3 +135,24 @@ def test_helpshort_lists_the_sweep_flags():
                "--only"):
     assert flag in p.stdout, p.stdout
   assert "--config_lock" not in p.stdout  # only the sweep's own, not every module's
+
+
+def test_dry_run_reports_the_status_the_sweep_records(idx_dir, tmp_path):
+  # A finished member whose records were cut short: the sweep reports it failed (its
+  # records are not its history); the dry run said "done".
+  c = base()
+  c.data.source, c.data.dir = "idx", idx_dir
+  c.model.norm, c.train.batch_size, c.train.num_steps = "none", 32, 10
+  c.train.log_every_steps = 5
+  overrides = sweep.seeds(2)
+  wd = str(tmp_path / "sw")
+  rows = sweep.run_sweep(c, overrides, wd)
+  path = os.path.join(wd, rows[0]["name"], "metrics.jsonl")
+  first = open(path).readline()
+  open(path, "w").write(first)
+  rows = sweep.run_sweep(c, overrides, wd)
+  assert [r["status"] for r in rows] == ["failed", "done"]
+  _, listing = sweep.dry_run_listing(*sweep.plan(c, overrides), wd)
+  assert [e["status"] for e in listing["list"]] == ["failed", "done"]
+  assert listing["list"][0]["error"] == rows[0]["error"] and "ends at step" in rows[0]["error"]
+  assert listing["to_train"] == 0 and listing["failed"] == 1

@@ -26,6 +26,7 @@ USER_MODULE = textwrap.dedent('''
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     import bnlab
@@ -146,6 +147,63 @@ USER_MODULE = textwrap.dedent('''
 
 
     NOT_CALLABLE = 3
+
+
+    # Right for the 2 images the check once traced, wrong as a run uses them.
+    class FixedBatch(nn.Module):
+      """Flattens to a hard-coded batch size (a reshape that only fits `batch`)."""
+      batch: int = 2
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        return nn.Dense(10)(x.reshape(self.batch, 784) / 255.0)
+
+
+    def make_two_images_only():
+      return FixedBatch(batch=2)
+
+
+    def make_train_batch_only():  # user_config's train.batch_size, not the evaluations'
+      return FixedBatch(batch=32)
+
+
+    class TwoRows(nn.Module):
+      """Always returns 2 rows of logits, whatever the batch."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        return nn.Dense(10)(x.reshape(2, -1) / 255.0)
+
+
+    class EvalBroken(nn.Module):
+      """Initializes and trains, but its inference path raises."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        h = nn.Dense(10)(x.reshape(x.shape[0], -1) / 255.0)
+        if not train and not self.is_initializing():
+          raise NotImplementedError("the inference path is not written yet")
+        return h
+
+
+    class HostLogits(nn.Module):
+      """Its logits pass through a host callback, which has no gradient rule."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        h = nn.Dense(10)(x.reshape(x.shape[0], -1) / 255.0)
+        return jax.pure_callback(np.tanh, jax.ShapeDtypeStruct(h.shape, h.dtype), h)
+
+
+    class TooBig(nn.Module):
+      """Stands for a model too large at the real batch size: raises XLA's words at init."""
+
+      @nn.compact
+      def __call__(self, x, train: bool):
+        if self.is_initializing() and x.shape[0] > 2:
+          raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                             "81.00GiB.")
+        return nn.Dense(10)(x.reshape(x.shape[0], -1) / 255.0)
 ''')
 
 
@@ -220,11 +278,29 @@ def test_a_linen_class_and_an_nnx_class_train(idx_dir, tmp_path, user_module):
     ("{m}:make_broken", "raised AttributeError"),
     ("{m}:make_nnx_instance", "flax.nnx.bridge.to_linen(TinyNNX"),
     ("{m}:", "expected 'package.module:target'"),
-    ("{m}:make_five_classes", "returns float32[2, 5] for 2 images; return float logits of "
-                              "shape (batch, 10)"),
-    ("{m}:make_extra_axis", "returns float32[2, 1, 10]"),
-    ("{m}:make_int_logits", "returns int32[2, 10]"),
-    ("{m}:make_own_stream", "fails in train mode (InvalidRngError"),
+    ("{m}:make_five_classes", "returns float32[32, 5] in train mode at batch 32 "
+                              "(train.batch_size); return float logits of shape (batch, 10)"),
+    ("{m}:make_extra_axis", "returns float32[32, 1, 10]"),
+    ("{m}:make_int_logits", "returns int32[32, 10]"),
+    ("{m}:make_own_stream", "fails in train mode (train=True) at batch 32 (train.batch_size) "
+                            "(InvalidRngError"),
+    # What a run does with the model, traced at its own batch sizes (nothing computed):
+    ("{m}:make_two_images_only", "FixedBatch fails to initialize (model.init, "
+                                 "train=False) at batch 32 (train.batch_size) (TypeError: "
+                                 "cannot reshape"),
+    ("{m}:TwoRows", "TwoRows returns float32[2, 10] in train mode at batch 32"),
+    ("{m}:make_train_batch_only", "FixedBatch fails in eval mode (train=False) at batch 2000 "
+                                  "(train.eval_batch_size"),
+    ("{m}:EvalBroken", "EvalBroken fails in eval mode (train=False) at batch 2000 "
+                       "(train.eval_batch_size, at most the examples evaluated) "
+                       "(NotImplementedError: the inference path is not written yet)"),
+    ("{m}:HostLogits", "HostLogits is not differentiable: jax.grad of the loss fails in "
+                       "train mode at batch 32 (train.batch_size) (ValueError: Pure "
+                       "callbacks do not support JVP"),
+    ("{m}:TooBig", "TooBig runs out of memory (model.init, train=False) at batch 32 "
+                   "(train.batch_size) (RuntimeError: RESOURCE_EXHAUSTED: Out of memory "
+                   "while trying to allocate 81.00GiB.); lower train.batch_size (now 32) or "
+                   "train.eval_batch_size; in a sweep, also --max_group_size"),
 ])
 def test_a_bad_user_model_is_one_config_error_naming_the_key(idx_dir, user_module, target,
                                                              needle):
@@ -287,3 +363,78 @@ def test_cli_trains_a_model_from_the_working_directory(idx_dir, tmp_path):
                      capture_output=True, text=True, timeout=300, env=env)
   assert p.returncode == 2 and p.stderr.count("\n") == 1
   assert p.stderr.startswith("error: config.model.name='my_models:nope' is unusable")
+
+
+def test_a_sweep_member_whose_model_fails_is_recorded_failed_and_the_others_train(
+    idx_dir, tmp_path, user_module):
+  # Before, a model wrong at the real batch size crashed the plan (and --dry_run) with a
+  # traceback while sizing its group, and an eval-mode bug was "to train" in the dry run.
+  base = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
+  nets = [sweep.Variant(label, {"model.name": f"{user_module}:{target}"})
+          for label, target in (("tiny", "make_model"), ("two", "make_two_images_only"),
+                                ("eval", "EvalBroken"))]
+  overrides = sweep.product(sweep.axis("net", nets), sweep.seeds(2))
+  wd = str(tmp_path / "sw")
+  members, groups = sweep.plan(base, overrides)
+  assert [len(g) for g in groups] == [2, 1, 1, 1, 1]  # the failing members alone, unsized
+  table, listing = sweep.dry_run_listing(members, groups, wd)
+  assert [e["status"] for e in listing["list"]] == ["to train"] * 2 + ["failed"] * 4
+  assert listing["to_train"] == 2 and listing["failed"] == 4
+  assert "FixedBatch fails to initialize" in listing["list"][2]["error"]
+  assert "EvalBroken fails in eval mode" in table.splitlines()[5]
+
+  rows = sweep.run_sweep(base, overrides, wd)
+  assert [r["status"] for r in rows] == ["done"] * 2 + ["failed"] * 4
+  assert rows[0]["test_accuracy"] > 0.3
+  for row, entry in zip(rows[2:], listing["list"][2:]):
+    assert row["error"] == entry["error"]  # the dry run said what the sweep recorded
+    assert row["error"].startswith(f"UnusableModelError: config.model.name='{user_module}:")
+    assert "\n" not in row["error"] and not os.path.exists(os.path.join(wd, row["name"]))
+  assert "EvalBroken fails in eval mode (train=False)" in rows[4]["error"]
+  again = sweep.dry_run_listing(*sweep.plan(base, overrides), wd)[1]
+  assert [e["status"] for e in again["list"]] == [r["status"] for r in rows]
+
+
+def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(
+    idx_dir, tmp_path, user_module, monkeypatch):
+  from bnlab.engine import calls as calls_lib
+  oom = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.")
+
+  def first_step_fails(*args, **kwargs):
+    raise oom
+  monkeypatch.setattr(calls_lib.StepCalls, "train", first_step_fails)
+  cfg = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
+  run = str(tmp_path / "run")
+  with pytest.raises(config_lib.UnusableModelError) as e:
+    train.train_and_evaluate(cfg, run)
+  assert str(e.value) == (
+      f"config.model.name='{user_module}:make_model' ran out of device memory at batch 32 "
+      "(JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+      "81.00GiB.); lower train.batch_size (now 32) or train.eval_batch_size; in a sweep, "
+      "also --max_group_size")
+  cfgs = [sweep.apply_overrides(cfg, {"seed": s}) for s in (0, 1)]
+  with pytest.raises(config_lib.UnusableModelError,
+                     match="training 2 members at batch 32 .* or the sweep's --max_group_size"):
+    train.train_group(cfgs, [str(tmp_path / f"m{s}") for s in (0, 1)], str(tmp_path / "g"))
+  monkeypatch.undo()
+  cfg.train.batch_size = 16  # it failed before its first checkpoint: the directory accepts it
+  assert train.train_and_evaluate(cfg, run)["final_step"] == 20
+
+
+def test_cli_refuses_a_model_that_fails_at_the_real_batch_size_in_one_line(idx_dir, tmp_path):
+  code = tmp_path / "project"
+  code.mkdir()
+  (code / "my_models.py").write_text(USER_MODULE)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+  p = subprocess.run(
+      [sys.executable, "-m", "bnlab.main", f"--config={ROOT}/configs/seed1_mlp.py",
+       f"--workdir={tmp_path / 'run'}", "--config.data.source=idx",
+       f"--config.data.dir={idx_dir}", "--config.train.num_epochs=1",
+       "--config.model.name=my_models:make_two_images_only"],
+      cwd=code, capture_output=True, text=True, timeout=300, env=env)
+  assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+  assert p.stderr.startswith(
+      "error: config.model.name='my_models:make_two_images_only' is unusable: FixedBatch fails "
+      "to initialize (model.init, train=False) at batch 32 (train.batch_size)"), p.stderr

@@ -7,6 +7,7 @@ compiled calls), runs `loop.Loop` and writes each run's summary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -212,6 +213,9 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   dtype = models.compute_dtype(cfg.train.half_precision)
   model = models.build_model(cfg.model, dtype=dtype)
   eval_model = models.build_model(eval_model_config(cfg.model), dtype=dtype)
+  # validate() traced a user's model at the batch sizes the config gives; the
+  # evaluations' may be smaller now the data's size is known.
+  config_lib.check_model_runs(cfg, num_train, len(ds.test_labels))
   _check_analysis_layers(cfg, model)
   tx = optim.shared_optimizer(cfg.optimizer, plan.total_steps)
   bs = cfg.train.batch_size
@@ -221,17 +225,37 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
         f"config.train.batch_size={bs} does not split over {mesh.size} devices; make it a "
         f"multiple of {mesh.size} or set train.num_devices")
   calls = calls_lib.StepCalls(cfg, eval_model, num_train, stacked, mesh)
-  state, zero_sums = _initial_state(model, tx, members, stacked)
-  info = _run_info(cfg, ds, plan, calls, len(members), mesh)
-  logging.info("Run: %s", json.dumps(info))
-  info["environment"] = env
+  with _out_of_memory_named(cfg, len(members) if stacked else None):
+    state, zero_sums = _initial_state(model, tx, members, stacked)
+    info = _run_info(cfg, ds, plan, calls, len(members), mesh)
+    logging.info("Run: %s", json.dumps(info))
+    info["environment"] = env
 
-  # Data, state and metric sums live on the device(s); with a mesh, replicated
-  # (on every process's devices); a checkpoint is restored into that placement.
-  place = functools.partial(distributed.replicate, mesh=mesh)
-  run = loop_lib.Loop(members, ckpt_wd, plan, calls, calls_lib.DeviceData.place(ds, mesh),
-                      place(zero_sums), functools.partial(_write_summary, info), split)
-  run.run(place(state))
+    # Data, state and metric sums live on the device(s); with a mesh, replicated
+    # (on every process's devices); a checkpoint is restored into that placement.
+    place = functools.partial(distributed.replicate, mesh=mesh)
+    run = loop_lib.Loop(members, ckpt_wd, plan, calls, calls_lib.DeviceData.place(ds, mesh),
+                        place(zero_sums), functools.partial(_write_summary, info), split)
+    run.run(place(state))
+
+
+@contextlib.contextmanager
+def _out_of_memory_named(cfg, group_size: int | None):
+  """XLA's out-of-memory error (compiling or running the init, a step or an evaluation)
+  as one UnusableModelError naming the model and what to lower, not XLA's traceback: a
+  batch size or group too large for the device is the user's to change. It comes at the
+  start (compiling, the first step), before any checkpoint: the work directory then
+  accepts the smaller batch size."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if not user_models.is_out_of_memory(e):
+      raise
+    raise config_lib.UnusableModelError(
+        f"config.model.name={cfg.model.name!r} ran out of device memory"
+        f"{f' training {group_size} members' if group_size else ''} at batch "
+        f"{cfg.train.batch_size} ({user_models.reason(e)}); "
+        f"{user_models.memory_fix(cfg.train.batch_size, group_size)}") from None
 
 
 def data_identity(ds: data_lib.Dataset) -> dict[str, Any]:
@@ -241,11 +265,12 @@ def data_identity(ds: data_lib.Dataset) -> dict[str, Any]:
           "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
 
 
-def _sown_units(model) -> dict[str, int]:
-  """{name: units per example} of what `model` sows into `intermediates` (nothing compiled)."""
+def _sown_units(model, batch_size: int) -> dict[str, int]:
+  """{name: units per example} of what `model` sows into `intermediates` (nothing compiled),
+  traced at the run's batch size: a user's model need not work at any other."""
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((2, 28, 28), jnp.uint8), train=False,
-                         mutable=True))
+      lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 28, 28), jnp.uint8),
+                         train=False, mutable=True))
   out = {}
   for block in variables.get("intermediates", {}).values():
     if isinstance(block, dict):
@@ -260,7 +285,7 @@ def _check_analysis_layers(cfg, model) -> None:
   layers = tuple(cfg.analysis.layers)
   if not layers:
     return
-  sizes = _sown_units(model)
+  sizes = _sown_units(model, cfg.train.batch_size)
   missing = [layer for layer in layers if layer not in sizes]
   if missing:
     raise config_lib.ConfigError(

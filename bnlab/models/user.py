@@ -1,9 +1,12 @@
 """Your own model by name: `model.name="package.module:target"`, imported, built and checked.
 
-A user's module is traced once on two images before any run compiles, so a model
-that cannot train as bnlab runs it (wrong output, another RNG stream, another
-mutable collection) is one `UserModelError` naming the problem, not a traceback
-mid-training.
+A name that does not resolve to a model is one `UserModelError`. The model is then
+traced (`jax.eval_shape`: nothing computed or allocated) as the run will use it, at
+its own training and evaluation batch sizes, in train and eval mode, through the
+gradient of the loss (`run_problem`), before any step compiles: a model that cannot
+train as bnlab runs it (wrong output, another RNG stream or mutable collection, a
+shape right only for some batch size, an eval-mode bug, an operation without a
+gradient, memory) is one line naming what failed, not a traceback mid-training.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class UserModelError(ValueError):
@@ -88,7 +92,8 @@ def user_model(cfg, dtype=None) -> nn.Module:
   `nnx.bridge.to_linen(MyNNXModel, ...)`). The model is called as
   `model.apply(variables, images, train=...)` on uint8 images of shape
   (batch, 28, 28) and returns (batch, 10) logits; it may read the RNG
-  streams "noise" and "dropout" in train mode. Raises UserModelError.
+  streams "noise" and "dropout" in train mode. Raises UserModelError; what the
+  model does when traced is `run_problem`'s to check (it needs the batch sizes).
   """
   target = load_target(cfg.name)
   kwargs = {} if dtype is None else {"dtype": dtype}
@@ -127,9 +132,6 @@ def user_model(cfg, dtype=None) -> nn.Module:
     raise UserModelError(
         f"{type(module).__name__}.__call__ takes no `train` argument; give it "
         "`__call__(self, x, train: bool)` (BN uses batch statistics when train is True)")
-  problem = _output_problem(module)
-  if problem:
-    raise UserModelError(f"{type(module).__name__} {problem}")
   return module
 
 
@@ -151,31 +153,134 @@ def per_module_cache(maxsize: int):
   return wrap
 
 
+# What the memory errors of XLA (and of a model that raises its own) say; a full disk,
+# which orbax also reports as RESOURCE_EXHAUSTED, is not one (bnlab.rundir.errors).
+_MEMORY_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
+_DISK_MARKERS = ("No space left", "ENOSPC", "quota", "File too large")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+  """Whether `e` says the device (or host) ran out of memory, not a disk out of space."""
+  text = str(e)
+  return isinstance(e, MemoryError) or (any(m in text for m in _MEMORY_MARKERS)
+                                        and not any(m in text for m in _DISK_MARKERS))
+
+
+def reason(e: BaseException) -> str:
+  """`e` as a short phrase for a one-line message: its type and its first 200 characters."""
+  return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def memory_fix(batch_size: int, group_size: int | None = None) -> str:
+  """What to lower when a model runs out of memory: the batch sizes, and a sweep's group."""
+  group = (f", or the sweep's --max_group_size (this group trains {group_size} members)"
+           if group_size else "; in a sweep, also --max_group_size")
+  return f"lower train.batch_size (now {batch_size}) or train.eval_batch_size{group}"
+
+
+def _traced(fn, failure: str, where: str, fix: str, batch_size: int):
+  """(`fn()`, None), or (None, the problem in words) when tracing it raises: `failure`
+  `where` and the error, then `fix`; an error that says memory, as running out of it."""
+  try:
+    return fn(), None
+  except Exception as e:  # pylint: disable=broad-except
+    if is_out_of_memory(e):
+      return None, (f"runs out of memory {where} ({reason(e)}); {memory_fix(batch_size)}")
+    return None, f"{failure} {where} ({reason(e)}){fix}"
+
+
+def _bad_logits(logits, batch: int, where: str) -> str | None:
+  if (hasattr(logits, "shape") and tuple(logits.shape) == (batch, 10)
+      and jnp.issubdtype(logits.dtype, jnp.floating)):
+    return None
+  got = (f"{getattr(logits, 'dtype', type(logits).__name__)}"
+         f"{list(getattr(logits, 'shape', []))}")
+  return f"returns {got} {where}; return float logits of shape (batch, 10) for any batch"
+
+
 @per_module_cache(64)
-def _output_problem(module: nn.Module) -> str | None:
-  """What keeps `module` from training as bnlab runs it, traced on 2 images (nothing
-  computed): init in inference mode, then a train-mode apply with the "noise" and
-  "dropout" streams and `batch_stats` mutable, returning (batch, 10) float logits."""
-  x, key = jnp.zeros((2, 28, 28), jnp.uint8), jax.random.key(0)
-  try:
-    variables = jax.eval_shape(lambda: module.init(key, x, train=False))
-  except Exception as e:  # pylint: disable=broad-except
-    return (f"fails to initialize on (batch, 28, 28) uint8 images ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:200]})")
-  try:
-    logits, _ = jax.eval_shape(lambda v: module.apply(
-        v, x, train=True, mutable=["batch_stats"], rngs={"noise": key, "dropout": key}),
-                               variables)
-  except Exception as e:  # pylint: disable=broad-except
-    return (f"fails in train mode ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-            "bnlab's train step gives it the RNG streams 'noise' and 'dropout' and lets it "
-            "update only `batch_stats`")
-  if (not hasattr(logits, "shape") or tuple(logits.shape) != (2, 10)
-      or not jnp.issubdtype(logits.dtype, jnp.floating)):
-    got = (f"{getattr(logits, 'dtype', type(logits).__name__)}"
-           f"{list(getattr(logits, 'shape', []))}")
-    return f"returns {got} for 2 images; return float logits of shape (batch, 10)"
+def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[int, ...],
+                    eval_in_train_mode: bool) -> str | None:
+  """What keeps `module` from training as bnlab runs it, or None.
+
+  Traced with `jax.eval_shape` at the run's own batch sizes: nothing is computed or
+  allocated, however large the batch, and a model right only for some batch size
+  (a hard-coded shape), only in one mode, or without a gradient is caught before
+  any step compiles, instead of as a traceback from inside the compiled step. In
+  the engine's order: init in inference mode at `batch_size`; a train-mode apply
+  with the "noise" and "dropout" streams and `batch_stats` mutable, returning
+  (batch, 10) float logits; the gradient of the loss through it; an eval-mode
+  apply at each of `eval_batch_sizes` (with `eval_in_train_mode`, a train-mode one
+  too: train.eval_statistics "batch").
+  """
+  key = jax.random.key(0)
+  rngs = {"noise": key, "dropout": key}
+  images = jax.ShapeDtypeStruct((batch_size, 28, 28), jnp.uint8)
+  at_train = f"at batch {batch_size} (train.batch_size)"
+  variables, problem = _traced(
+      lambda: jax.eval_shape(lambda x: module.init(key, x, train=False), images),
+      "fails to initialize", f"(model.init, train=False) {at_train}",
+      "; it is initialized on (batch, 28, 28) uint8 images", batch_size)
+  if problem:
+    return problem
+  # What the engine keeps of them (`state.create_train_state`), as arguments (abstract
+  # values), never as constants.
+  params = variables.get("params", {})
+  others = {"batch_stats": variables.get("batch_stats", {})}
+
+  def train_apply(p, o, x):
+    return module.apply({**o, "params": p}, x, train=True, mutable=["batch_stats"], rngs=rngs)
+
+  train_fix = ("; bnlab's train step gives it the RNG streams 'noise' and 'dropout' and lets "
+               "it update only `batch_stats`")
+  out, problem = _traced(lambda: jax.eval_shape(train_apply, params, others, images),
+                         "fails", f"in train mode (train=True) {at_train}", train_fix,
+                         batch_size)
+  problem = problem or _bad_logits(out[0], batch_size, f"in train mode {at_train}")
+  if problem:
+    return problem
+
+  def loss(p, o, x):
+    logits = train_apply(p, o, x)[0].astype(jnp.float32)
+    labels = jnp.zeros(logits.shape[:1], jnp.int32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  _, problem = _traced(
+      lambda: jax.eval_shape(jax.grad(loss), params, others, images),
+      "is not differentiable: jax.grad of the loss fails", f"in train mode {at_train}",
+      "; every operation between the parameters and the logits needs a gradient (wrap one "
+      "without, such as jax.pure_callback, in jax.custom_jvp or jax.custom_vjp)", batch_size)
+  if problem:
+    return problem
+  for b in eval_batch_sizes:
+    eval_images = jax.ShapeDtypeStruct((b, 28, 28), jnp.uint8)
+    at_eval = f"at batch {b} (train.eval_batch_size, at most the examples evaluated)"
+    out, problem = _traced(
+        lambda x=eval_images: jax.eval_shape(
+            lambda p, o, x: module.apply({**o, "params": p}, x, train=False), params, others,
+            x),
+        "fails", f"in eval mode (train=False) {at_eval}",
+        "; evaluations apply it with train=False to its params and batch_stats", batch_size)
+    problem = problem or _bad_logits(out, b, f"in eval mode {at_eval}")
+    if problem:
+      return problem
+    if eval_in_train_mode:
+      out, problem = _traced(
+          lambda x=eval_images: jax.eval_shape(train_apply, params, others, x), "fails",
+          f"in train mode evaluating with batch statistics {at_eval}", train_fix, batch_size)
+      if problem:
+        return problem
   return None
+
+
+def run_problem(module: nn.Module, batch_size: int, eval_batch_sizes=(),
+                eval_in_train_mode: bool = False) -> str | None:
+  """What fails when `module` trains at `batch_size` and evaluates at each of
+  `eval_batch_sizes` (`_output_problem`), as "<its class> <problem>"; None if nothing."""
+  problem = _output_problem(module, int(batch_size),
+                            tuple(sorted({int(b) for b in eval_batch_sizes})),
+                            bool(eval_in_train_mode))
+  return problem and f"{type(module).__name__} {problem}"
 
 
 def _no_dtype(name: str) -> str:

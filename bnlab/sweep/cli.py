@@ -16,7 +16,7 @@ from typing import Sequence
 from bnlab import config as config_lib
 from bnlab.sweep.combinators import Variant, format_value
 from bnlab.sweep.groups import Member, plan
-from bnlab.sweep.runner import error_line, check_members_config, run_sweep
+from bnlab.sweep.runner import check_members_config, error_line, planned_status, run_sweep
 
 
 def load_config_file(path: str):
@@ -32,23 +32,31 @@ def load_config_file(path: str):
 
 def dry_run_listing(members: Sequence[Member], groups: Sequence[Sequence[Member]],
                     workdir: str) -> tuple[str, dict]:
-  """(a table, a JSON-able object) of the selected members: group, name, status."""
-  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
+  """(a table, a JSON-able object) of the selected members: group, name, status.
+
+  The status is the one the sweep would record now (`planned_status`): "to train",
+  "done", "diverged" or "failed" (with its "error": a member whose model fails its
+  check, or a finished one whose records were cut short).
+  """
   group_of = {m.name: i for i, g in enumerate(groups) for m in g}
   entries = []
   for m in members:
     if m.name not in group_of:
       continue
-    done = train.is_complete(m.cfg, os.path.join(workdir, m.name))
-    entries.append({"name": m.name, "group": group_of[m.name],
-                    "status": "done" if done else "to train",
-                    "overrides": {k: format_value(v) if isinstance(v, Variant) else v
-                                  for k, v in m.overrides.items()}})
+    status, error = planned_status(m, os.path.join(workdir, m.name))
+    entry = {"name": m.name, "group": group_of[m.name], "status": status,
+             "overrides": {k: format_value(v) if isinstance(v, Variant) else v
+                           for k, v in m.overrides.items()}}
+    if error:
+      entry["error"] = error
+    entries.append(entry)
   width = max(len("member"), *(len(e["name"]) for e in entries))
   lines = [f"{'group':>5}  {'member':<{width}}  status"]
-  lines += [f"{e['group']:>5}  {e['name']:<{width}}  {e['status']}" for e in entries]
+  lines += [f"{e['group']:>5}  {e['name']:<{width}}  {e['status']}"
+            + (f" ({e['error']})" if "error" in e else "") for e in entries]
   listing = {"members": len(members), "selected": len(entries), "groups": len(groups),
-             "to_train": sum(e["status"] == "to train" for e in entries), "list": entries}
+             "to_train": sum(e["status"] == "to train" for e in entries),
+             "failed": sum(e["status"] == "failed" for e in entries), "list": entries}
   return "\n".join(lines), listing
 
 

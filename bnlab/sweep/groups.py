@@ -17,12 +17,18 @@ from bnlab.sweep.combinators import Variant, apply_overrides, member_name
 
 @dataclasses.dataclass
 class Member:
-  """One run of a sweep: its overrides, directory name and resolved config."""
+  """One run of a sweep: its overrides, directory name and resolved config.
+
+  `unusable`: why its model cannot train as its config runs it (its check's
+  UnusableModelError, one line), or None. Such a member is not trained and is
+  recorded failed with that line; the others train.
+  """
 
   index: int
   name: str
   overrides: dict
   cfg: Any
+  unusable: str | None = None
 
 
 def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
@@ -31,7 +37,10 @@ def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
 
   `overrides` (dotted keys, e.g. the command line's) are applied to every
   member after its own, so they win. Raises ConfigError naming the member and
-  the key at the first problem.
+  the key at the first problem, except for a model that fails when traced at
+  the member's batch sizes (`config.check_model_runs`, validate's last check):
+  that member gets `unusable`, since another member (another batch size or
+  model) may train.
   """
   if not sweep:
     raise config_lib.ConfigError("the sweep has no members")
@@ -58,8 +67,11 @@ def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
     cfg = apply_overrides(base, member_overrides, where)
     if overrides:
       cfg = apply_overrides(cfg, overrides, "command line")
+    unusable = None
     try:
       config_lib.validate(cfg)
+    except config_lib.UnusableModelError as e:
+      unusable = f"{type(e).__name__}: {' '.join(str(e).split())}"
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"{where}: {e}") from None
     resolved = json.dumps(json.loads(cfg.to_json_best_effort()), sort_keys=True)
@@ -69,7 +81,7 @@ def resolve_members(base, sweep: Sequence[dict], overrides: dict | None = None
           f"{where} has the same config as member {j} ({members[j].name}): the two would be "
           "one run counted twice; remove one")
     same[resolved] = i
-    members.append(Member(i, name, dict(member_overrides), cfg))
+    members.append(Member(i, name, dict(member_overrides), cfg, unusable))
   return members
 
 
@@ -101,8 +113,9 @@ def group_members(members: Sequence[Member], grouped: bool = True,
   """Members that can train together (`bnlab.engine.members.group_key`), in sweep order.
 
   Members whose model does not gain from grouping here (`bnlab.engine.members.grouping_helps`)
-  run alone. A group larger than `max_group_size` members (None or 0: as many
-  as fit the device's memory, `bnlab.engine.members.group_capacity`) trains in the
+  run alone, as does each `unusable` member (its model is neither traced nor sized).
+  A group larger than `max_group_size` members (None or 0: as many as fit the
+  device's memory, `bnlab.engine.members.group_capacity`) trains in the
   fewest near-equal chunks, each its own group; the same sweep on the same
   device (or with the same `max_group_size`) always chunks alike.
   """
@@ -111,8 +124,8 @@ def group_members(members: Sequence[Member], grouped: bool = True,
     return [[m] for m in members]
   groups: dict[str, list[Member]] = {}
   for m in members:
-    key = (members_lib.group_key(m.cfg) if members_lib.grouping_helps(m.cfg)
-           else f"solo {m.index}")
+    key = (f"solo {m.index}" if m.unusable or not members_lib.grouping_helps(m.cfg)
+           else members_lib.group_key(m.cfg))
     groups.setdefault(key, []).append(m)
   out = []
   for group in groups.values():
@@ -134,4 +147,7 @@ def plan(base, sweep: Sequence[dict], grouped: bool = True, overrides: dict | No
   if clash:
     logging.warning("The command line sets %s in every member, over the sweep's own values",
                     ", ".join(clash))
+  for m in members:
+    if m.unusable:
+      logging.warning("Sweep member %s will not train: %s", m.name, m.unusable)
   return members, group_members(select(members, only), grouped, max_group_size)

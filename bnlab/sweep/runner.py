@@ -28,8 +28,9 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
               max_group_size: int | None = None) -> list[dict]:
   """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
 
-  Every member is validated before anything trains. A member that raises is
-  recorded as failed (its error on one line) and the others go on. SIGTERM or
+  Every member is validated before anything trains. A member whose model fails
+  its check (`Member.unusable`), or that raises, is recorded as failed (its
+  error on one line) and the others go on. SIGTERM or
   SIGUSR1 stops the sweep (`signals.Preempted`): the member or group in
   progress is checkpointed, the rest untouched; a rerun continues.
   `overrides` win over the members' own (see `bnlab.sweep`'s docstring); `only`
@@ -122,6 +123,11 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
     dirs = [os.path.join(workdir, m.name) for m in group]
     if all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs)):
       continue
+    if any(m.unusable for m in group):  # alone in its group (`group_members`)
+      for m in group:
+        logging.error("Sweep member %s failed: %s", m.name, m.unusable)
+        errors[m.name] = m.unusable
+      continue
     # A group whose programs differ from the last one's (another model, or
     # group size) first drops the compiled programs in memory: a long sweep's
     # compiled code, and its memory mappings, would otherwise grow without
@@ -156,6 +162,23 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
   rows = [result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
   write_results(workdir, rows)
   return rows
+
+
+def planned_status(m: Member, path: str) -> tuple[str, str | None]:
+  """(status, error) that running the sweep now would record for member `m` in `path`:
+  what `--dry_run` shows, so that it reports the outcome the sweep will.
+
+  A complete member keeps its row's status (`result_row`: "done", "diverged", or
+  "failed" when its records were cut short or its summary is unreadable); an
+  `unusable` one is "failed" without training; any other is "to train".
+  """
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
+  if train.is_complete(m.cfg, path):
+    row = result_row(m, path, None)
+    return row["status"], row["error"]
+  if m.unusable:
+    return "failed", m.unusable
+  return "to train", None
 
 
 def _group_id(group: Sequence[Member]) -> str:
