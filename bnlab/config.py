@@ -129,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn = ml_collections.ConfigDict()
   c.model.bn.momentum = 0.99
   c.model.bn.epsilon = 1e-5
+  # With bn_position="before", keep the linear/conv layer's bias before BN (the paper drops
+  # it: BN's mean subtraction cancels any constant in train mode, so its gradient is 0).
+  c.model.bn.bias_before = False
   c.model.bn.variance = "shifted"
   # Running statistics: "ema" (momentum) or "population" (the mean over every
   # batch seen, with m/(m-1) on the variance: Algorithm 2).
@@ -289,6 +292,8 @@ def _validate_model(c) -> None:
   _check(0 <= c.model.bn.momentum < 1, "model.bn.momentum", c.model.bn.momentum,
          "a number in [0, 1)")
   _check(c.model.bn.epsilon > 0, "model.bn.epsilon", c.model.bn.epsilon, "a number > 0")
+  _check(isinstance(c.model.bn.bias_before, bool), "model.bn.bias_before",
+         c.model.bn.bias_before, "True or False")
   _validate_norm_variant(c)
 
 

@@ -184,3 +184,75 @@ def test_xhat_is_the_input_normalised_with_the_running_statistics(norm, float32_
   # Train mode sows nothing new and the outputs and variables are unchanged by x-hat.
   _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
   assert not any(k.startswith("xhat") for b in state["intermediates"].values() for k in b)
+
+
+def test_a_bias_before_bn_is_redundant_in_train_mode():
+  """Ioffe & Szegedy 2015, section 3.2: a bias b added before BN is subtracted again with the
+  batch mean, so in train mode the outputs and every other gradient are those without it,
+  and its own gradient is 0 (float64, dense and convolutional)."""
+  try:  # jax >= 0.9 moved it to the top level
+    from jax import enable_x64
+  except ImportError:
+    from jax.experimental import enable_x64
+  from bnlab import batch_norm
+
+  def layer(params, x, with_bias, conv):
+    h = (jax.lax.conv_general_dilated(x, params["w"], (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+         if conv else x @ params["w"])
+    if with_bias:
+      h = h + params["b"]
+    out = batch_norm(h, params["scale"], params["beta"], jnp.zeros(h.shape[-1:]),
+                     jnp.ones(h.shape[-1:]), train=True, stats_dtype=jnp.float64)
+    return jnp.tanh(out.y)
+
+  with enable_x64():
+    for conv, x_shape, w_shape in ((False, (16, 7), (7, 5)), (True, (4, 6, 6, 3), (3, 3, 3, 5))):
+      keys = jax.random.split(jax.random.key(0), 6)
+      x = jax.random.normal(keys[0], x_shape, jnp.float64)
+      params = {"w": jax.random.normal(keys[1], w_shape, jnp.float64),
+                "b": 3 * jax.random.normal(keys[2], (5,), jnp.float64),
+                "scale": 1 + jax.random.normal(keys[3], (5,), jnp.float64),
+                "beta": jax.random.normal(keys[4], (5,), jnp.float64)}
+      cot = jax.random.normal(keys[5], layer(params, x, False, conv).shape, jnp.float64)
+      loss = lambda p, b: jnp.sum(cot * layer(p, x, b, conv))  # noqa: E731
+      y0, y1 = layer(params, x, False, conv), layer(params, x, True, conv)
+      assert y1.dtype == jnp.float64
+      np.testing.assert_allclose(y1, y0, rtol=0, atol=1e-12)
+      g0, g1 = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
+      for k in ("w", "scale", "beta"):
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12)
+      assert np.abs(g1["b"]).max() < 1e-12 * np.abs(g1["w"]).max()
+      assert np.abs(g0["b"]).max() == 0  # unused without the bias
+
+
+def test_bn_bias_before_keeps_the_bias_and_changes_no_train_mode_loss():
+  """`model.bn.bias_before`: the biases come back (100 per BN layer of the paper MLP), and with
+  nonzero biases the train-mode logits and the kernels' gradients are unchanged."""
+  cfg = model_cfg(name="paper_mlp", norm="batch", bn_position="before", activation="sigmoid")
+  with_bias = model_cfg(name="paper_mlp", norm="batch", bn_position="before",
+                        activation="sigmoid")
+  with_bias.bn.bias_before = True
+  m0, v0, _ = param_shapes(cfg)
+  m1, v1, s1 = param_shapes(with_bias)
+  assert s1["params"]["dense_block_0"]["Dense_0"] == {"kernel": (784, 100), "bias": (100,)}
+  count = lambda v: sum(p.size for p in jax.tree.leaves(v["params"]))  # noqa: E731
+  assert count(v1) - count(v0) == 3 * 100
+  params = jax.tree.map(lambda a: a, v1["params"])
+  for i in range(3):
+    params[f"dense_block_{i}"]["Dense_0"]["bias"] = jnp.full((100,), 0.5 * (i + 1))
+    assert (v0["params"][f"dense_block_{i}"]["Dense_0"]["kernel"]
+            == params[f"dense_block_{i}"]["Dense_0"]["kernel"]).all()
+  images = jax.random.randint(jax.random.key(1), (8, 28, 28), 0, 256).astype(jnp.uint8)
+
+  def loss(p, model, stats):
+    logits, _ = model.apply({"params": p, "batch_stats": stats}, images, train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(logits))
+  l0, g0 = jax.value_and_grad(loss)(v0["params"], m0, v0["batch_stats"])
+  l1, g1 = jax.value_and_grad(loss)(params, m1, v1["batch_stats"])
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for i in range(3):
+    a, b = (g[f"dense_block_{i}"]["Dense_0"]["kernel"] for g in (g0, g1))
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
+    assert np.abs(g1[f"dense_block_{i}"]["Dense_0"]["bias"]).max() < 1e-4 * np.abs(a).max()

@@ -106,12 +106,13 @@ class Block(nn.Module):
   flatten_before_norm: bool = False
   pool: int = 0  # max-pool window after the block (0: none)
   xhat_epsilon: float | None = None  # the BN's epsilon: sow x-hat (inference, BN before)
+  bias_before_norm: bool = False  # keep the layer's bias under a norm placed before
 
   @nn.compact
   def __call__(self, x, train: bool):
     act = ACTIVATIONS[self.activation]
     before = self.norm is not None and self.bn_position == "before"
-    h = self.layer(not before)(x)
+    h = self.layer(not before or self.bias_before_norm)(x)
     if self.flatten_before_norm:
       h = h.reshape(h.shape[0], -1)
     if before:
@@ -150,6 +151,7 @@ class Classifier(nn.Module):
   init_std: float = 0.01
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-5
+  bias_before_norm: bool = False  # keep the bias a norm before the activation cancels
   bn_variance: str = "shifted"
   bn_running_average: str = "ema"
   bn_ghost_size: int = 16
@@ -222,14 +224,16 @@ class Classifier(nn.Module):
                 implementation=self.conv_implementation, dtype=self.dtype),
             self.activation, norm if has_bn else None, self.bn_position, index,
             flatten_before_norm=flat, pool=2 if pool else 0,
-            xhat_epsilon=xhat if has_bn else None, name=f"conv_block_{i}")(x, train)
+            xhat_epsilon=xhat if has_bn else None, bias_before_norm=self.bias_before_norm,
+            name=f"conv_block_{i}")(x, train)
         index += 1
     x = x.reshape(x.shape[0], -1)
     for i, (width, has_bn) in enumerate(self.dense):
       x = Block(
           lambda b, w=width: nn.Dense(w, use_bias=b, kernel_init=init, dtype=self.dtype),
           self.activation, norm if has_bn else None, self.bn_position, index,
-          xhat_epsilon=xhat if has_bn else None, name=f"dense_block_{i}")(x, train)
+          xhat_epsilon=xhat if has_bn else None, bias_before_norm=self.bias_before_norm,
+          name=f"dense_block_{i}")(x, train)
       index += 1
     logits = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype, name="logits")(x)
     return logits.astype(jnp.float32)  # the loss and accuracy in float32
@@ -259,6 +263,7 @@ def build_model(cfg, dtype=None) -> nn.Module:
       activation=cfg.activation, norm=cfg.norm, bn_position=cfg.bn_position,
       kernel_init=cfg.kernel_init, init_std=cfg.init_std,
       bn_momentum=cfg.bn.momentum, bn_epsilon=cfg.bn.epsilon,
+      bias_before_norm=cfg.bn.get("bias_before", False),
       bn_variance=cfg.bn.variance, bn_running_average=cfg.bn.running_average,
       bn_ghost_size=cfg.bn.ghost_size, bn_renorm_r_max=cfg.bn.renorm_r_max,
       bn_renorm_d_max=cfg.bn.renorm_d_max, bn_renorm_warmup_steps=cfg.bn.renorm_warmup_steps,
