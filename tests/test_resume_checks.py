@@ -261,3 +261,26 @@ def test_data_json_edited_to_match_other_data_is_refused_naming_it(tmp_path):
     wd.close()
   assert "sha256: 'aaa" in str(e.value) and "data.json was edited" in str(e.value)
   assert json.load(open(tmp_path / "data.json")) == DATA_B  # refused: nothing touched
+
+
+def _run_of(path, cfg):
+  """A finished run's directory: config.json, data.json, a sealed checkpoint, a summary."""
+  _run_with_checkpoint(path, cfg)
+  (path / "metrics.jsonl").write_text(json.dumps({"step": 2, "test_accuracy": 0.5}) + "\n")
+  (path / "summary.json").write_text(json.dumps({"final_step": 2, "steps_per_epoch": 10}))
+
+
+def test_sweep_and_study_compare_with_the_checkpoints_copy_not_an_edited_config_json(
+    tmp_path):
+  from bnlab import sweep  # pylint: disable=g-import-not-at-top
+  from bnlab.study import runs as study_runs  # pylint: disable=g-import-not-at-top
+  (m,) = sweep.resolve_members(_resumable_cfg(), sweep.seeds(1))
+  _run_of(tmp_path / m.name, m.cfg)
+  (changed,) = sweep.resolve_members(_resumable_cfg(lr=0.5), sweep.seeds(1))
+  _edit_json(tmp_path / m.name / "config.json", _set_lr(0.5))  # "matches" the changed sweep
+  with pytest.raises(config_lib.ConfigError, match=r"seed=0 \(optimizer.learning_rate: "
+                                                   r"0.01 -> 0.5\)"):
+    sweep.check_members_config([changed], str(tmp_path))
+  configured = config_lib.flatten(json.loads(changed.cfg.to_json_best_effort()))
+  run = study_runs.read_run(str(tmp_path / m.name), m.name, {}, configured)
+  assert run.summary is None and "optimizer.learning_rate (0.01 -> 0.5)" in run.error

@@ -32,6 +32,21 @@ from bnlab.rundir.errors import WorkDirError, io_error
 from bnlab.rundir.files import aside_path, atomic_write, read_json_object
 
 
+def recorded_config(path: str) -> dict | None:
+  """The config the run in directory `path` trained with: the copy its newest checkpoint
+  carries, else its config.json; None where neither can be read.
+
+  For readers that compare a run with a sweep or study (`check_members_config`,
+  `bnlab.study.runs`): config.json alone may have been edited.
+  """
+  carried = newest_record(os.path.join(path, "checkpoints"), "config")
+  if carried is not None:
+    return carried
+  try:
+    return read_json_object(os.path.join(path, "config.json"), "")
+  except WorkDirError:
+    return None
+
 class RunIdentity:
   """Checks and writes config.json and data.json; the copy each checkpoint carries."""
 

@@ -86,12 +86,11 @@ def check_members_config(members: Sequence[Member], workdir: str) -> None:
       ran = False
     if not ran:
       continue
-    try:
-      with open(os.path.join(d, "config.json")) as f:
-        old = json.load(f)
-      a = config_lib.flatten(old)
-    except (OSError, ValueError, AttributeError):
+    from bnlab.rundir import identity  # pylint: disable=g-import-not-at-top
+    old = identity.recorded_config(d)  # its checkpoints' copy: config.json may be edited
+    if old is None:
       continue  # training the member reports it
+    a = config_lib.flatten(old)
     b = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
     refused, _ = config_lib.resume_refusal(a, b)
     if refused:
