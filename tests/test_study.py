@@ -336,6 +336,28 @@ def test_a_report_leaves_out_runs_made_with_another_config(idx_dir, tmp_path):
   assert [s["trained"] for s in stages] == [len(rows)] * 2  # made longer counts as trained
 
 
+def test_a_second_study_on_a_directory_in_use_is_refused_and_records_nothing(idx_dir,
+                                                                             tmp_path):
+  # The first study holds the study directory (and, while it trains, runs/'s sweep lock).
+  from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir.errors import WorkDirError  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / "study"
+  (wd / "runs").mkdir(parents=True)
+  held = [(str(wd / ".study-lock"), locks.acquire_lock(str(wd / ".study-lock"), "x", "x")),
+          (str(wd / "runs" / ".sweep-lock"),
+           locks.acquire_lock(str(wd / "runs" / ".sweep-lock"), "x", "x"))]
+  try:
+    before = sorted(os.listdir(wd))
+    for stage in ("all", "run", "register"):
+      with pytest.raises(WorkDirError, match=f"study directory {wd} is in use by process "
+                                             f"{os.getpid()}"):
+        run_local("seed_comparison", idx_dir, str(wd), stage=stage)
+      assert sorted(os.listdir(wd)) == before  # no stage record, study.json or registration
+  finally:
+    for path, fd in held:
+      locks.release_lock(path, fd)
+
+
 def test_a_study_made_shorter_than_its_runs_names_the_fix_that_works(idx_dir, tmp_path):
   # The run stage cannot shorten a run; its report must not send the user back to it.
   wd = str(tmp_path / "study")
