@@ -64,7 +64,7 @@ class RunIdentity:
     return {"config": self.config_json, "data": self._data_identity}
 
   def check_config(self, cfg) -> None:
-    """Compares `cfg` with config.json; writes it to a directory without one.
+    """Compares `cfg` with the run's config; writes config.json to a directory without one.
 
     A directory that holds no checkpoint and no summary has trained nothing
     that could be resumed: it accepts another config (the old config.json,
@@ -218,8 +218,9 @@ class RunIdentity:
       kept = _move_aside(path, "edited" if file is not None else "damaged") \
           if self.primary else ""
       logging.warning(
-          "%s %s: restored from the copy of the data identity the run's checkpoints carry "
-          "(the data matches it)%s", path, damage, f"; the file is kept as {kept}" if kept else "")
+          "%s %s: restored from the copy of the data identity the run's checkpoints carry, "
+          "which the data matches%s", path, damage,
+          f" (the file is kept as {kept})" if kept else "")
     # A directory where data.json belongs is left alone where the checkpoints carry the
     # identity (nothing is lost without the file); elsewhere writing it names the problem.
     if self.primary and file != identity and not (carried and damage == "is not a file"):
