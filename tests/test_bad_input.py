@@ -211,14 +211,61 @@ def _labels_past_9(raw):
   return bytes(b)
 
 
+def _records_of_run_on_copy(c):
+  """The run killed at step 4, as if trained on a copy of its data (c.idx_copy()): its data
+  directory renamed in config.json, data.json and every checkpoint's copy of them."""
+  c.copy_finished(interrupted_at=4)
+  old, new = c.env["idx"], c.idx_copy()
+  paths = [os.path.join(c.wd, "config.json"), os.path.join(c.wd, "data.json")] + [
+      os.path.join(c.wd, "checkpoints", n, "bnlab_checksums.json")
+      for n in os.listdir(os.path.join(c.wd, "checkpoints")) if n.isdigit()]
+  for path in paths:
+    text = open(path).read()
+    open(path, "w").write(text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1]))
+
+
+def _change_labels(raw):
+  return raw[:8] + bytes((b + 1) % 10 for b in raw[8:])
+
+
 def _data_changed(c):
   """An interrupted run whose data files were replaced since (same sizes, other labels)."""
-  c.rewrite("train_labels", lambda raw: raw[:8] + bytes((b + 1) % 10 for b in raw[8:]))
+  _records_of_run_on_copy(c)
+  path = os.path.join(c.cfg.data.dir, IDX["train_labels"])
+  with gzip.open(path) as f:
+    raw = f.read()
+  with gzip.open(path, "wb") as f:
+    f.write(_change_labels(raw))
+
+
+def _data_changed_and_data_json_edited(c):
+  """As `_data_changed`, with data.json edited to name the new data (it must not count)."""
+  from bnlab.engine import train
+  _data_changed(c)
+  with open(os.path.join(c.wd, "data.json"), "w") as f:
+    json.dump(train.data_identity(train.load_data(c.cfg)), f)
+
+
+def _edit_config_json(change, lr=None):
+  """A run killed at step 4 whose config.json was edited by `change` (and the rerun at `lr`)."""
+  def setup(c):
+    c.copy_finished(interrupted_at=4)
+    path = os.path.join(c.wd, "config.json")
+    cfg = json.load(open(path))
+    change(cfg)
+    open(path, "w").write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if lr is not None:
+      c.cfg.optimizer.learning_rate = lr
+  return setup
+
+
+def _edit_data_json(c):
+  """A run killed at step 4 whose data.json was edited; its data is unchanged."""
   c.copy_finished(interrupted_at=4)
-  path = os.path.join(c.wd, "config.json")
-  cfg = json.load(open(path))
-  cfg["data"]["dir"] = c.cfg.data.dir
-  open(path, "w").write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+  path = os.path.join(c.wd, "data.json")
+  identity = json.load(open(path))
+  identity["sha256"] = "0" * 64
+  open(path, "w").write(json.dumps(identity))
 
 
 def _config_json_deleted(c):
@@ -429,7 +476,11 @@ CASES = [
     ("workdir_empty", "api", lambda c: setattr(c, "wd", ""), "the work directory is empty", "--workdir=DIR"),
     ("config_json_deleted", "api", _config_json_deleted, "optimizer.learning_rate: 0.1 -> 0.5", "use a new --workdir"),
     ("data_changed_on_resume", "api", _data_changed, "differs from the data the run", "use a new --workdir"),
-    ("corrupt_config_json", "api", lambda c: (c.copy_finished(4), open(os.path.join(c.wd, "config.json"), "w").write("{\"seed\": ")), "config.json is unreadable", "use a new --workdir"),
+    # config.json and data.json as a user edits them: the checkpoints' copies count
+    ("config_json_edited_to_new_lr", "api", _edit_config_json(lambda d: d["optimizer"].update(learning_rate=0.5), lr=0.5), "optimizer.learning_rate: 0.1 -> 0.5); " , "config.json was edited (optimizer.learning_rate: 0.1 -> 0.5), but the config the run's checkpoints carry is the one it trained with; use a new --workdir"),
+    ("config_json_section_deleted", "api", _edit_config_json(lambda d: d.pop("optimizer"), lr=0.5), "optimizer.learning_rate: 0.1 -> 0.5", "config.json lacks optimizer.*, but the config the run's checkpoints carry is the one it trained with; use a new --workdir"),
+    ("corrupt_config_json_other_config", "api", lambda c: (c.copy_finished(4), open(os.path.join(c.wd, "config.json"), "w").write("{\"seed\": "), _set(optimizer__learning_rate=0.5)(c)), "optimizer.learning_rate: 0.1 -> 0.5)", "config.json is unreadable"),
+    ("data_json_edited_to_changed_data", "api", _data_changed_and_data_json_edited, "differs from the data the run", "data.json was edited (sha256: "),
     ("corrupt_summary_json", "api", lambda c: (c.copy_finished(), open(os.path.join(c.wd, "summary.json"), "w").write("[1, 2")), "summary.json is unreadable", "delete it and rerun"),
     ("summary_json_without_final_step", "api", lambda c: (c.copy_finished(), open(os.path.join(c.wd, "summary.json"), "w").write("{}")), "summary.json is unreadable (its final_step is None, not a step)", "delete it and rerun"),
     ("lock_is_a_directory", "api", _lock_is_dir, ".lock failed", "rerun"),
@@ -500,15 +551,25 @@ HANDLED = [
     ("wd_config_json_missing", _workdir_file("config.json", "missing"), "restored from the newest checkpoint's copy", lambda wd: json.load(open(os.path.join(wd, "config.json")))["optimizer"]["learning_rate"] == 0.1),
     ("wd_metrics_jsonl_damaged", _damaged_first_record, "the damaged line is moved aside, not dropped", lambda wd: any(n.startswith("metrics.jsonl.damaged-") for n in os.listdir(wd))),
     ("wd_summary_json_missing", _workdir_file("summary.json", "missing", None), "the final evaluation is redone from the last checkpoint", lambda wd: os.path.isfile(os.path.join(wd, "summary.json"))),
-    ("wd_data_json_damaged", _workdir_file("data.json", "damaged"), "the newest checkpoint's copy of the data identity is compared", lambda wd: True),
+    ("corrupt_config_json", lambda c: (c.copy_finished(4), open(os.path.join(c.wd, "config.json"), "w").write("{\"seed\": ")), "restored from the checkpoints' copy, the damaged file kept aside", lambda wd: json.load(open(os.path.join(wd, "config.json")))["seed"] == 0 and _aside(wd, "config.json.damaged-") == '{"seed": '),
+    ("config_json_edited_same_command", _edit_config_json(lambda d: d["optimizer"].update(learning_rate=0.5)), "restored from the checkpoints' copy, the edited file kept aside", lambda wd: json.load(open(os.path.join(wd, "config.json")))["optimizer"]["learning_rate"] == 0.1 and '"learning_rate": 0.5' in _aside(wd, "config.json.edited-")),
+    ("config_json_section_deleted_same_command", _edit_config_json(lambda d: d.pop("optimizer")), "restored from the checkpoints' copy", lambda wd: json.load(open(os.path.join(wd, "config.json")))["optimizer"]["learning_rate"] == 0.1),
+    ("data_json_edited_same_data", _edit_data_json, "restored from the checkpoints' copy, the edited file kept aside", lambda wd: json.load(open(os.path.join(wd, "data.json")))["sha256"] != "0" * 64 and "0" * 64 in _aside(wd, "data.json.edited-")),
+    ("wd_data_json_damaged", _workdir_file("data.json", "damaged"), "restored from the newest checkpoint's copy of the data identity", lambda wd: "sha256" in json.load(open(os.path.join(wd, "data.json")))),
     ("wd_data_json_directory", _workdir_file("data.json", "directory"), "the newest checkpoint's copy of the data identity is compared", lambda wd: True),
-    ("wd_data_json_missing", _workdir_file("data.json", "missing"), "the newest checkpoint's copy is compared (the checkpoints carry it)", lambda wd: True),
+    ("wd_data_json_missing", _workdir_file("data.json", "missing"), "restored from the newest checkpoint's copy", lambda wd: "sha256" in json.load(open(os.path.join(wd, "data.json")))),
     ("wd_lock_damaged", _workdir_file(".lock", "damaged"), "a lock no process holds is taken over", lambda wd: not os.path.lexists(os.path.join(wd, ".lock"))),
     ("wd_checkpoints_missing", _workdir_file("checkpoints", "missing"), "trains again from step 0 (the same records: the run is deterministic)", lambda wd: os.path.isdir(os.path.join(wd, "checkpoints", "10"))),
     ("wd_checkpoints_empty_directory", _workdir_file("checkpoints", "directory"), "trains again from step 0", lambda wd: os.path.isdir(os.path.join(wd, "checkpoints", "10"))),
     ("wd_tensorboard_missing", _workdir_file("tensorboard", "missing"), "written again from the resumed step on", lambda wd: os.listdir(os.path.join(wd, "tensorboard"))),
     ("wd_tensorboard_empty_directory", _workdir_file("tensorboard", "directory"), "written again from the resumed step on", lambda wd: os.listdir(os.path.join(wd, "tensorboard"))),
 ]
+
+
+def _aside(wd, prefix):
+  """The text of the one file named `prefix`<time> in `wd` (a file bnlab kept aside)."""
+  (name,) = [n for n in os.listdir(wd) if n.startswith(prefix)]
+  return open(os.path.join(wd, name)).read()
 
 
 @pytest.mark.parametrize("case", HANDLED, ids=[c[0] for c in HANDLED])

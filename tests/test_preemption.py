@@ -213,7 +213,8 @@ def test_sigterm_stops_a_sweep_after_checkpointing_its_member_and_a_rerun_trains
   assert kill_soak.leftovers(str(second)) == []
 
 
-def test_sigterm_stops_a_study_and_records_its_stage_interrupted(idx_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_study_and_records_its_stage_interrupted(idx_dir, tmp_path, signum):
   wd = tmp_path / "study"
   args = [sys.executable, "-m", "bnlab.study", "--stage=run", f"--workdir={wd}",
           "--config=configs/studies/seed_comparison.py:runlocal",
@@ -226,16 +227,22 @@ def test_sigterm_stops_a_study_and_records_its_stage_interrupted(idx_dir, tmp_pa
     found = [runs / n / "metrics.jsonl" for n in (os.listdir(runs) if runs.is_dir()
                                                    else []) if not n.startswith((".", "_"))]
     return next((m for m in found if m.exists()), None)
-  rc, stderr, _ = signal_mid_training(args, member_metrics, signal.SIGTERM, after_step=2)
+  rc, stderr, _ = signal_mid_training(args, member_metrics, signum, after_step=2)
   metrics = member_metrics()
-  assert rc == 143, stderr[-3000:]
-  (line,) = preempted_lines(stderr)
-  assert line.startswith("preempted: SIGTERM at step ") and line.endswith(
-      f"; resume with: {shlex.join(args)}")
+  if signum == signal.SIGTERM:
+    assert rc == 143, stderr[-3000:]
+    (line,) = preempted_lines(stderr)
+    assert line.startswith("preempted: SIGTERM at step ") and line.endswith(
+        f"; resume with: {shlex.join(args)}")
+  else:  # Ctrl-C: the study's own line, status 130
+    assert rc == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(
+        "interrupted: rerun the same command to resume"), stderr[-3000:]
+  assert "Traceback" not in stderr
   stages = json.load(open(wd / "stages.json"))
   assert stages[-1]["interrupted"] is True and stages[-1]["trained"] == 0
-  (step,) = checkpoint_steps(metrics.parent / "checkpoints")
-  assert 2 <= step < 5000
+  steps = checkpoint_steps(metrics.parent / "checkpoints")
+  assert signum == signal.SIGINT or (len(steps) == 1 and 2 <= steps[0] < 5000)
 
 
 def test_sigterm_to_one_process_stops_every_process_of_a_run_at_one_step(tmp_path):

@@ -14,6 +14,7 @@ from bnlab import study
 from bnlab import sweep
 from bnlab.study import published
 from bnlab.study import report as report_lib
+from bnlab.study import runs as runs_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = ("seed_comparison", "lr_sweep", "placement", "bn_batch_size")
@@ -333,6 +334,53 @@ def test_a_report_leaves_out_runs_made_with_another_config(idx_dir, tmp_path):
   assert all(r["status"] == "done" for r in rows)
   stages = json.load(open(os.path.join(wd, "stages.json")))
   assert [s["trained"] for s in stages] == [len(rows)] * 2  # made longer counts as trained
+
+
+def test_a_second_study_on_a_directory_in_use_is_refused_and_records_nothing(idx_dir,
+                                                                             tmp_path):
+  # The first study holds the study directory (and, while it trains, runs/'s sweep lock).
+  from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir.errors import WorkDirError  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / "study"
+  (wd / "runs").mkdir(parents=True)
+  held = [(str(wd / ".study-lock"), locks.acquire_lock(str(wd / ".study-lock"), "x", "x")),
+          (str(wd / "runs" / ".sweep-lock"),
+           locks.acquire_lock(str(wd / "runs" / ".sweep-lock"), "x", "x"))]
+  try:
+    before = sorted(os.listdir(wd))
+    for stage in ("all", "run", "register"):
+      with pytest.raises(WorkDirError, match=f"study directory {wd} is in use by process "
+                                             f"{os.getpid()}"):
+        run_local("seed_comparison", idx_dir, str(wd), stage=stage)
+      assert sorted(os.listdir(wd)) == before  # no stage record, study.json or registration
+  finally:
+    for path, fd in held:
+      locks.release_lock(path, fd)
+
+
+def test_a_study_made_shorter_than_its_runs_names_the_fix_that_works(idx_dir, tmp_path):
+  # The run stage cannot shorten a run; its report must not send the user back to it.
+  wd = str(tmp_path / "study")
+  run_local("bn_batch_size", idx_dir, wd)
+  run_local("bn_batch_size", idx_dir, wd, num_steps=20)  # the whole study, run stage first
+  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
+  for r in rows:
+    assert r["status"] == "failed" and "without --stage=report" not in r["error"], r
+    assert "the study now asks for 20 steps, but the run trained 30, and a run can be made " \
+        "longer, not shorter; give the study its runs' length back (train.num_steps=30" \
+        in r["error"] and f"or move runs/{r['name']} aside" in r["error"], r["error"]
+  run_local("bn_batch_size", idx_dir, wd, stage="report")  # the length given back: all done
+  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
+  assert all(r["status"] == "done" for r in rows)
+
+
+def test_a_report_of_runs_of_another_config_says_to_move_them_or_use_a_new_workdir():
+  ran = {"train": {"num_steps": 30}, "optimizer": {"learning_rate": 0.1}}
+  configured = {"train.num_steps": 30, "optimizer.learning_rate": 0.2}
+  message = runs_lib._configured_otherwise("/s/runs/m", ran, configured, {})
+  assert "without --stage=report" not in message
+  assert message.endswith("it ran as another study; use a new --workdir for the changed "
+                          "study, or move runs/m aside to train it again as configured")
 
 
 def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):

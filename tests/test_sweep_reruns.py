@@ -103,3 +103,19 @@ def test_second_sweep_on_one_directory_fails(tmp_path):
       sweep.run_sweep(_base(), sweep.seeds(1), str(tmp_path))
   finally:
     locks_lib.release_lock(str(tmp_path / ".sweep-lock"), lock)
+
+
+def test_only_keeps_the_failures_of_the_members_it_leaves_out(idx_dir, tmp_path):
+  # A failed member's directory holds no summary: read again, its row would be "unfinished"
+  # with no error.
+  base = _base()
+  base.data.source, base.data.dir = "idx", idx_dir
+  members = [{"data.num_train": 5000}, {"data.num_train": 6000}]
+  wd = str(tmp_path / "sw")
+  first = sweep.run_sweep(base, members, wd)
+  assert [r["status"] for r in first] == ["failed", "failed"]
+  assert "config.data.num_train=5000" in first[0]["error"]
+  rows = sweep.run_sweep(base, members, wd, only="num_train=6000")
+  assert rows[0] == first[0]  # left out: kept as it was
+  assert sweep.load_results(wd)[0] == first[0]
+  assert rows[1]["status"] == "failed" and "config.data.num_train=6000" in rows[1]["error"]

@@ -14,6 +14,8 @@ Layout:
   metrics.jsonl.damaged-<time>   lines of metrics.jsonl that were no record
   <name>.replaced-<time>  config.json, metrics.jsonl and tensorboard/ of an
                    attempt that saved no checkpoint, replaced by a new config
+  config.json.edited-<time>, data.json.damaged-<time> (and the like)  a file
+                   that disagreed with its checkpoint's copy, restored from it
 
 Every failure to read or write these raises WorkDirError naming the file and
 the fix. A run killed at any moment leaves nothing that blocks or misleads
@@ -36,9 +38,13 @@ What is kept, and what is refused:
     restored with a warning.
   - A directory that holds no checkpoint (and no summary) accepts another
     config: nothing was trained, so a failed start costs nothing.
-  - A resume checks the config and the data against the run's: a missing
-    config.json or data.json is taken from the newest checkpoint's copy (and
-    config.json restored); a run whose config is nowhere is refused.
+  - A resume checks the config and the data against the run's, as the newest
+    checkpoint's copy records them, not config.json or data.json (which a user
+    may edit): a file that disagrees with that copy (edited, damaged, missing,
+    a section deleted) is named in the refusal of a rerun that differs from
+    the run, and restored from the copy (the file kept as
+    <name>.edited-<time> or <name>.damaged-<time>) for one that does not
+    (`identity.RunIdentity`); a run whose config is nowhere is refused.
 
 Non-finite numbers: metrics.jsonl and summary.json are strict JSON. A NaN or
 infinite value is written as null, and the object gets a "nonfinite" entry

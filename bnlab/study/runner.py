@@ -5,6 +5,7 @@ Each stage is idempotent, so rerunning the same command resumes where it stopped
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -18,12 +19,42 @@ from bnlab.study import registration
 from bnlab.study import report as report_lib
 
 
+LOCK = ".study-lock"
+
+
+@contextlib.contextmanager
+def holding(workdir: str):
+  """The study directory's lock held while the block runs; WorkDirError naming the holder
+  when another process has it.
+
+  Taken before the stages write anything: a second study on the directory is
+  refused before it writes study.json, a registration or a stage record (the
+  sweep's own lock on runs/ would refuse it only after the record was begun,
+  leaving an "interrupted" stage that never ran).
+  """
+  from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
+  files.make_dir(workdir)
+  path = os.path.join(workdir, LOCK)
+  fd = locks.acquire_lock(path, os.path.abspath(workdir), "study directory")
+  try:
+    yield
+  finally:
+    locks.release_lock(path, fd)
+
+
 def run_stage(study: study_config.Study, workdir: str) -> None:
   """Trains the members that are not finished; records the stage in stages.json."""
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
-  from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
   # Deterministic mode is set before anything starts JAX (provenance does).
   backend.configure_run(study.base_run_config())
+  with holding(workdir):
+    _run_stage(study, workdir)
+
+
+def _run_stage(study: study_config.Study, workdir: str) -> None:
+  """`run_stage`, the study directory's lock held."""
+  from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
   register_stage(study, workdir)
   stages_path = os.path.join(workdir, "stages.json")
   files.read_json(stages_path, [])  # damaged: stop before anything trains
@@ -72,7 +103,8 @@ def run_study(study: study_config.Study, workdir: str, stage: str = "all", out: 
   if stage in ("report", "all"):
     _check_destinations(workdir, out)
   if stage == "register":
-    return f"{register_stage(study, workdir)}: {os.path.join(workdir, registration.FILE)}"
+    with holding(workdir):
+      return f"{register_stage(study, workdir)}: {os.path.join(workdir, registration.FILE)}"
   if stage in ("run", "all"):
     run_stage(study, workdir)
   if stage == "run":

@@ -93,6 +93,26 @@ def result_row(m: Member, path: str, error: str | None) -> dict:
   return row
 
 
+def kept_errors(workdir: str, selected: set[str]) -> dict[str, str]:
+  """{name: error} of the members the last results.json records failed, `selected` aside.
+
+  A run with `--only` trains the selected members; the others' rows are read
+  from their directories again, where a failure leaves no trace (no summary:
+  the row would read "unfinished", its error lost). So their errors are
+  carried over from the results they had. An unreadable results.json keeps
+  nothing (the rows are then what the directories say).
+  """
+  try:
+    rows = load_results(workdir)
+  except (OSError, ValueError):
+    return {}
+  if not isinstance(rows, list):
+    return {}
+  return {r["name"]: r["error"] for r in rows
+          if isinstance(r, dict) and r.get("status") == "failed" and r.get("error")
+          and isinstance(r.get("name"), str) and r["name"] not in selected}
+
+
 def write_results(workdir: str, rows: list[dict]) -> None:
   """`results.json` (a list of rows) and `results.csv` (empty cells for None)."""
   columns: list[str] = []

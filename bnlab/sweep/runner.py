@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from bnlab import config as config_lib
 from bnlab.sweep.groups import Member, plan
-from bnlab.sweep.results import result_row, write_results
+from bnlab.sweep.results import kept_errors, result_row, write_results
 
 
 def error_line(e: BaseException) -> str:
@@ -87,12 +87,11 @@ def check_members_config(members: Sequence[Member], workdir: str) -> None:
       ran = False
     if not ran:
       continue
-    try:
-      with open(os.path.join(d, "config.json")) as f:
-        old = json.load(f)
-      a = config_lib.flatten(old)
-    except (OSError, ValueError, AttributeError):
+    from bnlab.rundir import identity  # pylint: disable=g-import-not-at-top
+    old = identity.recorded_config(d)  # its checkpoints' copy: config.json may be edited
+    if old is None:
       continue  # training the member reports it
+    a = config_lib.flatten(old)
     b = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
     refused, _ = config_lib.resume_refusal(a, b)
     if refused:
@@ -159,6 +158,8 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
       for m in failed:
         errors[m.name] = message
     logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
+  # Members --only left out keep their failures (their directories do not record them).
+  errors = {**kept_errors(workdir, {m.name for g in groups for m in g}), **errors}
   rows = [result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
   write_results(workdir, rows)
   return rows
