@@ -71,10 +71,10 @@ def test_at_matched_loss_interpolates_at_the_first_crossing():
 def test_matched_progress_keys_and_censoring():
   series = {"step": [0, 100, 200], "loss": [2.0, 1.0, 0.6], "beta_max": [1.0, 3.0, 5.0]}
   out = sm.matched_progress(series, (1.0, 0.8, 0.3))
-  assert out == {"reached@loss=1": True, "reached@loss=0.8": True, "reached@loss=0.3": False,
-                 "step@loss=1": 100, "step@loss=0.8": pytest.approx(150),
-                 "step@loss=0.3": None, "beta_max@loss=1": 3.0,
-                 "beta_max@loss=0.8": pytest.approx(4.0), "beta_max@loss=0.3": None}
+  assert out == {"reached@loss=1": True, "reached@loss=0_8": True, "reached@loss=0_3": False,
+                 "step@loss=1": 100, "step@loss=0_8": pytest.approx(150),
+                 "step@loss=0_3": None, "beta_max@loss=1": 3.0,
+                 "beta_max@loss=0_8": pytest.approx(4.0), "beta_max@loss=0_3": None}
   rows = [{"step": s, "grad_change": [0, g, 0], "grad_norm": 2.0, "beta_max": b,
            "loss_range": 1.0, "loss": x} for s, g, b, x in ((0, 4, 1, 2), (5, 2, 3, 1))]
   scalars = sm.checkpoint_scalars(rows, mid=1)
@@ -88,11 +88,11 @@ def test_a_censored_run_makes_the_matched_claim_inconclusive_by_name():
     return {"norm": norm, "lr": 1, "seed": seed, **sm.matched_progress(
         {"loss": losses, "beta_max": [1.0, 2.0 + seed + (norm == "bn")]}, (0.5,))}
   reached = cells([row(n, s, 0.4) for n in ("bn", "no") for s in range(3)])
-  verdict, numbers = study.paired_interval(reached, "beta_max@loss=0.5", "norm=bn", "norm=no")
+  verdict, numbers = study.paired_interval(reached, "beta_max@loss=0_5", "norm=bn", "norm=no")
   assert verdict == "supported" and numbers["n"] == 3
   censored = cells([row(n, s, 0.6 if (n, s) == ("no", 2) else 0.4)
                     for n in ("bn", "no") for s in range(3)])
-  verdict, numbers = study.paired_interval(censored, "beta_max@loss=0.5", "norm=bn", "norm=no")
+  verdict, numbers = study.paired_interval(censored, "beta_max@loss=0_5", "norm=bn", "norm=no")
   assert verdict == "inconclusive"
   assert "'norm=no' at seed 2 is None" in numbers["reason"]
 

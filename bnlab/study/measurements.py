@@ -168,8 +168,9 @@ def at_matched_loss(losses: list, values: list, targets) -> list:
 
 
 def loss_key(target: float) -> str:
-  """The suffix of a value read at matched training loss: "@loss=0.5", "@loss=1"."""
-  return f"@loss={target:g}"
+  """The suffix of a value read at matched training loss: "@loss=0_5", "@loss=1" (no dot:
+  measurement keys are metric names in a study config, a ConfigDict, which refuses dots)."""
+  return f"@loss={target:g}".replace(".", "_")
 
 
 def matched_progress(series: dict[str, list], targets) -> dict:
@@ -228,11 +229,12 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   "loss", the mean training loss on those batches, and with
   `spec["hessian_iterations"]` > 0 (default 0: off, it costs about two gradients per
   iteration) "hessian_top", the top Hessian eigenvalue of that loss by that many
-  power iterations, and "hessian_change", its change in the last one. Returns
+  power iterations, "hessian_change", its change in the last one, and over the run
+  "hessian_change_rel_max", the largest change / |eigenvalue|. Returns
   "{q}/series" per quantity ([[step, value or per-layer list]]; grad_change at
   the middle eta), `summarize_checkpoints` of them (equal steps) and, for each
   target in `spec["matched_losses"]` (default none), `matched_progress` of the
-  scalar series (equal training loss): e.g. "beta_max@loss=0.5", None when censored.
+  scalar series (equal training loss): e.g. "beta_max@loss=0_5", None when censored.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -277,6 +279,9 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   series = {f"{k}/series": [[r["step"], r[k][mid] if k == "grad_change" else r[k]] for r in rows]
             for k in rows[0] if k != "step"}
   matched = matched_progress(checkpoint_scalars(rows, mid), spec.get("matched_losses", ()))
+  if hessian:  # how far the fixed number of power iterations was from converged, at worst
+    matched["hessian_change_rel_max"] = max(
+        r["hessian_change"] / max(abs(r["hessian_top"]), 1e-12) for r in rows)
   return {"layers": ["/".join(p) for p in analysis.layer_weights(init.params)],
           "etas": np.asarray(etas).tolist(), **series, **summarize_checkpoints(rows, mid),
           **matched}

@@ -38,7 +38,16 @@ from bnlab.study import measurements as study_measurements  # noqa: F401  (regis
 from bnlab import sweep
 
 QUANTITIES = ("ics_l2", "ics_cos", "ics_rel")
-SMOOTHNESS = ("grad_change", "grad_change_rel", "beta_max", "loss_range", "grad_norm")
+SMOOTHNESS = ("grad_change", "grad_change_rel", "beta_max", "loss_range", "grad_norm",
+              "hessian_top")
+# Matched progress: each quantity read where the run's training loss (on the measurement's
+# fixed batches) first reaches each target; a run that never does is censored (None).
+TARGETS = (1.0, 0.5, 0.3)
+MATCHED = {"beta_max": "the effective beta", "grad_change_rel": "||grad L(w - lr g) - g|| / ||g||",
+           "loss_range": "the loss range along the gradient",
+           "hessian_top": "the top Hessian eigenvalue"}
+PRIMARY_MATCHED = ("beta_max", 0.5)  # the review's disputed comparison (beta at loss ~0.5)
+HESSIAN_ITERATIONS = 20
 MOSTLY = 0.75  # a claim holds when its comparison goes one way in >= 3/4 of the pairs
 NOTES = """
 Where BN helps: at lr 0.1 the sigmoid MLP with BN is above the one without at 90 of 91
@@ -100,23 +109,36 @@ def get_config(arg=None):
   s.grouped = False  # the measurement reads every checkpoint in the run's own directory
   s.cells = ("model", "model.norm")
   s.measurements = {"ics": {"kind": "ics_smoothness", "batches": 2 if local else 8,
-                            "num_etas": 3 if local else 7, "batch_seed": 1234}}
+                            "num_etas": 3 if local else 7, "batch_seed": 1234,
+                            "hessian_iterations": 3 if local else HESSIAN_ITERATIONS,
+                            "matched_losses": list(TARGETS)}}
   per_layer = [f"{q}@{j}" for q in QUANTITIES for j in (2, 3, 4)]
   pooled = [f"{q}/{p}" for q in ("ics_l2", "ics_rel", "beta_max", "loss_range", "grad_change")
             for p in ("pairs", "series")]
+  matched = [f"{q}{at(t)}" for q in ("step", *MATCHED) for t in TARGETS]
+  reached = [f"reached{at(t)}" for t in TARGETS]
   s.metrics = {"final_acc": ("summary", "test_accuracy"),
                "train_loss": ("series", "train_loss"),
                **{m: ("measured", "ics", m) for m in (*per_layer, *SMOOTHNESS, *pooled,
-                                                      "ics_cos/series")}}
+                                                      "ics_cos/series", "loss/series",
+                                                      "hessian_top/series",
+                                                      "hessian_change_rel_max", *matched,
+                                                      *reached)}}
   s.labels = {"batch": "BN", "none": "no BN", "noisy": "noisy BN", "final_acc": "final test acc",
               "sigmoid_mlp": "paper MLP, sigmoid, lr 0.1", "relu_mlp": "paper MLP, ReLU, lr 0.1",
               "train_loss": "training loss", "ics_l2/series": "ICS ||G - G'||",
               "ics_cos/series": "ICS cos(G, G')", "grad_change/series": "gradient change",
               "beta_max/series": "beta-smoothness (max over eta)",
-              "loss_range/series": "loss range along the gradient"}
+              "loss_range/series": "loss range along the gradient",
+              "loss/series": "training loss on the measurement's batches",
+              "hessian_top/series": "top Hessian eigenvalue",
+              **{f"{q}{at(t)}": f"{q} at loss {t:g}" for q in ("step", *MATCHED, "reached")
+                 for t in TARGETS}}
   s.notes = NOTES
   s.tables = {"internal covariate shift": {"metrics": tuple(per_layer)},
-              "smoothness and training": {"metrics": ("final_acc", *SMOOTHNESS)}}
+              "smoothness and training": {"metrics": ("final_acc", *SMOOTHNESS,
+                                                      "hessian_change_rel_max")},
+              "at matched training loss": {"metrics": (*reached, *matched)}}
   s.figures = {"training": {"kind": "curves", "metric": "train_loss", "hue": ("model.norm",),
                             "panels": ("model",), "logy": True},
                **{q: {"kind": "per_checkpoint", "metric": f"{q}/series", "hue": ("model.norm",),
@@ -124,7 +146,7 @@ def get_config(arg=None):
                   for q in ("ics_l2", "ics_cos")},
                **{q: {"kind": "per_checkpoint", "metric": f"{q}/series", "hue": ("model.norm",),
                       "panels": ("model",), "logy": True}
-                  for q in ("grad_change", "beta_max", "loss_range")}}
+                  for q in ("grad_change", "beta_max", "loss_range", "hessian_top", "loss")}}
   helps = {"rule": "paired_interval", "metric": "final_acc", "b": "model.norm=none",
            "each": ("model",), "primary": True}
   s.claims = {
@@ -150,8 +172,29 @@ def get_config(arg=None):
                                 "batch", "none"),
       "noisy_beta_lower": claim("Noisy BN still smooths: its effective beta is lower than no "
                                 "BN's (Santurkar et al.: yes).", "beta_max", "noisy", "none"),
+      **matched_claims(),
   }
   return s
+
+
+def at(target: float) -> str:
+  """The suffix of a value read at matched training loss (`measurements.loss_key`)."""
+  return study_measurements.loss_key(target)
+
+
+def matched_claims() -> dict:
+  """BN vs no BN, paired by seed, for each MATCHED quantity at each TARGETS loss: the
+  comparison at equal progress that the equal-step claims above cannot make."""
+  out = {}
+  for q, what in MATCHED.items():
+    for t in TARGETS:
+      out[f"{q}_lower{at(t)}".replace("@", "_at_").replace("=", "_")] = {
+          "statement": f"At matched training loss {t:g}, {what} is lower with BN than "
+                       "without (Santurkar et al.: yes).",
+          "rule": "paired_interval", "metric": f"{q}{at(t)}", "higher": False,
+          "a": "model.norm=batch", "b": "model.norm=none", "each": ("model",),
+          "primary": (q, t) == PRIMARY_MATCHED}
+  return out
 
 
 def get_sweep(arg=None):
