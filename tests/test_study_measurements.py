@@ -201,6 +201,11 @@ def test_study_runs_end_to_end(name, idx_dir, tmp_path):
     caches = [os.path.join(wd, "runs", r["name"], "measurements", "ics.json") for r in rows]
     # Series stay in the run's measurement cache: initialisation + 2 checkpoints.
     assert all(len(json.load(open(c))["values"]["ics_l2/series"]) == 3 for c in caches)
+    for c in caches:  # the Hessian and the matched-loss values: None exactly when censored
+      v = json.load(open(c))["values"]
+      assert len(v["hessian_top/series"]) == 3 and v["hessian_change_rel_max"] >= 0
+      for t in ("1", "0_5", "0_3"):
+        assert (v[f"beta_max@loss={t}"] is None) == (not v[f"reached@loss={t}"])
   assert test_study.run_local(name, idx_dir, wd, stage="report") == text  # from the cache
 
 

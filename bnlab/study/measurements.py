@@ -17,6 +17,7 @@ Registered into `bnlab.study`'s registries when imported (study configs import i
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -187,11 +188,13 @@ def matched_progress(series: dict[str, list], targets) -> dict:
   return out
 
 
-def _measure_fn(model, lr: float, etas, noisy: bool, hessian_iterations: int = 0):
+@functools.lru_cache(maxsize=8)
+def _measure_fn(model, lr: float, etas: tuple, noisy: bool, hessian_iterations: int = 0):
   """(params, batch_stats, rng, step, images, labels) -> per-batch ICS and smoothness, and
   with `hessian_iterations` > 0 the top Hessian eigenvalue of the loss averaged over the
   batches (the loss the batches' training loss is; one eigenvalue, not a mean of per-batch
-  ones, which batch noise would inflate)."""
+  ones, which batch noise would inflate). Cached: the seeds of one model and rate share
+  one compiled program (with the Hessian, compiling costs more than measuring a run)."""
   import jax  # pylint: disable=g-import-not-at-top
   from bnlab import analysis  # pylint: disable=g-import-not-at-top
   from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
@@ -255,7 +258,8 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   model = models.build_model(cfg.model)
   etas = analysis.eta_grid(lr, num=spec["num_etas"])
   hessian = int(spec.get("hessian_iterations", 0))
-  measure = _measure_fn(model, lr, etas, cfg.model.norm == "noisy", hessian)
+  measure = _measure_fn(model, float(lr), tuple(float(e) for e in etas),
+                        cfg.model.norm == "noisy", hessian)
   tx = optim_lib.make_optimizer(cfg.optimizer, cfg.train.num_steps)
   init = state_lib.create_train_state(model, tx, jax.random.key(cfg.seed), batch)
   states = [(0, init.params, init.batch_stats, init.rng)]

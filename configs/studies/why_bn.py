@@ -5,32 +5,48 @@ not from less internal covariate shift (ICS). Measured where BN helps: the paper
 (784-100-100-100-10, batch 60, LeCun normal init) with sigmoids at lr 0.1 and with
 ReLUs at lr 0.1 (as configs/studies/relu_lr.py), each with BN, without BN and with
 noisy BN (BN, then a random per-activation scale U(1, 1.5) and shift U(-0.5, 0.5)
-redrawn every step), 10 seeds, plain SGD, 3,000 steps, a checkpoint every 750. At
+redrawn every step), 10 seeds, plain SGD, 8,000 steps, a checkpoint every 100. At
 initialisation and at every checkpoint the measurement `ics_smoothness`
-(bnlab.study.measurements) takes `bnlab.analysis`'s ICS per layer and gradient
-smoothness over 7 step sizes eta from lr/4 to 4 lr, mean over 8 fixed training
-batches; cached in runs/<member>/measurements/ics.json.
+(bnlab.study.measurements) takes `bnlab.analysis`'s ICS per layer, gradient
+smoothness over 7 step sizes eta from lr/4 to 4 lr (mean over 8 fixed training
+batches), the training loss on those batches and the top Hessian eigenvalue of that
+loss (20 power iterations); cached in runs/<member>/measurements/ics.json.
+
+Equal steps are not equal progress: BN's loss falls faster (sigmoid, lr 0.1: about 1.0
+at step 100 and 0.5 at 300 with BN, 1.0 at ~1,900 and 0.3 at ~6,000 without), and the
+smoothness measures change as training goes on. So each is also read at matched
+training loss 1, 0.5 and 0.3 (`measurements.at_matched_loss`: the first checkpoint at
+or below the target, interpolated in loss from the one before; None, censored, when
+never reached), and BN is compared with no BN there by `paired_interval`. The run
+length lets no BN reach 0.3; the checkpoint spacing resolves BN's early crossings.
 
 Run:    python -m bnlab.study --config=configs/studies/why_bn.py --workdir=runs/why_bn
-Smoke:  ...why_bn.py:runlocal (the sigmoid MLP, three norms, 10 steps, 2 batches, 3 etas)
-Primary: bn_helps and noisy_helps for each model (4 tests, Holm-corrected); the
-        mostly_lower claims count pairs (no p-value) and are secondary.
-Budget: 60 runs (2 models x 3 norms x 10 seeds; at 3 seeds: 18 runs) x 3,000 steps, each trained alone, and 5
-        measurement points per run; not yet measured (the earlier 6-run design, MLP at
-        4,000 steps and CNN at 1,000: 5.8 min on a 2-core CPU; this one: ~10 min
-        expected on that CPU, ~2 min on one GPU).
-Expected (written before the runs; Santurkar et al.'s predictions): bn_helps and
-        noisy_helps supported; ics_lower and ics_rel_lower not supported; noisy_more_ics
-        supported; beta_lower, grad_change_lower and loss_range_lower supported. The
-        earlier one-seed runs at lr 1 (where BN does not help) gave beta_lower and
-        grad_change_lower refuted, loss_range_lower supported.
-Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite sharing the
-        machine): 1.7 min; bn_helps supported for the sigmoid MLP (94.7% vs 86.3%),
-        inconclusive for the ReLU MLP; ics_lower refuted (sigmoid, BN's ICS ~6.7x) and
-        inconclusive (ReLU), as Santurkar et al. predict; their smoothness claims refuted
-        for the sigmoid MLP (beta 2.0x, gradient change 3.5x, loss range 1.9x with BN);
-        loss_range_lower supported for the ReLU MLP (0.25x), its other smoothness claims
-        refuted or inconclusive.
+Smoke:  ...why_bn.py:runlocal (the sigmoid MLP, three norms, 10 steps, 2 batches, 3 etas,
+        3 power iterations; every matched-loss value censored)
+Primary: bn_helps and noisy_helps for each model, and beta_max_lower_at_loss_0_5 (the
+        effective beta at matched loss 0.5, the comparison the equal-step verdicts were
+        disputed on) for each model: 6 tests, Holm-corrected. The other matched-loss
+        claims are secondary; the mostly_lower claims count pairs (no p-value) and are
+        secondary.
+Budget: 60 runs (2 models x 3 norms x 10 seeds) x 8,000 steps, each trained alone, and 81
+        measurement points per run. Not yet run; estimated on the 2-core CPU (shared,
+        load ~9): ~30 s to train a run, ~0.3 s per measurement point with the Hessian
+        (~0.11 s without) and ~30 s to compile the measurement once per model and norm:
+        ~30 min training + ~25 min measuring, about 1 h.
+Expected (written before the runs): as Santurkar et al. predict, bn_helps and noisy_helps
+        supported; ics_lower and ics_rel_lower not supported; noisy_more_ics supported;
+        the smoothness claims, at equal steps and at matched loss, supported. The earlier
+        equal-step runs (below) refuted them for the sigmoid MLP, but read at matched loss
+        ~0.47 their effective beta was close (2.86 with BN, 2.66 without): at matched
+        loss we expect beta_max_lower inconclusive for the sigmoid MLP.
+Measured, earlier design (3 seeds, 3,000 steps, a checkpoint every 750, no matched loss
+        or Hessian; NVIDIA H200, commit 1d4e03d, six other studies and the test suite
+        sharing the machine): 1.7 min; bn_helps supported for the sigmoid MLP (94.7% vs
+        86.3%), inconclusive for the ReLU MLP; ics_lower refuted (sigmoid, BN's ICS
+        ~6.7x) and inconclusive (ReLU), as Santurkar et al. predict; their smoothness
+        claims refuted for the sigmoid MLP (beta 2.0x, gradient change 3.5x, loss range
+        1.9x with BN); loss_range_lower supported for the ReLU MLP (0.25x), its other
+        smoothness claims refuted or inconclusive.
 """
 
 from bnlab import study
@@ -69,9 +85,21 @@ Smoothness along g = grad L(w): `grad_change` = ||grad L(w - lr g) - g||, `grad_
 or checkpoint (smoothness), after initialisation, runs paired by seed; a comparison
 holds when it goes one way in at least 3/4 of the pairs of every seed. The measurement
 runs BN in train mode (batch statistics); bn_helps and noisy_helps use BN's running
-averages. Caveats: 3,000 steps, the early part of training; with BN the loss is
-invariant to the scale of each normalised kernel, so absolute gradient sizes depend on
-the weight norms: `ics_rel`, `ics_cos` and `grad_change_rel` are the scale-free ones.
+averages. `hessian_top`: the Hessian eigenvalue of largest magnitude of the mean loss
+over the 8 batches (20 power iterations with Hessian-vector products from a fixed start;
+`hessian_change_rel_max` is the run's largest last-iteration change / |eigenvalue|, how
+far from converged it is). Equal steps vs equal progress: the claims above compare
+medians over checkpoints, i.e. at equal steps, where BN's loss is far lower; the
+`*_lower_at_loss_*` claims compare the same quantities at matched training loss L (the
+mean loss on the measurement's batches, BN in train mode): each run's value where its
+loss first reaches L, interpolated in loss between the two checkpoints around the
+crossing (`step@loss=...`: that step), BN vs no BN paired by seed with `paired_interval`
+(seed noise only). A run that never reaches L is censored (`reached@loss=...` false,
+value None): its claim is inconclusive and its reason names the run, never averaged
+without it. Caveats: 8,000 steps, the early part of training (no BN's loss is ~0.23);
+with BN the loss is invariant to the scale of each normalised kernel, so absolute
+gradient sizes and curvatures (beta_max, hessian_top) depend on the weight norms, at
+matched loss too: `ics_rel`, `ics_cos` and `grad_change_rel` are the scale-free ones.
 This is Santurkar et al.'s definition on bnlab's networks, not a reproduction of their
 figures.
 """
@@ -83,16 +111,19 @@ def parse(arg):
 
 def models(runlocal: bool) -> list[dict]:
   """The sigmoid and ReLU MLPs with rate, steps and checkpoint interval; all checkpoints kept."""
-  def budget(lr, steps, every, **more):
+  def budget(lr, steps, every, checkpoint, **more):
     return study.config_variant("configs/paper_mlp.py", {
         "optimizer.learning_rate": lr, "train.num_steps": steps, "train.num_epochs": 0,
         "train.eval_every_steps": every, "train.log_every_steps": every,
-        "train.checkpoint_every_steps": every, "train.keep_checkpoints": steps // every + 2,
+        "train.checkpoint_every_steps": checkpoint,
+        "train.keep_checkpoints": steps // checkpoint + 2,
         "train.final_train_eval": False, **more})
   if runlocal:  # the sigmoid MLP only: each model and norm compiles its own measurement
-    return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 10, 5)})
-  return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 3_000, 750),
-                                  "relu_mlp": budget(0.1, 3_000, 750, **{
+    return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 10, 5, 5)})
+  # 8,000 steps: no BN's loss reaches 0.3 (~6,000 steps); a checkpoint every 100: BN's
+  # reaches 1 at ~100 and 0.5 at ~300 (sigmoid, lr 0.1).
+  return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 8_000, 500, 100),
+                                  "relu_mlp": budget(0.1, 8_000, 500, 100, **{
                                       "model.activation": "relu"})})
 
 
