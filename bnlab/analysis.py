@@ -175,7 +175,7 @@ def eta_grid(learning_rate: float, low: float = 0.25, high: float = 4.0,
 def hessian_vector_product(loss_fn: LossFn, params, vector):
   """H(params) @ vector as a tree like `params`: forward-over-reverse (jvp of grad).
 
-  Costs about one gradient more than a gradient and never forms H.
+  Costs about two gradients and never forms H (P x P for P parameters).
   """
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
 
@@ -184,8 +184,8 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params, iterations: int = 20,
                            seed: int = 0) -> dict[str, jax.Array]:
   """The Hessian eigenvalue of largest magnitude at `params`, by power iteration.
 
-  v_0 is a unit normal vector drawn with `seed` (the same direction for every
-  call, so runs are compared on the same footing); each of `iterations`
+  v_0 is a unit normal vector drawn with `seed` (fixed, so an estimate is
+  reproducible and re-measuring a checkpoint gives the same number); each of `iterations`
   steps takes the Rayleigh quotient lambda_k = v_k . H v_k and v_{k+1} =
   H v_k / ||H v_k||. Returns "eigenvalue" = lambda of the last step (with its
   sign: a negative one means the sharpest direction is concave) and "change"
