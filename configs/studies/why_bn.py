@@ -5,20 +5,22 @@ not from less internal covariate shift (ICS). Measured where BN helps: the paper
 (784-100-100-100-10, batch 60, LeCun normal init) with sigmoids at lr 0.1 and with
 ReLUs at lr 0.1 (as configs/studies/relu_lr.py), each with BN, without BN and with
 noisy BN (BN, then a random per-activation scale U(1, 1.5) and shift U(-0.5, 0.5)
-redrawn every step), 10 seeds, plain SGD, 8,000 steps, a checkpoint every 100. At
-initialisation and at every checkpoint the measurement `ics_smoothness`
-(bnlab.study.measurements) takes `bnlab.analysis`'s ICS per layer, gradient
-smoothness over 7 step sizes eta from lr/4 to 4 lr (mean over 8 fixed training
-batches), the training loss on those batches and the top Hessian eigenvalue of that
-loss (20 power iterations); cached in runs/<member>/measurements/ics.json.
+redrawn every step), 10 seeds, plain SGD; the sigmoid MLP 8,000 steps with a checkpoint
+every 50, the ReLU MLP 1,000 steps with a checkpoint every 10. At initialisation and at
+every checkpoint the measurement `ics_smoothness` (bnlab.study.measurements) takes
+`bnlab.analysis`'s ICS per layer, gradient smoothness over 7 step sizes eta from lr/4 to
+4 lr (mean over 8 fixed training batches), the training loss on those batches and the
+top Hessian eigenvalue of that loss (20 power iterations); cached in
+runs/<member>/measurements/ics.json.
 
-Equal steps are not equal progress: BN's loss falls faster (sigmoid, lr 0.1: about 1.0
-at step 100 and 0.5 at 300 with BN, 1.0 at ~1,900 and 0.3 at ~6,000 without), and the
-smoothness measures change as training goes on. So each is also read at matched
-training loss 1, 0.5 and 0.3 (`measurements.at_matched_loss`: the first checkpoint at
-or below the target, interpolated in loss from the one before; None, censored, when
-never reached), and BN is compared with no BN there by `paired_interval`. The run
-length lets no BN reach 0.3; the checkpoint spacing resolves BN's early crossings.
+Equal steps are not equal progress: BN's loss falls faster (sigmoid, lr 0.1: about 1 at
+step 70 and 0.5 at 230 with BN, 1 at ~1,900 and 0.3 at ~6,200 without; the ReLU MLP
+reaches 0.3 within ~300 steps either way), and the smoothness measures change as
+training goes on. So each is also read at matched training loss 1, 0.5 and 0.3
+(`measurements.at_matched_loss`: the first checkpoint at or below the target,
+interpolated in loss from the one before; None, censored, when never reached), and BN
+is compared with no BN there by `paired_interval`. Each model's run length lets no BN
+reach 0.3, and its checkpoint spacing puts checkpoints between BN's early crossings.
 
 Run:    python -m bnlab.study --config=configs/studies/why_bn.py --workdir=runs/why_bn
 Smoke:  ...why_bn.py:runlocal (the sigmoid MLP, three norms, 10 steps, 2 batches, 3 etas,
@@ -28,11 +30,13 @@ Primary: bn_helps and noisy_helps for each model, and beta_max_lower_at_loss_0_5
         disputed on) for each model: 6 tests, Holm-corrected. The other matched-loss
         claims are secondary; the mostly_lower claims count pairs (no p-value) and are
         secondary.
-Budget: 60 runs (2 models x 3 norms x 10 seeds) x 8,000 steps, each trained alone, and 81
-        measurement points per run. Not yet run; estimated on the 2-core CPU (shared,
-        load ~9): ~30 s to train a run, ~0.3 s per measurement point with the Hessian
-        (~0.11 s without) and ~30 s to compile the measurement once per model and norm:
-        ~30 min training + ~25 min measuring, about 1 h.
+Budget: 60 runs (2 models x 3 norms x 10 seeds), each trained alone: the sigmoid MLP's
+        8,000 steps and 161 measurement points, the ReLU MLP's 1,000 steps and 101 (7,860
+        points in all). Not yet run; estimated from timings on the 2-core CPU while other
+        studies loaded it (load 9-12): 0.3-0.6 s per measurement point with the Hessian
+        (it adds 0.07-0.18 s), ~35 s (sigmoid) / ~20 s (ReLU) to train a run with its
+        checkpoints, ~1 min to compile the measurement once per model and norm: ~30 min
+        training + 40-80 min measuring, 1.2-2 h in all; less on an idle machine.
 Expected (written before the runs): as Santurkar et al. predict, bn_helps and noisy_helps
         supported; ics_lower and ics_rel_lower not supported; noisy_more_ics supported;
         the smoothness claims, at equal steps and at matched loss, supported. The earlier
@@ -96,7 +100,8 @@ loss first reaches L, interpolated in loss between the two checkpoints around th
 crossing (`step@loss=...`: that step), BN vs no BN paired by seed with `paired_interval`
 (seed noise only). A run that never reaches L is censored (`reached@loss=...` false,
 value None): its claim is inconclusive and its reason names the run, never averaged
-without it. Caveats: 8,000 steps, the early part of training (no BN's loss is ~0.23);
+without it. Caveats: the early part of training (8,000 steps: the sigmoid MLP without
+BN ends near loss 0.23; 1,000 for the ReLU MLP);
 with BN the loss is invariant to the scale of each normalised kernel, so absolute
 gradient sizes and curvatures (beta_max, hessian_top) depend on the weight norms, at
 matched loss too: `ics_rel`, `ics_cos` and `grad_change_rel` are the scale-free ones.
@@ -120,10 +125,11 @@ def models(runlocal: bool) -> list[dict]:
         "train.final_train_eval": False, **more})
   if runlocal:  # the sigmoid MLP only: each model and norm compiles its own measurement
     return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 10, 5, 5)})
-  # 8,000 steps: no BN's loss reaches 0.3 (~6,000 steps); a checkpoint every 100: BN's
-  # reaches 1 at ~100 and 0.5 at ~300 (sigmoid, lr 0.1).
-  return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 8_000, 500, 100),
-                                  "relu_mlp": budget(0.1, 8_000, 500, 100, **{
+  # Long enough for no BN to reach loss 0.3, checkpoints close enough to resolve BN's early
+  # crossings (probes at lr 0.1, seed 0, loss 1 / 0.5 / 0.3 at step: sigmoid BN ~70 / 230 /
+  # 1,100, no BN ~1,900 / 3,500 / 6,200; ReLU BN ~30 / 55 / 150, no BN ~65 / 170 / 300).
+  return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 8_000, 500, 50),
+                                  "relu_mlp": budget(0.1, 1_000, 250, 10, **{
                                       "model.activation": "relu"})})
 
 
@@ -169,7 +175,9 @@ def get_config(arg=None):
   s.tables = {"internal covariate shift": {"metrics": tuple(per_layer)},
               "smoothness and training": {"metrics": ("final_acc", *SMOOTHNESS,
                                                       "hessian_change_rel_max")},
-              "at matched training loss": {"metrics": (*reached, *matched)}}
+              "when each run reached the matched training losses": {
+                  "metrics": (*reached, *matched[:len(TARGETS)])},
+              "at matched training loss": {"metrics": tuple(matched[len(TARGETS):])}}
   s.figures = {"training": {"kind": "curves", "metric": "train_loss", "hue": ("model.norm",),
                             "panels": ("model",), "logy": True},
                **{q: {"kind": "per_checkpoint", "metric": f"{q}/series", "hue": ("model.norm",),
