@@ -14,6 +14,9 @@ Everything is jit-compatible.
   gradient g = grad L(w), for each step size eta: L(w - eta g), the
   gradient predictiveness ||grad L(w - eta g) - grad L(w)|| and the
   effective beta-smoothness max_eta ||grad L(w - eta g) - grad L(w)|| / ||eta g||.
+- `top_hessian_eigenvalue`: the Hessian eigenvalue of largest magnitude
+  (the curvature along the sharpest direction, which beta along the gradient
+  only bounds from below), by power iteration with Hessian-vector products.
 
 A layer is a top-level entry of the params tree (`conv_block_i`,
 `dense_block_i`, `logits` in a `bnlab.models.networks.Classifier`); its weight is its
@@ -167,3 +170,50 @@ def eta_grid(learning_rate: float, low: float = 0.25, high: float = 4.0,
              num: int = 9) -> jax.Array:
   """`num` step sizes spaced geometrically from low * lr to high * lr."""
   return learning_rate * jnp.geomspace(low, high, num)
+
+
+def hessian_vector_product(loss_fn: LossFn, params, vector):
+  """H(params) @ vector as a tree like `params`: forward-over-reverse (jvp of grad).
+
+  Costs about two gradients and never forms H (P x P for P parameters).
+  """
+  return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+
+
+def top_hessian_eigenvalue(loss_fn: LossFn, params, iterations: int = 20,
+                           seed: int = 0) -> dict[str, jax.Array]:
+  """The Hessian eigenvalue of largest magnitude at `params`, by power iteration.
+
+  v_0 is a unit normal vector drawn with `seed` (fixed, so an estimate is
+  reproducible and re-measuring a checkpoint gives the same number); each of `iterations`
+  steps takes the Rayleigh quotient lambda_k = v_k . H v_k and v_{k+1} =
+  H v_k / ||H v_k||. Returns "eigenvalue" = lambda of the last step (with its
+  sign: a negative one means the sharpest direction is concave) and "change"
+  = |lambda_last - lambda_previous|, NaN for one iteration: power iteration
+  converges geometrically at the rate |lambda_2 / lambda_1|, which is unknown,
+  so a fixed count is an estimate whose change shows how far from converged it
+  is. Jit-compatible (a `fori_loop`; `iterations` and `seed` are static).
+  """
+  if iterations < 1:
+    raise ValueError(f"iterations must be >= 1, got {iterations}")
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  v = treedef.unflatten([jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+                         for k, x in zip(keys, leaves)])
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def unit(t):
+    n = jnp.maximum(_norm(t), tiny)
+    return jax.tree.map(lambda x: x / n.astype(x.dtype), t)
+
+  def dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  def step(_, carry):
+    v, lam, _ = carry
+    hv = hessian_vector_product(loss_fn, params, v)
+    return unit(hv), dot(v, hv).astype(jnp.float32), lam
+
+  nan = jnp.float32(jnp.nan)
+  _, lam, prev = jax.lax.fori_loop(0, iterations, step, (unit(v), nan, nan))
+  return {"eigenvalue": lam, "change": jnp.abs(lam - prev)}

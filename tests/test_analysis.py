@@ -1,6 +1,7 @@
 """Tests of bnlab.analysis against hand-derived quantities."""
 
 import jax
+from jax import flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,3 +111,59 @@ def test_classifier_with_and_without_bn(norm):
     import optax  # pylint: disable=g-import-not-at-top
     eval_loss = optax.softmax_cross_entropy_with_integer_labels(eval_logits, labels).mean()
     assert abs(float(loss_fn(params)) - float(eval_loss)) > 1e-6
+
+
+def _spectrum_quadratic(eigenvalues, seed=0):
+  """0.5 x^T A x with A = Q diag(eigenvalues) Q^T, Q a random rotation (float64 numpy)."""
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(len(eigenvalues),) * 2))
+  return q @ np.diag(eigenvalues) @ q.T
+
+
+@pytest.mark.usefixtures("float32_matmuls")
+@pytest.mark.parametrize("eigenvalues", [(5.0, 3.0, 1.0, 0.5, -0.2, 0.1),
+                                         (-6.0, 2.0, 1.5, 1.0, 0.3, -0.5)])
+def test_top_hessian_eigenvalue_of_a_quadratic_with_a_known_spectrum(eigenvalues):
+  a = _spectrum_quadratic(np.asarray(eigenvalues))
+  a32 = jnp.asarray(a, jnp.float32)
+  # The parameters as a tree of two leaves: the iteration must run over a whole pytree.
+  loss_fn = lambda p: 0.5 * jnp.concatenate([p["u"], p["w"]]) @ a32 @ jnp.concatenate(  # noqa: E731
+      [p["u"], p["w"]])
+  params = {"u": jnp.ones(2), "w": jnp.zeros(4)}
+  out = jax.jit(lambda p: analysis.top_hessian_eigenvalue(loss_fn, p, iterations=60))(params)
+  top = max(eigenvalues, key=abs)  # the largest in magnitude, with its sign
+  np.testing.assert_allclose(out["eigenvalue"], top, rtol=1e-5)
+  assert 0 <= float(out["change"]) < 1e-5
+  # Few iterations: not converged, and the change says so.
+  short = analysis.top_hessian_eigenvalue(loss_fn, params, iterations=3)
+  assert float(short["change"]) > 1e-3 and abs(float(short["eigenvalue"]) - top) > 1e-3
+  assert np.isnan(analysis.top_hessian_eigenvalue(loss_fn, params, iterations=1)["change"])
+
+
+@pytest.mark.usefixtures("float32_matmuls")
+def test_top_hessian_eigenvalue_of_a_tiny_mlp_matches_the_full_hessian():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 2, 12), jnp.int32)
+  params = {"l1": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                   "bias": jnp.asarray(rng.normal(size=4) * 0.1, jnp.float32)},
+            "l2": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+
+  def loss_fn(p):
+    import optax  # pylint: disable=g-import-not-at-top
+    logits = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  flat, unravel = flatten_util.ravel_pytree(params)
+  h = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f)))(flat), np.float64)
+  eig = np.linalg.eigvalsh(0.5 * (h + h.T))
+  top = eig[np.argmax(np.abs(eig))]
+  out = jax.jit(lambda p: analysis.top_hessian_eigenvalue(loss_fn, p, iterations=200))(params)
+  np.testing.assert_allclose(out["eigenvalue"], top, rtol=1e-4)
+  assert float(out["change"]) < 1e-4 * abs(top)
+  # A fixed seed: the same start vector, the same estimate; another seed, another start.
+  again = analysis.top_hessian_eigenvalue(loss_fn, params, iterations=5)
+  assert float(again["eigenvalue"]) == float(
+      analysis.top_hessian_eigenvalue(loss_fn, params, iterations=5)["eigenvalue"])
+  assert float(again["eigenvalue"]) != float(
+      analysis.top_hessian_eigenvalue(loss_fn, params, iterations=5, seed=1)["eigenvalue"])

@@ -121,6 +121,53 @@ def test_summarize_checkpoints():
   assert out["beta_max/pairs"] == [1, 3] and out["loss_range"] == 3
 
 
+def test_at_matched_loss_interpolates_at_the_first_crossing():
+  losses, values = [2.3, 1.4, 0.8, 0.6, 0.45], [10.0, 8.0, 4.0, 3.0, 2.0]
+  got = sm.at_matched_loss(losses, values, (3.0, 1.0, 0.5, 0.3, 0.8))
+  # 3.0: the first checkpoint already; 1.0: 2/3 of the way from 1.4 to 0.8; 0.5: 2/3 of the
+  # way from 0.6 to 0.45; 0.3: never reached (censored); 0.8: exactly at a checkpoint.
+  assert got[0] == 10.0 and got[3] is None and got[4] == 4.0
+  assert got[1] == pytest.approx(8 - 8 / 3) and got[2] == pytest.approx(3 - 2 / 3)
+  # Not monotone: the first crossing counts, and the rise before it is its left end.
+  rising = [2.3, 0.9, 1.2, 0.4, 0.2]
+  got = sm.at_matched_loss(rising, [0.0, 10.0, 20.0, 30.0, 40.0], (1.0, 0.5, 0.1))
+  assert got[0] == pytest.approx(10 * 1.3 / 1.4) and got[1] == pytest.approx(28.75)
+  assert got[2] is None
+  # A non-finite loss never matches, nor interpolates; list values go element by element.
+  assert sm.at_matched_loss([2.0, float("nan"), 0.4], [1, 2, 3], (0.5,)) == [3]
+  assert sm.at_matched_loss([2.0, 1.0], [[0.0, 1.0], [2.0, 3.0]], (1.5,)) == [[1.0, 2.0]]
+  assert sm.at_matched_loss([2.0, 1.0], [None, 3.0], (1.5, 1.0)) == [None, 3.0]
+
+
+def test_matched_progress_keys_and_censoring():
+  series = {"step": [0, 100, 200], "loss": [2.0, 1.0, 0.6], "beta_max": [1.0, 3.0, 5.0]}
+  out = sm.matched_progress(series, (1.0, 0.8, 0.3))
+  assert out == {"reached@loss=1": True, "reached@loss=0_8": True, "reached@loss=0_3": False,
+                 "step@loss=1": 100, "step@loss=0_8": pytest.approx(150),
+                 "step@loss=0_3": None, "beta_max@loss=1": 3.0,
+                 "beta_max@loss=0_8": pytest.approx(4.0), "beta_max@loss=0_3": None}
+  rows = [{"step": s, "grad_change": [0, g, 0], "grad_norm": 2.0, "beta_max": b,
+           "loss_range": 1.0, "loss": x} for s, g, b, x in ((0, 4, 1, 2), (5, 2, 3, 1))]
+  scalars = sm.checkpoint_scalars(rows, mid=1)
+  assert scalars["grad_change_rel"] == [2.0, 1.0] and scalars["loss"] == [2, 1]
+  assert "hessian_top" not in scalars  # measured only with hessian_iterations
+
+
+def test_a_censored_run_makes_the_matched_claim_inconclusive_by_name():
+  def row(norm, seed, loss):
+    losses = [2.0, loss]
+    return {"norm": norm, "lr": 1, "seed": seed, **sm.matched_progress(
+        {"loss": losses, "beta_max": [1.0, 2.0 + seed + (norm == "bn")]}, (0.5,))}
+  reached = cells([row(n, s, 0.4) for n in ("bn", "no") for s in range(3)])
+  verdict, numbers = study.paired_interval(reached, "beta_max@loss=0_5", "norm=bn", "norm=no")
+  assert verdict == "supported" and numbers["n"] == 3
+  censored = cells([row(n, s, 0.6 if (n, s) == ("no", 2) else 0.4)
+                    for n in ("bn", "no") for s in range(3)])
+  verdict, numbers = study.paired_interval(censored, "beta_max@loss=0_5", "norm=bn", "norm=no")
+  assert verdict == "inconclusive"
+  assert "'norm=no' at seed 2 is None" in numbers["reason"]
+
+
 def cells(rows):
   return study.make_cells(rows, ("norm", "lr"),
                           [k for k in rows[0] if k not in ("norm", "lr", "seed")])
@@ -228,6 +275,11 @@ def test_study_runs_end_to_end(name, idx_dir, tmp_path):
     caches = [os.path.join(wd, "runs", r["name"], "measurements", "ics.json") for r in rows]
     # Series stay in the run's measurement cache: initialisation + 2 checkpoints.
     assert all(len(json.load(open(c))["values"]["ics_l2/series"]) == 3 for c in caches)
+    for c in caches:  # the Hessian and the matched-loss values: None exactly when censored
+      v = json.load(open(c))["values"]
+      assert len(v["hessian_top/series"]) == 3 and v["hessian_change_rel_max"] >= 0
+      for t in ("1", "0_5", "0_3"):
+        assert (v[f"beta_max@loss={t}"] is None) == (not v[f"reached@loss={t}"])
   assert test_study.run_local(name, idx_dir, wd, stage="report") == text  # from the cache
 
 

@@ -8,7 +8,9 @@ Registered into `bnlab.study`'s registries when imported (study configs import i
   median drift;
   "bn_affine": median |scale| and |bias| of one BN layer in the final checkpoint;
   "ics_smoothness": `bnlab.analysis` internal covariate shift and gradient
-  smoothness at initialisation and at every checkpoint, on fixed training batches.
+  smoothness (optionally the top Hessian eigenvalue) at initialisation and at every
+  checkpoint, on fixed training batches, also read at matched training loss
+  (`at_matched_loss`).
 - RULES "every_seed", "paired_above", "selected_value", "mostly_lower"
   (pairs by seed: `bnlab.study.rules.paired_runs`); they count or compare values and give
   no p-value, so a claim that uses one is secondary.
@@ -16,6 +18,8 @@ Registered into `bnlab.study`'s registries when imported (study configs import i
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import statistics
 
@@ -134,7 +138,8 @@ def summarize_checkpoints(rows: list[dict], mid: int) -> dict:
   Per layer j >= 2 (1-based): "{q}@{j}" for q in ics_l2, ics_cos, ics_rel;
   pooled: "{q}/pairs", the values of every later checkpoint x layer 2..L;
   smoothness: "grad_change" at the middle eta (`mid`), "grad_change_rel"
-  (that over |g|), "beta_max", "loss_range", "grad_norm", each also "/pairs".
+  (that over |g|), "beta_max", "loss_range", "grad_norm" and, when measured,
+  "hessian_top", each also "/pairs".
   """
   later = [r for r in rows if r["step"] > 0]
   out: dict = {}
@@ -142,16 +147,91 @@ def summarize_checkpoints(rows: list[dict], mid: int) -> dict:
     for j in range(1, len(later[0][q])):
       out[f"{q}@{j + 1}"] = statistics.median(r[q][j] for r in later)
     out[f"{q}/pairs"] = [x for r in later for x in r[q][1:]]
-  scalars = {"grad_change": [r["grad_change"][mid] for r in later],
-             "grad_change_rel": [r["grad_change"][mid] / r["grad_norm"] for r in later],
-             **{k: [r[k] for r in later] for k in ("beta_max", "loss_range", "grad_norm")}}
-  for k, v in scalars.items():
-    out[k], out[f"{k}/pairs"] = statistics.median(v), v
+  scalars = checkpoint_scalars(later, mid)
+  for k in (*SMOOTHNESS, "hessian_top"):
+    if k in scalars:
+      out[k], out[f"{k}/pairs"] = statistics.median(scalars[k]), scalars[k]
   return out
 
 
-def _measure_fn(model, lr: float, etas, noisy: bool):
-  """(params, batch_stats, rng, step, images, labels) -> per-batch ICS and smoothness."""
+SMOOTHNESS = ("grad_change", "grad_change_rel", "beta_max", "loss_range", "grad_norm")
+OPTIONAL = ("loss", "hessian_top", "hessian_change")  # in rows measured with them
+
+
+def checkpoint_scalars(rows: list[dict], mid: int) -> dict[str, list]:
+  """The one-number-per-checkpoint series of `ics_smoothness` rows: SMOOTHNESS (grad_change
+  at the middle eta `mid`, grad_change_rel = that / grad_norm), "step", and those of
+  OPTIONAL the rows hold."""
+  out = {"step": [r["step"] for r in rows],
+         "grad_change": [r["grad_change"][mid] for r in rows],
+         "grad_change_rel": [r["grad_change"][mid] / r["grad_norm"] for r in rows],
+         **{k: [r[k] for r in rows] for k in ("beta_max", "loss_range", "grad_norm")}}
+  return {**out, **{k: [r[k] for r in rows] for k in OPTIONAL if rows and k in rows[0]}}
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def at_matched_loss(losses: list, values: list, targets) -> list:
+  """`values` (one per checkpoint) read where the training loss `losses` first reaches each target.
+
+  Comparing BN and no BN at equal steps compares networks at different stages of training
+  (BN's loss falls faster), so a smoothness measure that changes as training goes on
+  differs for that reason alone; read at equal training loss it compares equal progress.
+  For each target: the first checkpoint i with losses[i] <= target (a loss that rises again
+  later does not matter), its value linearly interpolated in loss between checkpoints i - 1
+  and i (value[i] itself when i is the first checkpoint, its loss is the target, or
+  loss[i - 1] is not finite); None when no checkpoint reaches the target: censored, not a
+  number to average. A list value is interpolated element by element; None gives None.
+  """
+  def lerp(a, b, w):
+    if a is None or b is None:
+      return None
+    if isinstance(a, list):
+      return [lerp(x, y, w) for x, y in zip(a, b)]
+    return a + w * (b - a)
+
+  out = []
+  for t in targets:
+    i = next((i for i, x in enumerate(losses) if _finite(x) and x <= t), None)
+    if i is None:
+      out.append(None)
+    elif i == 0 or losses[i] == t or not _finite(losses[i - 1]):
+      out.append(values[i])
+    else:  # losses[i - 1] > t >= losses[i]
+      w = (losses[i - 1] - t) / (losses[i - 1] - losses[i])
+      out.append(lerp(values[i - 1], values[i], w))
+  return out
+
+
+def loss_key(target: float) -> str:
+  """The suffix of a value read at matched training loss: "@loss=0_5", "@loss=1" (no dot:
+  measurement keys are metric names in a study config, a ConfigDict, which refuses dots)."""
+  return f"@loss={target:g}".replace(".", "_")
+
+
+def matched_progress(series: dict[str, list], targets) -> dict:
+  """Every series of `series` (which holds "loss") read `at_matched_loss` at each target:
+  "{name}@loss={target}" (also "step@loss=...": when the loss got there, interpolated), and
+  "reached@loss={target}", whether it did (False: every value at that target is None)."""
+  out = {}
+  for t in targets:
+    out[f"reached{loss_key(t)}"] = any(_finite(x) and x <= t for x in series["loss"])
+  for name, values in series.items():
+    if name != "loss":
+      for t, v in zip(targets, at_matched_loss(series["loss"], values, targets)):
+        out[f"{name}{loss_key(t)}"] = v
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _measure_fn(model, lr: float, etas: tuple, noisy: bool, hessian_iterations: int = 0):
+  """(params, batch_stats, rng, step, images, labels) -> per-batch ICS and smoothness, and
+  with `hessian_iterations` > 0 the top Hessian eigenvalue of the loss averaged over the
+  batches (the loss the batches' training loss is; one eigenvalue, not a mean of per-batch
+  ones, which batch noise would inflate). Cached: the seeds of one model and rate share
+  one compiled program (with the Hessian, compiling costs more than measuring a run)."""
   import jax  # pylint: disable=g-import-not-at-top
   from bnlab import analysis  # pylint: disable=g-import-not-at-top
   from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
@@ -166,7 +246,14 @@ def _measure_fn(model, lr: float, etas, noisy: bool):
       return {"ics": analysis.internal_covariate_shift(loss_fn, params, lr),
               "smooth": analysis.gradient_smoothness(loss_fn, params, etas)}
 
-    return jax.lax.map(one, (images, labels))
+    out = jax.lax.map(one, (images, labels))
+    if hessian_iterations:
+      def mean_loss(p):
+        return jax.lax.map(lambda batch: analysis.classifier_loss(
+            model.apply, {"params": p, "batch_stats": batch_stats}, *batch, rngs=rngs)(p),
+                           (images, labels)).mean()
+      out["hessian"] = analysis.top_hessian_eigenvalue(mean_loss, params, hessian_iterations)
+    return out
 
   return measure
 
@@ -178,9 +265,16 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   At initialisation and at every checkpoint: means over `spec["batches"]`
   training batches (drawn once with `spec["batch_seed"]`, the same for every
   run), BN in train mode, noisy BN with that step's noise; step sizes
-  `analysis.eta_grid(lr, num=spec["num_etas"])`. Returns "{q}/series" per
-  quantity ([[step, value or per-layer list]]; grad_change at the middle eta)
-  and `summarize_checkpoints` of them.
+  `analysis.eta_grid(lr, num=spec["num_etas"])`. Each checkpoint also records
+  "loss", the mean training loss on those batches, and with
+  `spec["hessian_iterations"]` > 0 (default 0: off, it costs about two gradients per
+  iteration) "hessian_top", the top Hessian eigenvalue of that loss by that many
+  power iterations, "hessian_change", its change in the last one, and over the run
+  "hessian_change_rel_max", the largest change / |eigenvalue|. Returns
+  "{q}/series" per quantity ([[step, value or per-layer list]]; grad_change at
+  the middle eta), `summarize_checkpoints` of them (equal steps) and, for each
+  target in `spec["matched_losses"]` (default none), `matched_progress` of the
+  scalar series (equal training loss): e.g. "beta_max@loss=0_5", None when censored.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -200,7 +294,9 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   labels = jnp.asarray(ds.train_labels[idx].astype(np.int32).reshape(spec["batches"], batch))
   model = models.build_model(cfg.model)
   etas = analysis.eta_grid(lr, num=spec["num_etas"])
-  measure = _measure_fn(model, lr, etas, cfg.model.norm == "noisy")
+  hessian = int(spec.get("hessian_iterations", 0))
+  measure = _measure_fn(model, float(lr), tuple(float(e) for e in etas),
+                        cfg.model.norm == "noisy", hessian)
   tx = optim_lib.make_optimizer(cfg.optimizer, cfg.train.num_steps)
   init = state_lib.create_train_state(model, tx, jax.random.key(cfg.seed), batch)
   states = [(0, init.params, init.batch_stats, init.rng)]
@@ -216,12 +312,20 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
                  "ics_cos": ics["cosine"].mean(0).tolist(),
                  "ics_rel": (ics["l2"] / ics["grad_norm"]).mean(0).tolist(),
                  "grad_change": sm["grad_change"].mean(0).tolist(),
-                 **{k: float(sm[k].mean()) for k in ("loss_range", "beta_max", "grad_norm")}})
+                 **{k: float(sm[k].mean()) for k in ("loss_range", "beta_max", "grad_norm")},
+                 "loss": float(sm["loss0"].mean()),
+                 **({"hessian_top": float(out["hessian"]["eigenvalue"]),
+                     "hessian_change": float(out["hessian"]["change"])} if hessian else {})})
   mid = spec["num_etas"] // 2
   series = {f"{k}/series": [[r["step"], r[k][mid] if k == "grad_change" else r[k]] for r in rows]
             for k in rows[0] if k != "step"}
+  matched = matched_progress(checkpoint_scalars(rows, mid), spec.get("matched_losses", ()))
+  if hessian:  # how far the fixed number of power iterations was from converged, at worst
+    matched["hessian_change_rel_max"] = max(
+        r["hessian_change"] / max(abs(r["hessian_top"]), 1e-12) for r in rows)
   return {"layers": ["/".join(p) for p in analysis.layer_weights(init.params)],
-          "etas": np.asarray(etas).tolist(), **series, **summarize_checkpoints(rows, mid)}
+          "etas": np.asarray(etas).tolist(), **series, **summarize_checkpoints(rows, mid),
+          **matched}
 
 
 # -- rules ----------------------------------------------------------------------------------

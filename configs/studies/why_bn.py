@@ -5,32 +5,52 @@ not from less internal covariate shift (ICS). Measured where BN helps: the paper
 (784-100-100-100-10, batch 60, LeCun normal init) with sigmoids at lr 0.1 and with
 ReLUs at lr 0.1 (as configs/studies/relu_lr.py), each with BN, without BN and with
 noisy BN (BN, then a random per-activation scale U(1, 1.5) and shift U(-0.5, 0.5)
-redrawn every step), 10 seeds, plain SGD, 3,000 steps, a checkpoint every 750. At
-initialisation and at every checkpoint the measurement `ics_smoothness`
-(bnlab.study.measurements) takes `bnlab.analysis`'s ICS per layer and gradient
-smoothness over 7 step sizes eta from lr/4 to 4 lr, mean over 8 fixed training
-batches; cached in runs/<member>/measurements/ics.json.
+redrawn every step), 10 seeds, plain SGD; the sigmoid MLP 8,000 steps with a checkpoint
+every 50, the ReLU MLP 1,000 steps with a checkpoint every 10. At initialisation and at
+every checkpoint the measurement `ics_smoothness` (bnlab.study.measurements) takes
+`bnlab.analysis`'s ICS per layer, gradient smoothness over 7 step sizes eta from lr/4 to
+4 lr (mean over 8 fixed training batches), the training loss on those batches and the
+top Hessian eigenvalue of that loss (20 power iterations); cached in
+runs/<member>/measurements/ics.json.
+
+Equal steps are not equal progress: BN's loss falls faster (sigmoid, lr 0.1: about 1 at
+step 70 and 0.5 at 230 with BN, 1 at ~1,900 and 0.3 at ~6,200 without; the ReLU MLP
+reaches 0.3 within ~300 steps either way), and the smoothness measures change as
+training goes on. So each is also read at matched training loss 1, 0.5 and 0.3
+(`measurements.at_matched_loss`: the first checkpoint at or below the target,
+interpolated in loss from the one before; None, censored, when never reached), and BN
+is compared with no BN there by `paired_interval`. Each model's run length lets no BN
+reach 0.3, and its checkpoint spacing puts checkpoints between BN's early crossings.
 
 Run:    python -m bnlab.study --config=configs/studies/why_bn.py --workdir=runs/why_bn
-Smoke:  ...why_bn.py:runlocal (the sigmoid MLP, three norms, 10 steps, 2 batches, 3 etas)
-Primary: bn_helps and noisy_helps for each model (4 tests, Holm-corrected); the
-        mostly_lower claims count pairs (no p-value) and are secondary.
-Budget: 60 runs (2 models x 3 norms x 10 seeds; at 3 seeds: 18 runs) x 3,000 steps, each trained alone, and 5
-        measurement points per run; not yet measured (the earlier 6-run design, MLP at
-        4,000 steps and CNN at 1,000: 5.8 min on a 2-core CPU; this one: ~10 min
-        expected on that CPU, ~2 min on one GPU).
-Expected (written before the runs; Santurkar et al.'s predictions): bn_helps and
-        noisy_helps supported; ics_lower and ics_rel_lower not supported; noisy_more_ics
-        supported; beta_lower, grad_change_lower and loss_range_lower supported. The
-        earlier one-seed runs at lr 1 (where BN does not help) gave beta_lower and
-        grad_change_lower refuted, loss_range_lower supported.
-Measured (NVIDIA H200, commit 1d4e03d, six other studies and the test suite sharing the
-        machine): 1.7 min; bn_helps supported for the sigmoid MLP (94.7% vs 86.3%),
-        inconclusive for the ReLU MLP; ics_lower refuted (sigmoid, BN's ICS ~6.7x) and
-        inconclusive (ReLU), as Santurkar et al. predict; their smoothness claims refuted
-        for the sigmoid MLP (beta 2.0x, gradient change 3.5x, loss range 1.9x with BN);
-        loss_range_lower supported for the ReLU MLP (0.25x), its other smoothness claims
-        refuted or inconclusive.
+Smoke:  ...why_bn.py:runlocal (the sigmoid MLP, three norms, 10 steps, 2 batches, 3 etas,
+        3 power iterations; every matched-loss value censored)
+Primary: bn_helps and noisy_helps for each model, and beta_max_lower_at_loss_0_5 (the
+        effective beta at matched loss 0.5, the comparison the equal-step verdicts were
+        disputed on) for each model: 6 tests, Holm-corrected. The other matched-loss
+        claims are secondary; the mostly_lower claims count pairs (no p-value) and are
+        secondary.
+Budget: 60 runs (2 models x 3 norms x 10 seeds), each trained alone: the sigmoid MLP's
+        8,000 steps and 161 measurement points, the ReLU MLP's 1,000 steps and 101 (7,860
+        points in all). Not yet run; estimated from timings on the 2-core CPU while other
+        studies loaded it (load 9-12): 0.3-0.6 s per measurement point with the Hessian
+        (it adds 0.07-0.18 s), ~35 s (sigmoid) / ~20 s (ReLU) to train a run with its
+        checkpoints, ~1 min to compile the measurement once per model and norm: ~30 min
+        training + 40-80 min measuring, 1.2-2 h in all; less on an idle machine.
+Expected (written before the runs): as Santurkar et al. predict, bn_helps and noisy_helps
+        supported; ics_lower and ics_rel_lower not supported; noisy_more_ics supported;
+        the smoothness claims, at equal steps and at matched loss, supported. The earlier
+        equal-step runs (below) refuted them for the sigmoid MLP, but read at matched loss
+        ~0.47 their effective beta was close (2.86 with BN, 2.66 without): at matched
+        loss we expect beta_max_lower inconclusive for the sigmoid MLP.
+Measured, earlier design (3 seeds, 3,000 steps, a checkpoint every 750, no matched loss
+        or Hessian; NVIDIA H200, commit 1d4e03d, six other studies and the test suite
+        sharing the machine): 1.7 min; bn_helps supported for the sigmoid MLP (94.7% vs
+        86.3%), inconclusive for the ReLU MLP; ics_lower refuted (sigmoid, BN's ICS
+        ~6.7x) and inconclusive (ReLU), as Santurkar et al. predict; their smoothness
+        claims refuted for the sigmoid MLP (beta 2.0x, gradient change 3.5x, loss range
+        1.9x with BN); loss_range_lower supported for the ReLU MLP (0.25x), its other
+        smoothness claims refuted or inconclusive.
 """
 
 from bnlab import study
@@ -38,7 +58,16 @@ from bnlab.study import measurements as study_measurements  # noqa: F401  (regis
 from bnlab import sweep
 
 QUANTITIES = ("ics_l2", "ics_cos", "ics_rel")
-SMOOTHNESS = ("grad_change", "grad_change_rel", "beta_max", "loss_range", "grad_norm")
+SMOOTHNESS = ("grad_change", "grad_change_rel", "beta_max", "loss_range", "grad_norm",
+              "hessian_top")
+# Matched progress: each quantity read where the run's training loss (on the measurement's
+# fixed batches) first reaches each target; a run that never does is censored (None).
+TARGETS = (1.0, 0.5, 0.3)
+MATCHED = {"beta_max": "the effective beta", "grad_change_rel": "||grad L(w - lr g) - g|| / ||g||",
+           "loss_range": "the loss range along the gradient",
+           "hessian_top": "the top Hessian eigenvalue"}
+PRIMARY_MATCHED = ("beta_max", 0.5)  # the review's disputed comparison (beta at loss ~0.5)
+HESSIAN_ITERATIONS = 20
 MOSTLY = 0.75  # a claim holds when its comparison goes one way in >= 3/4 of the pairs
 NOTES = """
 Where BN helps: at lr 0.1 the sigmoid MLP with BN is above the one without at 90 of 91
@@ -60,9 +89,22 @@ Smoothness along g = grad L(w): `grad_change` = ||grad L(w - lr g) - g||, `grad_
 or checkpoint (smoothness), after initialisation, runs paired by seed; a comparison
 holds when it goes one way in at least 3/4 of the pairs of every seed. The measurement
 runs BN in train mode (batch statistics); bn_helps and noisy_helps use BN's running
-averages. Caveats: 3,000 steps, the early part of training; with BN the loss is
-invariant to the scale of each normalised kernel, so absolute gradient sizes depend on
-the weight norms: `ics_rel`, `ics_cos` and `grad_change_rel` are the scale-free ones.
+averages. `hessian_top`: the Hessian eigenvalue of largest magnitude of the mean loss
+over the 8 batches (20 power iterations with Hessian-vector products from a fixed start;
+`hessian_change_rel_max` is the run's largest last-iteration change / |eigenvalue|, how
+far from converged it is). Equal steps vs equal progress: the claims above compare
+medians over checkpoints, i.e. at equal steps, where BN's loss is far lower; the
+`*_lower_at_loss_*` claims compare the same quantities at matched training loss L (the
+mean loss on the measurement's batches, BN in train mode): each run's value where its
+loss first reaches L, interpolated in loss between the two checkpoints around the
+crossing (`step@loss=...`: that step), BN vs no BN paired by seed with `paired_interval`
+(seed noise only). A run that never reaches L is censored (`reached@loss=...` false,
+value None): its claim is inconclusive and its reason names the run, never averaged
+without it. Caveats: the early part of training (8,000 steps: the sigmoid MLP without
+BN ends near loss 0.23; 1,000 for the ReLU MLP);
+with BN the loss is invariant to the scale of each normalised kernel, so absolute
+gradient sizes and curvatures (beta_max, hessian_top) depend on the weight norms, at
+matched loss too: `ics_rel`, `ics_cos` and `grad_change_rel` are the scale-free ones.
 This is Santurkar et al.'s definition on bnlab's networks, not a reproduction of their
 figures.
 """
@@ -74,16 +116,20 @@ def parse(arg):
 
 def models(runlocal: bool) -> list[dict]:
   """The sigmoid and ReLU MLPs with rate, steps and checkpoint interval; all checkpoints kept."""
-  def budget(lr, steps, every, **more):
+  def budget(lr, steps, every, checkpoint, **more):
     return study.config_variant("configs/paper_mlp.py", {
         "optimizer.learning_rate": lr, "train.num_steps": steps, "train.num_epochs": 0,
         "train.eval_every_steps": every, "train.log_every_steps": every,
-        "train.checkpoint_every_steps": every, "train.keep_checkpoints": steps // every + 2,
+        "train.checkpoint_every_steps": checkpoint,
+        "train.keep_checkpoints": steps // checkpoint + 2,
         "train.final_train_eval": False, **more})
   if runlocal:  # the sigmoid MLP only: each model and norm compiles its own measurement
-    return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 10, 5)})
-  return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 3_000, 750),
-                                  "relu_mlp": budget(0.1, 3_000, 750, **{
+    return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 10, 5, 5)})
+  # Long enough for no BN to reach loss 0.3, checkpoints close enough to resolve BN's early
+  # crossings (probes at lr 0.1, seed 0, loss 1 / 0.5 / 0.3 at step: sigmoid BN ~70 / 230 /
+  # 1,100, no BN ~1,900 / 3,500 / 6,200; ReLU BN ~30 / 55 / 150, no BN ~65 / 170 / 300).
+  return sweep.variants("model", {"sigmoid_mlp": budget(0.1, 8_000, 500, 50),
+                                  "relu_mlp": budget(0.1, 1_000, 250, 10, **{
                                       "model.activation": "relu"})})
 
 
@@ -100,23 +146,38 @@ def get_config(arg=None):
   s.grouped = False  # the measurement reads every checkpoint in the run's own directory
   s.cells = ("model", "model.norm")
   s.measurements = {"ics": {"kind": "ics_smoothness", "batches": 2 if local else 8,
-                            "num_etas": 3 if local else 7, "batch_seed": 1234}}
+                            "num_etas": 3 if local else 7, "batch_seed": 1234,
+                            "hessian_iterations": 3 if local else HESSIAN_ITERATIONS,
+                            "matched_losses": list(TARGETS)}}
   per_layer = [f"{q}@{j}" for q in QUANTITIES for j in (2, 3, 4)]
   pooled = [f"{q}/{p}" for q in ("ics_l2", "ics_rel", "beta_max", "loss_range", "grad_change")
             for p in ("pairs", "series")]
+  matched = [f"{q}{at(t)}" for q in ("step", *MATCHED) for t in TARGETS]
+  reached = [f"reached{at(t)}" for t in TARGETS]
   s.metrics = {"final_acc": ("summary", "test_accuracy"),
                "train_loss": ("series", "train_loss"),
                **{m: ("measured", "ics", m) for m in (*per_layer, *SMOOTHNESS, *pooled,
-                                                      "ics_cos/series")}}
+                                                      "ics_cos/series", "loss/series",
+                                                      "hessian_top/series",
+                                                      "hessian_change_rel_max", *matched,
+                                                      *reached)}}
   s.labels = {"batch": "BN", "none": "no BN", "noisy": "noisy BN", "final_acc": "final test acc",
               "sigmoid_mlp": "paper MLP, sigmoid, lr 0.1", "relu_mlp": "paper MLP, ReLU, lr 0.1",
               "train_loss": "training loss", "ics_l2/series": "ICS ||G - G'||",
               "ics_cos/series": "ICS cos(G, G')", "grad_change/series": "gradient change",
               "beta_max/series": "beta-smoothness (max over eta)",
-              "loss_range/series": "loss range along the gradient"}
+              "loss_range/series": "loss range along the gradient",
+              "loss/series": "training loss on the measurement's batches",
+              "hessian_top/series": "top Hessian eigenvalue",
+              **{f"{q}{at(t)}": f"{q} at loss {t:g}" for q in ("step", *MATCHED, "reached")
+                 for t in TARGETS}}
   s.notes = NOTES
   s.tables = {"internal covariate shift": {"metrics": tuple(per_layer)},
-              "smoothness and training": {"metrics": ("final_acc", *SMOOTHNESS)}}
+              "smoothness and training": {"metrics": ("final_acc", *SMOOTHNESS,
+                                                      "hessian_change_rel_max")},
+              "when each run reached the matched training losses": {
+                  "metrics": (*reached, *matched[:len(TARGETS)])},
+              "at matched training loss": {"metrics": tuple(matched[len(TARGETS):])}}
   s.figures = {"training": {"kind": "curves", "metric": "train_loss", "hue": ("model.norm",),
                             "panels": ("model",), "logy": True},
                **{q: {"kind": "per_checkpoint", "metric": f"{q}/series", "hue": ("model.norm",),
@@ -124,7 +185,7 @@ def get_config(arg=None):
                   for q in ("ics_l2", "ics_cos")},
                **{q: {"kind": "per_checkpoint", "metric": f"{q}/series", "hue": ("model.norm",),
                       "panels": ("model",), "logy": True}
-                  for q in ("grad_change", "beta_max", "loss_range")}}
+                  for q in ("grad_change", "beta_max", "loss_range", "hessian_top", "loss")}}
   helps = {"rule": "paired_interval", "metric": "final_acc", "b": "model.norm=none",
            "each": ("model",), "primary": True}
   s.claims = {
@@ -150,8 +211,29 @@ def get_config(arg=None):
                                 "batch", "none"),
       "noisy_beta_lower": claim("Noisy BN still smooths: its effective beta is lower than no "
                                 "BN's (Santurkar et al.: yes).", "beta_max", "noisy", "none"),
+      **matched_claims(),
   }
   return s
+
+
+def at(target: float) -> str:
+  """The suffix of a value read at matched training loss (`measurements.loss_key`)."""
+  return study_measurements.loss_key(target)
+
+
+def matched_claims() -> dict:
+  """BN vs no BN, paired by seed, for each MATCHED quantity at each TARGETS loss: the
+  comparison at equal progress that the equal-step claims above cannot make."""
+  out = {}
+  for q, what in MATCHED.items():
+    for t in TARGETS:
+      out[f"{q}_lower{at(t)}".replace("@", "_at_").replace("=", "_")] = {
+          "statement": f"At matched training loss {t:g}, {what} is lower with BN than "
+                       "without (Santurkar et al.: yes).",
+          "rule": "paired_interval", "metric": f"{q}{at(t)}", "higher": False,
+          "a": "model.norm=batch", "b": "model.norm=none", "each": ("model",),
+          "primary": (q, t) == PRIMARY_MATCHED}
+  return out
 
 
 def get_sweep(arg=None):
