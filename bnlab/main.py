@@ -4,9 +4,9 @@ Any config field can be overridden, e.g. `--config.optimizer.learning_rate=0.1`.
 This module only parses flags; `bnlab.engine.train.train_and_evaluate` does the work.
 Every problem that is the user's to fix ends the run with exit status 2 and
 one line `error: <problem>; <fix>` on stderr; `--verbosity=1` adds the traceback.
-SIGTERM and SIGUSR1 (preemption) stop the run at the next step boundary with a
-checkpoint there, and one line `preempted: ...; resume with: <this command>`
-(exit status 143 and 138; see bnlab/rundir/signals.py).
+SIGTERM, SIGUSR1 (preemption) and SIGHUP (a closed terminal) stop the run at the next
+step boundary with a checkpoint there, and one line `preempted: ...; resume with: <this
+command>` (exit status 143, 138 and 129; see bnlab/rundir/signals.py).
 
 Several processes (one per host, or several on one machine) run one
 data-parallel training when the config's `distributed` section says so: each
@@ -73,7 +73,7 @@ def execute(cfg, workdir: str) -> dict:
     if logging.get_verbosity() >= logging.DEBUG:
       raise
     _fail(e)
-  except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGUSR1: what was checkpointed is kept
+  except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGUSR1, SIGHUP: what was checkpointed is kept
     if logging.get_verbosity() >= logging.DEBUG:
       raise
     interrupted(e)
@@ -93,7 +93,7 @@ def interrupted(e: KeyboardInterrupt) -> None:
 def preempted(e: signals.Preempted, command: str | None = None) -> None:
   """Ends the process after SIGTERM or SIGUSR1 with one line naming the command that
   resumes (`command`, default this process's own), exit status 128 + the signal's number
-  (SIGTERM 143, SIGUSR1 138)."""
+  (SIGTERM 143, SIGUSR1 138, SIGHUP 129)."""
   command = command or shlex.join(sys.orig_argv)
   print(f"preempted: {e.what}; resume with: {command}", file=sys.stderr)
   sys.exit(e.exit_status)

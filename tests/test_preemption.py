@@ -90,8 +90,9 @@ def reference(idx_dir, tmp_path_factory):
   return wd
 
 
-@pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)],
-                         ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138),
+                                           (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGUSR1", "SIGHUP"])
 def test_signal_mid_training_checkpoints_there_and_resumes_bit_identical(
     idx_dir, reference, tmp_path, signum, status):
   wd = str(tmp_path / "run")

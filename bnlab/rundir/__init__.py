@@ -12,7 +12,7 @@ modules, one concern each:
   strict_json  NaN and infinity in strict JSON
   per_image    which test images an evaluation got right, as record text
   locks        one process at a time on a directory
-  signals      Ctrl-C held off while a checkpoint is written; SIGTERM, SIGUSR1 stop a run
+  signals      Ctrl-C held off while a checkpoint is written; SIGTERM, SIGUSR1, SIGHUP stop a run
                at a step boundary with a checkpoint
   logs         other libraries' log chatter filtered out
 """

@@ -1,17 +1,19 @@
-"""Signals: Ctrl-C held off while a checkpoint is written; SIGTERM and SIGUSR1 stop a run
+"""Signals: Ctrl-C held off while a checkpoint is written; SIGTERM, SIGUSR1 and SIGHUP stop a run
 at a step boundary with a checkpoint.
 
 SIGTERM is what SLURM, Kubernetes and cloud preemption send before they kill a
 job (SIGKILL follows after a grace period); SIGUSR1 is what SLURM sends ahead
-of a job's time limit when asked (`--signal=USR1@SECONDS`). Python's default
-for both is to die on the spot, losing everything since the last periodic
+of a job's time limit when asked (`--signal=USR1@SECONDS`); SIGHUP, what a closed
+terminal or ssh session sends. Python's default for each is to die on the spot,
+losing everything since the last periodic
 checkpoint. While `stop_signals_caught` holds, either one only sets a flag:
 the step loop (`bnlab.engine.loop`) looks at it at every step boundary (after
 the step, or the scanned chunk of steps, in progress), writes a checkpoint
 there (the train state and the metric sums, as a periodic one), and raises
 `Preempted`; the command-line programs end with one line naming the command
 that resumes and exit status 128 + the signal's number (143 for SIGTERM, 138
-for SIGUSR1). A second signal while that checkpoint is written is held like
+for SIGUSR1, 129 for SIGHUP; a program started under nohup ignores SIGHUP, and so
+does bnlab then). A second signal while that checkpoint is written is held like
 the first, so it cannot cut the write short.
 """
 
@@ -44,7 +46,7 @@ def interrupts_deferred():
 
 
 # The signals that stop a run at its next step boundary, with a checkpoint.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
 class Preempted(KeyboardInterrupt):
