@@ -79,10 +79,15 @@ def values_of(scores: dict) -> dict:
   out = {}
   for k in KINDS:
     s = jax.device_get(scores[k])
-    out[f"accuracy_{k}"] = None if s is None else float(s["accuracy"])
-    out[f"loss_{k}"] = None if s is None else float(s["loss"])
-    out[f"correct_{k}"] = None if s is None else per_image.encode(
-        np.asarray(s["correct"], bool))
+    if s is None:
+      out.update({f"accuracy_{k}": None, f"loss_{k}": None, f"correct_{k}": None})
+      continue
+    correct = np.asarray(s["correct"], bool)
+    # The fraction of the bits (float64), not the float32 count / n: the accuracy its
+    # per-image results add up to exactly.
+    out[f"accuracy_{k}"] = float(np.mean(correct))
+    out[f"loss_{k}"] = float(s["loss"])
+    out[f"correct_{k}"] = per_image.encode(correct)
   for k in KINDS[1:]:
     other = out[f"accuracy_{k}"]
     out[f"gap_{k}"] = None if other is None else out["accuracy_batch"] - other
