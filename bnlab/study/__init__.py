@@ -61,6 +61,7 @@ from bnlab.study.figure_kinds import percentiles  # importing it registers every
 from bnlab.study.figures import (
     FORMATS, FigureContext, Style, draw_all, mean_by_step, parse_formats)
 from bnlab.study import measurements  # noqa: F401  (registers its measurements and rules)
+from bnlab.study import train_gap  # noqa: F401  (registers the train_gap measurement)
 from bnlab.study.metrics import (
     Run, diverged, diverged_at, epoch_means, evaluate_metrics, first_step_at_least,
     first_step_at_most, last, max_, mean_over_last_epoch, percentile_drift, series, summary_value)

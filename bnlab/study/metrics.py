@@ -217,7 +217,12 @@ def correct_key(accuracy_key: str) -> str | None:
 
 def per_image_of(run: Run, spec: tuple):
   """A test-accuracy metric's per-image results (`bnlab.rundir.per_image` text), or None:
-  for `summary` and `last` the final evaluation's, for `series` [[step, text], ...]."""
+  for `summary` and `last` the final evaluation's, for `series` [[step, text], ...]; for
+  ("measured", NAME, "accuracy...") the measurement's "correct..." value (e.g. train_gap's
+  "correct_batch" beside "accuracy_batch"), so rules pair its images too."""
+  if spec[0] == "measured" and len(spec) == 3 and str(spec[2]).startswith("accuracy"):
+    text = run.measured.get(spec[1], {}).get("correct" + spec[2][len("accuracy"):])
+    return text if isinstance(text, str) else None
   key = correct_key(spec[1]) if len(spec) > 1 and isinstance(spec[1], str) else None
   if key is None or run.summary is None:
     return None
