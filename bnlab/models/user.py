@@ -31,7 +31,7 @@ def is_user_model(name: str) -> bool:
   return ":" in name
 
 
-def _accepts(fn, name: str) -> bool:
+def accepts(fn, name: str) -> bool:
   """Whether `fn` takes a keyword argument `name` (or any keyword)."""
   try:
     params = inspect.signature(fn).parameters.values()
@@ -100,7 +100,7 @@ def user_model(cfg, dtype=None) -> nn.Module:
   is_class = isinstance(target, type)
   if is_class and issubclass(target, nnx.Module):
     init = target.__init__
-    if dtype is not None and not _accepts(init, "dtype"):
+    if dtype is not None and not accepts(init, "dtype"):
       raise UserModelError(_no_dtype(cfg.name))
     module = nnx.bridge.to_linen(target, **kwargs)
   else:
@@ -109,7 +109,7 @@ def user_model(cfg, dtype=None) -> nn.Module:
     if not callable(target):
       raise UserModelError(
           f"{cfg.name} is a {type(target).__name__}, not a function or Module class")
-    if dtype is not None and not _accepts(target, "dtype"):
+    if dtype is not None and not accepts(target, "dtype"):
       raise UserModelError(_no_dtype(cfg.name))
     args = (cfg,) if not is_class and _takes_positional(target) else ()
     try:
@@ -128,7 +128,7 @@ def user_model(cfg, dtype=None) -> nn.Module:
     raise UserModelError(
         f"{cfg.name} returned an object of type {type(module).__name__}, not a flax.linen "
         "Module")
-  if not _accepts(module.__call__, "train"):
+  if not accepts(module.__call__, "train"):
     raise UserModelError(
         f"{type(module).__name__}.__call__ takes no `train` argument; give it "
         "`__call__(self, x, train: bool)` (BN uses batch statistics when train is True)")
