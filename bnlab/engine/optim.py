@@ -119,17 +119,26 @@ def _optimizer_function(opt):
   return fn, kwargs
 
 
+class NotATransformation(TypeError):
+  """A user's optimizer function returned something else than an optax transformation."""
+
+
 def _base(opt):
   """(`factory(learning_rate, **overrides)`: the optimizer without clipping and bnlab's
   decay, whether it decays weights itself)."""
   name = opt.name
   if is_user_transformation(name):
     target = user_models.load_target(name)
-    if user_models.accepts(target, "learning_rate"):
-      return (lambda learning_rate, **_: target(opt, learning_rate=learning_rate)), False
-    # A direction (like optax.scale_by_adam()): bnlab scales it by -learning_rate.
-    return (lambda learning_rate, **_: optax.chain(
-        target(opt), optax.scale_by_learning_rate(learning_rate))), False
+    takes_lr = user_models.accepts(target, "learning_rate")
+
+    def user(learning_rate, **_):
+      tx = target(opt, learning_rate=learning_rate) if takes_lr else target(opt)
+      if not isinstance(tx, optax.GradientTransformation):
+        raise NotATransformation(type(tx).__name__)
+      # Without a learning_rate argument it is a direction (like optax.scale_by_adam()):
+      # bnlab scales it by -learning_rate, the schedule's value at each step.
+      return tx if takes_lr else optax.chain(tx, optax.scale_by_learning_rate(learning_rate))
+    return user, False
   fn, kwargs = _optimizer_function(opt)
   if name == "momentum":  # a group member's own momentum may come in `overrides`
     return (lambda learning_rate, **o: fn(
@@ -246,13 +255,14 @@ def _traced_problem(opt) -> str | None:
   try:
     base, _ = _base(opt)
     tx = base(float(opt.learning_rate))  # a float: no array, so JAX's backend stays unstarted
+  except NotATransformation as e:
+    return f"is unusable: {opt.name} returned {e}, not an optax.GradientTransformation"
   except Exception as e:  # pylint: disable=broad-except
     fix = ("fix the function or the config.optimizer keys it reads" if user else
            "fix config.optimizer.kwargs")
     return f"is unusable: {call} raised {user_models.reason(e)}; {fix}"
-  if not isinstance(tx, optax.GradientTransformation):
-    return (f"is unusable: {opt.name} returned {type(tx).__name__}, not an "
-            "optax.GradientTransformation")
+  if not isinstance(tx, optax.GradientTransformation):  # an optax function's own bug
+    return f"is unusable: it is a {type(tx).__name__}, not an optax.GradientTransformation"
   return _apply_problem(opt)
 
 
