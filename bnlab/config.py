@@ -9,6 +9,7 @@ raises `ConfigError` naming the key before anything is compiled.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -35,6 +36,46 @@ MAX_INT = 2**31 - 1
 # Sections whose keys are the user's own (a model's settings, an optax optimizer's keyword
 # arguments): any key may be added, on the command line too (bnlab.main).
 FREE_FORM = ("model.options", "optimizer.kwargs")
+
+
+def configs_dir() -> str:
+  """bnlab's own config files: the repository's top-level `configs/` in a checkout, and
+  the copy an installed wheel carries as `bnlab/configs/` (setup.py maps one to the other)."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package, "configs")
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package),
+                                                                 "configs")
+
+
+def find_config(path: str, near: str | None = None) -> str:
+  """The config file `path` names; ConfigError (one line, where it looked) if none.
+
+  A relative path is looked up, in order: from the directory of the file `near` (a study
+  file naming its run config) and each directory above it, so "configs/paper_mlp.py"
+  in a study file means the configs beside that study, in a checkout or an installed
+  bnlab, whatever the working directory; then from the working directory; then in
+  bnlab's own configs (`configs_dir()`, a leading "configs/" dropped), so the built-in
+  configs run from any directory once bnlab is installed.
+  """
+  if os.path.isabs(path):
+    candidates = [path]
+  else:
+    candidates = []
+    folder = os.path.dirname(os.path.abspath(near)) if near else None
+    while folder:
+      candidates.append(os.path.join(folder, path))
+      parent = os.path.dirname(folder)
+      folder = parent if parent != folder else None
+    own = path[len("configs/"):] if path.startswith("configs/") else path
+    candidates += [os.path.abspath(path), os.path.join(configs_dir(), own)]
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return candidate
+  where = (f"beside {near} and above it, " if near and not os.path.isabs(path) else "")
+  places = "" if os.path.isabs(path) else (
+      f" (looked {where}in the working directory {os.getcwd()} and in bnlab's configs "
+      f"{configs_dir()})")
+  raise ConfigError(f"config file {path!r} does not exist{places}; check the path")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import os
 import shlex
 import sys
 
@@ -175,10 +176,23 @@ def set_free_form(cfg, values: dict[str, str]) -> None:
       node[last] = free_form_value(text, node.get(last))
 
 
+def located_config_flag(arg: str) -> str:
+  """`--config=PATH[:ARG]` with PATH where `config_lib.find_config` finds it: as given if it
+  exists, else bnlab's own configs (`--config=configs/paper_mlp.py` from any directory
+  with bnlab installed); ConfigError, one line, if nowhere. Other arguments unchanged."""
+  if not arg.startswith("--config="):
+    return arg
+  path, colon, config_arg = arg[len("--config="):].partition(":")
+  if not path or os.path.exists(path):
+    return arg
+  return f"--config={config_lib.find_config(path)}{colon}{config_arg}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors for bad flags, config files and keys."""
   config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
   try:
+    argv = [located_config_flag(a) for a in argv]
     rest, free = split_free_form(argv)
     saved, sys.argv = sys.argv, rest  # config_flags reads its overrides from sys.argv
     try:
@@ -211,6 +225,8 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = unknown_config_key(argv) or (
           f"{' '.join(str(e).split())}: a --config.KEY override names no key of the config; "
           "keys and defaults are listed in bnlab/config.py")
+  except config_lib.ConfigError as e:  # a --config file found nowhere
+    message = str(e)
   except (TypeError, ValueError) as e:
     message = f"bad config override: {e}"
   except OSError:  # an override made config_flags load the file while parsing
