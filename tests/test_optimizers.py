@@ -280,3 +280,23 @@ def test_adamw_with_decay_and_clipping_trains_and_resumes_bit_identical(idx_dir,
   shutil.rmtree(os.path.join(part, "checkpoints", "20"))
   assert train.train_and_evaluate(c, part)["test_accuracy"] == summary["test_accuracy"]
   jax.tree.map(np.testing.assert_array_equal, final_state(full)[1], final_state(part)[1])
+
+
+def test_grouped_members_each_decay_with_their_own_learning_rate(idx_dir, tmp_path):
+  """Members of a group share one optimizer, each its learning rate in its state: the decay
+  (-lr * wd * p) and the momentum override use the member's own, as a solo run does."""
+  c = config_lib.base_config()
+  c.data.source, c.data.dir = "idx", idx_dir
+  c.model.name = "seed1_mlp"
+  c.optimizer.name, c.optimizer.weight_decay, c.optimizer.clip_global_norm = "momentum", 0.1, 2.0
+  c.train.batch_size, c.train.num_epochs, c.train.final_train_eval = 32, 1, False
+  members = sweep.product(sweep.axis("optimizer.learning_rate", [0.05, 0.2]),
+                          sweep.axis("optimizer.momentum", [0.5, 0.9]))
+  assert [len(g) for g in sweep.group_members(sweep.resolve_members(c, members))] == [4]
+  rows = sweep.run_sweep(c, members, str(tmp_path / "sw"))
+  assert [r["status"] for r in rows] == ["done"] * 4
+  solo = str(tmp_path / "solo")
+  train.train_and_evaluate(sweep.apply_overrides(c, members[3]), solo)
+  grouped = os.path.join(str(tmp_path / "sw"), rows[3]["name"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               final_state(grouped)[1]["params"], final_state(solo)[1]["params"])

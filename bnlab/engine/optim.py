@@ -201,15 +201,33 @@ def check_optimizer(opt) -> None:
         "optax optimizer's name (a function of optax taking learning_rate, e.g. 'adamw', "
         "'lamb', 'lion', 'rmsprop', 'nadam') or 'package.module:function' for your own "
         "optax transformation. Set it with --config.optimizer.name=...")
-  problem = _traced_problem(opt)
+  problem = "uncached" if is_user_transformation(name) else _cached_problem(opt)
+  problem = _traced_problem(opt) if problem == "uncached" else problem
   if problem:
     raise ConfigError(f"config.optimizer.name={name!r} {problem}")
+
+
+def _cached_problem(opt) -> str | None:
+  """`_traced_problem` of an optax optimizer, once per distinct section (a sweep validates
+  each member's config); "uncached" for one JSON cannot hold (a user's transformation,
+  whose module may change, is never cached)."""
+  try:
+    text = json.dumps(opt.to_dict(), sort_keys=True)
+  except (TypeError, ValueError):
+    return "uncached"
+  return _problem_of_json(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _problem_of_json(opt_json: str) -> str | None:
+  return _traced_problem(ml_collections.ConfigDict(json.loads(opt_json)))
 
 
 def _check_kwargs(opt) -> None:
   fn, _ = _optimizer_function(opt)
   params = _parameters(fn) or {}
-  where = "optax.sgd (optimizer.name=momentum)" if opt.name == "momentum" else f"optax.{opt.name}"
+  where = ("optax.sgd (optimizer.name=momentum)" if opt.name == "momentum"
+           else f"optax.{opt.name}")
   own = dict(_OWN_KEYS)
   if opt.name == "momentum":
     own.update(momentum="optimizer.momentum", nesterov="optimizer.nesterov")
