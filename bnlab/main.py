@@ -194,6 +194,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     argv = [located_config_flag(a) for a in argv]
     rest, free = split_free_form(argv)
+    FREE_FORM_VALUES.clear()
     saved, sys.argv = sys.argv, rest  # config_flags reads its overrides from sys.argv
     try:
       remaining = flags.FLAGS(rest)

@@ -1,4 +1,4 @@
-"""Optimizers: the `optimizer` config section as an optax transformation and its learning-rate schedule.
+"""Optimizers: the `optimizer` config section as an optax transformation and its schedule.
 
 `optimizer.name` is one of bnlab's `sgd`, `momentum` (SGD with `optimizer.momentum`) and
 `adam`; any optax optimizer by its function's name (`adamw`, `lamb`, `lion`, `rmsprop`,
