@@ -92,8 +92,8 @@ def user_model(cfg, dtype=None) -> nn.Module:
 
   With `dtype` (train.half_precision) the target also gets `dtype=dtype`.
   A function must return a linen Module (an NNX model: return
-  `nnx.bridge.to_linen(MyNNXModel, ...)`, which gets the same mode handling). The model is called as
-  `model.apply(variables, images, train=...)` on uint8 images of shape
+  `nnx.bridge.to_linen(MyNNXModel, ...)`, which gets the same mode handling). The
+  model is called as `model.apply(variables, images, train=...)` on uint8 images of shape
   (batch, 28, 28) and returns (batch, 10) logits; it may read the RNG
   streams "noise" and "dropout" in train mode. Raises UserModelError; what the
   model does when traced is `run_problem`'s to check (it needs the batch sizes).
