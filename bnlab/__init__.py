@@ -11,7 +11,7 @@ on first use so that a model using only the layers never loads the engine.
 """
 
 from bnlab import data
-from bnlab.layers import nnx
+from bnlab import nnx
 from bnlab.layers import variants
 from bnlab.layers.functional import BatchNormOutput, Moments, batch_moments, batch_norm
 from bnlab.layers.linen import (BatchNorm, BatchNormVariant, BatchRenorm, GhostBatchNorm,

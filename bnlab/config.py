@@ -9,17 +9,21 @@ raises `ConfigError` naming the key before anything is compiled.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
 from bnlab.models import conv
 from bnlab import data as data_lib
 from bnlab.engine import distributed
+from bnlab.engine import optim
 from bnlab.models import networks as models
 from bnlab.models import user as user_models
 from bnlab.errors import ConfigError, UnusableModelError
 from bnlab.layers.variants import RUNNING_AVERAGES
 
+# bnlab's own optimizer names; optimizer.name also takes any optax optimizer's and
+# "package.module:function" (bnlab.engine.optim).
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
 LOOPS = ("auto", "scan", "loop")
@@ -29,6 +33,49 @@ VARIANCES = ("shifted", "two_pass", "fast")
 # stacks its members' seeds as such), every other count a step counter (int32).
 MAX_SEED = 2**32 - 1
 MAX_INT = 2**31 - 1
+# Sections whose keys are the user's own (a model's settings, an optax optimizer's keyword
+# arguments): any key may be added, on the command line too (bnlab.main).
+FREE_FORM = ("model.options", "optimizer.kwargs")
+
+
+def configs_dir() -> str:
+  """bnlab's own config files: the repository's top-level `configs/` in a checkout, and
+  the copy an installed wheel carries as `bnlab/configs/` (setup.py maps one to the other)."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package, "configs")
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package),
+                                                                 "configs")
+
+
+def find_config(path: str, near: str | None = None) -> str:
+  """The config file `path` names; ConfigError (one line, where it looked) if none.
+
+  A relative path is looked up, in order: from the directory of the file `near` (a study
+  file naming its run config) and each directory above it, so "configs/paper_mlp.py"
+  in a study file means the configs beside that study, in a checkout or an installed
+  bnlab, whatever the working directory; then from the working directory; then in
+  bnlab's own configs (`configs_dir()`, a leading "configs/" dropped), so the built-in
+  configs run from any directory once bnlab is installed.
+  """
+  if os.path.isabs(path):
+    candidates = [path]
+  else:
+    candidates = []
+    folder = os.path.dirname(os.path.abspath(near)) if near else None
+    while folder:
+      candidates.append(os.path.join(folder, path))
+      parent = os.path.dirname(folder)
+      folder = parent if parent != folder else None
+    own = path[len("configs/"):] if path.startswith("configs/") else path
+    candidates += [os.path.abspath(path), os.path.join(configs_dir(), own)]
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return candidate
+  where = (f"beside {near} and above it, " if near and not os.path.isabs(path) else "")
+  places = "" if os.path.isabs(path) else (
+      f" (looked {where}in the working directory {os.getcwd()} and in bnlab's configs "
+      f"{configs_dir()})")
+  raise ConfigError(f"config file {path!r} does not exist{places}; check the path")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -154,6 +201,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.options = ml_collections.ConfigDict()
 
   c.optimizer = ml_collections.ConfigDict()
+  # "sgd", "momentum", "adam", any optax optimizer by name ("adamw", "lamb", "lion", ...)
+  # or "package.module:function", your own optax transformation (bnlab.engine.optim).
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.01
   c.optimizer.momentum = 0.9  # for name=momentum
@@ -162,6 +211,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0
   c.optimizer.decay_factor = 0.1  # schedule=step: multiply by this ...
   c.optimizer.decay_every_steps = 0  # ... every this many steps
+  # Keyword arguments of the optax optimizer optimizer.name names (e.g. b2 for adamw),
+  # checked against its signature; free-form for your own transformation.
+  c.optimizer.kwargs = ml_collections.ConfigDict()
+  # Decoupled weight decay: -learning_rate * weight_decay * param each step, on the
+  # parameters weight_decay_mask selects: "kernels" (2+ dimensions: not BN's scale and
+  # bias, nor biases) or "all". Optimizers with their own decay (adamw, lamb, lion, ...)
+  # get it as their weight_decay argument, with the mask.
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.weight_decay_mask = "kernels"
+  c.optimizer.clip_global_norm = 0.0  # > 0: gradients clipped to this global norm first
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32
@@ -298,7 +357,6 @@ def _validate_model(c) -> None:
 
 
 def _validate_optimizer(c) -> None:
-  _one_of(c, "optimizer.name", OPTIMIZERS)
   _one_of(c, "optimizer.schedule", SCHEDULES)
   lr = c.optimizer.learning_rate
   _check(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "a number > 0")
@@ -313,6 +371,12 @@ def _validate_optimizer(c) -> None:
   _check(c.optimizer.schedule != "step" or c.optimizer.decay_every_steps > 0,
          "optimizer.decay_every_steps", c.optimizer.decay_every_steps,
          "an integer > 0 when optimizer.schedule=step")
+  _check(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay,
+         "a number >= 0 (0 = no decay)")
+  _one_of(c, "optimizer.weight_decay_mask", optim.WEIGHT_DECAY_MASKS)
+  _check(c.optimizer.clip_global_norm >= 0, "optimizer.clip_global_norm",
+         c.optimizer.clip_global_norm, "a number >= 0 (0 = no clipping)")
+  optim.check_optimizer(c.optimizer)  # last: it builds the optimizer from the keys above
 
 
 def _validate_train(c) -> None:
@@ -493,7 +557,7 @@ def _check_keys(c, expected, prefix: str) -> None:
     if isinstance(want, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f"{name} must be a section (ConfigDict), got {value!r}")
-      if f"{prefix}{key}" != "model.options":  # free-form
+      if f"{prefix}{key}" not in FREE_FORM:
         _check_keys(value, want, f"{prefix}{key}.")
     elif isinstance(want, bool):
       _check(isinstance(value, bool), f"{prefix}{key}", value, "True or False")

@@ -16,8 +16,10 @@ process runs this same command with its own `--config.distributed.process_id`
 
 from __future__ import annotations
 
+import ast
 import difflib
 import json
+import os
 import shlex
 import sys
 
@@ -126,11 +128,82 @@ def loaded_config():
   return cfg
 
 
+# The --config.KEY=VALUE flags of free-form sections, set by `parse_flags` after the file loads.
+FREE_FORM_VALUES: dict = {}
+
+
+def split_free_form(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """(`argv` without its `--config.SECTION.KEY=VALUE` flags for the free-form sections
+  (`config_lib.FREE_FORM`: `model.options`, `optimizer.kwargs`), those as {key: text}).
+
+  config_flags sets only keys the config file defines; a free-form section's keys are
+  the user's own (an optax optimizer's arguments), so they are set after it loads.
+  """
+  rest, free = [], {}
+  for arg in argv:
+    key, eq, text = arg.partition("=")
+    dotted = key[len("--config."):]
+    if (eq and key.startswith("--config.")
+        and any(dotted.startswith(f + ".") for f in config_lib.FREE_FORM)):
+      free[dotted] = text
+    else:
+      rest.append(arg)
+  return rest, free
+
+
+def free_form_value(text: str, current=None):
+  """A flag's text as a Python value: a literal (3, 0.9, (1, 2), 'x', True/true), else the
+  text; a float where the config already holds a float, the text where it holds a string."""
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = {"true": True, "false": False}.get(text.lower(), text)
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  return value
+
+
+def set_free_form(cfg, values: dict[str, str]) -> None:
+  """Sets each {dotted key: text} of `split_free_form` in `cfg` (keys may be new)."""
+  for dotted, text in values.items():
+    *path, last = dotted.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    with cfg.unlocked():
+      node[last] = free_form_value(text, node.get(last))
+
+
+def located_config_flag(arg: str) -> str:
+  """`--config=PATH[:ARG]` with PATH where `config_lib.find_config` finds it: as given if it
+  exists, else bnlab's own configs (`--config=configs/paper_mlp.py` from any directory
+  with bnlab installed); ConfigError, one line, if nowhere. Other arguments unchanged."""
+  if not arg.startswith("--config="):
+    return arg
+  path, colon, config_arg = arg[len("--config="):].partition(":")
+  if not path or os.path.exists(path):
+    return arg
+  return f"--config={config_lib.find_config(path)}{colon}{config_arg}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors for bad flags, config files and keys."""
   config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
   try:
-    return flags.FLAGS(argv)
+    argv = [located_config_flag(a) for a in argv]
+    rest, free = split_free_form(argv)
+    FREE_FORM_VALUES.clear()
+    saved, sys.argv = sys.argv, rest  # config_flags reads its overrides from sys.argv
+    try:
+      remaining = flags.FLAGS(rest)
+      if free:
+        set_free_form(flags.FLAGS.config, free)
+        FREE_FORM_VALUES.update({k: free_form_value(v) for k, v in free.items()})
+    finally:
+      sys.argv = saved
+    return remaining
   except flags.Error as e:
     message = unknown_config_key(argv)
     if message is None and config_file != "?" and "--config=None" in str(e):
@@ -153,6 +226,8 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = unknown_config_key(argv) or (
           f"{' '.join(str(e).split())}: a --config.KEY override names no key of the config; "
           "keys and defaults are listed in bnlab/config.py")
+  except config_lib.ConfigError as e:  # a --config file found nowhere
+    message = str(e)
   except (TypeError, ValueError) as e:
     message = f"bad config override: {e}"
   except OSError:  # an override made config_flags load the file while parsing
@@ -182,7 +257,7 @@ def unknown_config_key(argv: list[str]) -> str | None:
       if isinstance(node, ml_collections.ConfigDict) and part in node:
         node = node[part]
         continue
-      if path[:i] == ["model", "options"]:  # the user model's own keys: free-form
+      if ".".join(path[:i]) in config_lib.FREE_FORM:  # the user's own keys
         break
       flag = "--config." + ".".join(path)
       known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []

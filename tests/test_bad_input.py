@@ -400,7 +400,7 @@ CASES = [
     ("model_unknown", "api", _set(model__name="resnet"), "config.model.name", "--config.model.name="),
     ("norm_unknown", "api", _set(model__norm="whiten"), "config.model.norm", "--config.model.norm="),
     ("source_unknown", "api", _set(data__source="mnist"), "config.data.source", "--config.data.source="),
-    ("optimizer_unknown", "api", _set(optimizer__name="rmsprop"), "config.optimizer.name", "--config.optimizer.name="),
+    ("optimizer_unknown", "api", _set(optimizer__name="rmsprp"), "config.optimizer.name", "--config.optimizer.name="),
     ("bn_momentum_1.5", "api", _set(model__bn__momentum=1.5), "config.model.bn.momentum", "--config.model.bn.momentum="),
     ("bn_epsilon_zero", "api", _set(model__bn__epsilon=0.0), "config.model.bn.epsilon", "--config.model.bn.epsilon="),
     ("loop_unknown", "api", _set(train__loop="while"), "config.train.loop", "--config.train.loop="),

@@ -125,7 +125,7 @@ def _study_config():
   return study.base_config()
 
 
-FREE_FORM = {"model.options", "run.overrides", "metrics", "tables", "figures", "claims",
+FREE_FORM = {"model.options", "optimizer.kwargs", "run.overrides", "metrics", "tables", "figures", "claims",
              "labels", "measurements"}
 
 

@@ -29,6 +29,7 @@ ALLOWED = {
     "study": {"errors", "config", "data", "engine", "rundir", "models", "sweep", "analysis",
               "main"},
     "main": {"errors", "config", "data", "engine", "rundir"},
+    "nnx": {"layers"},  # bnlab.nnx: the NNX layers of bnlab.layers.nnx as a module
 }
 
 

@@ -73,7 +73,7 @@ def _has_convolutions(model_json: str) -> bool:
   try:
     model = models.build_model(model_cfg)
     shapes = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, 28, 28), jnp.uint8), train=False))
+        models.init_rngs(jax.random.key(0)), jnp.zeros((1, 28, 28), jnp.uint8), train=False))
   except Exception:  # pylint: disable=broad-except
     return False  # training it reports the problem
   return any(len(x.shape) >= 3 for x in jax.tree.leaves(shapes.get("params", {})))

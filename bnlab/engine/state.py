@@ -13,6 +13,7 @@ import optax
 from flax import struct
 
 from bnlab.engine import optim
+from bnlab.models import networks as models
 
 
 class TrainState(struct.PyTreeNode):
@@ -31,7 +32,7 @@ def create_train_state(model, tx, rng: jax.Array, batch_size: int) -> TrainState
   """Initial state: parameters from `rng`, empty optimizer state, step 0."""
   init_rng, data_rng = jax.random.split(rng)
   dummy = jnp.zeros((batch_size, 28, 28), jnp.uint8)
-  variables = model.init(init_rng, dummy, train=False)
+  variables = model.init(models.init_rngs(init_rng), dummy, train=False)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),

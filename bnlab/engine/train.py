@@ -269,8 +269,8 @@ def _sown_units(model, batch_size: int) -> dict[str, int]:
   """{name: units per example} of what `model` sows into `intermediates` (nothing compiled),
   traced at the run's batch size: a user's model need not work at any other."""
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 28, 28), jnp.uint8),
-                         train=False, mutable=True))
+      lambda: model.init(models.init_rngs(jax.random.key(0)),
+                         jnp.zeros((batch_size, 28, 28), jnp.uint8), train=False, mutable=True))
   out = {}
   for block in variables.get("intermediates", {}).values():
     if isinstance(block, dict):

@@ -298,8 +298,8 @@ def sown_names(model: nn.Module) -> tuple[str, ...]:
   the model sows it (`intermediates[submodule][name]`), where analyses read it.
   """
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((2, 28, 28), jnp.uint8), train=False,
-                         mutable=True))
+      lambda: model.init(init_rngs(jax.random.key(0)), jnp.zeros((2, 28, 28), jnp.uint8),
+                         train=False, mutable=True))
   names = set()
   for block in variables.get("intermediates", {}).values():
     if isinstance(block, dict):
@@ -317,6 +317,19 @@ def _expect_widths(cfg, widths, n):
 # per-epoch shuffling keys fold_in(key, epoch).
 NOISE_STREAM = 2**31 + 1
 DROPOUT_STREAM = 2**31 + 2
+
+
+def init_rngs(key: jax.Array) -> dict[str, jax.Array]:
+  """The RNG streams of a model's `init`: `params` is `key` itself (what `model.init(key, ...)`
+  gives, so parameters are unchanged), `dropout` and `noise` are folded from it.
+
+  An NNX model takes its streams when it is built (`nnx.Dropout(rate, rngs=rngs)`,
+  `bnlab.nnx.NoisyBatchNorm`), and through `nnx.bridge.to_linen` it is built at init
+  with only the streams init is given: without these it could not be built.
+  """
+  return {"params": key,
+          **{name: jax.random.fold_in(key, stream)
+             for name, stream in (("noise", NOISE_STREAM), ("dropout", DROPOUT_STREAM))}}
 
 
 def train_rngs(rng_data: jax.Array, step: jax.Array) -> dict[str, jax.Array]:

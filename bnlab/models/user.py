@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import types
 
 import flax.linen as nn
 from flax import nnx
@@ -31,7 +32,7 @@ def is_user_model(name: str) -> bool:
   return ":" in name
 
 
-def _accepts(fn, name: str) -> bool:
+def accepts(fn, name: str) -> bool:
   """Whether `fn` takes a keyword argument `name` (or any keyword)."""
   try:
     params = inspect.signature(fn).parameters.values()
@@ -83,14 +84,16 @@ def user_model(cfg, dtype=None) -> nn.Module:
     free-form `options` holds the model's own settings) if it takes a
     positional argument, else as `target()`;
   - a `flax.linen.Module` class, built with its defaults;
-  - a `flax.nnx.Module` class, built with its defaults (and `rngs`) through
-    `flax.nnx.bridge.to_linen`, so its `nnx.BatchNorm`/`bnlab.nnx` statistics
-    live in the `batch_stats` collection like linen's.
+  - a `flax.nnx.Module` class, built with its defaults (and `rngs`: the streams
+    `params`, `dropout` and `noise`) through `flax.nnx.bridge.to_linen`, so its
+    `nnx.BatchNorm`/`bnlab.nnx` statistics live in the `batch_stats` collection like
+    linen's. Its `__call__` takes `train`, or it is an idiomatic NNX model whose mode
+    `.train()`/`.eval()` set (`nnx_with_train_argument`).
 
   With `dtype` (train.half_precision) the target also gets `dtype=dtype`.
   A function must return a linen Module (an NNX model: return
-  `nnx.bridge.to_linen(MyNNXModel, ...)`). The model is called as
-  `model.apply(variables, images, train=...)` on uint8 images of shape
+  `nnx.bridge.to_linen(MyNNXModel, ...)`, which gets the same mode handling). The
+  model is called as `model.apply(variables, images, train=...)` on uint8 images of shape
   (batch, 28, 28) and returns (batch, 10) logits; it may read the RNG
   streams "noise" and "dropout" in train mode. Raises UserModelError; what the
   model does when traced is `run_problem`'s to check (it needs the batch sizes).
@@ -100,16 +103,16 @@ def user_model(cfg, dtype=None) -> nn.Module:
   is_class = isinstance(target, type)
   if is_class and issubclass(target, nnx.Module):
     init = target.__init__
-    if dtype is not None and not _accepts(init, "dtype"):
+    if dtype is not None and not accepts(init, "dtype"):
       raise UserModelError(_no_dtype(cfg.name))
-    module = nnx.bridge.to_linen(target, **kwargs)
+    module = nnx.bridge.to_linen(nnx_with_train_argument(target), **kwargs)
   else:
     if is_class and not issubclass(target, nn.Module):
       raise UserModelError(f"{cfg.name} is a class but no flax.linen or flax.nnx Module")
     if not callable(target):
       raise UserModelError(
           f"{cfg.name} is a {type(target).__name__}, not a function or Module class")
-    if dtype is not None and not _accepts(target, "dtype"):
+    if dtype is not None and not accepts(target, "dtype"):
       raise UserModelError(_no_dtype(cfg.name))
     args = (cfg,) if not is_class and _takes_positional(target) else ()
     try:
@@ -119,6 +122,8 @@ def user_model(cfg, dtype=None) -> nn.Module:
           f"calling {cfg.name}({'config.model' if args else ''}) raised "
           f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; fix the function or the "
           "config.model keys it reads") from None
+  if isinstance(module, nnx.bridge.ToLinen) and isinstance(module.nnx_class, type):
+    module = module.clone(nnx_class=nnx_with_train_argument(module.nnx_class))
   if isinstance(module, nnx.Module):
     raise UserModelError(
         f"{cfg.name} returned a flax.nnx Module; return "
@@ -128,11 +133,36 @@ def user_model(cfg, dtype=None) -> nn.Module:
     raise UserModelError(
         f"{cfg.name} returned an object of type {type(module).__name__}, not a flax.linen "
         "Module")
-  if not _accepts(module.__call__, "train"):
+  if not accepts(module.__call__, "train"):
     raise UserModelError(
         f"{type(module).__name__}.__call__ takes no `train` argument; give it "
         "`__call__(self, x, train: bool)` (BN uses batch statistics when train is True)")
   return module
+
+
+@functools.lru_cache(maxsize=None)
+def nnx_with_train_argument(cls: type) -> type:
+  """NNX class `cls` as bnlab calls a model, `__call__(x, train)`.
+
+  A class whose `__call__` takes `train` is returned as it is. An idiomatic NNX model
+  takes none: its mode is set on the module, `model.train()` (dropout on, BN on batch
+  statistics) or `model.eval()`. It gets a subclass (same name, variables and paths)
+  whose `__call__(x, train)` sets that mode and calls the model's own. Cached: one
+  subclass per class, so runs of one model share their compiled steps.
+  """
+  if accepts(cls.__call__, "train"):
+    return cls
+
+  def __call__(self, x, train: bool):  # pylint: disable=invalid-name
+    if train:
+      self.train()
+    else:
+      self.eval()
+    return cls.__call__(self, x)
+
+  names = {"__call__": __call__, "__module__": cls.__module__,
+           "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+  return types.new_class(cls.__name__, (cls,), {}, lambda ns: ns.update(names))
 
 
 def per_module_cache(maxsize: int):
@@ -207,7 +237,8 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
   allocated, however large the batch, and a model right only for some batch size
   (a hard-coded shape), only in one mode, or without a gradient is caught before
   any step compiles, instead of as a traceback from inside the compiled step. In
-  the engine's order: init in inference mode at `batch_size`; a train-mode apply
+  the engine's order: init in inference mode at `batch_size` (with the "params",
+  "noise" and "dropout" streams, as `networks.init_rngs`); a train-mode apply
   with the "noise" and "dropout" streams and `batch_stats` mutable, returning
   (batch, 10) float logits; the gradient of the loss through it; an eval-mode
   apply at each of `eval_batch_sizes` (with `eval_in_train_mode`, a train-mode one
@@ -218,7 +249,8 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
   images = jax.ShapeDtypeStruct((batch_size, 28, 28), jnp.uint8)
   at_train = f"at batch {batch_size} (train.batch_size)"
   variables, problem = _traced(
-      lambda: jax.eval_shape(lambda x: module.init(key, x, train=False), images),
+      lambda: jax.eval_shape(lambda x: module.init({"params": key, **rngs}, x, train=False),
+                             images),
       "fails to initialize", f"(model.init, train=False) {at_train}",
       "; it is initialized on (batch, 28, 28) uint8 images", batch_size)
   if problem:

@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import shlex
+import sys
 import types
 from typing import Callable
 
@@ -80,11 +81,12 @@ def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
   return types.SimpleNamespace(**out)
 
 
-def load_run_config(path: str, arg: str = ""):
-  """The run config of a config file (path relative to the repository or the cwd)."""
+def load_run_config(path: str, arg: str = "", near: str | None = None):
+  """The run config of a config file: `path` from the study file `near` first, then the
+  cwd, then bnlab's own configs (`config_lib.find_config`: runs outside the repository)."""
   if not path:
     return config_lib.base_config()
-  full = path if os.path.exists(path) else os.path.join(REPO_ROOT, path)
+  full = config_lib.find_config(path, near)
   module = sweep.load_config_file(full)
   return module.get_config(arg) if arg else module.get_config()
 
@@ -92,9 +94,11 @@ def load_run_config(path: str, arg: str = ""):
 def config_variant(path: str, overrides: dict | None = None, arg: str = "") -> dict:
   """The dotted overrides that turn the base run config into `path`'s, plus `overrides`.
 
-  For `sweep.variants("model", {"mlp": config_variant("configs/paper_mlp.py", ...)})`.
+  For `sweep.variants("model", {"mlp": config_variant("configs/paper_mlp.py", ...)})`;
+  `path` is found from the file that calls this (the study file) first.
   """
-  return {**sweep.config_overrides(load_run_config(path, arg)), **(overrides or {})}
+  near = sys._getframe(1).f_globals.get("__file__")  # pylint: disable=protected-access
+  return {**sweep.config_overrides(load_run_config(path, arg, near)), **(overrides or {})}
 
 
 def _lookup(kind: str, name: str, table: dict) -> Callable:
@@ -319,7 +323,7 @@ class Study:
 
   def base_run_config(self):
     run = self.config["run"]
-    cfg = load_run_config(run["config"], run["arg"])
+    cfg = load_run_config(run["config"], run["arg"], self.path)
     overrides = config_lib.flatten(run["overrides"])
     overrides.update({f"data.{k}": v for k, v in self.config["data"].items() if v != ""})
     cfg = sweep.apply_overrides(cfg, overrides, "study config run.overrides")

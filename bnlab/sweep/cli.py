@@ -88,7 +88,7 @@ def main(argv):
           f"{path}: get_sweep() failed ({error_line(e)[:300]}); fix the sweep file (it must "
           "return a list of override dicts)") from None
     # The command line's --config.KEY values, applied to every member last.
-    overrides = dict(config_flags.get_override_values(f["config"]))
+    overrides = {**config_flags.get_override_values(f["config"]), **main_lib.FREE_FORM_VALUES}
     backend.configure_run(base)  # before JAX starts
     if f.dry_run:
       members, groups = plan(base, sweep, f.grouped, overrides, f.only, f.max_group_size)

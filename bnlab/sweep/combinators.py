@@ -124,11 +124,13 @@ def apply_overrides(base, overrides: dict, where: str = "sweep member"):
     try:
       for part in path:
         node = node[part]
-      if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+      free = ".".join(path) in config_lib.FREE_FORM  # the user's own keys: may be new
+      if not isinstance(node, ml_collections.ConfigDict) or (last not in node and not free):
         raise KeyError(key)
-      if isinstance(node[last], tuple) and isinstance(value, list):
+      if isinstance(node.get(last), tuple) and isinstance(value, list):
         value = tuple(value)
-      node[last] = value
+      with node.unlocked():
+        node[last] = value
     except (KeyError, AttributeError):
       raise config_lib.ConfigError(
           f"{where}: {key!r} is not a key of the config (keys and defaults are in "
