@@ -40,7 +40,7 @@ FREE_FORM = ("model.options", "optimizer.kwargs")
 
 def configs_dir() -> str:
   """bnlab's own config files: the repository's top-level `configs/` in a checkout, and
-  the copy an installed wheel carries as `bnlab/configs/` (setup.py maps one to the other)."""
+  the copy an installed wheel carries as `bnlab/configs/` (pyproject.toml maps one to the other)."""
   package = os.path.dirname(os.path.abspath(__file__))
   installed = os.path.join(package, "configs")
   return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package),

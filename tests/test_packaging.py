@@ -77,36 +77,32 @@ def test_find_config_order_and_bnlabs_own_configs(tmp_path, monkeypatch):
   message = str(e.value)
   assert message.startswith("config file 'configs/no_such.py' does not exist (looked beside")
   assert config_lib.configs_dir() in message and "\n" not in message
-  # Installed: the package's own copy (setup.py maps configs/ to bnlab/configs/).
+  # Installed: the package's own copy (pyproject.toml maps configs/ to bnlab/configs/).
   package = tmp_path / "site" / "bnlab"
   os.makedirs(package / "configs")
   monkeypatch.setattr(config_lib, "__file__", str(package / "config.py"))
   assert config_lib.configs_dir() == str(package / "configs")
 
 
-def test_setup_maps_every_config_and_py_typed_into_the_package(monkeypatch):
-  """What setup.py hands setuptools (captured, nothing built): configs/ and each folder of
-  it as bnlab.configs packages with their .py files, every bnlab package, py.typed."""
-  import setuptools  # pylint: disable=g-import-not-at-top
-  seen = {}
-  monkeypatch.setattr(setuptools, "setup", lambda **kw: seen.update(kw))
-  monkeypatch.chdir(ROOT)
-  runpy.run_path(os.path.join(ROOT, "setup.py"))
-  assert seen["package_dir"] == {"bnlab.configs": "configs"}
-  packages = set(seen["packages"])
-  for folder, _, files in os.walk(os.path.join(ROOT, "bnlab")):
-    if "__pycache__" not in folder and any(f.endswith(".py") for f in files):
-      assert os.path.relpath(folder, ROOT).replace(os.sep, ".") in packages, folder
-  for folder, _, files in os.walk(os.path.join(ROOT, "configs")):
-    rel = os.path.relpath(folder, os.path.join(ROOT, "configs"))
-    if "__pycache__" in folder or not any(f.endswith(".py") for f in files):
-      continue
-    name = "bnlab.configs" + ("" if rel == "." else "." + rel.replace(os.sep, "."))
-    assert name in packages and seen["package_data"][name] == ["*.py"], name
-  assert "py.typed" in seen["package_data"]["bnlab"]
+def test_pyproject_maps_every_config_and_py_typed_into_the_package():
+  """What pyproject.toml hands setuptools: every bnlab package, configs/ and each folder of it
+  as bnlab.configs packages, and py.typed (a package added but not listed fails here)."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    tool = tomllib.load(f)["tool"]["setuptools"]
+  assert tool["package-dir"] == {"bnlab.configs": "configs"}
+  packages, wanted = set(tool["packages"]), set()
+  for root, name in ((ROOT, "bnlab"), (os.path.join(ROOT, "configs"), "configs")):
+    top = os.path.join(root, "") if name == "configs" else os.path.join(root, "bnlab")
+    for folder, _, files in os.walk(top):
+      if "__pycache__" in folder or not any(f.endswith(".py") for f in files):
+        continue
+      rel = os.path.relpath(folder, top)
+      base = "bnlab" if name == "bnlab" else "bnlab.configs"
+      wanted.add(base + ("" if rel == "." else "." + rel.replace(os.sep, ".")))
+  assert packages == wanted
+  assert tool["package-data"]["bnlab"] == ["py.typed"]
   assert os.path.isfile(os.path.join(ROOT, "bnlab", "py.typed"))
-  manifest = open(os.path.join(ROOT, "MANIFEST.in")).read()  # the sdist carries them too
-  assert "recursive-include configs *.py" in manifest and "bnlab/py.typed" in manifest
 
 
 def _run(args, cwd, env=None):
@@ -134,8 +130,7 @@ def test_commands_outside_the_repository(tmp_path):
 def test_an_installed_wheel_runs_a_config_and_a_study(tmp_path, idx_dir):
   source = tmp_path / "source"  # a copy: the build leaves build/ and *.egg-info behind
   os.makedirs(source)
-  for name in ("bnlab", "configs", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md",
-               "LICENSE"):
+  for name in ("bnlab", "configs", "pyproject.toml", "README.md", "LICENSE"):
     copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy
     copy(os.path.join(ROOT, name), source / name)
   wheels = tmp_path / "wheels"
