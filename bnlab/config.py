@@ -159,7 +159,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "embedded"  # one of bnlab.data.SOURCES
   c.data.dir = ""  # directory of IDX files (source=idx) or TFDS data_dir
   c.data.cache_dir = ""  # "" -> $BNLAB_CACHE_DIR or ~/.cache/bnlab
-  c.data.num_train = 0  # 0 -> all; else the first N training examples
+  c.data.num_train = 0  # 0 -> all; else N training examples: the first N, or see subset_seed
+  # -1: data.num_train takes the first N; >= 0: a fixed sample of N drawn with this seed
+  # (the same images for every run that names it, whatever the run's own seed).
+  c.data.subset_seed = -1
   c.data.num_test = 0  # 0 -> all 10,000 test examples
 
   c.model = ml_collections.ConfigDict()
@@ -173,6 +176,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.kernel_init = "glorot_uniform"
   c.model.init_std = 0.01  # for kernel_init="normal"
   c.model.conv_implementation = "auto"
+  # Dropout rate on every hidden block's output (conv and dense), in training steps only.
+  c.model.dropout = 0.0
   c.model.bn = ml_collections.ConfigDict()
   c.model.bn.momentum = 0.99
   c.model.bn.epsilon = 1e-5
@@ -331,6 +336,9 @@ def _validate_seed_and_data(c) -> None:
   for key in ("data.num_train", "data.num_test"):
     v = c.data[key.split(".")[1]]
     _check(isinstance(v, int) and v >= 0, key, v, "an integer >= 0 (0 = all)")
+  _check(isinstance(c.data.subset_seed, int) and -1 <= c.data.subset_seed <= MAX_SEED,
+         "data.subset_seed", c.data.subset_seed,
+         f"-1 (data.num_train takes the first examples) or a seed in [0, {MAX_SEED}]")
 
 
 def _validate_model(c) -> None:
@@ -351,6 +359,8 @@ def _validate_model(c) -> None:
   _check(0 <= c.model.bn.momentum < 1, "model.bn.momentum", c.model.bn.momentum,
          "a number in [0, 1)")
   _check(c.model.bn.epsilon > 0, "model.bn.epsilon", c.model.bn.epsilon, "a number > 0")
+  _check(isinstance(c.model.dropout, (int, float)) and 0 <= c.model.dropout < 1,
+         "model.dropout", c.model.dropout, "a rate in [0, 1)")
   _check(isinstance(c.model.bn.bias_before, bool), "model.bn.bias_before",
          c.model.bn.bias_before, "True or False")
   _validate_norm_variant(c)

@@ -243,3 +243,60 @@ def test_tensorboard_writer_does_not_import_torch(tmp_path):
                         check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+def test_a_seeded_training_subset_is_fixed_by_its_seed(idx_dir):
+  """data.num_train with data.subset_seed: a fixed sample of the training set, the same for
+  every run that names the seed, another for another seed; -1 keeps the first N."""
+  full = train.load_data(tiny_config(idx_dir))
+  first = train.load_data(tiny_config(idx_dir, **{"data.num_train": 100}))
+  a = train.load_data(tiny_config(idx_dir, **{"data.num_train": 100, "data.subset_seed": 3}))
+  seven = tiny_config(idx_dir, **{"data.num_train": 100, "data.subset_seed": 3})
+  seven.seed = 7  # the run's own seed does not choose the subset
+  again = train.load_data(seven)
+  other = train.load_data(tiny_config(idx_dir, **{"data.num_train": 100, "data.subset_seed": 4}))
+  assert (first.train_images == full.train_images[:100]).all()
+  idx = np.sort(np.random.default_rng(3).permutation(len(full.train_labels))[:100])
+  assert (a.train_images == full.train_images[idx]).all()
+  assert (a.train_labels == full.train_labels[idx]).all()
+  assert (again.train_images == a.train_images).all() and len(a.train_labels) == 100
+  assert not (other.train_images == a.train_images).all()
+  assert (a.test_images == full.test_images).all()
+  with pytest.raises(config_lib.ConfigError, match="data.num_train=400 but"):
+    train.load_data(tiny_config(idx_dir, **{"data.num_train": 400, "data.subset_seed": 3}))
+  with pytest.raises(config_lib.ConfigError, match="data.subset_seed"):
+    config_lib.validate(tiny_config(idx_dir, **{"data.subset_seed": -2}))
+
+
+def test_dropout_only_in_training_steps(idx_dir, tmp_path):
+  """model.dropout: off in inference and in evaluations with batch statistics (no RNG), on
+  in a train step, the same for the same step and RNG; a run with it is reproducible."""
+  from bnlab.models import networks
+  cfg = tiny_config(idx_dir, **{"model.dropout": 0.5})
+  model, plain = networks.build_model(cfg.model), networks.build_model(
+      tiny_config(idx_dir).model)
+  x = jax.random.randint(jax.random.key(0), (8, 28, 28), 0, 256).astype(jnp.uint8)
+  v = model.init(networks.init_rngs(jax.random.key(0)), x)
+  for train_mode in (False, True):  # no dropout RNG: the whole network
+    kw = {"mutable": ["batch_stats"]} if train_mode else {}
+    got = model.apply(v, x, train=train_mode, **kw)
+    want = plain.apply(v, x, train=train_mode, **kw)
+    np.testing.assert_array_equal(got[0] if train_mode else got, want[0] if train_mode else want)
+  rngs = networks.train_rngs(jax.random.key_data(jax.random.key(1)), jnp.int32(3))
+  one, _ = model.apply(v, x, train=True, mutable=["batch_stats"], rngs=rngs)
+  two, _ = model.apply(v, x, train=True, mutable=["batch_stats"], rngs=rngs)
+  off, _ = plain.apply(v, x, train=True, mutable=["batch_stats"], rngs=rngs)
+  np.testing.assert_array_equal(one, two)
+  assert not np.allclose(one, off)
+  with pytest.raises(config_lib.ConfigError, match="model.dropout"):
+    config_lib.validate(tiny_config(idx_dir, **{"model.dropout": 1.0}))
+  cfg = tiny_config(idx_dir, **{"model.dropout": 0.5, "train.num_epochs": 1})
+  s1 = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  s2 = train.train_and_evaluate(cfg, str(tmp_path / "b"))
+  s3 = train.train_and_evaluate(tiny_config(idx_dir, **{"train.num_epochs": 1}),
+                                str(tmp_path / "c"))
+  assert s1["test_accuracy"] == s2["test_accuracy"]
+  jax.tree.map(np.testing.assert_array_equal, final_state(str(tmp_path / "a")),
+               final_state(str(tmp_path / "b")))
+  assert not all(jax.tree.leaves(jax.tree.map(
+      np.array_equal, final_state(str(tmp_path / "a")), final_state(str(tmp_path / "c")))))

@@ -379,7 +379,8 @@ def _load_everywhere(cfg, ds: data_lib.Dataset | None) -> data_lib.Dataset:
 
 
 def load_data(cfg) -> data_lib.Dataset:
-  """MNIST from `cfg.data`, cut to `num_train`/`num_test` when set."""
+  """MNIST from `cfg.data`, cut to `num_train` (the first, or a seeded sample: `subset_seed`)
+  and `num_test` when set."""
   d = cfg.data
   ds = data_lib.load_mnist(
       d.source, data_dir=d.dir or None, cache_dir=d.cache_dir or None)
@@ -392,9 +393,13 @@ def load_data(cfg) -> data_lib.Dataset:
         raise config_lib.ConfigError(
             f"config.{key}={n} but the {ds.source} data has only {have} examples; "
             "lower it (0 = all)")
+    # The first n_train, or a fixed sample of them drawn with data.subset_seed (kept in the
+    # data's order; each epoch shuffles it anyway).
+    take = (slice(n_train) if d.subset_seed < 0 or not d.num_train else np.sort(
+        np.random.default_rng(d.subset_seed).permutation(len(ds.train_labels))[:n_train]))
     ds = dataclasses.replace(
         ds, verified=False,
-        train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
+        train_images=ds.train_images[take], train_labels=ds.train_labels[take],
         test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
   if cfg.train.batch_size > len(ds.train_labels):
     raise config_lib.ConfigError(

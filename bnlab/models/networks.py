@@ -107,9 +107,15 @@ class Block(nn.Module):
   pool: int = 0  # max-pool window after the block (0: none)
   xhat_epsilon: float | None = None  # the BN's epsilon: sow x-hat (inference, BN before)
   bias_before_norm: bool = False  # keep the layer's bias under a norm placed before
+  dropout: float = 0.0  # the rate of the dropout on the block's output
 
   @nn.compact
   def __call__(self, x, train: bool):
+    # Dropout on the block's output in training steps only: with a `dropout` RNG stream,
+    # which only the train step gives, so evaluations with batch or population statistics
+    # (train-mode normalization, no RNG) score the whole network.
+    drop = (nn.Dropout(self.dropout, deterministic=False)
+            if self.dropout and train and self.has_rng("dropout") else lambda h: h)
     act = ACTIVATIONS[self.activation]
     before = self.norm is not None and self.bn_position == "before"
     h = self.layer(not before or self.bias_before_norm)(x)
@@ -125,11 +131,11 @@ class Block(nn.Module):
         self.sow("intermediates", f"xhat_{self.index}", xhat)
     self.sow("intermediates", f"preact_{self.index}", h)
     if self.pool and self.norm is None and self.activation in MONOTONE_ACTIVATIONS:
-      return act(max_pool(h, self.pool))
+      return drop(act(max_pool(h, self.pool)))
     h = act(h)
     if self.norm is not None and not before:
       h = self.norm(h, train)
-    return max_pool(h, self.pool) if self.pool else h
+    return drop(max_pool(h, self.pool) if self.pool else h)
 
 
 class Classifier(nn.Module):
@@ -152,6 +158,7 @@ class Classifier(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-5
   bias_before_norm: bool = False  # keep the bias a norm before the activation cancels
+  dropout: float = 0.0  # dropout rate on every hidden block's output (training steps only)
   bn_variance: str = "shifted"
   bn_running_average: str = "ema"
   bn_ghost_size: int = 16
@@ -225,7 +232,7 @@ class Classifier(nn.Module):
             self.activation, norm if has_bn else None, self.bn_position, index,
             flatten_before_norm=flat, pool=2 if pool else 0,
             xhat_epsilon=xhat if has_bn else None, bias_before_norm=self.bias_before_norm,
-            name=f"conv_block_{i}")(x, train)
+            dropout=self.dropout, name=f"conv_block_{i}")(x, train)
         index += 1
     x = x.reshape(x.shape[0], -1)
     for i, (width, has_bn) in enumerate(self.dense):
@@ -233,7 +240,7 @@ class Classifier(nn.Module):
           lambda b, w=width: nn.Dense(w, use_bias=b, kernel_init=init, dtype=self.dtype),
           self.activation, norm if has_bn else None, self.bn_position, index,
           xhat_epsilon=xhat if has_bn else None, bias_before_norm=self.bias_before_norm,
-          name=f"dense_block_{i}")(x, train)
+          dropout=self.dropout, name=f"dense_block_{i}")(x, train)
       index += 1
     logits = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype, name="logits")(x)
     return logits.astype(jnp.float32)  # the loss and accuracy in float32
@@ -263,7 +270,7 @@ def build_model(cfg, dtype=None) -> nn.Module:
       activation=cfg.activation, norm=cfg.norm, bn_position=cfg.bn_position,
       kernel_init=cfg.kernel_init, init_std=cfg.init_std,
       bn_momentum=cfg.bn.momentum, bn_epsilon=cfg.bn.epsilon,
-      bias_before_norm=cfg.bn.get("bias_before", False),
+      bias_before_norm=cfg.bn.get("bias_before", False), dropout=cfg.get("dropout", 0.0),
       bn_variance=cfg.bn.variance, bn_running_average=cfg.bn.running_average,
       bn_ghost_size=cfg.bn.ghost_size, bn_renorm_r_max=cfg.bn.renorm_r_max,
       bn_renorm_d_max=cfg.bn.renorm_d_max, bn_renorm_warmup_steps=cfg.bn.renorm_warmup_steps,
