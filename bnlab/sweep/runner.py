@@ -149,7 +149,7 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
         train.train_and_evaluate(group[0].cfg, dirs[0], data)
       else:
         train.train_group([m.cfg for m in group], dirs,
-                          os.path.join(workdir, "_groups", _group_id(group)), data)
+                          os.path.join(workdir, members_lib.GROUPS_DIR, _group_id(group)), data)
     except Exception as e:  # pylint: disable=broad-except
       message = error_line(e)
       # A member that finished before keeps its results.
