@@ -19,6 +19,7 @@ from absl import logging
 from bnlab import config as config_lib
 from bnlab.engine import distributed
 from bnlab.engine import evaluation
+from bnlab.engine import profiling
 from bnlab.engine import resume
 from bnlab.engine import timesplit
 from bnlab.rundir import per_image
@@ -127,27 +128,33 @@ class Loop:
     if step == 0 and self.cfg.train.eval_at_start:
       self._record_start(state, clock)
     perm_epoch, perm = None, None
-    while step < self.plan.total_steps:
-      self._stop_if_requested(step, state, sums, saved)
-      end = self.plan.next_boundary(step)
-      with split.phase("train"):
-        epoch = step // self.plan.steps_per_epoch
-        if epoch != perm_epoch:
-          perm, perm_epoch = self.calls.permutation(state, epoch), epoch
-        state, sums, timed, seconds = self.calls.train(
-            state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
-      clock.add(timed, seconds)
-      step = self.step = end
-      if self.plan.is_log(step):
-        self._log(step, state, sums, clock)
-        sums = self.zero_sums
-      if not any(m.recording for m in self.members):
-        break
-      if self.plan.is_checkpoint(step):
-        with split.phase("checkpoint"):
-          if self.ckpt_wd.save(step, {"state": state, "sums": sums},
-                               force=step == self.plan.total_steps):
-            saved = step
+    trace = profiling.Trace(self.cfg.train.profile_steps, self.ckpt_wd)
+    try:
+      while step < self.plan.total_steps:
+        self._stop_if_requested(step, state, sums, saved)
+        end = self.plan.next_boundary(step)
+        trace.before(step, end)
+        with split.phase("train"):
+          epoch = step // self.plan.steps_per_epoch
+          if epoch != perm_epoch:
+            perm, perm_epoch = self.calls.permutation(state, epoch), epoch
+          state, sums, timed, seconds = self.calls.train(
+              state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
+        clock.add(timed, seconds)
+        step = self.step = end
+        if self.plan.is_log(step):
+          self._log(step, state, sums, clock)
+          sums = self.zero_sums
+        if not any(m.recording for m in self.members):
+          break
+        if self.plan.is_checkpoint(step):
+          with split.phase("checkpoint"):
+            if self.ckpt_wd.save(step, {"state": state, "sums": sums},
+                                 force=step == self.plan.total_steps):
+              saved = step
+        trace.after(step)
+    finally:
+      trace.stop()
     with split.phase("checkpoint"):
       self.ckpt_wd.wait()
     self._finish(step, state, sums, clock)
