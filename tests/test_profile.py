@@ -15,14 +15,19 @@ def test_a_trace_is_written_and_the_results_are_unchanged(idx_dir, tmp_path):
   cfg = tiny_base(idx_dir)
   cfg.train.num_epochs = 2
   plain = train.train_and_evaluate(cfg, str(tmp_path / "plain"))
-  cfg.train.profile_steps = (12, 15)
+  # One epoch untraced, then made longer with the trace on: the key may change on resume.
   wd = str(tmp_path / "traced")
+  cfg.train.num_epochs = 1
+  train.train_and_evaluate(cfg, wd)
+  assert not os.path.exists(os.path.join(wd, "profile"))
+  cfg.train.num_epochs, cfg.train.profile_steps = 2, (12, 15)
   traced = train.train_and_evaluate(cfg, wd)
   files = [n for _, _, names in os.walk(os.path.join(wd, "profile")) for n in names]
   assert any(n.endswith(".xplane.pb") for n in files), files
   assert any(n.endswith(".trace.json.gz") for n in files), files  # Perfetto's
   for key in ("test_accuracy", "test_loss", "train_loss", "full_train_loss"):
     assert traced[key] == plain[key], key  # the calls keep their boundaries
+  assert json.load(open(os.path.join(wd, "config.json")))["train"]["profile_steps"] == [12, 15]
 
 
 @pytest.mark.parametrize("steps, message", [
