@@ -1,6 +1,7 @@
-"""A run's progress: its clock, and the progress line (position, metrics, rate, ETA) at each log.
+"""Progress: a run's clock and its line at each log (position, metrics, rate, ETA), and a
+sweep's position over its groups with the sweep's ETA (`SweepProgress`).
 
-What the loop reports of itself to the log, apart from the records it writes.
+What the loop and the sweep runner report of themselves to the log, apart from the records.
 """
 
 from __future__ import annotations
