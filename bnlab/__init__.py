@@ -6,8 +6,9 @@ and the variants `BatchRenorm`, `GhostBatchNorm`, `NoisyBatchNorm`,
 `BatchNormVariant` (frozen statistics, population averages; linen here, NNX
 under `bnlab.nnx`) over the pure functions in `bnlab.layers.variants`.
 
-Experiments: `train_and_evaluate(config, workdir)` (`bnlab.engine.train`), imported
-on first use so that a model using only the layers never loads the engine.
+Experiments: `train_and_evaluate(config, workdir)` (`bnlab.engine.train`) and
+`load_run(workdir)` (a trained run's model, variables and config: `bnlab.engine.load`),
+imported on first use so that a model using only the layers never loads the engine.
 """
 
 from bnlab import data
@@ -27,4 +28,7 @@ def __getattr__(name: str):
   if name == "train_and_evaluate":
     from bnlab.engine.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
     return train_and_evaluate
+  if name == "load_run":
+    from bnlab.engine.load import load_run  # pylint: disable=g-import-not-at-top
+    return load_run
   raise AttributeError(f"module 'bnlab' has no attribute {name!r}")

@@ -104,7 +104,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 RESUME_SAFE_KEYS = (
     "train.eval_batch_size", "train.eval_at_start", "train.final_train_eval",
     "train.keep_checkpoints", "train.num_devices", "train.compilation_cache",
-    "train.checkpoint_min_interval_secs",
+    "train.checkpoint_min_interval_secs", "train.profile_steps",
     "train.eval_statistics", "train.collapse_loss_factor",
     "train.collapse_accuracy", "train.collapse_trained_accuracy")
 # The run's length. Raising it continues a finished run from its last
@@ -274,6 +274,11 @@ def base_config() -> ml_collections.ConfigDict:
   # ~/.cache/bnlab/jax): a rerun or another run of the same programs compiles
   # nothing. A directory set with jax_compilation_cache_dir is used instead.
   c.train.compilation_cache = True
+  # A JAX profiler trace (TensorBoard's profile plugin; Perfetto reads its trace.json.gz)
+  # of the train calls that run steps start+1..stop, given as (start, stop), written to
+  # WORKDIR/profile/; () = none. The calls keep their boundaries: a traced run computes
+  # what an untraced one does.
+  c.train.profile_steps = ()
 
   # Distributions recorded at every evaluation (inference mode, first test images).
   c.analysis = ml_collections.ConfigDict()
@@ -431,6 +436,22 @@ def _validate_train(c) -> None:
          t.checkpoint_min_interval_secs, "a number of seconds >= 0")
   _check(t.eval_every_steps > 0 or t.eval_every_epochs > 0, "train.eval_every_epochs",
          t.eval_every_epochs, "> 0 (or set train.eval_every_steps)")
+  check_profile_steps(t)
+
+
+def check_profile_steps(t, total_steps: int | None = None) -> None:
+  """`train.profile_steps`: () or (start, stop) with 0 <= start < stop <= the run's steps
+  (`total_steps`, else train.num_steps where set: epochs need the data's size)."""
+  steps = tuple(t.profile_steps)
+  _check(steps == () or (len(steps) == 2 and all(
+      isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_INT for s in steps)
+                         and steps[0] < steps[1]),
+         "train.profile_steps", steps,
+         "() (no trace) or two step numbers (start, stop) with 0 <= start < stop, e.g. '(10,20)'")
+  total = total_steps or t.num_steps
+  if steps and total:
+    _check(steps[1] <= total, "train.profile_steps", steps,
+           f"a stop step within the run's {total} steps")
 
 
 def _validate_analysis(c) -> None:

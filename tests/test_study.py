@@ -396,6 +396,10 @@ def test_command_line_rebuilds_and_resumes(idx_dir, local_runs):
   proc = subprocess.run(cmd + ["--stage=report"], cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The console gets the verdicts in brief and the report's path, not the report.
+  out = proc.stdout.strip().splitlines()
+  assert out[0].startswith("2 runs (2 done); ") and "- seed_claim (" in proc.stdout
+  assert out[-1] == f"Full report: {os.path.join(wd, 'report.md')}" and len(out) < 10
   # The same report, its command with the overrides it was given.
   given = "configs/studies/seed_comparison.py:runlocal"
   assert open(os.path.join(wd, "report.md")).read() == text.replace(

@@ -19,6 +19,7 @@ from absl import logging
 from bnlab import config as config_lib
 from bnlab.engine import distributed
 from bnlab.engine import evaluation
+from bnlab.engine import profiling
 from bnlab.engine import resume
 from bnlab.engine import timesplit
 from bnlab.rundir import per_image
@@ -99,6 +100,9 @@ class Loop:
     self.split = split or timesplit.TimeSplit()
     self.cfg = members[0].cfg
     self.eval_batch_size = min(self.cfg.train.eval_batch_size, len(data.test_labels))
+    # Seconds per example of the last evaluation, compiling apart (None: none yet): what
+    # the final evaluation's announced duration is estimated from.
+    self.eval_seconds_per_example: float | None = None
 
   def run(self, state) -> None:
     """Trains `state` (resumed from the latest checkpoint, if any) to the end.
@@ -127,27 +131,33 @@ class Loop:
     if step == 0 and self.cfg.train.eval_at_start:
       self._record_start(state, clock)
     perm_epoch, perm = None, None
-    while step < self.plan.total_steps:
-      self._stop_if_requested(step, state, sums, saved)
-      end = self.plan.next_boundary(step)
-      with split.phase("train"):
-        epoch = step // self.plan.steps_per_epoch
-        if epoch != perm_epoch:
-          perm, perm_epoch = self.calls.permutation(state, epoch), epoch
-        state, sums, timed, seconds = self.calls.train(
-            state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
-      clock.add(timed, seconds)
-      step = self.step = end
-      if self.plan.is_log(step):
-        self._log(step, state, sums, clock)
-        sums = self.zero_sums
-      if not any(m.recording for m in self.members):
-        break
-      if self.plan.is_checkpoint(step):
-        with split.phase("checkpoint"):
-          if self.ckpt_wd.save(step, {"state": state, "sums": sums},
-                               force=step == self.plan.total_steps):
-            saved = step
+    trace = profiling.Trace(self.cfg.train.profile_steps, self.ckpt_wd)
+    try:
+      while step < self.plan.total_steps:
+        self._stop_if_requested(step, state, sums, saved)
+        end = self.plan.next_boundary(step)
+        trace.before(step, end)
+        with split.phase("train"):
+          epoch = step // self.plan.steps_per_epoch
+          if epoch != perm_epoch:
+            perm, perm_epoch = self.calls.permutation(state, epoch), epoch
+          state, sums, timed, seconds = self.calls.train(
+              state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
+        clock.add(timed, seconds)
+        step = self.step = end
+        if self.plan.is_log(step):
+          self._log(step, state, sums, clock)
+          sums = self.zero_sums
+        if not any(m.recording for m in self.members):
+          break
+        if self.plan.is_checkpoint(step):
+          with split.phase("checkpoint"):
+            if self.ckpt_wd.save(step, {"state": state, "sums": sums},
+                                 force=step == self.plan.total_steps):
+              saved = step
+        trace.after(step)
+    finally:
+      trace.stop()
     with split.phase("checkpoint"):
       self.ckpt_wd.wait()
     self._finish(step, state, sums, clock)
@@ -225,6 +235,15 @@ class Loop:
         self.calls.stacked)
     return out
 
+  def _timed(self, start: float, compiled: float) -> None:
+    """Records the duration per example forward of the evaluation begun at `start` (a
+    `time.perf_counter()`; `compiled`: `timesplit.compile_seconds()` then), now done."""
+    seconds = time.perf_counter() - start - (timesplit.compile_seconds() - compiled)
+    forwards = len(self.data.test_labels) * (1 + len(self.calls.eval_statistics))
+    if "population" in self.calls.eval_statistics:  # the statistics' recomputation too
+      forwards += min(self.calls.population_examples, self.calls.num_train)
+    self.eval_seconds_per_example = max(seconds, 0.0) / forwards
+
   def _eval_records(self, host: dict) -> list[dict]:
     """Each member's test loss, accuracy, per-image results (`per_image`: which test images
     it classified correctly) and analysis recordings from `_evaluate`'s host copy."""
@@ -248,7 +267,10 @@ class Loop:
     if not any(m.recording for m in self.members):
       return
     with self.split.phase("evaluate"):
-      evals = self._eval_records(jax.device_get(self._evaluate(state)))
+      start, compiled = time.perf_counter(), timesplit.compile_seconds()
+      host = jax.device_get(self._evaluate(state))
+      self._timed(start, compiled)
+      evals = self._eval_records(host)
     with self.split.phase("log"):
       for m, e in zip(self.members, evals):
         if m.recording:
@@ -263,10 +285,14 @@ class Loop:
     """
     device = {"sums": sums, "lrs": self.calls.learning_rates(state)}
     with self.split.phase("evaluate"):
+      start, compiled = time.perf_counter(), timesplit.compile_seconds()
       if self.plan.is_eval(step) and any(m.recording for m in self.members):
         device["evals"] = self._evaluate(state)
       host = jax.device_get(device)
-      evals = self._eval_records(host["evals"]) if "evals" in host else None
+      evals = None
+      if "evals" in host:
+        self._timed(start, compiled)
+        evals = self._eval_records(host["evals"])
     with self.split.phase("log"):
       lrs = None if host["lrs"] is None else np.asarray(host["lrs"], np.float32)
       records = self._write_records(step, host["sums"], lrs, evals, clock)
@@ -327,6 +353,19 @@ class Loop:
     elif records:
       log_progress(records[0], self.plan, seconds, steps_done, step)
 
+  def _announce_final_evaluation(self) -> None:
+    """A line before the full-train-set evaluation (`train.final_train_eval`), which takes
+    as long as several test evaluations and would otherwise run unannounced after the
+    progress lines' "ETA 0:00:00"; its duration from the last test evaluation's rate."""
+    n = self.calls.num_train
+    per = self.eval_seconds_per_example
+    guess = ("time unknown" if per is None else
+             f"about {max(per * n, 0.1):.1f} s (at the last test evaluation's rate) plus "
+             "its compiling")
+    who = f"{len(self.members)} members'" if self.calls.stacked else "the run's"
+    logging.info("Final evaluation (train.final_train_eval): %s weights on the %s training "
+                 "images with the running averages, %s", who, f"{n:,}", guess)
+
   def _finish(self, step: int, state, sums, clock: Clock) -> None:
     """The members still recording at the end: full-train evaluation, final state, stop."""
     live = [i for i, m in enumerate(self.members) if m.recording]
@@ -334,10 +373,13 @@ class Loop:
       return
     full = None
     if self.cfg.train.final_train_eval:
+      self._announce_final_evaluation()
+      start = time.perf_counter()
       with self.split.phase("evaluate"):
         full = jax.device_get(self.calls.evaluate(
             state, self.data.train_images, self.data.train_labels,
             min(self.cfg.train.eval_batch_size, self.calls.num_train), per_image=False))
+      logging.info("Final evaluation done in %.1f s", time.perf_counter() - start)
     if self.calls.stacked:  # each member's final state where a solo run keeps it
       with self.split.phase("checkpoint"):
         # One transfer, then each member's part from the host copy (orbax writes

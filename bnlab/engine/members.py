@@ -24,6 +24,8 @@ INIT_KEYS = ("model.kernel_init", "model.init_std")
 GROUPABLE_KEYS = ("seed", "optimizer.learning_rate") + MEMBER_VALUE_KEYS + INIT_KEYS
 # The share of a device's memory a group's train step may fill (`group_capacity`).
 MEMORY_FRACTION = 0.8
+# A sweep's group directories (their stacked checkpoints), beside its members' directories.
+GROUPS_DIR = "_groups"
 # MNIST's training set: the size assumed when `data.num_train` is 0.
 MNIST_TRAIN = 60_000
 

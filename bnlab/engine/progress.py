@@ -1,6 +1,7 @@
-"""A run's progress: its clock, and the progress line (position, metrics, rate, ETA) at each log.
+"""Progress: a run's clock and its line at each log (position, metrics, rate, ETA), and a
+sweep's position over its groups with the sweep's ETA (`SweepProgress`).
 
-What the loop reports of itself to the log, apart from the records it writes.
+What the loop and the sweep runner report of themselves to the log, apart from the records.
 """
 
 from __future__ import annotations
@@ -74,3 +75,75 @@ def log_progress(record, plan: Schedule, seconds: float, steps_done: int,
     parts.append(f"{record['examples_per_sec']:,.0f} ex/s")
   parts.append(_eta(plan, seconds, steps_done, step))
   logging.info(" | ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+  s = int(max(seconds, 0) + 0.5)
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class SweepProgress:
+  """A sweep's position over its groups, and its ETA from the groups trained so far.
+
+  Why member-steps: groups differ in members and length, and a vmapped group of
+  m members training s steps costs about m x s solo steps (`members.grouping_helps`),
+  so the rate (member-steps per second) of the groups done carries over to the
+  rest. Compiling is measured apart (`timesplit.compile_seconds`): the first
+  group's compile would otherwise make the rate, and the ETA, several times too
+  pessimistic for the groups that reuse its programs; each group left that needs
+  new programs is charged the mean compile time of the groups that compiled.
+  """
+
+  def __init__(self, groups: list[dict]):
+    """`groups`: per group {"members": names, "steps": steps left, "compiles": bool (it
+    needs other programs than the group before it), "done": bool (nothing to train)}."""
+    self.groups = groups
+    self.total_members = sum(len(g["members"]) for g in groups)
+    self.trained_groups, self.trained_work, self.trained_seconds = 0, 0, 0.0  # trained here
+    self.compile_seconds: list[float] = []  # of each group trained here that compiled
+
+  def work(self, i: int) -> int:
+    g = self.groups[i]
+    return len(g["members"]) * g["steps"]
+
+  def start(self, i: int, resumed_at: int = 0) -> None:
+    """Logs "Sweep group k/N: its members and steps" as group `i` begins."""
+    g = self.groups[i]
+    names = g["members"]
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    resumed = f", resumed at step {resumed_at}" if resumed_at else ""
+    logging.info("Sweep group %d/%d: %d member(s) (%s), %s steps left%s", i + 1,
+                 len(self.groups), len(names), shown, f"{g['steps']:,}", resumed)
+
+  def finish(self, i: int, seconds: float, compiled: float, once: float = 0.0,
+             trained: bool = True) -> None:
+    """Logs group `i`'s time, the members done and the sweep's ETA. `once`: seconds of
+    `seconds` that later groups do not repeat (loading the data); `trained`: False for a
+    group that failed (its time says nothing of the rate)."""
+    g = self.groups[i]
+    g["done"] = True
+    if trained:
+      self.trained_groups += 1
+      self.trained_work += self.work(i)
+      self.trained_seconds += max(seconds - compiled - once, 1e-9)
+      if g["compiles"]:
+        self.compile_seconds.append(compiled)
+    done = sum(len(x["members"]) for x in self.groups if x["done"])
+    parts = [f"Sweep group {i + 1}/{len(self.groups)} done in {seconds:.1f} s "
+             f"({compiled:.1f} s compiling)", f"{done}/{self.total_members} members done"]
+    left = [j for j, x in enumerate(self.groups) if not x["done"]]
+    if not left:
+      logging.info(" | ".join(parts + ["sweep finished"]))
+      return
+    if not self.trained_work:
+      logging.info(" | ".join(parts + ["ETA unknown (no group trained yet)"]))
+      return
+    rate = self.trained_work / self.trained_seconds
+    compile_each = (sum(self.compile_seconds) / len(self.compile_seconds)
+                    if self.compile_seconds else 0.0)
+    compiling = compile_each * sum(self.groups[j]["compiles"] for j in left)
+    eta = sum(self.work(j) for j in left) / rate + compiling
+    parts += [f"{rate:,.0f} member-steps/s over {self.trained_groups} group(s) trained, "
+              "compiling apart", f"sweep ETA {_duration(eta)} ({len(left)} group(s) left; "
+              f"{compile_each:.1f} s compiling added for each that needs new programs)"]
+    logging.info(" | ".join(parts))

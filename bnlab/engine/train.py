@@ -210,6 +210,7 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
     wd.check_data(identity)  # a resume only on the data the run was trained on
   num_train = len(ds.train_labels)
   plan = make_schedule_plan(cfg, num_train)
+  config_lib.check_profile_steps(cfg.train, plan.total_steps)  # epochs: known only now
   dtype = models.compute_dtype(cfg.train.half_precision)
   model = models.build_model(cfg.model, dtype=dtype)
   eval_model = models.build_model(eval_model_config(cfg.model), dtype=dtype)

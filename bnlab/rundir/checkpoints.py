@@ -12,6 +12,7 @@ moved aside and an older one used. `Checkpoints` is the part of
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import shutil
 from typing import Any, Callable
@@ -114,6 +115,49 @@ def newest_record(ckpt_dir: str, key: str):
     if isinstance(value, dict):
       return value
   return None
+
+
+def read_checkpoint(step_dir: str) -> dict:
+  """What checkpoint `step_dir` holds, as host (numpy) arrays, once verified against its
+  checksums (one without them is read as it is); for readers outside a run
+  (`bnlab.engine.load`). WorkDirError (one line) where it is damaged or unreadable.
+
+  Host arrays, so a checkpoint written on any devices (a mesh over several
+  processes) reads in one process on any device.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fix = "load another step (step=...), or train the run again"
+  try:
+    _verify_checkpoint(step_dir)
+  except ValueError as e:
+    raise WorkDirError(f"checkpoint {step_dir} is damaged ({e}); {fix}") from None
+  path = os.path.join(step_dir, "default")
+  # The item is read on its own, without the step's metadata file, which orbax warns of.
+  quiet = _Dropping("Metadata file does not exist")
+  std_logging.getLogger("absl").addFilter(quiet)
+  try:
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    meta = getattr(meta, "item_metadata", meta).tree
+    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    return checkpointer.restore(path, restore_args=args)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise WorkDirError(f"checkpoint {step_dir} is unreadable ({reason}); {fix}") from None
+  finally:
+    std_logging.getLogger("absl").removeFilter(quiet)
+
+
+class _Dropping(std_logging.Filter):
+  """Drops the log records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith(self.prefix)
 
 
 class Checkpoints:

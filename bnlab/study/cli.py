@@ -13,6 +13,7 @@ from bnlab import config as config_lib
 from bnlab.rundir import signals
 from bnlab.study import config as study_config
 from bnlab.study import figures
+from bnlab.study import report as report_lib
 from bnlab.study import runner
 
 
@@ -56,6 +57,8 @@ def main(argv):
     except ValueError as e:
       raise config_lib.ConfigError(f"--figure_format: {e}") from None
     text = runner.run_study(study, workdir, f.stage, f.out, formats)
+    if f.stage in ("all", "report"):  # the report is in report.md; the console gets its gist
+      text = report_lib.console_summary(workdir, f.out)
   except KeyboardInterrupt as e:
     if isinstance(e, signals.Preempted):  # SIGTERM, SIGUSR1: stages.json says interrupted
       main_lib.preempted(e)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 
 from bnlab import sweep
 from bnlab.study import config as study_config
@@ -201,7 +202,14 @@ def _measure(run: Run, name: str, spec: dict) -> dict:
                       problem)
     elif cached.get("spec") == spec and cached.get("final_step") == final_step:
       return cached["values"]
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  # Some measurements evaluate the final weights again (train_gap, ics_smoothness): seconds
+  # to minutes each, after the sweep's last progress line.
+  logging.info("Measuring %s (%s) of run %s", name, spec["kind"], run.name)
+  start = time.perf_counter()
   values = registry.MEASUREMENTS[spec["kind"]](run.path, run.cfg, spec)
+  logging.info("Measured %s of run %s in %.1f s (cached in %s)", name, run.name,
+               time.perf_counter() - start, path)
   files.make_dir(os.path.dirname(path))
   files.write_json(path, {"spec": spec, "final_step": final_step, "values": values})
   return values

@@ -300,6 +300,43 @@ def report(study: study_config.Study, workdir: str, formats: tuple = ("png",)) -
   return text
 
 
+def console_summary(workdir: str, out: str = "", width: int = 160) -> str:
+  """What a study prints at its end: the runs and verdicts counted, one line per claim, and
+  where report.md is. Why not the report: its rules, tables and figures are for reading in
+  the file (a console would scroll them away); the verdicts and the path are what to act on.
+  Read from the files the report stage wrote (claims.json, results.json)."""
+  verdicts = files.read_json(os.path.join(workdir, "claims.json"), [])
+  rows = files.read_json(os.path.join(workdir, "results.json"), {}).get("rows", [])
+  finals = [v.get("corrected", v["verdict"]) for v in verdicts]
+
+  def counted(values) -> str:
+    return ", ".join(f"{n} {k}" for k, n in _tally(values)) or "none"
+  lines = [f"{len(rows)} runs ({counted(r.get('status') for r in rows)}); "
+           f"{len(verdicts)} verdicts ({counted(finals)}):"]
+  by_claim: dict[str, list] = {}
+  for v in verdicts:
+    by_claim.setdefault(v["claim"], []).append(v)
+  for line, (name, vs) in zip(_brief(verdicts), by_claim.items()):
+    if len(line) > width:  # many places: counted, not listed
+      kind = "primary, Holm-corrected" if vs[0]["primary"] else "secondary"
+      line = f"- {name} ({kind}): " + ", ".join(
+          f"{verdict} at {n} of {len(vs)}"
+          for verdict, n in _tally(v.get("corrected", v["verdict"]) for v in vs)) + "."
+    lines.append(line)
+  report = os.path.join(workdir, "report.md")
+  lines.append(f"Full report: {report}" + (
+      f" (published with its data to {os.path.join(out, 'report.md')})" if out else ""))
+  return "\n".join(lines)
+
+
+def _tally(values) -> list[tuple[str, int]]:
+  """(value, count) of `values`, the most frequent first."""
+  out: dict[str, int] = {}
+  for v in values:
+    out[str(v)] = out.get(str(v), 0) + 1
+  return sorted(out.items(), key=lambda kv: -kv[1])
+
+
 def _write_outputs(workdir, rows, cells, verdicts, stages, metrics) -> None:
   scalar = [m for m in metrics if _scalar(cells, m)]
   # One row per run of reduced values; series (curves, percentiles over

@@ -112,20 +112,28 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import progress as progress_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import timesplit  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
   datasets: dict[str, Any] = {}
+  sizes: dict[str, int] = {}  # `_size_key` -> training examples, once loaded
   programs = None  # what the compiled programs in memory were made for
-  logging.info("Sweep of %d members, %d selected in %d groups, in %s", len(members),
-               sum(len(g) for g in groups), len(groups), workdir)
-  for group in groups:
+  plan = _progress_plan(groups, workdir, sizes)
+  progress = progress_lib.SweepProgress(plan)
+  left = [g for g in plan if not g["done"]]
+  logging.info("Sweep of %d members, %d selected in %d groups, in %s; %d group(s) to train%s",
+               len(members), sum(len(g) for g in groups), len(groups), workdir, len(left),
+               f", {len(groups) - len(left)} complete" if len(left) < len(groups) else "")
+  for i, group in enumerate(groups):
     signals.raise_if_stop_requested()  # came while the last group finished
     dirs = [os.path.join(workdir, m.name) for m in group]
-    if all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs)):
+    if plan[i]["done"]:  # complete
       continue
     if any(m.unusable for m in group):  # alone in its group (`group_members`)
       for m in group:
         logging.error("Sweep member %s failed: %s", m.name, m.unusable)
         errors[m.name] = m.unusable
+      plan[i]["done"] = True
       continue
     # A group whose programs differ from the last one's (another model, or
     # group size) first drops the compiled programs in memory: a long sweep's
@@ -137,32 +145,97 @@ def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
     if programs not in (None, made_for):
       jax.clear_caches()
     programs = made_for
-    start = time.perf_counter()
+    start, compiled, loading, trained = (time.perf_counter(), timesplit.compile_seconds(),
+                                         0.0, True)
     try:
-      data_key = json.dumps(group[0].cfg.data.to_dict(), sort_keys=True) + str(
-          group[0].cfg.train.batch_size)
+      data_key = _data_key(group[0].cfg)
       if data_key not in datasets:
         datasets.clear()
         datasets[data_key] = train.load_data(group[0].cfg)
+        loading = time.perf_counter() - start
+        sizes[_size_key(group[0].cfg)] = len(datasets[data_key].train_labels)
+        _update_steps(plan, groups, sizes)  # the groups left, at the data's true size
       data = datasets[data_key]
+      progress.start(i, plan[i]["resumed_at"])
       if len(group) == 1:
         train.train_and_evaluate(group[0].cfg, dirs[0], data)
       else:
         train.train_group([m.cfg for m in group], dirs,
-                          os.path.join(workdir, "_groups", _group_id(group)), data)
+                          os.path.join(workdir, members_lib.GROUPS_DIR, _group_id(group)), data)
     except Exception as e:  # pylint: disable=broad-except
+      trained = False
       message = error_line(e)
       # A member that finished before keeps its results.
       failed = [m for m, d in zip(group, dirs) if not train.is_complete(m.cfg, d)]
       logging.error("Sweep members %s failed: %s", [m.name for m in failed], message)
       for m in failed:
         errors[m.name] = message
-    logging.info("Finished %d member(s) in %.1f s", len(group), time.perf_counter() - start)
+    progress.finish(i, time.perf_counter() - start, timesplit.compile_seconds() - compiled,
+                    once=loading, trained=trained)
   # Members --only left out keep their failures (their directories do not record them).
   errors = {**kept_errors(workdir, {m.name for g in groups for m in g}), **errors}
   rows = [result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
   write_results(workdir, rows)
   return rows
+
+
+def _size_key(cfg) -> str:
+  """Configs with equal keys read data of one size."""
+  return json.dumps(cfg.data.to_dict(), sort_keys=True)
+
+
+def _data_key(cfg) -> str:
+  """Groups with equal keys train on the same loaded dataset."""
+  return _size_key(cfg) + str(cfg.train.batch_size)
+
+
+def _last_step(ckpt_dir: str) -> int:
+  """The newest checkpoint's step in `ckpt_dir` (0: none), where a group resumes."""
+  try:
+    return max((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), default=0)
+  except OSError:
+    return 0
+
+
+def _total_steps(cfg, sizes: dict[str, int]) -> int:
+  """A member's length; its epochs over the data's size once loaded, else an estimate
+  (`data.num_train`, or MNIST's 60,000)."""
+  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
+  t = cfg.train
+  if t.num_steps:
+    return t.num_steps
+  n = sizes.get(_size_key(cfg)) or cfg.data.num_train or members_lib.MNIST_TRAIN
+  return t.num_epochs * (n // t.batch_size)
+
+
+def _progress_plan(groups, workdir: str, sizes: dict[str, int]) -> list[dict]:
+  """Per group what `SweepProgress` counts: members, steps left, whether it compiles
+  (its programs differ from the group trained before it), whether it is done."""
+  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
+  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
+  plan, programs = [], None
+  for group in groups:
+    dirs = [os.path.join(workdir, m.name) for m in group]
+    done = all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs))
+    unusable = any(m.unusable for m in group)
+    ckpt_dir = (os.path.join(dirs[0], "checkpoints") if len(group) == 1 else os.path.join(
+        workdir, members_lib.GROUPS_DIR, _group_id(group), "checkpoints"))
+    resumed = 0 if done or unusable else _last_step(ckpt_dir)
+    made_for = None if done or unusable else (members_lib.group_key(group[0].cfg), len(group))
+    plan.append({"members": [m.name for m in group], "done": done, "resumed_at": resumed,
+                 "compiles": made_for is not None and made_for != programs})
+    programs = made_for or programs
+  _update_steps(plan, groups, sizes)
+  return plan
+
+
+def _update_steps(plan: list[dict], groups, sizes: dict[str, int]) -> None:
+  for g, group in zip(plan, groups):
+    if not g["done"]:
+      usable = not any(m.unusable for m in group)
+      g["steps"] = max(_total_steps(group[0].cfg, sizes) - g["resumed_at"], 0) if usable else 0
+    else:
+      g.setdefault("steps", 0)
 
 
 def planned_status(m: Member, path: str) -> tuple[str, str | None]:
