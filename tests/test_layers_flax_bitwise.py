@@ -196,7 +196,10 @@ def test_robust_default_differs_from_flax_by_rounding_only(shape):
 
   Input N(1.5, 2^2): y, the running statistics and the gradients wrt x,
   scale and bias differ by at most 2.4e-7 of each array's largest magnitude
-  (float32 CPU, about 2 ulp); the bound asserted is 1e-6.
+  (float32 CPU, jax 0.10.2, about 2 ulp). The sums over 2,048 values of the
+  conv case round differently with each XLA: with jax 0.8.1 (the lowest
+  supported) 1.6e-6, where Flax's own scale gradient is 1.4e-6 off float64.
+  The bound asserted is 4e-6; a wrong formula is off by orders more.
   """
   x, dy, _ = data(shape)
   theirs = nn.BatchNorm(**FIELDS)
@@ -205,4 +208,4 @@ def test_robust_default_differs_from_flax_by_rounding_only(shape):
   got = linen_step(bnlab.BatchNorm(**FIELDS), variables, x, dy, None, True)
   rel = jax.tree.map(lambda g, w: float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))), got, want)
   worst = max(jax.tree.leaves(rel))
-  assert worst < 1e-6, rel
+  assert worst < 4e-6, rel
