@@ -16,12 +16,14 @@ loaded with `-p` replaces, before the tests import anything, every
 (`flax.linen.BatchNorm`, `flax.linen.normalization.BatchNorm`,
 `flax.nnx.BatchNorm`, `flax.nnx.nn.normalization.BatchNorm`):
   - none: Flax's own layers (the baseline);
-  - bnlab: `bnlab.BatchNorm` and `bnlab.nnx.BatchNorm` (robust variance);
+  - bnlab: `bnlab.BatchNorm` and `bnlab.nnx.BatchNorm` as they are (robust
+    variance unless a test passes `use_fast_variance`: True or False give
+    Flax's formulas, op for op);
   - bnlab_fast: the same with `use_fast_variance=True` by default, Flax's own
     default, which makes bnlab's train-mode computation Flax's op for op;
-  - bnlab_fast_linen, bnlab_fast_nnx (not run by default): only the linen or
-    only the NNX layer swapped, so tests comparing the two APIs compare
-    bnlab's layer with Flax's.
+  - bnlab_linen, bnlab_nnx, bnlab_fast_linen, bnlab_fast_nnx (not run by
+    default): only the linen or only the NNX layer swapped, so tests
+    comparing the two APIs compare bnlab's layer with Flax's.
 The swapped classes keep the name `BatchNorm`, so linen auto-names and
 reprs match. Flax's pytest configuration (warnings are errors) applies. A
 file that cannot import is reported as "not run (missing X)", never as
@@ -66,9 +68,10 @@ FILES = (
     "examples/imagenet/train_test.py",
     "examples/gemma/helpers_test.py",
 )
-# bnlab_fast_linen / bnlab_fast_nnx swap one API only: a test that compares a linen layer with an
-# NNX one then compares bnlab with Flax, bit for bit.
-MODES = ("none", "bnlab", "bnlab_fast", "bnlab_fast_linen", "bnlab_fast_nnx")
+# The *_linen / *_nnx modes swap one API only: a test that compares a linen layer with an NNX
+# one then compares bnlab with Flax, bit for bit.
+MODES = ("none", "bnlab", "bnlab_fast", "bnlab_linen", "bnlab_nnx", "bnlab_fast_linen",
+         "bnlab_fast_nnx")
 DEFAULT_MODES = ("none", "bnlab", "bnlab_fast")
 
 
@@ -97,10 +100,11 @@ SWAPPED = []
 if SWAP != "none":
   import bnlab
 
-  ONLY = {"bnlab_fast_linen": "linen", "bnlab_fast_nnx": "nnx"}.get(SWAP)
-  if SWAP == "bnlab":
+  ONLY = next((api for api in ("linen", "nnx") if SWAP.endswith("_" + api)), None)
+  BASE = SWAP[:-len(ONLY) - 1] if ONLY else SWAP  # bnlab or bnlab_fast
+  if BASE == "bnlab":
     LINEN, NNX = bnlab.BatchNorm, bnlab.nnx.BatchNorm
-  elif SWAP.startswith("bnlab_fast"):
+  elif BASE == "bnlab_fast":
     class BatchNorm(bnlab.BatchNorm):  # keeps the class name: linen auto-names BatchNorm_0
       use_fast_variance: bool = True
 

@@ -111,8 +111,7 @@ def test_table_counts_each_mode_and_names_failures_and_files_not_run():
   assert "examples/imagenet/train_test.py: not run (missing tensorflow)" in text
 
 
-@pytest.mark.parametrize("swap", ["none", "bnlab", "bnlab_fast", "bnlab_fast_linen",
-                                  "bnlab_fast_nnx"])
+@pytest.mark.parametrize("swap", fc.MODES)
 def test_plugin_swaps_every_alias(tmp_path, monkeypatch, swap):
   path = tmp_path / "bnlab_flax_swap.py"
   path.write_text(fc.PLUGIN)
@@ -129,12 +128,18 @@ def test_plugin_swaps_every_alias(tmp_path, monkeypatch, swap):
   if swap == "none":
     assert plugin.SWAPPED == [] and flax.linen.BatchNorm is flax_linen
     return
-  if swap in ("bnlab_fast_linen", "bnlab_fast_nnx"):  # one API swapped, the other Flax's
-    linen_only = swap == "bnlab_fast_linen"
+  if swap.endswith(("_linen", "_nnx")):  # one API swapped, the other Flax's
+    linen_only = swap.endswith("_linen")
     assert (flax.nnx.BatchNorm is flax_nnx) is linen_only
     assert (flax.linen.BatchNorm is flax_linen) is not linen_only
-    swapped = flax.linen.BatchNorm if linen_only else flax.nnx.BatchNorm
-    assert swapped.__name__ == "BatchNorm" and swapped.__module__ == plugin.__name__
+    fast = True if swap.startswith("bnlab_fast") else None  # None: bnlab's robust default
+    if linen_only:
+      assert issubclass(flax.linen.BatchNorm, bnlab.BatchNorm)
+      assert flax.linen.BatchNorm(use_running_average=False).use_fast_variance is fast
+    else:
+      assert issubclass(flax.nnx.BatchNorm, bnlab.nnx.BatchNorm)
+      assert flax.nnx.BatchNorm(3, rngs=flax.nnx.Rngs(0)).use_fast_variance is fast
+    assert (flax.linen.BatchNorm if linen_only else flax.nnx.BatchNorm).__name__ == "BatchNorm"
     return
   assert set(plugin.SWAPPED) >= {"flax.linen.BatchNorm", "flax.linen.normalization.BatchNorm",
                                  "flax.nnx.BatchNorm", "flax.nnx.nn.normalization.BatchNorm"}
@@ -143,7 +148,7 @@ def test_plugin_swaps_every_alias(tmp_path, monkeypatch, swap):
   assert flax.nnx.nn.normalization.BatchNorm is nnx_bn
   assert issubclass(nnx_bn, bnlab.nnx.BatchNorm)
   assert linen_bn.__name__ == nnx_bn.__name__ == "BatchNorm"  # linen auto-name BatchNorm_0
-  fast = swap == "bnlab_fast"
+  fast = True if swap == "bnlab_fast" else None  # None: bnlab's robust default
   assert linen_bn(use_running_average=False).use_fast_variance is fast
   assert nnx_bn(3, rngs=flax.nnx.Rngs(0)).use_fast_variance is fast
   x = jnp.ones((2, 3))

@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent(r'''
             mask[4 * dev: 4 * dev + valid] = True
         x = np.where(mask, x0, np.float32(1e30))  # padding
         mu, var = ref(x, mask)
-        for variance in ("shifted", "two_pass", "fast"):
+        for variance in ("shifted", "two_pass", "fast", "flax_two_pass"):
             y, m, v = map(np.asarray, sharded_bn(variance, True)(shard(x), shard(mask)))
             np.testing.assert_allclose(m, 0.5 * mean0 + 0.5 * mu, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(v, 0.5 * var0 + 0.5 * var, rtol=1e-5)

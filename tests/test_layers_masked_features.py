@@ -1,9 +1,13 @@
 """A feature whose every entry is masked out, in train mode, in every layer.
 
 It has no batch statistics: its output is NaN (as Flax's 0/0) rather than
-x / sqrt(epsilon), its running statistics stay as they were (not Flax's NaN),
-a later batch that counts it updates them, and the other features, their
-gradients and the parameters' gradients are those of a run without it.
+x / sqrt(epsilon), and the other features, their gradients and the
+parameters' gradients are those of a run without it. Its running statistics:
+bnlab's rule (its own variance methods, the default) keeps them, and a later
+batch that counts the feature updates them; Flax's formulas (`use_fast_variance`
+True or False: variance "fast", "flax_two_pass") make them NaN for good, as
+Flax's layer does (compared with Flax's layer itself in
+tests/test_layers_flax_bitwise.py).
 """
 
 from __future__ import annotations
@@ -47,15 +51,28 @@ def _noise(f):
 
 FUNCTIONS = {
     **{f"batch_norm_{v}": lambda *a, v=v, **k: bnlab.batch_norm(*a, variance=v, **k)
-       for v in ("shifted", "two_pass", "fast")},
+       for v in ("shifted", "two_pass", "fast", "flax_two_pass")},
     "batch_norm_unbiased": lambda *a, **k: bnlab.batch_norm(*a, unbiased_running_var=True, **k),
     "renorm": lambda *a, **k: variants.batch_renorm(*a, r_max=1.5, d_max=0.5, **k),
+    "renorm_fast": lambda *a, **k: variants.batch_renorm(*a, r_max=1.5, d_max=0.5,
+                                                         variance="fast", **k),
     "ghost": lambda *a, **k: variants.ghost_batch_norm(*a, ghost_size=3, **k),
     "ghost_fast": lambda *a, **k: variants.ghost_batch_norm(*a, ghost_size=3, variance="fast",
                                                             **k),
     "noisy": lambda *a, **k: variants.noisy_batch_norm(
         *a, key=jax.random.key(3), shift_max=0.5, scale_max=1.5, **k),
 }
+# The cases with Flax's formulas: NaN running statistics for the feature, for good.
+FLAX_RULE = {"batch_norm_fast", "batch_norm_flax_two_pass", "renorm_fast", "ghost_fast"}
+
+
+def assert_dead_statistics(name, got, before):
+  """The fully masked feature's running statistics: kept, or NaN under Flax's rule."""
+  for k in ("mean", "var"):
+    if name in FLAX_RULE:
+      assert np.isnan(got[k][DEAD]), k
+    else:
+      assert got[k][DEAD] == before[k][DEAD], k
 
 
 def call(name, x, mask, scale, bias, mean, var):
@@ -84,26 +101,32 @@ def masked_loss(name, mask, gy, call_fn):
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
-def test_functions_give_nan_keep_statistics_and_leave_the_rest(name):
+def test_functions_give_nan_and_leave_the_rest(name):
   x, mask, scale, bias, mean, var = batch(0)
   out = call(name, x, mask, scale, bias, mean, var)
   assert np.isnan(out.y[..., DEAD]).all()
-  assert out.mean[DEAD] == mean[DEAD] and out.var[DEAD] == var[DEAD]
+  assert_dead_statistics(name, out._asdict(), dict(mean=mean, var=var))
   ref = call_on_the_others(name, *without_dead(x, mask, scale, bias, mean, var))
   np.testing.assert_array_equal(out.y[..., KEEP], ref.y)
   np.testing.assert_array_equal(out.mean[KEEP], ref.mean)
   np.testing.assert_array_equal(out.var[KEEP], ref.var)
-  # A later batch that counts the feature updates it as any feature.
+  # A later batch that counts the feature: bnlab's rule updates it as any feature.
   x2, mask2, *_ = batch(1, dead=False)
   out2 = call(name, x2, mask2, scale, bias, out.mean, out.var)
-  fresh = call(name, x2, mask2, scale, bias, mean, var)
+  assert np.isfinite(out2.y[..., KEEP]).all()
+  if name in FLAX_RULE:  # (and Batch Renormalization, which reads them, outputs NaN)
+    assert np.isnan(out2.mean[DEAD]) and np.isnan(out2.var[DEAD])
+    return
   assert np.isfinite(out2.y).all()
+  fresh = call(name, x2, mask2, scale, bias, mean, var)
   assert out2.mean[DEAD] == fresh.mean[DEAD] and out2.var[DEAD] == fresh.var[DEAD]
   assert out2.mean[DEAD] != mean[DEAD]
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
-def test_gradients_of_a_masked_loss_stay_finite(name):
+def test_gradients_of_a_masked_loss(name):
+  """bnlab's rule: finite, zero for the feature. Flax's: the other features' as without it
+  (the feature's own are Flax's, NaN in `batch_norm`: 0 * rsqrt(NaN))."""
   x, mask, scale, bias, mean, var = batch(2)
   gy = np.random.default_rng(3).normal(size=SHAPE).astype(np.float32)
   grads = jax.grad(masked_loss(name, mask, gy, call), argnums=(0, 1, 2))(
@@ -112,8 +135,9 @@ def test_gradients_of_a_masked_loss_stay_finite(name):
   refs = jax.grad(masked_loss(name, sub_mask, gy[..., KEEP], call_on_the_others),
                   argnums=(0, 1, 2))(sub_x, *sub_params)
   for g, ref in zip(grads, refs):
-    assert np.isfinite(g).all()
-    np.testing.assert_array_equal(g[..., DEAD], 0)
+    if name not in FLAX_RULE:
+      assert np.isfinite(g).all()
+      np.testing.assert_array_equal(g[..., DEAD], 0)
     np.testing.assert_allclose(g[..., KEEP], ref, rtol=1e-6, atol=1e-6)
 
 
@@ -143,12 +167,18 @@ def test_ghost_batch_without_a_counted_entry():
 MODULES = {
     "bn": (linen.BatchNorm, {}),
     "bn_fast": (linen.BatchNorm, dict(use_fast_variance=True)),
+    "bn_flax_two_pass": (linen.BatchNorm, dict(use_fast_variance=False)),
     "population": (linen.BatchNormVariant, dict(running_average="population")),
+    "population_fast": (linen.BatchNormVariant, dict(running_average="population",
+                                                     use_fast_variance=True)),
     "frozen": (linen.BatchNormVariant, dict(frozen=True)),
     "renorm": (linen.BatchRenorm, dict(warmup_steps=0, r_max_steps=2, d_max_steps=2)),
+    "renorm_fast": (linen.BatchRenorm, dict(warmup_steps=0, r_max_steps=2, d_max_steps=2,
+                                            use_fast_variance=True)),
     "ghost": (linen.GhostBatchNorm, dict(ghost_size=3)),
     "noisy": (linen.NoisyBatchNorm, {}),
 }
+MODULES_FLAX_RULE = {"bn_fast", "bn_flax_two_pass", "population_fast", "renorm_fast"}
 
 
 class LinenLayer:
@@ -208,6 +238,7 @@ class NNXLayer:
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 @pytest.mark.parametrize("case", list(MODULES))
 def test_modules(case, api):
+  flax_rule = case in MODULES_FLAX_RULE
   x, mask, *_ = batch(6)
   layer = (LinenLayer if api == "linen" else NNXLayer)(case, x)
   before = layer.stats()
@@ -215,8 +246,8 @@ def test_modules(case, api):
   gy = np.random.default_rng(7).normal(size=SHAPE).astype(np.float32)
   for g in layer.grads(x, mask, gy):
     g = np.asarray(g)
-    assert np.isfinite(g).all()
-    if case != "frozen":
+    assert np.isfinite(g[..., KEEP]).all()
+    if case != "frozen" and not flax_rule:
       np.testing.assert_array_equal(g[..., DEAD], 0)
   y = layer(x, mask)
   assert np.isfinite(y[..., KEEP]).all()
@@ -225,13 +256,17 @@ def test_modules(case, api):
   else:
     assert np.isnan(y[..., DEAD]).all()
   after = layer.stats()
-  for k in ("mean", "var"):
-    assert after[k][DEAD] == before[k][DEAD], k
-  # A later batch that counts the feature updates its statistics.
+  assert_dead_statistics("batch_norm_fast" if flax_rule else case, after, before)
+  assert np.isfinite(np.stack([after["mean"], after["var"]])[:, KEEP]).all()
+  # A later batch that counts the feature updates its statistics (bnlab's rule).
   x2, mask2, *_ = batch(8, dead=False)
-  assert np.isfinite(layer(x2, mask2)).all()
+  y2 = layer(x2, mask2)
   later = layer.stats()
   for k in ("mean", "var"):
-    assert np.isfinite(later[k]).all()
-    if case != "frozen":
-      assert later[k][DEAD] != after[k][DEAD], k
+    assert np.isfinite(later[k][KEEP]).all()
+    if flax_rule:  # NaN for good
+      assert np.isnan(later[k][DEAD]), k
+    else:
+      assert np.isfinite(y2).all() and np.isfinite(later[k]).all()
+      if case != "frozen":
+        assert later[k][DEAD] != after[k][DEAD], k

@@ -20,7 +20,22 @@ from jax.ad_checkpoint import checkpoint_name
 
 Axes = int | Sequence[int]
 
-VARIANCE_METHODS = ("shifted", "two_pass", "fast")
+VARIANCE_METHODS = ("shifted", "two_pass", "fast", "flax_two_pass")
+# Flax's two formulas (use_fast_variance=True and False): in train mode `batch_norm` repeats
+# Flax's computation op for op, and a feature with no counted entry gets Flax's NaN (0/0)
+# running statistics in every layer and variant, so that Flax's options give Flax's results.
+FLAX_VARIANCES = ("fast", "flax_two_pass")
+
+
+def variance_method(variance: str | None, use_fast_variance: bool | None) -> str:
+  """A layer's variance method: `variance` if set, else from Flax's `use_fast_variance`.
+
+  True and False are Flax's own options, so they give Flax's formulas ("fast",
+  "flax_two_pass"); None, the layers' default, gives bnlab's robust "shifted".
+  """
+  if variance is not None:
+    return variance
+  return {None: "shifted", True: "fast", False: "flax_two_pass"}[use_fast_variance]
 
 
 class Moments(NamedTuple):
@@ -86,13 +101,16 @@ def batch_moments(
     algorithm (Chan, Golub & LeVeque 1983): exact mean and variance.
   - "fast": k = 0, i.e. E[x^2] - E[x]^2 as in Flax's default; loses all
     precision when |mean| >> std.
+  - "flax_two_pass": Flax's `use_fast_variance=False`, E[|x - mean|^2] with
+    mean = sum(x)/n (k, not a constant here): "two_pass" without its
+    correction term, which is of the order of the mean's rounding error.
 
   Args:
     x: input array.
     reduction_axes: axes to reduce; the others are feature axes.
     mask: optional boolean array broadcastable to `x`; False entries are left
       out of the statistics, whatever their value (inf and NaN included).
-    variance: "shifted", "two_pass" or "fast".
+    variance: one of `VARIANCE_METHODS`.
     axis_name, axis_index_groups: named mapped axis (pmap / shard_map) over
       which the statistics are global: sums and counts are psum-ed, so unequal
       masks per device are weighted exactly.
@@ -131,12 +149,17 @@ def batch_moments(
       return v
     return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
 
+  corrected = variance != "flax_two_pass"
+  if not corrected:
+    variance = "two_pass"
   if variance == "fast":
     shift = jnp.zeros(count.shape, dtype)
   elif variance == "two_pass":
     s0, count = psum(jnp.stack([total(x), count]))
     count = jnp.real(count)
-    shift = lax.stop_gradient(s0 / jnp.maximum(count, 1))
+    shift = s0 / jnp.maximum(count, 1)
+    if corrected:  # else the mean itself, which needs its gradient
+      shift = lax.stop_gradient(shift)
   else:
     per_example = math.prod(x.shape[a] for a in axes[1:])
     rows = min(x.shape[axes[0]], -(-SHIFT_VALUES // per_example))
@@ -145,7 +168,10 @@ def batch_moments(
     if axis_name is not None:  # the same k on every device
       shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
   d = x - jnp.expand_dims(shift, axes)
-  if variance == "two_pass":
+  if not corrected:
+    s2 = psum(total(_abs_squared(d)))
+    s1 = jnp.zeros_like(s2)
+  elif variance == "two_pass":
     s1, s2 = psum(jnp.stack([total(d), total(_abs_squared(d))]))
   else:
     s1, s2, count = psum(jnp.stack([total(d), total(_abs_squared(d)), count]))
@@ -225,14 +251,16 @@ def batch_norm(
     epsilon: added to the variance.
     mask: boolean, broadcastable to `x`; False entries do not count in the
       batch statistics (they are still normalized). In train mode a feature
-      with no counted entry keeps its running statistics (a later batch that
-      counts it updates them) and its output is NaN, as in Flax: it has no
-      batch statistics, and x / sqrt(epsilon) would pass for a normalized
-      value (see `uncounted_to_nan`).
-    variance: "shifted" (default, robust one pass), "two_pass" or "fast";
-      see `batch_moments`. In train mode "fast" repeats Flax's computation
-      op for op (bit-identical results and gradients) except with a mask
-      under `axis_name` or for complex `x`.
+      with no counted entry has no batch statistics: its output is NaN (as in
+      Flax; x / sqrt(epsilon) would pass for a normalized value, see
+      `uncounted_to_nan`). Its running statistics stay as they were (a later
+      batch that counts it updates them), except with Flax's formulas
+      (`FLAX_VARIANCES`), which give Flax's NaN (0/0) there too.
+    variance: "shifted" (default, robust one pass), "two_pass", "fast" or
+      "flax_two_pass"; see `batch_moments`. In train mode "fast" and
+      "flax_two_pass" repeat Flax's computation (`use_fast_variance=True`
+      and False) op for op: bit-identical results and gradients, NaN
+      included, except with a mask under `axis_name` or for complex `x`.
     unbiased_running_var: fold m/(m-1) * batch variance into the running
       variance (the paper's Algorithm 2); the batch itself is normalized with
       the biased variance either way.
@@ -256,19 +284,22 @@ def batch_norm(
     centered = jnp.asarray(x, compute_dtype) - expand(mean.astype(compute_dtype))
     y = _scale_and_shift(centered, var.astype(compute_dtype), scale, bias, epsilon, expand)
     return BatchNormOutput(jnp.asarray(y, dtype), mean, var)
-  if variance == "fast" and _flax_can_match(x, mask, axis_name):
-    m, y = _flax_fast_variance_normalize(
+  flax_formula = variance in FLAX_VARIANCES
+  if flax_formula and _flax_can_match(x, mask, axis_name):
+    m, y = _flax_normalize(
         jnp.asarray(x, compute_dtype), scale, bias, mask, reduction_axes=reduction_axes,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, epsilon=epsilon)
+        fast=variance == "fast", axis_name=axis_name, axis_index_groups=axis_index_groups,
+        epsilon=epsilon)  # an uncounted feature's y is already NaN (0/0), as Flax's
   else:
     m, y = _normalize_with_batch_moments(
         x, scale, bias, mask, reduction_axes=reduction_axes, variance=variance,
         axis_name=axis_name, axis_index_groups=axis_index_groups, stats_dtype=stats_dtype,
         compute_dtype=compute_dtype, epsilon=epsilon)
+    if mask is not None:
+      y = uncounted_to_nan(y, m.count, reduction_axes)
   new_mean, new_var = running_statistics(
-      m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
-  if mask is not None:
-    y = uncounted_to_nan(y, m.count, reduction_axes)
+      m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var,
+      keep_uncounted=not flax_formula)
   return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
 
 
@@ -296,18 +327,23 @@ def layer_dtypes_and_axes(x, scale, bias, mean, var, *, axis, dtype, stats_dtype
   return reduction_axes, dtype, compute_dtype
 
 
-def running_statistics(m: Moments, mean, var, *, momentum, unbiased_running_var: bool):
+def running_statistics(m: Moments, mean, var, *, momentum, unbiased_running_var: bool,
+                       keep_uncounted: bool = True):
   """The running (mean, var) after folding in batch moments `m` (Flax's momentum rule).
 
   With `unbiased_running_var` the batch variance folded in is m/(m-1) times
-  the biased one; a batch with no counted entries leaves both unchanged.
+  the biased one. A feature with no counted entry keeps both when
+  `keep_uncounted` (bnlab's rule: one batch without it does not lose what
+  the earlier ones measured); else both become NaN, Flax's 0/0, for good.
   """
   update = m.var
   if unbiased_running_var:
     update = m.var * m.count / jnp.maximum(m.count - 1, 1)
   seen = m.count > 0
-  new_mean = jnp.where(seen, momentum * mean + (1 - momentum) * m.mean, mean)
-  new_var = jnp.where(seen, momentum * var + (1 - momentum) * update, var)
+  new_mean = momentum * mean + (1 - momentum) * m.mean
+  new_var = momentum * var + (1 - momentum) * update
+  new_mean = jnp.where(seen, new_mean, mean if keep_uncounted else jnp.nan)
+  new_var = jnp.where(seen, new_var, var if keep_uncounted else jnp.nan)
   # A complex input's mean stays complex (as in Flax); the variance is real.
   mean_dtype = (jnp.result_type(mean.dtype, new_mean.dtype) if jnp.iscomplexobj(new_mean)
                 else mean.dtype)
@@ -337,7 +373,7 @@ def _scale_and_shift(centered, var, scale, bias, epsilon, expand):
 
 
 def _flax_can_match(x, mask, axis_name) -> bool:
-  """Whether the "fast" variance can repeat Flax's computation op for op.
+  """Whether Flax's formulas (`FLAX_VARIANCES`) can repeat its computation op for op.
 
   Not for complex inputs, nor for a mask together with `axis_name`: there
   Flax's pmean of per-device means weighs devices equally, while bnlab's
@@ -346,37 +382,42 @@ def _flax_can_match(x, mask, axis_name) -> bool:
   return not jnp.iscomplexobj(x) and (mask is None or axis_name is None)
 
 
-def _flax_fast_variance_normalize(x, scale, bias, mask, *, reduction_axes, axis_name,
-                                  axis_index_groups, epsilon):
-  """Flax's fast-variance BN in train mode, op for op: bit-identical outputs and gradients.
+def _flax_normalize(x, scale, bias, mask, *, reduction_axes, fast, axis_name,
+                    axis_index_groups, epsilon):
+  """Flax's BN in train mode, op for op: bit-identical outputs and gradients.
 
-  The same jnp/lax operations in the same order as `_compute_stats` (mean of
-  x and of lax.square(x), a stacked pmean over `axis_name`, then
-  max(0, E[x^2] - E[x]^2)) and `_normalize` ((x - mean) * (rsqrt(var + eps)
-  * scale) + bias) of flax.linen.normalization, so XLA compiles the same
-  reductions and autodiff the same backward pass. It is neither
-  rematerialized nor behind an optimization barrier, as Flax's layer is not.
-  One deliberate difference: a feature with no counted entry gets mean and
-  variance 0 (0/1), not NaN (0/0), so the running statistics keep their
-  values (`running_statistics`); `batch_norm` then sets its output to NaN
-  (`uncounted_to_nan`), as Flax's 0/0 does.
+  The same jnp/lax operations in the same order as `_compute_stats` of
+  flax.linen.normalization (`fast`: means of x and of lax.square(x), one
+  stacked pmean over `axis_name`, then max(0, E[x^2] - E[x]^2); else the
+  mean, then the mean of lax.square(x - mean), each pmean-ed) and its
+  `_normalize` ((x - mean) * (rsqrt(var + eps) * scale) + bias), so XLA
+  compiles the same reductions and autodiff the same backward pass. The
+  mask goes to `jnp.mean` unbroadcast, as Flax passes it: a broadcast mask
+  compiles to another reduction loop, which rounded a variance 1 ulp off.
+  Neither rematerialized nor behind an optimization barrier, as Flax's layer
+  is not. A feature with no counted entry gets Flax's 0/0: NaN statistics
+  and outputs.
   """
-  sq = lax.square(x)
-  if mask is None:
-    count = _full_count(x, reduction_axes, x.dtype)
-    mu = jnp.mean(x, reduction_axes)
-    mu2 = jnp.mean(sq, reduction_axes)
-  else:  # jnp.mean(x, where=mask) with the count kept from 0
-    mask = jnp.asarray(mask, bool)
-    count = jnp.sum(jnp.broadcast_to(mask, x.shape), reduction_axes, dtype=x.dtype)
-    safe = jnp.maximum(count, 1)
-    mu = jnp.sum(x, reduction_axes, dtype=x.dtype, where=mask) / safe
-    mu2 = jnp.sum(sq, reduction_axes, dtype=x.dtype, where=mask) / safe
-  if axis_name is not None:
-    mus = lax.pmean(jnp.stack((mu, mu2), axis=0), axis_name,
-                    axis_index_groups=axis_index_groups)
-    mu, mu2 = mus[0], mus[1]
-  var = jnp.maximum(0.0, mu2 - lax.square(mu))
+
+  def pmean(v):
+    if axis_name is None:
+      return v
+    return lax.pmean(v, axis_name, axis_index_groups=axis_index_groups)
+
+  # In Flax's order: the order of the operations changes the gradient's rounding.
+  sq = lax.square(x) if fast else None
+  mask = None if mask is None else jnp.asarray(mask, bool)
+  if fast:
+    mu = jnp.mean(x, reduction_axes, where=mask)
+    mu2 = jnp.mean(sq, reduction_axes, where=mask)
+    if axis_name is not None:
+      mus = pmean(jnp.stack((mu, mu2), axis=0))
+      mu, mu2 = mus[0], mus[1]
+    var = jnp.maximum(0.0, mu2 - lax.square(mu))
+  else:
+    mu = pmean(jnp.mean(x, reduction_axes, where=mask))
+    var = pmean(jnp.mean(lax.square(x - jnp.expand_dims(mu, reduction_axes)), reduction_axes,
+                         where=mask))
   feature_shape = [1 if i in reduction_axes else d for i, d in enumerate(x.shape)]
   y = x - jnp.expand_dims(mu, reduction_axes)
   mul = lax.rsqrt(jnp.expand_dims(var, reduction_axes) + epsilon)
@@ -385,6 +426,10 @@ def _flax_fast_variance_normalize(x, scale, bias, mask, *, reduction_axes, axis_
   y = y * mul
   if bias is not None:
     y = y + bias.reshape(feature_shape)
+  if mask is None:
+    count = _full_count(x, reduction_axes, x.dtype)
+  else:
+    count = jnp.sum(jnp.broadcast_to(mask, x.shape), reduction_axes, dtype=x.dtype)
   return Moments(jnp.zeros_like(mu), mu, var, count), y
 
 

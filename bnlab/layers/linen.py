@@ -20,7 +20,7 @@ from flax.linen.module import merge_param
 
 from bnlab.layers import variants
 from bnlab.layers.functional import (Axes, BatchNormOutput, any_counted, batch_norm,
-                                     canonicalize_axes)
+                                     canonicalize_axes, variance_method)
 
 
 class BatchNorm(nn.Module):
@@ -35,15 +35,16 @@ class BatchNorm(nn.Module):
   `flax.errors.ModifyScopeVariableError` (unless `update_stats=False`).
   Differences, all deliberate:
 
-  - `use_fast_variance` defaults to False: the variance is the robust one-pass
-    shifted formula (see `bnlab.layers.functional`), exact where Flax's default loses all
-    precision (inputs with |mean| >> std).
+  - `use_fast_variance` defaults to None: the variance is the robust one-pass
+    shifted formula (see `bnlab.layers.functional`), exact where Flax's default
+    loses all precision (inputs with |mean| >> std). True and False are
+    Flax's formulas, computed as Flax does: bit-identical to its layer.
   - `axis_name` statistics psum sums and counts, so masks with different
-    counts per device give exactly the global statistics (with
-    `use_fast_variance=True` only when masked: unmasked, it pmeans the means
-    as Flax does).
+    counts per device give exactly the global statistics (with Flax's
+    formulas only when masked: unmasked, they pmean the means as Flax does).
   - A feature with no counted entry (`mask`) in a train-mode batch keeps its
-    running statistics, where Flax's become NaN (0/0) for good; its output is
+    running statistics by default, where Flax's become NaN (0/0) for good
+    (as they do here with `use_fast_variance` True or False); its output is
     NaN in both.
 
   Attributes:
@@ -68,15 +69,16 @@ class BatchNorm(nn.Module):
       sharded arrays no name is needed.
     axis_index_groups: subsets of the devices along `axis_name` that share
       statistics (see `jax.lax.psum`).
-    use_fast_variance: compute the variance as E[x^2] - E[x]^2, Flax's
-      default, which loses all precision when |mean| >> std; op for op as
-      Flax, so bit-identical to its layer. The default False uses the
-      shifted one-pass formula.
+    use_fast_variance: None (default): bnlab's robust shifted one-pass
+      formula. True: E[x^2] - E[x]^2, Flax's default, which loses all
+      precision when |mean| >> std; False: Flax's two-pass E[(x - E[x])^2].
+      Both are computed op for op as Flax, so bit-identical to its layer,
+      a feature with no counted entry's NaN running statistics included.
     force_float32_reductions: compute the statistics and store the running
       ones in float32 whatever the input and parameter dtypes; False computes
       them in at least `dtype` (the input's when None), as Flax does.
-    variance: "shifted", "two_pass" or "fast" (see `bnlab.batch_moments`);
-      overrides `use_fast_variance` when set.
+    variance: "shifted", "two_pass", "fast" or "flax_two_pass" (see
+      `bnlab.batch_moments`); overrides `use_fast_variance` when set.
     unbiased_running_var: fold m/(m-1) times the batch variance into the
       running variance (Ioffe & Szegedy 2015, Algorithm 2), m the number of
       values per feature; the batch itself is normalized with the biased one.
@@ -100,7 +102,7 @@ class BatchNorm(nn.Module):
   scale_init: Any = initializers.ones
   axis_name: Any = None
   axis_index_groups: Any = None
-  use_fast_variance: bool = False
+  use_fast_variance: bool | None = None
   force_float32_reductions: bool = True
   variance: str | None = None
   unbiased_running_var: bool = False
@@ -147,7 +149,7 @@ class BatchNorm(nn.Module):
     )
     feature_axes, ra_mean, ra_var, scale, bias = self._variables(x)
     updating = self._updating(not use_running_average)
-    variance = self.variance or ("fast" if self.use_fast_variance else "shifted")
+    variance = variance_method(self.variance, self.use_fast_variance)
     initializing = self.is_initializing()
     out = batch_norm(
         x, scale, bias, ra_mean.value, ra_var.value,
@@ -222,7 +224,7 @@ class BatchNormVariant(BatchNorm):
     if population:
       num_batches = self.variable(
           "batch_stats", "num_batches", lambda: jnp.zeros((), jnp.int32))
-    variance = self.variance or ("fast" if self.use_fast_variance else "shifted")
+    variance = variance_method(self.variance, self.use_fast_variance)
     initializing = self.is_initializing()
     train = not use_running_average and not self.frozen
     updating = self._updating(train)

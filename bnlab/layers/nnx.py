@@ -18,7 +18,8 @@ from flax.nnx import initializers
 from flax.nnx.nn import dtypes
 
 from bnlab.layers import variants
-from bnlab.layers.functional import Axes, BatchNormOutput, any_counted, batch_norm
+from bnlab.layers.functional import (Axes, BatchNormOutput, any_counted, batch_norm,
+                                     variance_method)
 
 
 class BatchNorm(nnx.Module):
@@ -26,7 +27,8 @@ class BatchNorm(nnx.Module):
 
   Variables: `scale`, `bias` (`nnx.Param`), `mean`, `var` (`nnx.BatchStat`).
   The variance is the robust one-pass shifted formula unless
-  `use_fast_variance=True` or `variance` says otherwise. Modes switch as with
+  `use_fast_variance` (True or False: Flax's formulas, bit-identical to its
+  layer) or `variance` says otherwise. Modes switch as with
   Flax: `use_running_average` at construction or call, `model.train()` /
   `model.eval()`, or `nnx.view(model, use_running_average=...)`. A train-mode
   call updates `mean` and `var`, as Flax's. `axis_name` statistics psum sums
@@ -53,12 +55,13 @@ class BatchNorm(nnx.Module):
       statistics are global.
     axis_index_groups: subsets of the devices along `axis_name` that share
       statistics (see `jax.lax.psum`).
-    use_fast_variance: compute the variance as E[x^2] - E[x]^2 (Flax's
-      default, imprecise when |mean| >> std), op for op as Flax, so
-      bit-identical to its layer; the default False uses the shifted
-      one-pass formula.
-    variance: "shifted", "two_pass" or "fast" (see `bnlab.batch_moments`);
-      overrides `use_fast_variance` when set.
+    use_fast_variance: None (default): bnlab's robust shifted one-pass
+      formula. True: E[x^2] - E[x]^2, Flax's default, imprecise when
+      |mean| >> std; False: Flax's two-pass E[(x - E[x])^2]. Both are
+      computed op for op as Flax, so bit-identical to its layer, a feature
+      with no counted entry's NaN running statistics included.
+    variance: "shifted", "two_pass", "fast" or "flax_two_pass" (see
+      `bnlab.batch_moments`); overrides `use_fast_variance` when set.
     unbiased_running_var: fold m/(m-1) times the batch variance into the
       running variance (Ioffe & Szegedy 2015, Algorithm 2).
     promote_dtype: as Flax's: called with `(x, mean, var, scale, bias)` and
@@ -86,7 +89,7 @@ class BatchNorm(nnx.Module):
       scale_init: Any = initializers.ones_init(),
       axis_name: Any = None,
       axis_index_groups: Any = None,
-      use_fast_variance: bool = False,
+      use_fast_variance: bool | None = None,
       variance: str | None = None,
       unbiased_running_var: bool = False,
       promote_dtype: Any = dtypes.promote_dtype,
@@ -126,7 +129,7 @@ class BatchNorm(nnx.Module):
     self.dtype = dtype
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
-    self.variance = variance or ("fast" if use_fast_variance else "shifted")
+    self.variance = variance_method(variance, use_fast_variance)
     self.unbiased_running_var = unbiased_running_var
     self.promote_dtype = promote_dtype
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnlab.layers.functional import (Axes, BatchNormOutput, batch_moments, batch_norm,
-                                     canonicalize_axes, layer_dtypes_and_axes,
+from bnlab.layers.functional import (FLAX_VARIANCES, Axes, BatchNormOutput, batch_moments,
+                                     batch_norm, canonicalize_axes, layer_dtypes_and_axes,
                                      running_statistics, uncounted_to_nan)
 
 RUNNING_AVERAGES = ("ema", "population")
@@ -98,7 +98,8 @@ def batch_renorm(
   sigma instead of the variance, a difference of order var(sigma_B).
   `r_max` and `d_max` may be traced scalars (see `renorm_limits`); the other
   arguments are those of `batch_norm`, and a feature with no counted entry
-  gets NaN outputs and keeps its running statistics, as there.
+  gets NaN outputs and keeps its running statistics (NaN with Flax's
+  formulas), as there.
   """
   if not train:
     return batch_norm(
@@ -129,7 +130,8 @@ def batch_renorm(
   if mask is not None:
     y = uncounted_to_nan(y, m.count, reduction_axes)
   new_mean, new_var = running_statistics(
-      m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var)
+      m, mean, var, momentum=momentum, unbiased_running_var=unbiased_running_var,
+      keep_uncounted=variance not in FLAX_VARIANCES)
   return BatchNormOutput(jnp.asarray(y, dtype), new_mean, new_var)
 
 
@@ -164,8 +166,10 @@ def ghost_batch_norm(
   m/(m-1). A ghost batch with no counted entry for a feature contributes
   that feature's running statistics unchanged, and its output for the
   feature is NaN (see `batch_norm`); a feature counted in no ghost batch
-  keeps its running statistics exactly. Inference normalizes with the
-  running statistics.
+  keeps its running statistics exactly. With Flax's formulas
+  (`FLAX_VARIANCES`) such a ghost batch contributes Flax's NaN instead, so
+  the feature's running statistics become NaN. Inference normalizes with
+  the running statistics.
 
   Raises ValueError if axis 0 is a feature axis, the batch size is not a
   multiple of `ghost_size`, or `axis_name` is given (ghost statistics are per
@@ -202,7 +206,7 @@ def ghost_batch_norm(
       unbiased_running_var=unbiased_running_var, dtype=dtype, stats_dtype=stats_dtype)
   new_mean = jnp.mean(out.mean, 0).astype(mean.dtype)
   new_var = jnp.mean(out.var, 0).astype(var.dtype)
-  if mask is not None:
+  if mask is not None and variance not in FLAX_VARIANCES:
     # The mean of k equal values may round away from them (k not a power of 2).
     counted = jnp.any(mask, tuple(i for i in range(mask.ndim) if i - 1 not in feature_axes))
     new_mean = jnp.where(counted, new_mean, mean)
@@ -289,11 +293,12 @@ def population_average(
   m/(m-1) * sigma_B^2 (pass the corrected `batch_var`), kept as running
   averages, a_k = a_{k-1} + (b_k - a_{k-1}) / k: sums divided by the count,
   without a large float32 sum. The first batch replaces the initial values.
-  A batch with no counted entry (`counted` False, see `any_counted`)
-  changes nothing. `num_batches` is one count for all features: a feature
-  with no counted entry in a counted batch keeps its averages (its
-  `batch_mean` is then the running one) but the batch still counts, so
-  later batches weigh 1/k for it too.
+  A batch with no counted entry (`counted` False, see `any_counted`) is not
+  counted and changes nothing. `num_batches` is one count for all features: a feature with no
+  counted entry in a counted batch keeps its averages (its `batch_mean` is
+  then the running one) but the batch still counts, so later batches weigh
+  1/k for it too. With Flax's formulas such a feature's `batch_mean` is NaN
+  (0/0), and its averages become NaN, counted batch or not.
   """
   num_batches = jnp.asarray(num_batches)
   counted = jnp.asarray(counted)
