@@ -592,7 +592,9 @@ def test_entry_point_bad_config_path(tmp_path, module, config):
                      text=True, timeout=120)
   lines = [x for x in p.stderr.splitlines() if x.strip()]
   assert p.returncode == 2, p.stderr
-  assert len(lines) == 1 and lines[0].startswith(f"error: --config={config!r}"), p.stderr
+  start = (f"error: config file {config!r} does not exist (looked in" if config.endswith(".py")
+           else f"error: --config={config!r}")  # a missing file: where it was looked for
+  assert len(lines) == 1 and lines[0].startswith(start), p.stderr
   assert lines[0].endswith("check the path"), lines[0]
   assert not os.path.exists(tmp_path / "wd")
 
