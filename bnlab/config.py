@@ -20,6 +20,7 @@ from bnlab.engine import optim
 from bnlab.models import networks as models
 from bnlab.models import user as user_models
 from bnlab.errors import ConfigError, UnusableModelError
+from bnlab.layers.functional import VARIANCE_METHODS as VARIANCES
 from bnlab.layers.variants import RUNNING_AVERAGES
 
 # bnlab's own optimizer names; optimizer.name also takes any optax optimizer's and
@@ -28,7 +29,6 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
 LOOPS = ("auto", "scan", "loop")
 CONV_IMPLEMENTATIONS = ("auto", *conv.IMPLEMENTATIONS)
-VARIANCES = ("shifted", "two_pass", "fast")
 # Integers beyond these do not fit what they become: a seed a uint32 (a group
 # stacks its members' seeds as such), every other count a step counter (int32).
 MAX_SEED = 2**32 - 1
