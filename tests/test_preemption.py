@@ -46,6 +46,13 @@ def _last_step(path) -> int:
   return json.loads(lines[-1])["step"] if lines else -1
 
 
+def _default_signals():
+  """In the child: SIGINT and SIGHUP as a terminal's process has them. A suite started in the
+  background (`cmd &`, nohup) passes them on ignored, and bnlab leaves an ignored signal so."""
+  for signum in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_DFL)
+
+
 def signal_mid_training(args, metrics_path, signum, after_step=5, timeout=240):
   """Runs `args`, sends `signum` once `metrics_path` records step `after_step`; returns
   (exit status, stderr, the step recorded when the signal was sent). `metrics_path` may be
@@ -56,7 +63,8 @@ def signal_mid_training(args, metrics_path, signum, after_step=5, timeout=240):
     path = where()
     return -1 if path is None else _last_step(path)
   with tempfile.TemporaryFile("w+") as err:  # a pipe could fill up and stall the run
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                         preexec_fn=_default_signals)
     deadline = time.monotonic() + timeout
     try:
       while p.poll() is None and last_step() < after_step:
