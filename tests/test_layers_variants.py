@@ -562,3 +562,31 @@ def test_nnx_noisy_bn_draws_from_its_stream_and_checks_fields():
   with pytest.raises(ValueError, match="axis_name"):
     variants.ghost_batch_norm(x, None, None, jnp.zeros(3), jnp.ones(3), train=True,
                               ghost_size=8, axis_name="batch")
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: bnlab.nnx.BatchNorm(5, rngs=r),
+    lambda r: bnlab.nnx.BatchNormVariant(5, rngs=r),
+    lambda r: bnlab.nnx.BatchNormVariant(5, running_average="population", rngs=r),
+    lambda r: bnlab.nnx.BatchRenorm(5, warmup_steps=0, r_max_steps=1, d_max_steps=1, rngs=r),
+    lambda r: bnlab.nnx.GhostBatchNorm(5, ghost_size=4, rngs=r),
+], ids=["batch", "variant", "population", "renorm", "ghost"])
+def test_nnx_update_stats_false_normalizes_and_changes_no_statistic(make):
+  """NNX `update_stats=False`, as linen's: a train-mode call gives the same output as with
+  updates, and every batch statistic (running mean and variance, the population count, the
+  renorm step count) stays as it was; with True they change."""
+  x = jax.random.normal(jax.random.key(0), (8, 5)) * 2 + 1
+  kept, updated = make(nnx.Rngs(0)), make(nnx.Rngs(0))
+  for layer in (kept, updated):  # one update first, so the running statistics are not (0, 1)
+    layer(x[::-1] * 0.5, use_running_average=False)
+  kept.update_stats = False
+  kept_before = jax.tree.map(np.asarray, nnx.state(kept, nnx.BatchStat))
+  updated_before = jax.tree.map(np.asarray, nnx.state(updated, nnx.BatchStat))
+  jax.tree.map(np.testing.assert_array_equal, kept_before, updated_before)
+  y_kept = kept(x, use_running_average=False)
+  y_updated = updated(x, use_running_average=False)
+  np.testing.assert_array_equal(y_kept, y_updated)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(kept, nnx.BatchStat), kept_before)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         nnx.state(updated, nnx.BatchStat), updated_before)
+  assert any(jax.tree.leaves(changed))

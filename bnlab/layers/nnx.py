@@ -64,6 +64,11 @@ class BatchNorm(nnx.Module):
       `bnlab.batch_moments`); overrides `use_fast_variance` when set.
     unbiased_running_var: fold m/(m-1) times the batch variance into the
       running variance (Ioffe & Szegedy 2015, Algorithm 2).
+    update_stats: True (default): a train-mode call writes the new running
+      statistics. False: train-mode calls normalize with the batch statistics
+      and leave every statistic (and a variant's step count) as it was, as the
+      linen layer's `update_stats=False` (e.g. scoring with each test batch's
+      own statistics).
     promote_dtype: as Flax's: called with `(x, mean, var, scale, bias)` and
       `dtype=dtype`, returns them cast to a common dtype for the
       normalization (default `flax.nnx.nn.dtypes.promote_dtype`). The running
@@ -92,6 +97,7 @@ class BatchNorm(nnx.Module):
       use_fast_variance: bool | None = None,
       variance: str | None = None,
       unbiased_running_var: bool = False,
+      update_stats: bool = True,
       promote_dtype: Any = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -131,6 +137,7 @@ class BatchNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.variance = variance_method(variance, use_fast_variance)
     self.unbiased_running_var = unbiased_running_var
+    self.update_stats = update_stats
     self.promote_dtype = promote_dtype
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -149,7 +156,7 @@ class BatchNorm(nnx.Module):
         axis_index_groups=self.axis_index_groups,
         dtype=dtype,
     )
-    if not use_running_average:
+    if not use_running_average and self.update_stats:
       self._store(out.mean, out.var)
     return out.y
 
@@ -241,12 +248,13 @@ class BatchNormVariant(BatchNorm):
   def _forward(self, x, use_running_average, mask, **extra):
     """Normalizes (`extra` goes to `_normalize`) and updates the running statistics."""
     train = not self._mode(use_running_average) and not self.frozen
+    updating = train and self.update_stats
     x, operands, dtype = self._operands(x, train)
     population = self.running_average == "population"
     out = self._normalize(
         x, *operands,
         train=train,
-        updating=train,
+        updating=updating,
         axis=self.axis,
         momentum=0.0 if population else self.momentum,
         epsilon=self.epsilon,
@@ -258,7 +266,7 @@ class BatchNormVariant(BatchNorm):
         dtype=dtype,
         **extra,
     )
-    if train:
+    if updating:
       if population:
         stats = variants.population_average(
             self.mean[...], self.var[...], self.num_batches[...], out.mean, out.var,
