@@ -25,6 +25,7 @@ from bnlab.layers.variants import RUNNING_AVERAGES
 
 # bnlab's own optimizer names; optimizer.name also takes any optax optimizer's and
 # "package.module:function" (bnlab.engine.optim).
+BN_STATISTICS = ("model", "channel", "activation")  # model.bn.statistics
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
 LOOPS = ("auto", "scan", "loop")
@@ -201,6 +202,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn.noise_shift_max = 0.5
   c.model.bn.noise_scale_max = 1.5
   c.model.bn.num_groups = 4  # norm=group: must divide each normalized layer's features
+  # A conv map's BN statistics: "channel" (one mean and variance per feature map, over the
+  # batch and every position), "activation" (per (height, width, channel) position, as a
+  # dense layer's BN would treat the flattened map), or "model" (each model's own: the seed
+  # CNN's BN after Flatten is per activation, seed1_cnn's per channel).
+  c.model.bn.statistics = "model"
   # Your own model's settings, free-form (not checked), e.g. c.model.options.depth = 3;
   # its factory receives the whole `model` section.
   c.model.options = ml_collections.ConfigDict()
@@ -564,6 +570,7 @@ def _validate_norm_variant(c) -> None:
          "a number >= 0")
   _check(bn.noise_scale_max >= 1, "model.bn.noise_scale_max", bn.noise_scale_max,
          "a number >= 1")
+  _one_of(c, "model.bn.statistics", BN_STATISTICS)
   _check(isinstance(bn.num_groups, int) and bn.num_groups > 0, "model.bn.num_groups",
          bn.num_groups, "an integer > 0")
   if norm == "group" and not models.is_user_model(c.model.name):

@@ -256,3 +256,42 @@ def test_bn_bias_before_keeps_the_bias_and_changes_no_train_mode_loss():
     a, b = (g[f"dense_block_{i}"]["Dense_0"]["kernel"] for g in (g0, g1))
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
     assert np.abs(g1[f"dense_block_{i}"]["Dense_0"]["bias"]).max() < 1e-4 * np.abs(a).max()
+
+
+def test_bn_statistics_per_channel_or_per_activation():
+  """`model.bn.statistics`: the seed CNN's BN after Flatten is per activation (its own), or per
+  feature map ("channel": one mean and variance per channel); seed1_cnn's per channel, or per
+  (H, W, C) position ("activation"), which equals a dense BN on the flattened map."""
+  def shapes(name, statistics):
+    cfg = model_cfg(name=name, norm="batch", bn_position="before")
+    cfg.bn.statistics = statistics
+    return param_shapes(cfg)
+  _, _, own = shapes("seed_cnn", "model")
+  _, _, channel = shapes("seed_cnn", "channel")
+  assert own["batch_stats"]["conv_block_1"]["BatchNorm_0"]["mean"] == (64 * 11 * 11,)
+  assert channel["batch_stats"]["conv_block_1"]["BatchNorm_0"]["mean"] == (64,)
+  _, _, own = shapes("seed1_cnn", "model")
+  model, v, per = shapes("seed1_cnn", "activation")
+  assert own["params"]["conv_block_0"]["BatchNorm_0"]["scale"] == (32,)
+  assert per["params"]["conv_block_0"]["BatchNorm_0"]["scale"] == (26, 26, 32)
+  assert per["batch_stats"]["conv_block_1"]["BatchNorm_0"]["var"] == (24, 24, 32)
+  assert models.normalized_features(model_cfg(name="seed1_cnn")) == (32, 32)
+  cfg = model_cfg(name="seed1_cnn")
+  cfg.bn.statistics = "activation"
+  assert models.normalized_features(cfg) == (26 * 26 * 32, 24 * 24 * 32)
+  # Per activation is a dense BN over the flattened map (train mode, random statistics).
+  from bnlab import BatchNorm
+  h = jax.random.normal(jax.random.key(0), (6, 5, 4, 3)) * 3 + 1
+  conv_bn = BatchNorm(axis=(1, 2, 3))
+  dense_bn = BatchNorm()
+  vc = conv_bn.init(jax.random.key(1), h, use_running_average=False)
+  y, _ = conv_bn.apply(vc, h, use_running_average=False, mutable=["batch_stats"])
+  flat = {"params": jax.tree.map(lambda a: a.reshape(-1), vc["params"]),
+          "batch_stats": jax.tree.map(lambda a: a.reshape(-1), vc["batch_stats"])}
+  yd, _ = dense_bn.apply(flat, h.reshape(6, -1), use_running_average=False,
+                         mutable=["batch_stats"])
+  np.testing.assert_allclose(y.reshape(6, -1), yd, rtol=1e-6, atol=1e-6)
+  bad = config_lib.base_config()
+  bad.model.bn.statistics = "feature"
+  with pytest.raises(config_lib.ConfigError, match="model.bn.statistics"):
+    config_lib.validate(bad)

@@ -170,6 +170,7 @@ class Classifier(nn.Module):
   bn_noise_shift_max: float = 0.5
   bn_noise_scale_max: float = 1.5
   norm_num_groups: int = 4
+  bn_per_activation: bool = False  # a conv map's BN statistics per (H, W, C), not per C
   conv_implementation: str = "auto"
   num_classes: int = 10
   dtype: Any = None  # computation dtype (None: float32); parameters stay float32
@@ -211,7 +212,11 @@ class Classifier(nn.Module):
         layer = functools.partial(
             norm_linen.NoisyBatchNorm, noise_shift_max=self.bn_noise_shift_max,
             noise_scale_max=self.bn_noise_scale_max, **bn)
-    return lambda h, train: layer()(h, use_running_average=not train)
+    # Per activation, a conv map's every (H, W, C) position has its own statistics, as a
+    # dense layer's BN would treat the flattened map; else per channel (the last axis).
+    per = lambda h: {"axis": tuple(range(1, h.ndim))} if (  # noqa: E731
+        self.bn_per_activation and h.ndim > 2) else {}
+    return lambda h, train: layer(**per(h))(h, use_running_average=not train)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -278,6 +283,7 @@ def build_model(cfg, dtype=None) -> nn.Module:
       bn_renorm_d_max_steps=cfg.bn.renorm_d_max_steps,
       bn_noise_shift_max=cfg.bn.noise_shift_max, bn_noise_scale_max=cfg.bn.noise_scale_max,
       norm_num_groups=cfg.bn.num_groups, conv_implementation=cfg.conv_implementation,
+      bn_per_activation=cfg.bn.get("statistics", "model") == "activation",
       dtype=dtype)
   if cfg.name in ("paper_mlp", "seed1_mlp"):
     return _classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
@@ -285,7 +291,8 @@ def build_model(cfg, dtype=None) -> nn.Module:
     # Conv32 relu, MaxPool 2, Conv64 relu, Flatten, BN, Dense64 relu, Dense10.
     c1, c2, d = _expect_widths(cfg, widths, 3)
     return _classifier(conv=((c1, True, False), (c2, False, True)),
-                       dense=((d, False),), flatten_norm=True, **common)
+                       dense=((d, False),),
+                       flatten_norm=cfg.bn.get("statistics", "model") != "channel", **common)
   c1, c2 = _expect_widths(cfg, widths, 2)  # seed1_cnn: Conv32, Conv32, Dense10
   return _classifier(conv=((c1, False, True), (c2, False, True)), dense=(), **common)
 
@@ -353,8 +360,11 @@ def train_rngs(rng_data: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
 def normalized_features(cfg) -> tuple[int, ...]:
   """The feature count (last axis) of each normalized layer of the model `cfg` describes."""
   widths = tuple(cfg.widths) or DEFAULT_WIDTHS[cfg.name]
-  if cfg.name == "seed_cnn":
+  statistics = cfg.bn.get("statistics", "model")
+  if cfg.name == "seed_cnn" and statistics != "channel":
     return (widths[1] * 11 * 11,)  # BN on the flattened 11x11 maps of conv 2
+  if cfg.name == "seed1_cnn" and statistics == "activation":
+    return tuple(w * s * s for w, s in zip(widths, (26, 24)))  # every (H, W, C) position
   return widths
 
 
