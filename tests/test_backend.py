@@ -153,3 +153,25 @@ def test_a_study_sets_deterministic_mode_before_it_starts_jax(monkeypatch, tmp_p
   assert calls == [("configure", True), ("environment",)]
   stage = json.load(open(tmp_path / "stages.json"))[0]
   assert stage["environment"]["deterministic"] is backend.deterministic()
+
+
+def test_head_read_from_files_matches_git(monkeypatch, tmp_path):
+  """The commit is read without a subprocess (a loaded machine once timed git out)."""
+  def git(*args, cwd):
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  git("init", "-q", "-b", "main", cwd=repo)
+  (repo / "f").write_text("1")
+  git("add", "f", cwd=repo)
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one", cwd=repo)
+  git("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), cwd=repo)
+  cases = {"clone": repo, "worktree": tmp_path / "wt"}
+  for name, root in cases.items():
+    monkeypatch.setattr(provenance, "_REPO_ROOT", str(root))
+    assert provenance._head_from_files() == git("rev-parse", "HEAD", cwd=root), name
+  git("pack-refs", "--all", cwd=repo)   # the branch ref now lives only in packed-refs
+  monkeypatch.setattr(provenance, "_REPO_ROOT", str(repo))
+  assert not (repo / ".git/refs/heads/main").exists()
+  assert provenance._head_from_files() == git("rev-parse", "HEAD", cwd=repo)

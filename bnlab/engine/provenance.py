@@ -12,6 +12,7 @@ import functools
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 from typing import Any
 
@@ -32,10 +33,55 @@ def _version(package: str) -> str:
 def _git(*args: str) -> str | None:
   try:
     out = subprocess.run(["git", "-C", _REPO_ROOT, *args], capture_output=True, text=True,
-                         timeout=10, check=False)
+                         timeout=60, check=False)
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _read(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def _head_from_files() -> str | None:
+  """HEAD's commit read from the repository's files: no subprocess, so no timeout.
+
+  Under load (a test suite on two cores) `git rev-parse` once took longer than
+  its timeout and a report said "unknown"; the files answer at once. Handles a
+  clone (`.git/` directory), a worktree (`.git` file naming its gitdir), a
+  detached HEAD and packed refs. None where anything is unexpected (then git is
+  asked).
+  """
+  dot_git = os.path.join(_REPO_ROOT, ".git")
+  gitdir = dot_git
+  if os.path.isfile(dot_git):
+    line = _read(dot_git) or ""
+    if not line.startswith("gitdir:"):
+      return None
+    gitdir = os.path.join(_REPO_ROOT, line[len("gitdir:"):].strip())
+  head = _read(os.path.join(gitdir, "HEAD"))
+  if head is None:
+    return None
+  if not head.startswith("ref:"):
+    return head if re.fullmatch(r"[0-9a-f]{40}", head) else None
+  ref = head[len("ref:"):].strip()
+  # A worktree's branch refs live in the main repository ("commondir").
+  common = _read(os.path.join(gitdir, "commondir"))
+  roots = [gitdir] + ([os.path.join(gitdir, common)] if common else [])
+  for root in roots:
+    sha = _read(os.path.join(root, ref))
+    if sha and re.fullmatch(r"[0-9a-f]{40}", sha):
+      return sha
+    packed = _read(os.path.join(root, "packed-refs")) or ""
+    for line in packed.splitlines():
+      parts = line.split()
+      if len(parts) == 2 and parts[1] == ref and re.fullmatch(r"[0-9a-f]{40}", parts[0]):
+        return parts[0]
+  return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,7 +94,7 @@ def code_version() -> dict[str, Any]:
   # A directory in a clone, a file in a `git worktree` checkout.
   if not os.path.exists(os.path.join(_REPO_ROOT, ".git")):
     return {"commit": "unknown", "dirty": None}
-  commit = _git("rev-parse", "HEAD")
+  commit = _head_from_files() or _git("rev-parse", "HEAD")
   if commit is None:
     return {"commit": "unknown", "dirty": None}
   status = _git("status", "--porcelain", "--untracked-files=no")
