@@ -29,6 +29,17 @@ def test_drift_of():
   assert d["typical_unit"] == 1  # scores 3 (unit 0) and 2 (unit 1): the lower middle one
 
 
+def test_relative_drift_leaves_out_units_saturated_to_one_value():
+  """A diverged run's unit can hold one value at every image (spread 0): its relative
+  change is undefined, so it is left out, and the key with it where every unit is one."""
+  sat = [[[-1, 0, 1], [5, 5, 5]], [[-2, 0, 2], [5, 5, 5]], [[-2, 1, 4], [6, 6, 7]]]
+  d = sm.drift_of([0, 5, 10], sat, from_step=4)
+  assert d["median_rel_dspread"] == pytest.approx(2 / 4)   # unit 0 only
+  assert d["median_abs_dspread"] == 1.5                     # both units: |2| and |1|
+  flat = [[[u[0]] * 3 for u in p] for p in sat]
+  assert "median_rel_dspread" not in sm.drift_of([0, 5, 10], flat, from_step=4)
+
+
 def test_drift_windows_on_synthetic_activations():
   """Units whose inputs drift in a known way, percentiles taken by numpy, the drift measures
   recomputed independently with numpy from the same percentiles."""

@@ -38,6 +38,8 @@ def drift_of(steps: list[int], pct: list, from_step: int, window: int = 0) -> di
   changes run from the first evaluation at or after `from_step` to the last.
   "typical_unit": the unit whose |change of median| + |change of spread| is the
   median of all units' (the lower middle one for an even count).
+  "median_rel_dspread": |change of spread| / start spread, over the units whose start
+  spread is not 0 (absent where none is).
   "median_norm_dspread": |change of spread| over the unit's mean spread across the
   evaluations compared, so scale-free without dividing by a start that may be near 0.
   With `window` > 0, also `window_drift` of the same evaluations.
@@ -58,12 +60,17 @@ def drift_of(steps: list[int], pct: list, from_step: int, window: int = 0) -> di
          "typical_unit": order[(len(order) - 1) // 2],
          "median_abs_dmedian": med(abs(x) for x in d_med),
          "median_abs_dspread": med(abs(x) for x in d_spread),
-         "median_rel_dspread": med(abs(d) / s for d, s in zip(d_spread, spread0)),
          "median_norm_dspread": med(abs(d) / s if s > 0 else 0.0
                                     for d, s in zip(d_spread, mean_spread)),
          "median_spread_early": med(spread0), "median_spread_late": med(spread1),
          "median_abs_median_early": med(abs(u[mid]) for u in p0),
          "median_abs_median_late": med(abs(u[mid]) for u in p1)}
+  # Relative to a start spread of 0 (a unit saturated to one value, as in a diverged
+  # run) the change is undefined: such units are left out, and the key with them where
+  # every unit is one.
+  rel = [abs(d) / s for d, s in zip(d_spread, spread0) if s > 0]
+  if rel:
+    out["median_rel_dspread"] = med(rel)
   if window:
     out.update(window_drift(steps[i0:], pct[i0:], window))
   return out
