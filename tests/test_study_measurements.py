@@ -304,3 +304,35 @@ def test_measurements_follow_a_study_made_longer(idx_dir, tmp_path):
     shutil.rmtree(cache)
   # Measured afresh: the same report.
   assert test_study.run_local("paper_figure1", idx_dir, wd, "report", num_steps=40) == longer
+
+
+def test_pre_norm_bias_against_hand_values(monkeypatch, tmp_path):
+  """The biases before BN (in a block with a norm) and the largest difference to the twin
+  run's weights and running statistics, on states written by hand."""
+  import numpy as np
+  with_b = {"params": {"block_0": {"Dense_0": {"bias": np.array([0.0, -3e-7]),
+                                               "kernel": np.array([[1.0, 2.0]])},
+                                   "BatchNorm_0": {"scale": np.ones(2), "bias": np.zeros(2)}},
+                       "logits": {"bias": np.array([5.0]), "kernel": np.ones((2, 1))}},
+            "batch_stats": {"block_0": {"BatchNorm_0": {"mean": np.array([0.5, 0.25])}}}}
+  without = {"params": {"block_0": {"Dense_0": {"kernel": np.array([[1.0, 2.5]])},
+                                    "BatchNorm_0": {"scale": np.ones(2), "bias": np.zeros(2)}},
+                        "logits": {"bias": np.array([5.0]), "kernel": np.ones((2, 1))}},
+             "batch_stats": {"block_0": {"BatchNorm_0": {"mean": np.array([0.5, 0.0])}}}}
+  runs = {"opt,bias_before=true,seed=0": with_b, "opt,bias_before=false,seed=0": without}
+  for name in runs:
+    (tmp_path / name).mkdir()
+  monkeypatch.setattr(sm, "_steps_saved", lambda d: [7] if os.path.basename(d) in runs else [])
+  monkeypatch.setattr(sm, "_restore", lambda d, step: runs[os.path.basename(d)])
+  cfg = {"model": {"norm": "batch", "bn": {"bias_before": True}}}
+  spec = {"partner": ("bias_before=true", "bias_before=false")}
+  got = sm.pre_norm_bias(str(tmp_path / "opt,bias_before=true,seed=0"), cfg, spec)
+  # The logits' bias is not before a norm; the kernel differs by 0.5, the mean by 0.25.
+  assert got == {"max_abs_bias": pytest.approx(3e-7), "max_abs_param_diff": 0.5,
+                 "max_abs_stats_diff": 0.25}
+  assert sm.pre_norm_bias(str(tmp_path / "opt,bias_before=false,seed=0"),
+                          {"model": {"norm": "batch", "bn": {}}}, spec) == {}
+  (tmp_path / "lone,bias_before=true").mkdir()
+  runs["lone,bias_before=true"] = with_b
+  assert sm.pre_norm_bias(str(tmp_path / "lone,bias_before=true"), cfg, spec) == {
+      "max_abs_bias": pytest.approx(3e-7)}   # no twin: no differences

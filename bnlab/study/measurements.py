@@ -139,6 +139,55 @@ def bn_affine(run_dir: str, run_cfg: dict, spec: dict) -> dict:
           "median_abs_bias": float(np.median(np.abs(bn["bias"])))}
 
 
+@registry.register(registry.MEASUREMENTS, "pre_norm_bias")
+def pre_norm_bias(run_dir: str, run_cfg: dict, spec: dict) -> dict:
+  """How far the biases just before BN moved, and how far the run's weights differ from its
+  twin without them, at the last checkpoint ({} for a run without such biases).
+
+  A bias before BN has a zero gradient in train mode, so it moves only under weight decay
+  (or by rounding), and the other weights should follow the twin's exactly. The twin is the
+  run directory named with `spec["partner"] = (this, that)` replaced in this one's name
+  (e.g. ("bias_before=true", "bias_before=false")): "max_abs_bias" over every such bias
+  (they start at 0), "max_abs_param_diff" and "max_abs_stats_diff" over every parameter and
+  running statistic the two runs share (absent where the twin has no checkpoint).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  steps = _steps_saved(run_dir)
+  if (run_cfg["model"]["norm"] != "batch" or not run_cfg["model"]["bn"].get("bias_before")
+      or not steps):
+    return {}
+  state = _restore(run_dir, steps[-1])
+  # A block holding a norm layer: its Dense/Conv bias is the one before the norm.
+  blocks = [b for b in state["params"].values()
+            if isinstance(b, dict) and any("Norm" in k for k in b)]
+  biases = [layer["bias"] for b in blocks for k, layer in b.items()
+            if k.startswith(("Dense", "Conv")) and "bias" in layer]
+  out = {"max_abs_bias": float(max(np.max(np.abs(b)) for b in biases)) if biases else 0.0}
+  this, that = spec["partner"]
+  name = os.path.basename(os.path.normpath(run_dir))
+  twin = os.path.join(os.path.dirname(os.path.normpath(run_dir)), name.replace(this, that))
+  if twin != run_dir and steps[-1] in _steps_saved(twin):
+    other = _restore(twin, steps[-1])
+    def max_diff(a, b):
+      flat_a, flat_b = _flatten(a), _flatten(b)
+      return float(max(np.max(np.abs(np.asarray(flat_a[k], np.float64) - flat_b[k]))
+                       for k in flat_a if k in flat_b))
+    out["max_abs_param_diff"] = max_diff(state["params"], other["params"])
+    out["max_abs_stats_diff"] = max_diff(state.get("batch_stats", {}),
+                                         other.get("batch_stats", {}))
+  return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def summarize_checkpoints(rows: list[dict], mid: int) -> dict:
   """Medians over the checkpoints after initialisation (step > 0) of `ics_smoothness` rows.
 

@@ -18,9 +18,13 @@ Primary: same_final_sgd, same_final_momentum, same_final_decay (3 equivalence te
 Expected (written before any run): all three supported. With SGD and momentum the bias
         never moves (its gradient is 0 up to rounding); with weight decay it shrinks toward
         0, which train mode cannot see and the running mean follows with a lag.
+Amended (after the runs, no claim changed): the pre_norm_bias measurement, the largest
+        |bias before BN| at the end and the largest difference of any weight or running
+        statistic from the twin run without the bias (same seed), as a table.
 """
 
 from bnlab import study
+from bnlab.study import measurements as study_measurements  # noqa: F401  (registers pre_norm_bias)
 from bnlab import sweep
 
 MARGIN = 0.002  # 0.2 points of test accuracy: "the same" for these claims
@@ -52,8 +56,15 @@ def get_config(arg=None):
   s.metrics = {"final_acc": ("summary", "test_accuracy"),
                "diverged": ("diverged",),
                "test_acc_curve": ("series", "test_accuracy")}
+  s.measurements = {"bias": {"kind": "pre_norm_bias",
+                             "partner": ("bias_before=true", "bias_before=false")}}
+  s.metrics.update({k: ("measured", "bias", k)
+                    for k in ("max_abs_bias", "max_abs_param_diff", "max_abs_stats_diff")})
   s.tables = {"final": {"metrics": ("final_acc", "diverged"), "by": ("optimizer",),
-                        "across": "model.bn.bias_before"}}
+                        "across": "model.bn.bias_before"},
+              "weights": {"metrics": ("max_abs_bias", "max_abs_param_diff",
+                                      "max_abs_stats_diff"), "by": ("optimizer",),
+                          "across": "model.bn.bias_before"}}
   s.figures = {"curves": {"kind": "curves", "metric": "test_acc_curve",
                           "hue": ("model.bn.bias_before",), "panels": ("optimizer",)}}
   same = {"rule": "equivalent", "margin": MARGIN, "fails": "diverged"}
