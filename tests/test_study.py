@@ -77,6 +77,9 @@ def test_cell_statistics():
   assert study.binomial_se(0.98, 10_000) == pytest.approx(0.0014)
   assert report_lib._fmt(study.describe_values([4000, 4500, None])).endswith(
       "[4,000..4,500] (2/3)")
+  # Values that would all print as 0.0000 keep their size; zeros and larger ones do not.
+  assert report_lib._fmt(study.describe_values([1e-7, 3e-7])).startswith("2.00e-07 ±")
+  assert report_lib._fmt(study.describe_values([0.0, 0.0])) == "0.0000 ±0.0000 [0.0000..0.0000]"
 
 
 # -- claim rules -----------------------------------------------------------------------

@@ -30,6 +30,10 @@ def _fmt(st: dict) -> str:
   if not st["n"]:
     return f"- (0/{st['of']})"
   f = ",.0f" if st.get("integer") else ".4f"
+  # Values under 0.001 (e.g. rounding-level weight differences) keep their size.
+  big = max(abs(st[k]) for k in ("mean", "min", "max") if st.get(k) is not None)
+  if not st.get("integer") and 0 < big < 1e-3:
+    f = ".2e"
   text = f"{st['mean']:{f}}"
   if st["ci"] is not None:
     text += f" ±{st['ci']:{f}} [{st['min']:{f}}..{st['max']:{f}}]"
