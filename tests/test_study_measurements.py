@@ -121,6 +121,18 @@ def test_first_step_at_most():
   assert study.first_step_at_most(run, "loss", 0.05) is None
 
 
+def test_value_when_at_most():
+  """Test accuracy at the first evaluation whose training loss reached the threshold."""
+  run = study.Run(name="r", path="", key={}, cfg={}, summary={},
+                  records=[{"step": 0, "loss": 2.0, "acc": 0.1}, {"step": 5, "loss": 0.09},
+                           {"step": 10, "loss": 0.08, "acc": 0.9},
+                           {"step": 15, "loss": 0.01, "acc": 0.95}])
+  # Step 5 reached it but has no accuracy: the first record with both counts.
+  assert study.value_when_at_most(run, "acc", "loss", 0.1) == 0.9
+  assert study.value_when_at_most(run, "acc", "loss", 0.05) == 0.95
+  assert study.value_when_at_most(run, "acc", "loss", 0.001) is None
+
+
 def test_summarize_checkpoints():
   rows = [{"step": s, "ics_l2": [0, a, 2 * a], "ics_cos": [1, 1 - a, 1], "ics_rel": [0, a, a],
            "grad_change": [9, g, 9], "grad_norm": 2.0, "beta_max": a, "loss_range": g}

@@ -64,7 +64,8 @@ from bnlab.study import measurements  # noqa: F401  (registers its measurements 
 from bnlab.study import train_gap  # noqa: F401  (registers the train_gap measurement)
 from bnlab.study.metrics import (
     Run, diverged, diverged_at, epoch_means, evaluate_metrics, first_step_at_least,
-    first_step_at_most, last, max_, mean_over_last_epoch, percentile_drift, series, summary_value)
+    first_step_at_most, last, max_, mean_over_last_epoch, percentile_drift, series, summary_value,
+    value_when_at_most)
 from bnlab.study.registry import FIGURES, MEASUREMENTS, METRICS, RULE_CHECKS, RULES, register
 from bnlab.study.report import STATISTICS, statistics_of
 from bnlab.study.rules import (
@@ -82,6 +83,7 @@ __all__ = [
     "MEASUREMENTS", "metric_order", "METRICS", "paired_interval", "parse_arg", "parse_formats",
     "percentile_drift", "percentiles", "reaches_sooner", "register", "RULE_CHECKS", "RULES", "Run", "run",
     "run_stage", "run_study", "same_verdict", "separated", "series", "show", "STATISTICS",
-    "statistics_of", "Study", "study_fix", "Style", "summary_value", "validate", "VERDICTS",
+    "statistics_of", "Study", "study_fix", "Style", "summary_value", "validate",
+    "value_when_at_most", "VERDICTS",
     "wins_above_best",
 ]

@@ -75,6 +75,19 @@ def first_step_at_most(run: Run, key: str, threshold: float):
                if r.get(key) is not None and r[key] <= threshold), None)
 
 
+@registry.register(registry.METRICS, "value_when_at_most")
+def value_when_at_most(run: Run, key: str, when: str, threshold: float):
+  """`key` at the first evaluation whose `when` is <= threshold, or None if it never is.
+
+  Compares runs at matched progress instead of matched steps: e.g. test accuracy when the
+  training loss first reaches 0.1, so a model that only trains faster does not look as if
+  it generalized better.
+  """
+  return next((_finite(r[key]) for r in run.records
+               if r.get(when) is not None and r[when] <= threshold and r.get(key) is not None),
+              None)
+
+
 @registry.register(registry.METRICS, "series")
 def series(run: Run, key: str, x: str = "step"):
   """[[x, value], ...] of every record with `key`."""
