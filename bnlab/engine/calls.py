@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from bnlab.data import normalize
 from bnlab.engine import distributed
 from bnlab.engine import evaluation
 from bnlab.engine import members as members_lib
@@ -23,13 +24,15 @@ from bnlab.engine import steps as steps_lib
 from bnlab.engine.state import take
 
 run_steps = jax.jit(steps_lib.scan_steps,
-                    static_argnames=("length", "batch_size", "unroll", "batch_sharding"))
-run_one_step = jax.jit(steps_lib.one_step, static_argnames=("batch_size", "batch_sharding"))
+                    static_argnames=("length", "batch_size", "unroll", "batch_sharding",
+                                     "augment"))
+run_one_step = jax.jit(steps_lib.one_step,
+                       static_argnames=("batch_size", "batch_sharding", "augment"))
 run_permutation = jax.jit(steps_lib.permutation, static_argnames=("num_examples",))
 group_permutations = jax.jit(members_lib.permutations, static_argnames=("num_examples",))
 run_steps_group = jax.jit(members_lib.scan_steps,
-                          static_argnames=("length", "batch_size", "unroll"))
-run_one_step_group = jax.jit(members_lib.one_step, static_argnames=("batch_size",))
+                          static_argnames=("length", "batch_size", "unroll", "augment"))
+run_one_step_group = jax.jit(members_lib.one_step, static_argnames=("batch_size", "augment"))
 
 
 def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
@@ -45,7 +48,8 @@ def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
 
 
 class DeviceData(NamedTuple):
-  """The dataset on the device(s), labels as int32."""
+  """The dataset on the device(s) as the model takes it (`Dataset.normalization`
+  applied on the host), labels as int32."""
 
   train_images: jax.Array
   train_labels: jax.Array
@@ -56,8 +60,11 @@ class DeviceData(NamedTuple):
   def place(cls, ds, mesh=None) -> DeviceData:
     """`ds` on the device, or replicated over `mesh` (on every process's devices)."""
     place = functools.partial(distributed.replicate, mesh=mesh)
-    return cls(place(ds.train_images), place(ds.train_labels.astype(np.int32)),
-               place(ds.test_images), place(ds.test_labels.astype(np.int32)))
+    stats = ds.normalization
+    table = None if stats is None else normalize.lookup_table(stats)
+    inputs = functools.partial(normalize.standardize, stats=stats, table=table)
+    return cls(place(inputs(ds.train_images)), place(ds.train_labels.astype(np.int32)),
+               place(inputs(ds.test_images)), place(ds.test_labels.astype(np.int32)))
 
 
 def _cache_size(fn) -> int:
@@ -69,12 +76,14 @@ def _cache_size(fn) -> int:
 class StepCalls:
   """The compiled calls of a run: one state, or a stack of members (`stacked`)."""
 
-  def __init__(self, cfg, eval_model, num_train: int, stacked: bool, mesh=None):
+  def __init__(self, cfg, eval_model, num_train: int, stacked: bool, mesh=None,
+               num_classes: int = 10):
     self.batch_sharding = (None if mesh is None else
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
     self.loop = steps_lib.resolve_loop(cfg.train.loop, cfg.model)
     self.batch_size = cfg.train.batch_size
     self.unroll = cfg.train.unroll
+    self.augment = cfg.data.augment
     self.eval_model, self.eval_apply = eval_model, eval_model.apply
     self.num_train = num_train
     self.stacked = stacked
@@ -85,7 +94,7 @@ class StepCalls:
     if "population" in self.eval_statistics:
       self.population_model = models.build_model(
           evaluation.population_model_config(cfg.model),
-          dtype=models.compute_dtype(cfg.train.half_precision))
+          dtype=models.compute_dtype(cfg.train.half_precision), num_classes=num_classes)
       self.population_apply = self.population_model.apply
 
   def permutation(self, state, epoch: int):
@@ -102,6 +111,8 @@ class StepCalls:
     checkpoints.
     """
     sharded = {} if self.batch_sharding is None else {"batch_sharding": self.batch_sharding}
+    if self.augment != "none":  # else the call (and its compile cache key) is unchanged
+      sharded["augment"] = self.augment
     if self.loop == "scan":
       fn = run_steps_group if self.stacked else run_steps
       compiled, start = _cache_size(fn), time.perf_counter()
