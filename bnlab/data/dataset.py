@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -49,13 +49,20 @@ class Dataset:
   name: str = MNIST
   num_classes: int = NUM_CLASSES
   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+  # The training split streamed through grain (`grain_source.StreamedSplit`), its
+  # train_images and train_labels then empty; None: every array is here.
+  stream: Any = None
+
+  @property
+  def num_train(self) -> int:
+    return len(self.stream) if self.stream is not None else len(self.train_labels)
 
   def arrays(self) -> dict[str, np.ndarray]:
     return {name: getattr(self, name) for name in ARRAY_NAMES}
 
   def input_spec(self) -> InputSpec:
     """One example of what the model is applied to."""
-    return InputSpec(tuple(self.train_images.shape[1:]),
+    return InputSpec(tuple(self.test_images.shape[1:]),
                      "uint8" if self.normalization is None else "float32")
 
 

@@ -29,6 +29,8 @@ run_steps = jax.jit(steps_lib.scan_steps,
 run_one_step = jax.jit(steps_lib.one_step,
                        static_argnames=("batch_size", "batch_sharding", "augment"))
 run_permutation = jax.jit(steps_lib.permutation, static_argnames=("num_examples",))
+run_streamed_steps = jax.jit(steps_lib.scan_batches, static_argnames=("unroll", "augment"))
+run_streamed_step = jax.jit(steps_lib.train_step, static_argnames=("augment",))
 group_permutations = jax.jit(members_lib.permutations, static_argnames=("num_examples",))
 run_steps_group = jax.jit(members_lib.scan_steps,
                           static_argnames=("length", "batch_size", "unroll", "augment"))
@@ -133,6 +135,60 @@ class StepCalls:
         timed, start = length - i - 1, time.perf_counter()
     jax.block_until_ready((state, sums))
     return state, sums, timed, time.perf_counter() - start
+
+  def train_streamed(self, state, sums, stream, perm, step: int, length: int):
+    """`train` for a training split streamed through grain (`grain_source.StreamedSplit`):
+    the batches of steps `step`.. `step + length - 1`, read in `perm`'s order (the host
+    copy of `permutation`), as the device-resident path gathers them.
+
+    The scan form runs each call's steps as scans over stacked batches, at most
+    `stream.chunk_steps` at a time so a call's batches need not fit the device at once;
+    each chunk is dispatched before the next is read, so reading overlaps training.
+    """
+    spe = self.num_train // self.batch_size
+    epoch, start = step // spe, step % spe
+    batches = stream.batches(perm, epoch, start, length, self.batch_size)
+    augment = {} if self.augment == "none" else {"augment": self.augment}
+    timed, begin = 0, time.perf_counter()
+    if self.loop == "scan":
+      chunk, done = stream.chunk_steps(self.batch_size), 0
+      fn = run_streamed_steps
+      while done < length:
+        n = min(chunk, length - done)
+        xs, ys = zip(*(next(batches) for _ in range(n)))
+        compiled = _cache_size(fn)
+        state, sums = fn(state, sums, np.stack(xs), np.stack(ys), unroll=self.unroll, **augment)
+        if _cache_size(fn) != compiled:  # time what follows the compile
+          jax.block_until_ready((state, sums))
+          timed, begin = -(done + n), time.perf_counter()
+        done += n
+      timed += length
+    else:
+      fn = run_streamed_step
+      timed = length
+      for i, (x, y) in enumerate(batches):
+        compiled = _cache_size(fn)
+        state, sums = fn(state, sums, x, y, **augment)
+        if _cache_size(fn) != compiled:
+          jax.block_until_ready((state, sums))
+          timed, begin = length - i - 1, time.perf_counter()
+    jax.block_until_ready((state, sums))
+    return state, sums, timed, time.perf_counter() - begin
+
+  def evaluate_streamed(self, state, stream, batch_size: int):
+    """`evaluate` (no per-image results) of the streamed training split, read in stored
+    order in chunks of `batch_size`; the chunks' sums are added in float64 on the host,
+    so it can differ from the device-resident evaluation in the last float32 bits."""
+    apply, _, params = self.eval_inputs(state)
+    loss = correct = 0.0
+    for images, labels in stream.in_order(batch_size):
+      out = jax.device_get(evaluation.evaluate(
+          apply, params, state.batch_stats, images, labels, batch_size=len(labels),
+          per_image=False))
+      loss += float(out["loss"]) * len(labels)
+      correct += round(float(out["accuracy"]) * len(labels))
+    n = len(stream)
+    return {"loss": np.float32(loss / n), "accuracy": np.float32(correct / n)}
 
   def learning_rates(self, state):
     """The learning rate of the last step, per member (or of the one state), on the device."""

@@ -123,6 +123,17 @@ def scan_steps(state, sums, images, labels, perm, *, length: int, batch_size: in
   return replicated(state, batch_sharding), replicated(sums, batch_sharding)
 
 
+def scan_batches(state, sums, images, labels, *, unroll: int = 1, augment: str = "none"):
+  """Consecutive train steps, one per batch of `images` (steps, batch, ...) and `labels`
+  (steps, batch): batches streamed from the host (`bnlab.data.grain_source`)."""
+
+  def body(carry, batch):
+    return train_step(*carry, *batch, augment), None
+
+  (state, sums), _ = jax.lax.scan(body, (state, sums), (images, labels), unroll=unroll)
+  return state, sums
+
+
 def one_step(state, sums, images, labels, perm, *, batch_size: int, batch_sharding=None,
              augment: str = "none"):
   """A single train step, gathering its batch on the device."""

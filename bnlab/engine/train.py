@@ -29,6 +29,7 @@ from bnlab.models import conv as conv_lib
 from bnlab import data as data_lib
 from bnlab.engine import distributed
 from bnlab.engine import loop as loop_lib
+from bnlab.engine import members as members_lib
 from bnlab.models import networks as models
 from bnlab.models import user as user_models
 from bnlab.engine import optim
@@ -208,7 +209,15 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   identity = data_identity(ds)
   for wd in {id(w): w for w in [ckpt_wd] + [m.wd for m in members if m.recording]}.values():
     wd.check_data(identity)  # a resume only on the data the run was trained on
-  num_train = len(ds.train_labels)
+  num_train = ds.num_train
+  if ds.stream is not None and (stacked or cfg.train.num_devices != 1
+                                or distributed.process_count() > 1
+                                or "population" in tuple(cfg.train.eval_statistics)):
+    raise config_lib.ConfigError(
+        f"config.data.pipeline={cfg.data.pipeline!r} streams {cfg.data.name}'s training split "
+        "through grain, which feeds one run on one device: train it alone (no sweep groups) "
+        "with train.num_devices=1 and without train.eval_statistics 'population', or use a "
+        "device that holds the data (data.pipeline='device')")
   plan = make_schedule_plan(cfg, num_train)
   config_lib.check_profile_steps(cfg.train, plan.total_steps)  # epochs: known only now
   dtype = models.compute_dtype(cfg.train.half_precision)
@@ -238,7 +247,8 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
     # (on every process's devices); a checkpoint is restored into that placement.
     place = functools.partial(distributed.replicate, mesh=mesh)
     run = loop_lib.Loop(members, ckpt_wd, plan, calls, calls_lib.DeviceData.place(ds, mesh),
-                        place(zero_sums), functools.partial(_write_summary, info), split)
+                        place(zero_sums), functools.partial(_write_summary, info), split,
+                        stream=ds.stream)
     run.run(place(state))
 
 
@@ -263,9 +273,12 @@ def _out_of_memory_named(cfg, group_size: int | None):
 
 def data_identity(ds: data_lib.Dataset) -> dict[str, Any]:
   """What names a dataset for a run's resume check: source, sizes, sha256 of its arrays."""
-  return {"source": ds.source, "num_train": len(ds.train_labels),
-          "num_test": len(ds.test_labels),
-          "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
+  identity = {"source": ds.source, "num_train": ds.num_train,
+              "num_test": len(ds.test_labels),
+              "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
+  if ds.stream is not None:  # its info and examples taken: hashing it would read it all
+    identity["stream"] = ds.stream.identity()
+  return identity
 
 
 def _sown_units(model, batch_size: int, inputs) -> dict[str, int]:
@@ -324,6 +337,7 @@ def _data_info(cfg, ds) -> dict[str, Any]:
   standardized (the training split's per-channel statistics) and augmented."""
   inputs = ds.input_spec()
   info = {"data_name": ds.name, "data_input": [list(inputs.shape), inputs.dtype],
+          "data_pipeline": "device" if ds.stream is None else "grain",
           "data_num_classes": ds.num_classes, "data_augment": cfg.data.augment}
   if ds.normalization is not None:
     mean, std = ds.normalization
@@ -402,11 +416,16 @@ def load_data(cfg) -> data_lib.Dataset:
   """The dataset of `cfg.data` (`bnlab.data.load`: MNIST, or a TFDS dataset by name), cut
   to `num_train` (the first, or a seeded sample: `subset_seed`) and `num_test` when set."""
   d = cfg.data
-  ds = data_lib.load(d)
+  if data_lib.streams(d, members_lib.memory_budget()):
+    ds = data_lib.load_streamed(d)
+    logging.info("Data: the %d training examples of %s stream through grain "
+                 "(data.pipeline=%s).", ds.num_train, d.name, d.pipeline)
+  else:
+    ds = data_lib.load(d)
   if d.num_train or d.num_test:
-    n_train = d.num_train or len(ds.train_labels)
+    n_train = d.num_train or ds.num_train
     n_test = d.num_test or len(ds.test_labels)
-    for key, n, have in (("data.num_train", n_train, len(ds.train_labels)),
+    for key, n, have in (("data.num_train", n_train, ds.num_train),
                          ("data.num_test", n_test, len(ds.test_labels))):
       if n > have:
         raise config_lib.ConfigError(
@@ -415,13 +434,14 @@ def load_data(cfg) -> data_lib.Dataset:
     # The first n_train, or a fixed sample of them drawn with data.subset_seed (kept in the
     # data's order; each epoch shuffles it anyway).
     take = (slice(n_train) if d.subset_seed < 0 or not d.num_train else np.sort(
-        np.random.default_rng(d.subset_seed).permutation(len(ds.train_labels))[:n_train]))
+        np.random.default_rng(d.subset_seed).permutation(ds.num_train)[:n_train]))
+    train = ({"stream": ds.stream.subset(take)} if ds.stream is not None else
+             {"train_images": ds.train_images[take], "train_labels": ds.train_labels[take]})
     ds = dataclasses.replace(
-        ds, verified=False,
-        train_images=ds.train_images[take], train_labels=ds.train_labels[take],
+        ds, verified=False, **train,
         test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
-  if cfg.train.batch_size > len(ds.train_labels):
+  if cfg.train.batch_size > ds.num_train:
     raise config_lib.ConfigError(
         f"config.train.batch_size={cfg.train.batch_size} is larger than the "
-        f"{len(ds.train_labels)} training examples; lower it or raise data.num_train")
+        f"{ds.num_train} training examples; lower it or raise data.num_train")
   return ds
