@@ -230,8 +230,8 @@ class Classifier(nn.Module):
     xhat = self.bn_epsilon if self.norm in BATCH_STAT_NORMS else None
     index = 0
     if self.conv:
-      if x.ndim == 3:  # (B, H, W): one channel
-        x = x[..., None]
+      if x.ndim == 3:  # (B, H, W): one channel (a reshape, as MNIST's always was)
+        x = x.reshape(*x.shape, 1)
       for i, (channels, pool, has_bn) in enumerate(self.conv):
         last = i == len(self.conv) - 1
         flat = last and self.flatten_norm
