@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 
+import jax
 import ml_collections
 
 from bnlab.models import conv
@@ -157,8 +158,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"  # one of bnlab.data.SOURCES
-  c.data.dir = ""  # directory of IDX files (source=idx) or TFDS data_dir
+  # "mnist" (read from data.source), or any TFDS image-classification dataset prepared in
+  # array_record format in data.dir (e.g. "cifar10", "cifar100", "fashion_mnist").
+  c.data.name = "mnist"
+  c.data.source = "embedded"  # MNIST's source: one of bnlab.data.SOURCES
+  # Directory of IDX files (source=idx) or the TFDS data dir (source=tfds; a TFDS
+  # data.name's, where "" is TFDS' default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+  c.data.dir = ""
+  # The model's input: "per_channel" standardizes each channel with the training split's
+  # mean and std (float32 (x/255 - mean) / std); "none" gives the uint8 pixels; "auto":
+  # none for MNIST (as always), per_channel for a TFDS data.name.
+  c.data.normalize = "auto"
+  # Training batches only, on the device, keyed by the run's seed and the step:
+  # "none", "crop_flip" (random crop of the image padded by 4 with zeros, and a
+  # horizontal flip with probability 1/2), "crop" or "flip" (bnlab.data.augment).
+  c.data.augment = "none"
+  # Where the training examples live: "device" (all on the device), "grain" (streamed
+  # from the TFDS files in batches), "auto" (device when they fit its memory).
+  c.data.pipeline = "auto"
   c.data.cache_dir = ""  # "" -> $BNLAB_CACHE_DIR or ~/.cache/bnlab
   c.data.num_train = 0  # 0 -> all; else N training examples: the first N, or see subset_seed
   # -1: data.num_train takes the first N; >= 0: a fixed sample of N drawn with this seed
@@ -341,15 +358,44 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def _validate_seed_and_data(c) -> None:
   _check(isinstance(c.seed, int) and 0 <= c.seed <= MAX_SEED, "seed", c.seed,
          f"an integer in [0, {MAX_SEED}] (2**32 - 1)")
+  _check(isinstance(c.data.name, str) and bool(c.data.name), "data.name", c.data.name,
+         "'mnist' or the name of a TFDS image-classification dataset, e.g. 'cifar10'")
   _one_of(c, "data.source", data_lib.SOURCES)
   _check(c.data.source != "idx" or bool(c.data.dir), "data.dir", c.data.dir,
          "a directory of MNIST IDX files when data.source=idx")
+  _check(c.data.name == data_lib.MNIST or c.data.source in ("embedded", "tfds", "auto"),
+         "data.source", c.data.source,
+         f"its default with data.name={c.data.name!r} (data.source picks MNIST's source; "
+         "another data.name is always read from TFDS)")
+  _one_of(c, "data.normalize", data_lib.NORMALIZE)
+  _one_of(c, "data.augment", data_lib.augment.AUGMENTS)
+  _one_of(c, "data.pipeline", data_lib.PIPELINES)
   for key in ("data.num_train", "data.num_test"):
     v = c.data[key.split(".")[1]]
     _check(isinstance(v, int) and v >= 0, key, v, "an integer >= 0 (0 = all)")
   _check(isinstance(c.data.subset_seed, int) and -1 <= c.data.subset_seed <= MAX_SEED,
          "data.subset_seed", c.data.subset_seed,
          f"-1 (data.num_train takes the first examples) or a seed in [0, {MAX_SEED}]")
+  _check(c.data.name != data_lib.MNIST or c.data.pipeline != "grain", "data.pipeline",
+         c.data.pipeline, "'device' or 'auto' with data.name='mnist' (grain streams a TFDS "
+         "data.name from its files; MNIST fits on any device)")
+  if c.data.pipeline == "grain":
+    _check("population" not in tuple(c.train.eval_statistics), "data.pipeline",
+           c.data.pipeline, "'device' with train.eval_statistics 'population' (it recomputes "
+           "BN's statistics over device-resident training images)")
+    _check(c.train.num_devices == 1 and not c.distributed.coordinator_address,
+           "data.pipeline", c.data.pipeline, "'device' with several devices or processes "
+           "(streaming feeds one device)")
+  spec = data_lib.spec_of(c.data)  # DataError: unknown, unprepared or not images
+  hw = spec.image_shape[:2]
+  need = data_lib.augment.min_image_size(c.data.augment)
+  _check(c.data.augment == "none" or min(hw) >= need, "data.augment", c.data.augment,
+         f"'none' for the {hw[0]}x{hw[1]} images of {spec.name}; it needs at least "
+         f"{need}x{need}")
+  for key, n, have in (("data.num_train", c.data.num_train, spec.num_train),
+                       ("data.num_test", c.data.num_test, spec.num_test)):
+    _check(spec.name == data_lib.MNIST or n <= have, key, n,
+           f"at most the {have} examples of {spec.name} (0 = all)")
 
 
 def _validate_model(c) -> None:
@@ -535,7 +581,11 @@ def check_model_runs(c, num_train: int | None = None, num_test: int | None = Non
   once the data is loaded, before that data.num_test / data.num_train where set.
   """
   name = c.model.name
+  spec = data_lib.spec_of(c.data)
+  inputs = spec.input_spec(data_lib.normalized(c.data))
   if not models.is_user_model(name):
+    if spec.name != data_lib.MNIST:
+      _check_builtin_takes(c, inputs, spec)
     return
   module = models.build_model(c.model, dtype=models.compute_dtype(c.train.half_precision))
   e = c.train.eval_batch_size
@@ -544,9 +594,24 @@ def check_model_runs(c, num_train: int | None = None, num_test: int | None = Non
     counts.append(num_train or c.data.num_train)
   problem = user_models.run_problem(module, c.train.batch_size,
                                     [min(e, n) if n else e for n in counts],
-                                    "batch" in tuple(c.train.eval_statistics))
+                                    "batch" in tuple(c.train.eval_statistics), inputs,
+                                    spec.num_classes)
   if problem:
     raise UnusableModelError(f"config.model.name={name!r} is unusable: {problem}")
+
+
+def _check_builtin_takes(c, inputs, spec) -> None:
+  """A built-in network traced (nothing computed) on the images of `spec`: one line
+  instead of a shape error from inside the compiled step (e.g. images too small)."""
+  model = models.build_model(c.model, num_classes=spec.num_classes)
+  x = jax.ShapeDtypeStruct(*inputs.batch(2))
+  try:
+    jax.eval_shape(lambda x: model.init(models.init_rngs(jax.random.key(0)), x, train=False), x)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f"config.model.name={c.model.name!r} cannot take the "
+        f"{'x'.join(map(str, spec.image_shape))} images of data.name={spec.name!r} ({user_models.reason(e)}); choose a model for "
+        "images of that size") from None
 
 
 def _validate_norm_variant(c) -> None:
@@ -574,7 +639,7 @@ def _validate_norm_variant(c) -> None:
   _check(isinstance(bn.num_groups, int) and bn.num_groups > 0, "model.bn.num_groups",
          bn.num_groups, "an integer > 0")
   if norm == "group" and not models.is_user_model(c.model.name):
-    features = models.normalized_features(c.model)
+    features = models.normalized_features(c.model, data_lib.spec_of(c.data).image_shape[:2])
     _check(all(f % bn.num_groups == 0 for f in features), "model.bn.num_groups",
            bn.num_groups, f"a divisor of every normalized layer's features {features}")
 

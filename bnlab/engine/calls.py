@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from bnlab.data import normalize
 from bnlab.engine import distributed
 from bnlab.engine import evaluation
 from bnlab.engine import members as members_lib
@@ -23,13 +24,17 @@ from bnlab.engine import steps as steps_lib
 from bnlab.engine.state import take
 
 run_steps = jax.jit(steps_lib.scan_steps,
-                    static_argnames=("length", "batch_size", "unroll", "batch_sharding"))
-run_one_step = jax.jit(steps_lib.one_step, static_argnames=("batch_size", "batch_sharding"))
+                    static_argnames=("length", "batch_size", "unroll", "batch_sharding",
+                                     "augment"))
+run_one_step = jax.jit(steps_lib.one_step,
+                       static_argnames=("batch_size", "batch_sharding", "augment"))
 run_permutation = jax.jit(steps_lib.permutation, static_argnames=("num_examples",))
+run_streamed_steps = jax.jit(steps_lib.scan_batches, static_argnames=("unroll", "augment"))
+run_streamed_step = jax.jit(steps_lib.train_step, static_argnames=("augment",))
 group_permutations = jax.jit(members_lib.permutations, static_argnames=("num_examples",))
 run_steps_group = jax.jit(members_lib.scan_steps,
-                          static_argnames=("length", "batch_size", "unroll"))
-run_one_step_group = jax.jit(members_lib.one_step, static_argnames=("batch_size",))
+                          static_argnames=("length", "batch_size", "unroll", "augment"))
+run_one_step_group = jax.jit(members_lib.one_step, static_argnames=("batch_size", "augment"))
 
 
 def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
@@ -45,7 +50,8 @@ def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
 
 
 class DeviceData(NamedTuple):
-  """The dataset on the device(s), labels as int32."""
+  """The dataset on the device(s) as the model takes it (`Dataset.normalization`
+  applied on the host), labels as int32."""
 
   train_images: jax.Array
   train_labels: jax.Array
@@ -56,8 +62,11 @@ class DeviceData(NamedTuple):
   def place(cls, ds, mesh=None) -> DeviceData:
     """`ds` on the device, or replicated over `mesh` (on every process's devices)."""
     place = functools.partial(distributed.replicate, mesh=mesh)
-    return cls(place(ds.train_images), place(ds.train_labels.astype(np.int32)),
-               place(ds.test_images), place(ds.test_labels.astype(np.int32)))
+    stats = ds.normalization
+    table = None if stats is None else normalize.lookup_table(stats)
+    inputs = functools.partial(normalize.standardize, stats=stats, table=table)
+    return cls(place(inputs(ds.train_images)), place(ds.train_labels.astype(np.int32)),
+               place(inputs(ds.test_images)), place(ds.test_labels.astype(np.int32)))
 
 
 def _cache_size(fn) -> int:
@@ -69,12 +78,14 @@ def _cache_size(fn) -> int:
 class StepCalls:
   """The compiled calls of a run: one state, or a stack of members (`stacked`)."""
 
-  def __init__(self, cfg, eval_model, num_train: int, stacked: bool, mesh=None):
+  def __init__(self, cfg, eval_model, num_train: int, stacked: bool, mesh=None,
+               num_classes: int = 10):
     self.batch_sharding = (None if mesh is None else
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
     self.loop = steps_lib.resolve_loop(cfg.train.loop, cfg.model)
     self.batch_size = cfg.train.batch_size
     self.unroll = cfg.train.unroll
+    self.augment = cfg.data.augment
     self.eval_model, self.eval_apply = eval_model, eval_model.apply
     self.num_train = num_train
     self.stacked = stacked
@@ -85,7 +96,7 @@ class StepCalls:
     if "population" in self.eval_statistics:
       self.population_model = models.build_model(
           evaluation.population_model_config(cfg.model),
-          dtype=models.compute_dtype(cfg.train.half_precision))
+          dtype=models.compute_dtype(cfg.train.half_precision), num_classes=num_classes)
       self.population_apply = self.population_model.apply
 
   def permutation(self, state, epoch: int):
@@ -102,6 +113,8 @@ class StepCalls:
     checkpoints.
     """
     sharded = {} if self.batch_sharding is None else {"batch_sharding": self.batch_sharding}
+    if self.augment != "none":  # else the call (and its compile cache key) is unchanged
+      sharded["augment"] = self.augment
     if self.loop == "scan":
       fn = run_steps_group if self.stacked else run_steps
       compiled, start = _cache_size(fn), time.perf_counter()
@@ -122,6 +135,60 @@ class StepCalls:
         timed, start = length - i - 1, time.perf_counter()
     jax.block_until_ready((state, sums))
     return state, sums, timed, time.perf_counter() - start
+
+  def train_streamed(self, state, sums, stream, perm, step: int, length: int):
+    """`train` for a training split streamed through grain (`grain_source.StreamedSplit`):
+    the batches of steps `step`.. `step + length - 1`, read in `perm`'s order (the host
+    copy of `permutation`), as the device-resident path gathers them.
+
+    The scan form runs each call's steps as scans over stacked batches, at most
+    `stream.chunk_steps` at a time so a call's batches need not fit the device at once;
+    each chunk is dispatched before the next is read, so reading overlaps training.
+    """
+    spe = self.num_train // self.batch_size
+    epoch, start = step // spe, step % spe
+    batches = stream.batches(perm, epoch, start, length, self.batch_size)
+    augment = {} if self.augment == "none" else {"augment": self.augment}
+    timed, begin = 0, time.perf_counter()
+    if self.loop == "scan":
+      chunk, done = stream.chunk_steps(self.batch_size), 0
+      fn = run_streamed_steps
+      while done < length:
+        n = min(chunk, length - done)
+        xs, ys = zip(*(next(batches) for _ in range(n)))
+        compiled = _cache_size(fn)
+        state, sums = fn(state, sums, np.stack(xs), np.stack(ys), unroll=self.unroll, **augment)
+        if _cache_size(fn) != compiled:  # time what follows the compile
+          jax.block_until_ready((state, sums))
+          timed, begin = -(done + n), time.perf_counter()
+        done += n
+      timed += length
+    else:
+      fn = run_streamed_step
+      timed = length
+      for i, (x, y) in enumerate(batches):
+        compiled = _cache_size(fn)
+        state, sums = fn(state, sums, x, y, **augment)
+        if _cache_size(fn) != compiled:
+          jax.block_until_ready((state, sums))
+          timed, begin = length - i - 1, time.perf_counter()
+    jax.block_until_ready((state, sums))
+    return state, sums, timed, time.perf_counter() - begin
+
+  def evaluate_streamed(self, state, stream, batch_size: int):
+    """`evaluate` (no per-image results) of the streamed training split, read in stored
+    order in chunks of `batch_size`; the chunks' sums are added in float64 on the host,
+    so it can differ from the device-resident evaluation in the last float32 bits."""
+    apply, _, params = self.eval_inputs(state)
+    loss = correct = 0.0
+    for images, labels in stream.in_order(batch_size):
+      out = jax.device_get(evaluation.evaluate(
+          apply, params, state.batch_stats, images, labels, batch_size=len(labels),
+          per_image=False))
+      loss += float(out["loss"]) * len(labels)
+      correct += round(float(out["accuracy"]) * len(labels))
+    n = len(stream)
+    return {"loss": np.float32(loss / n), "accuracy": np.float32(correct / n)}
 
   def learning_rates(self, state):
     """The learning rate of the last step, per member (or of the one state), on the device."""

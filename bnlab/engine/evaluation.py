@@ -47,7 +47,7 @@ def evaluate(apply_fn, params, batch_stats, images, labels, *, batch_size: int,
   n = images.shape[0]
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
-  images = jnp.pad(images, ((0, pad), (0, 0), (0, 0)))
+  images = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
   labels = jnp.pad(labels, (0, pad))
   valid = jnp.arange(num_batches * batch_size) < n
 

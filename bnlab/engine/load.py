@@ -18,6 +18,7 @@ import jax
 import ml_collections
 
 from bnlab import config as config_lib
+from bnlab import data as data_lib
 from bnlab.engine.evaluation import eval_model_config
 from bnlab.engine.members import GROUPS_DIR
 from bnlab.models import networks as models
@@ -68,9 +69,19 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
                        "it and config.json is missing or damaged); restore config.json")
   cfg = config_of(cfg_json)
   model = models.build_model(eval_model_config(cfg.model),
-                             dtype=models.compute_dtype(cfg.train.half_precision))
+                             dtype=models.compute_dtype(cfg.train.half_precision),
+                             num_classes=_num_classes(cfg, workdir))
   variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
   return LoadedRun(model, jax.device_put(variables), cfg, step)
+
+
+def _num_classes(cfg, workdir: str) -> int:
+  """The classes of the run's data (its logits), from the dataset's info."""
+  try:
+    return data_lib.spec_of(cfg.data).num_classes
+  except data_lib.DataError as e:
+    raise WorkDirError(f"the run in {workdir} trained on data.name={cfg.data.name!r}, whose "
+                       f"classes are read from its TFDS info: {e}") from None
 
 
 def config_of(recorded: dict) -> ml_collections.ConfigDict:

@@ -94,8 +94,11 @@ class Loop:
 
   def __init__(self, members: list[Member], ckpt_wd: workdir_lib.WorkDir, plan: Schedule,
                calls: StepCalls, data: DeviceData, zero_sums, on_stop: OnStop,
-               split: timesplit.TimeSplit | None = None):
+               split: timesplit.TimeSplit | None = None, stream=None):
     self.members, self.ckpt_wd, self.plan, self.calls = members, ckpt_wd, plan, calls
+    # The training split streamed through grain (`bnlab.data.grain_source`), else None:
+    # data.train_images then holds nothing.
+    self.stream = stream
     self.data, self.zero_sums, self.on_stop = data, zero_sums, on_stop
     self.split = split or timesplit.TimeSplit()
     self.cfg = members[0].cfg
@@ -141,8 +144,14 @@ class Loop:
           epoch = step // self.plan.steps_per_epoch
           if epoch != perm_epoch:
             perm, perm_epoch = self.calls.permutation(state, epoch), epoch
-          state, sums, timed, seconds = self.calls.train(
-              state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
+            if self.stream is not None:  # the host reads in this order
+              perm = np.asarray(jax.device_get(perm))
+          if self.stream is not None:
+            state, sums, timed, seconds = self.calls.train_streamed(
+                state, sums, self.stream, perm, step, end - step)
+          else:
+            state, sums, timed, seconds = self.calls.train(
+                state, sums, self.data.train_images, self.data.train_labels, perm, end - step)
         clock.add(timed, seconds)
         step = self.step = end
         if self.plan.is_log(step):
@@ -376,9 +385,12 @@ class Loop:
       self._announce_final_evaluation()
       start = time.perf_counter()
       with self.split.phase("evaluate"):
-        full = jax.device_get(self.calls.evaluate(
-            state, self.data.train_images, self.data.train_labels,
-            min(self.cfg.train.eval_batch_size, self.calls.num_train), per_image=False))
+        batch = min(self.cfg.train.eval_batch_size, self.calls.num_train)
+        if self.stream is not None:
+          full = self.calls.evaluate_streamed(state, self.stream, batch)
+        else:
+          full = jax.device_get(self.calls.evaluate(
+              state, self.data.train_images, self.data.train_labels, batch, per_image=False))
       logging.info("Final evaluation done in %.1f s", time.perf_counter() - start)
     if self.calls.stacked:  # each member's final state where a solo run keeps it
       with self.split.phase("checkpoint"):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bnlab import config as config_lib
+from bnlab import data as data_lib
 from bnlab.models import networks as models
 from bnlab.engine import optim
 from bnlab.engine import state as state_lib
@@ -55,7 +56,7 @@ def group_key(cfg) -> str:
   return json.dumps(d, sort_keys=True)
 
 
-def init_models(cfgs, dtype=None):
+def init_models(cfgs, dtype=None, num_classes: int = 10):
   """Each member's model for its initialization where the members' `INIT_KEYS` differ
   (one model per distinct initializer), else None: all start from the group's model."""
   init_of = [tuple(c.model[k.split(".")[1]] for k in INIT_KEYS) for c in cfgs]
@@ -64,7 +65,7 @@ def init_models(cfgs, dtype=None):
   built = {}
   for key, c in zip(init_of, cfgs):
     if key not in built:
-      built[key] = models.build_model(c.model, dtype=dtype)
+      built[key] = models.build_model(c.model, dtype=dtype, num_classes=num_classes)
   return [built[key] for key in init_of]
 
 
@@ -127,14 +128,18 @@ def memory_budget(device=None) -> int:
 
 def _abstract_step_inputs(cfg, num_members: int, num_train: int):
   """Shapes of a group's step arguments (states, sums, images, labels, perms): nothing allocated."""
-  model = models.build_model(cfg.model, dtype=models.compute_dtype(cfg.train.half_precision))
+  spec = data_lib.spec_of(cfg.data)
+  inputs = spec.input_spec(data_lib.normalized(cfg.data))
+  model = models.build_model(cfg.model, dtype=models.compute_dtype(cfg.train.half_precision),
+                             num_classes=spec.num_classes)
   tx = optim.make_optimizer(cfg.optimizer, max(cfg.train.num_steps, 1))
   bs = cfg.train.batch_size
   states = jax.eval_shape(
-      jax.vmap(lambda s: state_lib.create_train_state(model, tx, jax.random.key(s), bs)),
+      jax.vmap(lambda s: state_lib.create_train_state(model, tx, jax.random.key(s), bs,
+                                                      inputs)),
       jax.ShapeDtypeStruct((num_members,), jnp.uint32))
   sums = jax.eval_shape(lambda: steps.metric_sums_zero(num_members))
-  return (states, sums, jax.ShapeDtypeStruct((num_train, 28, 28), jnp.uint8),
+  return (states, sums, jax.ShapeDtypeStruct(inputs.batch(num_train)[0], inputs.dtype),
           jax.ShapeDtypeStruct((num_train,), jnp.int32),
           jax.ShapeDtypeStruct((num_members, num_train), jnp.int32))
 
@@ -155,7 +160,7 @@ def member_bytes(cfg) -> int:
   8 members, so that fixed costs (the shared data, a GPU's matrix-product
   workspace) are left out.
   """
-  num_train = cfg.data.num_train or MNIST_TRAIN
+  num_train = cfg.data.num_train or data_lib.spec_of(cfg.data).num_train
   return max((_step_bytes(cfg, 8, num_train) - _step_bytes(cfg, 1, num_train)) // 7, 1)
 
 
@@ -186,7 +191,7 @@ def member_bytes_bound(cfg) -> int:
   computes, as if XLA fused nothing and freed nothing (measured 4-6x the
   compiled figure for the paper MLP and the seed CNN).
   """
-  num_train = cfg.data.num_train or MNIST_TRAIN
+  num_train = cfg.data.num_train or data_lib.spec_of(cfg.data).num_train
   args = _abstract_step_inputs(cfg, 1, num_train)
   closed = jax.make_jaxpr(functools.partial(one_step, batch_size=cfg.train.batch_size))(*args)
   shared = sum(math.prod(x.shape) * x.dtype.itemsize for x in args[2:4])  # images, labels
@@ -202,8 +207,9 @@ def group_capacity(cfg, budget: int | None = None, wanted: int | None = None) ->
   where several share a group (`state.spread_members`), each holds fewer.
   """
   budget = memory_budget() if budget is None else budget
-  num_data = (cfg.data.num_train or MNIST_TRAIN) + (cfg.data.num_test or 10_000)
-  free = budget - num_data * (28 * 28 + 4)
+  spec = data_lib.spec_of(cfg.data)
+  num_data = (cfg.data.num_train or spec.num_train) + (cfg.data.num_test or spec.num_test)
+  free = budget - num_data * spec.example_bytes(data_lib.normalized(cfg.data))
   if wanted and wanted * member_bytes_bound(cfg) <= free:
     return wanted
   return max(1, int(free // member_bytes(cfg)))
@@ -235,14 +241,16 @@ def _as_solo(step):
 
 
 def scan_steps(states, sums, images, labels, perms, *, length: int, batch_size: int,
-               unroll: int = 1):
-  """`steps.scan_steps` vmapped over stacked members; images/labels are shared."""
+               unroll: int = 1, augment: str = "none"):
+  """`steps.scan_steps` vmapped over stacked members; images/labels are shared, each
+  member augments with its own key."""
   return jax.vmap(_as_solo(lambda st, sm, p: steps.scan_steps(
-      st, sm, images, labels, p, length=length, batch_size=batch_size, unroll=unroll)))(
-          states, sums, perms)
+      st, sm, images, labels, p, length=length, batch_size=batch_size, unroll=unroll,
+      augment=augment)))(states, sums, perms)
 
 
-def one_step(states, sums, images, labels, perms, *, batch_size: int):
+def one_step(states, sums, images, labels, perms, *, batch_size: int, augment: str = "none"):
   """`steps.one_step` vmapped over stacked members."""
   return jax.vmap(_as_solo(lambda st, sm, p: steps.one_step(
-      st, sm, images, labels, p, batch_size=batch_size)))(states, sums, perms)
+      st, sm, images, labels, p, batch_size=batch_size, augment=augment)))(
+          states, sums, perms)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from bnlab.data.dataset import MNIST_INPUT, InputSpec
 from bnlab.engine import optim
 from bnlab.models import networks as models
 
@@ -28,10 +29,12 @@ class TrainState(struct.PyTreeNode):
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
-def create_train_state(model, tx, rng: jax.Array, batch_size: int) -> TrainState:
-  """Initial state: parameters from `rng`, empty optimizer state, step 0."""
+def create_train_state(model, tx, rng: jax.Array, batch_size: int,
+                       inputs: InputSpec = MNIST_INPUT) -> TrainState:
+  """Initial state: parameters from `rng`, empty optimizer state, step 0. `inputs`: one
+  example of the model's input (`bnlab.data.input_spec`), what init traces it on."""
   init_rng, data_rng = jax.random.split(rng)
-  dummy = jnp.zeros((batch_size, 28, 28), jnp.uint8)
+  dummy = jnp.zeros(*inputs.batch(batch_size))
   variables = model.init(models.init_rngs(init_rng), dummy, train=False)
   params = variables["params"]
   return TrainState(
@@ -145,7 +148,8 @@ def member_values(cfgs) -> dict[str, list[float]]:
   return out
 
 
-def create_member_states(model, tx, cfgs, batch_size: int, init_models=None) -> TrainState:
+def create_member_states(model, tx, cfgs, batch_size: int, init_models=None,
+                         inputs: InputSpec = MNIST_INPUT) -> TrainState:
   """The stacked initial states of a group's members, from one vmapped init.
 
   Member i equals `create_train_state(model, own_i, key(seed_i), batch_size)`
@@ -165,7 +169,8 @@ def create_member_states(model, tx, cfgs, batch_size: int, init_models=None) -> 
     @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
     def run(seeds):
       return jax.vmap(
-          lambda s: create_train_state(init_model, tx, jax.random.key(s), batch_size))(seeds)
+          lambda s: create_train_state(init_model, tx, jax.random.key(s), batch_size,
+                                       inputs))(seeds)
     return run(seeds).replace(apply_fn=model.apply)
 
   if init_models is None:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bnlab.data import augment as augment_lib
 from bnlab.models import conv as conv_lib
 from bnlab.models import networks as models
 from bnlab.engine.state import TrainState
@@ -48,8 +49,11 @@ def resolve_loop(loop: str, model_cfg, backend: str | None = None) -> str:
   return "scan"
 
 
-def train_step(state: TrainState, sums, images, labels) -> tuple[TrainState, dict]:
-  """One SGD step on a batch (uint8 images), with BN in train mode."""
+def train_step(state: TrainState, sums, images, labels, augment: str = "none"
+               ) -> tuple[TrainState, dict]:
+  """One SGD step on a batch (the model's inputs), with BN in train mode; `augment`
+  (`data.augment`) transforms the batch first with the step's own key."""
+  images = augment_lib.apply(augment, images, augment_lib.step_key(state.rng, state.step))
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -101,7 +105,7 @@ def gather_batch(images, labels, perm, step, batch_size: int, batch_sharding):
 
 
 def scan_steps(state, sums, images, labels, perm, *, length: int, batch_size: int,
-               unroll: int = 1, batch_sharding=None):
+               unroll: int = 1, batch_sharding=None, augment: str = "none"):
   """`length` consecutive train steps of one epoch as one `lax.scan`.
 
   The batch of step s is `perm[(s mod steps_per_epoch) * batch_size:][:batch_size]`,
@@ -113,16 +117,28 @@ def scan_steps(state, sums, images, labels, perm, *, length: int, batch_size: in
   def body(carry, _):
     st, sm = carry
     x, y = gather_batch(images, labels, perm, st.step, batch_size, batch_sharding)
-    return train_step(st, sm, x, y), None
+    return train_step(st, sm, x, y, augment), None
 
   (state, sums), _ = jax.lax.scan(body, (state, sums), None, length=length, unroll=unroll)
   return replicated(state, batch_sharding), replicated(sums, batch_sharding)
 
 
-def one_step(state, sums, images, labels, perm, *, batch_size: int, batch_sharding=None):
+def scan_batches(state, sums, images, labels, *, unroll: int = 1, augment: str = "none"):
+  """Consecutive train steps, one per batch of `images` (steps, batch, ...) and `labels`
+  (steps, batch): batches streamed from the host (`bnlab.data.grain_source`)."""
+
+  def body(carry, batch):
+    return train_step(*carry, *batch, augment), None
+
+  (state, sums), _ = jax.lax.scan(body, (state, sums), (images, labels), unroll=unroll)
+  return state, sums
+
+
+def one_step(state, sums, images, labels, perm, *, batch_size: int, batch_sharding=None,
+             augment: str = "none"):
   """A single train step, gathering its batch on the device."""
   x, y = gather_batch(images, labels, perm, state.step, batch_size, batch_sharding)
-  state, sums = train_step(state, sums, x, y)
+  state, sums = train_step(state, sums, x, y, augment)
   return replicated(state, batch_sharding), replicated(sums, batch_sharding)
 
 

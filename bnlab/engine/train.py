@@ -29,6 +29,7 @@ from bnlab.models import conv as conv_lib
 from bnlab import data as data_lib
 from bnlab.engine import distributed
 from bnlab.engine import loop as loop_lib
+from bnlab.engine import members as members_lib
 from bnlab.models import networks as models
 from bnlab.models import user as user_models
 from bnlab.engine import optim
@@ -208,16 +209,26 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   identity = data_identity(ds)
   for wd in {id(w): w for w in [ckpt_wd] + [m.wd for m in members if m.recording]}.values():
     wd.check_data(identity)  # a resume only on the data the run was trained on
-  num_train = len(ds.train_labels)
+  num_train = ds.num_train
+  if ds.stream is not None and (stacked or cfg.train.num_devices != 1
+                                or distributed.process_count() > 1
+                                or "population" in tuple(cfg.train.eval_statistics)):
+    raise config_lib.ConfigError(
+        f"config.data.pipeline={cfg.data.pipeline!r} streams {cfg.data.name}'s training split "
+        "through grain, which feeds one run on one device: train it alone (no sweep groups) "
+        "with train.num_devices=1 and without train.eval_statistics 'population', or use a "
+        "device that holds the data (data.pipeline='device')")
   plan = make_schedule_plan(cfg, num_train)
   config_lib.check_profile_steps(cfg.train, plan.total_steps)  # epochs: known only now
   dtype = models.compute_dtype(cfg.train.half_precision)
-  model = models.build_model(cfg.model, dtype=dtype)
-  eval_model = models.build_model(eval_model_config(cfg.model), dtype=dtype)
+  inputs = ds.input_spec()
+  model = models.build_model(cfg.model, dtype=dtype, num_classes=ds.num_classes)
+  eval_model = models.build_model(eval_model_config(cfg.model), dtype=dtype,
+                                  num_classes=ds.num_classes)
   # validate() traced a user's model at the batch sizes the config gives; the
   # evaluations' may be smaller now the data's size is known.
   config_lib.check_model_runs(cfg, num_train, len(ds.test_labels))
-  _check_analysis_layers(cfg, model)
+  _check_analysis_layers(cfg, model, inputs)
   tx = optim.shared_optimizer(cfg.optimizer, plan.total_steps)
   bs = cfg.train.batch_size
   mesh = None if stacked else data_parallel_mesh(cfg.train.num_devices)
@@ -225,9 +236,9 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
     raise config_lib.ConfigError(
         f"config.train.batch_size={bs} does not split over {mesh.size} devices; make it a "
         f"multiple of {mesh.size} or set train.num_devices")
-  calls = calls_lib.StepCalls(cfg, eval_model, num_train, stacked, mesh)
+  calls = calls_lib.StepCalls(cfg, eval_model, num_train, stacked, mesh, ds.num_classes)
   with _out_of_memory_named(cfg, len(members) if stacked else None):
-    state, zero_sums = _initial_state(model, tx, members, stacked)
+    state, zero_sums = _initial_state(model, tx, members, stacked, inputs, ds.num_classes)
     info = _run_info(cfg, ds, plan, calls, len(members), mesh)
     logging.info("Run: %s", json.dumps(info))
     info["environment"] = env
@@ -236,7 +247,8 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
     # (on every process's devices); a checkpoint is restored into that placement.
     place = functools.partial(distributed.replicate, mesh=mesh)
     run = loop_lib.Loop(members, ckpt_wd, plan, calls, calls_lib.DeviceData.place(ds, mesh),
-                        place(zero_sums), functools.partial(_write_summary, info), split)
+                        place(zero_sums), functools.partial(_write_summary, info), split,
+                        stream=ds.stream)
     run.run(place(state))
 
 
@@ -261,17 +273,20 @@ def _out_of_memory_named(cfg, group_size: int | None):
 
 def data_identity(ds: data_lib.Dataset) -> dict[str, Any]:
   """What names a dataset for a run's resume check: source, sizes, sha256 of its arrays."""
-  return {"source": ds.source, "num_train": len(ds.train_labels),
-          "num_test": len(ds.test_labels),
-          "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
+  identity = {"source": ds.source, "num_train": ds.num_train,
+              "num_test": len(ds.test_labels),
+              "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
+  if ds.stream is not None:  # its info and examples taken: hashing it would read it all
+    identity["stream"] = ds.stream.identity()
+  return identity
 
 
-def _sown_units(model, batch_size: int) -> dict[str, int]:
+def _sown_units(model, batch_size: int, inputs) -> dict[str, int]:
   """{name: units per example} of what `model` sows into `intermediates` (nothing compiled),
   traced at the run's batch size: a user's model need not work at any other."""
   variables = jax.eval_shape(
       lambda: model.init(models.init_rngs(jax.random.key(0)),
-                         jnp.zeros((batch_size, 28, 28), jnp.uint8), train=False, mutable=True))
+                         jnp.zeros(*inputs.batch(batch_size)), train=False, mutable=True))
   out = {}
   for block in variables.get("intermediates", {}).values():
     if isinstance(block, dict):
@@ -281,12 +296,12 @@ def _sown_units(model, batch_size: int) -> dict[str, int]:
   return out
 
 
-def _check_analysis_layers(cfg, model) -> None:
+def _check_analysis_layers(cfg, model, inputs) -> None:
   """`analysis.layers` must be names the model sows, `analysis.units` within each layer."""
   layers = tuple(cfg.analysis.layers)
   if not layers:
     return
-  sizes = _sown_units(model, cfg.train.batch_size)
+  sizes = _sown_units(model, cfg.train.batch_size, inputs)
   missing = [layer for layer in layers if layer not in sizes]
   if missing:
     raise config_lib.ConfigError(
@@ -308,6 +323,7 @@ def _run_info(cfg, ds, plan, calls, num_members: int, mesh) -> dict[str, Any]:
           "conv_implementation": conv_lib.resolve_conv_implementation(
               cfg.model.conv_implementation),
           "data_source": ds.source, "data_verified": ds.verified,
+          **_data_info(cfg, ds),
           "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch}
   if calls.stacked:
     info["group_size"] = num_members
@@ -316,28 +332,45 @@ def _run_info(cfg, ds, plan, calls, num_members: int, mesh) -> dict[str, Any]:
   return info
 
 
-def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool):
+def _data_info(cfg, ds) -> dict[str, Any]:
+  """What the model was given: the data's name, one input's shape and dtype, how it was
+  standardized (the training split's per-channel statistics) and augmented."""
+  inputs = ds.input_spec()
+  info = {"data_name": ds.name, "data_input": [list(inputs.shape), inputs.dtype],
+          "data_pipeline": "device" if ds.stream is None else "grain",
+          "data_num_classes": ds.num_classes, "data_augment": cfg.data.augment}
+  if ds.normalization is not None:
+    mean, std = ds.normalization
+    info["data_normalization"] = {
+        "mean": list(mean), "std": list(std),
+        "from": "the training split as loaded (before data.num_train), pixels / 255"}
+  return info
+
+
+def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool, inputs,
+                   num_classes: int):
   """(initial train state, zeroed metric sums) of a solo run or of a group's stacked members."""
   bs = members[0].cfg.train.batch_size
   if not stacked:
-    state = _solo_init(model, tx, bs)(np.uint32(members[0].cfg.seed))
+    state = _solo_init(model, tx, bs, inputs)(np.uint32(members[0].cfg.seed))
     return state_lib.set_learning_rates(state, [members[0].cfg]), steps_lib.metric_sums_zero()
   # One update function for all; each member's hyperparameters (its learning
   # rate) live in its own optimizer state.
   cfgs = [m.cfg for m in members]
   state = state_lib.create_member_states(
       model, tx, cfgs, bs, init_models(
-          cfgs, models.compute_dtype(cfgs[0].train.half_precision)))
+          cfgs, models.compute_dtype(cfgs[0].train.half_precision), num_classes),
+      inputs=inputs)
   return state, steps_lib.metric_sums_zero(len(members))
 
 
 @user_models.per_module_cache(16)
-def _solo_init(model, tx, batch_size: int):
+def _solo_init(model, tx, batch_size: int, inputs):
   """A run's initial state from its seed: one compiled program (unoptimized code
   generation: it runs once) instead of one compile per operation of an eager
   init, shared by the runs of one model and optimizer in a process."""
   return jax.jit(lambda seed: state_lib.create_train_state(
-      model, tx, jax.random.key(seed), batch_size),
+      model, tx, jax.random.key(seed), batch_size, inputs),
                  compiler_options={"xla_backend_optimization_level": 0})
 
 
@@ -380,15 +413,19 @@ def _load_everywhere(cfg, ds: data_lib.Dataset | None) -> data_lib.Dataset:
 
 
 def load_data(cfg) -> data_lib.Dataset:
-  """MNIST from `cfg.data`, cut to `num_train` (the first, or a seeded sample: `subset_seed`)
-  and `num_test` when set."""
+  """The dataset of `cfg.data` (`bnlab.data.load`: MNIST, or a TFDS dataset by name), cut
+  to `num_train` (the first, or a seeded sample: `subset_seed`) and `num_test` when set."""
   d = cfg.data
-  ds = data_lib.load_mnist(
-      d.source, data_dir=d.dir or None, cache_dir=d.cache_dir or None)
+  if data_lib.streams(d, members_lib.memory_budget()):
+    ds = data_lib.load_streamed(d)
+    logging.info("Data: the %d training examples of %s stream through grain "
+                 "(data.pipeline=%s).", ds.num_train, d.name, d.pipeline)
+  else:
+    ds = data_lib.load(d)
   if d.num_train or d.num_test:
-    n_train = d.num_train or len(ds.train_labels)
+    n_train = d.num_train or ds.num_train
     n_test = d.num_test or len(ds.test_labels)
-    for key, n, have in (("data.num_train", n_train, len(ds.train_labels)),
+    for key, n, have in (("data.num_train", n_train, ds.num_train),
                          ("data.num_test", n_test, len(ds.test_labels))):
       if n > have:
         raise config_lib.ConfigError(
@@ -397,13 +434,14 @@ def load_data(cfg) -> data_lib.Dataset:
     # The first n_train, or a fixed sample of them drawn with data.subset_seed (kept in the
     # data's order; each epoch shuffles it anyway).
     take = (slice(n_train) if d.subset_seed < 0 or not d.num_train else np.sort(
-        np.random.default_rng(d.subset_seed).permutation(len(ds.train_labels))[:n_train]))
+        np.random.default_rng(d.subset_seed).permutation(ds.num_train)[:n_train]))
+    train = ({"stream": ds.stream.subset(take)} if ds.stream is not None else
+             {"train_images": ds.train_images[take], "train_labels": ds.train_labels[take]})
     ds = dataclasses.replace(
-        ds, verified=False,
-        train_images=ds.train_images[take], train_labels=ds.train_labels[take],
+        ds, verified=False, **train,
         test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
-  if cfg.train.batch_size > len(ds.train_labels):
+  if cfg.train.batch_size > ds.num_train:
     raise config_lib.ConfigError(
         f"config.train.batch_size={cfg.train.batch_size} is larger than the "
-        f"{len(ds.train_labels)} training examples; lower it or raise data.num_train")
+        f"{ds.num_train} training examples; lower it or raise data.num_train")
   return ds

@@ -139,7 +139,7 @@ class Block(nn.Module):
 
 
 class Classifier(nn.Module):
-  """MNIST classifier: conv blocks (with optional pooling), dense blocks, logits.
+  """Image classifier: conv blocks (with optional pooling), dense blocks, logits.
 
   `conv` lists (channels, pool_after, has_bn) per 3x3 conv block; `dense`
   lists (width, has_bn) per hidden dense block; `flatten_norm` puts the last
@@ -220,13 +220,18 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = images.astype(self.dtype or jnp.float32) * (1.0 / 255.0)
+    # uint8 pixels (MNIST's (B, 28, 28), as always) are scaled to [0, 1]; float inputs
+    # (standardized by the data pipeline, (B, H, W, C)) are taken as they are.
+    x = images.astype(self.dtype or jnp.float32)
+    if jnp.issubdtype(images.dtype, jnp.integer):
+      x = x * (1.0 / 255.0)
     init = kernel_initializer(self.kernel_init, self.init_std)
     norm = self.make_norm()
     xhat = self.bn_epsilon if self.norm in BATCH_STAT_NORMS else None
     index = 0
     if self.conv:
-      x = x.reshape(x.shape[0], 28, 28, 1)
+      if x.ndim == 3:  # (B, H, W): one channel (a reshape, as MNIST's always was)
+        x = x.reshape(*x.shape, 1)
       for i, (channels, pool, has_bn) in enumerate(self.conv):
         last = i == len(self.conv) - 1
         flat = last and self.flatten_norm
@@ -256,11 +261,12 @@ def compute_dtype(half_precision: bool):
   return jnp.bfloat16 if half_precision else None
 
 
-def build_model(cfg, dtype=None) -> nn.Module:
+def build_model(cfg, dtype=None, num_classes: int = 10) -> nn.Module:
   """The model described by `cfg` (the `model` section of a run config).
 
   `cfg.name` is a built-in network (`MODELS`) or your own, "package.module:target",
   imported and built here (`user_model`). `dtype`: the computation dtype.
+  `num_classes`: the data's (`DataSpec.num_classes`), the built-in networks' logits.
   """
   if is_user_model(cfg.name):
     return user_model(cfg, dtype)
@@ -284,7 +290,7 @@ def build_model(cfg, dtype=None) -> nn.Module:
       bn_noise_shift_max=cfg.bn.noise_shift_max, bn_noise_scale_max=cfg.bn.noise_scale_max,
       norm_num_groups=cfg.bn.num_groups, conv_implementation=cfg.conv_implementation,
       bn_per_activation=cfg.bn.get("statistics", "model") == "activation",
-      dtype=dtype)
+      num_classes=num_classes, dtype=dtype)
   if cfg.name in ("paper_mlp", "seed1_mlp"):
     return _classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
   if cfg.name == "seed_cnn":
@@ -357,14 +363,18 @@ def train_rngs(rng_data: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
           for name, stream in (("noise", NOISE_STREAM), ("dropout", DROPOUT_STREAM))}
 
 
-def normalized_features(cfg) -> tuple[int, ...]:
-  """The feature count (last axis) of each normalized layer of the model `cfg` describes."""
+def normalized_features(cfg, image_hw: tuple[int, int] = (28, 28)) -> tuple[int, ...]:
+  """The feature count (last axis) of each normalized layer of the model `cfg` describes,
+  on images of `image_hw` (height, width)."""
   widths = tuple(cfg.widths) or DEFAULT_WIDTHS[cfg.name]
   statistics = cfg.bn.get("statistics", "model")
+  h, w = image_hw
   if cfg.name == "seed_cnn" and statistics != "channel":
-    return (widths[1] * 11 * 11,)  # BN on the flattened 11x11 maps of conv 2
+    # BN on the flattened maps of conv 2: 3x3 valid conv, pool 2, 3x3 valid conv (11x11).
+    return (widths[1] * ((h - 2) // 2 - 2) * ((w - 2) // 2 - 2),)
   if cfg.name == "seed1_cnn" and statistics == "activation":
-    return tuple(w * s * s for w, s in zip(widths, (26, 24)))  # every (H, W, C) position
+    # every (H, W, C) position of two 3x3 valid convs (26x26, 24x24)
+    return tuple(c * (h - 2 * k) * (w - 2 * k) for c, k in zip(widths, (1, 2)))
   return widths
 
 

@@ -93,8 +93,9 @@ def user_model(cfg, dtype=None) -> nn.Module:
   With `dtype` (train.half_precision) the target also gets `dtype=dtype`.
   A function must return a linen Module (an NNX model: return
   `nnx.bridge.to_linen(MyNNXModel, ...)`, which gets the same mode handling). The
-  model is called as `model.apply(variables, images, train=...)` on uint8 images of shape
-  (batch, 28, 28) and returns (batch, 10) logits; it may read the RNG
+  model is called as `model.apply(variables, images, train=...)` on the data's images
+  (MNIST: uint8 (batch, 28, 28); a TFDS `data.name`: by default standardized float32
+  (batch, H, W, C), `bnlab.data.input_spec`) and returns (batch, num_classes) logits; it may read the RNG
   streams "noise" and "dropout" in train mode. Raises UserModelError; what the
   model does when traced is `run_problem`'s to check (it needs the batch sizes).
   """
@@ -219,18 +220,20 @@ def _traced(fn, failure: str, where: str, fix: str, batch_size: int):
     return None, f"{failure} {where} ({reason(e)}){fix}"
 
 
-def _bad_logits(logits, batch: int, where: str) -> str | None:
-  if (hasattr(logits, "shape") and tuple(logits.shape) == (batch, 10)
+def _bad_logits(logits, batch: int, where: str, num_classes: int = 10) -> str | None:
+  if (hasattr(logits, "shape") and tuple(logits.shape) == (batch, num_classes)
       and jnp.issubdtype(logits.dtype, jnp.floating)):
     return None
   got = (f"{getattr(logits, 'dtype', type(logits).__name__)}"
          f"{list(getattr(logits, 'shape', []))}")
-  return f"returns {got} {where}; return float logits of shape (batch, 10) for any batch"
+  return (f"returns {got} {where}; return float logits of shape (batch, {num_classes}) for "
+          "any batch (the data's classes)")
 
 
 @per_module_cache(64)
 def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[int, ...],
-                    eval_in_train_mode: bool) -> str | None:
+                    eval_in_train_mode: bool, inputs=((28, 28), "uint8"),
+                    num_classes: int = 10) -> str | None:
   """What keeps `module` from training as bnlab runs it, or None.
 
   Traced with `jax.eval_shape` at the run's own batch sizes: nothing is computed or
@@ -246,13 +249,15 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
   """
   key = jax.random.key(0)
   rngs = {"noise": key, "dropout": key}
-  images = jax.ShapeDtypeStruct((batch_size, 28, 28), jnp.uint8)
+  shape, dtype = tuple(inputs[0]), inputs[1]
+  images = jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+  described = f"(batch, {', '.join(map(str, shape))}) {dtype}"
   at_train = f"at batch {batch_size} (train.batch_size)"
   variables, problem = _traced(
       lambda: jax.eval_shape(lambda x: module.init({"params": key, **rngs}, x, train=False),
                              images),
       "fails to initialize", f"(model.init, train=False) {at_train}",
-      "; it is initialized on (batch, 28, 28) uint8 images", batch_size)
+      f"; it is initialized on {described} images", batch_size)
   if problem:
     return problem
   # What the engine keeps of them (`state.create_train_state`), as arguments (abstract
@@ -268,7 +273,8 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
   out, problem = _traced(lambda: jax.eval_shape(train_apply, params, others, images),
                          "fails", f"in train mode (train=True) {at_train}", train_fix,
                          batch_size)
-  problem = problem or _bad_logits(out[0], batch_size, f"in train mode {at_train}")
+  problem = problem or _bad_logits(out[0], batch_size, f"in train mode {at_train}",
+                                   num_classes)
   if problem:
     return problem
 
@@ -285,7 +291,7 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
   if problem:
     return problem
   for b in eval_batch_sizes:
-    eval_images = jax.ShapeDtypeStruct((b, 28, 28), jnp.uint8)
+    eval_images = jax.ShapeDtypeStruct((b, *shape), dtype)
     at_eval = f"at batch {b} (train.eval_batch_size, at most the examples evaluated)"
     out, problem = _traced(
         lambda x=eval_images: jax.eval_shape(
@@ -293,7 +299,7 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
             x),
         "fails", f"in eval mode (train=False) {at_eval}",
         "; evaluations apply it with train=False to its params and batch_stats", batch_size)
-    problem = problem or _bad_logits(out, b, f"in eval mode {at_eval}")
+    problem = problem or _bad_logits(out, b, f"in eval mode {at_eval}", num_classes)
     if problem:
       return problem
     if eval_in_train_mode:
@@ -306,12 +312,16 @@ def _output_problem(module: nn.Module, batch_size: int, eval_batch_sizes: tuple[
 
 
 def run_problem(module: nn.Module, batch_size: int, eval_batch_sizes=(),
-                eval_in_train_mode: bool = False) -> str | None:
+                eval_in_train_mode: bool = False, inputs=((28, 28), "uint8"),
+                num_classes: int = 10) -> str | None:
   """What fails when `module` trains at `batch_size` and evaluates at each of
-  `eval_batch_sizes` (`_output_problem`), as "<its class> <problem>"; None if nothing."""
+  `eval_batch_sizes` (`_output_problem`), as "<its class> <problem>"; None if nothing.
+  `inputs`: one example's (shape, dtype) (`bnlab.data.InputSpec`); `num_classes`: the
+  logits it must return."""
   problem = _output_problem(module, int(batch_size),
                             tuple(sorted({int(b) for b in eval_batch_sizes})),
-                            bool(eval_in_train_mode))
+                            bool(eval_in_train_mode), (tuple(inputs[0]), str(inputs[1])),
+                            int(num_classes))
   return problem and f"{type(module).__name__} {problem}"
 
 
