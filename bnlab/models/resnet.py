@@ -6,8 +6,8 @@ A 3x3 conv of 16 filters, then three stages of n=3 basic blocks (two 3x3 convs e
 then global average pooling and a dense layer to the classes: 6n+2 = 20 weighted layers,
 269,722 parameters on 3-channel input with BN (0.27M, the paper's table 6).
 
-Each conv is followed by the norm (`model.norm`, any of `networks.NORMS`, built by
-`networks.NormSpec` as in the other networks) and then the activation; a block's second
+Each conv is followed by the norm (`model.norm`, any of `bnlab.models.parts.NORMS`, built
+by `bnlab.models.parts.NormSpec` as in the other networks) and then the activation; a block's second
 norm comes before the addition of the shortcut, and the activation after it, as in the
 paper. A conv followed by a norm has no bias (BN's mean subtraction cancels it, its shift
 replaces it) unless `model.bn.bias_before`. Shortcuts where the shape changes:
@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab.models import networks
+from bnlab.models import parts
 from bnlab.models.conv import Conv
 
 SHORTCUTS = ("A", "B")
@@ -66,7 +66,7 @@ def _xhat(module: nn.Module, raw: jax.Array, name: str, epsilon: float) -> jax.A
 class _Unit(nn.Module):
   """What the stem and the blocks share: conv -> norm, sowing x-hat under an index."""
 
-  norm: networks.NormSpec
+  norm: parts.NormSpec
   kernel_init: Any
   bias_before_norm: bool
   conv_implementation: str
@@ -84,7 +84,7 @@ class _Unit(nn.Module):
              name=f"Conv_{position}")(x)
     if norm is None:
       return h
-    batch_stats = self.norm.norm in networks.BATCH_STAT_NORMS
+    batch_stats = self.norm.norm in parts.BATCH_STAT_NORMS
     name = f"BatchNorm_{position}" if batch_stats else None
     out = norm(h, train, scale_init=scale_init, name=name)
     if sow and batch_stats and not train:
@@ -103,7 +103,7 @@ class Stem(_Unit):
   def __call__(self, x, train: bool):
     h = self.conv_norm(x, self.features, 3, 1, train, 0, position=0)
     self.sow("intermediates", "preact_0", h)
-    return _dropout(self, networks.ACTIVATIONS[self.activation](h), train)
+    return _dropout(self, parts.ACTIVATIONS[self.activation](h), train)
 
 
 class BasicBlock(_Unit):
@@ -120,7 +120,7 @@ class BasicBlock(_Unit):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    act = networks.ACTIVATIONS[self.activation]
+    act = parts.ACTIVATIONS[self.activation]
     h = self.conv_norm(x, self.features, 3, self.stride, train, self.index, position=0)
     self.sow("intermediates", f"preact_{self.index}", h)
     h = act(h)
@@ -156,7 +156,7 @@ class ResNet(nn.Module):
   stage_widths: Sequence[int] = STAGE_WIDTHS
   blocks_per_stage: int = BLOCKS_PER_STAGE
   num_classes: int = 10
-  norm: networks.NormSpec = networks.NormSpec("batch")
+  norm: parts.NormSpec = parts.NormSpec("batch")
   activation: str = "relu"
   shortcut: str = "A"
   zero_init_last_scale: bool = False
@@ -179,7 +179,7 @@ class ResNet(nn.Module):
     x = images.astype(self.dtype or jnp.float32)
     if jnp.issubdtype(images.dtype, jnp.integer):
       x = x * (1.0 / 255.0)
-    unit = dict(norm=self.norm, kernel_init=networks.kernel_initializer(
+    unit = dict(norm=self.norm, kernel_init=parts.kernel_initializer(
         self.kernel_init, self.init_std), bias_before_norm=self.bias_before_norm,
                 conv_implementation=self.conv_implementation, dtype=self.dtype,
                 activation=self.activation, dropout=self.dropout)
