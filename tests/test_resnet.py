@@ -21,6 +21,7 @@ from bnlab import config as config_lib
 from bnlab.engine import train
 from bnlab.errors import ConfigError
 from bnlab.models import networks
+from bnlab.models import parts
 from bnlab.models import resnet
 from run_files import read_jsonl
 
@@ -159,14 +160,14 @@ def test_train_and_eval_modes_differ_with_bn_only():
   x = jax.random.randint(jax.random.key(1), (8, 12, 12, 3), 0, 256).astype(jnp.uint8)
   for norm in ("batch", "none"):
     model = _small(norm)
-    v = _jit(model.init)(jax.random.key(0), x)
 
     @_jit
-    def both(v, x, model=model):
+    def both(x, model=model):
+      v = model.init(jax.random.key(0), x)
       train_out, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
-      return train_out, model.apply(v, x, train=False), updates
+      return v, train_out, model.apply(v, x, train=False), updates
 
-    train_out, eval_out, updates = both(v, x)
+    v, train_out, eval_out, updates = both(x)
     if norm == "batch":
       assert float(jnp.max(jnp.abs(train_out - eval_out))) > 1e-2
       moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
@@ -178,21 +179,20 @@ def test_train_and_eval_modes_differ_with_bn_only():
 
 
 def test_he_fan_out_init_and_zero_init_of_the_last_scale():
-  model = resnet.ResNet(blocks_per_stage=1, conv_implementation="xla",
-                        zero_init_last_scale=True)
-  params = _jit(model.init)(jax.random.key(0), jnp.zeros((2, 8, 8, 3), jnp.uint8))["params"]
-  kernel = np.asarray(params["block_2_0"]["Conv_1"]["kernel"])  # 3x3, 64 -> 64
-  expected_std = np.sqrt(2.0 / (3 * 3 * 64))  # kaiming normal, fan_out
+  init = parts.kernel_initializer("he_normal_fan_out")
+  kernel = np.asarray(init(jax.random.key(0), (3, 3, 64, 64)))  # stage 3's 3x3 conv
+  expected_std = np.sqrt(2.0 / (3 * 3 * 64))  # kaiming normal, fan_out = 3*3*64
   assert abs(kernel.std() / expected_std - 1) < 0.03 and abs(kernel.mean()) < 0.002
   assert np.abs(kernel).max() > 3.5 * expected_std  # untruncated
-  for s in range(3):
-    block = params[f"block_{s}_0"]
-    np.testing.assert_array_equal(block["BatchNorm_1"]["scale"], 0)
-    np.testing.assert_array_equal(block["BatchNorm_0"]["scale"], 1)
+  model = _small(zero_init_last_scale=True, kernel_init="he_normal_fan_out")
+  params = _jit(model.init)(jax.random.key(0), jnp.zeros((2, 8, 8, 3), jnp.uint8))["params"]
+  conv = np.asarray(params["block_1_0"]["Conv_1"]["kernel"])  # 3x3, 8 -> 8: fan_out 72
+  assert abs(conv.std() / np.sqrt(2.0 / 72) - 1) < 0.15  # the model's convs use it
+  for block in ("block_0_0", "block_1_0"):
+    np.testing.assert_array_equal(params[block]["BatchNorm_1"]["scale"], 0)
+    np.testing.assert_array_equal(params[block]["BatchNorm_0"]["scale"], 1)
   np.testing.assert_array_equal(params["stem"]["BatchNorm_0"]["scale"], 1)
-  default = resnet.ResNet(blocks_per_stage=1)
-  v = jax.eval_shape(default.init, jax.random.key(0), jnp.zeros((2, 8, 8, 3), jnp.uint8))
-  assert default.zero_init_last_scale is False and "BatchNorm_1" in v["params"]["block_0_0"]
+  assert resnet.ResNet().zero_init_last_scale is False  # off by default, as in the paper
 
 
 def _numpy_shortcut_a(x, features, stride):
