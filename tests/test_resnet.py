@@ -149,6 +149,11 @@ def test_batch_stats_with_batch_norm_only():
   assert count(v["batch_stats"]) == 2 * (16 + 6 * 16 + 6 * 32 + 6 * 64)  # mean, var per BN
   _, v = shapes(resnet_cfg(norm="none"))
   assert "batch_stats" not in v
+  cfg = resnet_cfg(shortcut="B")
+  cfg.model.bn.bias_before = True  # the redundant bias kept before every norm
+  _, v = shapes(cfg)
+  biases = 16 + 6 * 16 + 6 * 32 + 6 * 64 + 32 + 64  # stem, block convs, projections
+  assert count(v["params"]) == hand_count(3, "B") + biases
 
 
 def _small(norm="batch", **kw):
