@@ -19,6 +19,7 @@ from bnlab import data as data_lib
 from bnlab.engine import distributed
 from bnlab.engine import optim
 from bnlab.models import networks as models
+from bnlab.models import resnet
 from bnlab.models import user as user_models
 from bnlab.errors import ConfigError, UnusableModelError
 from bnlab.layers.functional import VARIANCE_METHODS as VARIANCES
@@ -190,7 +191,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm = "batch"  # one of bnlab.models.networks.NORMS
   c.model.bn_position = "after"
   c.model.activation = "relu"
-  c.model.widths = ()  # () -> the model's own widths
+  c.model.widths = ()  # () -> the model's own widths (resnet20: its stages' filters)
   c.model.kernel_init = "glorot_uniform"
   c.model.init_std = 0.01  # for kernel_init="normal"
   c.model.conv_implementation = "auto"
@@ -224,6 +225,13 @@ def base_config() -> ml_collections.ConfigDict:
   # dense layer's BN would treat the flattened map), or "model" (each model's own: the seed
   # CNN's BN after Flatten is per activation, seed1_cnn's per channel).
   c.model.bn.statistics = "model"
+  # model.name="resnet20" (bnlab.models.resnet): the shortcut where a block changes the
+  # shape, "A" (subsampled identity, zero-padded channels: the paper's CIFAR net) or "B"
+  # (1x1 conv + norm projection); zero_init_last_scale starts each block's last norm scale
+  # at 0 (Goyal et al. 2017), so a block starts as its shortcut.
+  c.model.resnet = ml_collections.ConfigDict()
+  c.model.resnet.shortcut = "A"
+  c.model.resnet.zero_init_last_scale = False
   # Your own model's settings, free-form (not checked), e.g. c.model.options.depth = 3;
   # its factory receives the whole `model` section.
   c.model.options = ml_collections.ConfigDict()
@@ -409,10 +417,18 @@ def _validate_model(c) -> None:
   widths = tuple(c.model.widths)
   _check(all(isinstance(w, int) and w > 0 for w in widths), "model.widths", widths,
          "a tuple of positive integers, e.g. '(100,100,100)'")
-  needed = {"seed_cnn": 3, "seed1_cnn": 2}.get(c.model.name)
+  needed = {"seed_cnn": 3, "seed1_cnn": 2, "resnet20": 3}.get(c.model.name)
   _check(not widths or needed is None or len(widths) == needed, "model.widths", widths,
          f"{needed} entries for {c.model.name}")
   _check(c.model.init_std > 0, "model.init_std", c.model.init_std, "a number > 0")
+  _one_of(c, "model.resnet.shortcut", resnet.SHORTCUTS)
+  if c.model.name == "resnet20":
+    _check(c.model.bn_position == "before", "model.bn_position", c.model.bn_position,
+           "'before' with model.name=resnet20 (its norms sit before the activations, as "
+           "He et al.'s)")
+    _check(c.model.resnet.shortcut != "A" or list(widths) == sorted(widths),
+           "model.widths", widths, "non-decreasing widths with model.resnet.shortcut='A' "
+           "(it zero-pads channels, it cannot drop them), or shortcut 'B'")
   _check(0 <= c.model.bn.momentum < 1, "model.bn.momentum", c.model.bn.momentum,
          "a number in [0, 1)")
   _check(c.model.bn.epsilon > 0, "model.bn.epsilon", c.model.bn.epsilon, "a number > 0")

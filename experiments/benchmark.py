@@ -155,6 +155,9 @@ def bnlab_runner(model_name, norm, batch, steps, images, labels, loop="auto", co
   c.model.conv_implementation = conv
   if model_name == "paper_mlp":
     c.model.activation, c.model.bn_position = "sigmoid", "before"
+  if model_name == "resnet20":  # configs/resnet20.py's network and optimizer
+    c.model.bn_position, c.model.kernel_init = "before", "he_normal_fan_out"
+    c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay = "momentum", 0.1, 1e-3
   c.train.batch_size = batch
   loop = steps_lib.resolve_loop(loop, c.model)
   model = models.build_model(c.model, dtype=dtype)

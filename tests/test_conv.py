@@ -68,6 +68,60 @@ def test_conv2d_matches_lax_forward_and_gradients(x_shape, k_shape, padding):
           result, ref)
 
 
+STRIDED_CASES = [
+    # (x shape NHWC, kernel shape HWIO, strides, padding): even and odd sizes, the
+    # ResNet's 3x3 stride-2 pad-1 and 1x1 stride-2 projection, uneven strides, SAME.
+    ((2, 8, 8, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1))),
+    ((2, 7, 7, 2), (3, 3, 2, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 7, 6, 2), (1, 1, 2, 4), (2, 2), "VALID"),
+    ((1, 9, 8, 2), (3, 2, 2, 3), (3, 2), "SAME"),
+    ((2, 10, 7, 1), (4, 3, 1, 2), (2, 3), "VALID"),
+]
+
+
+@pytest.mark.parametrize("x_shape,k_shape,strides,padding", STRIDED_CASES)
+def test_strided_conv2d_matches_lax_forward_and_gradients(x_shape, k_shape, strides, padding):
+  """Every implementation at stride > 1 against lax's own strided convolution (string
+  paddings resolved by lax, not by bnlab), float64, forward and both gradients."""
+  impls = ("gemm", "im2col", "taps", "xla", "xla_canonical")
+
+  def reference(a, b):
+    return lax.conv_general_dilated(a, b, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+  def outputs_and_grads(x, kernel, cot):
+    def fwd_and_grads(conv):
+      loss = lambda a, b: jnp.sum(conv(a, b) * cot)
+      return conv(x, kernel), jax.grad(loss, (0, 1))(x, kernel)
+    return fwd_and_grads(reference), [fwd_and_grads(lambda a, b, i=i: bconv.conv2d(
+        a, b, strides=strides, padding=padding, implementation=i)) for i in impls]
+
+  with enable_x64():
+    x = _normal(20, x_shape, jnp.float64)
+    kernel = _normal(21, k_shape, jnp.float64)
+    out_shape = jax.eval_shape(reference, x, kernel).shape
+    cot = _normal(22, out_shape, jnp.float64)
+    ref, got = _jit(outputs_and_grads)(x, kernel, cot)
+    for impl, result in zip(impls, got):
+      assert result[0].shape == out_shape, impl
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(
+          a, b, rtol=1e-12, atol=1e-12, err_msg=impl), result, ref)
+
+
+def test_conv_module_strides_match_flax():
+  x = _normal(23, (2, 9, 9, 3))
+  ours = bconv.Conv(4, (3, 3), strides=2, padding=((1, 1), (1, 1)))
+  v = ours.init(jax.random.key(0), x)
+  theirs = nn.Conv(4, (3, 3), strides=2, padding=((1, 1), (1, 1)),
+                   precision=lax.Precision.HIGHEST)
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(ours.apply(v, x), theirs.apply(v, x), rtol=1e-5, atol=1e-5)
+  assert ours.apply(v, x).shape == (2, 5, 5, 4)
+  with pytest.raises(ValueError, match="strides"):
+    bconv.conv2d(x, v["params"]["kernel"], strides=0)
+
+
 @pytest.mark.parametrize("impl", ["gemm", "im2col", "taps"])
 def test_conv2d_float32_tolerance(impl):
   x, kernel = _normal(3, (4, 28, 28, 1)), _normal(4, (3, 3, 1, 32))

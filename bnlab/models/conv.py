@@ -59,16 +59,21 @@ def resolve_conv_implementation(name: str = "auto") -> str:
 
 
 def _explicit_padding(
-    padding: Padding, in_shape: Sequence[int], kernel_shape: Sequence[int]
+    padding: Padding, in_shape: Sequence[int], kernel_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
 ) -> list[tuple[int, int]]:
-  """(low, high) padding per spatial dim, as ``lax`` computes it at stride 1."""
+  """(low, high) padding per spatial dim, as ``lax`` computes it (stride 1 by default)."""
+  strides = strides or (1,) * len(kernel_shape)
   if isinstance(padding, str):
     mode = padding.upper()
     if mode == "VALID":
       return [(0, 0)] * len(kernel_shape)
     if mode == "SAME":
-      # lax.padtype_to_pads at stride 1: total k-1, the extra one goes high.
-      return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_shape]
+      # lax.padtype_to_pads: ceil(n/s) outputs, total pad (out-1)*s + k - n (k-1 at
+      # stride 1), the extra one goes high.
+      totals = [max((-(-n // s) - 1) * s + k - n, 0)
+                for n, k, s in zip(in_shape, kernel_shape, strides)]
+      return [(t // 2, t - t // 2) for t in totals]
     raise ValueError(f"Unsupported padding {padding!r}; use 'VALID', 'SAME' "
                      "or (low, high) pairs.")
   pads = [tuple(p) for p in padding]
@@ -77,21 +82,24 @@ def _explicit_padding(
   return pads  # type: ignore[return-value]
 
 
-def _shifted_windows(x: Array, kh: int, kw: int) -> tuple[list[Array], int, int]:
-  """The kh*kw stride-1 shifted views of padded NHWC ``x``, in (i, j) order."""
-  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  if oh <= 0 or ow <= 0:
+def _shifted_windows(x: Array, kh: int, kw: int,
+                     strides: tuple[int, int] = (1, 1)) -> tuple[list[Array], int, int]:
+  """The kh*kw shifted (strided) views of padded NHWC ``x``, in (i, j) order."""
+  sh, sw = strides
+  if x.shape[1] < kh or x.shape[2] < kw:
     raise ValueError(f"Kernel {(kh, kw)} larger than padded input {x.shape}.")
+  oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
   views = [
-      lax.slice(x, (0, i, j, 0), (x.shape[0], i + oh, j + ow, x.shape[3]))
+      lax.slice(x, (0, i, j, 0), (x.shape[0], i + (oh - 1) * sh + 1,
+                                  j + (ow - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))
       for i in range(kh)
       for j in range(kw)
   ]
   return views, oh, ow
 
 
-def _lax_conv(x, kernel, pads, precision):
-  return lax.conv_general_dilated(x, kernel, (1, 1), pads,
+def _lax_conv(x, kernel, pads, precision, strides=(1, 1)):
+  return lax.conv_general_dilated(x, kernel, strides, pads,
                                   dimension_numbers=_NHWC, precision=precision)
 
 
@@ -125,43 +133,48 @@ def _conv_canonical_bwd(pads, precision, residuals, g):
 _conv_canonical_vjp.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
-def _patches(x: Array, kh: int, kw: int) -> Array:
+def _patches(x: Array, kh: int, kw: int, strides: tuple[int, int] = (1, 1)) -> Array:
   """(N, OH, OW, KH*KW*C) im2col patches of padded NHWC ``x``, channels (i, j, c)."""
-  views, _, _ = _shifted_windows(x, kh, kw)
+  views, _, _ = _shifted_windows(x, kh, kw, strides)
   return views[0] if len(views) == 1 else lax.concatenate(views, 3)
 
 
-def _im2col_matmul(x, kernel, precision):
+def _im2col_matmul(x, kernel, precision, strides=(1, 1)):
   kh, kw, cin, cout = kernel.shape
-  return lax.dot_general(_patches(x, kh, kw), kernel.reshape(kh * kw * cin, cout),
+  return lax.dot_general(_patches(x, kh, kw, strides), kernel.reshape(kh * kw * cin, cout),
                          (((3,), (0,)), ((), ())), precision=precision)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_gemm(x, kernel, precision):
-  return _im2col_matmul(x, kernel, precision)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_gemm(x, kernel, precision, strides):
+  return _im2col_matmul(x, kernel, precision, strides)
 
 
-def _conv_gemm_fwd(x, kernel, precision):
-  return _im2col_matmul(x, kernel, precision), (x, kernel)
+def _conv_gemm_fwd(x, kernel, precision, strides):
+  return _im2col_matmul(x, kernel, precision, strides), (x, kernel)
 
 
-def _conv_gemm_bwd(precision, residuals, g):
+def _conv_gemm_bwd(precision, strides, residuals, g):
   """Both gradients as row-major GEMMs; the patches are rebuilt, not stored."""
   x, kernel = residuals
   kh, kw, cin, cout = kernel.shape
   k = kh * kw * cin
-  rows = _patches(x, kh, kw).reshape(-1, k)
+  sh, sw = strides
+  (_, h, w, _), (_, oh, ow, _) = x.shape, g.shape
+  rows = _patches(x, kh, kw, strides).reshape(-1, k)
   d_kernel = lax.dot_general(rows, g.reshape(-1, cout), (((0,), (0,)), ((), ())),
                              precision=precision).reshape(kernel.shape)
   d_patches = lax.dot_general(g, kernel.reshape(k, cout), (((3,), (1,)), ((), ())),
                               precision=precision)
-  # col2im: window (i, j) of every output pixel goes back to its input pixel.
+  # col2im: window (i, j) of output pixel (a, b) goes back to input pixel
+  # (i + a*sh, j + b*sw): low padding i, sh-1 zeros between, the rest high (kh-1-i at
+  # stride 1; a strided conv's rows past its last window get none).
   d_x = None
   for t in range(kh * kw):
     i, j = divmod(t, kw)
     part = lax.pad(d_patches[..., t * cin:(t + 1) * cin], jnp.zeros((), g.dtype),
-                   ((0, 0, 0), (i, kh - 1 - i, 0), (j, kw - 1 - j, 0), (0, 0, 0)))
+                   ((0, 0, 0), (i, h - i - (oh - 1) * sh - 1, sh - 1),
+                    (j, w - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
     d_x = part if d_x is None else d_x + part
   return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
@@ -173,17 +186,22 @@ def conv2d(
     x: Array,
     kernel: Array,
     *,
+    strides: int | Sequence[int] = 1,
     padding: Padding = "VALID",
     implementation: str = "auto",
     precision: Any = None,
 ) -> Array:
-  """Stride-1 2-D convolution of NHWC ``x`` with an HWIO ``kernel``.
+  """2-D convolution of NHWC ``x`` with an HWIO ``kernel``.
 
   Args:
     x: input, shape (N, H, W, Cin).
     kernel: shape (KH, KW, Cin, Cout), any (odd or even) kernel size.
-    padding: ``"VALID"``, ``"SAME"`` (as ``lax``: extra pad goes high) or a
-      pair of (low, high) ints per spatial dim.
+    strides: int or (SH, SW) window strides (a ResNet's downsampling convs use 2).
+      ``"gemm"``, ``"im2col"`` and ``"taps"`` take strided windows (no extra work);
+      ``"xla_canonical"``, whose backward pass is written for stride 1, computes the
+      stride-1 output and keeps every SH-th row and SW-th column (SH*SW times the work).
+    padding: ``"VALID"``, ``"SAME"`` (as ``lax``: ceil(H/SH) outputs, extra pad goes
+      high) or a pair of (low, high) ints per spatial dim.
     implementation: ``"xla"`` (``lax.conv_general_dilated``),
       ``"xla_canonical"`` (the same forward, with a ``custom_vjp`` whose
       backward convolutions are already NHWC x HWIO -> NHWC, the form XLA:CPU
@@ -209,25 +227,33 @@ def conv2d(
   kh, kw, cin, cout = kernel.shape
   if x.shape[3] != cin:
     raise ValueError(f"Input has {x.shape[3]} channels, kernel expects {cin}.")
-  pads = _explicit_padding(padding, x.shape[1:3], (kh, kw))
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  if len(strides) != 2 or not all(isinstance(s, int) and s >= 1 for s in strides):
+    raise ValueError(f"strides must be a positive int or two of them, got {strides}.")
+  pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
 
   if impl == "xla":
-    return _lax_conv(x, kernel, pads, precision)
+    return _lax_conv(x, kernel, pads, precision, strides)
   if impl == "xla_canonical":
     if any(p < 0 for pair in pads for p in pair):
       raise ValueError(f"xla_canonical needs non-negative padding: {pads}.")
-    return _conv_canonical_vjp(x, kernel, tuple(map(tuple, pads)), precision)
+    y = _conv_canonical_vjp(x, kernel, tuple(map(tuple, pads)), precision)
+    if strides == (1, 1):
+      return y
+    oh = (x.shape[1] + sum(pads[0]) - kh) // strides[0] + 1
+    ow = (x.shape[2] + sum(pads[1]) - kw) // strides[1] + 1
+    return y[:, :(oh - 1) * strides[0] + 1:strides[0], :(ow - 1) * strides[1] + 1:strides[1]]
 
   if any(p != (0, 0) for p in pads):
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
   if impl == "gemm":
-    return _conv_gemm(x, kernel, precision)
+    return _conv_gemm(x, kernel, precision, strides)
   if impl == "im2col":
     # Channel order (i, j, c) matches the row-major reshape of the HWIO kernel.
-    return _im2col_matmul(x, kernel, precision)
+    return _im2col_matmul(x, kernel, precision, strides)
 
   # impl == "taps"
-  views, _, _ = _shifted_windows(x, kh, kw)
+  views, _, _ = _shifted_windows(x, kh, kw, strides)
   flat_kernel = kernel.reshape(kh * kw, cin, cout)
   out = None
   for t, view in enumerate(views):
@@ -268,7 +294,7 @@ def max_pool(x: Array, window: int = 2) -> Array:
 
 
 class Conv(nn.Module):
-  """Stride-1 2-D convolution layer, a drop-in for ``flax.linen.Conv``.
+  """2-D convolution layer, a drop-in for ``flax.linen.Conv``.
 
   Same parameter names, shapes and default initializers as ``nn.Conv``
   (``kernel``: (KH, KW, Cin, Cout), ``bias``: (Cout,)), so variables and
@@ -279,6 +305,7 @@ class Conv(nn.Module):
   Attributes:
     features: number of output channels.
     kernel_size: int or (KH, KW).
+    strides: int or (SH, SW) (default 1).
     padding: ``'VALID'``, ``'SAME'`` or ((lo, hi), (lo, hi)).
     use_bias: add a learned bias.
     dtype: computation dtype (default: promoted from inputs and params).
@@ -292,6 +319,7 @@ class Conv(nn.Module):
 
   features: int
   kernel_size: int | Sequence[int]
+  strides: int | Sequence[int] = 1
   padding: Padding = "VALID"
   use_bias: bool = True
   dtype: Any = None
@@ -321,7 +349,7 @@ class Conv(nn.Module):
                        self.param_dtype) if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 
-    y = conv2d(x, kernel, padding=self.padding,
+    y = conv2d(x, kernel, strides=self.strides, padding=self.padding,
                implementation=self.implementation, precision=self.precision)
     if bias is not None:
       y = y + bias

@@ -1,8 +1,9 @@
-"""The seed and paper networks, built from a config.
+"""The seed and paper networks and ResNet-20 (`bnlab.models.resnet`), built from a config.
 
-Every model takes `norm` (one of `NORMS`) and `bn_position`: "before" the
-activation (the paper's rule: the preceding layer loses its bias, which the
-norm's shift replaces) or "after" it. Norms:
+Every model takes `norm` (one of `NORMS`, built by `NormSpec`) and `bn_position`:
+"before" the activation (the paper's rule: the preceding layer loses its bias, which the
+norm's shift replaces) or "after" it (not resnet20, whose norms sit before, as He et al.'s).
+Norms:
 
 - "batch": `bnlab.BatchNorm` ("flax_batch": Flax's own, as a reference);
 - "renorm", "ghost", "noisy": Batch Renormalization, ghost batches, BN with
@@ -35,55 +36,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnlab.models import resnet
 from bnlab.models.conv import Conv, max_pool
-from bnlab.layers import linen as norm_linen
-from bnlab.layers.linen import BatchNorm
+from bnlab.models.parts import (  # noqa: F401  (re-exported: networks.NORMS, ...)
+    ACTIVATIONS, BATCH_STAT_NORMS, KERNEL_INITS, NORMS, NormSpec, group_norm,
+    kernel_initializer)
 from bnlab.models.user import is_user_model, user_model
 
-MODELS = ("paper_mlp", "seed_cnn", "seed1_mlp", "seed1_cnn")
-CNN_MODELS = ("seed_cnn", "seed1_cnn")  # the built-in networks with convolutions
-BATCH_STAT_NORMS = ("batch", "flax_batch", "renorm", "ghost", "noisy", "frozen")
-NORMS = ("none", *BATCH_STAT_NORMS, "layer", "group")
+MODELS = ("paper_mlp", "seed_cnn", "seed1_mlp", "seed1_cnn", "resnet20")
+CNN_MODELS = ("seed_cnn", "seed1_cnn", "resnet20")  # the built-in networks with convolutions
 BN_POSITIONS = ("before", "after")
-ACTIVATIONS = {
-    "relu": nn.relu,
-    "sigmoid": nn.sigmoid,
-    "tanh": jnp.tanh,
-    "elu": nn.elu,
-    "gelu": nn.gelu,
-    "identity": lambda x: x,
-}
-KERNEL_INITS = ("lecun_normal", "glorot_uniform", "he_normal", "normal")
 # Hidden widths (dense) or channels (conv) of each model when `widths` is empty.
 DEFAULT_WIDTHS = {
     "paper_mlp": (100, 100, 100),
     "seed_cnn": (32, 64, 64),
     "seed1_mlp": (16, 32),
     "seed1_cnn": (32, 32),
+    "resnet20": (16, 32, 64),  # the stages' filters
 }
-
-
-def kernel_initializer(name: str, std: float = 0.01) -> Callable:
-  """A Flax initializer by name ("normal" draws N(0, std^2))."""
-  if name == "lecun_normal":
-    return nn.initializers.lecun_normal()
-  if name == "glorot_uniform":
-    return nn.initializers.glorot_uniform()
-  if name == "he_normal":
-    return nn.initializers.he_normal()
-  if name == "normal":
-    return nn.initializers.normal(std)
-  raise ValueError(f"model.kernel_init={name!r}; expected one of {KERNEL_INITS}")
-
-
-def group_norm(h, train: bool, *, num_groups: int, epsilon: float, dtype=None):
-  """Flax's GroupNorm over the last axis, in the calling module; checks the groups."""
-  del train
-  if h.shape[-1] % num_groups:
-    raise ValueError(
-        f"model.bn.num_groups={num_groups} does not divide the {h.shape[-1]} features of a "
-        f"normalized layer")
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype)(h)
 
 
 # Activations that commute with max pooling (monotone non-decreasing).
@@ -175,48 +145,18 @@ class Classifier(nn.Module):
   num_classes: int = 10
   dtype: Any = None  # computation dtype (None: float32); parameters stay float32
 
-  def make_norm(self) -> Callable[[jax.Array, bool], jax.Array] | None:
+  def make_norm(self) -> Callable[..., jax.Array] | None:
     """(h, train) -> normalized h, creating the norm layer in the calling block."""
-    if self.norm not in NORMS:
-      raise ValueError(f"model.norm={self.norm!r}; expected one of {NORMS}")
-    if self.norm == "none":
-      return None
-    if self.norm == "layer":
-      return lambda h, train: nn.LayerNorm(
-          epsilon=self.bn_epsilon, reduction_axes=tuple(range(1, h.ndim)), dtype=self.dtype)(h)
-    if self.norm == "group":
-      return functools.partial(
-          group_norm, num_groups=self.norm_num_groups, epsilon=self.bn_epsilon,
-          dtype=self.dtype)
-    # Statistics and running averages stay float32 in every BN layer
-    # (force_float32_reductions, on by default), whatever `dtype`.
-    bn = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
-    if self.norm == "flax_batch":
-      layer = functools.partial(nn.BatchNorm, **bn)
-    elif self.norm == "batch" and self.bn_running_average == "ema":
-      layer = functools.partial(BatchNorm, variance=self.bn_variance, **bn)
-    else:
-      bn.update(variance=self.bn_variance, running_average=self.bn_running_average,
-                name="BatchNorm_0")
-      if self.norm in ("batch", "frozen"):
-        layer = functools.partial(
-            norm_linen.BatchNormVariant, frozen=self.norm == "frozen", **bn)
-      elif self.norm == "renorm":
-        layer = functools.partial(
-            norm_linen.BatchRenorm, r_max=self.bn_renorm_r_max, d_max=self.bn_renorm_d_max,
-            warmup_steps=self.bn_renorm_warmup_steps, r_max_steps=self.bn_renorm_r_max_steps,
-            d_max_steps=self.bn_renorm_d_max_steps, **bn)
-      elif self.norm == "ghost":
-        layer = functools.partial(norm_linen.GhostBatchNorm, ghost_size=self.bn_ghost_size, **bn)
-      else:  # noisy
-        layer = functools.partial(
-            norm_linen.NoisyBatchNorm, noise_shift_max=self.bn_noise_shift_max,
-            noise_scale_max=self.bn_noise_scale_max, **bn)
-    # Per activation, a conv map's every (H, W, C) position has its own statistics, as a
-    # dense layer's BN would treat the flattened map; else per channel (the last axis).
-    per = lambda h: {"axis": tuple(range(1, h.ndim))} if (  # noqa: E731
-        self.bn_per_activation and h.ndim > 2) else {}
-    return lambda h, train: layer(**per(h))(h, use_running_average=not train)
+    return NormSpec(
+        norm=self.norm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        variance=self.bn_variance, running_average=self.bn_running_average,
+        ghost_size=self.bn_ghost_size, renorm_r_max=self.bn_renorm_r_max,
+        renorm_d_max=self.bn_renorm_d_max, renorm_warmup_steps=self.bn_renorm_warmup_steps,
+        renorm_r_max_steps=self.bn_renorm_r_max_steps,
+        renorm_d_max_steps=self.bn_renorm_d_max_steps,
+        noise_shift_max=self.bn_noise_shift_max, noise_scale_max=self.bn_noise_scale_max,
+        num_groups=self.norm_num_groups, per_activation=self.bn_per_activation,
+        dtype=self.dtype).make()
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -272,6 +212,8 @@ def build_model(cfg, dtype=None, num_classes: int = 10) -> nn.Module:
     return user_model(cfg, dtype)
   if cfg.name not in MODELS:
     raise ValueError(f"model.name={cfg.name!r}; expected one of {MODELS}")
+  if cfg.name == "resnet20":
+    return _resnet20(cfg, dtype, num_classes)
   if cfg.activation not in ACTIVATIONS:
     raise ValueError(f"model.activation={cfg.activation!r}; expected one of {tuple(ACTIVATIONS)}")
   if cfg.bn_position not in BN_POSITIONS:
@@ -301,6 +243,32 @@ def build_model(cfg, dtype=None, num_classes: int = 10) -> nn.Module:
                        flatten_norm=cfg.bn.get("statistics", "model") != "channel", **common)
   c1, c2 = _expect_widths(cfg, widths, 2)  # seed1_cnn: Conv32, Conv32, Dense10
   return _classifier(conv=((c1, False, True), (c2, False, True)), dense=(), **common)
+
+
+def _resnet20(cfg, dtype, num_classes: int) -> nn.Module:
+  """ResNet-20 (`bnlab.models.resnet`) from the `model` section: its norms before the
+  activations, as the paper's."""
+  if cfg.activation not in ACTIVATIONS:
+    raise ValueError(f"model.activation={cfg.activation!r}; expected one of {tuple(ACTIVATIONS)}")
+  if cfg.bn_position != "before":
+    raise ValueError(f"model.bn_position={cfg.bn_position!r}: resnet20 puts each norm before "
+                     "the activation (He et al. 2016); set model.bn_position='before'")
+  options = cfg.get("resnet", {})
+  return _cached(
+      resnet.ResNet, stage_widths=tuple(_expect_widths(cfg, tuple(cfg.widths)
+                                                       or DEFAULT_WIDTHS[cfg.name], 3)),
+      num_classes=num_classes, norm=NormSpec.from_config(cfg, dtype),
+      activation=cfg.activation, shortcut=options.get("shortcut", "A"),
+      zero_init_last_scale=options.get("zero_init_last_scale", False),
+      kernel_init=cfg.kernel_init, init_std=cfg.init_std,
+      bias_before_norm=cfg.bn.get("bias_before", False), dropout=cfg.get("dropout", 0.0),
+      conv_implementation=cfg.conv_implementation, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached(cls, **fields) -> nn.Module:
+  """One module per class and fields, as `_classifier`."""
+  return cls(**fields)
 
 
 @functools.lru_cache(maxsize=128)
@@ -381,7 +349,8 @@ def normalized_features(cfg, image_hw: tuple[int, int] = (28, 28)) -> tuple[int,
 def pre_activation_names(name: str) -> tuple[str, ...]:
   """The names a model may sow, per hidden block: `preact_<i>`, then `xhat_<i>` (sown only
   where a batch-statistics norm sits before the activation)."""
-  blocks = {"paper_mlp": 3, "seed_cnn": 3, "seed1_mlp": 2, "seed1_cnn": 2}.get(name, 0)
+  blocks = {"paper_mlp": 3, "seed_cnn": 3, "seed1_mlp": 2, "seed1_cnn": 2,
+            "resnet20": 19}.get(name, 0)  # resnet20: the stem's, two per block
   return (tuple(f"preact_{i}" for i in range(blocks))
           + tuple(f"xhat_{i}" for i in range(blocks)))
 
