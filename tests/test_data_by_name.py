@@ -178,3 +178,21 @@ def test_default_data_dir_is_tfds_own(monkeypatch, tmp_path):
                       str(tmp_path))
   assert data.tfds_images.tfds_dir("") == str(tmp_path)
   assert data.tfds_images.tfds_dir("~/x") == os.path.expanduser("~/x")
+
+
+def test_resnet20_with_adamw_and_augmentation_on_a_colour_dataset(tmp_path, tfds_dir):
+  """The README's own-problem command on generated data: ResNet-20 (narrow, for time) with BN
+  and AdamW, crop-and-flip, 100 classes; its logits come back through `load_run`."""
+  import bnlab
+  cfg = config("tiny_colour100", tfds_dir, augment="crop_flip")
+  cfg.model.name, cfg.model.bn_position, cfg.model.widths = "resnet20", "before", (4, 8, 8)
+  cfg.model.conv_implementation = "xla"
+  cfg.optimizer.name, cfg.optimizer.learning_rate = "adamw", 1e-3
+  cfg.optimizer.weight_decay = 0.05
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert summary["final_step"] == 6 and np.isfinite(summary["train_loss"])
+  assert summary["data_augment"] == "crop_flip" and summary["data_num_classes"] == 100
+  run = bnlab.load_run(str(tmp_path / "run"))
+  images = np.zeros((2, 12, 12, 3), np.float32)
+  logits = run.model.apply(run.variables, images, train=False)
+  assert logits.shape == (2, 100) and "batch_stats" in run.variables
