@@ -29,7 +29,7 @@ from bnlab.layers.variants import RUNNING_AVERAGES
 # "package.module:function" (bnlab.engine.optim).
 BN_STATISTICS = ("model", "channel", "activation")  # model.bn.statistics
 OPTIMIZERS = ("sgd", "momentum", "adam")
-SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "piecewise", "step", "warmup_cosine")
 LOOPS = ("auto", "scan", "loop")
 CONV_IMPLEMENTATIONS = ("auto", *conv.IMPLEMENTATIONS)
 # Integers beyond these do not fit what they become: a seed a uint32 (a group
@@ -247,6 +247,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0
   c.optimizer.decay_factor = 0.1  # schedule=step: multiply by this ...
   c.optimizer.decay_every_steps = 0  # ... every this many steps
+  c.optimizer.decay_boundaries = ()  # schedule=piecewise: ... at each of these steps
   # Keyword arguments of the optax optimizer optimizer.name names (e.g. b2 for adamw),
   # checked against its signature; free-form for your own transformation.
   c.optimizer.kwargs = ml_collections.ConfigDict()
@@ -454,6 +455,14 @@ def _validate_optimizer(c) -> None:
   _check(c.optimizer.schedule != "step" or c.optimizer.decay_every_steps > 0,
          "optimizer.decay_every_steps", c.optimizer.decay_every_steps,
          "an integer > 0 when optimizer.schedule=step")
+  bounds = c.optimizer.decay_boundaries
+  _check(isinstance(bounds, (tuple, list))
+         and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bounds)
+         and list(bounds) == sorted(set(bounds)), "optimizer.decay_boundaries", bounds,
+         "increasing integer steps > 0, e.g. '(32000,48000)'")
+  _check(c.optimizer.schedule != "piecewise" or len(bounds) > 0,
+         "optimizer.decay_boundaries", bounds,
+         "at least one step when optimizer.schedule=piecewise, e.g. '(32000,48000)'")
   _check(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay,
          "a number >= 0 (0 = no decay)")
   _one_of(c, "optimizer.weight_decay_mask", optim.WEIGHT_DECAY_MASKS)

@@ -9,10 +9,6 @@ The recipe: SGD with momentum 0.9 (not Nesterov), batch 128, learning rate 0.1 d
 nor biases), He init, shortcut option A (parameter-free).
 
 Where bnlab differs from the paper, and why:
-- The learning rate: `optimizer.schedule="step"` multiplies it by `decay_factor` every
-  `decay_every_steps`; there is no piecewise-constant schedule, so this divides by 10 at
-  32k only (0.1, then 0.01 to the end) and keeps the paper's first drop; the paper's
-  second drop at 48k (0.001 for the last 16k steps) is missing.
 - Weight decay: bnlab's is decoupled (`-learning_rate * weight_decay * param`, outside the
   momentum), the paper's an L2 term in the gradient, which momentum 0.9 accumulates to
   1 / (1 - 0.9) = 10 times its size in steady state; 1e-3 decoupled is the paper's 1e-4
@@ -41,9 +37,9 @@ def get_config(variant: str = "bn"):
   c.optimizer.name = "momentum"
   c.optimizer.momentum = 0.9
   c.optimizer.learning_rate = 0.1
-  c.optimizer.schedule = "step"
+  c.optimizer.schedule = "piecewise"
   c.optimizer.decay_factor = 0.1
-  c.optimizer.decay_every_steps = 32_000
+  c.optimizer.decay_boundaries = (32_000, 48_000)
   c.optimizer.weight_decay = 1e-3  # decoupled; = the paper's 1e-4 L2 under momentum 0.9
   c.optimizer.weight_decay_mask = "kernels"
   c.train.batch_size = 128

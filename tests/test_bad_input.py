@@ -416,6 +416,8 @@ CASES = [
     ("analysis_layer_unknown", "api", _set(analysis__layers=("nope",)), "config.analysis.layers", "--config.analysis.layers="),
     ("percentile_150", "api", _set(analysis__percentiles=(150.0,)), "config.analysis.percentiles", "--config.analysis.percentiles="),
     ("decay_factor_negative", "api", _set(optimizer__decay_factor=-0.5), "config.optimizer.decay_factor=-0.5", "--config.optimizer.decay_factor="),
+    ("piecewise_no_boundaries", "api", _set(optimizer__schedule="piecewise"), "config.optimizer.decay_boundaries=()", "--config.optimizer.decay_boundaries="),
+    ("piecewise_unordered", "api", _set(optimizer__schedule="piecewise", optimizer__decay_boundaries=(48000, 32000)), "config.optimizer.decay_boundaries=(48000, 32000)", "increasing integer steps"),
     ("decay_every_negative", "api", _set(optimizer__decay_every_steps=-1), "config.optimizer.decay_every_steps=-1", "--config.optimizer.decay_every_steps="),
     ("num_steps_negative", "api", _set(train__num_steps=-5), "config.train.num_steps=-5", "--config.train.num_steps="),
     ("seed_too_large", "api", _set(seed=2**70), "config.seed=1180591620717411303424", "--config.seed="),

@@ -45,6 +45,8 @@ BAD_INPUTS = [
     (["--config.model.bn.momentum=1.5"], "config.model.bn.momentum"),
     (["--config.train.loop=while"], "config.train.loop"),
     (["--config.data.num_train=5000"], "config.data.num_train"),
+    (["--config.optimizer.schedule=piecewise", "--config.optimizer.decay_boundaries=(5,3)"],
+     "config.optimizer.decay_boundaries=(5, 3) is invalid"),
 ]
 
 

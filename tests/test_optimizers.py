@@ -300,3 +300,16 @@ def test_grouped_members_each_decay_with_their_own_learning_rate(idx_dir, tmp_pa
   grouped = os.path.join(str(tmp_path / "sw"), rows[3]["name"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                final_state(grouped)[1]["params"], final_state(solo)[1]["params"])
+
+
+def test_piecewise_schedule_by_hand():
+  """He et al.'s ResNet recipe: lr 0.1, / 10 at 32k and again at 48k (`configs/resnet20.py`);
+  the command line's tuple is checked in tests/test_main.py."""
+  c = config_lib.base_config()
+  c.optimizer.learning_rate, c.optimizer.schedule = 0.1, "piecewise"
+  c.optimizer.decay_boundaries, c.optimizer.decay_factor = (32_000, 48_000), 0.1
+  config_lib.validate(c)
+  lr = optim.learning_rate_schedule(c.optimizer, 64_000)
+  expected = {0: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01, 48_000: 0.001, 63_999: 0.001}
+  for step, value in expected.items():
+    assert float(lr(step)) == pytest.approx(value, rel=1e-6), step

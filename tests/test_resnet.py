@@ -18,6 +18,7 @@ except ImportError:
   from jax.experimental import enable_x64
 
 from bnlab import config as config_lib
+from bnlab.engine import optim
 from bnlab.engine import train
 from bnlab.errors import ConfigError
 from bnlab.models import networks
@@ -276,6 +277,8 @@ def test_config_file_is_the_papers_recipe():
   assert (c.optimizer.name, c.optimizer.momentum, c.optimizer.learning_rate) == (
       "momentum", 0.9, 0.1)
   assert c.train.batch_size == 128 and c.train.num_steps == 64_000
+  lr = optim.learning_rate_schedule(c.optimizer, c.train.num_steps)  # / 10 at 32k and 48k
+  assert [round(float(lr(s)), 6) for s in (0, 32_000, 48_000)] == [0.1, 0.01, 0.001]
   assert c.optimizer.weight_decay_mask == "kernels" and c.optimizer.weight_decay > 0
   assert config_file.get_config("nobn").model.norm == "none"
 

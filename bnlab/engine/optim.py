@@ -45,6 +45,9 @@ def learning_rate_schedule(opt, total_steps: int):
   elif opt.schedule == "step":
     main = optax.exponential_decay(lr, opt.decay_every_steps, opt.decay_factor,
                                    staircase=True)
+  elif opt.schedule == "piecewise":  # x decay_factor at each boundary (He et al.'s drops)
+    main = optax.piecewise_constant_schedule(
+        lr, {int(b): float(opt.decay_factor) for b in opt.decay_boundaries})
   else:  # cosine, warmup_cosine: decay to 0 over the run
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1),
