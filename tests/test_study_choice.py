@@ -3,12 +3,18 @@ judged on the test metric against the other at its own rate, paired by seed, cen
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
+
 import pytest
 
 from bnlab import study
+from bnlab import sweep
 from bnlab.study import choice
 from bnlab.study import published
 from bnlab.study import rules as rules_lib
+from test_study import ROOT, run_local
 from test_study_checks import fails, make_study, check
 
 RATES = (0.1, 1.0, 10.0)
@@ -138,3 +144,46 @@ def test_choose_is_checked_with_the_study():
         r"claims.small_rates.a=.* fixes optimizer.learning_rate, which choose chooses")
   fails(make_study(**{**ok, "rule": "wins_above_best"}),
         r"rule 'wins_above_best' does not compare two cells a and b")
+
+
+def test_the_speed_study_publishes_its_choice_and_verify_recomputes_it(idx_dir, tmp_path):
+  """configs/studies/speed_to_target.py at :runlocal on the tiny fixture: every claim
+  compares the rates that the runs' own summaries (val_accuracy) make best, and `verify`
+  recomputes them from the published data, failing when a published validation value moves."""
+  wd, out = str(tmp_path / "wd"), str(tmp_path / "out")
+  run_local("speed_to_target", idx_dir, wd)
+  path = os.path.join("configs", "studies", "speed_to_target.py")
+  cfg = sweep.load_config_file(os.path.join(ROOT, path)).get_config("runlocal")
+  cfg.data.source, cfg.data.dir = "idx", idx_dir
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    study.run_study(study.Study.from_file(path, "runlocal", cfg), wd, "report", out=out)
+  finally:
+    os.chdir(cwd)
+  means = {}
+  for name in os.listdir(os.path.join(wd, "runs")):
+    if name.startswith("norm="):
+      with open(os.path.join(wd, "runs", name, "summary.json")) as f:
+        summary = json.load(f)
+      key = dict(part.split("=") for part in name.split(","))
+      means.setdefault((key["norm"], float(key["learning_rate"])), []).append(
+          summary["val_accuracy"])
+  best = {}
+  for norm in ("batch", "none"):
+    rates = sorted(lr for n, lr in means if n == norm)
+    best[norm] = max(rates, key=lambda lr: (sum(means[(norm, lr)]) / 2, -lr))
+  claims = json.load(open(os.path.join(out, "claims.json")))
+  assert len(claims) == 4
+  for c in claims:
+    assert (c["numbers"]["chosen"]["a"], c["numbers"]["chosen"]["b"]) == (best["batch"],
+                                                                           best["none"])
+  assert published.verify(out) == (4, [])
+  with gzip.open(os.path.join(out, published.DATA), "rt") as f:
+    data = json.load(f)
+  for row in data["rows"]:  # the other rate of BN becomes its best on validation
+    if row["model.norm"] == "batch" and row["optimizer.learning_rate"] != best["batch"]:
+      row["val_acc"] = 2.0
+  published.write(os.path.join(out, published.DATA), data)
+  count, problems = published.verify(out)
+  assert count == 4 and any("numbers published" in p for p in problems)
