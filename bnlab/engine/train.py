@@ -428,10 +428,11 @@ def load_data(cfg) -> data_lib.Dataset:
                  "(data.pipeline=%s).", ds.num_train, d.name, d.pipeline)
   else:
     ds = data_lib.load(d)
-  held = {}
   if d.validation_size:
     config_lib.check_validation_split(d, ds.num_train, cfg.train.batch_size, ds.source)
-    val = data_lib.split.held_out(ds.num_train, d.validation_size, d.validation_seed)
+  val = data_lib.split.held_out(ds.num_train, d.validation_size, d.validation_seed)
+  held = {}
+  if len(val):
     if ds.stream is not None:
       held = dict(zip(("val_images", "val_labels"), ds.stream.read_stored(val)))
     else:
@@ -448,9 +449,7 @@ def load_data(cfg) -> data_lib.Dataset:
         raise config_lib.ConfigError(
             f"config.{key}={n} but the {ds.source} data has only {have} examples{after}; "
             "lower it (0 = all)")
-    take = data_lib.split.training_positions(ds.num_train, val if d.validation_size else
-                                             np.zeros((0,), np.int64), d.num_train,
-                                             d.subset_seed)
+    take = data_lib.split.training_positions(ds.num_train, val, d.num_train, d.subset_seed)
     train = ({"stream": ds.stream.subset(take)} if ds.stream is not None else
              {"train_images": ds.train_images[take], "train_labels": ds.train_labels[take]})
     ds = dataclasses.replace(
