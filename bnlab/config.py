@@ -183,6 +183,13 @@ def base_config() -> ml_collections.ConfigDict:
   # (the same images for every run that names it, whatever the run's own seed).
   c.data.subset_seed = -1
   c.data.num_test = 0  # 0 -> all 10,000 test examples
+  # > 0: this many training-split examples held out for validation (bnlab.data.split): a
+  # fixed sample drawn with validation_seed (the same for every run that names it, whatever
+  # the run's own seed), never trained on; num_train's subset is drawn from the rest. Every
+  # evaluation also scores them (val_loss, val_accuracy, val_correct) with the statistics
+  # the test set is scored with. 0: none, as always.
+  c.data.validation_size = 0
+  c.data.validation_seed = 0
 
   c.model = ml_collections.ConfigDict()
   # A built-in network (bnlab.models.networks.MODELS) or your own Flax model,
@@ -385,6 +392,11 @@ def _validate_seed_and_data(c) -> None:
   _check(isinstance(c.data.subset_seed, int) and -1 <= c.data.subset_seed <= MAX_SEED,
          "data.subset_seed", c.data.subset_seed,
          f"-1 (data.num_train takes the first examples) or a seed in [0, {MAX_SEED}]")
+  _check(isinstance(c.data.validation_size, int) and c.data.validation_size >= 0,
+         "data.validation_size", c.data.validation_size,
+         "an integer >= 0 (0 = no validation split)")
+  _check(isinstance(c.data.validation_seed, int) and 0 <= c.data.validation_seed <= MAX_SEED,
+         "data.validation_seed", c.data.validation_seed, f"a seed in [0, {MAX_SEED}]")
   _check(c.data.name != data_lib.MNIST or c.data.pipeline != "grain", "data.pipeline",
          c.data.pipeline, "'device' or 'auto' with data.name='mnist' (grain streams a TFDS "
          "data.name from its files; MNIST fits on any device)")
@@ -405,6 +417,21 @@ def _validate_seed_and_data(c) -> None:
                        ("data.num_test", c.data.num_test, spec.num_test)):
     _check(spec.name == data_lib.MNIST or n <= have, key, n,
            f"at most the {have} examples of {spec.name} (0 = all)")
+  # The sizes are known here except for MNIST read from an IDX directory (any count):
+  # train.load_data checks those once loaded.
+  if c.data.validation_size and (spec.name != data_lib.MNIST or c.data.source != "idx"):
+    check_validation_split(c.data, spec.num_train, c.train.batch_size, spec.name)
+
+
+def check_validation_split(d, have: int, batch_size: int, where: str) -> None:
+  """`data.validation_size` held out of the `have` training examples of `where` leaves
+  `data.num_train` (or, with 0, at least one batch of `batch_size`) to train on."""
+  left = have - d.validation_size
+  _check(left >= max(batch_size, d.num_train), "data.validation_size", d.validation_size,
+         f"at most {have - max(batch_size, d.num_train)}: holding it out of the {have} "
+         f"training examples of {where} must leave "
+         + (f"data.num_train={d.num_train} to sample from" if d.num_train > batch_size else
+            f"at least one batch (train.batch_size={batch_size}) to train on"))
 
 
 def _validate_model(c) -> None:
@@ -615,6 +642,8 @@ def check_model_runs(c, num_train: int | None = None, num_test: int | None = Non
   module = models.build_model(c.model, dtype=models.compute_dtype(c.train.half_precision))
   e = c.train.eval_batch_size
   counts = [num_test or c.data.num_test]
+  if c.data.validation_size:
+    counts.append(c.data.validation_size)
   if c.train.final_train_eval:
     counts.append(num_train or c.data.num_train)
   problem = user_models.run_problem(module, c.train.batch_size,

@@ -116,3 +116,20 @@ def test_refused_where_it_cannot_stream(tfds_dir, change, expected):
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.validate(cfg)
   assert "config.data.pipeline='grain'" in str(info.value) and expected in str(info.value)
+
+
+def test_a_streamed_split_holds_out_the_device_paths_validation_images(tfds_dir):
+  """data.validation_size with a streamed split: the held-out images are read into memory,
+  the same (and standardized the same) as the device path's, and left out of the stream."""
+  keys = {"validation_size": 32, "validation_seed": 4, "num_train": 100, "subset_seed": 2}
+  streamed = train.load_data(config(tfds_dir, "grain", **keys))
+  resident = train.load_data(config(tfds_dir, "device", **keys))
+  assert streamed.num_train == resident.num_train == 100
+  np.testing.assert_array_equal(streamed.val_images, resident.val_images)
+  np.testing.assert_array_equal(streamed.val_labels, resident.val_labels)
+  held = set(data.split.held_out(160, 32, 4).tolist())
+  assert not held & set(streamed.stream.indices.tolist()) and len(held) == 32
+  s, r = calls_lib.DeviceData.place(streamed), calls_lib.DeviceData.place(resident)
+  np.testing.assert_array_equal(np.asarray(s.val_images), np.asarray(r.val_images))
+  x, _ = streamed.stream.read(np.arange(100))
+  np.testing.assert_array_equal(x, np.asarray(r.train_images))

@@ -51,7 +51,7 @@ from bnlab.data.idx import (IDX_FILE_STEMS, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, 
 from bnlab.data.tfds_source import (TFDS_BNLAB, TFDS_OFFICIAL, TFDS_SPLITS, TFDS_SUBDIR,
                                     bnlab_mnist_builder_class, build_bnlab_mnist, load_tfds,
                                     tfds_data_dir)
-from bnlab.data import augment, normalize, tfds_images
+from bnlab.data import augment, normalize, split, tfds_images
 # bnlab.rundir.workdir hashes files with it.
 from bnlab.data.embedded import sha256_file
 
@@ -117,7 +117,9 @@ def input_spec(data_cfg) -> InputSpec:
 def data_bytes(data_cfg, spec: DataSpec | None = None) -> int:
   """Bytes the data of `data_cfg` takes on the device, as the model takes it."""
   spec = spec or spec_of(data_cfg)
-  n = (data_cfg.num_train or spec.num_train) + (data_cfg.num_test or spec.num_test)
+  held = data_cfg.validation_size
+  n = ((data_cfg.num_train or spec.num_train - held) + held
+       + (data_cfg.num_test or spec.num_test))
   return n * spec.example_bytes(normalized(data_cfg))
 
 

@@ -52,6 +52,10 @@ class Dataset:
   # The training split streamed through grain (`grain_source.StreamedSplit`), its
   # train_images and train_labels then empty; None: every array is here.
   stream: Any = None
+  # Training-split examples held out for validation (`data.validation_size`, `split`), as
+  # train_images and train_labels; None: none held out.
+  val_images: np.ndarray | None = None
+  val_labels: np.ndarray | None = None
 
   @property
   def num_train(self) -> int:

@@ -91,6 +91,14 @@ class StreamedSplit:
         self.source, self.indices[np.asarray(positions)], self.image_key, self.label_key)
     return normalize.standardize(images, self.stats, self.table), labels.astype(np.int32)
 
+  def read_stored(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the stored uint8 images, labels as the loaded split types them) at split positions
+    `positions`: examples held out of the stream (`data.validation_size`) and kept in
+    memory, standardized on the device like the test split."""
+    images, labels = tfds_images.read_examples(
+        self.source, self.indices[np.asarray(positions)], self.image_key, self.label_key)
+    return images, labels.astype(tfds_images.label_dtype(self.spec.num_classes))
+
   def _open(self, perm: np.ndarray, start: int, batch_size: int, epoch: int):
     steps = len(perm) // batch_size
     order = np.asarray(perm[start * batch_size: steps * batch_size])

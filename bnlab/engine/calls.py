@@ -51,12 +51,15 @@ def data_parallel_mesh(num_devices: int) -> jax.sharding.Mesh | None:
 
 class DeviceData(NamedTuple):
   """The dataset on the device(s) as the model takes it (`Dataset.normalization`
-  applied on the host), labels as int32."""
+  applied on the host), labels as int32; the held-out validation examples where the
+  dataset has them (`data.validation_size`), else None."""
 
   train_images: jax.Array
   train_labels: jax.Array
   test_images: jax.Array
   test_labels: jax.Array
+  val_images: jax.Array | None = None
+  val_labels: jax.Array | None = None
 
   @classmethod
   def place(cls, ds, mesh=None) -> DeviceData:
@@ -65,8 +68,10 @@ class DeviceData(NamedTuple):
     stats = ds.normalization
     table = None if stats is None else normalize.lookup_table(stats)
     inputs = functools.partial(normalize.standardize, stats=stats, table=table)
+    held = () if ds.val_labels is None else (place(inputs(ds.val_images)),
+                                             place(ds.val_labels.astype(np.int32)))
     return cls(place(inputs(ds.train_images)), place(ds.train_labels.astype(np.int32)),
-               place(inputs(ds.test_images)), place(ds.test_labels.astype(np.int32)))
+               place(inputs(ds.test_images)), place(ds.test_labels.astype(np.int32)), *held)
 
 
 def _cache_size(fn) -> int:

@@ -296,9 +296,11 @@ def config_fingerprint(cfg) -> bytes:
 
 
 def data_fingerprint(ds) -> bytes:
-  """The bytes of a dataset's four arrays (shapes, dtypes and values)."""
+  """The bytes of a dataset's four arrays (shapes, dtypes and values), and of its held-out
+  validation examples where it has them."""
   h = hashlib.sha256()
-  for a in (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels):
+  held = () if getattr(ds, "val_images", None) is None else (ds.val_images, ds.val_labels)
+  for a in (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, *held):
     a = np.ascontiguousarray(a)
     h.update(f"{a.shape}{a.dtype}".encode())
     h.update(a.tobytes())

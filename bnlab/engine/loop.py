@@ -103,6 +103,9 @@ class Loop:
     self.split = split or timesplit.TimeSplit()
     self.cfg = members[0].cfg
     self.eval_batch_size = min(self.cfg.train.eval_batch_size, len(data.test_labels))
+    # The held-out validation examples (data.validation_size), scored beside the test set.
+    self.val_batch_size = (None if data.val_labels is None else
+                           min(self.cfg.train.eval_batch_size, len(data.val_labels)))
     # Seconds per example of the last evaluation, compiling apart (None: none yet): what
     # the final evaluation's announced duration is estimated from.
     self.eval_seconds_per_example: float | None = None
@@ -232,12 +235,22 @@ class Loop:
     m.recording = False
     self.on_stop(m, last["step"], None, self.split)
 
+  def _scores(self, state, images, labels, batch_size: int) -> dict:
+    """{"running": .., kind: ..}: `images` scored with each of train.eval_statistics."""
+    out = {"running": self.calls.evaluate(state, images, labels, batch_size)}
+    out.update(self.calls.evaluate_others(state, images, labels, self.data.train_images,
+                                          batch_size))
+    return out
+
   def _evaluate(self, state) -> dict:
-    """The evaluations of every member, on the device: {"running": .., kind: .., "analysis": ..}."""
-    out = {"running": self.calls.evaluate(state, self.data.test_images, self.data.test_labels,
-                                          self.eval_batch_size)}
-    out.update(self.calls.evaluate_others(state, self.data.test_images, self.data.test_labels,
-                                          self.data.train_images, self.eval_batch_size))
+    """The evaluations of every member, on the device: {"running": .., kind: .., "analysis": ..},
+    and {"val": {"running": .., kind: ..}} of the held-out validation examples, scored with the
+    same statistics, where the data has them."""
+    out = self._scores(state, self.data.test_images, self.data.test_labels,
+                       self.eval_batch_size)
+    if self.val_batch_size is not None:
+      out["val"] = self._scores(state, self.data.val_images, self.data.val_labels,
+                                self.val_batch_size)
     apply, _, params = self.calls.eval_inputs(state)
     out["analysis"] = evaluation.analysis_outputs(
         self.cfg.analysis, apply, params, state.batch_stats, self.data.test_images,
@@ -248,25 +261,31 @@ class Loop:
     """Records the duration per example forward of the evaluation begun at `start` (a
     `time.perf_counter()`; `compiled`: `timesplit.compile_seconds()` then), now done."""
     seconds = time.perf_counter() - start - (timesplit.compile_seconds() - compiled)
-    forwards = len(self.data.test_labels) * (1 + len(self.calls.eval_statistics))
+    sets = [len(self.data.test_labels)]
+    if self.data.val_labels is not None:
+      sets.append(len(self.data.val_labels))
+    forwards = sum(sets) * (1 + len(self.calls.eval_statistics))
     if "population" in self.calls.eval_statistics:  # the statistics' recomputation too
-      forwards += min(self.calls.population_examples, self.calls.num_train)
+      forwards += len(sets) * min(self.calls.population_examples, self.calls.num_train)
     self.eval_seconds_per_example = max(seconds, 0.0) / forwards
 
   def _eval_records(self, host: dict) -> list[dict]:
     """Each member's test loss, accuracy, per-image results (`per_image`: which test images
-    it classified correctly) and analysis recordings from `_evaluate`'s host copy."""
+    it classified correctly), the same of the validation examples (val_*) where there are
+    some, and analysis recordings from `_evaluate`'s host copy."""
     analysis = evaluation.analysis_records(host.pop("analysis"), len(self.members),
                                            self.calls.stacked)
+    sets = [("test", host)] + ([("val", host.pop("val"))] if "val" in host else [])
     results = []
     for i in range(len(self.members)):
       result = {}
-      for kind, e in host.items():
-        e = self.calls.member(e, i)
-        suffix = "" if kind == "running" else f"_{kind}"
-        result.update({f"test_loss{suffix}": float(e["loss"]),
-                       f"test_accuracy{suffix}": float(e["accuracy"]),
-                       f"test_correct{suffix}": per_image.encode(np.asarray(e["correct"]))})
+      for name, scores in sets:
+        for kind, e in scores.items():
+          e = self.calls.member(e, i)
+          suffix = "" if kind == "running" else f"_{kind}"
+          result.update({f"{name}_loss{suffix}": float(e["loss"]),
+                         f"{name}_accuracy{suffix}": float(e["accuracy"]),
+                         f"{name}_correct{suffix}": per_image.encode(np.asarray(e["correct"]))})
       results.append({**result, **analysis[i]})
     return results
 

@@ -208,8 +208,7 @@ def group_capacity(cfg, budget: int | None = None, wanted: int | None = None) ->
   """
   budget = memory_budget() if budget is None else budget
   spec = data_lib.spec_of(cfg.data)
-  num_data = (cfg.data.num_train or spec.num_train) + (cfg.data.num_test or spec.num_test)
-  free = budget - num_data * spec.example_bytes(data_lib.normalized(cfg.data))
+  free = budget - data_lib.data_bytes(cfg.data, spec)
   if wanted and wanted * member_bytes_bound(cfg) <= free:
     return wanted
   return max(1, int(free // member_bytes(cfg)))

@@ -278,6 +278,8 @@ def data_identity(ds: data_lib.Dataset) -> dict[str, Any]:
               "sha256": hashlib.sha256(distributed.data_fingerprint(ds)).hexdigest()}
   if ds.stream is not None:  # its info and examples taken: hashing it would read it all
     identity["stream"] = ds.stream.identity()
+  if ds.val_labels is not None:
+    identity["num_val"] = len(ds.val_labels)
   return identity
 
 
@@ -386,10 +388,12 @@ def _write_summary(info: dict, m: loop_lib.Member, step: int, full_train,
   last = {k: v for r in records for k, v in r.items()}  # each metric's latest value
   # The other statistics' results, and which test images were classified correctly
   # (test_correct*, `per_image`), of the last evaluation only: a statistic left out of
-  # it (train.eval_statistics changed on resume) has no final value.
+  # it (train.eval_statistics changed on resume) has no final value. The same of the
+  # held-out validation examples (val_*, data.validation_size) where there are some.
   last_eval = next((r for r in reversed(records) if "test_accuracy" in r), {})
   others = tuple(k for k in last_eval
-                 if k.startswith(("test_loss_", "test_accuracy_", "test_correct")))
+                 if k.startswith(("test_loss_", "test_accuracy_", "test_correct",
+                                  "val_loss", "val_accuracy", "val_correct")))
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy") + others:
     if key in last:
       # A diverged run has no final accuracy: its last evaluation predates the blow-up.
@@ -413,8 +417,10 @@ def _load_everywhere(cfg, ds: data_lib.Dataset | None) -> data_lib.Dataset:
 
 
 def load_data(cfg) -> data_lib.Dataset:
-  """The dataset of `cfg.data` (`bnlab.data.load`: MNIST, or a TFDS dataset by name), cut
-  to `num_train` (the first, or a seeded sample: `subset_seed`) and `num_test` when set."""
+  """The dataset of `cfg.data` (`bnlab.data.load`: MNIST, or a TFDS dataset by name), with
+  `validation_size` examples of its training split held out (`bnlab.data.split`: drawn
+  first, with `validation_seed`), cut to `num_train` of the rest (the first, or a seeded
+  sample: `subset_seed`) and `num_test` when set."""
   d = cfg.data
   if data_lib.streams(d, members_lib.memory_budget()):
     ds = data_lib.load_streamed(d)
@@ -422,23 +428,32 @@ def load_data(cfg) -> data_lib.Dataset:
                  "(data.pipeline=%s).", ds.num_train, d.name, d.pipeline)
   else:
     ds = data_lib.load(d)
-  if d.num_train or d.num_test:
-    n_train = d.num_train or ds.num_train
+  if d.validation_size:
+    config_lib.check_validation_split(d, ds.num_train, cfg.train.batch_size, ds.source)
+  val = data_lib.split.held_out(ds.num_train, d.validation_size, d.validation_seed)
+  held = {}
+  if len(val):
+    if ds.stream is not None:
+      held = dict(zip(("val_images", "val_labels"), ds.stream.read_stored(val)))
+    else:
+      held = {"val_images": ds.train_images[val], "val_labels": ds.train_labels[val]}
+  if d.num_train or d.num_test or d.validation_size:
+    left = ds.num_train - d.validation_size
+    n_train = d.num_train or left
     n_test = d.num_test or len(ds.test_labels)
-    for key, n, have in (("data.num_train", n_train, ds.num_train),
+    for key, n, have in (("data.num_train", n_train, left),
                          ("data.num_test", n_test, len(ds.test_labels))):
       if n > have:
+        after = (f" left after data.validation_size={d.validation_size}"
+                 if key == "data.num_train" and d.validation_size else "")
         raise config_lib.ConfigError(
-            f"config.{key}={n} but the {ds.source} data has only {have} examples; "
+            f"config.{key}={n} but the {ds.source} data has only {have} examples{after}; "
             "lower it (0 = all)")
-    # The first n_train, or a fixed sample of them drawn with data.subset_seed (kept in the
-    # data's order; each epoch shuffles it anyway).
-    take = (slice(n_train) if d.subset_seed < 0 or not d.num_train else np.sort(
-        np.random.default_rng(d.subset_seed).permutation(ds.num_train)[:n_train]))
+    take = data_lib.split.training_positions(ds.num_train, val, d.num_train, d.subset_seed)
     train = ({"stream": ds.stream.subset(take)} if ds.stream is not None else
              {"train_images": ds.train_images[take], "train_labels": ds.train_labels[take]})
     ds = dataclasses.replace(
-        ds, verified=False, **train,
+        ds, verified=False, **train, **held,
         test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
   if cfg.train.batch_size > ds.num_train:
     raise config_lib.ConfigError(

@@ -31,7 +31,7 @@ HPARAM_METRICS = ("test/accuracy", "test/loss", "train/accuracy", "train/loss")
 
 def tensorboard_tag(key: str) -> str | None:
   """The TensorBoard tag of a metrics record's key, or None (not written)."""
-  for prefix in ("train_", "test_"):
+  for prefix in ("train_", "test_", "val_"):
     if key.startswith(prefix):
       return f"{prefix[:-1]}/{key[len(prefix):]}"
   return TENSORBOARD_TAGS.get(key)

@@ -255,11 +255,26 @@ class _Members:
         for i, w in enumerate(v):
           self.where(f"{at}.{p}[{i}]", w)
 
+  def choose(self, at: str, spec: dict) -> None:
+    """A claim's `choose.along` is a cell key that neither `each` nor `a`/`b` fixes (the
+    choice is made among its values)."""
+    along = spec["choose"]["along"]
+    self.key(f"{at}.choose.along", along)
+    if along in (spec.get("each") or ()):
+      raise ConfigError(f"{at}.choose.along: {along} is also in each, so each verdict has one "
+                        f"value of it to choose from; leave it out of each")
+    for side in ("a", "b"):
+      if along in [p.partition("=")[0] for p in str(spec.get(side, "")).split(",")]:
+        raise ConfigError(f"{at}.{side}={spec[side]!r} fixes {along}, which choose chooses; "
+                          f"name the cells without it")
+
   def check_names(self) -> None:
     for name, spec in self.config["claims"].items():
       at = f"study config claims.{name}"
       spec = {k: v for k, v in spec.items() if k not in ("statement", "rule", "primary")}
       self.names(at, spec)
+      if "choose" in spec:
+        self.choose(at, spec)
       if "expected" in spec and "along" in spec:
         self.value_of(f"{at}.expected", spec["along"], spec["expected"])
       if "seed" in spec:

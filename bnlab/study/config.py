@@ -20,6 +20,7 @@ import ml_collections
 from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab.study import checks
+from bnlab.study import choice
 from bnlab.study import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -186,6 +187,8 @@ def validate(cfg) -> None:
       raise config_lib.ConfigError(
           f"study config claims.{name} is primary but its rule {rule!r} gives no p-value to "
           f"correct for multiplicity; use one of {sorted(registry.TESTS)} or make it secondary")
+    if "choose" in spec:
+      _check_choose(f"claims.{name}", rule, fn, spec.pop("choose"), names)
     problem = registry.RULE_CHECKS[rule](spec) if rule in registry.RULE_CHECKS else ""
     if problem:
       raise config_lib.ConfigError(f"study config claims.{name}: {problem}")
@@ -194,6 +197,24 @@ def validate(cfg) -> None:
     for m in claim_metrics(spec):
       if m not in names:
         raise config_lib.ConfigError(f"study config claims.{name}: unknown metric {m!r}")
+
+
+def _check_choose(where: str, rule: str, fn: Callable, choose, names: list[str]) -> None:
+  """A claim's `choose` (`bnlab.study.choice`): its keys and types, a metric that exists,
+  and a rule that compares two cells a and b (each is narrowed to its chosen value)."""
+  problem = choice.problem(choose)
+  if problem:
+    raise config_lib.ConfigError(f"study config {where}.{problem}")
+  if choose["by"] not in names:
+    raise config_lib.ConfigError(
+        f"study config {where}.choose.by: unknown metric {choose['by']!r}; the metrics are "
+        f"{', '.join(names)}")
+  params = inspect.signature(fn).parameters
+  if "a" not in params or "b" not in params:
+    raise config_lib.ConfigError(
+        f"study config {where}.choose: rule {rule!r} does not compare two cells a and b; "
+        "choose narrows a and b each to its chosen value (e.g. rules paired_interval, "
+        "reaches_sooner)")
 
 
 def _kind(where: str, spec) -> str:
@@ -228,6 +249,8 @@ def claim_metrics(spec: dict) -> list[str]:
       out.append(v)
     elif k == "metrics":
       out += list(v)
+    elif k == "choose" and hasattr(v, "keys") and isinstance(v.get("by"), str) and v["by"]:
+      out.append(v["by"])  # the metric that chooses is read, so it is published
   return out
 
 

@@ -104,6 +104,12 @@ def _rule_text(spec: dict) -> str:
             if k not in ("statement", "rule", "each", "primary", "within")}
   doc = " ".join((registry.RULES[spec["rule"]].__doc__ or "").split())
   each = f" For each {', '.join(spec['each'])}." if spec.get("each") else ""
+  if spec.get("choose"):
+    c = spec["choose"]
+    each += (f" Each of a and b at its own {c['along']}: the value whose runs have the "
+             f"{'highest' if c.get('higher', True) else 'lowest'} seed-mean {c['by']}, chosen "
+             "before the rule reads anything else (ties to the smaller value; a value with a "
+             f"run lacking {c['by']} is not chosen).")
   within = spec.get("within") or ()
   each += f" Within {within if isinstance(within, str) else ' or '.join(within)}." \
       if within else ""

@@ -10,6 +10,7 @@ import math
 
 from bnlab.rundir import per_image
 from bnlab.study import cells as cells_lib
+from bnlab.study import choice
 from bnlab.study import intervals
 from bnlab.study import registry
 
@@ -348,13 +349,15 @@ def same_verdict(cells, metrics, a: str, b: str, higher: bool = True):
 def judge(claims: dict, cells: list[dict]) -> list[dict]:
   """Every claim's verdict(s), one per value combination of its `each` keys among the cells
   its `within` names (all by default), and for the primary claims' verdicts together the
-  Holm-corrected verdict (`corrected`)."""
+  Holm-corrected verdict (`corrected`). A claim with `choose` compares a and b each at its
+  own value of `choose.along`, chosen on `choose.by` first (`choice`; the numbers' `chosen`)."""
   out = []
   for name, spec in claims.items():
     spec = dict(spec)
     statement, rule, each = spec.pop("statement"), spec.pop("rule"), tuple(spec.pop("each", ()))
     primary = bool(spec.pop("primary", False))
     within = spec.pop("within", "")
+    choose = spec.pop("choose", None)
     pool = [c for c in cells if any(c in cells_lib.select(cells, w) for w in
                                     ([within] if isinstance(within, str) else within))
             ] if within else cells
@@ -363,10 +366,20 @@ def judge(claims: dict, cells: list[dict]) -> list[dict]:
     for where in groups:
       params = {k: (f"{where},{v}" if k in ("a", "b", "treat", "base") and where else v)
                 for k, v in spec.items()}
-      verdict, numbers = registry.RULES[rule](
-          cells_lib.select(pool, where) if where else pool, **params)
+      group = cells_lib.select(pool, where) if where else pool
+      chosen = None
+      if choose:
+        params, chosen = choice.at_chosen(group, params, dict(choose))
+      if params is None:
+        verdict, numbers = "inconclusive", {"chosen": chosen, "reason": chosen["reason"]}
+      else:
+        verdict, numbers = registry.RULES[rule](group, **params)
+        if chosen is not None:
+          numbers = {"chosen": chosen, **numbers}
+      params_out = spec if not choose else {**spec, "choose": dict(choose)}
       out.append({"claim": name, "statement": statement, "where": where, "rule": rule,
-                  "params": spec, "primary": primary, "verdict": verdict, "numbers": numbers})
+                  "params": params_out, "primary": primary, "verdict": verdict,
+                  "numbers": numbers})
   return correct_primaries(out)
 
 
