@@ -35,7 +35,10 @@ and trains nothing; `--only=PATTERN` runs only the members whose name
 contains PATTERN, or matches it as a glob when it has `*`, `?` or `[`
 (results.csv still lists every member); `--grouped=false` runs every member
 alone; `--max_group_size=N` trains at most N members as one program;
-`--helpshort` lists these flags.
+`--num_workers=N` cuts the groups until there are N; `--launcher=ray`
+(with `--ray_address`) trains each group as a Ray task; `--helpshort` lists
+these flags. Any number of processes may run one sweep in one directory at
+once, each training the groups it claims (docs/scale-out.md).
 """
 
 from bnlab.sweep.cli import define_flags, dry_run_listing, load_config_file, main, run
