@@ -248,3 +248,22 @@ def test_a_study_run_by_two_workers_reports_what_one_process_does(tmp_path, idx_
       json.load(open(os.path.join(two, "claims.json")))
   stages = json.load(open(os.path.join(two, "stages.json")))
   assert len(stages) == 2 and not any(s["interrupted"] for s in stages)  # one per worker
+
+
+def test_a_study_worker_of_another_config_registers_nothing(tmp_path, idx_dir):
+  path = os.path.join("configs", "studies", "seed_comparison.py")
+  cfg = sweep.load_config_file(os.path.join(ROOT, path)).get_config("runlocal")
+  cfg.data.source, cfg.data.dir = "idx", idx_dir
+  wd = tmp_path / "study"
+  (wd / "runs" / "_claims" / "workers").mkdir(parents=True)
+  live = {"host": "h", "pid": os.getpid(), "pid_start": claims_lib._process_start(os.getpid()),
+          "machine": claims_lib.machine(), "token": "t", "fingerprint": "0" * 64}
+  (wd / "runs" / "_claims" / "workers" / "other.json").write_text(json.dumps(live))
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    with pytest.raises(config_lib.ConfigError, match="with another config, grouping"):
+      study.run_study(study.Study.from_file(path, "runlocal", cfg), str(wd), "run")
+  finally:
+    os.chdir(cwd)
+  assert not (wd / "registration.json").exists()  # refused before it could amend it

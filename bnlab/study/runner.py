@@ -33,7 +33,7 @@ def holding(workdir: str, shared: bool = False):
   sweep's own lock on runs/ would refuse it only after the record was begun,
   leaving an "interrupted" stage that never ran). `shared`: the run stage's,
   which any number of workers hold together (they take disjoint groups) and
-  which keeps out the register and report stages.
+  which keeps out the register stage.
   """
   from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
   files.make_dir(workdir)
@@ -70,8 +70,6 @@ def _run_stage(study: study_config.Study, workdir: str, wait: bool, workers: dic
   """`run_stage`, the study directory's lock held."""
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
   from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
-  with writing(workdir):
-    register_stage(study, workdir)
   stages_path = os.path.join(workdir, "stages.json")
   files.read_json(stages_path, [])  # damaged: stop before anything trains
   runs_dir = os.path.join(workdir, "runs")
@@ -87,7 +85,8 @@ def _run_stage(study: study_config.Study, workdir: str, wait: bool, workers: dic
   start = time.perf_counter()
   try:
     sweep.run_sweep(study.base_run_config(), study.sweep, runs_dir,
-                    grouped=study.config["grouped"], wait=wait, **workers)
+                    grouped=study.config["grouped"], wait=wait,
+                    prepare=lambda: _register_as_worker(study, workdir), **workers)
     stage["interrupted"] = False
   finally:
     stage["wall_s"] = time.perf_counter() - start
@@ -95,6 +94,13 @@ def _run_stage(study: study_config.Study, workdir: str, wait: bool, workers: dic
     with writing(workdir):
       stages = files.read_json(stages_path, [])
       files.write_json(stages_path, stages + [stage])
+
+
+def _register_as_worker(study: study_config.Study, workdir: str) -> None:
+  """The run stage's registration, once this worker is admitted (a worker of another study
+  config than the live ones' is refused before it could amend the registration)."""
+  with writing(workdir):
+    register_stage(study, workdir)
 
 
 def register_stage(study: study_config.Study, workdir: str) -> str:

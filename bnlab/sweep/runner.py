@@ -27,8 +27,8 @@ def error_line(e: BaseException) -> str:
 def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
               overrides: dict | None = None, only: str | None = None,
               max_group_size: int | None = None, num_workers: int | None = None,
-              wait: bool = False, launcher: str = "local", ray_address: str = ""
-              ) -> list[dict]:
+              wait: bool = False, launcher: str = "local", ray_address: str = "",
+              prepare=None) -> list[dict]:
   """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
 
   Every member is validated before anything trains. A member whose model fails
@@ -48,7 +48,9 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   every group is done or held by another live worker; with `wait`, it waits for
   those (taking over any whose worker dies), so its rows are complete.
   `launcher="ray"` trains each group as a Ray task instead (`bnlab.sweep.ray_launcher`,
-  on the cluster at `ray_address`, or a local one when empty).
+  on the cluster at `ray_address`, or a local one when empty). `prepare()` is called
+  once this worker is admitted (no live worker runs another config), before anything
+  trains: a study registers its claims there.
   """
   from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
@@ -65,11 +67,13 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
     # SIGTERM or SIGUSR1 stops the group in progress with a checkpoint, or the sweep
     # before its next group: signals.Preempted; a rerun trains what is missing.
     with signals.stop_signals_caught():
-      if launcher == "ray":
-        from bnlab.sweep import ray_launcher  # pylint: disable=g-import-not-at-top
-        errors = ray_launcher.run_groups(groups, workdir, ray_address)
-      else:
-        with claims_lib.Claims(workdir, claims_lib.fingerprint(groups)) as claims:
+      with claims_lib.Claims(workdir, claims_lib.fingerprint(groups)) as claims:
+        if prepare is not None:
+          prepare()
+        if launcher == "ray":  # the driver's record stays: it admits the tasks' fingerprint
+          from bnlab.sweep import ray_launcher  # pylint: disable=g-import-not-at-top
+          errors = ray_launcher.run_groups(groups, workdir, ray_address)
+        else:
           errors = _run_groups(members, groups, workdir, claims, wait)
     # Members --only left out keep their failures (their directories do not record them).
     errors = {**kept_errors(workdir, {m.name for g in groups for m in g}), **errors}
