@@ -267,3 +267,30 @@ def test_a_study_worker_of_another_config_registers_nothing(tmp_path, idx_dir):
   finally:
     os.chdir(cwd)
   assert not (wd / "registration.json").exists()  # refused before it could amend it
+
+
+RACE = """
+import json, os, sys, time
+from bnlab.sweep import claims
+
+def barrier(name, n):  # every racer waits here for the others
+  open(os.path.join(sys.argv[2], f"{name}-{os.getpid()}"), "w").close()
+  while sum(f.startswith(name) for f in os.listdir(sys.argv[2])) < n:
+    time.sleep(0.001)
+
+with claims.Claims(sys.argv[1], "f") as c:
+  barrier("ready", int(sys.argv[3]))
+  won = [g for g in ("a", "b", "c", "d", "e") if c.claim(g)]
+  barrier("tried", int(sys.argv[3]))  # claims held until every racer has tried
+print(json.dumps(won))
+"""
+
+
+def test_racing_workers_claim_each_group_exactly_once(tmp_path):
+  n = 4
+  (tmp_path / "sync").mkdir()
+  procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / "wd"),
+                             str(tmp_path / "sync"), str(n)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True) for _ in range(n)]
+  won = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+  assert sorted(g for w in won for g in w) == ["a", "b", "c", "d", "e"], won

@@ -195,22 +195,32 @@ class Claims:
             "bnlab, or use another --workdir")
 
   # -- claims ---------------------------------------------------------------------------
+  def _numbers(self, gid: str) -> list[int]:
+    """The numbers of the group's claim files, newest first."""
+    return sorted((int(n) for stem, _, n in (name.rpartition(".") for name in os.listdir(self.dir))
+                   if stem == gid and n.isdigit()), reverse=True)
+
   def _current(self, gid: str) -> tuple[int | None, dict | None, float]:
-    """(number, holder, mtime) of the group's newest claim file (None: unclaimed)."""
-    numbers = []
-    for name in os.listdir(self.dir):
-      stem, _, n = name.rpartition(".")
-      if stem == gid and n.isdigit():
-        numbers.append(int(n))
-    for n in sorted(numbers, reverse=True):
-      info, mtime = _read(os.path.join(self.dir, f"{gid}.{n}"))
+    """(number, holder, mtime) of the group's newest claim file; (None, None, 0): unclaimed.
+
+    A file released while it is read is looked for again: a takeover (the next number)
+    may follow only a file that is there and whose holder is dead, never one just
+    released, which a worker finding no file at all claims as number 0 (O_EXCL, once)."""
+    for _ in range(100):
+      numbers = self._numbers(gid)
+      if not numbers:
+        return None, None, 0.0
+      path = os.path.join(self.dir, f"{gid}.{numbers[0]}")
+      info, mtime = _read(path)
       if info is not None:
-        return n, info, mtime
+        return numbers[0], info, mtime
       try:  # being written, or left empty by a holder killed then: its age decides
-        return n, {}, os.stat(os.path.join(self.dir, f"{gid}.{n}")).st_mtime
+        return numbers[0], {}, os.stat(path).st_mtime
       except OSError:
-        pass
-    return (max(numbers) if numbers else None), None, 0.0
+        continue  # released meanwhile
+    raise rundir_errors.WorkDirError(
+        f"the claims of group {gid} in {self.dir} keep changing; check that no other program "
+        "writes there, then rerun")
 
   def holder(self, gid: str) -> dict | None:
     """The live holder of group `gid` other than this worker, or None."""
@@ -236,10 +246,14 @@ class Claims:
         _create(path, self._info())
       except FileExistsError:
         return False
-      if not os.path.exists(path):
+      numbers = self._numbers(gid)
+      if int(path.rpartition(".")[2]) not in numbers:
         raise rundir_errors.WorkDirError(
             f"the claim {path} this worker has just written is not there; the work "
             "directory must be one directory that every worker shares and nobody removes")
+      if numbers[0] != int(path.rpartition(".")[2]):  # a takeover came between: it wins
+        _remove(path)
+        return False
       if info:
         logging.warning("Taking over group %s from worker process %s on host %s, which has "
                         "ended; it resumes from its checkpoints", gid, info.get("pid"),
