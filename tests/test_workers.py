@@ -294,3 +294,23 @@ def test_racing_workers_claim_each_group_exactly_once(tmp_path):
                             text=True) for _ in range(n)]
   won = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
   assert sorted(g for w in won for g in w) == ["a", "b", "c", "d", "e"], won
+
+
+def test_a_failed_group_is_left_to_reruns_not_to_the_workers_running_then(tmp_path, idx_dir):
+  path, module = sweep_module(tmp_path, SWEEP_FILE.replace("[0.1, 0.3]", "[0.1]"))
+  base = module.get_config()
+  base.data.dir = str(tmp_path / "no_data")  # every member fails when its data loads
+  wd = str(tmp_path / "wd")
+  sweep.make_sweep_dir(wd)
+  with claims_lib.Claims(wd, "f") as running:  # a worker started before the failure
+    time.sleep(0.05)
+    rows = sweep.run_sweep(base, module.get_sweep(), wd)
+    assert [r["status"] for r in rows] == ["failed"] * 2
+    (gid,) = [n[:-len(".failed")] for n in os.listdir(os.path.join(wd, "_claims"))
+              if n.endswith(".failed")]
+    failed = running.failed_since_start(gid)
+    assert sorted(failed) == [r["name"] for r in rows] and "no_data" in rows[0]["error"]
+  base.data.dir = idx_dir  # fixed: a rerun tries again, and its success clears the record
+  rows = sweep.run_sweep(base, module.get_sweep(), wd)
+  assert [r["status"] for r in rows] == ["done"] * 2
+  assert not os.path.exists(os.path.join(wd, "_claims", f"{gid}.failed"))

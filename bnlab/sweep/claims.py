@@ -13,6 +13,10 @@ so the hosts' clocks need not agree. A takeover creates the group's next claim f
 removed stops at once, writing nothing more (`lost`), since another worker may be training
 its group by then.
 
+A group that fails (an error, not a diverged run) leaves `ID.failed` with its members'
+errors: a worker started before that skips the group and reports those errors, so N
+workers do not each fail it in turn; a worker started after it (a rerun) tries again.
+
 Each worker also keeps a record in `_claims/workers/`: its command's fingerprint (the
 groups, their members' configs, bnlab's version) and its host and pid. A worker whose
 fingerprint differs from a live one's is refused before it claims anything: two commands
@@ -119,6 +123,7 @@ class Claims:
     self._stop = threading.Event()
     self._thread = None
     self.seen_others = False  # another live worker was seen in this directory
+    self.started = 0.0  # when the record was written, on the file system's clock
 
   # -- the record ---------------------------------------------------------------------
   def _info(self) -> dict:
@@ -132,6 +137,7 @@ class Claims:
       _create(self.record, self._info())
     except OSError as e:
       raise rundir_errors.io_error("writing the worker record", self.record, e) from None
+    self.started = os.stat(self.record).st_mtime  # on the file system's clock
     try:
       self._check_other_workers()
     except BaseException:
@@ -271,6 +277,25 @@ class Claims:
     path = self.held.pop(gid, None)
     if path is not None and (_read(path)[0] or {}).get("token") == self.token:
       _remove(path)
+
+  # -- failures -------------------------------------------------------------------------
+  def record_failure(self, gid: str, errors: dict[str, str]) -> None:
+    """Records that group `gid` failed with `errors` ({member: error}); none: it trained,
+    and an older record of a failure goes."""
+    path = os.path.join(self.dir, f"{gid}.failed")
+    if not errors:
+      _remove(path)
+      return
+    from bnlab.rundir import files as rundir_files  # pylint: disable=g-import-not-at-top
+    rundir_files.atomic_write(path, json.dumps({"errors": errors}))
+
+  def failed_since_start(self, gid: str) -> dict[str, str] | None:
+    """{member: error} of group `gid` when a worker failed it after this one started (this
+    worker then leaves it alone), else None."""
+    info, mtime = _read(os.path.join(self.dir, f"{gid}.failed"))
+    if info is None or mtime < self.started or not isinstance(info.get("errors"), dict):
+      return None
+    return info["errors"]
 
   # -- the heartbeat --------------------------------------------------------------------
   def _beat(self) -> None:

@@ -60,11 +60,11 @@ def connect(address: str) -> bool:
   return not address
 
 
-def run_groups(groups, workdir: str, address: str) -> dict[str, str]:
-  """Trains the groups not yet complete as Ray tasks; {member: error} of those that failed."""
+def run_groups(groups, workdir: str, address: str, fingerprint: str) -> dict[str, str]:
+  """Trains the groups not yet complete as Ray tasks, each a worker of `fingerprint`
+  (`bnlab.sweep.claims`); {member: error} of those that failed."""
   import ray  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
-  from bnlab.sweep import claims as claims_lib  # pylint: disable=g-import-not-at-top
   from bnlab.sweep import runner  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
   todo = []
@@ -82,7 +82,6 @@ def run_groups(groups, workdir: str, address: str) -> dict[str, str]:
     gpus = ray.cluster_resources().get("GPU", 0) >= 1
     task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                       max_retries=RETRIES, retry_exceptions=False)(train_task)
-    fingerprint = claims_lib.fingerprint(groups)
     start = time.perf_counter()
     refs = {task.remote(workdir, groups[i], fingerprint): i for i in todo}
     done, members = 0, sum(len(groups[i]) for i in todo)

@@ -67,12 +67,14 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
     # SIGTERM or SIGUSR1 stops the group in progress with a checkpoint, or the sweep
     # before its next group: signals.Preempted; a rerun trains what is missing.
     with signals.stop_signals_caught():
-      with claims_lib.Claims(workdir, claims_lib.fingerprint(groups)) as claims:
+      # Once: the commit it reads may change while the sweep runs (the tasks get this one).
+      fingerprint = claims_lib.fingerprint(groups)
+      with claims_lib.Claims(workdir, fingerprint) as claims:
         if prepare is not None:
           prepare()
         if launcher == "ray":  # the driver's record stays: it admits the tasks' fingerprint
           from bnlab.sweep import ray_launcher  # pylint: disable=g-import-not-at-top
-          errors = ray_launcher.run_groups(groups, workdir, ray_address)
+          errors = ray_launcher.run_groups(groups, workdir, ray_address, fingerprint)
         else:
           errors = _run_groups(members, groups, workdir, claims, wait)
     # Members --only left out keep their failures (their directories do not record them).
@@ -167,6 +169,13 @@ def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: b
         plan[i]["done"] = True
         continue
       gid = group_id(group)
+      failed = claims.failed_since_start(gid)
+      if failed is not None:  # by another worker, while this one ran: not tried again
+        logging.error("Sweep group %d/%d failed in another worker: %s", i + 1, len(groups),
+                      next(iter(failed.values()), ""))
+        errors.update(failed)
+        plan[i]["done"] = True
+        continue
       if not claims.claim(gid):
         if not plan[i].get("elsewhere"):
           holder = claims.holder(gid) or {}
@@ -180,7 +189,9 @@ def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: b
         if group_complete(group, workdir):  # another worker finished it meanwhile
           plan[i]["done"] = True
           continue
-        errors.update(trainer.train(i, progress))
+        failed = trainer.train(i, progress)
+        claims.record_failure(gid, failed)
+        errors.update(failed)
         trained = True
       finally:
         claims.release(gid)
