@@ -3,6 +3,7 @@ workers, groups cut for the workers, and results bit-identical to one process's.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,7 +303,8 @@ def test_a_failed_group_is_left_to_reruns_not_to_the_workers_running_then(tmp_pa
   base.data.dir = str(tmp_path / "no_data")  # every member fails when its data loads
   wd = str(tmp_path / "wd")
   sweep.make_sweep_dir(wd)
-  with claims_lib.Claims(wd, "f") as running:  # a worker started before the failure
+  fingerprint = sweep_runner.worker_fingerprint(sweep.plan(base, module.get_sweep())[1])
+  with claims_lib.Claims(wd, fingerprint) as running:  # a worker started before the failure
     time.sleep(0.05)
     rows = sweep.run_sweep(base, module.get_sweep(), wd)
     assert [r["status"] for r in rows] == ["failed"] * 2
@@ -310,7 +312,7 @@ def test_a_failed_group_is_left_to_reruns_not_to_the_workers_running_then(tmp_pa
               if n.endswith(".failed")]
     failed = running.failed_since_start(gid)
     assert sorted(failed) == [r["name"] for r in rows] and "no_data" in rows[0]["error"]
-  base.data.dir = idx_dir  # fixed: a rerun tries again, and its success clears the record
+  shutil.copytree(idx_dir, base.data.dir)  # fixed: a rerun tries again; success clears it
   rows = sweep.run_sweep(base, module.get_sweep(), wd)
   assert [r["status"] for r in rows] == ["done"] * 2
   assert not os.path.exists(os.path.join(wd, "_claims", f"{gid}.failed"))

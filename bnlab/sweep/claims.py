@@ -76,16 +76,12 @@ def machine() -> str:
   return "/".join(parts)
 
 
-def fingerprint(groups) -> str:
-  """The sha256 of the groups (their ids: members and configs) and of bnlab's version and
-  commit: what every worker of one directory must share."""
+def fingerprint(groups: list) -> str:
+  """The sha256 of `groups` (JSON: what the workers must agree on, e.g. the groups' ids) and
+  of bnlab's version and commit: what every worker of one directory must share."""
   from bnlab import __version__  # pylint: disable=g-import-not-at-top
   from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
-  from bnlab.sweep.runner import group_id  # pylint: disable=g-import-not-at-top
-  text = json.dumps({"groups": [group_id(g) for g in groups],
-                     "lengths": [[m.cfg.train.num_steps, m.cfg.train.num_epochs]
-                                 for g in groups for m in g],
-                     "bnlab": [__version__, provenance.commit()]})
+  text = json.dumps({"groups": groups, "bnlab": [__version__, provenance.commit()]})
   return hashlib.sha256(text.encode()).hexdigest()
 
 

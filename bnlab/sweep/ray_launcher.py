@@ -65,13 +65,13 @@ def run_groups(groups, workdir: str, address: str, fingerprint: str) -> dict[str
   (`bnlab.sweep.claims`); {member: error} of those that failed."""
   import ray  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
-  from bnlab.sweep import runner  # pylint: disable=g-import-not-at-top
+  from bnlab.sweep import training  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
   todo = []
   for i, group in enumerate(groups):
     if any(m.unusable for m in group):
       errors.update({m.name: m.unusable for m in group})
-    elif not runner.group_complete(group, workdir):
+    elif not training.group_complete(group, workdir):
       todo.append(i)
   logging.info("Sweep of %d groups in %s: %d to train as Ray tasks", len(groups), workdir,
                len(todo))
@@ -92,8 +92,10 @@ def run_groups(groups, workdir: str, address: str, fingerprint: str) -> dict[str
         i = refs.pop(ref)
         try:
           result = ray.get(ref)
-        except ray.exceptions.RayError as e:  # its worker died RETRIES + 1 times
-          message = runner.error_line(e).splitlines()[0]
+        except ray.exceptions.RayError as e:  # it raised, or its worker died RETRIES + 1 times
+          # A task's own exception (e.g. a worker of another config refused), not Ray's
+          # wrapping with the remote traceback.
+          message = training.error_line(getattr(e, "cause", None) or e)
           errors.update({m.name: message for m in groups[i]})
           logging.error("Ray: group %d/%d failed: %s", i + 1, len(groups), message)
           continue
@@ -109,7 +111,7 @@ def run_groups(groups, workdir: str, address: str, fingerprint: str) -> dict[str
       ray.shutdown()
 
 
-_TRAINERS: dict = {}  # work directory -> runner.GroupTrainer, kept by a Ray worker process
+_TRAINERS: dict = {}  # work directory -> training.GroupTrainer, kept by a Ray worker process
 
 
 def train_task(workdir: str, group, fingerprint: str) -> dict:
@@ -119,20 +121,20 @@ def train_task(workdir: str, group, fingerprint: str) -> dict:
   The worker process keeps its loaded data between tasks (`_TRAINERS`)."""
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
   from bnlab.sweep import claims as claims_lib  # pylint: disable=g-import-not-at-top
-  from bnlab.sweep import runner  # pylint: disable=g-import-not-at-top
+  from bnlab.sweep import training  # pylint: disable=g-import-not-at-top
   backend.configure_run(group[0].cfg)  # before anything starts JAX in this process
   start = time.perf_counter()
   errors: dict[str, str] = {}
-  gid = runner.group_id(group)
+  gid = training.group_id(group)
   with claims_lib.Claims(workdir, fingerprint) as claims:
     while not claims.claim(gid):  # another worker has it; it ends, or dies and is taken over
-      if runner.group_complete(group, workdir):
+      if training.group_complete(group, workdir):
         break
       time.sleep(1.0)
     else:
       try:
-        if not runner.group_complete(group, workdir):
-          trainer = _TRAINERS.setdefault(workdir, runner.GroupTrainer(workdir))
+        if not training.group_complete(group, workdir):
+          trainer = _TRAINERS.setdefault(workdir, training.GroupTrainer(workdir))
           errors, _ = trainer.train_group(group)
       finally:
         claims.release(gid)

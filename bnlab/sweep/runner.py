@@ -7,21 +7,16 @@ its turn.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from bnlab import config as config_lib
 from bnlab.sweep.groups import Member, plan
 from bnlab.sweep.results import kept_errors, result_row, write_results
-
-
-def error_line(e: BaseException) -> str:
-  """A member's error as one line of a results row (or a message), its type first."""
-  text = " ".join(str(e).split()) or type(e).__name__
-  return f"{type(e).__name__}: {text}"[:2000]
+from bnlab.sweep.training import (GroupTrainer, error_line, group_complete, group_id, size_key,
+                                  timesplit_seconds)
 
 
 def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
@@ -68,7 +63,7 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
     # before its next group: signals.Preempted; a rerun trains what is missing.
     with signals.stop_signals_caught():
       # Once: the commit it reads may change while the sweep runs (the tasks get this one).
-      fingerprint = claims_lib.fingerprint(groups)
+      fingerprint = worker_fingerprint(groups)
       with claims_lib.Claims(workdir, fingerprint) as claims:
         if prepare is not None:
           prepare()
@@ -85,6 +80,15 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
     return rows
   finally:
     locks.release_lock(lock_path, lock, remove=False)
+
+
+def worker_fingerprint(groups) -> str:
+  """What every worker of one sweep directory must share (`bnlab.sweep.claims`): the groups
+  (their ids: members and configs, `group_id`), the members' lengths and bnlab's version."""
+  from bnlab.sweep import claims as claims_lib  # pylint: disable=g-import-not-at-top
+  return claims_lib.fingerprint(
+      [[group_id(g), [[m.cfg.train.num_steps, m.cfg.train.num_epochs] for m in g]]
+       for g in groups])
 
 
 def make_sweep_dir(workdir: str) -> None:
@@ -147,7 +151,6 @@ def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: b
   errors: dict[str, str] = {}
   trainer = GroupTrainer(workdir)
   plan = _progress_plan(groups, workdir, trainer.sizes)
-  trainer.plan, trainer.groups = plan, groups
   progress = progress_lib.SweepProgress(plan)
   left = [g for g in plan if not g["done"]]
   logging.info("Sweep of %d members, %d selected in %d groups, in %s; %d group(s) to train%s",
@@ -189,7 +192,7 @@ def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: b
         if group_complete(group, workdir):  # another worker finished it meanwhile
           plan[i]["done"] = True
           continue
-        failed = trainer.train(i, progress)
+        failed = _train_with_progress(trainer, i, progress, plan, groups, workdir)
         claims.record_failure(gid, failed)
         errors.update(failed)
         trained = True
@@ -213,96 +216,22 @@ def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: b
       signals.raise_if_stop_requested()
 
 
-class GroupTrainer:
-  """Trains one group after another in this process, keeping what they share: the loaded
-  dataset, and the compiled programs while the groups' model and size stay the same."""
+def _train_with_progress(trainer, i: int, progress, plan: list[dict], groups,
+                         workdir: str) -> dict[str, str]:
+  """Trains group `i` with a progress line at its start (once its data is loaded) and end;
+  {member: error} of its members that failed."""
+  start, compiled = time.perf_counter(), timesplit_seconds()
 
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.datasets: dict[str, Any] = {}
-    self.sizes: dict[str, int] = {}  # `_size_key` -> training examples, once loaded
-    self.programs = None  # what the compiled programs in memory were made for
-    self.plan, self.groups = None, None  # the progress plan, for the steps left
-    self.loading = 0.0  # seconds the last group spent loading its data
-
-  def train(self, i: int, progress) -> dict[str, str]:
-    """Trains group `i` of `self.groups` with a progress line at its start (once its data
-    is loaded) and end; {member: error} of its members that failed."""
-    start, compiled = time.perf_counter(), timesplit_seconds()
-
-    def loaded():
-      # Where it resumes now (another worker may have trained it part way).
-      self.plan[i]["resumed_at"] = _last_step(_checkpoint_dir(self.groups[i], self.workdir))
-      _update_steps(self.plan, self.groups, self.sizes)  # at the data's true size
-      progress.start(i, self.plan[i]["resumed_at"])
-    self.loading = 0.0
-    errors, trained = self.train_group(self.groups[i], loaded)
-    progress.finish(i, time.perf_counter() - start, timesplit_seconds() - compiled,
-                    once=self.loading, trained=trained)
-    return errors
-
-  def train_group(self, group, loaded=lambda: None) -> tuple[dict[str, str], bool]:
-    """Trains (or resumes) `group` in the sweep's directory, calling `loaded()` once its
-    data is in memory; ({member: error} of its members that failed, whether it trained
-    without an error). A failed group's members that finished before keep their results."""
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
-    from bnlab.engine import train  # pylint: disable=g-import-not-at-top
-    dirs = [os.path.join(self.workdir, m.name) for m in group]
-    # A group whose programs differ from the last one's (another model, or
-    # group size) first drops the compiled programs in memory: a long sweep's
-    # compiled code, and its memory mappings, would otherwise grow without
-    # bound (XLA:CPU maps every executable; Linux allows ~65,000 mappings).
-    # The persistent compilation cache makes a program needed again cheap;
-    # runs of one model one after another keep theirs.
-    made_for = (members_lib.group_key(group[0].cfg), len(group))
-    if self.programs not in (None, made_for):
-      jax.clear_caches()
-    self.programs = made_for
-    try:
-      key = _data_key(group[0].cfg)
-      if key not in self.datasets:
-        start = time.perf_counter()
-        self.datasets.clear()
-        self.datasets[key] = train.load_data(group[0].cfg)
-        self.loading = time.perf_counter() - start
-        self.sizes[_size_key(group[0].cfg)] = len(self.datasets[key].train_labels)
-      loaded()
-      if len(group) == 1:
-        train.train_and_evaluate(group[0].cfg, dirs[0], self.datasets[key])
-      else:
-        train.train_group([m.cfg for m in group], dirs,
-                          os.path.join(self.workdir, members_lib.GROUPS_DIR, group_id(group)),
-                          self.datasets[key])
-    except Exception as e:  # pylint: disable=broad-except
-      message = error_line(e)
-      # A member that finished before keeps its results.
-      failed = [m for m, d in zip(group, dirs) if not train.is_complete(m.cfg, d)]
-      logging.error("Sweep members %s failed: %s", [m.name for m in failed], message)
-      return {m.name: message for m in failed}, False
-    return {}, True
-
-
-def timesplit_seconds() -> float:
-  from bnlab.engine import timesplit  # pylint: disable=g-import-not-at-top
-  return timesplit.compile_seconds()
-
-
-def group_complete(group: Sequence[Member], workdir: str) -> bool:
-  """Whether every member of `group` has finished in `workdir` (maybe by another worker)."""
-  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
-  return all(train.is_complete(m.cfg, os.path.join(workdir, m.name)) for m in group)
-
-
-def _size_key(cfg) -> str:
-  """Configs with equal keys read data of one size."""
-  return json.dumps(cfg.data.to_dict(), sort_keys=True)
-
-
-def _data_key(cfg) -> str:
-  """Groups with equal keys train on the same loaded dataset."""
-  return _size_key(cfg) + str(cfg.train.batch_size)
+  def loaded():
+    # Where it resumes now (another worker may have trained it part way).
+    plan[i]["resumed_at"] = _last_step(_checkpoint_dir(groups[i], workdir))
+    _update_steps(plan, groups, trainer.sizes)  # at the data's true size
+    progress.start(i, plan[i]["resumed_at"])
+  trainer.loading = 0.0
+  errors, trained = trainer.train_group(groups[i], loaded)
+  progress.finish(i, time.perf_counter() - start, timesplit_seconds() - compiled,
+                  once=trainer.loading, trained=trained)
+  return errors
 
 
 def _last_step(ckpt_dir: str) -> int:
@@ -320,7 +249,7 @@ def _total_steps(cfg, sizes: dict[str, int]) -> int:
   t = cfg.train
   if t.num_steps:
     return t.num_steps
-  n = sizes.get(_size_key(cfg)) or cfg.data.num_train or members_lib.MNIST_TRAIN
+  n = sizes.get(size_key(cfg)) or cfg.data.num_train or members_lib.MNIST_TRAIN
   return t.num_epochs * (n // t.batch_size)
 
 
@@ -375,17 +304,3 @@ def planned_status(m: Member, path: str) -> tuple[str, str | None]:
   if m.unusable:
     return "failed", m.unusable
   return "to train", None
-
-
-def group_id(group: Sequence[Member]) -> str:
-  """The group's directory name: its members and configs, less what may change on resume.
-
-  So a group resumes in the same directory after its length (or another key of
-  `config.RESUME_SAFE_KEYS`) changed; its config check decides whether it may.
-  """
-  changeable = config_lib.RESUME_SAFE_KEYS + config_lib.LENGTH_KEYS
-  parts = []
-  for m in group:
-    flat = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
-    parts.append([m.name, {k: v for k, v in sorted(flat.items()) if k not in changeable}])
-  return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
