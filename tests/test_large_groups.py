@@ -77,8 +77,8 @@ def test_groups_larger_than_memory_train_in_chunks(monkeypatch):
   assert [len(g) for g in groups] == [6, 6, 6, 6]
   assert [m.name for g in groups for m in g] == [m.name for m in members]  # sweep order
   # The same chunks (directories) every time.
-  assert [sweep_runner._group_id(g) for g in groups] == [
-      sweep_runner._group_id(g) for g in sweep.group_members(members)]
+  assert [sweep_runner.group_id(g) for g in groups] == [
+      sweep_runner.group_id(g) for g in sweep.group_members(members)]
 
 
 USER_MODELS = """

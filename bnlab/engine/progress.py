@@ -96,7 +96,8 @@ class SweepProgress:
 
   def __init__(self, groups: list[dict]):
     """`groups`: per group {"members": names, "steps": steps left, "compiles": bool (it
-    needs other programs than the group before it), "done": bool (nothing to train)}."""
+    needs other programs than the group before it), "done": bool (nothing to train),
+    "elsewhere": bool (another worker trains it)}."""
     self.groups = groups
     self.total_members = sum(len(g["members"]) for g in groups)
     self.trained_groups, self.trained_work, self.trained_seconds = 0, 0, 0.0  # trained here
@@ -131,7 +132,8 @@ class SweepProgress:
     done = sum(len(x["members"]) for x in self.groups if x["done"])
     parts = [f"Sweep group {i + 1}/{len(self.groups)} done in {seconds:.1f} s "
              f"({compiled:.1f} s compiling)", f"{done}/{self.total_members} members done"]
-    left = [j for j, x in enumerate(self.groups) if not x["done"]]
+    # Groups another worker trains (`bnlab.sweep.claims`) are not this worker's to time.
+    left = [j for j, x in enumerate(self.groups) if not x["done"] and not x.get("elsewhere")]
     if not left:
       logging.info(" | ".join(parts + ["sweep finished"]))
       return

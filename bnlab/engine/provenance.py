@@ -101,6 +101,14 @@ def code_version() -> dict[str, Any]:
   return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+def commit() -> str:
+  """HEAD's commit read from the checkout's files alone ("unknown" outside a checkout, or
+  where they say nothing): quick enough to ask at every worker's start."""
+  if not os.path.exists(os.path.join(_REPO_ROOT, ".git")):
+    return "unknown"
+  return _head_from_files() or "unknown"
+
+
 def versions() -> dict[str, str]:
   """Python and the versions of the libraries that determine a run's numbers."""
   return {"python": platform.python_version(), **{p: _version(p) for p in _PACKAGES}}

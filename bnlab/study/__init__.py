@@ -2,7 +2,8 @@
 
   python -m bnlab.study --config=configs/studies/NAME.py[:ARGS] --workdir=DIR \
       [--config.KEY=VALUE] [--stage=all|register|run|report|verify] [--out=results/NAME]
-      [--figure_format=png,pdf,svg]
+      [--figure_format=png,pdf,svg] [--num_workers=N] [--launcher=local|ray]
+      [--ray_address=auto|HOST:PORT]
 
 A study config module exports `get_config(arg=None)`, a `base_config()` with a
 few fields set (pure data: strings, numbers, tuples, dicts), and
@@ -32,7 +33,8 @@ rules, seeds, config hash, time, commit; later changes appended as amendments)
 before anything trains; *run* registers, then trains what is missing through
 `bnlab.sweep.run_sweep` (grouping, resuming; members in `DIR/runs/`) and
 records the stage's wall time and `bnlab.engine.provenance.environment()` in
-`DIR/stages.json`; *report* reads only the files and writes `report.md`,
+`DIR/stages.json` (any number of workers may run it at once, each training
+the groups it claims: docs/scale-out.md); *report* reads only the files and writes `report.md`,
 `results.json`/`results.csv` (one row per run), `cells.csv`, `claims.json`,
 `data.json.gz` (everything the verdicts read: `published`) and `figures/`. The
 verdicts are judged from `data.json.gz` alone, so *verify* re-judges a published

@@ -56,7 +56,9 @@ def main(argv):
       formats = tuple(dict.fromkeys(("png",) + figures.parse_formats(f.figure_format)))
     except ValueError as e:
       raise config_lib.ConfigError(f"--figure_format: {e}") from None
-    text = runner.run_study(study, workdir, f.stage, f.out, formats)
+    text = runner.run_study(study, workdir, f.stage, f.out, formats,
+                            workers={"num_workers": f.num_workers, "launcher": f.launcher,
+                                     "ray_address": f.ray_address})
     if f.stage in ("all", "report"):  # the report is in report.md; the console gets its gist
       text = report_lib.console_summary(workdir, f.out)
   except KeyboardInterrupt as e:
@@ -99,4 +101,6 @@ def run():
                     "--workdir) alone.")
   flags.DEFINE_string("out", "", "Publish the report, data, registration and figures here.")
   flags.DEFINE_string("figure_format", "png", "Figure files to write: any of png,pdf,svg.")
+  from bnlab.sweep import cli as sweep_cli  # pylint: disable=g-import-not-at-top
+  sweep_cli.define_scale_flags()
   app.run(main, flags_parser=main_lib.parse_flags)

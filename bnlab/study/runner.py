@@ -20,42 +20,56 @@ from bnlab.study import report as report_lib
 
 
 LOCK = ".study-lock"
+WRITE_LOCK = ".study-write-lock"  # the run stage's workers, each writing a shared file
 
 
 @contextlib.contextmanager
-def holding(workdir: str):
+def holding(workdir: str, shared: bool = False):
   """The study directory's lock held while the block runs; WorkDirError naming the holder
   when another process has it.
 
   Taken before the stages write anything: a second study on the directory is
   refused before it writes study.json, a registration or a stage record (the
   sweep's own lock on runs/ would refuse it only after the record was begun,
-  leaving an "interrupted" stage that never ran).
+  leaving an "interrupted" stage that never ran). `shared`: the run stage's,
+  which any number of workers hold together (they take disjoint groups) and
+  which keeps out the register stage.
   """
   from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
   files.make_dir(workdir)
   path = os.path.join(workdir, LOCK)
-  fd = locks.acquire_lock(path, os.path.abspath(workdir), "study directory")
+  fd = locks.acquire_lock(path, os.path.abspath(workdir), "study directory", shared=shared)
   try:
     yield
   finally:
-    locks.release_lock(path, fd)
+    locks.release_lock(path, fd, remove=not shared)
 
 
-def run_stage(study: study_config.Study, workdir: str) -> None:
-  """Trains the members that are not finished; records the stage in stages.json."""
+def writing(workdir: str):
+  """A run-stage worker's turn to write study.json, the registration or stages.json, which
+  the other workers read and write too (held for milliseconds)."""
+  from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
+  return locks.held_briefly(os.path.join(workdir, WRITE_LOCK))
+
+
+def run_stage(study: study_config.Study, workdir: str, wait: bool = False,
+              workers: dict | None = None) -> None:
+  """Trains the members that are not finished; records the stage in stages.json.
+
+  Any number of processes may run it on one directory at once (`bnlab.sweep.run_sweep`'s
+  workers); with `wait`, this one returns only when every member is trained (or failed),
+  whoever trained it. `workers`: run_sweep's num_workers, launcher and ray_address."""
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
   # Deterministic mode is set before anything starts JAX (provenance does).
   backend.configure_run(study.base_run_config())
-  with holding(workdir):
-    _run_stage(study, workdir)
+  with holding(workdir, shared=True):
+    _run_stage(study, workdir, wait, workers or {})
 
 
-def _run_stage(study: study_config.Study, workdir: str) -> None:
+def _run_stage(study: study_config.Study, workdir: str, wait: bool, workers: dict) -> None:
   """`run_stage`, the study directory's lock held."""
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
   from bnlab.engine import provenance  # pylint: disable=g-import-not-at-top
-  register_stage(study, workdir)
   stages_path = os.path.join(workdir, "stages.json")
   files.read_json(stages_path, [])  # damaged: stop before anything trains
   runs_dir = os.path.join(workdir, "runs")
@@ -71,13 +85,22 @@ def _run_stage(study: study_config.Study, workdir: str) -> None:
   start = time.perf_counter()
   try:
     sweep.run_sweep(study.base_run_config(), study.sweep, runs_dir,
-                    grouped=study.config["grouped"])
+                    grouped=study.config["grouped"], wait=wait,
+                    prepare=lambda: _register_as_worker(study, workdir), **workers)
     stage["interrupted"] = False
   finally:
     stage["wall_s"] = time.perf_counter() - start
     stage["trained"] = sum(written(m) not in (None, before[m["name"]]) for m in study.members)
-    stages = files.read_json(stages_path, [])
-    files.write_json(stages_path, stages + [stage])
+    with writing(workdir):
+      stages = files.read_json(stages_path, [])
+      files.write_json(stages_path, stages + [stage])
+
+
+def _register_as_worker(study: study_config.Study, workdir: str) -> None:
+  """The run stage's registration, once this worker is admitted (a worker of another study
+  config than the live ones' is refused before it could amend the registration)."""
+  with writing(workdir):
+    register_stage(study, workdir)
 
 
 def register_stage(study: study_config.Study, workdir: str) -> str:
@@ -93,11 +116,13 @@ PUBLISHED = ("report.md", "results.json", "results.csv", "cells.csv", "claims.js
 
 
 def run_study(study: study_config.Study, workdir: str, stage: str = "all", out: str = "",
-              formats: tuple = ("png",)) -> str:
+              formats: tuple = ("png",), workers: dict | None = None) -> str:
   """The stages of `study` in `workdir`; returns the report ("" for --stage=run/register).
 
   Where the report or `out` cannot be written (`out` is the work directory, a file stands
-  where a directory belongs) it stops before anything trains, with a WorkDirError."""
+  where a directory belongs) it stops before anything trains, with a WorkDirError.
+  `workers`: how the run stage spreads (`run_stage`); with "all", a worker reports once
+  every member is trained, whichever worker trained it."""
   if stage == "verify":
     return verify_stage(out or workdir)
   if stage in ("report", "all"):
@@ -106,7 +131,7 @@ def run_study(study: study_config.Study, workdir: str, stage: str = "all", out: 
     with holding(workdir):
       return f"{register_stage(study, workdir)}: {os.path.join(workdir, registration.FILE)}"
   if stage in ("run", "all"):
-    run_stage(study, workdir)
+    run_stage(study, workdir, wait=stage == "all", workers=workers)
   if stage == "run":
     return ""
   files.make_dir(os.path.join(workdir, "figures"))

@@ -35,13 +35,17 @@ and trains nothing; `--only=PATTERN` runs only the members whose name
 contains PATTERN, or matches it as a glob when it has `*`, `?` or `[`
 (results.csv still lists every member); `--grouped=false` runs every member
 alone; `--max_group_size=N` trains at most N members as one program;
-`--helpshort` lists these flags.
+`--num_workers=N` cuts the groups until there are N; `--launcher=ray`
+(with `--ray_address`) trains each group as a Ray task; `--helpshort` lists
+these flags. Any number of processes may run one sweep in one directory at
+once, each training the groups it claims (docs/scale-out.md).
 """
 
 from bnlab.sweep.cli import define_flags, dry_run_listing, load_config_file, main, run
 from bnlab.sweep.combinators import (MAX_NAME, Variant, apply_overrides, axis, config_overrides,
                                      format_value, member_name, product, seeds, variants, zip_)
-from bnlab.sweep.groups import Member, group_members, plan, resolve_members, select
+from bnlab.sweep.groups import (Member, group_members, plan, resolve_members, select,
+                                 split_for_workers)
 from bnlab.sweep.results import (RESULT_FIELDS, TARGET_ACCURACY, load_results, read_jsonl,
                                  records_cut_short, steps_to_accuracy, write_results)
-from bnlab.sweep.runner import check_members_config, make_sweep_dir, run_sweep
+from bnlab.sweep.runner import check_members_config, group_id, make_sweep_dir, run_sweep

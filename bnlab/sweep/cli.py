@@ -62,7 +62,7 @@ def dry_run_listing(members: Sequence[Member], groups: Sequence[Sequence[Member]
 
 def main(argv):
   """`python -m bnlab.sweep`: --config (a sweep file), --workdir, --grouped, --max_group_size,
-  --dry_run, --only."""
+  --num_workers, --launcher, --ray_address, --dry_run, --only."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
@@ -91,7 +91,8 @@ def main(argv):
     overrides = {**config_flags.get_override_values(f["config"]), **main_lib.FREE_FORM_VALUES}
     backend.configure_run(base)  # before JAX starts
     if f.dry_run:
-      members, groups = plan(base, sweep, f.grouped, overrides, f.only, f.max_group_size)
+      members, groups = plan(base, sweep, f.grouped, overrides, f.only, f.max_group_size,
+                             f.num_workers)
       if os.path.isdir(f.workdir or ""):
         check_members_config(members, f.workdir)
       table, listing = dry_run_listing(members, groups, f.workdir)
@@ -99,7 +100,9 @@ def main(argv):
       print(json.dumps(listing))
       return
     rows = run_sweep(base, sweep, f.workdir, grouped=f.grouped,
-                     overrides=overrides, only=f.only, max_group_size=f.max_group_size)
+                     overrides=overrides, only=f.only, max_group_size=f.max_group_size,
+                     num_workers=f.num_workers, launcher=f.launcher,
+                     ray_address=f.ray_address)
   except (config_lib.ConfigError, data_lib.DataError, rundir_errors.WorkDirError,
           backend.BackendError) as e:
     if logging.get_verbosity() >= logging.DEBUG:
@@ -129,9 +132,25 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_group_size", 0,
                        "Train at most this many members as one program (0: as many as fit "
                        "the device's memory); larger groups train in chunks.", lower_bound=0)
+  define_scale_flags()
   flags.DEFINE_string("only", None,
                       "Run only the members whose name contains this text, or matches it as "
                       "a glob (with * ? [), e.g. --only='*seed=0'.")
+
+
+def define_scale_flags() -> None:
+  """The flags that spread a sweep (or a study's runs) over workers, shared with bnlab.study."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_integer("num_workers", 0,
+                       "Cut the groups until there are at least this many, one per worker "
+                       "(0: as large as memory allows). Every worker of a directory needs "
+                       "the same value.", lower_bound=0)
+  flags.DEFINE_enum("launcher", "local", ["local", "ray"],
+                    "local: train here, the groups that no other worker on the directory "
+                    "has claimed; ray: each group a Ray task (pip install 'bnlab[ray]').")
+  flags.DEFINE_string("ray_address", "",
+                      "With --launcher=ray: the cluster, auto or HOST:PORT (empty: start a "
+                      "local Ray).")
 
 
 def run():
@@ -140,6 +159,7 @@ def run():
   from bnlab import main as main_lib  # pylint: disable=g-import-not-at-top
   define_flags()
   # --helpshort lists the key flags of the program run (sys.argv[0]): these.
-  for name in ("config", "workdir", "grouped", "max_group_size", "dry_run", "only"):
+  for name in ("config", "workdir", "grouped", "max_group_size", "num_workers", "launcher",
+               "ray_address", "dry_run", "only"):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   app.run(main, flags_parser=main_lib.parse_flags)

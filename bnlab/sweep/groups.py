@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 from typing import Any, Sequence
 
 from bnlab import config as config_lib
@@ -109,7 +110,8 @@ def select(members: Sequence[Member], only: str | None) -> list[Member]:
 
 
 def group_members(members: Sequence[Member], grouped: bool = True,
-                  max_group_size: int | None = None) -> list[list[Member]]:
+                  max_group_size: int | None = None,
+                  num_workers: int | None = None) -> list[list[Member]]:
   """Members that can train together (`bnlab.engine.members.group_key`), in sweep order.
 
   Members whose model does not gain from grouping here (`bnlab.engine.members.grouping_helps`)
@@ -117,7 +119,9 @@ def group_members(members: Sequence[Member], grouped: bool = True,
   A group larger than `max_group_size` members (None or 0: as many as fit the
   device's memory, `bnlab.engine.members.group_capacity`) trains in the
   fewest near-equal chunks, each its own group; the same sweep on the same
-  device (or with the same `max_group_size`) always chunks alike.
+  device (or with the same `max_group_size`) always chunks alike. With
+  `num_workers`, groups are cut further (`split_for_workers`) until there are
+  at least that many, so each worker gets one.
   """
   from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
   if not grouped:
@@ -127,18 +131,40 @@ def group_members(members: Sequence[Member], grouped: bool = True,
     key = (f"solo {m.index}" if m.unusable or not members_lib.grouping_helps(m.cfg)
            else members_lib.group_key(m.cfg))
     groups.setdefault(key, []).append(m)
-  out = []
+  counts = []
   for group in groups.values():
     capacity = max_group_size or (
         len(group) if len(group) == 1
         else members_lib.group_capacity(group[0].cfg, wanted=len(group)))
-    out.extend(members_lib.chunks(group, capacity))
+    counts.append(len(members_lib.chunks(group, capacity)))
+  counts = split_for_workers([len(g) for g in groups.values()], counts, num_workers or 0)
+  out = []
+  for group, n in zip(groups.values(), counts):  # as `chunks` cuts, into n
+    out.extend(group[i * len(group) // n:(i + 1) * len(group) // n] for i in range(n))
   return out
 
 
+def split_for_workers(sizes: list[int], counts: list[int], workers: int) -> list[int]:
+  """How many chunks to cut each group of `sizes` into (now `counts`) so that there are at
+  least `workers` chunks, or every chunk is one member.
+
+  One more chunk at a time goes to the group with the largest chunks (the first such
+  group on a tie), so a sweep cut for N workers is always cut alike, and each chunk
+  stays as large as N workers allow: a vmapped member costs little more than a solo
+  run's step, so a group larger than that spreads nothing.
+  """
+  counts = list(counts)
+  while sum(counts) < workers:
+    largest = max(range(len(sizes)), key=lambda j: (math.ceil(sizes[j] / counts[j]), -j))
+    if math.ceil(sizes[largest] / counts[largest]) <= 1:
+      break
+    counts[largest] += 1
+  return counts
+
+
 def plan(base, sweep: Sequence[dict], grouped: bool = True, overrides: dict | None = None,
-         only: str | None = None, max_group_size: int | None = None
-         ) -> tuple[list[Member], list[list[Member]]]:
+         only: str | None = None, max_group_size: int | None = None,
+         num_workers: int | None = None) -> tuple[list[Member], list[list[Member]]]:
   """(every member, the groups of the selected members) of a sweep, nothing trained."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   members = resolve_members(base, sweep, overrides)
@@ -150,4 +176,4 @@ def plan(base, sweep: Sequence[dict], grouped: bool = True, overrides: dict | No
   for m in members:
     if m.unusable:
       logging.warning("Sweep member %s will not train: %s", m.name, m.unusable)
-  return members, group_members(select(members, only), grouped, max_group_size)
+  return members, group_members(select(members, only), grouped, max_group_size, num_workers)

@@ -7,6 +7,7 @@ the same functions, and runs nothing.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -114,18 +115,20 @@ def kept_errors(workdir: str, selected: set[str]) -> dict[str, str]:
 
 
 def write_results(workdir: str, rows: list[dict]) -> None:
-  """`results.json` (a list of rows) and `results.csv` (empty cells for None)."""
+  """`results.json` (a list of rows) and `results.csv` (empty cells for None), each whole
+  or not at all: the workers of one sweep may write them at the same moment."""
+  from bnlab.rundir import files as rundir_files  # pylint: disable=g-import-not-at-top
   columns: list[str] = []
   for row in rows:
     columns.extend(k for k in row if k not in columns)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(rows, f, indent=1)
-    f.write("\n")
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+  rundir_files.atomic_write(os.path.join(workdir, "results.json"),
+                            json.dumps(rows, indent=1) + "\n")
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+  rundir_files.atomic_write(os.path.join(workdir, "results.csv"), text.getvalue())
 
 
 def load_results(workdir: str) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Running a sweep: its directory and lock, then each group trained in turn, failures kept.
+"""Running a sweep: its directory and shared lock, then each group this worker claims,
+trained in turn, failures kept.
 
 The members' rows come from `bnlab.sweep.results` once every group has had
 its turn.
@@ -6,26 +7,23 @@ its turn.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from bnlab import config as config_lib
 from bnlab.sweep.groups import Member, plan
 from bnlab.sweep.results import kept_errors, result_row, write_results
-
-
-def error_line(e: BaseException) -> str:
-  """A member's error as one line of a results row (or a message), its type first."""
-  text = " ".join(str(e).split()) or type(e).__name__
-  return f"{type(e).__name__}: {text}"[:2000]
+from bnlab.sweep.training import (GroupTrainer, error_line, group_complete, group_id, size_key,
+                                  timesplit_seconds)
 
 
 def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
               overrides: dict | None = None, only: str | None = None,
-              max_group_size: int | None = None) -> list[dict]:
+              max_group_size: int | None = None, num_workers: int | None = None,
+              wait: bool = False, launcher: str = "local", ray_address: str = "",
+              prepare=None) -> list[dict]:
   """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
 
   Every member is validated before anything trains. A member whose model fails
@@ -35,23 +33,62 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   progress is checkpointed, the rest untouched; a rerun continues.
   `overrides` win over the members' own (see `bnlab.sweep`'s docstring); `only`
   selects the members to run (`select`); `max_group_size` caps a group's
-  members (`group_members`; default: what fits the device's memory). The rows
-  cover every member.
+  members (`group_members`; default: what fits the device's memory);
+  `num_workers` cuts the groups until there are that many. The rows cover
+  every member.
+
+  Any number of processes may run the same sweep in `workdir` at once: each
+  trains the groups it claims first (`bnlab.sweep.claims`), and takes over a
+  group whose worker died, resuming it from its checkpoints. A worker ends when
+  every group is done or held by another live worker; with `wait`, it waits for
+  those (taking over any whose worker dies), so its rows are complete.
+  `launcher="ray"` trains each group as a Ray task instead (`bnlab.sweep.ray_launcher`,
+  on the cluster at `ray_address`, or a local one when empty). `prepare()` is called
+  once this worker is admitted (no live worker runs another config), before anything
+  trains: a study registers its claims there.
   """
   from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
-  members, groups = plan(base, sweep, grouped, overrides, only, max_group_size)
+  from bnlab.sweep import claims as claims_lib  # pylint: disable=g-import-not-at-top
+  members, groups = plan(base, sweep, grouped, overrides, only, max_group_size, num_workers)
   make_sweep_dir(workdir)
   lock_path = os.path.join(workdir, ".sweep-lock")
-  lock = locks.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory")
+  # Shared: the sweep's workers run together; a process that needs the directory
+  # alone (an older bnlab's sweep) is kept out.
+  lock = locks.acquire_lock(lock_path, os.path.abspath(workdir), "sweep directory",
+                            shared=True)
   try:
     check_members_config(members, workdir)
     # SIGTERM or SIGUSR1 stops the group in progress with a checkpoint, or the sweep
     # before its next group: signals.Preempted; a rerun trains what is missing.
     with signals.stop_signals_caught():
-      return _run_groups(members, groups, workdir)
+      # Once: the commit it reads may change while the sweep runs (the tasks get this one).
+      fingerprint = worker_fingerprint(groups)
+      with claims_lib.Claims(workdir, fingerprint) as claims:
+        if prepare is not None:
+          prepare()
+        if launcher == "ray":  # the driver's record stays: it admits the tasks' fingerprint
+          from bnlab.sweep import ray_launcher  # pylint: disable=g-import-not-at-top
+          errors = ray_launcher.run_groups(groups, workdir, ray_address, fingerprint)
+        else:
+          errors = _run_groups(members, groups, workdir, claims, wait)
+    # Members --only left out keep their failures (their directories do not record them).
+    errors = {**kept_errors(workdir, {m.name for g in groups for m in g}), **errors}
+    rows = [result_row(m, os.path.join(workdir, m.name), errors.get(m.name))
+            for m in members]
+    write_results(workdir, rows)
+    return rows
   finally:
-    locks.release_lock(lock_path, lock)
+    locks.release_lock(lock_path, lock, remove=False)
+
+
+def worker_fingerprint(groups) -> str:
+  """What every worker of one sweep directory must share (`bnlab.sweep.claims`): the groups
+  (their ids: members and configs, `group_id`), the members' lengths and bnlab's version."""
+  from bnlab.sweep import claims as claims_lib  # pylint: disable=g-import-not-at-top
+  return claims_lib.fingerprint(
+      [[group_id(g), [[m.cfg.train.num_steps, m.cfg.train.num_epochs] for m in g]]
+       for g in groups])
 
 
 def make_sweep_dir(workdir: str) -> None:
@@ -105,88 +142,96 @@ def check_members_config(members: Sequence[Member], workdir: str) -> None:
         "or move those members' directories aside to rerun them")
 
 
-def _run_groups(members: Sequence[Member], groups, workdir: str) -> list[dict]:
-  """Trains the groups (the sweep's lock held); the rows of every member."""
+def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: bool
+                ) -> dict[str, str]:
+  """Trains the groups this worker claims; {member: error} of those that failed."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from bnlab.engine import train  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
-  from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
   from bnlab.engine import progress as progress_lib  # pylint: disable=g-import-not-at-top
-  from bnlab.engine import timesplit  # pylint: disable=g-import-not-at-top
+  from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
   errors: dict[str, str] = {}
-  datasets: dict[str, Any] = {}
-  sizes: dict[str, int] = {}  # `_size_key` -> training examples, once loaded
-  programs = None  # what the compiled programs in memory were made for
-  plan = _progress_plan(groups, workdir, sizes)
+  trainer = GroupTrainer(workdir)
+  plan = _progress_plan(groups, workdir, trainer.sizes)
   progress = progress_lib.SweepProgress(plan)
   left = [g for g in plan if not g["done"]]
   logging.info("Sweep of %d members, %d selected in %d groups, in %s; %d group(s) to train%s",
                len(members), sum(len(g) for g in groups), len(groups), workdir, len(left),
                f", {len(groups) - len(left)} complete" if len(left) < len(groups) else "")
-  for i, group in enumerate(groups):
-    signals.raise_if_stop_requested()  # came while the last group finished
-    dirs = [os.path.join(workdir, m.name) for m in group]
-    if plan[i]["done"]:  # complete
-      continue
-    if any(m.unusable for m in group):  # alone in its group (`group_members`)
-      for m in group:
-        logging.error("Sweep member %s failed: %s", m.name, m.unusable)
-        errors[m.name] = m.unusable
+  pending, waiting = list(range(len(groups))), False
+  while True:
+    held, trained = [], False  # held by other live workers; whether this pass trained
+
+    for i in pending:
+      signals.raise_if_stop_requested()  # came while the last group finished
+      group = groups[i]
+      if plan[i]["done"]:  # complete
+        continue
+      if any(m.unusable for m in group):  # alone in its group (`group_members`)
+        for m in group:
+          logging.error("Sweep member %s failed: %s", m.name, m.unusable)
+          errors[m.name] = m.unusable
+        plan[i]["done"] = True
+        continue
+      gid = group_id(group)
+      failed = claims.failed_since_start(gid)
+      if failed is not None:  # by another worker, while this one ran: not tried again
+        logging.error("Sweep group %d/%d failed in another worker: %s", i + 1, len(groups),
+                      next(iter(failed.values()), ""))
+        errors.update(failed)
+        plan[i]["done"] = True
+        continue
+      if not claims.claim(gid):
+        if not plan[i].get("elsewhere"):
+          holder = claims.holder(gid) or {}
+          logging.info("Sweep group %d/%d: another worker trains it (process %s on host %s)",
+                       i + 1, len(groups), holder.get("pid", "?"), holder.get("host", "?"))
+        plan[i]["elsewhere"] = True
+        held.append(i)
+        continue
+      plan[i]["elsewhere"] = False
+      try:
+        if group_complete(group, workdir):  # another worker finished it meanwhile
+          plan[i]["done"] = True
+          continue
+        failed = _train_with_progress(trainer, i, progress, plan, groups, workdir)
+        claims.record_failure(gid, failed)
+        errors.update(failed)
+        trained = True
+      finally:
+        claims.release(gid)
+    pending = [i for i in held if not group_complete(groups[i], workdir)]
+    for i in set(held) - set(pending):
       plan[i]["done"] = True
-      continue
-    # A group whose programs differ from the last one's (another model, or
-    # group size) first drops the compiled programs in memory: a long sweep's
-    # compiled code, and its memory mappings, would otherwise grow without
-    # bound (XLA:CPU maps every executable; Linux allows ~65,000 mappings).
-    # The persistent compilation cache makes a program needed again cheap;
-    # runs of one model one after another keep theirs.
-    made_for = (members_lib.group_key(group[0].cfg), len(group))
-    if programs not in (None, made_for):
-      jax.clear_caches()
-    programs = made_for
-    start, compiled, loading, trained = (time.perf_counter(), timesplit.compile_seconds(),
-                                         0.0, True)
-    try:
-      data_key = _data_key(group[0].cfg)
-      if data_key not in datasets:
-        datasets.clear()
-        datasets[data_key] = train.load_data(group[0].cfg)
-        loading = time.perf_counter() - start
-        sizes[_size_key(group[0].cfg)] = len(datasets[data_key].train_labels)
-        _update_steps(plan, groups, sizes)  # the groups left, at the data's true size
-      data = datasets[data_key]
-      progress.start(i, plan[i]["resumed_at"])
-      if len(group) == 1:
-        train.train_and_evaluate(group[0].cfg, dirs[0], data)
-      else:
-        train.train_group([m.cfg for m in group], dirs,
-                          os.path.join(workdir, members_lib.GROUPS_DIR, _group_id(group)), data)
-    except Exception as e:  # pylint: disable=broad-except
-      trained = False
-      message = error_line(e)
-      # A member that finished before keeps its results.
-      failed = [m for m, d in zip(group, dirs) if not train.is_complete(m.cfg, d)]
-      logging.error("Sweep members %s failed: %s", [m.name for m in failed], message)
-      for m in failed:
-        errors[m.name] = message
-    progress.finish(i, time.perf_counter() - start, timesplit.compile_seconds() - compiled,
-                    once=loading, trained=trained)
-  # Members --only left out keep their failures (their directories do not record them).
-  errors = {**kept_errors(workdir, {m.name for g in groups for m in g}), **errors}
-  rows = [result_row(m, os.path.join(workdir, m.name), errors.get(m.name)) for m in members]
-  write_results(workdir, rows)
-  return rows
+    if pending and not wait and trained:
+      continue  # a worker may have died meanwhile: end only after a pass that claims nothing
+    if not pending or not wait:
+      if pending:
+        logging.info("%d group(s) are trained by other workers; this worker ends (the last "
+                     "worker to end writes the complete results)", len(pending))
+      return errors
+    if not waiting:
+      logging.info("Waiting for %d group(s) that other workers train", len(pending))
+      waiting = True
+    for _ in range(5):  # a stop signal ends the wait within a second
+      time.sleep(1.0)
+      signals.raise_if_stop_requested()
 
 
-def _size_key(cfg) -> str:
-  """Configs with equal keys read data of one size."""
-  return json.dumps(cfg.data.to_dict(), sort_keys=True)
+def _train_with_progress(trainer, i: int, progress, plan: list[dict], groups,
+                         workdir: str) -> dict[str, str]:
+  """Trains group `i` with a progress line at its start (once its data is loaded) and end;
+  {member: error} of its members that failed."""
+  start, compiled = time.perf_counter(), timesplit_seconds()
 
-
-def _data_key(cfg) -> str:
-  """Groups with equal keys train on the same loaded dataset."""
-  return _size_key(cfg) + str(cfg.train.batch_size)
+  def loaded():
+    # Where it resumes now (another worker may have trained it part way).
+    plan[i]["resumed_at"] = _last_step(_checkpoint_dir(groups[i], workdir))
+    _update_steps(plan, groups, trainer.sizes)  # at the data's true size
+    progress.start(i, plan[i]["resumed_at"])
+  trainer.loading = 0.0
+  errors, trained = trainer.train_group(groups[i], loaded)
+  progress.finish(i, time.perf_counter() - start, timesplit_seconds() - compiled,
+                  once=trainer.loading, trained=trained)
+  return errors
 
 
 def _last_step(ckpt_dir: str) -> int:
@@ -204,7 +249,7 @@ def _total_steps(cfg, sizes: dict[str, int]) -> int:
   t = cfg.train
   if t.num_steps:
     return t.num_steps
-  n = sizes.get(_size_key(cfg)) or cfg.data.num_train or members_lib.MNIST_TRAIN
+  n = sizes.get(size_key(cfg)) or cfg.data.num_train or members_lib.MNIST_TRAIN
   return t.num_epochs * (n // t.batch_size)
 
 
@@ -218,15 +263,21 @@ def _progress_plan(groups, workdir: str, sizes: dict[str, int]) -> list[dict]:
     dirs = [os.path.join(workdir, m.name) for m in group]
     done = all(train.is_complete(m.cfg, d) for m, d in zip(group, dirs))
     unusable = any(m.unusable for m in group)
-    ckpt_dir = (os.path.join(dirs[0], "checkpoints") if len(group) == 1 else os.path.join(
-        workdir, members_lib.GROUPS_DIR, _group_id(group), "checkpoints"))
-    resumed = 0 if done or unusable else _last_step(ckpt_dir)
+    resumed = 0 if done or unusable else _last_step(_checkpoint_dir(group, workdir))
     made_for = None if done or unusable else (members_lib.group_key(group[0].cfg), len(group))
     plan.append({"members": [m.name for m in group], "done": done, "resumed_at": resumed,
                  "compiles": made_for is not None and made_for != programs})
     programs = made_for or programs
   _update_steps(plan, groups, sizes)
   return plan
+
+
+def _checkpoint_dir(group, workdir: str) -> str:
+  """Where a group's checkpoints are: its member's own for a solo run."""
+  from bnlab.engine import members as members_lib  # pylint: disable=g-import-not-at-top
+  if len(group) == 1:
+    return os.path.join(workdir, group[0].name, "checkpoints")
+  return os.path.join(workdir, members_lib.GROUPS_DIR, group_id(group), "checkpoints")
 
 
 def _update_steps(plan: list[dict], groups, sizes: dict[str, int]) -> None:
@@ -253,17 +304,3 @@ def planned_status(m: Member, path: str) -> tuple[str, str | None]:
   if m.unusable:
     return "failed", m.unusable
   return "to train", None
-
-
-def _group_id(group: Sequence[Member]) -> str:
-  """The group's directory name: its members and configs, less what may change on resume.
-
-  So a group resumes in the same directory after its length (or another key of
-  `config.RESUME_SAFE_KEYS`) changed; its config check decides whether it may.
-  """
-  changeable = config_lib.RESUME_SAFE_KEYS + config_lib.LENGTH_KEYS
-  parts = []
-  for m in group:
-    flat = config_lib.flatten(json.loads(m.cfg.to_json_best_effort()))
-    parts.append([m.name, {k: v for k, v in sorted(flat.items()) if k not in changeable}])
-  return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
