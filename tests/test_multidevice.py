@@ -78,8 +78,8 @@ GROUP_SCRIPT = textwrap.dedent("""
             for o in test_sweep.MOMENTA + [{{"seed": 3}}]]
     spread = []
     create = state_lib.create_member_states
-    def watched(*args):
-      st = create(*args)
+    def watched(*args, **kwargs):
+      st = create(*args, **kwargs)
       spread.append(len(st.params["logits"]["kernel"].sharding.device_set))
       return st
     state_lib.create_member_states = watched
