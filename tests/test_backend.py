@@ -128,12 +128,16 @@ def test_code_version_is_the_checkout_commit_or_unknown(monkeypatch, tmp_path):
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
     assert code["commit"] == head and isinstance(code["dirty"], bool)
-  monkeypatch.setattr(provenance, "_REPO_ROOT", str(tmp_path))
-  provenance.code_version.cache_clear()
-  try:
-    assert provenance.code_version() == {"commit": "unknown", "dirty": None}
-  finally:
+  # The root is restored before anything asks again: a cached "unknown" would otherwise
+  # outlive this test and label every later report in this process "bnlab unknown".
+  with monkeypatch.context() as m:
+    m.setattr(provenance, "_REPO_ROOT", str(tmp_path))
     provenance.code_version.cache_clear()
+    try:
+      assert provenance.code_version() == {"commit": "unknown", "dirty": None}
+    finally:
+      provenance.code_version.cache_clear()
+  assert provenance.code_version()["commit"] == code["commit"]
   env = {**provenance.environment(), "code": {"commit": "a" * 40, "dirty": True}}
   assert re.search(r"bnlab a{12} with uncommitted changes$", provenance.describe(env))
 
