@@ -23,6 +23,7 @@ import math
 import os
 import statistics
 
+from bnlab import config as config_lib
 from bnlab import sweep
 from bnlab.study import cells as cells_lib
 from bnlab.study import registry
@@ -169,22 +170,12 @@ def pre_norm_bias(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   if twin != run_dir and steps[-1] in _steps_saved(twin):
     other = _restore(twin, steps[-1])
     def max_diff(a, b):
-      flat_a, flat_b = _flatten(a), _flatten(b)
+      flat_a, flat_b = config_lib.flatten(a), config_lib.flatten(b)
       return float(max(np.max(np.abs(np.asarray(flat_a[k], np.float64) - flat_b[k]))
                        for k in flat_a if k in flat_b))
     out["max_abs_param_diff"] = max_diff(state["params"], other["params"])
     out["max_abs_stats_diff"] = max_diff(state.get("batch_stats", {}),
                                          other.get("batch_stats", {}))
-  return out
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
   return out
 
 
