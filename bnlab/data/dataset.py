@@ -133,6 +133,22 @@ def array_sha256(array: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
+def one_line(err: BaseException) -> str:
+  """An exception's message on one line (TFDS' span several), or its type's name."""
+  return " ".join(str(err).split()) or type(err).__name__
+
+
+def check_array_record(builder, where: str, fix: str) -> None:
+  """A prepared TFDS builder stored as array_record: the only format TFDS reads without
+  TensorFlow (tfrecord needs it)."""
+  file_format = builder.info.file_format
+  fmt = getattr(file_format, "value", file_format) or "tfrecord"
+  if fmt != "array_record":
+    raise DataError(
+        f"{where} is stored as {fmt}, which TFDS reads only with TensorFlow; bnlab reads "
+        f"array_record. Fix: {fix}")
+
+
 def check_arrays(arrays: Mapping[str, np.ndarray], where: str, fix: str) -> None:
   """Check dtypes, shapes, label range and counts; raise DataError naming ``where``."""
 

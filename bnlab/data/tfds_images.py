@@ -15,24 +15,20 @@ import os
 
 import numpy as np
 
-from bnlab.data.dataset import DataError, DataSpec, make_dataset
+from bnlab.data.dataset import (DIR_FLAG, DataError, DataSpec, check_array_record, make_dataset,
+                                one_line)
 
 NAME_FLAG = "--config.data.name"
-DIR_FLAG = "--config.data.dir"
 TRAIN_SPLIT = "train"
 TEST_SPLITS = ("test", "validation")  # the first the dataset has is evaluated
 READ_CHUNK = 4096  # examples decoded per read: bounds the decoded dicts held at once
-
-
-def _one_line(err: BaseException) -> str:
-  return " ".join(str(err).split()) or type(err).__name__
 
 
 def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as err:
-    raise DataError(f"data.name: importing tensorflow_datasets failed ({_one_line(err)}). "
+    raise DataError(f"data.name: importing tensorflow_datasets failed ({one_line(err)}). "
                     "Fix: pip install tensorflow-datasets") from err
   return tfds
 
@@ -63,18 +59,14 @@ def prepared_builder(name: str, data_dir: str | None = None):
         f"fashion_mnist), or {DIR_FLAG}=the data dir where you prepared it") from None
   except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
     raise DataError(f"data.name={name!r}: TFDS cannot open it in {root} "
-                    f"({_one_line(err)}). Fix: {_build_command(name, root)}") from err
+                    f"({one_line(err)}). Fix: {_build_command(name, root)}") from err
   if not builder.is_prepared():
     raise DataError(
         f"data.name={name!r} is not prepared in {root} (TFDS looked for "
         f"{builder.data_dir}). Fix: {_build_command(name, root)} (building needs TensorFlow "
         f"once; reading does not), or {DIR_FLAG}=the data dir that holds it")
-  file_format = builder.info.file_format
-  fmt = getattr(file_format, "value", file_format) or "tfrecord"
-  if fmt != "array_record":
-    raise DataError(
-        f"data.name={name!r} in {builder.data_dir} is stored as {fmt}, which TFDS reads only "
-        f"with TensorFlow; bnlab reads array_record. Fix: {_build_command(name, root)}")
+  check_array_record(builder, f"data.name={name!r} in {builder.data_dir}",
+                     _build_command(name, root))
   return builder
 
 
@@ -163,7 +155,7 @@ def read_split(name: str, split: str, data_dir: str | None, spec: DataSpec):
       images[start:stop], labels[start:stop] = read_examples(
           source, range(start, stop), image_key, label_key)
   except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
-    raise DataError(f"{where}: cannot read it ({_one_line(err)}). Fix: {fix}") from err
+    raise DataError(f"{where}: cannot read it ({one_line(err)}). Fix: {fix}") from err
   if n and (labels.min() < 0 or labels.max() >= spec.num_classes):
     raise DataError(f"{where}: labels outside [0, {spec.num_classes - 1}]. Fix: {fix}")
   return images, labels.astype(label_dtype(spec.num_classes))

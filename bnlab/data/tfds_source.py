@@ -17,7 +17,7 @@ import numpy as np
 from bnlab.data import embedded
 from bnlab.data.dataset import (DIR_FLAG, IMAGE_SHAPE, NUM_CLASSES, SOURCE_FLAG, DataError,
                                 Dataset, check_arrays, default_cache_dir)
-from bnlab.data.dataset import check_pins, make_dataset
+from bnlab.data.dataset import check_array_record, check_pins, make_dataset, one_line
 
 TFDS_SUBDIR = "tfds"  # default TFDS data dir: cache_dir/tfds
 TFDS_OFFICIAL = "mnist"  # TFDS' own builder, read when prepared (array_record without TF)
@@ -30,16 +30,12 @@ def tfds_data_dir(data_dir: str | None = None, cache_dir: str | None = None) -> 
   return data_dir or os.path.join(cache_dir or default_cache_dir(), TFDS_SUBDIR)
 
 
-def _one_line(err: BaseException) -> str:
-  return " ".join(str(err).split()) or type(err).__name__
-
-
 def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise DataError(
-        f"MNIST source 'tfds': importing tensorflow_datasets failed ({_one_line(err)}). "
+        f"MNIST source 'tfds': importing tensorflow_datasets failed ({one_line(err)}). "
         f"Fix: pip install tensorflow-datasets, or use {SOURCE_FLAG}=embedded") from err
   return tfds
 
@@ -147,18 +143,13 @@ def _prepared_builder(tfds, name: str, root: str, fix: str | None = None):
   except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
     fix = fix or f"rm -r {os.path.join(root, name)} or use another {DIR_FLAG}"
     raise DataError(
-        f"MNIST source 'tfds': cannot open {name} in {root} ({_one_line(err)}). Fix: {fix}"
+        f"MNIST source 'tfds': cannot open {name} in {root} ({one_line(err)}). Fix: {fix}"
     ) from err
 
 
 def _read_tfds(builder, where: str, fix: str) -> dict[str, np.ndarray]:
   """The train and test splits of a prepared builder as checked uint8 arrays."""
-  file_format = builder.info.file_format
-  fmt = getattr(file_format, "value", file_format) or "tfrecord"
-  if fmt != "array_record":
-    raise DataError(
-        f"{where} is stored as {fmt}, which TFDS reads only with TensorFlow; bnlab reads "
-        f"array_record. Fix: {fix}")
+  check_array_record(builder, where, fix)
   arrays = {}
   for split in TFDS_SPLITS:
     try:
@@ -168,7 +159,7 @@ def _read_tfds(builder, where: str, fix: str) -> dict[str, np.ndarray]:
           np.zeros((0, *IMAGE_SHAPE, 1), np.uint8))
       labels = np.asarray([e["label"] for e in examples], np.int64)
     except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
-      raise DataError(f"{where}: cannot read split {split} ({_one_line(err)}). "
+      raise DataError(f"{where}: cannot read split {split} ({one_line(err)}). "
                       f"Fix: {fix}") from err
     if images.ndim == 4 and images.shape[-1] == 1:
       images = images[..., 0]  # TFDS stores (N, 28, 28, 1)
