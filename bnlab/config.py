@@ -288,8 +288,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_at_start = True  # also evaluate (and record analysis) at step 0
   c.train.final_train_eval = True  # evaluate the whole train set at the end
   # Collapse (bnlab.engine.collapse.CollapseWatch): a finite train loss above
-  # collapse_loss_factor x its running minimum and above chance (ln 10), or a
-  # test accuracy <= collapse_accuracy after one >= collapse_trained_accuracy.
+  # collapse_loss_factor x its running minimum and above chance (ln of the data's
+  # number of classes), or a test accuracy <= collapse_accuracy after one >=
+  # collapse_trained_accuracy.
   # Recorded (collapsed, collapsed_at_step); the run goes on (a collapse may
   # recover) unless stop_on_collapse. collapse_loss_factor=0 turns the loss rule off.
   c.train.collapse_loss_factor = 10.0

@@ -112,3 +112,14 @@ def test_tiny_run_collapses(idx_dir, tmp_path, stop):
   # A finished run is not trained again; one stopped at a collapse stays stopped.
   assert train.train_and_evaluate(collapsing_config(idx_dir, stop), wd) == summary
   assert json.load(open(os.path.join(wd, "summary.json")))["collapsed"] is True
+
+
+def test_chance_is_the_datas():
+  # Chance is ln(num_classes): a loss of 3.0 after a minimum of 0.1 is worse than chance
+  # on 10 classes (ln 10 = 2.30) but better than chance on 100 (ln 100 = 4.61).
+  rec = records((2.3, 0.1, 3.0))
+  assert collapse.first_collapse(rec, num_classes=10)[0] == 30
+  assert collapse.first_collapse(rec, num_classes=100) is None
+  assert collapse.first_collapse(records((4.6, 0.1, 5.0)), num_classes=100)[0] == 30
+  assert "chance (4.61)" in collapse.first_collapse(records((4.6, 0.1, 5.0)),
+                                                    num_classes=100)[1]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# The train loss of always predicting the uniform distribution over 10 classes.
-CHANCE_LOSS = math.log(10)
 
 
 @dataclasses.dataclass
@@ -19,9 +17,9 @@ class CollapseWatch:
 
   A collapse is a run that blows up without its loss turning NaN/inf:
   - loss: a log interval's mean train loss above `loss_factor` x the smallest
-    interval loss before it, and above chance (ln 10 = 2.30: worse than
-    predicting the uniform distribution), so that noise after a very small
-    minimum is not a collapse; `loss_factor=0` turns this rule off;
+    interval loss before it, and above chance (ln `num_classes`, 2.30 for 10
+    classes: worse than predicting the uniform distribution), so that noise after
+    a very small minimum is not a collapse; `loss_factor=0` turns this rule off;
   - accuracy: a test accuracy <= `chance_accuracy` after an earlier one was
     >= `trained_accuracy` (the run had trained, then fell back near chance).
   `update` returns the reason of a collapse at that record, else None. The
@@ -32,13 +30,19 @@ class CollapseWatch:
   loss_factor: float = 10.0
   chance_accuracy: float = 0.2
   trained_accuracy: float = 0.5
+  num_classes: int = 10  # the data's: chance is ln 100 = 4.61 for 100 classes
   min_loss: float = math.inf
   best_accuracy: float = -math.inf
 
   @classmethod
-  def of(cls, train_cfg) -> CollapseWatch:
+  def of(cls, train_cfg, num_classes: int = 10) -> CollapseWatch:
     return cls(train_cfg.collapse_loss_factor, train_cfg.collapse_accuracy,
-               train_cfg.collapse_trained_accuracy)
+               train_cfg.collapse_trained_accuracy, num_classes)
+
+  @property
+  def chance_loss(self) -> float:
+    """The cross-entropy of predicting the uniform distribution over the classes."""
+    return math.log(self.num_classes)
 
   def update(self, record: dict) -> str | None:
     if record.get("step") == 0:
@@ -47,9 +51,9 @@ class CollapseWatch:
     loss = record.get("train_loss")
     if isinstance(loss, (int, float)) and math.isfinite(loss):
       if (self.loss_factor > 0 and loss > self.loss_factor * self.min_loss
-          and loss > CHANCE_LOSS):
+          and loss > self.chance_loss):
         reason = (f"train loss {loss:.4g} > {self.loss_factor:g} x its minimum "
-                  f"{self.min_loss:.4g} and > chance ({CHANCE_LOSS:.2f})")
+                  f"{self.min_loss:.4g} and > chance ({self.chance_loss:.2f})")
       self.min_loss = min(self.min_loss, loss)
     acc = record.get("test_accuracy")
     if isinstance(acc, (int, float)) and math.isfinite(acc):

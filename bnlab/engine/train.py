@@ -40,6 +40,7 @@ from bnlab.engine import timesplit
 from bnlab.rundir import signals
 from bnlab.rundir import workdir as workdir_lib
 from bnlab.engine.calls import data_parallel_mesh
+from bnlab.engine.collapse import CollapseWatch
 from bnlab.engine.evaluation import eval_model_config
 from bnlab.engine.members import GROUPABLE_KEYS, group_key, init_models
 from bnlab.engine.schedule import make_schedule_plan
@@ -210,6 +211,8 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
   for wd in {id(w): w for w in [ckpt_wd] + [m.wd for m in members if m.recording]}.values():
     wd.check_data(identity)  # a resume only on the data the run was trained on
   num_train = ds.num_train
+  for m in members:  # chance (the loss rule's floor) is the data's: ln(num_classes)
+    m.watch = CollapseWatch.of(m.cfg.train, ds.num_classes)
   if ds.stream is not None and (stacked or cfg.train.num_devices != 1
                                 or distributed.process_count() > 1
                                 or "population" in tuple(cfg.train.eval_statistics)):
