@@ -2,10 +2,12 @@
 the paper_figure1 and why_bn studies end to end at :runlocal on the tiny MNIST fixture."""
 
 import glob
+import math
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from bnlab import study
@@ -103,6 +105,38 @@ def test_reaches_sooner_counts_censored_runs():
   assert n["p"] == pytest.approx(stats.binomtest(9, 9).pvalue)
   assert study.reaches_sooner(c2, "t", "norm=no", "norm=bn")[0] == "refuted"
   assert study.reaches_sooner(c2, "t", "norm=bn", "norm=gn")[0] == "inconclusive"
+
+
+def test_reaches_sooner_interval_on_censored_pairs():
+  a = [500, 1000, 1500, None, 700, 800, 900, 600, 1000, 400]
+  b = [900, None, 2000, None, 700, 1200, 1100, None, 800, 3000]
+  c = cells([{"norm": n, "lr": 1, "seed": s, "t": v}
+             for n, vs in (("bn", a), ("no", b)) for s, v in enumerate(vs)])
+  # The 9 decided pairs' differences a - b, a run that never reached as +inf:
+  # -inf -inf -2600 -500 -400 -400 -200 0 200. Median -400; n = 9 gives k = 2
+  # (2 P(Bin(9, 1/2) <= 1) = 0.039 <= 0.05 < 2 P(<= 2) = 0.18): [d_(2), d_(8)] = [-inf, 0].
+  verdict, n = study.reaches_sooner(c, "t", "norm=bn", "norm=no", interval=True)
+  assert n["median_difference"] == -400 and n["interval"] == [None, 0]
+  assert "interval" not in study.reaches_sooner(c, "t", "norm=bn", "norm=no")[1]
+
+
+def test_median_interval_is_the_sign_tests():
+  from scipy import stats
+  from bnlab.study import intervals
+  # n = 10: the textbook 95% interval is [x_(2), x_(9)] (coverage 1 - 2 P(Bin(10, 1/2) <= 1)
+  # = 0.979); n = 5 cannot reach 95% (2 / 32 = 0.0625 > 0.05).
+  assert intervals.median_interval(list(range(10, 0, -1))) == (2, 9)
+  assert intervals.median_interval([1, 2, 3, 4, 5]) == (None, None)
+  assert intervals.median_interval([1, 2, 3, 4, 5, 6]) == (1, 6)
+  for n in range(6, 40):
+    lo, _ = intervals.median_interval(list(range(1, n + 1)))
+    k = lo  # the values are 1..n: the lower end is the k-th order statistic
+    assert 2 * stats.binom.cdf(k - 1, n, 0.5) <= 0.05 < 2 * stats.binom.cdf(k, n, 0.5)
+  # Coverage of a skewed distribution's median (exponential: ln 2), 2,000 samples of 12.
+  rng = np.random.default_rng(0)
+  hits = [lo <= math.log(2) <= hi for lo, hi in
+          (intervals.median_interval(list(rng.exponential(size=12))) for _ in range(2000))]
+  assert np.mean(hits) >= 0.95
 
 
 def test_censored_median_and_sign_test():

@@ -128,6 +128,23 @@ def censored_median(values: list, cap: float = math.inf) -> float | None:
   return None if not math.isfinite(m) or m >= cap else m
 
 
+def median_interval(values: list, alpha: float = ALPHA) -> tuple[float | None, float | None]:
+  """The distribution-free interval for the median of `values` (paired differences, which
+  may be +-inf: a run that never reached a target is slower than any that did), from their
+  order statistics: [v_(k), v_(n+1-k)] for the largest k with 2 P(Binomial(n, 1/2) < k)
+  <= alpha, covering the median with probability >= 1 - alpha whatever the distribution
+  (the interval the sign test inverts). An end that is infinite, or too few values to
+  reach the level (n < 6 at 0.05), is None: unbounded."""
+  v, n = sorted(values), len(values)
+  k = 0
+  while k < n and 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n <= alpha:
+    k += 1
+  if k == 0:
+    return None, None
+  lo, hi = v[k - 1], v[n - k]
+  return (lo if math.isfinite(lo) else None), (hi if math.isfinite(hi) else None)
+
+
 def holm(p_values: list[float], alpha: float = ALPHA) -> list[bool]:
   """Which of the hypotheses Holm's step-down procedure rejects at family level `alpha`."""
   order = sorted(range(len(p_values)), key=lambda i: p_values[i])

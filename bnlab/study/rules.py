@@ -293,7 +293,7 @@ def equivalent(cells, metric: str, a: str, b: str, other: str = "", from_step: i
 
 
 @registry.register(registry.RULES, "reaches_sooner")
-def reaches_sooner(cells, metric: str, a: str, b: str):
+def reaches_sooner(cells, metric: str, a: str, b: str, interval: bool = False):
   """Whether a's runs reach a target in fewer steps than b's, paired by seed; `metric` is the
   step a run first reached it, None where it never did (censored at the run's end, kept).
 
@@ -302,6 +302,9 @@ def reaches_sooner(cells, metric: str, a: str, b: str):
   pair where only one run reached counting for it); supported when p < 0.05 with a sooner
   more often, refuted when p < 0.05 the other way, else inconclusive. The medians are
   Kaplan-Meier's (`intervals.censored_median`): None when half or more never reached.
+  With `interval`, also the median of the decided pairs' step differences a - b (a run
+  that never reached counts as slower than any that did: +-inf) and its distribution-free
+  95% interval (`intervals.median_interval`; an unbounded end is None).
   """
   pairs = paired_rows(cells, a, b)
   if not pairs:
@@ -325,6 +328,12 @@ def reaches_sooner(cells, metric: str, a: str, b: str):
              "median_a": med_a, "median_b": med_b,
              "difference": None if med_a is None or med_b is None else med_a - med_b,
              "p": intervals.sign_test_p(a_sooner, b_sooner)}
+  if interval:
+    diffs = sorted(x - y for x, y in zip(tx, ty) if not x == y == inf)
+    n = len(diffs)
+    mid = (diffs[(n - 1) // 2] + diffs[n // 2]) / 2 if n else math.nan
+    numbers["median_difference"] = mid if math.isfinite(mid) else None  # None: unbounded
+    numbers["interval"] = list(intervals.median_interval(diffs))
   if numbers["p"] < intervals.ALPHA:
     return ("supported" if a_sooner > b_sooner else "refuted"), numbers
   return "inconclusive", {**numbers, "reason": f"{a_sooner} pair(s) a sooner, {b_sooner} b "

@@ -96,8 +96,10 @@ def get_config(arg=None):
                       "x": "optimizer.learning_rate", "hue": ("model.norm",), "logx": True},
       "val_accuracy": {"kind": "curves", "metric": "val_acc_curve", "hue": ("model.norm",),
                        "panels": ("optimizer.learning_rate",)}}
+  # interval: the median step difference and its sign-test interval in the numbers (the
+  # verdict is the sign test's either way); added before any run.
   sooner = {"rule": "reaches_sooner", "a": "model.norm=batch", "b": "model.norm=none",
-            "choose": CHOOSE}
+            "choose": CHOOSE, "interval": True}
   at_chosen = "each at its validation-chosen learning rate"
   s.claims = {
       "sooner_97": {**sooner, "metric": "steps_to_97", "primary": True,
