@@ -65,3 +65,22 @@ def test_ray_tasks_match_one_process_and_survive_a_killed_worker(tmp_path, idx_d
   assert '"done": 1' in out
   assert "Taking over group" in err  # the retried task, streamed back from its worker
   same_runs(one, on_ray, [r["name"] for r in rows])
+
+
+def test_a_ray_task_records_its_groups_failure_for_the_other_workers(tmp_path):
+  # train_task is what each Ray worker runs; called here in-process (no cluster needed).
+  from bnlab.sweep import claims as claims_lib
+  from bnlab.sweep import runner as sweep_runner
+  path, module = sweep_module(tmp_path, SWEEP_FILE.replace("[0.1, 0.3]", "[0.1]"))
+  base = module.get_config()
+  base.data.dir = str(tmp_path / "no_data")  # every member fails when its data loads
+  wd = str(tmp_path / "wd")
+  sweep.make_sweep_dir(wd)
+  _, groups = sweep.plan(base, module.get_sweep())
+  fingerprint = sweep_runner.worker_fingerprint(groups)
+  with claims_lib.Claims(wd, fingerprint) as running:  # a worker started before the task
+    time.sleep(0.05)
+    result = ray_launcher.train_task(wd, groups[0], fingerprint)
+    assert sorted(result["errors"]) == [m.name for m in groups[0]]
+    failed = running.failed_since_start(sweep_runner.group_id(groups[0]))
+    assert failed == result["errors"] and "no_data" in next(iter(failed.values()))

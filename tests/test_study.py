@@ -190,6 +190,18 @@ def test_measurement_and_percentile_figure(tmp_path):
 
 # -- configs ---------------------------------------------------------------------------
 
+def test_stage_wall_time_counts_concurrent_workers_once():
+  from bnlab.study import report
+  stage = lambda t, s: {"started": f"2026-01-01T10:{t}", "wall_s": s}  # noqa: E731
+  # One after another: the sum. Two workers from 10:00:00 and 10:00:30 for 60 s each: 90 s.
+  assert report.stage_wall_s([stage("00:00", 60), stage("05:00", 30)]) == (90, 0)
+  assert report.stage_wall_s([stage("00:30", 60), stage("00:00", 60)]) == (90, 2)
+  assert report.stage_wall_s([stage("00:00", 60), stage("00:10", 5), stage("02:00", 1)]) == (
+      61, 2)  # a stage inside another adds nothing
+  assert report.stage_wall_s([stage("00:00", 60.5), stage("01:00", 10)]) == (70.5, 0)
+  assert report.stage_wall_s([]) == (0, 0)
+
+
 def test_parse_arg():
   a = study.parse_arg("epochs=2,runlocal,fair=false", epochs=20, fair=True, runlocal=False)
   assert (a.epochs, a.fair, a.runlocal) == (2, False, True)

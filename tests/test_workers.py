@@ -249,6 +249,8 @@ def test_a_study_run_by_two_workers_reports_what_one_process_does(tmp_path, idx_
       json.load(open(os.path.join(two, "claims.json")))
   stages = json.load(open(os.path.join(two, "stages.json")))
   assert len(stages) == 2 and not any(s["interrupted"] for s in stages)  # one per worker
+  # Each run counted by the worker that trained it, not by both.
+  assert sum(s["trained"] for s in stages) == len(rows[1])
 
 
 def test_a_study_worker_of_another_config_registers_nothing(tmp_path, idx_dir):

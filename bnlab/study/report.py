@@ -5,8 +5,10 @@ It reads only the files there, so --stage=report rebuilds the same report at any
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
+import math
 import os
 
 import ml_collections
@@ -125,14 +127,31 @@ def _time_lines(runs: list[metrics_lib.Run], stages: list[dict]) -> list[str]:
     key = (members_lib.group_key(ml_collections.ConfigDict(r.cfg)) if r.summary.get("group_size")
            and r.cfg else r.name)
     groups[key] = max(groups.get(key, 0.0), r.summary.get("wall_time", 0.0))
-  wall = sum(s["wall_s"] for s in stages)
+  wall, overlapped = stage_wall_s(stages)
   cut = sum(s["interrupted"] for s in stages)
   return [f"- Study wall time: {wall / 60:.1f} min over {len(stages)} run stage(s)"
-          + (f", {cut} of them interrupted" if cut else "") + " (stages.json).",
+          + (f", {cut} of them interrupted" if cut else "")
+          + (f", {overlapped} of them beside another (workers: their overlap counted once)"
+             if overlapped else "") + " (stages.json).",
           f"- The runs' own wall times (summary.json), summed: "
           f"{sum(r.summary.get('wall_time', 0.0) for r in done) / 60:.1f} min over "
           f"{len(done)} finished runs; with each grouped (vmapped) program counted once: "
           f"{sum(groups.values()) / 60:.1f} min."]
+
+
+def stage_wall_s(stages: list[dict]) -> tuple[float, int]:
+  """(seconds covered by the run stages, how many overlapped another): concurrent workers'
+  stages are one span of wall time, not the sum of theirs."""
+  spans = sorted((t, t + s["wall_s"]) for s in stages
+                 for t in [datetime.datetime.fromisoformat(s["started"]).timestamp()])
+  # `started` is whole seconds: spans that touch within a second follow one another.
+  overlapped = sum(any(i != j and a < d - 1 and c < b - 1 for j, (c, d) in enumerate(spans))
+                   for i, (a, b) in enumerate(spans))
+  total, end = 0.0, -math.inf
+  for a, b in spans:
+    total += max(0.0, b - (max(a, end) if a < end - 1 else a))
+    end = max(end, b)
+  return total, overlapped
 
 
 def _where_lines(stages: list[dict]) -> list[str]:

@@ -83,14 +83,19 @@ def _run_stage(study: study_config.Study, workdir: str, wait: bool, workers: dic
   stage = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
            "environment": provenance.environment(backend.deterministic()), "interrupted": True}
   start = time.perf_counter()
+  mine: set[str] = set()  # the groups this process trained, not its fellow workers'
   try:
     sweep.run_sweep(study.base_run_config(), study.sweep, runs_dir,
                     grouped=study.config["grouped"], wait=wait,
-                    prepare=lambda: _register_as_worker(study, workdir), **workers)
+                    prepare=lambda: _register_as_worker(study, workdir), trained=mine,
+                    **workers)
     stage["interrupted"] = False
   finally:
     stage["wall_s"] = time.perf_counter() - start
-    stage["trained"] = sum(written(m) not in (None, before[m["name"]]) for m in study.members)
+    # Written during this stage by this process: a group's member finished before is carried
+    # along unwritten; a stopped group's finished members count.
+    stage["trained"] = sum(m["name"] in mine and written(m) not in (None, before[m["name"]])
+                           for m in study.members)
     with writing(workdir):
       stages = files.read_json(stages_path, [])
       files.write_json(stages_path, stages + [stage])

@@ -60,9 +60,11 @@ def connect(address: str) -> bool:
   return not address
 
 
-def run_groups(groups, workdir: str, address: str, fingerprint: str) -> dict[str, str]:
+def run_groups(groups, workdir: str, address: str, fingerprint: str,
+               trained: set | None = None) -> dict[str, str]:
   """Trains the groups not yet complete as Ray tasks, each a worker of `fingerprint`
-  (`bnlab.sweep.claims`); {member: error} of those that failed."""
+  (`bnlab.sweep.claims`); {member: error} of those that failed. The names of the members
+  of the groups its tasks trained are added to `trained`."""
   import ray  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
   from bnlab.sweep import training  # pylint: disable=g-import-not-at-top
@@ -100,6 +102,8 @@ def run_groups(groups, workdir: str, address: str, fingerprint: str) -> dict[str
           logging.error("Ray: group %d/%d failed: %s", i + 1, len(groups), message)
           continue
         errors.update(result["errors"])
+        if result["trained"] and trained is not None:
+          trained.update(m.name for m in groups[i])
         done += len(groups[i])
         logging.info("Ray: group %d/%d done in %.1f s on host %s (process %d) | %d/%d members "
                      "done | %.1f s since the first task was submitted", i + 1, len(groups),
@@ -116,7 +120,8 @@ _TRAINERS: dict = {}  # work directory -> training.GroupTrainer, kept by a Ray w
 
 def train_task(workdir: str, group, fingerprint: str) -> dict:
   """A Ray task: claims `group` (waiting while a live worker holds it), trains or resumes it,
-  lets it go; {"errors": {member: error}, "seconds", "host", "pid"}.
+  lets it go; {"errors": {member: error}, "trained" (whether this task trained it: not
+  when another worker had finished it), "seconds", "host", "pid"}.
 
   The worker process keeps its loaded data between tasks (`_TRAINERS`)."""
   from bnlab.engine import backend  # pylint: disable=g-import-not-at-top
@@ -125,6 +130,7 @@ def train_task(workdir: str, group, fingerprint: str) -> dict:
   backend.configure_run(group[0].cfg)  # before anything starts JAX in this process
   start = time.perf_counter()
   errors: dict[str, str] = {}
+  trained = False
   gid = training.group_id(group)
   with claims_lib.Claims(workdir, fingerprint) as claims:
     while not claims.claim(gid):  # another worker has it; it ends, or dies and is taken over
@@ -135,8 +141,9 @@ def train_task(workdir: str, group, fingerprint: str) -> dict:
       try:
         if not training.group_complete(group, workdir):
           trainer = _TRAINERS.setdefault(workdir, training.GroupTrainer(workdir))
-          errors, _ = trainer.train_group(group)
+          errors, trained = trainer.train_group(group)
+          claims.record_failure(gid, errors)  # as a local worker does: the others see it
       finally:
         claims.release(gid)
-  return {"errors": errors, "seconds": time.perf_counter() - start,
+  return {"errors": errors, "trained": trained, "seconds": time.perf_counter() - start,
           "host": socket.gethostname(), "pid": os.getpid()}

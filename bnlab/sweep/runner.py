@@ -23,7 +23,7 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
               overrides: dict | None = None, only: str | None = None,
               max_group_size: int | None = None, num_workers: int | None = None,
               wait: bool = False, launcher: str = "local", ray_address: str = "",
-              prepare=None) -> list[dict]:
+              prepare=None, trained: set | None = None) -> list[dict]:
   """Runs (or resumes) every member of `sweep` over `base`; returns the result rows.
 
   Every member is validated before anything trains. A member whose model fails
@@ -45,7 +45,8 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
   `launcher="ray"` trains each group as a Ray task instead (`bnlab.sweep.ray_launcher`,
   on the cluster at `ray_address`, or a local one when empty). `prepare()` is called
   once this worker is admitted (no live worker runs another config), before anything
-  trains: a study registers its claims there.
+  trains: a study registers its claims there. The names of the members whose groups this
+  process took (not its fellow workers') are added to `trained`.
   """
   from bnlab.rundir import locks  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
@@ -69,9 +70,9 @@ def run_sweep(base, sweep: Sequence[dict], workdir: str, grouped: bool = True,
           prepare()
         if launcher == "ray":  # the driver's record stays: it admits the tasks' fingerprint
           from bnlab.sweep import ray_launcher  # pylint: disable=g-import-not-at-top
-          errors = ray_launcher.run_groups(groups, workdir, ray_address, fingerprint)
+          errors = ray_launcher.run_groups(groups, workdir, ray_address, fingerprint, trained)
         else:
-          errors = _run_groups(members, groups, workdir, claims, wait)
+          errors = _run_groups(members, groups, workdir, claims, wait, trained)
     # Members --only left out keep their failures (their directories do not record them).
     errors = {**kept_errors(workdir, {m.name for g in groups for m in g}), **errors}
     rows = [result_row(m, os.path.join(workdir, m.name), errors.get(m.name))
@@ -142,9 +143,10 @@ def check_members_config(members: Sequence[Member], workdir: str) -> None:
         "or move those members' directories aside to rerun them")
 
 
-def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: bool
-                ) -> dict[str, str]:
-  """Trains the groups this worker claims; {member: error} of those that failed."""
+def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: bool,
+                trained_names: set | None = None) -> dict[str, str]:
+  """Trains the groups this worker claims; {member: error} of those that failed. The names
+  of the members of the groups it claimed are added to `trained_names`."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from bnlab.engine import progress as progress_lib  # pylint: disable=g-import-not-at-top
   from bnlab.rundir import signals  # pylint: disable=g-import-not-at-top
@@ -192,6 +194,8 @@ def _run_groups(members: Sequence[Member], groups, workdir: str, claims, wait: b
         if group_complete(group, workdir):  # another worker finished it meanwhile
           plan[i]["done"] = True
           continue
+        if trained_names is not None:  # claimed: what of it is written now, this worker wrote
+          trained_names.update(m.name for m in group)
         failed = _train_with_progress(trainer, i, progress, plan, groups, workdir)
         claims.record_failure(gid, failed)
         errors.update(failed)
