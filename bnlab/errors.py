@@ -14,3 +14,9 @@ class UnusableModelError(ConfigError):
   train or eval mode, in its gradient, or out of memory. The message names the model and
   what failed. A ConfigError, so a command ends with one line; a sweep records the member
   failed and trains the others, since another member's batch size or model may work."""
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+  """An exception's message on one line, at most `limit` characters (libraries' messages
+  span several, and an error line names the fix after it), or its type's name."""
+  return " ".join(str(e).split())[:limit] or type(e).__name__

@@ -34,6 +34,7 @@ from bnlab.engine import distributed
 from bnlab.rundir import errors as rundir_errors
 from bnlab.rundir import logs as rundir_logs
 from bnlab.rundir import signals
+from bnlab.errors import one_line
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -57,7 +58,7 @@ def check_config(cfg) -> None:
   except config_lib.ConfigError:
     raise
   except (KeyError, AttributeError, TypeError) as e:
-    detail = " ".join(str(e).split())[:200]
+    detail = one_line(e)
     raise config_lib.ConfigError(
         f"the config is malformed ({type(e).__name__}: {detail}); build it from "
         "bnlab.config.base_config() and check each key's type against it") from e
@@ -237,7 +238,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except
     # The config file (or its get_config()) raised while being loaded.
     message = (f"config file {config_file} raised {type(e).__name__} when loaded "
-               f"({' '.join(str(e).split())[:200]}); fix the file")
+               f"({one_line(e)}); fix the file")
   _fail(message)
 
 

@@ -133,11 +133,6 @@ def array_sha256(array: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
-def one_line(err: BaseException) -> str:
-  """An exception's message on one line (TFDS' span several), or its type's name."""
-  return " ".join(str(err).split()) or type(err).__name__
-
-
 def check_array_record(builder, where: str, fix: str) -> None:
   """A prepared TFDS builder stored as array_record: the only format TFDS reads without
   TensorFlow (tfrecord needs it)."""

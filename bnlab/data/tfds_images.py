@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from bnlab.data.dataset import (DIR_FLAG, DataError, DataSpec, check_array_record, make_dataset,
-                                one_line)
+from bnlab.data.dataset import DIR_FLAG, DataError, DataSpec, check_array_record, make_dataset
+from bnlab.errors import one_line
 
 NAME_FLAG = "--config.data.name"
 TRAIN_SPLIT = "train"
@@ -28,7 +28,7 @@ def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as err:
-    raise DataError(f"data.name: importing tensorflow_datasets failed ({one_line(err)}). "
+    raise DataError(f"data.name: importing tensorflow_datasets failed ({one_line(err, None)}). "
                     "Fix: pip install tensorflow-datasets") from err
   return tfds
 
@@ -59,7 +59,7 @@ def prepared_builder(name: str, data_dir: str | None = None):
         f"fashion_mnist), or {DIR_FLAG}=the data dir where you prepared it") from None
   except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
     raise DataError(f"data.name={name!r}: TFDS cannot open it in {root} "
-                    f"({one_line(err)}). Fix: {_build_command(name, root)}") from err
+                    f"({one_line(err, None)}). Fix: {_build_command(name, root)}") from err
   if not builder.is_prepared():
     raise DataError(
         f"data.name={name!r} is not prepared in {root} (TFDS looked for "
@@ -155,7 +155,7 @@ def read_split(name: str, split: str, data_dir: str | None, spec: DataSpec):
       images[start:stop], labels[start:stop] = read_examples(
           source, range(start, stop), image_key, label_key)
   except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
-    raise DataError(f"{where}: cannot read it ({one_line(err)}). Fix: {fix}") from err
+    raise DataError(f"{where}: cannot read it ({one_line(err, None)}). Fix: {fix}") from err
   if n and (labels.min() < 0 or labels.max() >= spec.num_classes):
     raise DataError(f"{where}: labels outside [0, {spec.num_classes - 1}]. Fix: {fix}")
   return images, labels.astype(label_dtype(spec.num_classes))

@@ -17,7 +17,8 @@ import numpy as np
 from bnlab.data import embedded
 from bnlab.data.dataset import (DIR_FLAG, IMAGE_SHAPE, NUM_CLASSES, SOURCE_FLAG, DataError,
                                 Dataset, check_arrays, default_cache_dir)
-from bnlab.data.dataset import check_array_record, check_pins, make_dataset, one_line
+from bnlab.data.dataset import check_array_record, check_pins, make_dataset
+from bnlab.errors import one_line
 
 TFDS_SUBDIR = "tfds"  # default TFDS data dir: cache_dir/tfds
 TFDS_OFFICIAL = "mnist"  # TFDS' own builder, read when prepared (array_record without TF)
@@ -35,7 +36,7 @@ def _import_tfds():
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise DataError(
-        f"MNIST source 'tfds': importing tensorflow_datasets failed ({one_line(err)}). "
+        f"MNIST source 'tfds': importing tensorflow_datasets failed ({one_line(err, None)}). "
         f"Fix: pip install tensorflow-datasets, or use {SOURCE_FLAG}=embedded") from err
   return tfds
 
@@ -143,7 +144,7 @@ def _prepared_builder(tfds, name: str, root: str, fix: str | None = None):
   except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
     fix = fix or f"rm -r {os.path.join(root, name)} or use another {DIR_FLAG}"
     raise DataError(
-        f"MNIST source 'tfds': cannot open {name} in {root} ({one_line(err)}). Fix: {fix}"
+        f"MNIST source 'tfds': cannot open {name} in {root} ({one_line(err, None)}). Fix: {fix}"
     ) from err
 
 
@@ -159,7 +160,7 @@ def _read_tfds(builder, where: str, fix: str) -> dict[str, np.ndarray]:
           np.zeros((0, *IMAGE_SHAPE, 1), np.uint8))
       labels = np.asarray([e["label"] for e in examples], np.int64)
     except Exception as err:  # pylint: disable=broad-except  (TFDS raises many types)
-      raise DataError(f"{where}: cannot read split {split} ({one_line(err)}). "
+      raise DataError(f"{where}: cannot read split {split} ({one_line(err, None)}). "
                       f"Fix: {fix}") from err
     if images.ndim == 4 and images.shape[-1] == 1:
       images = images[..., 0]  # TFDS stores (N, 28, 28, 1)

@@ -34,7 +34,7 @@ from typing import Any, Callable, TypeVar
 import jax
 import numpy as np
 
-from bnlab.errors import ConfigError
+from bnlab.errors import ConfigError, one_line
 
 T = TypeVar("T")
 
@@ -86,7 +86,7 @@ def initialize(dcfg) -> bool:
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except
-    detail = " ".join(str(e).split())[:300]
+    detail = one_line(e, 300)
     if "must be called before" in detail:
       fix = ("call bnlab.engine.distributed.initialize(config.distributed) at the start of your "
              "script, before any JAX computation (train.train_and_evaluate does)")

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bnlab.errors import one_line
+
 
 class UserModelError(ValueError):
   """`model.name` names no usable model of the user's; the message says why and the fix."""
@@ -67,7 +69,7 @@ def load_target(name: str):
   except Exception as e:  # pylint: disable=broad-except
     raise UserModelError(
         f"importing {module_name!r} raised {type(e).__name__}: "
-        f"{' '.join(str(e).split())[:200]}; fix the module") from None
+        f"{one_line(e)}; fix the module") from None
   target = module
   for part in attr.split("."):
     if not hasattr(target, part):
@@ -121,7 +123,7 @@ def user_model(cfg, dtype=None) -> nn.Module:
     except Exception as e:  # pylint: disable=broad-except
       raise UserModelError(
           f"calling {cfg.name}({'config.model' if args else ''}) raised "
-          f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; fix the function or the "
+          f"{type(e).__name__}: {one_line(e)}; fix the function or the "
           "config.model keys it reads") from None
   if isinstance(module, nnx.bridge.ToLinen) and isinstance(module.nnx_class, type):
     module = module.clone(nnx_class=nnx_with_train_argument(module.nnx_class))
@@ -199,7 +201,7 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def reason(e: BaseException) -> str:
   """`e` as a short phrase for a one-line message: its type and its first 200 characters."""
-  return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+  return f"{type(e).__name__}: {one_line(e)}"
 
 
 def memory_fix(batch_size: int, group_size: int | None = None) -> str:

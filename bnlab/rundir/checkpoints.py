@@ -26,6 +26,7 @@ from bnlab.engine import distributed
 from bnlab.rundir.errors import WorkDirError, io_error
 from bnlab.rundir.files import atomic_write, refuse_link
 from bnlab.rundir.signals import interrupts_deferred
+from bnlab.errors import one_line
 
 
 CHECKSUMS = "bnlab_checksums.json"
@@ -70,7 +71,7 @@ def _verify_checkpoint(step_dir: str) -> bool:
     if not isinstance(expected, dict):
       raise ValueError("no file list")
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{CHECKSUMS} is unreadable ({' '.join(str(e).split())[:80]})") from None
+    raise ValueError(f"{CHECKSUMS} is unreadable ({one_line(e, 80)})") from None
   files = _checkpoint_files(step_dir)
   for rel in sorted(expected.keys() | files.keys()):
     if rel not in files:

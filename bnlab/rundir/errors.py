@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 
+from bnlab.errors import one_line
+
 
 class WorkDirError(RuntimeError):
   """The work directory cannot be used; the message says why and what to do."""
@@ -38,14 +40,14 @@ def _storage_reason(e: BaseException) -> str:
                          ("os_error_code='27'", "File too large: the file size limit (ulimit -f)")):
     if marker in text:
       return reason
-  return " ".join(text.split())[:200] or type(e).__name__
+  return one_line(e)
 
 
 def io_error(what: str, path: str, e: BaseException) -> WorkDirError:
   """A WorkDirError for a failed read/write of `path`, with the fix."""
   if getattr(e, "errno", None) == errno.ELOOP:  # O_NOFOLLOW met a link
     return link_error(path)
-  reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+  reason = getattr(e, "strerror", None) or one_line(e)
   text = str(e)
   if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or is_storage_full(
       text):

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from bnlab.rundir.errors import WorkDirError, io_error, link_error
+from bnlab.errors import one_line
 
 
 def refuse_link(path: str) -> None:
@@ -69,5 +70,5 @@ def read_json_object(path: str, consequence: str) -> dict:
       raise ValueError("not a JSON object")
   except (OSError, ValueError) as e:
     raise WorkDirError(
-        f"{path} is unreadable ({' '.join(str(e).split())[:120]}){consequence}") from None
+        f"{path} is unreadable ({one_line(e, 120)}){consequence}") from None
   return value

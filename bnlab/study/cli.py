@@ -15,6 +15,7 @@ from bnlab.study import config as study_config
 from bnlab.study import figures
 from bnlab.study import report as report_lib
 from bnlab.study import runner
+from bnlab.errors import one_line
 
 
 def main(argv):
@@ -40,7 +41,7 @@ def main(argv):
     except (config_lib.ConfigError, data_lib.DataError, rundir_errors.WorkDirError):
       raise
     except Exception as e:  # pylint: disable=broad-except  # get_config/get_sweep raised
-      detail = " ".join(str(e).split())[:200]
+      detail = one_line(e)
       raise config_lib.ConfigError(
           f"study config {path} failed to load ({type(e).__name__}: {detail}); fix the "
           "file (its get_config() and get_sweep())") from None

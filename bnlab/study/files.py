@@ -18,6 +18,7 @@ import tempfile
 
 from bnlab.rundir import errors as rundir_errors
 from bnlab.rundir import files as rundir_files
+from bnlab.errors import one_line
 
 _REDO = "rerun the study without --stage=report (finished runs are not trained again)"
 # File name -> (the JSON type it holds, what to do when it is damaged).
@@ -54,7 +55,7 @@ def damage(path: str) -> str:
     with open(path) as f:
       value = json.load(f)
   except (OSError, ValueError) as e:
-    return getattr(e, "strerror", None) or " ".join(str(e).split())[:120] or type(e).__name__
+    return getattr(e, "strerror", None) or one_line(e, 120)
   kind = _known(path)[0]
   if kind is not None and not isinstance(value, kind):
     return f"it holds a {type(value).__name__}, not a JSON {kind.__name__}"

@@ -17,6 +17,7 @@ from bnlab.study import files
 from bnlab.study import published
 from bnlab.study import registration
 from bnlab.study import report as report_lib
+from bnlab.errors import one_line
 
 
 LOCK = ".study-lock"
@@ -191,7 +192,7 @@ def verify_stage(directory: str) -> str:
       published.read(data)
     except (OSError, EOFError, ValueError) as e:
       raise rundir_errors.WorkDirError(
-          f"{data} is damaged ({' '.join(str(e).split())[:120]}); {again}") from None
+          f"{data} is damaged ({one_line(e, 120)}); {again}") from None
   checked, problems = published.verify(directory)
   if problems:
     raise config_lib.ConfigError(

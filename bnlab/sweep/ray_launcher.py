@@ -21,6 +21,7 @@ import time
 from absl import logging
 
 from bnlab import config as config_lib
+from bnlab.errors import one_line
 
 RETRIES = 3  # attempts after the first, for a task whose worker process died
 
@@ -53,7 +54,7 @@ def connect(address: str) -> bool:
     ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
              logging_level="WARNING", configure_logging=False)
   except (ConnectionError, RuntimeError, ValueError) as e:
-    detail = " ".join(str(e).split())[:200]
+    detail = one_line(e)
     raise RayError(f"Ray could not connect to --ray_address={address or '(a new local one)'} "
                    f"({detail}); start a cluster with `ray start --head`, or leave "
                    "--ray_address out to start one here") from None

@@ -15,11 +15,12 @@ from typing import Any, Sequence
 
 from bnlab import config as config_lib
 from bnlab.sweep.groups import Member
+from bnlab.errors import one_line
 
 
 def error_line(e: BaseException) -> str:
   """A member's error as one line of a results row (or a message), its type first."""
-  text = " ".join(str(e).split()) or type(e).__name__
+  text = one_line(e, None)
   return f"{type(e).__name__}: {text}"[:2000]
 
 
