@@ -196,3 +196,23 @@ def test_resnet20_with_adamw_and_augmentation_on_a_colour_dataset(tmp_path, tfds
   images = np.zeros((2, 12, 12, 3), np.float32)
   logits = run.model.apply(run.variables, images, train=False)
   assert logits.shape == (2, 100) and "batch_stats" in run.variables
+
+
+def test_study_measurements_read_the_runs_own_data(tmp_path, tfds_dir):
+  # The train/eval gap and why-BN's ICS/smoothness on a 12x12x3, 100-class run: the
+  # measurements rebuild the model for the data the run trained on, not MNIST's.
+  from bnlab.study import measurements, train_gap
+  cfg = config("tiny_colour100", tfds_dir)
+  cfg.model.name = "paper_mlp"
+  run = str(tmp_path / "run")
+  train.train_and_evaluate(cfg, run)
+  with open(os.path.join(run, "config.json")) as f:
+    run_cfg = json.load(f)
+  gap = train_gap.train_gap(run, run_cfg, {"examples": 16, "seed": 0})
+  assert gap["step"] == 6 and gap["examples"] == 16
+  assert all(0 <= gap[f"accuracy_{k}"] <= 1 for k in ("running", "batch", "population"))
+  ics = measurements.ics_smoothness(run, run_cfg, {"batches": 1, "num_etas": 2,
+                                                   "batch_seed": 0, "hessian_iterations": 2})
+  steps = [s for s, _ in ics["hessian_top/series"]]
+  assert steps[0] == 0 and steps[-1] == 6
+  assert all(np.isfinite(v) for _, v in ics["hessian_top/series"] + ics["beta_max/series"])

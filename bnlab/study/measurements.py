@@ -337,15 +337,18 @@ def ics_smoothness(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   ds = train.load_data(cfg)
   idx = np.random.default_rng(spec["batch_seed"]).permutation(len(ds.train_labels))
   idx = idx[:spec["batches"] * batch]
-  images = jnp.asarray(ds.train_images[idx].reshape(spec["batches"], batch, 28, 28))
+  # The run's data, whatever its image shape and classes (data.name), not MNIST's.
+  images = jnp.asarray(ds.train_images[idx].reshape(spec["batches"], batch,
+                                                    *ds.train_images.shape[1:]))
   labels = jnp.asarray(ds.train_labels[idx].astype(np.int32).reshape(spec["batches"], batch))
-  model = models.build_model(cfg.model)
+  model = models.build_model(cfg.model, num_classes=ds.num_classes)
   etas = analysis.eta_grid(lr, num=spec["num_etas"])
   hessian = int(spec.get("hessian_iterations", 0))
   measure = _measure_fn(model, float(lr), tuple(float(e) for e in etas),
                         cfg.model.norm == "noisy", hessian)
   tx = optim_lib.make_optimizer(cfg.optimizer, cfg.train.num_steps)
-  init = state_lib.create_train_state(model, tx, jax.random.key(cfg.seed), batch)
+  init = state_lib.create_train_state(model, tx, jax.random.key(cfg.seed), batch,
+                                      ds.input_spec())
   states = [(0, init.params, init.batch_stats, init.rng)]
   for step in _steps_saved(run_dir):
     st = _restore(run_dir, step)

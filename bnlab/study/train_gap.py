@@ -45,15 +45,18 @@ def sample_indices(num_train: int, examples: int, seed: int):
   return np.random.default_rng(seed).permutation(num_train)[:min(examples, num_train)]
 
 
-def score(cfg, params, batch_stats, images, labels, train_images) -> dict:
+def score(cfg, params, batch_stats, images, labels, train_images, num_classes: int = 10
+          ) -> dict:
   """The three scores of one state (params, batch_stats) on `images`: {kind: {"accuracy",
   "loss", "correct"} or None}. `cfg` is the run's config; `train_images` the run's
-  training set (what Algorithm 2 averages over, as the engine's evaluation does)."""
+  training set (what Algorithm 2 averages over, as the engine's evaluation does);
+  `num_classes` its data's."""
   import jax  # pylint: disable=g-import-not-at-top
   from bnlab.engine import evaluation  # pylint: disable=g-import-not-at-top
   from bnlab.models import networks as models  # pylint: disable=g-import-not-at-top
   dtype = models.compute_dtype(cfg.train.half_precision)
-  model = models.build_model(evaluation.eval_model_config(cfg.model), dtype=dtype)
+  model = models.build_model(evaluation.eval_model_config(cfg.model), dtype=dtype,
+                             num_classes=num_classes)
   running = evaluation.evaluate(model.apply, params, batch_stats, images, labels,
                                 batch_size=cfg.train.eval_batch_size)
   if not jax.tree.leaves(batch_stats):  # no statistics to choose between: one computation
@@ -63,7 +66,8 @@ def score(cfg, params, batch_stats, images, labels, train_images) -> dict:
              model.apply, params, batch_stats, images, labels,
              batch_size=cfg.train.batch_size)}
   if cfg.model.norm == "batch" and not models.is_user_model(cfg.model.name):
-    population = models.build_model(evaluation.population_model_config(cfg.model), dtype=dtype)
+    population = models.build_model(evaluation.population_model_config(cfg.model), dtype=dtype,
+                                    num_classes=num_classes)
     out["population"] = evaluation.evaluate_statistics(
         "population", model.apply, population.apply, params, batch_stats, images, labels,
         train_images, batch_size=cfg.train.eval_batch_size,
@@ -113,6 +117,6 @@ def train_gap(run_dir: str, run_cfg: dict, spec: dict) -> dict:
   scores = score(cfg, state["params"], state.get("batch_stats") or {},
                  jnp.asarray(ds.train_images[idx]),
                  jnp.asarray(ds.train_labels[idx].astype(np.int32)),
-                 jnp.asarray(ds.train_images))
+                 jnp.asarray(ds.train_images), ds.num_classes)
   return {"step": step, "examples": len(idx), "seed": spec["seed"],
           "batch_size": cfg.train.batch_size, **values_of(scores)}
