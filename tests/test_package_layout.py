@@ -19,8 +19,8 @@ PACKAGE = os.path.join(ROOT, "bnlab")
 ALLOWED = {
     "errors": set(),
     "layers": set(),
-    "models": {"layers"},
-    "data": set(),
+    "models": {"layers", "errors"},
+    "data": {"errors"},
     "analysis": set(),
     "config": {"errors", "layers", "models", "data", "engine"},  # engine: its distributed section
     "engine": {"errors", "layers", "models", "data", "config", "rundir"},

@@ -191,6 +191,18 @@ def test_two_workers_take_disjoint_groups_and_match_one_process(tmp_path, idx_di
   assert sorted(os.listdir(os.path.join(two, "_claims"))) == ["workers"]
 
 
+def checkpoint_steps(groups: str) -> list[int]:
+  """The checkpoint steps under a sweep's `_groups`, read while a worker writes them (a group's
+  directory comes before its checkpoints directory)."""
+  steps = []
+  for d in (os.listdir(groups) if os.path.isdir(groups) else []):
+    try:
+      steps += [int(n) for n in os.listdir(os.path.join(groups, d, "checkpoints")) if n.isdigit()]
+    except FileNotFoundError:
+      continue
+  return steps
+
+
 def test_a_group_of_a_killed_worker_is_resumed_by_another_bit_identical(tmp_path, idx_dir):
   text = SWEEP_FILE.replace("c.train.num_steps = 40", "c.train.num_steps = 3000\n"
                             "  c.train.checkpoint_every_steps = 100").replace(
@@ -205,9 +217,7 @@ def test_a_group_of_a_killed_worker_is_resumed_by_another_bit_identical(tmp_path
   groups = os.path.join(killed, "_groups")
   deadline = time.time() + 300
   while time.time() < deadline and p.poll() is None:
-    steps = [int(n) for d in (os.listdir(groups) if os.path.isdir(groups) else [])
-             for n in os.listdir(os.path.join(groups, d, "checkpoints"))
-             if n.isdigit()] if os.path.isdir(groups) else []
+    steps = checkpoint_steps(groups)
     if steps and max(steps) >= 200:
       break
     time.sleep(0.05)
