@@ -292,6 +292,21 @@ def test_bn_statistics_per_channel_or_per_activation():
   yd, _ = dense_bn.apply(flat, h.reshape(6, -1), use_running_average=False,
                          mutable=["batch_stats"])
   np.testing.assert_allclose(y.reshape(6, -1), yd, rtol=1e-6, atol=1e-6)
+  # Against float64: each (H, W, C) position normalized by its own batch mean and biased
+  # variance, then scaled and shifted by its own scale and bias.
+  rng = np.random.default_rng(0)
+  x = rng.normal(1.0, 3.0, (8, 5, 4, 3))
+  scale, bias = rng.normal(size=(5, 4, 3)), rng.normal(size=(5, 4, 3))
+  variables = {"params": {"scale": jnp.asarray(scale, jnp.float32),
+                          "bias": jnp.asarray(bias, jnp.float32)},
+               "batch_stats": {"mean": jnp.zeros((5, 4, 3)), "var": jnp.ones((5, 4, 3))}}
+  y, new = BatchNorm(axis=(1, 2, 3), epsilon=1e-3, momentum=0.9).apply(
+      variables, jnp.asarray(x, jnp.float32), use_running_average=False,
+      mutable=["batch_stats"])
+  mean, var = x.mean(0), x.var(0)
+  np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3) * scale + bias,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
   bad = config_lib.base_config()
   bad.model.bn.statistics = "feature"
   with pytest.raises(config_lib.ConfigError, match="model.bn.statistics"):
