@@ -23,6 +23,9 @@ Matched progress: best_acc (the highest test accuracy over the evaluations) and 
         (test accuracy at the first evaluation whose training loss, the mean over the steps
         since the last one, is at most 0.2), so that BN training faster is not read as BN
         generalizing better; claim bn_above_at_matched_loss (secondary, no dropout).
+Measured (the committed reports, 2-core CPU): the MLP's half 62.6 min, the CNN's 86.7 min.
+        bn_narrows_gap refuted for the MLP at every size; for the CNN supported on 1,000
+        images, inconclusive on 5,000, refuted on 60,000.
 Expected (written before any run): bn_narrows_gap supported at 1,000 and 5,000 images for
         both models, inconclusive on all 60,000; bn_dropout_above_bn supported at 1,000
         images; bn_dropout_above_dropout supported for the MLP, whose rate suits BN.

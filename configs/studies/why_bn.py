@@ -43,6 +43,13 @@ Expected (written before the runs): as Santurkar et al. predict, bn_helps and no
         equal-step runs (below) refuted them for the sigmoid MLP, but read at matched loss
         ~0.47 their effective beta was close (2.86 with BN, 2.66 without): at matched
         loss we expect beta_max_lower inconclusive for the sigmoid MLP.
+Measured (the committed report: registered at commit 8b46a4e before the runs; 2-core CPU,
+        run stage 45.9 min, measuring ~67 min in the report stage, beside other studies):
+        bn_helps supported for both models; noisy_helps supported for the sigmoid MLP,
+        inconclusive for ReLU; beta_max_lower_at_loss_0_5 inconclusive (sigmoid, as
+        expected) and supported (ReLU); the top Hessian eigenvalue lower with BN at every
+        matched loss for both; ics_lower refuted (sigmoid) and inconclusive (ReLU); the
+        sigmoid MLP's loss range higher with BN at every matched loss (refuted).
 Measured, earlier design (3 seeds, 3,000 steps, a checkpoint every 750, no matched loss
         or Hessian; NVIDIA H200, commit 1d4e03d, six other studies and the test suite
         sharing the machine): 1.7 min; bn_helps supported for the sigmoid MLP (94.7% vs
