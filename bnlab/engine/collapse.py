@@ -10,7 +10,6 @@ import dataclasses
 import math
 
 
-
 @dataclasses.dataclass
 class CollapseWatch:
   """Detects a collapse in a run's metrics records, one record at a time (pure, host-side).
