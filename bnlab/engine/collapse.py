@@ -34,7 +34,7 @@ class CollapseWatch:
   best_accuracy: float = -math.inf
 
   @classmethod
-  def of(cls, train_cfg, num_classes: int = 10) -> CollapseWatch:
+  def of(cls, train_cfg, num_classes: int) -> CollapseWatch:
     return cls(train_cfg.collapse_loss_factor, train_cfg.collapse_accuracy,
                train_cfg.collapse_trained_accuracy, num_classes)
 

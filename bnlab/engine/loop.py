@@ -44,11 +44,8 @@ class Member:
   collapsed_at: int | None = None  # the first collapse's step (CollapseWatch)
   collapse_reason: str | None = None
   stopped_on_collapse: bool = False
+  # Set by `engine.train._train` once the data is loaded: chance depends on its classes.
   watch: CollapseWatch | None = None
-
-  def __post_init__(self):
-    if self.watch is None:
-      self.watch = CollapseWatch.of(self.cfg.train)
 
   def observe(self, record: dict) -> bool:
     """Feeds `record` to the collapse watch; True at the run's first collapse."""

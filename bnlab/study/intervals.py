@@ -137,7 +137,7 @@ def median_interval(values: list, alpha: float = ALPHA) -> tuple[float | None, f
   reach the level (n < 6 at 0.05), is None: unbounded."""
   v, n = sorted(values), len(values)
   k = 0
-  while k < n and 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n <= alpha:
+  while k < n and sign_test_p(k, n - k) <= alpha:  # 2 P(Binomial(n, 1/2) <= k), k < n/2
     k += 1
   if k == 0:
     return None, None
