@@ -257,6 +257,38 @@ def test_members_differing_in_initializer_group_and_equal_their_solo_runs(idx_di
   assert_members_equal_solo(base, overrides, rows, wd, str(tmp_path), (1, 2), 10)
 
 
+@pytest.mark.parametrize("name", ["paper_mlp", "seed_cnn", "resnet20"])
+def test_a_members_bn_values_reach_every_built_in_model(name):
+  # On accelerators every model groups (`grouping_helps`), ResNet-20 included, so a member's
+  # BN momentum and epsilon must reach each built-in network as the model built with them.
+  from bnlab.engine import state as state_lib
+  from bnlab.models import networks
+  base = config_lib.base_config().model
+  base.name, base.norm, base.bn_position = name, "batch", "before"
+  if name == "resnet20":
+    base.widths = (4, 4, 4)
+  values = {"model.bn.momentum": 0.5, "model.bn.epsilon": 0.5}
+  theirs = base.copy_and_resolve_references()
+  theirs.bn.momentum, theirs.bn.epsilon = 0.5, 0.5
+  built = networks.build_model(theirs)
+  member = networks.build_model(base)
+  assert state_lib.with_model_values(member, values) == built
+  x = jax.random.uniform(jax.random.key(1), (8, 28, 28)) * 255
+  variables = built.init(networks.init_rngs(jax.random.key(0)), x, train=False)
+  expect, updates = built.apply(variables, x, train=True, mutable=["batch_stats"])
+  got, got_updates = state_lib.with_model_values(member, values).apply(
+      variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(got, expect)
+  jax.tree.map(np.testing.assert_array_equal, got_updates, updates)
+  # Evaluations map one apply over members whose values ride in their params.
+  apply = state_lib.MemberApply(member)
+  params = state_lib.with_member_values(variables["params"], values)
+  np.testing.assert_array_equal(apply({**variables, "params": params}, x, train=False),
+                                built.apply(variables, x, train=False))
+  assert not np.array_equal(member.apply(variables, x, train=False),
+                            built.apply(variables, x, train=False))  # epsilon 0.5 shows
+
+
 def test_grouped_cnn_members_equal_their_solo_runs(idx_dir, tmp_path):
   # Grouping is off for CNNs on CPU (slower there), so the group is trained directly.
   base = momenta_base(idx_dir)

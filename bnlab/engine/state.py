@@ -51,8 +51,8 @@ def create_train_state(model, tx, rng: jax.Array, batch_size: int,
 # Keys whose value is a per-member input of a group's step (`MemberStates`);
 # the learning rate is one through the optimizer state.
 MEMBER_VALUE_KEYS = ("optimizer.momentum", "model.bn.momentum", "model.bn.epsilon")
-# The built-in models' field of each model key of MEMBER_VALUE_KEYS.
-MODEL_FIELDS = {"model.bn.momentum": "bn_momentum", "model.bn.epsilon": "bn_epsilon"}
+# The field of the built-in models' `norm` (a `NormSpec`) of each model key of MEMBER_VALUE_KEYS.
+MODEL_FIELDS = {"model.bn.momentum": "momentum", "model.bn.epsilon": "epsilon"}
 # Where `MemberApply` finds a member's model values: a reserved key of its params.
 MEMBER_VALUES_PARAM = "__member_values__"
 
@@ -72,13 +72,21 @@ class MemberApply(struct.PyTreeNode):
   def __call__(self, variables, *args, **kwargs):
     params = dict(variables["params"])
     values = params.pop(MEMBER_VALUES_PARAM)
-    model = self.model.clone(**{MODEL_FIELDS[k]: v for k, v in values.items()})
-    return model.apply({**variables, "params": params}, *args, **kwargs)
+    return with_model_values(self.model, values).apply(
+        {**variables, "params": params}, *args, **kwargs)
 
 
 def model_values(values: dict) -> dict:
   """The model keys (MODEL_FIELDS) of a `MemberStates.values`."""
   return {k: v for k, v in values.items() if k in MODEL_FIELDS}
+
+
+def with_model_values(model, values: dict):
+  """A built-in `model` cloned with a member's model values (MODEL_FIELDS of its `norm`):
+  every built-in network (the classifiers, ResNet-20) holds its norm settings in one
+  `NormSpec`, so one clone serves them all."""
+  fields = {MODEL_FIELDS[k]: v for k, v in model_values(values).items()}
+  return model.clone(norm=dataclasses.replace(model.norm, **fields)) if fields else model
 
 
 def with_member_values(params, values: dict):
@@ -106,9 +114,8 @@ class MemberStates(TrainState):
   def member_view(self) -> TrainState:
     """One (unstacked) member as a solo run's state, its values in its model and optimizer."""
     view = self.train_state()
-    fields = {MODEL_FIELDS[k]: v for k, v in model_values(self.values).items()}
-    if fields:
-      view = view.replace(apply_fn=self.model.clone(**fields).apply)
+    if model_values(self.values):
+      view = view.replace(apply_fn=with_model_values(self.model, self.values).apply)
     if "optimizer.momentum" in self.values:  # read by `optim.make_optimizer`'s build
       hp = view.opt_state.hyperparams
       view = view.replace(opt_state=view.opt_state._replace(

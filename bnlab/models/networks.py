@@ -120,43 +120,16 @@ class Classifier(nn.Module):
   conv: Sequence[tuple[int, bool, bool]]
   dense: Sequence[tuple[int, bool]]
   activation: str = "relu"
-  norm: str = "batch"
+  norm: NormSpec = NormSpec("batch")  # which norm and its settings (`model.norm`, `model.bn.*`)
   bn_position: str = "before"
   flatten_norm: bool = False
   kernel_init: str = "lecun_normal"
   init_std: float = 0.01
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-5
   bias_before_norm: bool = False  # keep the bias a norm before the activation cancels
   dropout: float = 0.0  # dropout rate on every hidden block's output (training steps only)
-  bn_variance: str = "shifted"
-  bn_running_average: str = "ema"
-  bn_ghost_size: int = 16
-  bn_renorm_r_max: float = 3.0
-  bn_renorm_d_max: float = 5.0
-  bn_renorm_warmup_steps: int = 5000
-  bn_renorm_r_max_steps: int = 40000
-  bn_renorm_d_max_steps: int = 25000
-  bn_noise_shift_max: float = 0.5
-  bn_noise_scale_max: float = 1.5
-  norm_num_groups: int = 4
-  bn_per_activation: bool = False  # a conv map's BN statistics per (H, W, C), not per C
   conv_implementation: str = "auto"
   num_classes: int = 10
   dtype: Any = None  # computation dtype (None: float32); parameters stay float32
-
-  def make_norm(self) -> Callable[..., jax.Array] | None:
-    """(h, train) -> normalized h, creating the norm layer in the calling block."""
-    return NormSpec(
-        norm=self.norm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-        variance=self.bn_variance, running_average=self.bn_running_average,
-        ghost_size=self.bn_ghost_size, renorm_r_max=self.bn_renorm_r_max,
-        renorm_d_max=self.bn_renorm_d_max, renorm_warmup_steps=self.bn_renorm_warmup_steps,
-        renorm_r_max_steps=self.bn_renorm_r_max_steps,
-        renorm_d_max_steps=self.bn_renorm_d_max_steps,
-        noise_shift_max=self.bn_noise_shift_max, noise_scale_max=self.bn_noise_scale_max,
-        num_groups=self.norm_num_groups, per_activation=self.bn_per_activation,
-        dtype=self.dtype).make()
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -166,8 +139,8 @@ class Classifier(nn.Module):
     if jnp.issubdtype(images.dtype, jnp.integer):
       x = x * (1.0 / 255.0)
     init = kernel_initializer(self.kernel_init, self.init_std)
-    norm = self.make_norm()
-    xhat = self.bn_epsilon if self.norm in BATCH_STAT_NORMS else None
+    norm = self.norm.make()
+    xhat = self.norm.epsilon if self.norm.norm in BATCH_STAT_NORMS else None
     index = 0
     if self.conv:
       if x.ndim == 3:  # (B, H, W): one channel (a reshape, as MNIST's always was)
@@ -220,19 +193,10 @@ def build_model(cfg, dtype=None, num_classes: int = 10) -> nn.Module:
     raise ValueError(f"model.bn_position={cfg.bn_position!r}; expected one of {BN_POSITIONS}")
   widths = tuple(cfg.widths) or DEFAULT_WIDTHS[cfg.name]
   common = dict(
-      activation=cfg.activation, norm=cfg.norm, bn_position=cfg.bn_position,
-      kernel_init=cfg.kernel_init, init_std=cfg.init_std,
-      bn_momentum=cfg.bn.momentum, bn_epsilon=cfg.bn.epsilon,
+      activation=cfg.activation, norm=NormSpec.from_config(cfg, dtype),
+      bn_position=cfg.bn_position, kernel_init=cfg.kernel_init, init_std=cfg.init_std,
       bias_before_norm=cfg.bn.get("bias_before", False), dropout=cfg.get("dropout", 0.0),
-      bn_variance=cfg.bn.variance, bn_running_average=cfg.bn.running_average,
-      bn_ghost_size=cfg.bn.ghost_size, bn_renorm_r_max=cfg.bn.renorm_r_max,
-      bn_renorm_d_max=cfg.bn.renorm_d_max, bn_renorm_warmup_steps=cfg.bn.renorm_warmup_steps,
-      bn_renorm_r_max_steps=cfg.bn.renorm_r_max_steps,
-      bn_renorm_d_max_steps=cfg.bn.renorm_d_max_steps,
-      bn_noise_shift_max=cfg.bn.noise_shift_max, bn_noise_scale_max=cfg.bn.noise_scale_max,
-      norm_num_groups=cfg.bn.num_groups, conv_implementation=cfg.conv_implementation,
-      bn_per_activation=cfg.bn.get("statistics", "model") == "activation",
-      num_classes=num_classes, dtype=dtype)
+      conv_implementation=cfg.conv_implementation, num_classes=num_classes, dtype=dtype)
   if cfg.name in ("paper_mlp", "seed1_mlp"):
     return _classifier(conv=(), dense=tuple((w, True) for w in widths), **common)
   if cfg.name == "seed_cnn":
