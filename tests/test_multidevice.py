@@ -85,11 +85,16 @@ GROUP_SCRIPT = textwrap.dedent("""
     state_lib.create_member_states = watched
     with jax.default_matmul_precision("highest"):
       train.train_group(cfgs, [{work!r} + f"/{{i}}" for i in range(4)], {work!r} + "/g")
+      for c in cfgs:  # extended: the group resumes from its checkpoint on the 4 devices
+        c.train.num_epochs += 1
+      train.train_group(cfgs, [{work!r} + f"/{{i}}" for i in range(4)], {work!r} + "/g")
     print("RESULT" + json.dumps(spread))
 """)
 
 
 def test_group_members_spread_over_4_devices_equal_one_device_group(idx_dir, tmp_path):
+  # Trained, then extended (resumed from its checkpoint, which must restore its metric sums
+  # on the 4 devices beside the states), against the same epochs in one go on one device.
   import jax
   import numpy as np
   sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -104,9 +109,11 @@ def test_group_members_spread_over_4_devices_equal_one_device_group(idx_dir, tmp
   p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                      env=env, cwd=ROOT, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
-  assert json.loads(p.stdout.split("RESULT", 1)[1]) == [4]
+  assert json.loads(p.stdout.split("RESULT", 1)[1]) == [4, 4]
   cfgs = [sweep.apply_overrides(test_sweep.momenta_base(idx_dir), o)
           for o in test_sweep.MOMENTA + [{"seed": 3}]]
+  for c in cfgs:
+    c.train.num_epochs += 1
   one = tmp_path / "one"
   with jax.default_matmul_precision("highest"):
     train.train_group(cfgs, [str(one / str(i)) for i in range(4)], str(one / "g"))

@@ -366,7 +366,10 @@ def _initial_state(model, tx, members: list[loop_lib.Member], stacked: bool, inp
       model, tx, cfgs, bs, init_models(
           cfgs, models.compute_dtype(cfgs[0].train.half_precision), num_classes),
       inputs=inputs)
-  return state, steps_lib.metric_sums_zero(len(members))
+  # The sums sit where the states do: a checkpoint restores into this placement, and a
+  # resumed group's step would otherwise get sums on one device and states on several.
+  return state, state_lib.spread_members(steps_lib.metric_sums_zero(len(members)),
+                                         len(members))
 
 
 @user_models.per_module_cache(16)
