@@ -180,6 +180,27 @@ def test_default_data_dir_is_tfds_own(monkeypatch, tmp_path):
   assert data.tfds_images.tfds_dir("~/x") == os.path.expanduser("~/x")
 
 
+USER_CNN = """
+import flax.linen as nn
+
+class ColourCNN(nn.Module):  # written for 12x12 colour images: it cannot take MNIST's
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.relu(nn.Conv(4, (3, 3))(x.reshape(x.shape[0], 12, 12, 3)))
+    return nn.Dense(100)(x.reshape(x.shape[0], -1))
+"""
+
+
+def test_a_user_cnn_is_told_by_its_kernels_on_its_own_data(tmp_path, tfds_dir, monkeypatch):
+  # Traced on MNIST's shape it would fail, read as "no convolutions", and group on CPU.
+  from bnlab.engine import members  # pylint: disable=g-import-not-at-top
+  (tmp_path / "colour_models.py").write_text(USER_CNN)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  cfg = config("tiny_colour100", tfds_dir)
+  cfg.model.name = "colour_models:ColourCNN"
+  assert not members.grouping_helps(cfg, "cpu") and members.grouping_helps(cfg, "gpu")
+
+
 def test_resnet20_with_adamw_and_augmentation_on_a_colour_dataset(tmp_path, tfds_dir):
   """The README's own-problem command on generated data: ResNet-20 (narrow, for time) with BN
   and AdamW, crop-and-flip, 100 classes; its logits come back through `load_run`."""

@@ -133,3 +133,19 @@ def test_a_streamed_split_holds_out_the_device_paths_validation_images(tfds_dir)
   np.testing.assert_array_equal(np.asarray(s.val_images), np.asarray(r.val_images))
   x, _ = streamed.stream.read(np.arange(100))
   np.testing.assert_array_equal(x, np.asarray(r.train_images))
+
+
+def test_a_sweep_on_streamed_data_trains_each_member_alone(tmp_path, tfds_dir):
+  """A streamed run feeds one model on one device, so the sweep plans its members solo
+  (an MLP's members would otherwise group on CPU, and every model's on accelerators)."""
+  from bnlab import sweep  # pylint: disable=g-import-not-at-top
+  overrides = sweep.seeds(2)
+  resident = config(tfds_dir, "device")
+  resident.model.name = "seed1_mlp"
+  assert [len(g) for g in sweep.group_members(
+      sweep.resolve_members(resident, overrides))] == [2]
+  base = config(tfds_dir, "grain")
+  base.model.name = "seed1_mlp"
+  assert [len(g) for g in sweep.group_members(sweep.resolve_members(base, overrides))] == [1, 1]
+  rows = sweep.run_sweep(base, overrides, str(tmp_path / "sw"))
+  assert [r["status"] for r in rows] == ["done", "done"], rows

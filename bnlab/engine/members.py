@@ -16,6 +16,7 @@ from bnlab.models import networks as models
 from bnlab.engine import optim
 from bnlab.engine import state as state_lib
 from bnlab.engine import steps
+from bnlab.data.dataset import MNIST_INPUT, InputSpec
 from bnlab.engine.state import MEMBER_VALUE_KEYS, MemberStates
 
 # Keys that only choose the initial parameters: members that differ in them share
@@ -70,27 +71,28 @@ def init_models(cfgs, dtype=None, num_classes: int = 10):
 
 
 @functools.lru_cache(maxsize=64)
-def _has_convolutions(model_json: str) -> bool:
+def _has_convolutions(model_json: str, inputs: InputSpec) -> bool:
   model_cfg = config_lib.base_config().model
   model_cfg.update(json.loads(model_json))
   try:
     model = models.build_model(model_cfg)
     shapes = jax.eval_shape(lambda: model.init(
-        models.init_rngs(jax.random.key(0)), jnp.zeros((1, 28, 28), jnp.uint8), train=False))
+        models.init_rngs(jax.random.key(0)), jnp.zeros(*inputs.batch(1)), train=False))
   except Exception:  # pylint: disable=broad-except
     return False  # training it reports the problem
   return any(len(x.shape) >= 3 for x in jax.tree.leaves(shapes.get("params", {})))
 
 
-def has_convolutions(model_cfg) -> bool:
+def has_convolutions(model_cfg, inputs: InputSpec = MNIST_INPUT) -> bool:
   """Whether the model of `model_cfg` has a parameter of rank 3 or more (a conv kernel).
 
   Built-in networks by name; a user's model (`module:factory`) from the
-  shapes of its parameters (traced, nothing computed).
+  shapes of its parameters, traced (nothing computed) on one example of
+  `inputs`, the data's: a model written for other images may not trace on MNIST's.
   """
   if model_cfg.name in models.MODELS:
     return model_cfg.name in models.CNN_MODELS
-  return _has_convolutions(model_cfg.to_json_best_effort())
+  return _has_convolutions(model_cfg.to_json_best_effort(), inputs)
 
 
 def grouping_helps(cfg, backend: str | None = None) -> bool:
@@ -106,8 +108,18 @@ def grouping_helps(cfg, backend: str | None = None) -> bool:
   every model groups.
   """
   backend = backend or jax.default_backend()
-  return not (backend == "cpu" and has_convolutions(cfg.model))
+  if backend != "cpu":
+    return True
+  if not models.is_user_model(cfg.model.name):
+    return not has_convolutions(cfg.model)  # by name
+  return not has_convolutions(cfg.model, data_lib.input_spec(cfg.data))
 
+
+
+def streams(cfg) -> bool:
+  """Whether `cfg`'s training split streams through grain on this device
+  (`bnlab.data.streams`): such a run feeds one model on one device, so it trains alone."""
+  return data_lib.streams(cfg.data, memory_budget())
 
 # -- how many members fit -----------------------------------------------------
 

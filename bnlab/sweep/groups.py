@@ -115,7 +115,8 @@ def group_members(members: Sequence[Member], grouped: bool = True,
   """Members that can train together (`bnlab.engine.members.group_key`), in sweep order.
 
   Members whose model does not gain from grouping here (`bnlab.engine.members.grouping_helps`)
-  run alone, as does each `unusable` member (its model is neither traced nor sized).
+  run alone, as do members whose data streams (`members.streams`: one run, one device) and
+  each `unusable` member (its model is neither traced nor sized).
   A group larger than `max_group_size` members (None or 0: as many as fit the
   device's memory, `bnlab.engine.members.group_capacity`) trains in the
   fewest near-equal chunks, each its own group; the same sweep on the same
@@ -128,8 +129,9 @@ def group_members(members: Sequence[Member], grouped: bool = True,
     return [[m] for m in members]
   groups: dict[str, list[Member]] = {}
   for m in members:
-    key = (f"solo {m.index}" if m.unusable or not members_lib.grouping_helps(m.cfg)
-           else members_lib.group_key(m.cfg))
+    solo = (m.unusable or members_lib.streams(m.cfg)
+            or not members_lib.grouping_helps(m.cfg))
+    key = f"solo {m.index}" if solo else members_lib.group_key(m.cfg)
     groups.setdefault(key, []).append(m)
   counts = []
   for group in groups.values():
