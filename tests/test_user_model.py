@@ -422,6 +422,34 @@ def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(
   assert train.train_and_evaluate(cfg, run)["final_step"] == 20
 
 
+def test_an_operation_without_a_deterministic_gpu_kernel_is_one_line_naming_the_fix(
+    idx_dir, tmp_path, user_module, monkeypatch):
+  # XLA's own words (flax.linen.max_pool's gradient under --xla_gpu_deterministic_ops).
+  from bnlab.engine import calls as calls_lib
+  refused = jax.errors.JaxRuntimeError(
+      "UNIMPLEMENTED: HLO instruction select-and-scatter.401.0 does not have a deterministic "
+      "implementation, but run-to-run determinism is required by --xla_gpu_deterministic_ops.")
+
+  def first_step_fails(*args, **kwargs):
+    raise refused
+  monkeypatch.setattr(calls_lib.StepCalls, "train", first_step_fails)
+  cfg = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
+  run = str(tmp_path / "run")
+  with pytest.raises(config_lib.UnusableModelError) as e:
+    train.train_and_evaluate(cfg, run)
+  message = str(e.value)
+  assert message.startswith(f"config.model.name='{user_module}:make_model' uses an operation "
+                            "XLA cannot run deterministically on this device (JaxRuntimeError: "
+                            "UNIMPLEMENTED: HLO instruction select-and-scatter")
+  assert message.endswith("set config.train.deterministic=False (runs then repeat only to "
+                          "float rounding), or replace it: for flax.linen.max_pool, "
+                          "bnlab.models.conv.max_pool")
+  assert "\n" not in message
+  monkeypatch.undo()
+  cfg.train.deterministic = False  # it failed before its first checkpoint
+  assert train.train_and_evaluate(cfg, run)["final_step"] == 10
+
+
 def test_cli_refuses_a_model_that_fails_at_the_real_batch_size_in_one_line(idx_dir, tmp_path):
   code = tmp_path / "project"
   code.mkdir()

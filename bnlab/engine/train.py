@@ -240,7 +240,7 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
         f"config.train.batch_size={bs} does not split over {mesh.size} devices; make it a "
         f"multiple of {mesh.size} or set train.num_devices")
   calls = calls_lib.StepCalls(cfg, eval_model, num_train, stacked, mesh, ds.num_classes)
-  with _out_of_memory_named(cfg, len(members) if stacked else None):
+  with _device_errors_named(cfg, len(members) if stacked else None):
     state, zero_sums = _initial_state(model, tx, members, stacked, inputs, ds.num_classes)
     info = _run_info(cfg, ds, plan, calls, len(members), mesh)
     logging.info("Run: %s", json.dumps(info))
@@ -256,15 +256,22 @@ def _train(members: list[loop_lib.Member], ckpt_wd: workdir_lib.WorkDir, ds,
 
 
 @contextlib.contextmanager
-def _out_of_memory_named(cfg, group_size: int | None):
-  """XLA's out-of-memory error (compiling or running the init, a step or an evaluation)
-  as one UnusableModelError naming the model and what to lower, not XLA's traceback: a
-  batch size or group too large for the device is the user's to change. It comes at the
+def _device_errors_named(cfg, group_size: int | None):
+  """XLA's errors that are the user's to fix (compiling or running the init, a step or an
+  evaluation) as one UnusableModelError naming the model and the fix, not XLA's traceback:
+  out of memory (a batch size or group too large for the device) and, on a GPU in
+  deterministic mode, an operation with no deterministic implementation. They come at the
   start (compiling, the first step), before any checkpoint: the work directory then
-  accepts the smaller batch size."""
+  accepts the changed config."""
   try:
     yield
   except jax.errors.JaxRuntimeError as e:
+    if user_models.is_nondeterministic_op(e):
+      raise config_lib.UnusableModelError(
+          f"config.model.name={cfg.model.name!r} uses an operation XLA cannot run "
+          f"deterministically on this device ({user_models.reason(e)}); set "
+          "config.train.deterministic=False (runs then repeat only to float rounding), or "
+          "replace it: for flax.linen.max_pool, bnlab.models.conv.max_pool") from None
     if not user_models.is_out_of_memory(e):
       raise
     raise config_lib.UnusableModelError(

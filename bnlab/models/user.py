@@ -199,6 +199,13 @@ def is_out_of_memory(e: BaseException) -> bool:
                                         and not any(m in text for m in _DISK_MARKERS))
 
 
+def is_nondeterministic_op(e: BaseException) -> bool:
+  """Whether `e` is XLA refusing an operation that has no deterministic GPU implementation
+  while `--xla_gpu_deterministic_ops` (bnlab's deterministic mode) is on: e.g. the
+  select-and-scatter of `flax.linen.max_pool`'s gradient."""
+  return "does not have a deterministic implementation" in str(e)
+
+
 def reason(e: BaseException) -> str:
   """`e` as a short phrase for a one-line message: its type and its first 200 characters."""
   return f"{type(e).__name__}: {one_line(e)}"
