@@ -395,15 +395,19 @@ def test_a_sweep_member_whose_model_fails_is_recorded_failed_and_the_others_trai
   assert [e["status"] for e in again["list"]] == [r["status"] for r in rows]
 
 
+def first_step_raises(monkeypatch, error):
+  """Every run's first train step raises `error`, as XLA on a device would."""
+  from bnlab.engine import calls as calls_lib  # pylint: disable=g-import-not-at-top
+
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(calls_lib.StepCalls, "train", fail)
+
+
 def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(
     idx_dir, tmp_path, user_module, monkeypatch):
-  from bnlab.engine import calls as calls_lib
-  oom = jax.errors.JaxRuntimeError(
-      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.")
-
-  def first_step_fails(*args, **kwargs):
-    raise oom
-  monkeypatch.setattr(calls_lib.StepCalls, "train", first_step_fails)
+  first_step_raises(monkeypatch, jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB."))
   cfg = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
   run = str(tmp_path / "run")
   with pytest.raises(config_lib.UnusableModelError) as e:
@@ -425,14 +429,9 @@ def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(
 def test_an_operation_without_a_deterministic_gpu_kernel_is_one_line_naming_the_fix(
     idx_dir, tmp_path, user_module, monkeypatch):
   # XLA's own words (flax.linen.max_pool's gradient under --xla_gpu_deterministic_ops).
-  from bnlab.engine import calls as calls_lib
-  refused = jax.errors.JaxRuntimeError(
+  first_step_raises(monkeypatch, jax.errors.JaxRuntimeError(
       "UNIMPLEMENTED: HLO instruction select-and-scatter.401.0 does not have a deterministic "
-      "implementation, but run-to-run determinism is required by --xla_gpu_deterministic_ops.")
-
-  def first_step_fails(*args, **kwargs):
-    raise refused
-  monkeypatch.setattr(calls_lib.StepCalls, "train", first_step_fails)
+      "implementation, but run-to-run determinism is required by --xla_gpu_deterministic_ops."))
   cfg = user_config(idx_dir, f"{user_module}:make_model", num_epochs=1)
   run = str(tmp_path / "run")
   with pytest.raises(config_lib.UnusableModelError) as e:
