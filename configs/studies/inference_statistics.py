@@ -24,6 +24,9 @@ Expected (written before any run): after 20 epochs the running averages have fol
         averages fail as in the 600-step run; batch_vs_running inconclusive at lr 0.01
         and 0.1 (test batches of the evaluation batch size give statistics close to the
         population's).
+Measured (results/inference_statistics, 2026-12-07): 94.7 min on the 2-core CPU; all six
+        inconclusive as expected (population - running +0.04, +0.02, +0.09 points at lr 0.01,
+        0.1, 0.3, each interval spanning 0); no run diverged.
 """
 
 from bnlab import study
