@@ -48,13 +48,27 @@ run has no accuracy with any of them and is left out of its pair.
 
 def get_config(arg=None):
   local = study.parse_arg(arg, runlocal=False).runlocal
+  evaluate = evaluations(local)
+  return statistics_study(
+      "BN's inference statistics, seed CNN at its full 20 epochs",
+      "configs/seed_cnn.py",  # BN, momentum 0.99, batch 32, 20 epochs
+      ({"num_steps": 20, "eval_every_steps": 10, **evaluate} if local
+       else {"eval_every_epochs": EVERY_EPOCHS, **evaluate}), rates(local))
+
+
+def evaluations(local: bool) -> dict:
+  """Every evaluation scores the weights with the three statistics."""
+  return {"eval_statistics": STATISTICS, "population_examples": 320 if local else EXAMPLES,
+          "final_train_eval": False}
+
+
+def statistics_study(title: str, run_config: str, train: dict, lrs):
+  """The study of BN's inference statistics for one model, its runs at `lrs`: shared with
+  `inference_statistics_mlp.py`."""
   s = study.base_config()
-  s.title = "BN's inference statistics, seed CNN at its full 20 epochs"
-  s.run.config = "configs/seed_cnn.py"  # BN, momentum 0.99, batch 32, 20 epochs
-  evaluate = {"eval_statistics": STATISTICS, "population_examples": 320 if local else EXAMPLES,
-              "final_train_eval": False}
-  s.run.overrides.train = ({"num_steps": 20, "eval_every_steps": 10, **evaluate} if local
-                           else {"eval_every_epochs": EVERY_EPOCHS, **evaluate})
+  s.title = title
+  s.run.config = run_config
+  s.run.overrides.train = train
   s.cells = ("optimizer.learning_rate",)
   s.metrics = {"final_acc": ("summary", "test_accuracy"),
                "final_acc_population": ("summary", "test_accuracy_population"),
@@ -77,8 +91,8 @@ def get_config(arg=None):
                        "difference is established).",
           "rule": "paired_interval", "metric": metric, "other": "final_acc",
           "fails": "diverged", "primary": kind == "population",
-          "a": f"optimizer.learning_rate={lr}", "b": f"optimizer.learning_rate={lr}"}
-      for kind, metric in zip(STATISTICS[1:], FINAL[1:]) for lr in rates(local)}
+          "a": f"optimizer.learning_rate={lr:g}", "b": f"optimizer.learning_rate={lr:g}"}
+      for kind, metric in zip(STATISTICS[1:], FINAL[1:]) for lr in lrs}
   s.notes = NOTES
   return s
 
