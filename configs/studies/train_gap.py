@@ -21,6 +21,8 @@ Primary: bn_batch_vs_running at each BN batch size (5 tests, Holm-corrected toge
 Expected (written before any run): bn_batch_vs_running refuted (batch statistics lower) at
         every size, as in small_batches; bn_batch_vs_population refuted at 4-128 and
         inconclusive at 2; bn_gap_above_layer_at_2 refuted.
+Measured (results/train_gap, 2026-12-07): 2.7 min on the 2-core CPU; every verdict as
+        expected (batch - running: -10.1 points at batch 2, -12.9 at 4, -0.07 at 128).
 """
 
 from bnlab import study
