@@ -72,10 +72,7 @@ def get_config(arg=None):
   s.metrics = {"final_acc": ("summary", "test_accuracy"),
                "gap": ("summary_difference", "train_accuracy", "full_train_accuracy"),
                "diverged": ("diverged",), "collapsed": ("collapsed",),
-               "failed": ("any", "diverged", "collapsed"),
-               **{f"train_acc_{k}": ("measured", "train_gap", f"accuracy_{k}")
-                  for k in ("batch", *WAYS)},
-               **{f"gap_{k}": ("measured", "train_gap", f"gap_{k}") for k in WAYS}}
+               "failed": ("any", "diverged", "collapsed"), **gap_metrics()}
   s.measurements = {"train_gap": {"kind": "train_gap", "examples": 10_000, "seed": 0}}
   s.tables = {"final": {"metrics": ("final_acc", "gap", "diverged", "collapsed"),
                         "by": ("train.batch_size",), "across": "model.norm"},
@@ -121,8 +118,7 @@ def get_config(arg=None):
   s.labels = {"batch": "BN", "layer": "LayerNorm", "group": "GroupNorm", "ghost": "ghost BN",
               "renorm": "BRN", "final_acc": "final test accuracy", "gap": "logged train/eval gap",
               "batch_size": "batch size", "gap_running": "train/eval gap (batch - running)",
-              "gap_population": "train/eval gap (batch - population)",
-              **{f"train_acc_{k}": f"train-sample accuracy ({k})" for k in ("batch", *WAYS)}}
+              "gap_population": "train/eval gap (batch - population)", **gap_labels()}
   s.notes = (f"*gap*: {GAP}; positive when the network does better with batch statistics "
              "than with its running averages. The step budget is the same at every size, "
              "so small batches see fewer examples; norms are compared within a size. "
@@ -134,6 +130,18 @@ def get_config(arg=None):
              "gap 0, the control. Population statistics are defined for BN only (not BRN, "
              "ghost BN). The logged *gap* is kept as registered.")
   return s
+
+
+def gap_metrics() -> dict:
+  """The `train_gap` measurement's metrics: the final weights' accuracy on the sample each
+  way, and batch minus the others (shared with train_gap.py)."""
+  return {**{f"train_acc_{k}": ("measured", "train_gap", f"accuracy_{k}")
+             for k in ("batch", *WAYS)},
+          **{f"gap_{k}": ("measured", "train_gap", f"gap_{k}") for k in WAYS}}
+
+
+def gap_labels() -> dict:
+  return {f"train_acc_{k}": f"train-sample accuracy ({k})" for k in ("batch", *WAYS)}
 
 
 def get_sweep(arg=None):

@@ -25,13 +25,15 @@ Measured (results/train_gap, 2026-12-07): 2.7 min on the 2-core CPU; every verdi
         expected (batch - running: -10.1 points at batch 2, -12.9 at 4, -0.07 at 128).
 """
 
+import os
+
 from bnlab import study
 from bnlab import sweep
 
 SIZES, CONTROLS, SEEDS = (2, 4, 8, 32, 128), ("layer", "group"), range(10, 20)
-SAMPLE = "the same 10,000 training images (a fixed seeded sample)"
-WAYS = {"running": "its running averages (inference mode)",
-        "population": "population statistics recomputed over training batches (Algorithm 2)"}
+# small_batches, whose measurement, sample and metrics this study shares.
+SMALL = sweep.load_config_file(os.path.join(os.path.dirname(__file__), "small_batches.py"))
+SAMPLE, WAYS = SMALL.SAMPLE, SMALL.WAYS
 
 
 def get_config(arg=None):
@@ -47,10 +49,7 @@ def get_config(arg=None):
   s.cells = ("model.norm", "train.batch_size")
   s.metrics = {"final_acc": ("summary", "test_accuracy"),
                "diverged": ("diverged",), "collapsed": ("collapsed",),
-               "failed": ("any", "diverged", "collapsed"),
-               **{f"train_acc_{k}": ("measured", "train_gap", f"accuracy_{k}")
-                  for k in ("batch", *WAYS)},
-               **{f"gap_{k}": ("measured", "train_gap", f"gap_{k}") for k in WAYS}}
+               "failed": ("any", "diverged", "collapsed"), **SMALL.gap_metrics()}
   s.measurements = {"train_gap": {"kind": "train_gap", "examples": 320 if local else 10_000,
                                   "seed": 0}}
   s.tables = {"train_gap": {"metrics": ("gap_running", "gap_population", "final_acc"),
@@ -78,8 +77,7 @@ def get_config(arg=None):
   s.labels = {"batch": "BN", "layer": "LayerNorm", "group": "GroupNorm",
               "final_acc": "final test accuracy", "batch_size": "batch size",
               "gap_running": "train/eval gap (batch - running)",
-              "gap_population": "train/eval gap (batch - population)",
-              **{f"train_acc_{k}": f"train-sample accuracy ({k})" for k in ("batch", *WAYS)}}
+              "gap_population": "train/eval gap (batch - population)", **SMALL.gap_labels()}
   s.notes = (f"*train_acc_batch/running/population*: the final weights' accuracy on {SAMPLE} "
              "with batch statistics at the training batch size (train mode, running "
              f"statistics not updated), with {WAYS['running']}, with {WAYS['population']}; "
