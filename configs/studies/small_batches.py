@@ -118,7 +118,8 @@ def get_config(arg=None):
   s.labels = {"batch": "BN", "layer": "LayerNorm", "group": "GroupNorm", "ghost": "ghost BN",
               "renorm": "BRN", "final_acc": "final test accuracy", "gap": "logged train/eval gap",
               "batch_size": "batch size", "gap_running": "train/eval gap (batch - running)",
-              "gap_population": "train/eval gap (batch - population)", **gap_labels()}
+              "gap_population": "train/eval gap (batch - population)",
+              **{f"train_acc_{k}": f"train-sample accuracy ({k})" for k in ("batch", *WAYS)}}
   s.notes = (f"*gap*: {GAP}; positive when the network does better with batch statistics "
              "than with its running averages. The step budget is the same at every size, "
              "so small batches see fewer examples; norms are compared within a size. "
@@ -138,10 +139,6 @@ def gap_metrics() -> dict:
   return {**{f"train_acc_{k}": ("measured", "train_gap", f"accuracy_{k}")
              for k in ("batch", *WAYS)},
           **{f"gap_{k}": ("measured", "train_gap", f"gap_{k}") for k in WAYS}}
-
-
-def gap_labels() -> dict:
-  return {f"train_acc_{k}": f"train-sample accuracy ({k})" for k in ("batch", *WAYS)}
 
 
 def get_sweep(arg=None):

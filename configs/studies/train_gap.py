@@ -77,7 +77,8 @@ def get_config(arg=None):
   s.labels = {"batch": "BN", "layer": "LayerNorm", "group": "GroupNorm",
               "final_acc": "final test accuracy", "batch_size": "batch size",
               "gap_running": "train/eval gap (batch - running)",
-              "gap_population": "train/eval gap (batch - population)", **SMALL.gap_labels()}
+              "gap_population": "train/eval gap (batch - population)",
+              **{f"train_acc_{k}": f"train-sample accuracy ({k})" for k in ("batch", *WAYS)}}
   s.notes = (f"*train_acc_batch/running/population*: the final weights' accuracy on {SAMPLE} "
              "with batch statistics at the training batch size (train mode, running "
              f"statistics not updated), with {WAYS['running']}, with {WAYS['population']}; "
