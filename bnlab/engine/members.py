@@ -16,7 +16,7 @@ from bnlab.models import networks as models
 from bnlab.engine import optim
 from bnlab.engine import state as state_lib
 from bnlab.engine import steps
-from bnlab.data.dataset import MNIST_INPUT, InputSpec
+from bnlab.data.dataset import InputSpec
 from bnlab.engine.state import MEMBER_VALUE_KEYS, MemberStates
 
 # Keys that only choose the initial parameters: members that differ in them share
@@ -83,16 +83,16 @@ def _has_convolutions(model_json: str, inputs: InputSpec) -> bool:
   return any(len(x.shape) >= 3 for x in jax.tree.leaves(shapes.get("params", {})))
 
 
-def has_convolutions(model_cfg, inputs: InputSpec = MNIST_INPUT) -> bool:
+def has_convolutions(model_cfg, data_cfg) -> bool:
   """Whether the model of `model_cfg` has a parameter of rank 3 or more (a conv kernel).
 
   Built-in networks by name; a user's model (`module:factory`) from the
-  shapes of its parameters, traced (nothing computed) on one example of
-  `inputs`, the data's: a model written for other images may not trace on MNIST's.
+  shapes of its parameters, traced (nothing computed) on one example of the
+  input of `data_cfg`'s data: a model written for other images may not trace on MNIST's.
   """
   if model_cfg.name in models.MODELS:
     return model_cfg.name in models.CNN_MODELS
-  return _has_convolutions(model_cfg.to_json_best_effort(), inputs)
+  return _has_convolutions(model_cfg.to_json_best_effort(), data_lib.input_spec(data_cfg))
 
 
 def grouping_helps(cfg, backend: str | None = None) -> bool:
@@ -108,18 +108,14 @@ def grouping_helps(cfg, backend: str | None = None) -> bool:
   every model groups.
   """
   backend = backend or jax.default_backend()
-  if backend != "cpu":
-    return True
-  if not models.is_user_model(cfg.model.name):
-    return not has_convolutions(cfg.model)  # by name
-  return not has_convolutions(cfg.model, data_lib.input_spec(cfg.data))
-
+  return not (backend == "cpu" and has_convolutions(cfg.model, cfg.data))
 
 
 def streams(cfg) -> bool:
   """Whether `cfg`'s training split streams through grain on this device
   (`bnlab.data.streams`): such a run feeds one model on one device, so it trains alone."""
   return data_lib.streams(cfg.data, memory_budget())
+
 
 # -- how many members fit -----------------------------------------------------
 

@@ -435,7 +435,7 @@ def load_data(cfg) -> data_lib.Dataset:
   first, with `validation_seed`), cut to `num_train` of the rest (the first, or a seeded
   sample: `subset_seed`) and `num_test` when set."""
   d = cfg.data
-  if data_lib.streams(d, members_lib.memory_budget()):
+  if members_lib.streams(cfg):
     ds = data_lib.load_streamed(d)
     logging.info("Data: the %d training examples of %s stream through grain "
                  "(data.pipeline=%s).", ds.num_train, d.name, d.pipeline)
